@@ -1,0 +1,216 @@
+//! Encrypted Parquet files of the archive.
+//!
+//! The encryption profile is fixed so that standard readers open our files with the data key alone (see
+//! `docs/ARCHITECTURE.md`): Parquet modular encryption, `AES_GCM_V1`, uniform encryption (the footer key
+//! encrypts the footer and every column), encrypted footer, a 256-bit key, DataPage V1 and **no AAD prefix**
+//! (DuckDB rejects files written with one, even when it is stored). A file's identity is bound instead by its
+//! SHA-256 in the manifest.
+
+use std::collections::BTreeSet;
+
+use arrow_array::RecordBatch;
+use arrow_array::cast::AsArray;
+use bytes::Bytes;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::encryption::decrypt::FileDecryptionProperties;
+use parquet::encryption::encrypt::FileEncryptionProperties;
+use parquet::file::metadata::SortingColumn;
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::file::statistics::Statistics;
+use parquet::schema::types::ColumnPath;
+use ring::digest;
+
+use super::ArchivedEvent;
+use super::schema::{COL_CONVERSATION_ID, COL_OCCURRED_AT, archive_schema, from_record_batch, to_record_batch};
+use crate::error::{Error, ErrorCode, Result};
+use crate::keys::{DataKey, FileKeyMetadata};
+
+/// Writer tuning.
+#[derive(Debug, Clone)]
+pub struct FileOptions {
+    pub zstd_level: i32,
+    pub row_group_rows: usize,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            zstd_level: 3,
+            row_group_rows: 65_536,
+        }
+    }
+}
+
+/// An encoded file and what the manifest records about it.
+#[derive(Debug, Clone)]
+pub struct EncodedFile {
+    pub bytes: Bytes,
+    pub sha256_hex: String,
+    pub rows: usize,
+    pub min_occurred_micros: i64,
+    pub max_occurred_micros: i64,
+    /// Sorted [`conversation_digest`]s of the conversations in the file.
+    pub conversation_digests: Vec<String>,
+}
+
+/// A short digest of a conversation's identity, listed per file in manifests so readers skip files without
+/// opening them, and without the manifest naming conversations in clear.
+pub fn conversation_digest(tenant: &str, conversation: &str) -> String {
+    let mut context = digest::Context::new(&digest::SHA256);
+    context.update(tenant.as_bytes());
+    context.update(b"/");
+    context.update(conversation.as_bytes());
+    hex::encode(&context.finish().as_ref()[..8])
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(digest::digest(&digest::SHA256, bytes).as_ref())
+}
+
+/// Sorts `rows` by conversation, event time and Kafka offset (the archive's sort order) and encodes them as
+/// one encrypted Parquet file under `key`. All rows must belong to the key's tenant.
+pub fn encode_file(
+    rows: &mut [&ArchivedEvent],
+    key: &DataKey,
+    options: &FileOptions,
+) -> Result<EncodedFile> {
+    if rows.is_empty() {
+        return Err(Error::internal("refusing to write an empty archive file"));
+    }
+    rows.sort_by(|a, b| {
+        (a.event.conversation_id.as_str(), a.event.occurred_at_micros, a.kafka_partition, a.kafka_offset).cmp(&(
+            b.event.conversation_id.as_str(),
+            b.event.occurred_at_micros,
+            b.kafka_partition,
+            b.kafka_offset,
+        ))
+    });
+    let mut digests = BTreeSet::new();
+    let mut min_occurred = i64::MAX;
+    let mut max_occurred = i64::MIN;
+    for row in rows.iter() {
+        if row.event.tenant_id != key.tenant_id {
+            return Err(Error::internal("archive file rows span tenants"));
+        }
+        digests.insert(conversation_digest(&row.event.tenant_id, &row.event.conversation_id));
+        min_occurred = min_occurred.min(row.event.occurred_at_micros);
+        max_occurred = max_occurred.max(row.event.occurred_at_micros);
+    }
+    let schema = archive_schema();
+    let key_metadata = serde_json::to_vec(&key.file_key_metadata())?;
+    let encryption = FileEncryptionProperties::builder(key.key.to_vec())
+        .with_footer_key_metadata(key_metadata)
+        .build()?;
+    let conversation_index = schema.index_of(COL_CONVERSATION_ID)?;
+    let occurred_index = schema.index_of(COL_OCCURRED_AT)?;
+    let properties = WriterProperties::builder()
+        .set_writer_version(WriterVersion::PARQUET_1_0)
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(options.zstd_level)?))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(options.row_group_rows))
+        .set_column_bloom_filter_enabled(ColumnPath::from(COL_CONVERSATION_ID), true)
+        .set_column_bloom_filter_fpp(ColumnPath::from(COL_CONVERSATION_ID), 0.01)
+        .set_column_bloom_filter_enabled(ColumnPath::from("event_id"), true)
+        .set_sorting_columns(Some(vec![
+            SortingColumn {
+                column_idx: conversation_index as i32,
+                descending: false,
+                nulls_first: false,
+            },
+            SortingColumn {
+                column_idx: occurred_index as i32,
+                descending: false,
+                nulls_first: false,
+            },
+        ]))
+        .with_file_encryption_properties(encryption)
+        .build();
+    let mut writer = ArrowWriter::try_new(Vec::with_capacity(1 << 20), schema, Some(properties))?;
+    for chunk in rows.chunks(options.row_group_rows.min(16_384)) {
+        let batch = to_record_batch(chunk)?;
+        writer.write(&batch)?;
+    }
+    let bytes = writer.into_inner()?;
+    Ok(EncodedFile {
+        sha256_hex: sha256_hex(&bytes),
+        bytes: Bytes::from(bytes),
+        rows: rows.len(),
+        min_occurred_micros: min_occurred,
+        max_occurred_micros: max_occurred,
+        conversation_digests: digests.into_iter().collect(),
+    })
+}
+
+fn reader_options(key: &DataKey) -> Result<ArrowReaderOptions> {
+    let decryption = FileDecryptionProperties::builder(key.key.to_vec()).build()?;
+    Ok(ArrowReaderOptions::new()
+        .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Optional)
+        .with_file_decryption_properties(decryption))
+}
+
+fn decryption_error(error: parquet::errors::ParquetError) -> Error {
+    Error::new(
+        ErrorCode::Internal,
+        format!("opening an archive file failed (wrong data key or corrupt file): {error}"),
+    )
+}
+
+/// Decodes the events of `conversation` (or all events when `None`) from an encrypted archive file, skipping
+/// row groups whose statistics or bloom filter exclude the conversation.
+pub fn decode_file(
+    bytes: Bytes,
+    key: &DataKey,
+    conversation: Option<&str>,
+) -> Result<Vec<ArchivedEvent>> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, reader_options(key)?)
+        .map_err(decryption_error)?;
+    let metadata = builder.metadata().clone();
+    let schema = archive_schema();
+    let conversation_index = schema.index_of(COL_CONVERSATION_ID)?;
+    let mut row_groups = Vec::new();
+    for (index, row_group) in metadata.row_groups().iter().enumerate() {
+        if let Some(wanted) = conversation {
+            let column = row_group.column(conversation_index);
+            if let Some(Statistics::ByteArray(stats)) = column.statistics()
+                && let (Some(min), Some(max)) = (stats.min_opt(), stats.max_opt())
+                && (wanted.as_bytes() < min.data() || wanted.as_bytes() > max.data())
+            {
+                continue;
+            }
+            if let Some(bloom) = builder.get_row_group_column_bloom_filter(index, conversation_index)? {
+                if !bloom.check(&wanted) {
+                    continue;
+                }
+            }
+        }
+        row_groups.push(index);
+    }
+    if row_groups.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reader = builder.with_row_groups(row_groups).with_batch_size(8192).build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch: RecordBatch = batch?;
+        match conversation {
+            Some(wanted) => {
+                let conversations = batch
+                    .column(conversation_index)
+                    .as_string_opt::<i32>()
+                    .ok_or_else(|| Error::internal("conversation_id is not utf8"))?
+                    .clone();
+                out.extend(from_record_batch(&batch, |row| conversations.value(row) == wanted)?);
+            }
+            None => out.extend(from_record_batch(&batch, |_| true)?),
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a file's footer key metadata.
+pub fn parse_key_metadata(bytes: &[u8]) -> Result<FileKeyMetadata> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+

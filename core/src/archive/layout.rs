@@ -1,0 +1,98 @@
+//! Object paths of the archive, relative to the archive root (`storage.url`):
+//!
+//! ```text
+//! events/tenant=<tenant>/date=<yyyy-mm-dd>/p<partition>-o<first offset>-<batch id>-<n>.parquet
+//! keys/tenant=<tenant>/period=<yyyy-mm>.json                       wrapped data key of a tenant's month
+//! manifests/topic=<topic>/partition=<p>/<seq, 20 digits>.json       committed batches, a hash chain
+//! manifests/topic=<topic>/partition=<p>/pending/<batch id>.json     upload intents, for orphan cleanup
+//! ```
+//!
+//! The `events/` tree is Hive-partitioned so DuckDB, Spark and pyarrow discover `tenant` and `date` on their
+//! own. Only files named by a committed manifest belong to the archive; anything else under `events/` is an
+//! orphan of a crashed or fenced writer and is removed by the partition's next owner.
+
+use object_store::path::Path;
+
+pub const EVENTS_ROOT: &str = "events";
+pub const MANIFESTS_ROOT: &str = "manifests";
+pub const KEYS_ROOT: &str = "keys";
+
+pub fn tenant_events_prefix(tenant: &str) -> Path {
+    Path::from(format!("{EVENTS_ROOT}/tenant={tenant}"))
+}
+
+pub fn event_file_path(
+    tenant: &str,
+    date_iso: &str,
+    partition: i32,
+    first_offset: i64,
+    batch_id: &str,
+    index: usize,
+) -> Path {
+    Path::from(format!(
+        "{EVENTS_ROOT}/tenant={tenant}/date={date_iso}/p{partition:05}-o{first_offset:020}-{batch_id}-{index:03}.parquet"
+    ))
+}
+
+pub fn data_key_path(tenant: &str, period: &str) -> Path {
+    Path::from(format!("{KEYS_ROOT}/tenant={tenant}/period={period}.json"))
+}
+
+pub fn manifests_root(topic: &str) -> Path {
+    Path::from(format!("{MANIFESTS_ROOT}/topic={topic}"))
+}
+
+pub fn partition_manifests_prefix(topic: &str, partition: i32) -> Path {
+    Path::from(format!("{MANIFESTS_ROOT}/topic={topic}/partition={partition}"))
+}
+
+pub fn manifest_path(topic: &str, partition: i32, seq: u64) -> Path {
+    Path::from(format!(
+        "{MANIFESTS_ROOT}/topic={topic}/partition={partition}/{seq:020}.json"
+    ))
+}
+
+pub fn pending_prefix(topic: &str, partition: i32) -> Path {
+    Path::from(format!(
+        "{MANIFESTS_ROOT}/topic={topic}/partition={partition}/pending"
+    ))
+}
+
+pub fn pending_path(topic: &str, partition: i32, batch_id: &str) -> Path {
+    Path::from(format!(
+        "{MANIFESTS_ROOT}/topic={topic}/partition={partition}/pending/{batch_id}.json"
+    ))
+}
+
+/// The sequence number of a manifest path's file name, if it is one.
+pub fn manifest_seq(path: &Path) -> Option<u64> {
+    let name = path.filename()?;
+    let digits = name.strip_suffix(".json")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The partition number of a `partition=<p>` path segment below a topic's manifests root.
+pub fn partition_of_manifest(path: &Path) -> Option<i32> {
+    path.parts()
+        .find_map(|part| part.as_ref().strip_prefix("partition=").map(str::to_string))?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_names_sort_by_sequence_and_parse_back() {
+        let a = manifest_path("chatvault.events", 3, 9);
+        let b = manifest_path("chatvault.events", 3, 10);
+        assert!(a.to_string() < b.to_string());
+        assert_eq!(manifest_seq(&b), Some(10));
+        assert_eq!(partition_of_manifest(&b), Some(3));
+        assert_eq!(manifest_seq(&pending_path("t", 3, "abc")), None);
+    }
+}

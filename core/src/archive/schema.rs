@@ -1,0 +1,338 @@
+//! The archive's Arrow/Parquet schema and the conversion between [`ArchivedEvent`]s and record batches.
+//!
+//! One row per archived Kafka record. Empty strings of the protobuf event are stored as nulls; timestamps are
+//! `TIMESTAMP(MICROS, UTC)`; enums are stored by name (`message_created`, `slack`) so that SQL reads naturally.
+
+use std::sync::{Arc, LazyLock};
+
+use arrow_array::builder::{
+    BinaryBuilder, BooleanBuilder, Int32Builder, Int64Builder, ListBuilder, StringBuilder,
+    StructBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type, TimestampMicrosecondType, UInt64Type};
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use chatvault_proto::v1::{Attachment, ChatEvent, Sender};
+
+use super::ArchivedEvent;
+use crate::error::{Error, Result};
+use crate::event::{kind_from_name, kind_name, source_from_name, source_name};
+
+pub const COL_CONVERSATION_ID: &str = "conversation_id";
+pub const COL_OCCURRED_AT: &str = "occurred_at";
+
+fn utc_micros() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn attachment_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("id", DataType::Utf8, true),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("mime_type", DataType::Utf8, true),
+        Field::new("size_bytes", DataType::UInt64, false),
+        Field::new("sha256", DataType::Utf8, true),
+        Field::new("url", DataType::Utf8, true),
+    ])
+}
+
+fn attachment_item_field() -> Arc<Field> {
+    Arc::new(Field::new(
+        "item",
+        DataType::Struct(attachment_fields()),
+        true,
+    ))
+}
+
+fn mention_item_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Utf8, true))
+}
+
+static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("event_id", DataType::Utf8, false),
+        Field::new("tenant_id", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("workspace_id", DataType::Utf8, true),
+        Field::new(COL_CONVERSATION_ID, DataType::Utf8, false),
+        Field::new("thread_id", DataType::Utf8, true),
+        Field::new("message_id", DataType::Utf8, true),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("sender_id", DataType::Utf8, true),
+        Field::new("sender_name", DataType::Utf8, true),
+        Field::new("sender_is_bot", DataType::Boolean, false),
+        Field::new(COL_OCCURRED_AT, utc_micros(), false),
+        Field::new("received_at", utc_micros(), false),
+        Field::new("text", DataType::Utf8, true),
+        Field::new("reaction", DataType::Utf8, true),
+        Field::new("mentions", DataType::List(mention_item_field()), false),
+        Field::new("attachments", DataType::List(attachment_item_field()), false),
+        Field::new("raw_payload", DataType::Binary, true),
+        Field::new("raw_content_type", DataType::Utf8, true),
+        Field::new("kafka_partition", DataType::Int32, false),
+        Field::new("kafka_offset", DataType::Int64, false),
+    ]))
+});
+
+/// The archive schema (version 1).
+pub fn archive_schema() -> SchemaRef {
+    SCHEMA.clone()
+}
+
+fn optional(builder: &mut StringBuilder, value: &str) {
+    if value.is_empty() {
+        builder.append_null();
+    } else {
+        builder.append_value(value);
+    }
+}
+
+/// Builds a record batch of `rows`, in the given order.
+pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
+    let capacity = rows.len();
+    let mut event_id = StringBuilder::with_capacity(capacity, capacity * 36);
+    let mut tenant_id = StringBuilder::with_capacity(capacity, capacity * 8);
+    let mut source = StringBuilder::with_capacity(capacity, capacity * 6);
+    let mut workspace_id = StringBuilder::new();
+    let mut conversation_id = StringBuilder::new();
+    let mut thread_id = StringBuilder::new();
+    let mut message_id = StringBuilder::new();
+    let mut kind = StringBuilder::new();
+    let mut sender_id = StringBuilder::new();
+    let mut sender_name = StringBuilder::new();
+    let mut sender_is_bot = BooleanBuilder::with_capacity(capacity);
+    let mut occurred_at = TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC");
+    let mut received_at = TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC");
+    let mut text = StringBuilder::new();
+    let mut reaction = StringBuilder::new();
+    let mut mentions = ListBuilder::new(StringBuilder::new()).with_field(mention_item_field());
+    let mut attachments =
+        ListBuilder::new(StructBuilder::from_fields(attachment_fields(), 0)).with_field(attachment_item_field());
+    let mut raw_payload = BinaryBuilder::new();
+    let mut raw_content_type = StringBuilder::new();
+    let mut kafka_partition = Int32Builder::with_capacity(capacity);
+    let mut kafka_offset = Int64Builder::with_capacity(capacity);
+
+    for row in rows {
+        let event = &row.event;
+        let sender = event.sender.clone().unwrap_or_default();
+        event_id.append_value(&event.event_id);
+        tenant_id.append_value(&event.tenant_id);
+        source.append_value(source_name(event.source));
+        optional(&mut workspace_id, &event.workspace_id);
+        conversation_id.append_value(&event.conversation_id);
+        optional(&mut thread_id, &event.thread_id);
+        optional(&mut message_id, &event.message_id);
+        kind.append_value(kind_name(event.kind));
+        optional(&mut sender_id, &sender.id);
+        optional(&mut sender_name, &sender.display_name);
+        sender_is_bot.append_value(sender.is_bot);
+        occurred_at.append_value(event.occurred_at_micros);
+        received_at.append_value(event.received_at_micros);
+        optional(&mut text, &event.text);
+        optional(&mut reaction, &event.reaction);
+        for mention in &event.mentions {
+            mentions.values().append_value(mention);
+        }
+        mentions.append(true);
+        for attachment in &event.attachments {
+            let item = attachments.values();
+            append_string_field(item, 0, &attachment.id);
+            append_string_field(item, 1, &attachment.name);
+            append_string_field(item, 2, &attachment.mime_type);
+            item.field_builder::<UInt64Builder>(3)
+                .ok_or_else(|| Error::internal("attachment size builder"))?
+                .append_value(attachment.size_bytes);
+            append_string_field(item, 4, &attachment.sha256);
+            append_string_field(item, 5, &attachment.url);
+            item.append(true);
+        }
+        attachments.append(true);
+        if event.raw_payload.is_empty() {
+            raw_payload.append_null();
+        } else {
+            raw_payload.append_value(&event.raw_payload);
+        }
+        optional(&mut raw_content_type, &event.raw_content_type);
+        kafka_partition.append_value(row.kafka_partition);
+        kafka_offset.append_value(row.kafka_offset);
+    }
+
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(event_id.finish()),
+        Arc::new(tenant_id.finish()),
+        Arc::new(source.finish()),
+        Arc::new(workspace_id.finish()),
+        Arc::new(conversation_id.finish()),
+        Arc::new(thread_id.finish()),
+        Arc::new(message_id.finish()),
+        Arc::new(kind.finish()),
+        Arc::new(sender_id.finish()),
+        Arc::new(sender_name.finish()),
+        Arc::new(sender_is_bot.finish()),
+        Arc::new(occurred_at.finish()),
+        Arc::new(received_at.finish()),
+        Arc::new(text.finish()),
+        Arc::new(reaction.finish()),
+        Arc::new(mentions.finish()),
+        Arc::new(attachments.finish()),
+        Arc::new(raw_payload.finish()),
+        Arc::new(raw_content_type.finish()),
+        Arc::new(kafka_partition.finish()),
+        Arc::new(kafka_offset.finish()),
+    ];
+    Ok(RecordBatch::try_new(archive_schema(), columns)?)
+}
+
+fn append_string_field(builder: &mut StructBuilder, index: usize, value: &str) {
+    if let Some(field) = builder.field_builder::<StringBuilder>(index) {
+        optional(field, value);
+    }
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| Error::internal(format!("archive file lacks column {name}")))
+}
+
+fn strings<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> Result<&'a arrow_array::StringArray> {
+    column(batch, name)?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| Error::internal(format!("column {name} is not utf8")))
+}
+
+fn string_at(array: &arrow_array::StringArray, row: usize) -> String {
+    if array.is_null(row) {
+        String::new()
+    } else {
+        array.value(row).to_string()
+    }
+}
+
+/// Decodes the rows of a record batch for which `keep(row)` holds (all columns of the archive schema must be
+/// present).
+pub fn from_record_batch(
+    batch: &RecordBatch,
+    mut keep: impl FnMut(usize) -> bool,
+) -> Result<Vec<ArchivedEvent>> {
+    let event_id = strings(batch, "event_id")?;
+    let tenant_id = strings(batch, "tenant_id")?;
+    let source = strings(batch, "source")?;
+    let workspace_id = strings(batch, "workspace_id")?;
+    let conversation_id = strings(batch, COL_CONVERSATION_ID)?;
+    let thread_id = strings(batch, "thread_id")?;
+    let message_id = strings(batch, "message_id")?;
+    let kind = strings(batch, "kind")?;
+    let sender_id = strings(batch, "sender_id")?;
+    let sender_name = strings(batch, "sender_name")?;
+    let sender_is_bot = column(batch, "sender_is_bot")?
+        .as_boolean_opt()
+        .ok_or_else(|| Error::internal("sender_is_bot is not boolean"))?;
+    let occurred_at = column(batch, COL_OCCURRED_AT)?
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .ok_or_else(|| Error::internal("occurred_at is not a timestamp"))?;
+    let received_at = column(batch, "received_at")?
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .ok_or_else(|| Error::internal("received_at is not a timestamp"))?;
+    let text = strings(batch, "text")?;
+    let reaction = strings(batch, "reaction")?;
+    let mentions = column(batch, "mentions")?
+        .as_list_opt::<i32>()
+        .ok_or_else(|| Error::internal("mentions is not a list"))?;
+    let attachments = column(batch, "attachments")?
+        .as_list_opt::<i32>()
+        .ok_or_else(|| Error::internal("attachments is not a list"))?;
+    let raw_payload = column(batch, "raw_payload")?
+        .as_binary_opt::<i32>()
+        .ok_or_else(|| Error::internal("raw_payload is not binary"))?;
+    let raw_content_type = strings(batch, "raw_content_type")?;
+    let kafka_partition = column(batch, "kafka_partition")?
+        .as_primitive_opt::<Int32Type>()
+        .ok_or_else(|| Error::internal("kafka_partition is not int32"))?;
+    let kafka_offset = column(batch, "kafka_offset")?
+        .as_primitive_opt::<Int64Type>()
+        .ok_or_else(|| Error::internal("kafka_offset is not int64"))?;
+
+    let mut out = Vec::new();
+    for row in 0..batch.num_rows() {
+        if !keep(row) {
+            continue;
+        }
+        let mention_values = mentions.value(row);
+        let mention_values = mention_values
+            .as_string_opt::<i32>()
+            .ok_or_else(|| Error::internal("mentions items are not utf8"))?;
+        let mention_list = (0..mention_values.len())
+            .map(|i| string_at(mention_values, i))
+            .collect();
+        let attachment_values = attachments.value(row);
+        let attachment_struct = attachment_values
+            .as_struct_opt()
+            .ok_or_else(|| Error::internal("attachments items are not structs"))?;
+        let mut attachment_list = Vec::with_capacity(attachment_struct.len());
+        if !attachment_struct.is_empty() {
+            let field = |i: usize| -> Result<&arrow_array::StringArray> {
+                attachment_struct
+                    .column(i)
+                    .as_string_opt::<i32>()
+                    .ok_or_else(|| Error::internal("attachment field is not utf8"))
+            };
+            let (ids, names, mimes, hashes, urls) = (field(0)?, field(1)?, field(2)?, field(4)?, field(5)?);
+            let sizes = attachment_struct
+                .column(3)
+                .as_primitive_opt::<UInt64Type>()
+                .ok_or_else(|| Error::internal("attachment size is not uint64"))?;
+            for i in 0..attachment_struct.len() {
+                attachment_list.push(Attachment {
+                    id: string_at(ids, i),
+                    name: string_at(names, i),
+                    mime_type: string_at(mimes, i),
+                    size_bytes: sizes.value(i),
+                    sha256: string_at(hashes, i),
+                    url: string_at(urls, i),
+                });
+            }
+        }
+        let kind_text = kind.value(row);
+        let source_text = source.value(row);
+        let sender = Sender {
+            id: string_at(sender_id, row),
+            display_name: string_at(sender_name, row),
+            is_bot: sender_is_bot.value(row),
+        };
+        let event = ChatEvent {
+            event_id: event_id.value(row).to_string(),
+            tenant_id: tenant_id.value(row).to_string(),
+            source: source_from_name(source_text).map(|s| s as i32).unwrap_or(0),
+            workspace_id: string_at(workspace_id, row),
+            conversation_id: conversation_id.value(row).to_string(),
+            thread_id: string_at(thread_id, row),
+            message_id: string_at(message_id, row),
+            kind: kind_from_name(kind_text).map(|k| k as i32).unwrap_or(0),
+            sender: if sender == Sender::default() { None } else { Some(sender) },
+            occurred_at_micros: occurred_at.value(row),
+            received_at_micros: received_at.value(row),
+            text: string_at(text, row),
+            attachments: attachment_list,
+            mentions: mention_list,
+            reaction: string_at(reaction, row),
+            raw_payload: if raw_payload.is_null(row) {
+                Vec::new()
+            } else {
+                raw_payload.value(row).to_vec()
+            },
+            raw_content_type: string_at(raw_content_type, row),
+        };
+        out.push(ArchivedEvent {
+            event,
+            kafka_partition: kafka_partition.value(row),
+            kafka_offset: kafka_offset.value(row),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,451 @@
+//! The configuration: one TOML file (see `config/chatvault.example.toml`, the reference) plus environment
+//! overrides, then a pure validation step whose errors name the setting.
+//!
+//! Environment overrides use `CHATVAULT__<SECTION>__<KEY>` (double underscores separate levels, names are
+//! case-insensitive): `CHATVAULT__KAFKA__BROKERS=kafka:9092` sets `kafka.brokers`. The environment wins over
+//! the file, since Helm and Kubernetes set environment. Values are read as TOML scalars when they parse as one
+//! (`10`, `true`), as strings otherwise.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Authenticator, Role, token_digest};
+use crate::error::{Error, Result};
+use crate::event::{EventLimits, is_valid_tenant_id};
+
+pub const ENV_PREFIX: &str = "CHATVAULT__";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub storage: StorageConfig,
+    pub keys: KeysConfig,
+    pub gateway: GatewayConfig,
+    pub archiver: ArchiverConfig,
+    pub restorer: RestorerConfig,
+    /// Tenants and their bearer tokens.
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`. Default `localhost:9092`.
+    pub brokers: String,
+    /// The one topic all events go to. Default `chatvault.events`.
+    pub topic: String,
+    /// Extra librdkafka properties for every client (for example `security.protocol`, `sasl.*`, `ssl.*`).
+    /// The settings chatvault's guarantees rest on (`enable.idempotence`, `acks`, `enable.auto.commit`,
+    /// `enable.auto.offset.store`, `isolation.level`) cannot be overridden here.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "localhost:9092".into(),
+            topic: "chatvault.events".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Where the archive lives: `file:///path`, `s3://bucket[/prefix]`, or `memory://` (tests).
+    /// Default `file://./chatvault-data/archive`.
+    pub url: String,
+    /// object_store options, for example `aws_endpoint`, `aws_region`, `aws_allow_http`,
+    /// `aws_access_key_id`, `aws_secret_access_key`. Credentials are better left to the environment
+    /// (`AWS_*` variables) or workload identity.
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            url: "file://./chatvault-data/archive".into(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// The local keyring holding each tenant's key-encryption key; created on first use with mode 0600.
+    /// Default `./chatvault-data/keyring.json`.
+    pub keyring_path: PathBuf,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            keyring_path: PathBuf::from("./chatvault-data/keyring.json"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// gRPC listen address. Default `0.0.0.0:50051`.
+    pub grpc_listen: String,
+    /// How long an event may wait for Kafka's acknowledgement before the sender gets UNAVAILABLE
+    /// (librdkafka `message.timeout.ms`). Default 10000.
+    pub delivery_timeout_ms: u64,
+    /// Most events waiting in the producer queue (`queue.buffering.max.messages`); beyond it senders get
+    /// RESOURCE_EXHAUSTED. Default 100000.
+    pub max_queued_events: u64,
+    /// Most events in one batch call. Default 10000.
+    pub max_batch_events: usize,
+    /// Grace period for in-flight requests at shutdown. Default 20000.
+    pub drain_timeout_ms: u64,
+    pub limits: EventLimits,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            grpc_listen: "0.0.0.0:50051".into(),
+            delivery_timeout_ms: 10_000,
+            max_queued_events: 100_000,
+            max_batch_events: 10_000,
+            drain_timeout_ms: 20_000,
+            limits: EventLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiverConfig {
+    /// Kafka consumer group shared by all archivers. Default `chatvault-archiver`.
+    pub group_id: String,
+    /// A partition's batch is sealed at this many events. Default 200000.
+    pub max_batch_events: usize,
+    /// ... or at this many bytes of encoded events. Default 64 MiB.
+    pub max_batch_bytes: usize,
+    /// ... or when its oldest event has waited this long. Default 10000.
+    pub max_batch_age_ms: u64,
+    /// Sealed batches waiting for upload; with the open batches this bounds memory at about
+    /// `(partitions + max_pending_batches) * max_batch_bytes` plus librdkafka's fetch queue. Default 2.
+    pub max_pending_batches: usize,
+    /// librdkafka's prefetch queue per partition, in KiB (`queued.max.messages.kbytes`). Default 32768.
+    pub fetch_queue_kbytes: u64,
+    /// Parquet zstd level. Default 3.
+    pub zstd_level: i32,
+    /// Rows per Parquet row group. Default 65536.
+    pub row_group_rows: usize,
+    /// Kafka session timeout. Default 10000.
+    pub session_timeout_ms: u64,
+}
+
+impl Default for ArchiverConfig {
+    fn default() -> Self {
+        ArchiverConfig {
+            group_id: "chatvault-archiver".into(),
+            max_batch_events: 200_000,
+            max_batch_bytes: 64 * 1024 * 1024,
+            max_batch_age_ms: 10_000,
+            max_pending_batches: 2,
+            fetch_queue_kbytes: 32 * 1024,
+            zstd_level: 3,
+            row_group_rows: 65_536,
+            session_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ArchiverConfig {
+    pub fn max_batch_age(&self) -> Duration {
+        Duration::from_millis(self.max_batch_age_ms)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestorerConfig {
+    /// gRPC listen address. Default `0.0.0.0:50052`.
+    pub grpc_listen: String,
+    /// Files fetched and decoded at once for one request. Default 4.
+    pub read_concurrency: usize,
+}
+
+impl Default for RestorerConfig {
+    fn default() -> Self {
+        RestorerConfig {
+            grpc_listen: "0.0.0.0:50052".into(),
+            read_concurrency: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant id: 1 to 64 characters of a-z, 0-9, '-', '_'.
+    pub id: String,
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A name for logs and audit records (never the token itself).
+    pub name: String,
+    /// Exactly one of `token`, `token_sha256` (hex) or `token_file` (a mounted secret).
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    pub roles: Vec<Role>,
+}
+
+impl Config {
+    /// Loads `path` (when given), applies the process environment, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|error| {
+                Error::invalid_argument(format!("reading config file {}: {error}", path.display()))
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml_and_env(&text, &env)
+    }
+
+    /// Parses TOML text, applies overrides from `env` (a map, so tests can inject it), and validates.
+    pub fn from_toml_and_env(text: &str, env: &HashMap<String, String>) -> Result<Config> {
+        let mut root: toml::Table = toml::from_str(text)
+            .map_err(|error| Error::invalid_argument(format!("config file: {error}")))?;
+        let mut overrides: Vec<(&String, &String)> = env
+            .iter()
+            .filter(|(key, _)| key.starts_with(ENV_PREFIX))
+            .collect();
+        overrides.sort();
+        for (key, value) in overrides {
+            apply_env_override(&mut root, &key[ENV_PREFIX.len()..], value)
+                .map_err(|message| Error::invalid_argument(format!("{key}: {message}")))?;
+        }
+        let config: Config = toml::Value::Table(root)
+            .try_into()
+            .map_err(|error: toml::de::Error| Error::invalid_argument(format!("config: {error}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks; pure, no IO. Errors name the setting.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |setting: &str, message: &str| {
+            Err(Error::invalid_argument(format!("{setting}: {message}")))
+        };
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid("kafka.brokers", "must not be empty");
+        }
+        if self.kafka.topic.trim().is_empty() {
+            return invalid("kafka.topic", "must not be empty");
+        }
+        for key in self.kafka.properties.keys() {
+            if crate::kafka::PROTECTED_PROPERTIES.contains(&key.as_str()) {
+                return invalid(
+                    &format!("kafka.properties.{key}"),
+                    "is fixed by chatvault's delivery guarantees and cannot be overridden",
+                );
+            }
+        }
+        if !(self.storage.url.starts_with("file://")
+            || self.storage.url.starts_with("s3://")
+            || self.storage.url.starts_with("memory://"))
+        {
+            return invalid("storage.url", "must start with file://, s3:// or memory://");
+        }
+        if self.gateway.delivery_timeout_ms == 0 {
+            return invalid("gateway.delivery_timeout_ms", "must be positive");
+        }
+        if self.gateway.max_batch_events == 0 {
+            return invalid("gateway.max_batch_events", "must be positive");
+        }
+        if self.gateway.limits.max_event_bytes < 1024 {
+            return invalid("gateway.limits.max_event_bytes", "must be at least 1024");
+        }
+        if self.archiver.max_batch_events == 0 {
+            return invalid("archiver.max_batch_events", "must be positive");
+        }
+        if self.archiver.max_batch_bytes < 1024 * 1024 {
+            return invalid("archiver.max_batch_bytes", "must be at least 1 MiB");
+        }
+        if self.archiver.max_pending_batches == 0 {
+            return invalid("archiver.max_pending_batches", "must be positive");
+        }
+        if !(1..=22).contains(&self.archiver.zstd_level) {
+            return invalid("archiver.zstd_level", "must be between 1 and 22");
+        }
+        if self.archiver.row_group_rows == 0 {
+            return invalid("archiver.row_group_rows", "must be positive");
+        }
+        if self.restorer.read_concurrency == 0 {
+            return invalid("restorer.read_concurrency", "must be positive");
+        }
+        for (index, tenant) in self.tenants.iter().enumerate() {
+            if !is_valid_tenant_id(&tenant.id) {
+                return invalid(
+                    &format!("tenants[{index}].id"),
+                    "must be 1 to 64 characters of a-z, 0-9, '-' and '_'",
+                );
+            }
+            for (token_index, token) in tenant.tokens.iter().enumerate() {
+                let setting = format!("tenants[{index}].tokens[{token_index}]");
+                let sources = [
+                    token.token.is_some(),
+                    token.token_sha256.is_some(),
+                    token.token_file.is_some(),
+                ];
+                if sources.iter().filter(|set| **set).count() != 1 {
+                    return invalid(&setting, "set exactly one of token, token_sha256, token_file");
+                }
+                if let Some(digest) = &token.token_sha256
+                    && !(digest.len() == 64 && hex::decode(digest).is_ok())
+                {
+                    return invalid(&format!("{setting}.token_sha256"), "must be 64 hex characters");
+                }
+                if token.roles.is_empty() {
+                    return invalid(&format!("{setting}.roles"), "must name at least one role");
+                }
+                if token.name.is_empty() {
+                    return invalid(&format!("{setting}.name"), "must not be empty");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the authenticator from the tenants' tokens (reading `token_file`s).
+    pub fn authenticator(&self) -> Result<Authenticator> {
+        let mut authenticator = Authenticator::default();
+        for tenant in &self.tenants {
+            for token in &tenant.tokens {
+                let digest = if let Some(clear) = &token.token {
+                    token_digest(clear)
+                } else if let Some(hex_digest) = &token.token_sha256 {
+                    let bytes = hex::decode(hex_digest).map_err(|_| {
+                        Error::invalid_argument(format!("token {}: bad token_sha256", token.name))
+                    })?;
+                    let mut digest = [0u8; 32];
+                    digest.copy_from_slice(&bytes);
+                    digest
+                } else if let Some(path) = &token.token_file {
+                    let clear = std::fs::read_to_string(path).map_err(|error| {
+                        Error::invalid_argument(format!(
+                            "token {}: reading token_file {}: {error}",
+                            token.name,
+                            path.display()
+                        ))
+                    })?;
+                    token_digest(clear.trim())
+                } else {
+                    continue;
+                };
+                authenticator.add_token_digest(digest, &token.name, &tenant.id, &token.roles);
+            }
+        }
+        Ok(authenticator)
+    }
+}
+
+fn apply_env_override(
+    root: &mut toml::Table,
+    path: &str,
+    value: &str,
+) -> std::result::Result<(), String> {
+    let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
+    if segments.iter().any(String::is_empty) {
+        return Err("empty path segment".into());
+    }
+    let (last, parents) = segments.split_last().ok_or("empty path")?;
+    let mut table = root;
+    for segment in parents {
+        let entry = table
+            .entry(segment.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{segment} is not a section"))?;
+    }
+    table.insert(last.clone(), parse_scalar(value));
+    Ok(())
+}
+
+fn parse_scalar(value: &str) -> toml::Value {
+    let document = format!("v = {value}");
+    match toml::from_str::<toml::Table>(&document) {
+        Ok(mut table) => match table.remove("v") {
+            Some(parsed @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_))) => {
+                parsed
+            }
+            _ => toml::Value::String(value.to_string()),
+        },
+        Err(_) => toml::Value::String(value.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let text = r#"
+            [kafka]
+            brokers = "file-broker:9092"
+            [archiver]
+            max_batch_events = 10
+        "#;
+        let env = HashMap::from([
+            ("CHATVAULT__KAFKA__BROKERS".to_string(), "env-broker:9092".to_string()),
+            ("CHATVAULT__ARCHIVER__MAX_BATCH_AGE_MS".to_string(), "2500".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ]);
+        let config = Config::from_toml_and_env(text, &env).expect("valid");
+        assert_eq!(config.kafka.brokers, "env-broker:9092");
+        assert_eq!(config.archiver.max_batch_events, 10);
+        assert_eq!(config.archiver.max_batch_age_ms, 2500);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases = [
+            ("[kafka]\nbrokerz = \"x\"", "unknown field `brokerz`"),
+            ("[storage]\nurl = \"ftp://x\"", "storage.url"),
+            ("[kafka.properties]\n\"enable.idempotence\" = \"false\"", "kafka.properties.enable.idempotence"),
+            ("[[tenants]]\nid = \"Bad Tenant\"", "tenants[0].id"),
+            (
+                "[[tenants]]\nid = \"acme\"\n[[tenants.tokens]]\nname = \"t\"\nroles = [\"ingest\"]",
+                "tenants[0].tokens[0]",
+            ),
+            ("[archiver]\nzstd_level = 0", "archiver.zstd_level"),
+        ];
+        for (text, expected) in cases {
+            let error = Config::from_toml_and_env(text, &HashMap::new()).expect_err(expected);
+            assert!(error.message().contains(expected), "{expected}: {}", error.message());
+        }
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let text = include_str!("../../config/chatvault.example.toml");
+        let config = Config::from_toml_and_env(text, &HashMap::new()).expect("example is valid");
+        assert_eq!(config.tenants[0].tokens.len(), 2);
+        // The example's token_file is not mounted here; the error names the token and the file.
+        let error = config.authenticator().expect_err("file missing");
+        assert!(error.message().contains("acme-legal") && error.message().contains("token_file"));
+    }
+}

@@ -1,0 +1,68 @@
+//! librdkafka settings for chatvault's clients. The settings the delivery guarantees rest on are set here,
+//! explicitly, and cannot be overridden from configuration ([`PROTECTED_PROPERTIES`]).
+
+use rdkafka::ClientConfig;
+
+use crate::config::{ArchiverConfig, GatewayConfig, KafkaConfig};
+
+/// Properties fixed by chatvault. librdkafka's own default for `enable.idempotence` is false, which would allow
+/// reordering and duplicates on retry; the consumer's auto-commit and auto-store defaults would move Kafka's
+/// offsets ahead of what is durable in the archive.
+pub const PROTECTED_PROPERTIES: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "group.id",
+    "bootstrap.servers",
+];
+
+fn base(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.brokers);
+    for (key, value) in &kafka.properties {
+        config.set(key, value);
+    }
+    config
+}
+
+/// The gateway's producer: idempotent, acknowledged by all in-sync replicas, bounded queue, bounded wait.
+pub fn producer_config(kafka: &KafkaConfig, gateway: &GatewayConfig) -> ClientConfig {
+    let mut config = base(kafka);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", gateway.delivery_timeout_ms.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            gateway.max_queued_events.to_string(),
+        )
+        .set("queue.buffering.max.kbytes", (256 * 1024).to_string())
+        .set("linger.ms", "5")
+        .set("compression.codec", "lz4")
+        // Same partition for a key as Java producers use, so a mixed fleet keeps a conversation on one partition.
+        .set("partitioner", "murmur2_random");
+    config
+}
+
+/// The archiver's consumer: offsets are stored and committed only after the manifest commit, and the manifest,
+/// not Kafka, is the source of truth on assignment.
+pub fn consumer_config(kafka: &KafkaConfig, archiver: &ArchiverConfig) -> ClientConfig {
+    let mut config = base(kafka);
+    config
+        .set("group.id", &archiver.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", archiver.session_timeout_ms.to_string())
+        .set(
+            "queued.max.messages.kbytes",
+            archiver.fetch_queue_kbytes.to_string(),
+        )
+        .set("fetch.message.max.bytes", (4 * 1024 * 1024).to_string())
+        .set("enable.partition.eof", "false");
+    config
+}

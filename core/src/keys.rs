@@ -1,0 +1,455 @@
+//! Envelope encryption.
+//!
+//! - A **key-encryption key** (KEK) per tenant is held by a [`KeyEncryptionProvider`]: the local keyring file
+//!   by default ([`LocalKeyring`]), a KMS in production (same trait).
+//! - A **data key** (DEK, 256-bit) per tenant and month encrypts that month's Parquet files, so DuckDB can scan
+//!   a tenant's month with one key. It is stored wrapped by the tenant's KEK in the archive itself, at
+//!   `keys/tenant=<t>/period=<yyyy-mm>.json` ([`DataKeyRecord`]), next to the data it opens.
+//! - Each Parquet file's footer key metadata names the data key ([`FileKeyMetadata`]), so an authorized reader
+//!   can find the key of any file.
+//!
+//! Destroying a tenant's KEK, or one period's record, makes that data unreadable everywhere.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+use crate::archive::layout;
+use crate::error::{Error, ErrorCode, Result};
+use crate::time::now_micros;
+
+pub const DATA_KEY_BYTES: usize = 32;
+
+/// A key wrapped by a key-encryption key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    pub kek_id: String,
+    pub ciphertext: Vec<u8>,
+}
+
+/// Holds tenants' key-encryption keys. Implementations: [`LocalKeyring`]; a KMS client later.
+#[async_trait]
+pub trait KeyEncryptionProvider: Send + Sync + std::fmt::Debug {
+    /// Wraps `plaintext` under the tenant's current KEK (creating it when the provider can). `aad` binds the
+    /// wrapped key to its context and must be presented again to unwrap.
+    async fn wrap(&self, tenant: &str, plaintext: &[u8], aad: &[u8]) -> Result<WrappedKey>;
+    async fn unwrap(&self, tenant: &str, wrapped: &WrappedKey, aad: &[u8]) -> Result<Vec<u8>>;
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct KeyringFile {
+    version: u32,
+    tenants: HashMap<String, TenantKeys>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TenantKeys {
+    current: String,
+    /// kek id → base64 key
+    keys: HashMap<String, String>,
+}
+
+/// A keyring file with one AES-256 KEK per tenant, created on first use with mode 0600. Suitable for a single
+/// node (standalone, evaluation); production deployments use a KMS behind the same trait.
+#[derive(Debug)]
+pub struct LocalKeyring {
+    path: PathBuf,
+    state: Mutex<KeyringFile>,
+    rng: SystemRandom,
+}
+
+impl LocalKeyring {
+    pub fn open(path: &Path) -> Result<LocalKeyring> {
+        let state = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
+                Error::internal(format!("keyring {} is corrupt: {error}", path.display()))
+            })?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => KeyringFile {
+                version: 1,
+                tenants: HashMap::new(),
+            },
+            Err(error) => {
+                return Err(Error::unavailable(format!(
+                    "reading keyring {}: {error}",
+                    path.display()
+                )));
+            }
+        };
+        Ok(LocalKeyring {
+            path: path.to_path_buf(),
+            state: Mutex::new(state),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    fn persist(&self, state: &KeyringFile) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(state)?;
+        if let Some(parent) = self.path.parent() {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                Error::unavailable(format!("creating {}: {error}", parent.display()))
+            })?;
+        }
+        let temporary = self.path.with_extension("tmp");
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let write = || -> std::io::Result<()> {
+            let mut file = options.open(&temporary)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &self.path)
+        };
+        write().map_err(|error| {
+            Error::unavailable(format!("writing keyring {}: {error}", self.path.display()))
+        })
+    }
+
+    fn kek(&self, tenant: &str, kek_id: Option<&str>, create: bool) -> Result<(String, Vec<u8>)> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| Error::internal("keyring lock poisoned"))?;
+        if !state.tenants.contains_key(tenant) {
+            if !create {
+                return Err(Error::new(
+                    ErrorCode::NotFound,
+                    format!("no key-encryption key for tenant {tenant}"),
+                ));
+            }
+            let mut key = [0u8; 32];
+            self.rng
+                .fill(&mut key)
+                .map_err(|_| Error::internal("system random generator failed"))?;
+            let id = format!("{tenant}-kek-1");
+            state.tenants.insert(
+                tenant.to_string(),
+                TenantKeys {
+                    current: id.clone(),
+                    keys: HashMap::from([(id, BASE64.encode(key))]),
+                },
+            );
+            self.persist(&state)?;
+        }
+        let tenant_keys = &state.tenants[tenant];
+        let id = kek_id.unwrap_or(&tenant_keys.current);
+        let encoded = tenant_keys.keys.get(id).ok_or_else(|| {
+            Error::new(
+                ErrorCode::NotFound,
+                format!("key-encryption key {id} of tenant {tenant} is not in the keyring"),
+            )
+        })?;
+        let key = BASE64
+            .decode(encoded)
+            .map_err(|_| Error::internal(format!("keyring entry {id} is not base64")))?;
+        Ok((id.to_string(), key))
+    }
+}
+
+#[async_trait]
+impl KeyEncryptionProvider for LocalKeyring {
+    async fn wrap(&self, tenant: &str, plaintext: &[u8], aad: &[u8]) -> Result<WrappedKey> {
+        let (kek_id, kek) = self.kek(tenant, None, true)?;
+        let ciphertext = seal(&self.rng, &kek, plaintext, aad)?;
+        Ok(WrappedKey { kek_id, ciphertext })
+    }
+
+    async fn unwrap(&self, tenant: &str, wrapped: &WrappedKey, aad: &[u8]) -> Result<Vec<u8>> {
+        let (_, kek) = self.kek(tenant, Some(&wrapped.kek_id), false)?;
+        open(&kek, &wrapped.ciphertext, aad)
+    }
+}
+
+/// AES-256-GCM: `nonce(12) | ciphertext | tag(16)`.
+fn seal(rng: &SystemRandom, key: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key).map_err(|_| Error::internal("bad key length"))?,
+    );
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill(&mut nonce)
+        .map_err(|_| Error::internal("system random generator failed"))?;
+    let mut buffer = plaintext.to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buffer,
+    )
+    .map_err(|_| Error::internal("key wrapping failed"))?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&buffer);
+    Ok(out)
+}
+
+fn open(key: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+    if sealed.len() < NONCE_LEN + 16 {
+        return Err(Error::internal("wrapped key is truncated"));
+    }
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key).map_err(|_| Error::internal("bad key length"))?,
+    );
+    let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::internal("bad nonce"))?;
+    let mut buffer = ciphertext.to_vec();
+    let plaintext = key
+        .open_in_place(nonce, Aad::from(aad), &mut buffer)
+        .map_err(|_| {
+            Error::new(
+                ErrorCode::PermissionDenied,
+                "unwrapping a data key failed: wrong key-encryption key or tampered key record",
+            )
+        })?;
+    Ok(plaintext.to_vec())
+}
+
+/// The stored form of a data key: `keys/tenant=<t>/period=<yyyy-mm>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DataKeyRecord {
+    /// Always `chatvault-dek-v1`.
+    pub format: String,
+    pub tenant_id: String,
+    /// `yyyy-mm`.
+    pub period: String,
+    pub dek_id: String,
+    pub kek_id: String,
+    /// base64 of AES-256-GCM `nonce | ciphertext | tag` of the 32-byte data key under the KEK, with the AAD
+    /// `chatvault-dek-v1|<tenant>|<period>|<dek_id>`.
+    pub wrapped_key: String,
+    pub created_at_micros: i64,
+}
+
+/// What each Parquet file's footer `key_metadata` holds (JSON): enough to find and unwrap its data key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileKeyMetadata {
+    /// Always `chatvault-dek-v1`.
+    pub format: String,
+    pub tenant_id: String,
+    pub period: String,
+    pub dek_id: String,
+    /// Object path of the [`DataKeyRecord`], relative to the archive root.
+    pub key_record: String,
+}
+
+/// A plaintext data key. Debug output never shows the key.
+#[derive(Clone)]
+pub struct DataKey {
+    pub tenant_id: String,
+    pub period: String,
+    pub dek_id: String,
+    pub key: [u8; DATA_KEY_BYTES],
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey")
+            .field("tenant_id", &self.tenant_id)
+            .field("period", &self.period)
+            .field("dek_id", &self.dek_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataKey {
+    pub fn file_key_metadata(&self) -> FileKeyMetadata {
+        FileKeyMetadata {
+            format: "chatvault-dek-v1".into(),
+            tenant_id: self.tenant_id.clone(),
+            period: self.period.clone(),
+            dek_id: self.dek_id.clone(),
+            key_record: layout::data_key_path(&self.tenant_id, &self.period).to_string(),
+        }
+    }
+}
+
+fn dek_aad(tenant: &str, period: &str, dek_id: &str) -> Vec<u8> {
+    format!("chatvault-dek-v1|{tenant}|{period}|{dek_id}").into_bytes()
+}
+
+const CACHE_CAPACITY: usize = 4096;
+
+/// Finds or creates the data key of a tenant's period, through the archive's object store and a KEK provider.
+/// Plaintext keys are cached in memory (bounded).
+#[derive(Debug, Clone)]
+pub struct DataKeys {
+    store: Arc<dyn ObjectStore>,
+    provider: Arc<dyn KeyEncryptionProvider>,
+    cache: Arc<Mutex<HashMap<(String, String), DataKey>>>,
+    rng: SystemRandom,
+}
+
+impl DataKeys {
+    pub fn new(store: Arc<dyn ObjectStore>, provider: Arc<dyn KeyEncryptionProvider>) -> DataKeys {
+        DataKeys {
+            store,
+            provider,
+            cache: Arc::new(Mutex::new(HashMap::new())),
+            rng: SystemRandom::new(),
+        }
+    }
+
+    fn cached(&self, tenant: &str, period: &str) -> Option<DataKey> {
+        self.cache
+            .lock()
+            .ok()?
+            .get(&(tenant.to_string(), period.to_string()))
+            .cloned()
+    }
+
+    fn remember(&self, key: &DataKey) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+            cache.insert((key.tenant_id.clone(), key.period.clone()), key.clone());
+        }
+    }
+
+    /// The data key of `tenant`'s `period`; NOT_FOUND when none was ever created.
+    pub async fn get(&self, tenant: &str, period: &str) -> Result<DataKey> {
+        if let Some(key) = self.cached(tenant, period) {
+            return Ok(key);
+        }
+        let path = layout::data_key_path(tenant, period);
+        let bytes = self
+            .store
+            .get(&path)
+            .await
+            .map_err(|error| Error::from(error).context(format!("data key {path}")))?
+            .bytes()
+            .await?;
+        let record: DataKeyRecord = serde_json::from_slice(&bytes)?;
+        let key = self.unwrap_record(&record).await?;
+        self.remember(&key);
+        Ok(key)
+    }
+
+    /// The data key of `tenant`'s `period`, created (and stored with a conditional create, so concurrent
+    /// archivers agree on one key) when missing.
+    pub async fn get_or_create(&self, tenant: &str, period: &str) -> Result<DataKey> {
+        match self.get(tenant, period).await {
+            Ok(key) => return Ok(key),
+            Err(error) if error.code() == ErrorCode::NotFound => {}
+            Err(error) => return Err(error),
+        }
+        let mut key = [0u8; DATA_KEY_BYTES];
+        let mut id_bytes = [0u8; 8];
+        self.rng
+            .fill(&mut key)
+            .and_then(|_| self.rng.fill(&mut id_bytes))
+            .map_err(|_| Error::internal("system random generator failed"))?;
+        let dek_id = format!("{tenant}/{period}/{}", hex::encode(id_bytes));
+        let wrapped = self
+            .provider
+            .wrap(tenant, &key, &dek_aad(tenant, period, &dek_id))
+            .await?;
+        let record = DataKeyRecord {
+            format: "chatvault-dek-v1".into(),
+            tenant_id: tenant.to_string(),
+            period: period.to_string(),
+            dek_id: dek_id.clone(),
+            kek_id: wrapped.kek_id,
+            wrapped_key: BASE64.encode(&wrapped.ciphertext),
+            created_at_micros: now_micros(),
+        };
+        let path = layout::data_key_path(tenant, period);
+        let put = self
+            .store
+            .put_opts(
+                &path,
+                PutPayload::from(serde_json::to_vec_pretty(&record)?),
+                PutOptions::from(PutMode::Create),
+            )
+            .await;
+        match put {
+            Ok(_) => {
+                let data_key = DataKey {
+                    tenant_id: tenant.to_string(),
+                    period: period.to_string(),
+                    dek_id,
+                    key,
+                };
+                self.remember(&data_key);
+                Ok(data_key)
+            }
+            // Another archiver created it first: use theirs.
+            Err(object_store::Error::AlreadyExists { .. }) => self.get(tenant, period).await,
+            Err(error) => Err(Error::from(error).context(format!("storing data key {path}"))),
+        }
+    }
+
+    async fn unwrap_record(&self, record: &DataKeyRecord) -> Result<DataKey> {
+        if record.format != "chatvault-dek-v1" {
+            return Err(Error::internal(format!(
+                "data key record of {}/{} has unknown format {}",
+                record.tenant_id, record.period, record.format
+            )));
+        }
+        let ciphertext = BASE64
+            .decode(&record.wrapped_key)
+            .map_err(|_| Error::internal("data key record: wrapped_key is not base64"))?;
+        let plaintext = self
+            .provider
+            .unwrap(
+                &record.tenant_id,
+                &WrappedKey {
+                    kek_id: record.kek_id.clone(),
+                    ciphertext,
+                },
+                &dek_aad(&record.tenant_id, &record.period, &record.dek_id),
+            )
+            .await?;
+        let key: [u8; DATA_KEY_BYTES] = plaintext
+            .try_into()
+            .map_err(|_| Error::internal("data key has the wrong length"))?;
+        Ok(DataKey {
+            tenant_id: record.tenant_id.clone(),
+            period: record.period.clone(),
+            dek_id: record.dek_id.clone(),
+            key,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    #[tokio::test]
+    async fn data_keys_are_created_once_and_unwrap_after_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keyring_path = dir.path().join("keyring.json");
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let keyring = Arc::new(LocalKeyring::open(&keyring_path).expect("open"));
+        let keys = DataKeys::new(store.clone(), keyring);
+        let first = keys.get_or_create("acme", "2026-11").await.expect("create");
+        let again = keys.get_or_create("acme", "2026-11").await.expect("get");
+        assert_eq!(first.key, again.key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&keyring_path).expect("keyring").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // A fresh process (new cache, keyring re-read) finds the same key.
+        let reopened = DataKeys::new(store.clone(), Arc::new(LocalKeyring::open(&keyring_path).expect("reopen")));
+        assert_eq!(reopened.get("acme", "2026-11").await.expect("get").key, first.key);
+        let other_period = reopened.get_or_create("acme", "2026-12").await.expect("create");
+        assert_ne!(other_period.key, first.key);
+        // Without the keyring the key cannot be unwrapped.
+        let stranger = DataKeys::new(store, Arc::new(LocalKeyring::open(&dir.path().join("other.json")).expect("open")));
+        assert!(stranger.get("acme", "2026-11").await.is_err());
+        assert!(!format!("{first:?}").contains(&format!("{:?}", first.key)));
+    }
+}

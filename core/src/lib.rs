@@ -1,0 +1,27 @@
+//! The shared core of chatvault.
+//!
+//! Layering rule (see `docs/ARCHITECTURE.md`): this crate depends on no service crate. The services
+//! (`chatvault-ingest-gateway`, `chatvault-archiver`, `chatvault-restorer`) depend on it and never on each other;
+//! only the `chatvault` CLI crate wires them together.
+//!
+//! - [`event`]: validation, stable event ids and Kafka keys of the canonical `ChatEvent`.
+//! - [`auth`]: per-tenant bearer tokens and roles.
+//! - [`config`]: the configuration file, environment overrides and validation.
+//! - [`storage`]: object stores from URLs (`file://`, `s3://`, `memory://`).
+//! - [`keys`]: envelope encryption: key-encryption keys (local keyring) and per-tenant, per-month data keys.
+//! - [`archive`]: the archive format: layout, Parquet schema and encryption, manifests and the commit protocol.
+//! - [`kafka`]: librdkafka client settings shared by producer and consumer.
+
+pub mod archive;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod kafka;
+pub mod keys;
+pub mod shutdown;
+pub mod storage;
+pub mod telemetry;
+pub mod time;
+
+pub use error::{Error, ErrorCode, Result};

@@ -1,0 +1,67 @@
+//! One shutdown signal shared by every server and worker of a process.
+
+use tokio::sync::watch;
+
+/// A cloneable handle that resolves once shutdown was requested (SIGTERM, SIGINT or programmatically).
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    receiver: watch::Receiver<bool>,
+}
+
+/// The side that triggers shutdown.
+#[derive(Debug)]
+pub struct ShutdownTrigger {
+    sender: watch::Sender<bool>,
+}
+
+pub fn channel() -> (ShutdownTrigger, Shutdown) {
+    let (sender, receiver) = watch::channel(false);
+    (ShutdownTrigger { sender }, Shutdown { receiver })
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.sender.send(true);
+    }
+
+    pub fn subscribe(&self) -> Shutdown {
+        Shutdown {
+            receiver: self.sender.subscribe(),
+        }
+    }
+}
+
+impl Shutdown {
+    pub fn is_triggered(&self) -> bool {
+        *self.receiver.borrow()
+    }
+
+    /// Resolves when shutdown is requested (immediately if it already was).
+    pub async fn wait(mut self) {
+        let _ = self.receiver.wait_for(|triggered| *triggered).await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
