@@ -1,1 +1,14 @@
-//! placeholder
+//! The ingest gateway: authenticates senders, validates and completes their events, produces them to Kafka
+//! and answers only once Kafka acknowledged them.
+//!
+//! - [`producer`]: the idempotent Kafka producer and the mapping of its failures to retryable errors.
+//! - [`grpc`]: the `chatvault.v1.IngestService` (unary, batch, client-streaming).
+//! - [`server`]: the gRPC server with health, reflection and graceful shutdown.
+
+pub mod grpc;
+pub mod producer;
+pub mod server;
+
+pub use grpc::IngestGrpc;
+pub use producer::EventProducer;
+pub use server::serve;

@@ -1,0 +1,167 @@
+//! Open and sealed batches.
+//!
+//! A batch covers a contiguous range of one partition's offsets, `[start_offset, end_offset)`, starting where
+//! the previous batch (or the committed chain) ended, so consecutive manifests tile the partition without gaps
+//! even when Kafka offsets themselves have gaps (compaction, transaction markers).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use chatvault_core::archive::ArchivedEvent;
+use chatvault_core::archive::manifest::RejectedRecord;
+use chatvault_core::time::Date;
+
+/// The batch a partition is filling.
+#[derive(Debug)]
+pub struct OpenBatch {
+    pub partition: i32,
+    pub generation: u64,
+    pub seq: u64,
+    pub start_offset: i64,
+    /// Offset after the last record added.
+    pub end_offset: i64,
+    pub events: Vec<ArchivedEvent>,
+    pub rejected: Vec<RejectedRecord>,
+    pub bytes: usize,
+    pub opened_at: Instant,
+}
+
+impl OpenBatch {
+    pub fn new(partition: i32, generation: u64, seq: u64, start_offset: i64) -> OpenBatch {
+        OpenBatch {
+            partition,
+            generation,
+            seq,
+            start_offset,
+            end_offset: start_offset,
+            events: Vec::new(),
+            rejected: Vec::new(),
+            bytes: 0,
+            opened_at: Instant::now(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end_offset == self.start_offset
+    }
+
+    pub fn push_event(&mut self, event: ArchivedEvent, encoded_len: usize) {
+        if self.is_empty() {
+            self.opened_at = Instant::now();
+        }
+        self.end_offset = event.kafka_offset + 1;
+        self.bytes += encoded_len;
+        self.events.push(event);
+    }
+
+    pub fn push_rejected(&mut self, offset: i64, reason: String) {
+        if self.is_empty() {
+            self.opened_at = Instant::now();
+        }
+        self.end_offset = offset + 1;
+        self.rejected.push(RejectedRecord { offset, reason });
+    }
+
+    /// Closes the batch; the next one starts at `end_offset` with sequence number `seq + 1`.
+    pub fn seal(self) -> SealedBatch {
+        SealedBatch {
+            partition: self.partition,
+            generation: self.generation,
+            seq: self.seq,
+            start_offset: self.start_offset,
+            end_offset: self.end_offset,
+            events: self.events,
+            rejected: self.rejected,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// A batch handed to the writer.
+#[derive(Debug)]
+pub struct SealedBatch {
+    pub partition: i32,
+    pub generation: u64,
+    pub seq: u64,
+    pub start_offset: i64,
+    pub end_offset: i64,
+    pub events: Vec<ArchivedEvent>,
+    pub rejected: Vec<RejectedRecord>,
+    pub bytes: usize,
+}
+
+/// Rows of one future file: a tenant's events of one UTC date.
+#[derive(Debug)]
+pub struct FileGroup<'a> {
+    pub tenant_id: &'a str,
+    pub date: Date,
+    pub rows: Vec<&'a ArchivedEvent>,
+}
+
+/// Groups a batch's events by (tenant, UTC date of the event time), collapsing duplicates of the same event id
+/// within the batch (a retried send produced twice). Duplicates across batches are collapsed by readers.
+pub fn group_into_files(events: &[ArchivedEvent]) -> Vec<FileGroup<'_>> {
+    let mut groups: BTreeMap<(&str, Date), Vec<&ArchivedEvent>> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
+    for archived in events {
+        if !seen.insert(archived.event.event_id.as_str()) {
+            continue;
+        }
+        let date = Date::from_micros(archived.event.occurred_at_micros);
+        groups
+            .entry((archived.event.tenant_id.as_str(), date))
+            .or_default()
+            .push(archived);
+    }
+    groups
+        .into_iter()
+        .map(|((tenant_id, date), rows)| FileGroup { tenant_id, date, rows })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chatvault_proto::v1::ChatEvent;
+
+    fn event(tenant: &str, id: &str, micros: i64, offset: i64) -> ArchivedEvent {
+        ArchivedEvent {
+            event: ChatEvent {
+                event_id: id.into(),
+                tenant_id: tenant.into(),
+                conversation_id: "c".into(),
+                occurred_at_micros: micros,
+                ..Default::default()
+            },
+            kafka_partition: 0,
+            kafka_offset: offset,
+        }
+    }
+
+    #[test]
+    fn batches_tile_offsets_and_groups_split_by_tenant_and_date() {
+        let day = chatvault_core::time::MICROS_PER_DAY;
+        let mut batch = OpenBatch::new(0, 1, 7, 100);
+        assert!(batch.is_empty());
+        batch.push_event(event("a", "e1", day, 103), 10);
+        batch.push_rejected(104, "not a ChatEvent".into());
+        batch.push_event(event("b", "e2", day, 105), 10);
+        batch.push_event(event("a", "e3", 2 * day + 1, 106), 10);
+        batch.push_event(event("a", "e1", day, 107), 10);
+        let sealed = batch.seal();
+        assert_eq!((sealed.start_offset, sealed.end_offset, sealed.seq), (100, 108, 7));
+        let groups = group_into_files(&sealed.events);
+        let shape: Vec<(&str, String, usize)> = groups
+            .iter()
+            .map(|g| (g.tenant_id, g.date.iso(), g.rows.len()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("a", "1970-01-02".to_string(), 1),
+                ("a", "1970-01-03".to_string(), 1),
+                ("b", "1970-01-02".to_string(), 1)
+            ]
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! The commit stage: turns a sealed batch into committed, encrypted Parquet files.
+//!
+//! Per batch: fetch (or create) the data keys of its (tenant, month)s; encode one file per (tenant, date) on the
+//! blocking pool; record an upload intent; upload; create the manifest conditionally; store the Kafka offset.
+//! Transient storage failures are retried with backoff; a lost conditional create (another writer committed
+//! the sequence number) fences this batch: its files are deleted and the partition is re-synchronized.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chatvault_core::archive::file::{EncodedFile, FileOptions, encode_file};
+use chatvault_core::archive::layout;
+use chatvault_core::archive::manifest::{
+    MANIFEST_FORMAT, Manifest, ManifestFile, ManifestLog, PendingIntent, delete_if_exists,
+};
+use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::keys::{DataKey, DataKeys};
+use chatvault_core::shutdown::Shutdown;
+use chatvault_core::time::{Date, now_micros};
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::batch::{SealedBatch, group_into_files};
+use crate::consumer::ArchiverConsumer;
+use crate::crash::crash_point;
+use crate::state::SharedPartitions;
+
+const UPLOAD_CONCURRENCY: usize = 8;
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Counters of committed work, readable while the archiver runs (tests and benchmarks wait on them).
+#[derive(Debug, Default)]
+pub struct ArchiverStats {
+    pub committed_batches: AtomicU64,
+    pub committed_events: AtomicU64,
+    pub committed_records: AtomicU64,
+    pub committed_files: AtomicU64,
+    pub committed_bytes: AtomicU64,
+    pub fenced_batches: AtomicU64,
+}
+
+struct PreparedFile {
+    path: Path,
+    manifest_entry: ManifestFile,
+    bytes: bytes::Bytes,
+}
+
+pub(crate) struct Writer {
+    pub store: Arc<dyn ObjectStore>,
+    pub log: ManifestLog,
+    pub data_keys: DataKeys,
+    pub partitions: SharedPartitions,
+    pub consumer: Arc<ArchiverConsumer>,
+    pub topic: String,
+    pub writer_id: String,
+    pub file_options: FileOptions,
+    pub stats: Arc<ArchiverStats>,
+    pub shutdown: Shutdown,
+}
+
+enum Outcome {
+    Committed(String),
+    Fenced,
+}
+
+impl Writer {
+    pub async fn run(self, mut batches: mpsc::Receiver<SealedBatch>) {
+        while let Some(batch) = batches.recv().await {
+            self.commit_batch(batch).await;
+        }
+    }
+
+    fn is_current(&self, batch: &SealedBatch) -> bool {
+        self.partitions.generation(batch.partition) == Some(batch.generation)
+    }
+
+    async fn commit_batch(&self, batch: SealedBatch) {
+        if !self.is_current(&batch) {
+            tracing::debug!(partition = batch.partition, seq = batch.seq, "dropping a batch of a revoked or resynchronized partition");
+            return;
+        }
+        let batch = Arc::new(batch);
+        let mut backoff = Duration::from_millis(100);
+        let mut prepared: Option<(String, Vec<PreparedFile>)> = None;
+        loop {
+            if !self.is_current(&batch) {
+                if let Some((batch_id, files)) = &prepared {
+                    self.discard(batch.partition, batch_id, files).await;
+                }
+                return;
+            }
+            if prepared.is_none() {
+                match self.prepare(&batch).await {
+                    Ok(files) => prepared = Some(files),
+                    Err(error) => {
+                        tracing::warn!(partition = batch.partition, seq = batch.seq, %error, "preparing batch failed; retrying");
+                        if self.backoff(&mut backoff).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some((batch_id, files)) = &prepared else { continue };
+            match self.upload_and_commit(&batch, batch_id, files).await {
+                Ok(Outcome::Committed(sha)) => {
+                    self.after_commit(&batch, sha, files).await;
+                    let _ = self.log.delete_intent(batch.partition, batch_id).await;
+                    return;
+                }
+                Ok(Outcome::Fenced) => {
+                    self.discard(batch.partition, batch_id, files).await;
+                    self.resync(batch.partition).await;
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(partition = batch.partition, seq = batch.seq, %error, "committing batch failed; retrying");
+                    if self.backoff(&mut backoff).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps before a retry. Returns true when shutdown was requested: the batch is abandoned uncommitted, so
+    /// its records are consumed again by the partition's next owner.
+    async fn backoff(&self, backoff: &mut Duration) -> bool {
+        let sleep = tokio::time::sleep(*backoff);
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        tokio::select! {
+            _ = sleep => false,
+            _ = self.shutdown.clone().wait() => {
+                tracing::warn!("abandoning an uncommitted batch at shutdown; its records will be archived by the next owner");
+                true
+            }
+        }
+    }
+
+    /// Fetches data keys and encodes the batch's files (CPU-bound, on the blocking pool).
+    async fn prepare(&self, batch: &Arc<SealedBatch>) -> Result<(String, Vec<PreparedFile>)> {
+        let mut keys: HashMap<(String, String), DataKey> = HashMap::new();
+        for archived in &batch.events {
+            let period = Date::from_micros(archived.event.occurred_at_micros).month_period();
+            let id = (archived.event.tenant_id.clone(), period);
+            if !keys.contains_key(&id) {
+                let key = self.data_keys.get_or_create(&id.0, &id.1).await?;
+                keys.insert(id, key);
+            }
+        }
+        let batch_id = random_id()?;
+        let encode_batch = batch.clone();
+        let options = self.file_options.clone();
+        let encode_batch_id = batch_id.clone();
+        let files = tokio::task::spawn_blocking(move || -> Result<Vec<PreparedFile>> {
+            let mut prepared = Vec::new();
+            for (index, mut group) in group_into_files(&encode_batch.events).into_iter().enumerate() {
+                let period = group.date.month_period();
+                let key = keys
+                    .get(&(group.tenant_id.to_string(), period.clone()))
+                    .ok_or_else(|| Error::internal("data key missing for a file group"))?;
+                let encoded: EncodedFile = encode_file(&mut group.rows, key, &options)?;
+                let path = layout::event_file_path(
+                    group.tenant_id,
+                    &group.date.iso(),
+                    encode_batch.partition,
+                    encode_batch.start_offset,
+                    &encode_batch_id,
+                    index,
+                );
+                prepared.push(PreparedFile {
+                    manifest_entry: ManifestFile {
+                        path: path.to_string(),
+                        tenant_id: group.tenant_id.to_string(),
+                        date: group.date.iso(),
+                        key_period: period,
+                        dek_id: key.dek_id.clone(),
+                        rows: encoded.rows as u64,
+                        bytes: encoded.bytes.len() as u64,
+                        sha256: encoded.sha256_hex,
+                        min_occurred_micros: encoded.min_occurred_micros,
+                        max_occurred_micros: encoded.max_occurred_micros,
+                        conversation_digests: encoded.conversation_digests,
+                    },
+                    path,
+                    bytes: encoded.bytes,
+                });
+            }
+            Ok(prepared)
+        })
+        .await
+        .map_err(|error| Error::internal(format!("encoding task failed: {error}")))??;
+        Ok((batch_id, files))
+    }
+
+    async fn upload_and_commit(
+        &self,
+        batch: &SealedBatch,
+        batch_id: &str,
+        files: &[PreparedFile],
+    ) -> Result<Outcome> {
+        let prev_sha256 = {
+            let partitions = self.partitions.lock();
+            let Some(state) = partitions.get(&batch.partition) else {
+                return Ok(Outcome::Fenced);
+            };
+            if state.head.next_seq != batch.seq || state.head.end_offset != batch.start_offset {
+                tracing::warn!(partition = batch.partition, seq = batch.seq, head_seq = state.head.next_seq,
+                    "batch does not continue the chain head; resynchronizing");
+                return Ok(Outcome::Fenced);
+            }
+            state.head.last_sha256.clone()
+        };
+        self.log
+            .write_intent(
+                batch.partition,
+                &PendingIntent {
+                    batch_id: batch_id.to_string(),
+                    seq: batch.seq,
+                    writer_id: self.writer_id.clone(),
+                    files: files.iter().map(|f| f.path.to_string()).collect(),
+                    created_at_micros: now_micros(),
+                },
+            )
+            .await?;
+        let to_upload: Vec<(Path, bytes::Bytes)> = files
+            .iter()
+            .map(|file| (file.path.clone(), file.bytes.clone()))
+            .collect();
+        let store = self.store.clone();
+        let uploads = futures::stream::iter(to_upload.into_iter().map(move |(path, bytes)| {
+            let store = store.clone();
+            async move {
+                store
+                    .put(&path, PutPayload::from(bytes))
+                    .await
+                    .map_err(|error| Error::from(error).context(format!("uploading {path}")))
+            }
+        }))
+        .buffer_unordered(UPLOAD_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        for upload in uploads {
+            upload?;
+        }
+        crash_point("after_upload");
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            topic: self.topic.clone(),
+            partition: batch.partition,
+            seq: batch.seq,
+            start_offset: batch.start_offset,
+            end_offset: batch.end_offset,
+            batch_id: batch_id.to_string(),
+            writer_id: self.writer_id.clone(),
+            created_at_micros: now_micros(),
+            prev_sha256,
+            files: files.iter().map(|f| f.manifest_entry.clone()).collect(),
+            rejected_records: batch.rejected.clone(),
+        };
+        match self.log.commit(&manifest).await {
+            Ok(sha) => Ok(Outcome::Committed(sha)),
+            Err(error) if error.code() == ErrorCode::Conflict => {
+                // Our own earlier attempt may have succeeded without us hearing back.
+                let (existing, sha) = self.log.read(batch.partition, batch.seq).await?;
+                if existing.batch_id == batch_id {
+                    Ok(Outcome::Committed(sha))
+                } else {
+                    tracing::warn!(partition = batch.partition, seq = batch.seq, winner = %existing.writer_id,
+                        "another writer committed this sequence number first; this batch is fenced");
+                    Ok(Outcome::Fenced)
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn after_commit(&self, batch: &SealedBatch, sha: String, files: &[PreparedFile]) {
+        let still_owned = {
+            let mut partitions = self.partitions.lock();
+            match partitions.get_mut(&batch.partition) {
+                Some(state) if state.generation == batch.generation => {
+                    state.head.next_seq = batch.seq + 1;
+                    state.head.end_offset = batch.end_offset;
+                    state.head.last_sha256 = sha;
+                    true
+                }
+                _ => false,
+            }
+        };
+        self.stats.committed_batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.committed_events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        self.stats
+            .committed_records
+            .fetch_add((batch.end_offset - batch.start_offset) as u64, Ordering::Relaxed);
+        self.stats.committed_files.fetch_add(files.len() as u64, Ordering::Relaxed);
+        self.stats
+            .committed_bytes
+            .fetch_add(files.iter().map(|f| f.bytes.len() as u64).sum(), Ordering::Relaxed);
+        tracing::debug!(partition = batch.partition, seq = batch.seq, events = batch.events.len(), files = files.len(), "batch committed");
+        crash_point("after_commit");
+        if still_owned {
+            // A hint only: the manifest chain is the source of truth on the next assignment.
+            let mut offsets = TopicPartitionList::new();
+            if offsets
+                .add_partition_offset(&self.topic, batch.partition, Offset::Offset(batch.end_offset))
+                .is_ok()
+                && let Err(error) = self.consumer.commit(&offsets, CommitMode::Async)
+            {
+                tracing::debug!(%error, "storing the Kafka offset hint failed");
+            }
+        }
+    }
+
+    async fn discard(&self, partition: i32, batch_id: &str, files: &[PreparedFile]) {
+        self.stats.fenced_batches.fetch_add(1, Ordering::Relaxed);
+        for file in files {
+            if let Err(error) = delete_if_exists(self.store.as_ref(), &file.path).await {
+                tracing::warn!(path = %file.path, %error, "could not delete a fenced batch's file; the next owner removes it");
+                return;
+            }
+        }
+        let _ = self.log.delete_intent(partition, batch_id).await;
+    }
+
+    /// Re-reads the chain head after losing a commit race and tells the poll thread to seek there.
+    async fn resync(&self, partition: i32) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.log.head(partition).await {
+                Ok(head) => {
+                    let mut partitions = self.partitions.lock();
+                    if let Some(state) = partitions.get_mut(&partition) {
+                        state.generation = crate::consumer::next_generation();
+                        state.head = head.clone();
+                        state.resync_to = Some(head);
+                    }
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(partition, %error, "reading the chain head failed; retrying");
+                    if self.backoff(&mut backoff).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn random_id() -> Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::internal("system random generator failed"))?;
+    Ok(hex::encode(bytes))
+}

@@ -1,0 +1,154 @@
+//! `chatvault.v1.IngestService`.
+//!
+//! Contract: OK means every event of the call was acknowledged by Kafka. Validation happens before anything is
+//! produced for unary and batch calls, so a rejected request produces nothing; a stream produces events as they
+//! arrive and stops at the first invalid one (events before it may be archived, and a retry of the whole stream
+//! collapses onto them through their event ids).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use chatvault_core::auth::{Authenticator, Principal, Role};
+use chatvault_core::config::GatewayConfig;
+use chatvault_core::error::{Error, Result};
+use chatvault_core::event::validate_and_complete;
+use chatvault_proto::v1::ingest_service_server::IngestService;
+use chatvault_proto::v1::{
+    ChatEvent, IngestBatchRequest, IngestBatchResponse, IngestRequest, IngestResponse, Source,
+};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::producer::{EventProducer, PendingDelivery};
+
+/// Acknowledgements a single stream may have outstanding before it waits for the oldest: bounds the memory a
+/// fast sender can pin.
+const MAX_IN_FLIGHT_PER_STREAM: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct IngestGrpc {
+    producer: EventProducer,
+    authenticator: Arc<Authenticator>,
+    config: Arc<GatewayConfig>,
+}
+
+impl IngestGrpc {
+    pub fn new(producer: EventProducer, authenticator: Authenticator, config: GatewayConfig) -> Self {
+        IngestGrpc {
+            producer,
+            authenticator: Arc::new(authenticator),
+            config: Arc::new(config),
+        }
+    }
+
+    fn principal<T>(&self, request: &Request<T>) -> Result<Principal> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.to_str().unwrap_or_default());
+        self.authenticator.authenticate(header)
+    }
+
+    /// Validates, completes and authorizes one event. `field_prefix` names it in errors (`events[3].`).
+    fn admit(&self, principal: &Principal, event: Option<ChatEvent>, field_prefix: &str) -> Result<ChatEvent> {
+        let mut event = event.ok_or_else(|| Error::invalid_argument(format!("{field_prefix}event is required")))?;
+        validate_and_complete(&mut event, Source::Grpc, &self.config.limits).map_err(|error| {
+            if field_prefix.is_empty() {
+                error
+            } else {
+                Error::new(error.code(), format!("{field_prefix}{}", error.message()))
+            }
+        })?;
+        principal.require(&event.tenant_id, Role::Ingest)?;
+        Ok(event)
+    }
+}
+
+async fn await_all(pending: impl IntoIterator<Item = PendingDelivery>) -> Result<()> {
+    let results = futures::future::join_all(pending.into_iter().map(PendingDelivery::acknowledged)).await;
+    results.into_iter().collect()
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestGrpc {
+    async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+        let principal = self.principal(&request)?;
+        let event = self.admit(&principal, request.into_inner().event, "")?;
+        self.producer.produce(&event).await?;
+        Ok(Response::new(IngestResponse {
+            event_id: event.event_id,
+        }))
+    }
+
+    async fn ingest_batch(
+        &self,
+        request: Request<IngestBatchRequest>,
+    ) -> Result<Response<IngestBatchResponse>, Status> {
+        let principal = self.principal(&request)?;
+        let events = request.into_inner().events;
+        if events.is_empty() {
+            return Err(Error::invalid_argument("events must not be empty").into());
+        }
+        if events.len() > self.config.max_batch_events {
+            return Err(Error::invalid_argument(format!(
+                "events has {} items, over the limit of {} per batch",
+                events.len(),
+                self.config.max_batch_events
+            ))
+            .into());
+        }
+        let admitted = events
+            .into_iter()
+            .enumerate()
+            .map(|(index, event)| self.admit(&principal, Some(event), &format!("events[{index}].")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut pending = Vec::with_capacity(admitted.len());
+        for event in &admitted {
+            match self.producer.enqueue(event) {
+                Ok(delivery) => pending.push(delivery),
+                Err(error) => {
+                    // Let what was queued finish (it may well be archived; a retry collapses onto it).
+                    let _ = await_all(pending).await;
+                    return Err(error.into());
+                }
+            }
+        }
+        await_all(pending).await?;
+        Ok(Response::new(IngestBatchResponse {
+            event_ids: admitted.into_iter().map(|event| event.event_id).collect(),
+        }))
+    }
+
+    async fn ingest_stream(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<IngestBatchResponse>, Status> {
+        let principal = self.principal(&request)?;
+        let mut stream = request.into_inner();
+        let mut in_flight: VecDeque<PendingDelivery> = VecDeque::new();
+        let mut event_ids = Vec::new();
+        let mut index = 0usize;
+        let outcome: Result<()> = async {
+            while let Some(message) = stream.next().await {
+                let message = message.map_err(|status| {
+                    Error::invalid_argument(format!("reading the stream: {}", status.message()))
+                })?;
+                let event = self.admit(&principal, message.event, &format!("stream[{index}]."))?;
+                index += 1;
+                if in_flight.len() >= MAX_IN_FLIGHT_PER_STREAM
+                    && let Some(oldest) = in_flight.pop_front()
+                {
+                    oldest.acknowledged().await?;
+                }
+                in_flight.push_back(self.producer.enqueue(&event)?);
+                event_ids.push(event.event_id);
+            }
+            Ok(())
+        }
+        .await;
+        let acknowledged = await_all(in_flight).await;
+        outcome?;
+        acknowledged?;
+        Ok(Response::new(IngestBatchResponse { event_ids }))
+    }
+}

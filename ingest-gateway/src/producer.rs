@@ -1,0 +1,115 @@
+//! Produces validated events to Kafka.
+//!
+//! The record key is `<tenant>/<conversation>` so a conversation keeps its order on one partition; the value is
+//! the protobuf-encoded `ChatEvent`. A produce succeeds only when the broker acknowledged the record with
+//! `acks=all` (idempotent producer, see `chatvault_core::kafka::producer_config`).
+
+use std::time::Duration;
+
+use chatvault_core::config::{GatewayConfig, KafkaConfig};
+use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::event::kafka_key;
+use chatvault_core::kafka::producer_config;
+use chatvault_proto::v1::ChatEvent;
+use prost::Message;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+/// Kafka header naming the record's value schema, so foreign consumers know what they read.
+pub const SCHEMA_HEADER: &str = "chatvault-schema";
+pub const SCHEMA_NAME: &str = "chatvault.v1.ChatEvent";
+
+/// A produce that was accepted into librdkafka's queue and now waits for the broker's acknowledgement.
+pub struct PendingDelivery {
+    future: DeliveryFuture,
+}
+
+impl PendingDelivery {
+    /// Waits for the acknowledgement. UNAVAILABLE when the record could not be delivered within the delivery
+    /// timeout (broker unreachable) or the producer shut down.
+    pub async fn acknowledged(self) -> Result<()> {
+        match self.future.await {
+            Ok(Ok(_delivery)) => Ok(()),
+            Ok(Err((error, _message))) => Err(map_kafka_error(&error)),
+            Err(_canceled) => Err(Error::unavailable(
+                "the gateway is shutting down; the event was not acknowledged",
+            )),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EventProducer {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl std::fmt::Debug for EventProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventProducer")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventProducer {
+    pub fn new(kafka: &KafkaConfig, gateway: &GatewayConfig) -> Result<EventProducer> {
+        let producer: FutureProducer = producer_config(kafka, gateway)
+            .create()
+            .map_err(|error| Error::invalid_argument(format!("kafka producer: {error}")))?;
+        Ok(EventProducer {
+            producer,
+            topic: kafka.topic.clone(),
+        })
+    }
+
+    /// Enqueues `event` without waiting: RESOURCE_EXHAUSTED when librdkafka's queue is full (the caller should
+    /// back off), INVALID_ARGUMENT when it is too large for Kafka.
+    pub fn enqueue(&self, event: &ChatEvent) -> Result<PendingDelivery> {
+        let key = kafka_key(&event.tenant_id, &event.conversation_id);
+        let payload = event.encode_to_vec();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: SCHEMA_HEADER,
+            value: Some(SCHEMA_NAME),
+        });
+        let record = FutureRecord::to(&self.topic)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
+        match self.producer.send_result(record) {
+            Ok(future) => Ok(PendingDelivery { future }),
+            Err((error, _record)) => Err(map_kafka_error(&error)),
+        }
+    }
+
+    /// Enqueues `event` and waits for Kafka's acknowledgement.
+    pub async fn produce(&self, event: &ChatEvent) -> Result<()> {
+        self.enqueue(event)?.acknowledged().await
+    }
+
+    /// Waits up to `timeout` for every queued event to be acknowledged (at shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.producer
+            .flush(timeout)
+            .map_err(|error| map_kafka_error(&error))
+    }
+}
+
+/// Maps librdkafka failures to the error classes senders act on.
+pub fn map_kafka_error(error: &KafkaError) -> Error {
+    let code = error.rdkafka_error_code();
+    match code {
+        Some(RDKafkaErrorCode::QueueFull) => Error::new(
+            ErrorCode::ResourceExhausted,
+            "the gateway's Kafka queue is full; retry after a short backoff",
+        ),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Error::invalid_argument(
+            "event is larger than the Kafka topic accepts (max.message.bytes)",
+        ),
+        Some(RDKafkaErrorCode::MessageTimedOut) => Error::unavailable(
+            "Kafka did not acknowledge the event within the delivery timeout; retry later",
+        ),
+        _ => Error::unavailable(format!("Kafka could not take the event: {error}")),
+    }
+}
