@@ -115,7 +115,11 @@ pub fn group_into_files(events: &[ArchivedEvent]) -> Vec<FileGroup<'_>> {
     }
     groups
         .into_iter()
-        .map(|((tenant_id, date), rows)| FileGroup { tenant_id, date, rows })
+        .map(|((tenant_id, date), rows)| FileGroup {
+            tenant_id,
+            date,
+            rows,
+        })
         .collect()
 }
 
@@ -149,7 +153,10 @@ mod tests {
         batch.push_event(event("a", "e3", 2 * day + 1, 106), 10);
         batch.push_event(event("a", "e1", day, 107), 10);
         let sealed = batch.seal();
-        assert_eq!((sealed.start_offset, sealed.end_offset, sealed.seq), (100, 108, 7));
+        assert_eq!(
+            (sealed.start_offset, sealed.end_offset, sealed.seq),
+            (100, 108, 7)
+        );
         let groups = group_into_files(&sealed.events);
         let shape: Vec<(&str, String, usize)> = groups
             .iter()

@@ -95,7 +95,10 @@ impl ConsumerContext for ArchiverContext {
         err: RDKafkaRespErr,
         assignment: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions: Vec<(String, i32)> = assignment
@@ -104,7 +107,9 @@ impl ConsumerContext for ArchiverContext {
                     .map(|element| (element.topic().to_string(), element.partition()))
                     .collect();
                 for (topic, partition) in partitions {
-                    let Some(head) = self.load_head(partition) else { return };
+                    let Some(head) = self.load_head(partition) else {
+                        return;
+                    };
                     let offset = if head.next_seq == 0 {
                         Offset::Beginning
                     } else {
@@ -113,13 +118,23 @@ impl ConsumerContext for ArchiverContext {
                     if let Err(error) = assignment.set_partition_offset(&topic, partition, offset) {
                         tracing::error!(partition, %error, "could not set the start offset");
                     }
-                    tracing::info!(partition, next_seq = head.next_seq, offset = head.end_offset, "partition assigned");
+                    tracing::info!(
+                        partition,
+                        next_seq = head.next_seq,
+                        offset = head.end_offset,
+                        "partition assigned"
+                    );
                     let generation = next_generation();
                     self.partitions.lock().insert(
                         partition,
                         PartitionState {
                             generation,
-                            open: OpenBatch::new(partition, generation, head.next_seq, head.end_offset),
+                            open: OpenBatch::new(
+                                partition,
+                                generation,
+                                head.next_seq,
+                                head.end_offset,
+                            ),
                             head,
                             resync_to: None,
                         },
@@ -319,9 +334,10 @@ impl Poller {
             Ok(_) => state
                 .open
                 .push_rejected(offset, "record lacks tenant_id or event_id".into()),
-            Err(error) => state
-                .open
-                .push_rejected(offset, format!("record is not a chatvault.v1.ChatEvent: {error}")),
+            Err(error) => state.open.push_rejected(
+                offset,
+                format!("record is not a chatvault.v1.ChatEvent: {error}"),
+            ),
         }
         drop(partitions);
         crash_point("mid_batch");
@@ -330,7 +346,9 @@ impl Poller {
     fn apply_resyncs(&self) {
         let mut partitions = self.partitions.lock();
         for (partition, state) in partitions.iter_mut() {
-            let Some(head) = state.resync_to.clone() else { continue };
+            let Some(head) = state.resync_to.clone() else {
+                continue;
+            };
             match self.consumer.seek(
                 &self.topic,
                 *partition,
@@ -338,8 +356,17 @@ impl Poller {
                 Duration::from_secs(1),
             ) {
                 Ok(()) => {
-                    tracing::info!(partition, offset = head.end_offset, "resynchronized with the manifest chain");
-                    state.open = OpenBatch::new(*partition, state.generation, head.next_seq, head.end_offset);
+                    tracing::info!(
+                        partition,
+                        offset = head.end_offset,
+                        "resynchronized with the manifest chain"
+                    );
+                    state.open = OpenBatch::new(
+                        *partition,
+                        state.generation,
+                        head.next_seq,
+                        head.end_offset,
+                    );
                     state.resync_to = None;
                 }
                 Err(error) => tracing::warn!(partition, %error, "seek failed; retrying"),
@@ -371,7 +398,9 @@ impl Poller {
     fn send(&self, sealed: Vec<SealedBatch>) {
         for batch in sealed {
             if self.batches.blocking_send(batch).is_err() {
-                tracing::error!("the writer stopped; dropping a sealed batch (it will be consumed again)");
+                tracing::error!(
+                    "the writer stopped; dropping a sealed batch (it will be consumed again)"
+                );
             }
         }
     }

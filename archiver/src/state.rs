@@ -32,7 +32,9 @@ impl SharedPartitions {
     pub fn lock(&self) -> MutexGuard<'_, HashMap<i32, PartitionState>> {
         // A panic while holding the lock leaves only batch bookkeeping behind; the manifest chain stays
         // authoritative, so continuing with the inner value is safe.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The current generation of `partition`, or `None` when this worker does not own it.

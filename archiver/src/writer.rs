@@ -13,7 +13,8 @@ use std::time::Duration;
 use chatvault_core::archive::file::{EncodedFile, FileOptions, encode_file};
 use chatvault_core::archive::layout;
 use chatvault_core::archive::manifest::{
-    MANIFEST_FORMAT, Manifest, ManifestFile, ManifestLog, PendingIntent, delete_if_exists,
+    ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile, ManifestLog, PendingIntent,
+    delete_if_exists,
 };
 use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::keys::{DataKey, DataKeys};
@@ -82,7 +83,11 @@ impl Writer {
 
     async fn commit_batch(&self, batch: SealedBatch) {
         if !self.is_current(&batch) {
-            tracing::debug!(partition = batch.partition, seq = batch.seq, "dropping a batch of a revoked or resynchronized partition");
+            tracing::debug!(
+                partition = batch.partition,
+                seq = batch.seq,
+                "dropping a batch of a revoked or resynchronized partition"
+            );
             return;
         }
         let batch = Arc::new(batch);
@@ -107,11 +112,24 @@ impl Writer {
                     }
                 }
             }
-            let Some((batch_id, files)) = &prepared else { continue };
+            let Some((batch_id, files)) = &prepared else {
+                continue;
+            };
             match self.upload_and_commit(&batch, batch_id, files).await {
                 Ok(Outcome::Committed(sha)) => {
-                    self.after_commit(&batch, sha, files).await;
+                    self.after_commit(&batch, sha.clone(), files).await;
                     let _ = self.log.delete_intent(batch.partition, batch_id).await;
+                    // Orphans of writers that lost earlier sequence numbers (crashed after upload, or fenced
+                    // zombies) become provably dead once a later sequence number is committed: remove them now
+                    // rather than at the next assignment.
+                    let head = ChainHead {
+                        next_seq: batch.seq + 1,
+                        end_offset: batch.end_offset,
+                        last_sha256: sha,
+                    };
+                    if let Err(error) = self.log.clean_orphans(batch.partition, &head).await {
+                        tracing::debug!(%error, "orphan cleanup failed; retried after the next commit");
+                    }
                     return;
                 }
                 Ok(Outcome::Fenced) => {
@@ -160,7 +178,10 @@ impl Writer {
         let encode_batch_id = batch_id.clone();
         let files = tokio::task::spawn_blocking(move || -> Result<Vec<PreparedFile>> {
             let mut prepared = Vec::new();
-            for (index, mut group) in group_into_files(&encode_batch.events).into_iter().enumerate() {
+            for (index, mut group) in group_into_files(&encode_batch.events)
+                .into_iter()
+                .enumerate()
+            {
                 let period = group.date.month_period();
                 let key = keys
                     .get(&(group.tenant_id.to_string(), period.clone()))
@@ -211,8 +232,12 @@ impl Writer {
                 return Ok(Outcome::Fenced);
             };
             if state.head.next_seq != batch.seq || state.head.end_offset != batch.start_offset {
-                tracing::warn!(partition = batch.partition, seq = batch.seq, head_seq = state.head.next_seq,
-                    "batch does not continue the chain head; resynchronizing");
+                tracing::warn!(
+                    partition = batch.partition,
+                    seq = batch.seq,
+                    head_seq = state.head.next_seq,
+                    "batch does not continue the chain head; resynchronizing"
+                );
                 return Ok(Outcome::Fenced);
             }
             state.head.last_sha256.clone()
@@ -295,21 +320,37 @@ impl Writer {
             }
         };
         self.stats.committed_batches.fetch_add(1, Ordering::Relaxed);
-        self.stats.committed_events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
         self.stats
-            .committed_records
-            .fetch_add((batch.end_offset - batch.start_offset) as u64, Ordering::Relaxed);
-        self.stats.committed_files.fetch_add(files.len() as u64, Ordering::Relaxed);
+            .committed_events
+            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        self.stats.committed_records.fetch_add(
+            (batch.end_offset - batch.start_offset) as u64,
+            Ordering::Relaxed,
+        );
         self.stats
-            .committed_bytes
-            .fetch_add(files.iter().map(|f| f.bytes.len() as u64).sum(), Ordering::Relaxed);
-        tracing::debug!(partition = batch.partition, seq = batch.seq, events = batch.events.len(), files = files.len(), "batch committed");
+            .committed_files
+            .fetch_add(files.len() as u64, Ordering::Relaxed);
+        self.stats.committed_bytes.fetch_add(
+            files.iter().map(|f| f.bytes.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        tracing::debug!(
+            partition = batch.partition,
+            seq = batch.seq,
+            events = batch.events.len(),
+            files = files.len(),
+            "batch committed"
+        );
         crash_point("after_commit");
         if still_owned {
             // A hint only: the manifest chain is the source of truth on the next assignment.
             let mut offsets = TopicPartitionList::new();
             if offsets
-                .add_partition_offset(&self.topic, batch.partition, Offset::Offset(batch.end_offset))
+                .add_partition_offset(
+                    &self.topic,
+                    batch.partition,
+                    Offset::Offset(batch.end_offset),
+                )
                 .is_ok()
                 && let Err(error) = self.consumer.commit(&offsets, CommitMode::Async)
             {

@@ -1,1 +1,84 @@
-fn main() {}
+//! `chatvault`: one binary, a subcommand per role (`gateway`, `archiver`, `restorer`), `standalone` (all three
+//! in one process on embedded defaults), and client commands (`demo`, `restore`, `conversations`, `keys`).
+
+mod client;
+mod roles;
+mod sample;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "chatvault",
+    version,
+    about = "Streaming, encrypted, exactly-once backup for enterprise chat"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConfigArgs {
+    /// Configuration file (TOML; see config/chatvault.example.toml). CHATVAULT__SECTION__KEY variables override it.
+    #[arg(long, short = 'c', env = "CHATVAULT_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the ingest gateway (gRPC ingest → Kafka).
+    Gateway(ConfigArgs),
+    /// Run an archiver worker (Kafka → encrypted Parquet on object storage).
+    Archiver(ConfigArgs),
+    /// Run the restorer (authorized reads of archived conversations).
+    Restorer(ConfigArgs),
+    /// Run gateway, archiver and restorer in one process on embedded defaults: librdkafka's in-process mock
+    /// Kafka cluster (NOT durable), a local archive directory and a local keyring.
+    Standalone(roles::StandaloneArgs),
+    /// Send a sample conversation (thread, edit, deletion, reactions, membership) and print it restored.
+    Demo(client::DemoArgs),
+    /// Restore a conversation and print it as readable text (or JSON).
+    Restore(client::RestoreArgs),
+    /// List a tenant's archived conversations.
+    Conversations(client::ConversationsArgs),
+    /// Data-key operations for standard readers (DuckDB, pyarrow).
+    Keys(client::KeysArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    chatvault_core::telemetry::init_logging();
+    chatvault_core::storage::install_crypto_provider();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Gateway(args) => roles::run_gateway(roles::load_config(&args.config)?).await,
+            Command::Archiver(args) => roles::run_archiver(roles::load_config(&args.config)?).await,
+            Command::Restorer(args) => roles::run_restorer(roles::load_config(&args.config)?).await,
+            Command::Standalone(args) => roles::run_standalone(args).await,
+            Command::Demo(args) => client::demo(args).await,
+            Command::Restore(args) => client::restore(args).await,
+            Command::Conversations(args) => client::conversations(args).await,
+            Command::Keys(args) => client::keys(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -141,12 +141,26 @@ mod tests {
     #[test]
     fn tokens_resolve_to_grants() {
         let mut auth = Authenticator::default();
-        auth.add_token_digest(token_digest("s3cret"), "acme-ingest", "acme", &[Role::Ingest]);
-        auth.add_token_digest(token_digest("s3cret"), "acme-ingest", "globex", &[Role::Restore]);
-        let principal = auth.authenticate(Some("Bearer s3cret")).expect("known token");
+        auth.add_token_digest(
+            token_digest("s3cret"),
+            "acme-ingest",
+            "acme",
+            &[Role::Ingest],
+        );
+        auth.add_token_digest(
+            token_digest("s3cret"),
+            "acme-ingest",
+            "globex",
+            &[Role::Restore],
+        );
+        let principal = auth
+            .authenticate(Some("Bearer s3cret"))
+            .expect("known token");
         principal.require("acme", Role::Ingest).expect("granted");
         principal.require("globex", Role::Restore).expect("granted");
-        let denied = principal.require("acme", Role::Restore).expect_err("not granted");
+        let denied = principal
+            .require("acme", Role::Restore)
+            .expect_err("not granted");
         assert_eq!(denied.code(), ErrorCode::PermissionDenied);
         for header in [None, Some("s3cret"), Some("Bearer "), Some("Bearer other")] {
             let error = auth.authenticate(header).expect_err("rejected");

@@ -236,9 +236,12 @@ impl Config {
             apply_env_override(&mut root, &key[ENV_PREFIX.len()..], value)
                 .map_err(|message| Error::invalid_argument(format!("{key}: {message}")))?;
         }
-        let config: Config = toml::Value::Table(root)
-            .try_into()
-            .map_err(|error: toml::de::Error| Error::invalid_argument(format!("config: {error}")))?;
+        let config: Config =
+            toml::Value::Table(root)
+                .try_into()
+                .map_err(|error: toml::de::Error| {
+                    Error::invalid_argument(format!("config: {error}"))
+                })?;
         config.validate()?;
         Ok(config)
     }
@@ -310,12 +313,18 @@ impl Config {
                     token.token_file.is_some(),
                 ];
                 if sources.iter().filter(|set| **set).count() != 1 {
-                    return invalid(&setting, "set exactly one of token, token_sha256, token_file");
+                    return invalid(
+                        &setting,
+                        "set exactly one of token, token_sha256, token_file",
+                    );
                 }
                 if let Some(digest) = &token.token_sha256
                     && !(digest.len() == 64 && hex::decode(digest).is_ok())
                 {
-                    return invalid(&format!("{setting}.token_sha256"), "must be 64 hex characters");
+                    return invalid(
+                        &format!("{setting}.token_sha256"),
+                        "must be 64 hex characters",
+                    );
                 }
                 if token.roles.is_empty() {
                     return invalid(&format!("{setting}.roles"), "must name at least one role");
@@ -388,9 +397,10 @@ fn parse_scalar(value: &str) -> toml::Value {
     let document = format!("v = {value}");
     match toml::from_str::<toml::Table>(&document) {
         Ok(mut table) => match table.remove("v") {
-            Some(parsed @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_))) => {
+            Some(
                 parsed
-            }
+                @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_)),
+            ) => parsed,
             _ => toml::Value::String(value.to_string()),
         },
         Err(_) => toml::Value::String(value.to_string()),
@@ -410,8 +420,14 @@ mod tests {
             max_batch_events = 10
         "#;
         let env = HashMap::from([
-            ("CHATVAULT__KAFKA__BROKERS".to_string(), "env-broker:9092".to_string()),
-            ("CHATVAULT__ARCHIVER__MAX_BATCH_AGE_MS".to_string(), "2500".to_string()),
+            (
+                "CHATVAULT__KAFKA__BROKERS".to_string(),
+                "env-broker:9092".to_string(),
+            ),
+            (
+                "CHATVAULT__ARCHIVER__MAX_BATCH_AGE_MS".to_string(),
+                "2500".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ]);
         let config = Config::from_toml_and_env(text, &env).expect("valid");
@@ -425,7 +441,10 @@ mod tests {
         let cases = [
             ("[kafka]\nbrokerz = \"x\"", "unknown field `brokerz`"),
             ("[storage]\nurl = \"ftp://x\"", "storage.url"),
-            ("[kafka.properties]\n\"enable.idempotence\" = \"false\"", "kafka.properties.enable.idempotence"),
+            (
+                "[kafka.properties]\n\"enable.idempotence\" = \"false\"",
+                "kafka.properties.enable.idempotence",
+            ),
             ("[[tenants]]\nid = \"Bad Tenant\"", "tenants[0].id"),
             (
                 "[[tenants]]\nid = \"acme\"\n[[tenants.tokens]]\nname = \"t\"\nroles = [\"ingest\"]",
@@ -435,7 +454,11 @@ mod tests {
         ];
         for (text, expected) in cases {
             let error = Config::from_toml_and_env(text, &HashMap::new()).expect_err(expected);
-            assert!(error.message().contains(expected), "{expected}: {}", error.message());
+            assert!(
+                error.message().contains(expected),
+                "{expected}: {}",
+                error.message()
+            );
         }
     }
 

@@ -119,9 +119,8 @@ impl From<object_store::Error> for Error {
     fn from(error: object_store::Error) -> Self {
         let code = match &error {
             object_store::Error::NotFound { .. } => ErrorCode::NotFound,
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-                ErrorCode::Conflict
-            }
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => ErrorCode::Conflict,
             _ => ErrorCode::Unavailable,
         };
         Error::new(code, format!("object store: {error}"))

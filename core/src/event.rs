@@ -189,7 +189,11 @@ pub fn validate_and_complete(
             )));
         }
     }
-    if event.sender.as_ref().is_some_and(|sender| *sender == Default::default()) {
+    if event
+        .sender
+        .as_ref()
+        .is_some_and(|sender| *sender == Default::default())
+    {
         // An all-empty sender is stored as no sender; normalize so round trips compare equal.
         event.sender = None;
     }
@@ -342,33 +346,56 @@ mod tests {
         let limits = EventLimits::default();
         let cases: Vec<(&str, Box<dyn Fn(&mut ChatEvent)>)> = vec![
             ("tenant_id is required", Box::new(|e| e.tenant_id.clear())),
-            ("tenant_id must be", Box::new(|e| e.tenant_id = "Acme Corp".into())),
-            ("conversation_id is required", Box::new(|e| e.conversation_id.clear())),
+            (
+                "tenant_id must be",
+                Box::new(|e| e.tenant_id = "Acme Corp".into()),
+            ),
+            (
+                "conversation_id is required",
+                Box::new(|e| e.conversation_id.clear()),
+            ),
             ("message_id is required", Box::new(|e| e.message_id.clear())),
             ("kind 0 is not a known", Box::new(|e| e.kind = 0)),
             ("kind 99 is not a known", Box::new(|e| e.kind = 99)),
             ("source 42 is not a known", Box::new(|e| e.source = 42)),
             ("sender.id is required", Box::new(|e| e.sender = None)),
-            ("occurred_at_micros is required", Box::new(|e| e.occurred_at_micros = 0)),
+            (
+                "occurred_at_micros is required",
+                Box::new(|e| e.occurred_at_micros = 0),
+            ),
             ("text is", Box::new(|e| e.text = "x".repeat(64 * 1024 + 1))),
-            ("raw_payload is", Box::new(|e| e.raw_payload = vec![0; 256 * 1024 + 1])),
+            (
+                "raw_payload is",
+                Box::new(|e| e.raw_payload = vec![0; 256 * 1024 + 1]),
+            ),
         ];
         for (expected, mutate) in cases {
             let mut event = message();
             mutate(&mut event);
-            let error = validate_and_complete(&mut event, Source::Grpc, &limits).expect_err(expected);
+            let error =
+                validate_and_complete(&mut event, Source::Grpc, &limits).expect_err(expected);
             assert_eq!(error.code(), crate::ErrorCode::InvalidArgument);
-            assert!(error.message().starts_with(expected), "{expected}: got {}", error.message());
+            assert!(
+                error.message().starts_with(expected),
+                "{expected}: got {}",
+                error.message()
+            );
         }
     }
 
     #[test]
     fn names_round_trip() {
         for value in 1..=11 {
-            assert_eq!(kind_from_name(kind_name(value)).map(|k| k as i32), Some(value));
+            assert_eq!(
+                kind_from_name(kind_name(value)).map(|k| k as i32),
+                Some(value)
+            );
         }
         for value in 0..=6 {
-            assert_eq!(source_from_name(source_name(value)).map(|s| s as i32), Some(value));
+            assert_eq!(
+                source_from_name(source_name(value)).map(|s| s as i32),
+                Some(value)
+            );
         }
     }
 }

@@ -34,7 +34,10 @@ pub fn producer_config(kafka: &KafkaConfig, gateway: &GatewayConfig) -> ClientCo
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("message.timeout.ms", gateway.delivery_timeout_ms.to_string())
+        .set(
+            "message.timeout.ms",
+            gateway.delivery_timeout_ms.to_string(),
+        )
         .set(
             "queue.buffering.max.messages",
             gateway.max_queued_events.to_string(),
@@ -57,7 +60,10 @@ pub fn consumer_config(kafka: &KafkaConfig, archiver: &ArchiverConfig) -> Client
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", archiver.session_timeout_ms.to_string())
+        .set(
+            "session.timeout.ms",
+            archiver.session_timeout_ms.to_string(),
+        )
         .set(
             "queued.max.messages.kbytes",
             archiver.fetch_queue_kbytes.to_string(),

@@ -200,7 +200,8 @@ fn open(key: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
         UnboundKey::new(&AES_256_GCM, key).map_err(|_| Error::internal("bad key length"))?,
     );
     let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-    let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::internal("bad nonce"))?;
+    let nonce =
+        Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::internal("bad nonce"))?;
     let mut buffer = ciphertext.to_vec();
     let plaintext = key
         .open_in_place(nonce, Aad::from(aad), &mut buffer)
@@ -439,16 +440,31 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&keyring_path).expect("keyring").permissions().mode();
+            let mode = std::fs::metadata(&keyring_path)
+                .expect("keyring")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         // A fresh process (new cache, keyring re-read) finds the same key.
-        let reopened = DataKeys::new(store.clone(), Arc::new(LocalKeyring::open(&keyring_path).expect("reopen")));
-        assert_eq!(reopened.get("acme", "2026-11").await.expect("get").key, first.key);
-        let other_period = reopened.get_or_create("acme", "2026-12").await.expect("create");
+        let reopened = DataKeys::new(
+            store.clone(),
+            Arc::new(LocalKeyring::open(&keyring_path).expect("reopen")),
+        );
+        assert_eq!(
+            reopened.get("acme", "2026-11").await.expect("get").key,
+            first.key
+        );
+        let other_period = reopened
+            .get_or_create("acme", "2026-12")
+            .await
+            .expect("create");
         assert_ne!(other_period.key, first.key);
         // Without the keyring the key cannot be unwrapped.
-        let stranger = DataKeys::new(store, Arc::new(LocalKeyring::open(&dir.path().join("other.json")).expect("open")));
+        let stranger = DataKeys::new(
+            store,
+            Arc::new(LocalKeyring::open(&dir.path().join("other.json")).expect("open")),
+        );
         assert!(stranger.get("acme", "2026-11").await.is_err());
         assert!(!format!("{first:?}").contains(&format!("{:?}", first.key)));
     }

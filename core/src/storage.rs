@@ -43,7 +43,9 @@ pub fn object_store_from_config(storage: &StorageConfig) -> Result<Arc<dyn Objec
             None => (rest, ""),
         };
         if bucket.is_empty() {
-            return Err(Error::invalid_argument("storage.url: s3:// needs a bucket name"));
+            return Err(Error::invalid_argument(
+                "storage.url: s3:// needs a bucket name",
+            ));
         }
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
         for (key, value) in &storage.options {

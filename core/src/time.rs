@@ -81,7 +81,8 @@ fn days_from_civil(year: i32, month: u32, day: u32) -> i64 {
     let era = year.div_euclid(400);
     let year_of_era = year.rem_euclid(400);
     let month = i64::from(month);
-    let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_year =
+        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     era * 146_097 + day_of_era - 719_468
 }
@@ -97,14 +98,21 @@ mod tests {
         assert_eq!(Date::from_micros(1_709_251_199_999_999).iso(), "2024-02-29");
         assert_eq!(Date::from_micros(1_709_251_200_000_000).iso(), "2024-03-01");
         assert_eq!(Date::from_micros(-1).iso(), "1969-12-31");
-        assert_eq!(Date::from_micros(1_764_028_800_000_000).month_period(), "2025-11");
+        assert_eq!(
+            Date::from_micros(1_764_028_800_000_000).month_period(),
+            "2025-11"
+        );
     }
 
     #[test]
     fn round_trip_every_day_for_centuries() {
         for days in (-200_000..200_000).step_by(7) {
             let date = civil_from_days(days);
-            assert_eq!(days_from_civil(date.year, date.month, date.day), days, "{date:?}");
+            assert_eq!(
+                days_from_civil(date.year, date.month, date.day),
+                days,
+                "{date:?}"
+            );
             assert_eq!(Date::parse_iso(&date.iso()), Some(date));
         }
     }

@@ -33,7 +33,11 @@ pub struct IngestGrpc {
 }
 
 impl IngestGrpc {
-    pub fn new(producer: EventProducer, authenticator: Authenticator, config: GatewayConfig) -> Self {
+    pub fn new(
+        producer: EventProducer,
+        authenticator: Authenticator,
+        config: GatewayConfig,
+    ) -> Self {
         IngestGrpc {
             producer,
             authenticator: Arc::new(authenticator),
@@ -50,8 +54,14 @@ impl IngestGrpc {
     }
 
     /// Validates, completes and authorizes one event. `field_prefix` names it in errors (`events[3].`).
-    fn admit(&self, principal: &Principal, event: Option<ChatEvent>, field_prefix: &str) -> Result<ChatEvent> {
-        let mut event = event.ok_or_else(|| Error::invalid_argument(format!("{field_prefix}event is required")))?;
+    fn admit(
+        &self,
+        principal: &Principal,
+        event: Option<ChatEvent>,
+        field_prefix: &str,
+    ) -> Result<ChatEvent> {
+        let mut event = event
+            .ok_or_else(|| Error::invalid_argument(format!("{field_prefix}event is required")))?;
         validate_and_complete(&mut event, Source::Grpc, &self.config.limits).map_err(|error| {
             if field_prefix.is_empty() {
                 error
@@ -65,13 +75,17 @@ impl IngestGrpc {
 }
 
 async fn await_all(pending: impl IntoIterator<Item = PendingDelivery>) -> Result<()> {
-    let results = futures::future::join_all(pending.into_iter().map(PendingDelivery::acknowledged)).await;
+    let results =
+        futures::future::join_all(pending.into_iter().map(PendingDelivery::acknowledged)).await;
     results.into_iter().collect()
 }
 
 #[tonic::async_trait]
 impl IngestService for IngestGrpc {
-    async fn ingest(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+    async fn ingest(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
         let principal = self.principal(&request)?;
         let event = self.admit(&principal, request.into_inner().event, "")?;
         self.producer.produce(&event).await?;

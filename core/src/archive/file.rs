@@ -23,7 +23,9 @@ use parquet::schema::types::ColumnPath;
 use ring::digest;
 
 use super::ArchivedEvent;
-use super::schema::{COL_CONVERSATION_ID, COL_OCCURRED_AT, archive_schema, from_record_batch, to_record_batch};
+use super::schema::{
+    COL_CONVERSATION_ID, COL_OCCURRED_AT, archive_schema, from_record_batch, to_record_batch,
+};
 use crate::error::{Error, ErrorCode, Result};
 use crate::keys::{DataKey, FileKeyMetadata};
 
@@ -80,12 +82,18 @@ pub fn encode_file(
         return Err(Error::internal("refusing to write an empty archive file"));
     }
     rows.sort_by(|a, b| {
-        (a.event.conversation_id.as_str(), a.event.occurred_at_micros, a.kafka_partition, a.kafka_offset).cmp(&(
-            b.event.conversation_id.as_str(),
-            b.event.occurred_at_micros,
-            b.kafka_partition,
-            b.kafka_offset,
-        ))
+        (
+            a.event.conversation_id.as_str(),
+            a.event.occurred_at_micros,
+            a.kafka_partition,
+            a.kafka_offset,
+        )
+            .cmp(&(
+                b.event.conversation_id.as_str(),
+                b.event.occurred_at_micros,
+                b.kafka_partition,
+                b.kafka_offset,
+            ))
     });
     let mut digests = BTreeSet::new();
     let mut min_occurred = i64::MAX;
@@ -94,7 +102,10 @@ pub fn encode_file(
         if row.event.tenant_id != key.tenant_id {
             return Err(Error::internal("archive file rows span tenants"));
         }
-        digests.insert(conversation_digest(&row.event.tenant_id, &row.event.conversation_id));
+        digests.insert(conversation_digest(
+            &row.event.tenant_id,
+            &row.event.conversation_id,
+        ));
         min_occurred = min_occurred.min(row.event.occurred_at_micros);
         max_occurred = max_occurred.max(row.event.occurred_at_micros);
     }
@@ -164,8 +175,9 @@ pub fn decode_file(
     key: &DataKey,
     conversation: Option<&str>,
 ) -> Result<Vec<ArchivedEvent>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, reader_options(key)?)
-        .map_err(decryption_error)?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, reader_options(key)?)
+            .map_err(decryption_error)?;
     let metadata = builder.metadata().clone();
     let schema = archive_schema();
     let conversation_index = schema.index_of(COL_CONVERSATION_ID)?;
@@ -179,10 +191,11 @@ pub fn decode_file(
             {
                 continue;
             }
-            if let Some(bloom) = builder.get_row_group_column_bloom_filter(index, conversation_index)? {
-                if !bloom.check(&wanted) {
-                    continue;
-                }
+            if let Some(bloom) =
+                builder.get_row_group_column_bloom_filter(index, conversation_index)?
+                && !bloom.check(&wanted)
+            {
+                continue;
             }
         }
         row_groups.push(index);
@@ -190,7 +203,10 @@ pub fn decode_file(
     if row_groups.is_empty() {
         return Ok(Vec::new());
     }
-    let reader = builder.with_row_groups(row_groups).with_batch_size(8192).build()?;
+    let reader = builder
+        .with_row_groups(row_groups)
+        .with_batch_size(8192)
+        .build()?;
     let mut out = Vec::new();
     for batch in reader {
         let batch: RecordBatch = batch?;
@@ -201,7 +217,9 @@ pub fn decode_file(
                     .as_string_opt::<i32>()
                     .ok_or_else(|| Error::internal("conversation_id is not utf8"))?
                     .clone();
-                out.extend(from_record_batch(&batch, |row| conversations.value(row) == wanted)?);
+                out.extend(from_record_batch(&batch, |row| {
+                    conversations.value(row) == wanted
+                })?);
             }
             None => out.extend(from_record_batch(&batch, |_| true)?),
         }
@@ -213,4 +231,3 @@ pub fn decode_file(
 pub fn parse_key_metadata(bytes: &[u8]) -> Result<FileKeyMetadata> {
     Ok(serde_json::from_slice(bytes)?)
 }
-

@@ -43,7 +43,9 @@ pub fn manifests_root(topic: &str) -> Path {
 }
 
 pub fn partition_manifests_prefix(topic: &str, partition: i32) -> Path {
-    Path::from(format!("{MANIFESTS_ROOT}/topic={topic}/partition={partition}"))
+    Path::from(format!(
+        "{MANIFESTS_ROOT}/topic={topic}/partition={partition}"
+    ))
 }
 
 pub fn manifest_path(topic: &str, partition: i32, seq: u64) -> Path {

@@ -185,18 +185,21 @@ impl ManifestLog {
         let bytes = Bytes::from(serde_json::to_vec_pretty(manifest)?);
         let sha = sha256_hex(&bytes);
         self.store
-            .put_opts(&path, PutPayload::from(bytes), PutOptions::from(PutMode::Create))
+            .put_opts(
+                &path,
+                PutPayload::from(bytes),
+                PutOptions::from(PutMode::Create),
+            )
             .await
             .map_err(|error| match error {
-                object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-                    Error::new(
-                        ErrorCode::Conflict,
-                        format!(
-                            "manifest {} of partition {} is already committed",
-                            manifest.seq, manifest.partition
-                        ),
-                    )
-                }
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. } => Error::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "manifest {} of partition {} is already committed",
+                        manifest.seq, manifest.partition
+                    ),
+                ),
                 other => Error::from(other).context(format!("committing {path}")),
             })?;
         Ok(sha)
@@ -241,7 +244,8 @@ impl ManifestLog {
             }
             let (manifest, _) = self.read(partition, intent.seq).await?;
             if manifest.batch_id != intent.batch_id {
-                let committed: HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+                let committed: HashSet<&str> =
+                    manifest.files.iter().map(|f| f.path.as_str()).collect();
                 for file in &intent.files {
                     if !committed.contains(file.as_str()) {
                         delete_if_exists(self.store.as_ref(), &Path::from(file.as_str())).await?;
@@ -332,20 +336,33 @@ mod tests {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let log = ManifestLog::new(store.clone(), "t");
         assert_eq!(log.head(2).await.expect("head"), ChainHead::empty());
-        log.commit(&manifest(0, 0, 10, "a", &["events/a"])).await.expect("commit 0");
+        log.commit(&manifest(0, 0, 10, "a", &["events/a"]))
+            .await
+            .expect("commit 0");
         // The loser had recorded its intent and uploaded its file.
-        store.put(&Path::from("events/b"), PutPayload::from_static(b"x")).await.expect("put");
-        log.write_intent(2, &PendingIntent {
-            batch_id: "b".into(),
-            seq: 1,
-            writer_id: "zombie".into(),
-            files: vec!["events/b".into()],
-            created_at_micros: 1,
-        })
+        store
+            .put(&Path::from("events/b"), PutPayload::from_static(b"x"))
+            .await
+            .expect("put");
+        log.write_intent(
+            2,
+            &PendingIntent {
+                batch_id: "b".into(),
+                seq: 1,
+                writer_id: "zombie".into(),
+                files: vec!["events/b".into()],
+                created_at_micros: 1,
+            },
+        )
         .await
         .expect("intent");
-        log.commit(&manifest(1, 10, 20, "c", &["events/c"])).await.expect("commit 1");
-        let conflict = log.commit(&manifest(1, 10, 15, "b", &["events/b"])).await.expect_err("fenced");
+        log.commit(&manifest(1, 10, 20, "c", &["events/c"]))
+            .await
+            .expect("commit 1");
+        let conflict = log
+            .commit(&manifest(1, 10, 15, "b", &["events/b"]))
+            .await
+            .expect_err("fenced");
         assert_eq!(conflict.code(), ErrorCode::Conflict);
         let head = log.head(2).await.expect("head");
         assert_eq!((head.next_seq, head.end_offset), (2, 20));

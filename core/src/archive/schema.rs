@@ -67,7 +67,11 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("text", DataType::Utf8, true),
         Field::new("reaction", DataType::Utf8, true),
         Field::new("mentions", DataType::List(mention_item_field()), false),
-        Field::new("attachments", DataType::List(attachment_item_field()), false),
+        Field::new(
+            "attachments",
+            DataType::List(attachment_item_field()),
+            false,
+        ),
         Field::new("raw_payload", DataType::Binary, true),
         Field::new("raw_content_type", DataType::Utf8, true),
         Field::new("kafka_partition", DataType::Int32, false),
@@ -107,8 +111,8 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
     let mut text = StringBuilder::new();
     let mut reaction = StringBuilder::new();
     let mut mentions = ListBuilder::new(StringBuilder::new()).with_field(mention_item_field());
-    let mut attachments =
-        ListBuilder::new(StructBuilder::from_fields(attachment_fields(), 0)).with_field(attachment_item_field());
+    let mut attachments = ListBuilder::new(StructBuilder::from_fields(attachment_fields(), 0))
+        .with_field(attachment_item_field());
     let mut raw_payload = BinaryBuilder::new();
     let mut raw_content_type = StringBuilder::new();
     let mut kafka_partition = Int32Builder::with_capacity(capacity);
@@ -197,10 +201,7 @@ fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
         .ok_or_else(|| Error::internal(format!("archive file lacks column {name}")))
 }
 
-fn strings<'a>(
-    batch: &'a RecordBatch,
-    name: &str,
-) -> Result<&'a arrow_array::StringArray> {
+fn strings<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow_array::StringArray> {
     column(batch, name)?
         .as_string_opt::<i32>()
         .ok_or_else(|| Error::internal(format!("column {name} is not utf8")))
@@ -282,7 +283,8 @@ pub fn from_record_batch(
                     .as_string_opt::<i32>()
                     .ok_or_else(|| Error::internal("attachment field is not utf8"))
             };
-            let (ids, names, mimes, hashes, urls) = (field(0)?, field(1)?, field(2)?, field(4)?, field(5)?);
+            let (ids, names, mimes, hashes, urls) =
+                (field(0)?, field(1)?, field(2)?, field(4)?, field(5)?);
             let sizes = attachment_struct
                 .column(3)
                 .as_primitive_opt::<UInt64Type>()
@@ -314,7 +316,11 @@ pub fn from_record_batch(
             thread_id: string_at(thread_id, row),
             message_id: string_at(message_id, row),
             kind: kind_from_name(kind_text).map(|k| k as i32).unwrap_or(0),
-            sender: if sender == Sender::default() { None } else { Some(sender) },
+            sender: if sender == Sender::default() {
+                None
+            } else {
+                Some(sender)
+            },
             occurred_at_micros: occurred_at.value(row),
             received_at_micros: received_at.value(row),
             text: string_at(text, row),

@@ -1,0 +1,329 @@
+//! Client commands: talk to a running gateway and restorer over gRPC, like any integration would.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use chatvault_core::config::Config;
+use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_core::storage::object_store_from_config;
+use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
+use chatvault_proto::v1::restore_item::Item;
+use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
+use chatvault_proto::v1::{
+    GetConversationRequest, IngestBatchRequest, ListConversationsRequest, RestoreItem,
+};
+use clap::{Args, Subcommand};
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::sample::{DEMO_CONVERSATION, sample_conversation};
+
+#[derive(Args, Debug, Clone)]
+pub struct Connection {
+    /// Bearer token. Defaults to the standalone token in --data-dir.
+    #[arg(long, env = "CHATVAULT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data directory of a standalone instance (to find its token).
+    #[arg(long, default_value = "./chatvault-data")]
+    data_dir: PathBuf,
+}
+
+impl Connection {
+    fn token(&self) -> anyhow::Result<String> {
+        if let Some(token) = &self.token {
+            return Ok(token.clone());
+        }
+        let path = self.data_dir.join("standalone-token");
+        std::fs::read_to_string(&path)
+            .map(|token| token.trim().to_string())
+            .with_context(|| format!("no --token given and {} is not readable", path.display()))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    gateway: String,
+    #[arg(long, default_value = "http://127.0.0.1:50052")]
+    restorer: String,
+    #[arg(long, default_value = crate::roles::STANDALONE_TENANT)]
+    tenant: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[arg(long, default_value = "http://127.0.0.1:50052")]
+    restorer: String,
+    #[arg(long)]
+    tenant: String,
+    #[arg(long)]
+    conversation: String,
+    /// Print every item as JSON lines instead of a transcript.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ConversationsArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[arg(long, default_value = "http://127.0.0.1:50052")]
+    restorer: String,
+    #[arg(long)]
+    tenant: String,
+}
+
+#[derive(Args, Debug)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Print the data key of a tenant's month (for DuckDB's PRAGMA add_parquet_key or pyarrow). Reads the
+    /// keyring directly, so it needs the same access as an archiver; treat the output as a secret.
+    Export {
+        #[arg(long, short = 'c', env = "CHATVAULT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Use a standalone data directory instead of a configuration file.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        tenant: String,
+        /// The month, `yyyy-mm`.
+        #[arg(long)]
+        period: String,
+    },
+}
+
+fn authorized<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
+    let mut request = Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the token contains characters not allowed in a header")?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+async fn channel(address: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(address.to_string())
+        .with_context(|| format!("bad address {address}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {address}"))
+}
+
+pub async fn fetch_conversation(
+    restorer: &str,
+    token: &str,
+    tenant: &str,
+    conversation: &str,
+) -> anyhow::Result<Vec<RestoreItem>> {
+    let mut client = RestoreServiceClient::new(channel(restorer).await?);
+    let mut stream = client
+        .get_conversation(authorized(
+            GetConversationRequest {
+                tenant_id: tenant.into(),
+                conversation_id: conversation.into(),
+                ..Default::default()
+            },
+            token,
+        )?)
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("restore failed: {:?}: {}", status.code(), status.message())
+        })?
+        .into_inner();
+    let mut items = Vec::new();
+    while let Some(item) = stream.message().await.map_err(|status| {
+        anyhow::anyhow!(
+            "restore stream failed: {:?}: {}",
+            status.code(),
+            status.message()
+        )
+    })? {
+        items.push(item);
+    }
+    Ok(items)
+}
+
+/// Sends the sample conversation, waits until it is archived, and prints it restored.
+pub async fn run_demo(
+    gateway: &str,
+    restorer: &str,
+    token: &str,
+    tenant: &str,
+) -> anyhow::Result<()> {
+    let events = sample_conversation(tenant);
+    let expected_messages = events
+        .iter()
+        .filter(|event| event.kind == chatvault_proto::v1::EventKind::MessageCreated as i32)
+        .count();
+    let mut ingest = IngestServiceClient::new(channel(gateway).await?);
+    let started = Instant::now();
+    let response = ingest
+        .ingest_batch(authorized(IngestBatchRequest { events }, token)?)
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("ingest failed: {:?}: {}", status.code(), status.message())
+        })?
+        .into_inner();
+    println!(
+        "demo: {} events acknowledged by Kafka in {} ms; waiting for the archiver to commit them...",
+        response.event_ids.len(),
+        started.elapsed().as_millis()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let items = fetch_conversation(restorer, token, tenant, DEMO_CONVERSATION).await?;
+        let messages = items
+            .iter()
+            .filter(|item| matches!(item.item, Some(Item::Message(_))))
+            .count();
+        if messages >= expected_messages {
+            println!(
+                "demo: restored {DEMO_CONVERSATION} from encrypted Parquet {} ms after sending:\n",
+                started.elapsed().as_millis()
+            );
+            print!("{}", chatvault_restorer::render::render_text(&items));
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the conversation was not archived within 60 s ({messages} of {expected_messages} messages)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    run_demo(
+        &args.gateway,
+        &args.restorer,
+        &args.connection.token()?,
+        &args.tenant,
+    )
+    .await
+}
+
+pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let items = fetch_conversation(
+        &args.restorer,
+        &args.connection.token()?,
+        &args.tenant,
+        &args.conversation,
+    )
+    .await?;
+    if args.json {
+        for item in &items {
+            println!("{}", serde_json::to_string(&item_json(item))?);
+        }
+    } else {
+        print!("{}", chatvault_restorer::render::render_text(&items));
+    }
+    Ok(())
+}
+
+fn item_json(item: &RestoreItem) -> serde_json::Value {
+    match &item.item {
+        Some(Item::Message(message)) => serde_json::json!({
+            "type": "message",
+            "message_id": message.message_id,
+            "thread_id": message.thread_id,
+            "sender_id": message.sender.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+            "created_at_micros": message.created_at_micros,
+            "text": message.text,
+            "edited": message.edited,
+            "deleted": message.deleted,
+            "revisions": message.revisions.iter().map(|r| serde_json::json!({"text": r.text, "at_micros": r.at_micros})).collect::<Vec<_>>(),
+            "reactions": message.reactions.iter().map(|r| serde_json::json!({"name": r.name, "user_ids": r.user_ids})).collect::<Vec<_>>(),
+        }),
+        Some(Item::Event(event)) | Some(Item::ArchivedEvent(event)) => serde_json::json!({
+            "type": "event",
+            "event_id": event.event_id,
+            "kind": chatvault_core::event::kind_name(event.kind),
+            "sender_id": event.sender.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+            "occurred_at_micros": event.occurred_at_micros,
+            "text": event.text,
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
+pub async fn conversations(args: ConversationsArgs) -> anyhow::Result<()> {
+    let mut client = RestoreServiceClient::new(channel(&args.restorer).await?);
+    let response = client
+        .list_conversations(authorized(
+            ListConversationsRequest {
+                tenant_id: args.tenant.clone(),
+            },
+            &args.connection.token()?,
+        )?)
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("list failed: {:?}: {}", status.code(), status.message())
+        })?
+        .into_inner();
+    println!(
+        "{:<32} {:>8}  first event → last event (UTC dates)",
+        "conversation", "events"
+    );
+    for summary in response.conversations {
+        println!(
+            "{:<32} {:>8}  {} → {}",
+            summary.conversation_id,
+            summary.event_count,
+            chatvault_core::time::Date::from_micros(summary.first_event_micros).iso(),
+            chatvault_core::time::Date::from_micros(summary.last_event_micros).iso()
+        );
+    }
+    Ok(())
+}
+
+pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    match args.command {
+        KeysCommand::Export {
+            config,
+            data_dir,
+            tenant,
+            period,
+        } => {
+            let mut loaded = Config::load(config.as_deref())?;
+            if let Some(dir) = data_dir {
+                let dir = dir
+                    .canonicalize()
+                    .with_context(|| format!("{}", dir.display()))?;
+                loaded.storage.url = format!("file://{}", dir.join("archive").display());
+                loaded.keys.keyring_path = dir.join("keyring.json");
+            }
+            let store = object_store_from_config(&loaded.storage)?;
+            let keys = DataKeys::new(
+                store,
+                std::sync::Arc::new(LocalKeyring::open(&loaded.keys.keyring_path)?),
+            );
+            let key = keys.get(&tenant, &period).await?;
+            tracing::warn!(tenant = %tenant, period = %period, dek_id = %key.dek_id, "data key exported");
+            println!(
+                "{}",
+                serde_json::json!({
+                    "tenant_id": key.tenant_id,
+                    "period": key.period,
+                    "dek_id": key.dek_id,
+                    "key_base64": base64::engine::general_purpose::STANDARD.encode(key.key),
+                    "key_hex": hex::encode(key.key),
+                })
+            );
+            Ok(())
+        }
+    }
+}

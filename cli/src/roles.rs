@@ -1,0 +1,301 @@
+//! Running the roles, alone or together.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chatvault_archiver::writer::ArchiverStats;
+use chatvault_archiver::{Archiver, ArchiverOptions};
+use chatvault_core::auth::{Role, token_digest};
+use chatvault_core::config::{Config, TenantConfig, TokenConfig};
+use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
+use chatvault_core::storage::object_store_from_config;
+use chatvault_ingest_gateway::{EventProducer, IngestGrpc};
+use chatvault_restorer::Restorer;
+use clap::Args;
+use rdkafka::mocking::MockCluster;
+use tokio::net::TcpListener;
+
+pub fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
+    Ok(Config::load(path.as_deref())?)
+}
+
+fn writer_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "chatvault".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Triggers shutdown on SIGTERM/SIGINT.
+fn shutdown_on_signal() -> (Arc<ShutdownTrigger>, Shutdown) {
+    let (trigger, shutdown) = shutdown::channel();
+    let trigger = Arc::new(trigger);
+    let on_signal = trigger.clone();
+    tokio::spawn(async move {
+        shutdown::termination_signal().await;
+        tracing::info!("termination signal received; shutting down");
+        on_signal.trigger();
+    });
+    (trigger, shutdown)
+}
+
+async fn bind(address: &str, setting: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("{setting}: binding {address}"))
+}
+
+fn data_keys(
+    config: &Config,
+    store: Arc<dyn object_store::ObjectStore>,
+) -> anyhow::Result<DataKeys> {
+    let keyring = LocalKeyring::open(&config.keys.keyring_path)?;
+    Ok(DataKeys::new(store, Arc::new(keyring)))
+}
+
+pub async fn gateway_task(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let producer = EventProducer::new(&config.kafka, &config.gateway)?;
+    let service = IngestGrpc::new(
+        producer.clone(),
+        config.authenticator()?,
+        config.gateway.clone(),
+    );
+    chatvault_ingest_gateway::serve(
+        listener,
+        service,
+        producer,
+        shutdown,
+        Duration::from_millis(config.gateway.drain_timeout_ms),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn archiver_task(config: &Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let store = object_store_from_config(&config.storage)?;
+    let keys = data_keys(config, store.clone())?;
+    Archiver::run(
+        ArchiverOptions {
+            kafka: config.kafka.clone(),
+            config: config.archiver.clone(),
+            writer_id: writer_id(),
+        },
+        store,
+        keys,
+        Arc::new(ArchiverStats::default()),
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn restorer_task(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let store = object_store_from_config(&config.storage)?;
+    let keys = data_keys(config, store.clone())?;
+    let restorer = Arc::new(Restorer::new(
+        store,
+        keys,
+        &config.kafka.topic,
+        config.restorer.read_concurrency,
+    ));
+    chatvault_restorer::serve(listener, restorer, config.authenticator()?, shutdown).await?;
+    Ok(())
+}
+
+pub async fn run_gateway(config: Config) -> anyhow::Result<()> {
+    let listener = bind(&config.gateway.grpc_listen, "gateway.grpc_listen").await?;
+    tracing::info!(address = %config.gateway.grpc_listen, "gateway listening");
+    let (_trigger, shutdown) = shutdown_on_signal();
+    gateway_task(&config, listener, shutdown).await
+}
+
+pub async fn run_archiver(config: Config) -> anyhow::Result<()> {
+    let (_trigger, shutdown) = shutdown_on_signal();
+    archiver_task(&config, shutdown).await
+}
+
+pub async fn run_restorer(config: Config) -> anyhow::Result<()> {
+    let listener = bind(&config.restorer.grpc_listen, "restorer.grpc_listen").await?;
+    tracing::info!(address = %config.restorer.grpc_listen, "restorer listening");
+    let (_trigger, shutdown) = shutdown_on_signal();
+    restorer_task(&config, listener, shutdown).await
+}
+
+#[derive(Args, Debug)]
+pub struct StandaloneArgs {
+    /// Configuration file; standalone overrides Kafka (mock cluster) and defaults storage and keyring to the
+    /// data directory.
+    #[arg(long, short = 'c', env = "CHATVAULT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the archive and the keyring live.
+    #[arg(long, default_value = "./chatvault-data")]
+    data_dir: PathBuf,
+    /// Partitions of the mock cluster's topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// After start-up, send a sample conversation through the pipeline and print it restored.
+    #[arg(long)]
+    demo: bool,
+    /// gRPC address of the gateway.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    gateway_listen: String,
+    /// gRPC address of the restorer.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    restorer_listen: String,
+}
+
+pub const STANDALONE_TENANT: &str = "demo";
+
+fn random_token() -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 18];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("system random generator failed"))?;
+    Ok(format!("cvt_{}", hex::encode(bytes)))
+}
+
+/// The standalone token persists in the data directory so that client commands in another terminal find it.
+fn standalone_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("standalone-token");
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        return Ok(token.trim().to_string());
+    }
+    let token = random_token()?;
+    std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(token)
+}
+
+pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let mut config = match &args.config {
+        Some(path) => Config::load(Some(path))?,
+        None => Config::load(None)?,
+    };
+    if args.config.is_none() {
+        config.storage.url = format!("file://{}", data_dir.join("archive").display());
+        config.keys.keyring_path = data_dir.join("keyring.json");
+        config.archiver.max_batch_age_ms = 2_000;
+        config.archiver.session_timeout_ms = 6_000;
+    }
+    let token = standalone_token(&data_dir)?;
+    if !config
+        .tenants
+        .iter()
+        .any(|tenant| tenant.id == STANDALONE_TENANT)
+    {
+        config.tenants.push(TenantConfig {
+            id: STANDALONE_TENANT.into(),
+            tokens: vec![TokenConfig {
+                name: "standalone".into(),
+                token_sha256: Some(hex::encode(token_digest(&token))),
+                roles: vec![Role::Ingest, Role::Restore, Role::Admin],
+                ..Default::default()
+            }],
+        });
+    }
+    // The mock cluster lives as long as this function: it is the Kafka of the whole process.
+    let mock_cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
+    mock_cluster
+        .create_topic(&config.kafka.topic, args.partitions, 1)
+        .context("creating the topic on the mock cluster")?;
+    config.kafka.brokers = mock_cluster.bootstrap_servers();
+    config.validate()?;
+
+    let gateway_listener = bind(&args.gateway_listen, "--gateway-listen").await?;
+    let restorer_listener = bind(&args.restorer_listen, "--restorer-listen").await?;
+    let (trigger, shutdown) = shutdown_on_signal();
+
+    println!("chatvault standalone");
+    println!(
+        "  NOT DURABLE: Kafka is librdkafka's in-process mock cluster. Events are archived within ~2 s of their"
+    );
+    println!(
+        "  acknowledgement; a crash before that loses them. Use `chatvault gateway|archiver|restorer` with a real"
+    );
+    println!("  Kafka cluster in production.");
+    println!(
+        "  ingest gRPC   : {}  (chatvault.v1.IngestService, health, reflection)",
+        args.gateway_listen
+    );
+    println!(
+        "  restore gRPC  : {}  (chatvault.v1.RestoreService, health, reflection)",
+        args.restorer_listen
+    );
+    println!(
+        "  kafka (mock)  : {}  topic {} ({} partitions)",
+        config.kafka.brokers, config.kafka.topic, args.partitions
+    );
+    println!("  archive       : {}", config.storage.url);
+    println!("  keyring       : {}", config.keys.keyring_path.display());
+    println!(
+        "  tenant        : {STANDALONE_TENANT}, bearer token in {}",
+        data_dir.join("standalone-token").display()
+    );
+    println!();
+    println!("Try it (another terminal):");
+    println!("  chatvault demo --data-dir {}", data_dir.display());
+    println!(
+        "  chatvault conversations --data-dir {} --tenant {STANDALONE_TENANT}",
+        data_dir.display()
+    );
+    println!(
+        "  chatvault restore --data-dir {} --tenant {STANDALONE_TENANT} --conversation demo-general",
+        data_dir.display()
+    );
+    println!();
+
+    // If one role fails, the others shut down too instead of running half a pipeline.
+    let stop_all_on_error = |result: anyhow::Result<()>| {
+        if result.is_err() {
+            trigger.trigger();
+        }
+        result
+    };
+    let gateway = async {
+        stop_all_on_error(gateway_task(&config, gateway_listener, shutdown.clone()).await)
+    };
+    let archiver = async { stop_all_on_error(archiver_task(&config, shutdown.clone()).await) };
+    let restorer = async {
+        stop_all_on_error(restorer_task(&config, restorer_listener, shutdown.clone()).await)
+    };
+    let demo = {
+        let gateway = format!("http://{}", args.gateway_listen);
+        let restorer = format!("http://{}", args.restorer_listen);
+        let token = token.clone();
+        let enabled = args.demo;
+        async move {
+            if enabled {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Err(error) =
+                    crate::client::run_demo(&gateway, &restorer, &token, STANDALONE_TENANT).await
+                {
+                    eprintln!("demo failed: {error:#}");
+                }
+            }
+            Ok::<(), anyhow::Error>(())
+        }
+    };
+    let (gateway, archiver, restorer, _) = tokio::join!(gateway, archiver, restorer, demo);
+    gateway?;
+    archiver?;
+    restorer?;
+    drop(mock_cluster);
+    Ok(())
+}

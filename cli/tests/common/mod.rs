@@ -1,0 +1,223 @@
+//! Shared pieces of the end-to-end tests: a deterministic chat workload and an independent model of what a
+//! restored conversation must look like.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+
+use chatvault_core::event::{EventLimits, validate_and_complete};
+use chatvault_proto::v1::{ChatEvent, EventKind, Sender, Source};
+
+/// A small deterministic pseudo-random generator (xorshift), so workloads are reproducible from a seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound.max(1)
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+pub const BASE_MICROS: i64 = 1_764_000_000_000_000; // 2025-11-24T16:00:00Z
+
+/// Generates chat activity: messages (some in threads, some ~500 bytes), edits, deletions, reactions and
+/// membership, across `tenants` × `conversations_per_tenant`, with timestamps spanning two UTC days and a
+/// send order that is not the time order.
+pub fn workload(
+    seed: u64,
+    tenants: &[&str],
+    conversations_per_tenant: usize,
+    events_per_conversation: usize,
+) -> Vec<ChatEvent> {
+    let mut rng = Rng::new(seed);
+    let mut all = Vec::new();
+    for tenant in tenants {
+        for conversation_index in 0..conversations_per_tenant {
+            let conversation = format!("C{conversation_index:03}-{tenant}");
+            let mut messages: Vec<String> = Vec::new();
+            let mut time = BASE_MICROS + rng.below(3_600) as i64 * 1_000_000;
+            for step in 0..events_per_conversation {
+                time += 1_000_000 + rng.below(40_000_000) as i64;
+                let user = format!("U{}", rng.below(6));
+                let sender = Some(Sender {
+                    id: user.clone(),
+                    display_name: format!("user {user}"),
+                    is_bot: false,
+                });
+                let base = ChatEvent {
+                    tenant_id: tenant.to_string(),
+                    workspace_id: format!("W-{tenant}"),
+                    conversation_id: conversation.clone(),
+                    occurred_at_micros: time,
+                    sender,
+                    ..Default::default()
+                };
+                let roll = rng.below(100);
+                let event = if messages.is_empty() || roll < 55 {
+                    let message_id = format!("{conversation}-m{step}");
+                    let thread_id = if !messages.is_empty() && rng.chance(30) {
+                        messages[rng.below(messages.len() as u64) as usize].clone()
+                    } else {
+                        String::new()
+                    };
+                    messages.push(message_id.clone());
+                    let filler = "lorem ipsum dolor sit amet ".repeat(1 + rng.below(18) as usize);
+                    ChatEvent {
+                        kind: EventKind::MessageCreated as i32,
+                        message_id,
+                        thread_id,
+                        text: format!("message {step} of {conversation}: {filler}"),
+                        mentions: if rng.chance(20) {
+                            vec![format!("U{}", rng.below(6))]
+                        } else {
+                            vec![]
+                        },
+                        raw_payload: format!("{{\"step\":{step}}}").into_bytes(),
+                        raw_content_type: "application/json".into(),
+                        ..base
+                    }
+                } else if roll < 70 {
+                    let target = messages[rng.below(messages.len() as u64) as usize].clone();
+                    ChatEvent {
+                        kind: EventKind::MessageEdited as i32,
+                        message_id: target,
+                        text: format!("edited at step {step}"),
+                        ..base
+                    }
+                } else if roll < 77 {
+                    let target = messages[rng.below(messages.len() as u64) as usize].clone();
+                    ChatEvent {
+                        kind: EventKind::MessageDeleted as i32,
+                        message_id: target,
+                        ..base
+                    }
+                } else if roll < 92 {
+                    let target = messages[rng.below(messages.len() as u64) as usize].clone();
+                    let kind = if rng.chance(70) {
+                        EventKind::ReactionAdded
+                    } else {
+                        EventKind::ReactionRemoved
+                    };
+                    ChatEvent {
+                        kind: kind as i32,
+                        message_id: target,
+                        reaction: ["thumbsup", "eyes", "tada"][rng.below(3) as usize].into(),
+                        ..base
+                    }
+                } else {
+                    let kind = if rng.chance(60) {
+                        EventKind::MemberJoined
+                    } else {
+                        EventKind::MemberLeft
+                    };
+                    ChatEvent {
+                        kind: kind as i32,
+                        ..base
+                    }
+                };
+                // A third of the events carry their own id, the rest get a derived one.
+                let event = if rng.chance(33) {
+                    ChatEvent {
+                        event_id: format!("explicit-{tenant}-{conversation_index}-{step}"),
+                        ..event
+                    }
+                } else {
+                    event
+                };
+                all.push(event);
+            }
+        }
+    }
+    // Send order: shuffled within windows of 16, so timestamps arrive out of order.
+    for window in all.chunks_mut(16) {
+        for i in (1..window.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            window.swap(i, j);
+        }
+    }
+    all
+}
+
+/// What the archive must hold for `sent` events: one event per event id, completed as the gateway completes
+/// it (source, derived id), with the receive time zeroed for comparison.
+pub fn expected_archive(sent: &[ChatEvent]) -> BTreeMap<String, ChatEvent> {
+    let mut expected = BTreeMap::new();
+    for event in sent {
+        let mut completed = event.clone();
+        validate_and_complete(&mut completed, Source::Grpc, &EventLimits::default())
+            .expect("workload events are valid");
+        completed.received_at_micros = 0;
+        expected
+            .entry(completed.event_id.clone())
+            .or_insert(completed);
+    }
+    expected
+}
+
+/// The independent model of a restored message: final text, edited, deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelMessage {
+    pub text: String,
+    pub edited: bool,
+    pub deleted: bool,
+    pub thread_id: String,
+}
+
+/// Applies created/edited/deleted events in time order (ties by event id, like the archive's sort).
+pub fn model_messages(events: &[&ChatEvent]) -> HashMap<String, ModelMessage> {
+    let mut ordered: Vec<&ChatEvent> = events.to_vec();
+    ordered.sort_by(|a, b| {
+        (a.occurred_at_micros, &a.event_id).cmp(&(b.occurred_at_micros, &b.event_id))
+    });
+    let mut model: HashMap<String, ModelMessage> = HashMap::new();
+    for event in ordered {
+        let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
+        if event.message_id.is_empty() {
+            continue;
+        }
+        let entry = model
+            .entry(event.message_id.clone())
+            .or_insert_with(|| ModelMessage {
+                text: String::new(),
+                edited: false,
+                deleted: false,
+                thread_id: String::new(),
+            });
+        match kind {
+            EventKind::MessageCreated => {
+                entry.thread_id = event.thread_id.clone();
+                if !entry.deleted && !entry.edited {
+                    entry.text = event.text.clone();
+                }
+            }
+            EventKind::MessageEdited => {
+                entry.edited = true;
+                if !entry.deleted {
+                    entry.text = event.text.clone();
+                }
+            }
+            EventKind::MessageDeleted => {
+                entry.deleted = true;
+                entry.text.clear();
+            }
+            _ => {}
+        }
+    }
+    model
+}

@@ -1,0 +1,474 @@
+//! The in-memory index of committed archive files, built from the manifest chains.
+//!
+//! Only files named by a committed manifest are ever listed here, so orphans left under `events/` by crashed or
+//! fenced writers are never read. While reading a chain the index verifies it link by link: manifest `seq`
+//! must carry the SHA-256 of manifest `seq - 1`'s bytes and start at the Kafka offset where its predecessor
+//! ended. A break means the archive was altered (a manifest rewritten, removed or reordered), and the index
+//! refuses to serve anything rather than serve data it cannot vouch for.
+//!
+//! Refreshes are incremental: per partition the index remembers the last verified manifest (its sequence
+//! number, hash and end offset) and lists only newer ones. A tokio mutex serializes refreshes so concurrent
+//! requests do not read the same manifests twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chatvault_core::archive::file::conversation_digest;
+use chatvault_core::archive::manifest::{Manifest, ManifestFile, ManifestLog};
+use chatvault_core::{Error, Result};
+use futures::StreamExt;
+use object_store::ObjectStore;
+use tokio::sync::Mutex;
+
+/// Where the index stands in one partition's chain: the last manifest it verified.
+#[derive(Debug, Clone)]
+struct ChainCursor {
+    last_seq: u64,
+    last_sha256: String,
+    end_offset: i64,
+}
+
+#[derive(Debug, Default)]
+struct IndexState {
+    cursors: HashMap<i32, ChainCursor>,
+    /// Committed files per tenant, in chain order (partition by partition, sequence by sequence).
+    files_by_tenant: HashMap<String, Vec<Arc<ManifestFile>>>,
+}
+
+/// Committed files of one topic's manifest chains, grouped by tenant.
+#[derive(Debug)]
+pub struct ArchiveIndex {
+    log: ManifestLog,
+    state: Mutex<IndexState>,
+    manifests_read: AtomicU64,
+}
+
+/// A time range of event times in microseconds: `from` inclusive, `to` exclusive, zero meaning unbounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TimeRange {
+    pub from_micros: i64,
+    pub to_micros: i64,
+}
+
+impl TimeRange {
+    pub const UNBOUNDED: TimeRange = TimeRange {
+        from_micros: 0,
+        to_micros: 0,
+    };
+
+    pub fn new(from_micros: i64, to_micros: i64) -> TimeRange {
+        TimeRange {
+            from_micros,
+            to_micros,
+        }
+    }
+
+    pub fn contains(&self, micros: i64) -> bool {
+        (self.from_micros == 0 || micros >= self.from_micros)
+            && (self.to_micros == 0 || micros < self.to_micros)
+    }
+
+    /// Whether any instant of the closed interval `[min, max]` lies in the range.
+    pub fn overlaps(&self, min_micros: i64, max_micros: i64) -> bool {
+        (self.from_micros == 0 || max_micros >= self.from_micros)
+            && (self.to_micros == 0 || min_micros < self.to_micros)
+    }
+}
+
+impl ArchiveIndex {
+    pub fn new(store: Arc<dyn ObjectStore>, topic: &str) -> ArchiveIndex {
+        ArchiveIndex {
+            log: ManifestLog::new(store, topic),
+            state: Mutex::new(IndexState::default()),
+            manifests_read: AtomicU64::new(0),
+        }
+    }
+
+    /// How many manifests were read from storage since start (a metric; incremental refreshes keep it low).
+    pub fn manifests_read(&self) -> u64 {
+        self.manifests_read.load(Ordering::Relaxed)
+    }
+
+    /// Reads the manifests committed since the last refresh, verifying each link of every chain.
+    pub async fn refresh(&self) -> Result<()> {
+        let mut state = self.state.lock().await;
+        self.refresh_locked(&mut state).await
+    }
+
+    /// The committed files of `tenant`, after a refresh.
+    pub async fn tenant_files(&self, tenant: &str) -> Result<Vec<Arc<ManifestFile>>> {
+        let mut state = self.state.lock().await;
+        self.refresh_locked(&mut state).await?;
+        Ok(state
+            .files_by_tenant
+            .get(tenant)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The committed files of `tenant` that may hold events of `conversation` in `range`, after a refresh:
+    /// files whose conversation digests name the conversation and whose event times overlap the range.
+    pub async fn conversation_files(
+        &self,
+        tenant: &str,
+        conversation: &str,
+        range: TimeRange,
+    ) -> Result<Vec<Arc<ManifestFile>>> {
+        let digest = conversation_digest(tenant, conversation);
+        let mut state = self.state.lock().await;
+        self.refresh_locked(&mut state).await?;
+        let Some(files) = state.files_by_tenant.get(tenant) else {
+            return Ok(Vec::new());
+        };
+        Ok(files
+            .iter()
+            .filter(|file| {
+                // Digests are written sorted, but a linear scan keeps this correct for any writer.
+                file.conversation_digests.contains(&digest)
+                    && range.overlaps(file.min_occurred_micros, file.max_occurred_micros)
+            })
+            .cloned()
+            .collect())
+    }
+
+    async fn refresh_locked(&self, state: &mut IndexState) -> Result<()> {
+        let partitions: Vec<(i32, Option<ChainCursor>)> = self
+            .log
+            .partitions()
+            .await?
+            .into_iter()
+            .map(|partition| (partition, state.cursors.get(&partition).cloned()))
+            .collect();
+        // Chains are independent: read several at once (one listing each, then their new manifests).
+        let mut progress = futures::stream::iter(partitions)
+            .map(|(partition, cursor)| self.read_new_manifests(partition, cursor))
+            .buffered(PARTITIONS_READ_AT_ONCE);
+        let mut first_error = None;
+        while let Some(PartitionProgress {
+            partition,
+            verified,
+            error,
+        }) = progress.next().await
+        {
+            // Keep every verified manifest, even when the chain breaks after it: the verified prefix is not
+            // read again, and the break itself is reported on every refresh until it is repaired.
+            for (cursor, files) in verified {
+                for file in files {
+                    state
+                        .files_by_tenant
+                        .entry(file.tenant_id.clone())
+                        .or_default()
+                        .push(Arc::new(file));
+                }
+                state.cursors.insert(partition, cursor);
+            }
+            if let Some(error) = error {
+                first_error.get_or_insert(error);
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads and verifies the manifests of `partition` committed after `cursor`, in order, up to the first
+    /// that cannot be read or does not continue the chain.
+    async fn read_new_manifests(
+        &self,
+        partition: i32,
+        cursor: Option<ChainCursor>,
+    ) -> PartitionProgress {
+        let mut progress = PartitionProgress {
+            partition,
+            verified: Vec::new(),
+            error: None,
+        };
+        let seqs = match self
+            .log
+            .list_seqs(partition, cursor.as_ref().map(|c| c.last_seq))
+            .await
+        {
+            Ok(seqs) => seqs,
+            Err(error) => {
+                progress.error = Some(error);
+                return progress;
+            }
+        };
+        let mut previous = cursor;
+        for seq in seqs {
+            let read = self.log.read(partition, seq).await;
+            self.manifests_read.fetch_add(1, Ordering::Relaxed);
+            let verified = read.and_then(|(manifest, sha256)| {
+                verify_link(
+                    self.log.topic(),
+                    partition,
+                    seq,
+                    &manifest,
+                    previous.as_ref(),
+                )?;
+                Ok((manifest, sha256))
+            });
+            match verified {
+                Ok((manifest, sha256)) => {
+                    let next = ChainCursor {
+                        last_seq: seq,
+                        last_sha256: sha256,
+                        end_offset: manifest.end_offset,
+                    };
+                    previous = Some(next.clone());
+                    progress.verified.push((next, manifest.files));
+                }
+                Err(error) => {
+                    progress.error = Some(error);
+                    break;
+                }
+            }
+        }
+        progress
+    }
+}
+
+/// Partitions whose chains are read concurrently during a refresh.
+const PARTITIONS_READ_AT_ONCE: usize = 8;
+
+/// What one refresh learned about one partition: the manifests verified, in order, and what stopped it.
+struct PartitionProgress {
+    partition: i32,
+    verified: Vec<(ChainCursor, Vec<ManifestFile>)>,
+    error: Option<Error>,
+}
+
+/// Checks that `manifest` (read as `seq` of `partition`) continues the chain after `previous`.
+fn verify_link(
+    topic: &str,
+    partition: i32,
+    seq: u64,
+    manifest: &Manifest,
+    previous: Option<&ChainCursor>,
+) -> Result<()> {
+    let broken = |why: String| {
+        Error::internal(format!(
+            "manifest chain of topic {topic} partition {partition} is broken at seq {seq}: {why} \
+             (the archive was altered; refusing to serve it)"
+        ))
+    };
+    if manifest.seq != seq || manifest.partition != partition || manifest.topic != topic {
+        return Err(broken(format!(
+            "the manifest stored there names topic {} partition {} seq {}",
+            manifest.topic, manifest.partition, manifest.seq
+        )));
+    }
+    if manifest.end_offset < manifest.start_offset {
+        return Err(broken(format!(
+            "it ends (offset {}) before it starts (offset {})",
+            manifest.end_offset, manifest.start_offset
+        )));
+    }
+    match previous {
+        None if seq == 0 => {
+            if !manifest.prev_sha256.is_empty() {
+                return Err(broken(
+                    "the first manifest names a predecessor (prev_sha256 is not empty)".into(),
+                ));
+            }
+        }
+        None => {
+            return Err(broken(format!(
+                "the chain starts at seq {seq}: manifests 0 to {} are missing",
+                seq - 1
+            )));
+        }
+        Some(previous) => {
+            if seq != previous.last_seq + 1 {
+                return Err(broken(format!(
+                    "manifests {} to {} are missing",
+                    previous.last_seq + 1,
+                    seq - 1
+                )));
+            }
+            if manifest.prev_sha256 != previous.last_sha256 {
+                return Err(broken(format!(
+                    "prev_sha256 {} differs from the SHA-256 {} of manifest {}",
+                    manifest.prev_sha256, previous.last_sha256, previous.last_seq
+                )));
+            }
+            if manifest.start_offset != previous.end_offset {
+                return Err(broken(format!(
+                    "it starts at offset {} but manifest {} ended at offset {}",
+                    manifest.start_offset, previous.last_seq, previous.end_offset
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Fixture, event, manifest_for};
+    use chatvault_core::ErrorCode;
+    use chatvault_core::archive::layout;
+    use object_store::{ObjectStoreExt, PutPayload};
+
+    #[test]
+    fn time_ranges_treat_zero_as_unbounded_and_the_end_as_exclusive() {
+        let range = TimeRange::new(10, 20);
+        assert!(range.contains(10) && range.contains(19));
+        assert!(!range.contains(9) && !range.contains(20));
+        assert!(TimeRange::UNBOUNDED.contains(i64::MIN) && TimeRange::UNBOUNDED.contains(i64::MAX));
+        assert!(range.overlaps(0, 10) && range.overlaps(19, 30) && range.overlaps(0, 100));
+        assert!(!range.overlaps(0, 9) && !range.overlaps(20, 30));
+        assert!(TimeRange::new(10, 0).overlaps(50, 60));
+        assert!(TimeRange::new(0, 20).overlaps(-5, -1));
+    }
+
+    #[tokio::test]
+    async fn refresh_reads_only_new_manifests_and_groups_files_by_tenant() {
+        let fixture = Fixture::new().await;
+        fixture
+            .commit_batch(
+                0,
+                &[
+                    event("acme", "C1", "m1", 1_000),
+                    event("acme", "C2", "m2", 2_000),
+                ],
+            )
+            .await;
+        fixture
+            .commit_batch(0, &[event("globex", "C1", "m3", 3_000)])
+            .await;
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        assert_eq!(index.tenant_files("acme").await.expect("acme").len(), 1);
+        assert_eq!(index.manifests_read(), 2);
+        // Nothing new: nothing is read again.
+        index.refresh().await.expect("refresh");
+        assert_eq!(index.manifests_read(), 2);
+        fixture
+            .commit_batch(0, &[event("acme", "C1", "m4", 4_000)])
+            .await;
+        fixture
+            .commit_batch(1, &[event("acme", "C3", "m5", 5_000)])
+            .await;
+        assert_eq!(index.tenant_files("acme").await.expect("acme").len(), 3);
+        assert_eq!(index.tenant_files("globex").await.expect("globex").len(), 1);
+        assert!(
+            index
+                .tenant_files("initech")
+                .await
+                .expect("none")
+                .is_empty()
+        );
+        assert_eq!(index.manifests_read(), 4);
+        let c1 = index
+            .conversation_files("acme", "C1", TimeRange::UNBOUNDED)
+            .await
+            .expect("c1");
+        assert_eq!(c1.len(), 2);
+        let late = index
+            .conversation_files("acme", "C1", TimeRange::new(3_000, 0))
+            .await
+            .expect("late");
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].min_occurred_micros, 4_000);
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_read_each_manifest_once() {
+        let fixture = Fixture::new().await;
+        for partition in 0..3 {
+            for seq in 0..2 {
+                let at = 1_000 * (partition * 10 + seq + 1);
+                fixture
+                    .commit_batch(
+                        partition as i32,
+                        &[event("acme", "C1", &format!("m{at}"), at)],
+                    )
+                    .await;
+            }
+        }
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        let lookups = (0..8).map(|_| index.conversation_files("acme", "C1", TimeRange::UNBOUNDED));
+        for files in futures::future::join_all(lookups).await {
+            assert_eq!(files.expect("files").len(), 6);
+        }
+        assert_eq!(index.manifests_read(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_manifest_breaks_the_chain_and_nothing_is_served() {
+        let fixture = Fixture::new().await;
+        for (index, at) in [1_000, 2_000, 3_000].into_iter().enumerate() {
+            fixture
+                .commit_batch(0, &[event("acme", "C1", &format!("m{index}"), at)])
+                .await;
+        }
+        // Rewrite manifest 1 (for example to drop its file) without touching its successor.
+        let path = layout::manifest_path(&fixture.topic, 0, 1);
+        let bytes = fixture
+            .store
+            .get(&path)
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes");
+        let mut manifest: Manifest = serde_json::from_slice(&bytes).expect("parse");
+        manifest.files.clear();
+        fixture
+            .store
+            .put(
+                &path,
+                PutPayload::from(serde_json::to_vec_pretty(&manifest).expect("json")),
+            )
+            .await
+            .expect("overwrite");
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        let error = index.tenant_files("acme").await.expect_err("tampered");
+        assert_eq!(error.code(), ErrorCode::Internal);
+        assert!(error.message().contains("partition 0"), "{error}");
+        assert!(error.message().contains("seq 2"), "{error}");
+        assert!(error.message().contains("prev_sha256"), "{error}");
+        // It keeps failing: the break is not forgotten after the first report.
+        assert!(index.tenant_files("acme").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_removed_manifest_or_an_offset_gap_breaks_the_chain() {
+        let fixture = Fixture::new().await;
+        for (index, at) in [1_000, 2_000, 3_000].into_iter().enumerate() {
+            fixture
+                .commit_batch(0, &[event("acme", "C1", &format!("m{index}"), at)])
+                .await;
+        }
+        fixture
+            .store
+            .delete(&layout::manifest_path(&fixture.topic, 0, 1))
+            .await
+            .expect("delete");
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        let error = index.refresh().await.expect_err("removed");
+        assert!(
+            error.message().contains("seq 2") && error.message().contains("missing"),
+            "{error}"
+        );
+
+        // A manifest whose hash link is right but whose offsets skip records.
+        let fixture = Fixture::new().await;
+        let (first, sha) = fixture
+            .commit_batch(2, &[event("acme", "C1", "m1", 1_000)])
+            .await;
+        let mut skipping = manifest_for(&fixture.topic, 2, 1, first.end_offset + 5, &sha);
+        skipping.end_offset = skipping.start_offset + 1;
+        fixture.log().commit(&skipping).await.expect("commit");
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        let error = index.refresh().await.expect_err("gap");
+        assert!(error.message().contains("partition 2"), "{error}");
+        assert!(
+            error.message().contains("seq 1") && error.message().contains("offset"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,499 @@
+//! Reading committed archive files: fetch, verify against the manifest, decrypt, decode, collapse duplicates.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use chatvault_core::archive::ArchivedEvent;
+use chatvault_core::archive::file::{decode_file, sha256_hex};
+use chatvault_core::archive::manifest::ManifestFile;
+use chatvault_core::keys::DataKeys;
+use chatvault_core::{Error, ErrorCode, Result};
+use chatvault_proto::v1::ConversationSummary;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::index::{ArchiveIndex, TimeRange};
+
+/// Reads conversations out of the archive of one topic.
+#[derive(Debug)]
+pub struct Restorer {
+    store: Arc<dyn ObjectStore>,
+    data_keys: DataKeys,
+    index: ArchiveIndex,
+    read_concurrency: usize,
+    files_read: AtomicU64,
+}
+
+/// The identity under which copies of one event collapse. Events always carry an `event_id` once accepted by
+/// the gateway; an event without one (a foreign writer) is kept as its own Kafka record rather than merged with
+/// every other id-less event.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum EventIdentity {
+    Id(String),
+    Record(i32, i64),
+}
+
+impl EventIdentity {
+    fn of(event: &ArchivedEvent) -> EventIdentity {
+        if event.event.event_id.is_empty() {
+            EventIdentity::Record(event.kafka_partition, event.kafka_offset)
+        } else {
+            EventIdentity::Id(event.event.event_id.clone())
+        }
+    }
+}
+
+impl Restorer {
+    /// `read_concurrency` bounds the files fetched and decoded at once for one request (at least 1).
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        data_keys: DataKeys,
+        topic: &str,
+        read_concurrency: usize,
+    ) -> Restorer {
+        Restorer {
+            index: ArchiveIndex::new(store.clone(), topic),
+            store,
+            data_keys,
+            read_concurrency: read_concurrency.max(1),
+            files_read: AtomicU64::new(0),
+        }
+    }
+
+    pub fn index(&self) -> &ArchiveIndex {
+        &self.index
+    }
+
+    /// Archive files fetched from object storage since start (a metric).
+    pub fn files_read(&self) -> u64 {
+        self.files_read.load(Ordering::Relaxed)
+    }
+
+    /// Every archived event of `conversation` with `from_micros <= occurred_at < to_micros` (zero: unbounded),
+    /// copies of one event collapsed to the first archived (lowest Kafka partition and offset), sorted by event
+    /// time, then Kafka partition and offset.
+    pub async fn conversation_events(
+        &self,
+        tenant: &str,
+        conversation: &str,
+        from_micros: i64,
+        to_micros: i64,
+    ) -> Result<Vec<ArchivedEvent>> {
+        let range = TimeRange::new(from_micros, to_micros);
+        let files = self
+            .index
+            .conversation_files(tenant, conversation, range)
+            .await?;
+        let mut decoded = futures::stream::iter(files)
+            .map(|file| self.read_file(file, tenant, Some(conversation)))
+            .buffer_unordered(self.read_concurrency);
+        let mut unique: HashMap<EventIdentity, ArchivedEvent> = HashMap::new();
+        // The first error ends the request; dropping the stream cancels the reads still in flight.
+        while let Some(events) = decoded.next().await {
+            for event in events? {
+                if !range.contains(event.event.occurred_at_micros) {
+                    continue;
+                }
+                match unique.entry(EventIdentity::of(&event)) {
+                    Entry::Vacant(slot) => {
+                        slot.insert(event);
+                    }
+                    Entry::Occupied(mut slot) => {
+                        let kept = slot.get();
+                        if (event.kafka_partition, event.kafka_offset)
+                            < (kept.kafka_partition, kept.kafka_offset)
+                        {
+                            slot.insert(event);
+                        }
+                    }
+                }
+            }
+        }
+        let mut events: Vec<ArchivedEvent> = unique.into_values().collect();
+        events.sort_by_key(|e| {
+            (
+                e.event.occurred_at_micros,
+                e.kafka_partition,
+                e.kafka_offset,
+            )
+        });
+        Ok(events)
+    }
+
+    /// One summary per conversation of `tenant`, sorted by conversation id. Event counts collapse copies of an
+    /// event. Files are decoded `read_concurrency` at a time and folded into the summaries as they arrive, so
+    /// memory holds the summaries, the event ids seen per conversation and at most `read_concurrency` files.
+    pub async fn list_conversations(&self, tenant: &str) -> Result<Vec<ConversationSummary>> {
+        let files = self.index.tenant_files(tenant).await?;
+        let mut decoded = futures::stream::iter(files)
+            .map(|file| self.read_file(file, tenant, None))
+            .buffer_unordered(self.read_concurrency);
+        let mut summaries: BTreeMap<String, (ConversationSummary, HashSet<EventIdentity>)> =
+            BTreeMap::new();
+        while let Some(events) = decoded.next().await {
+            for archived in events? {
+                let identity = EventIdentity::of(&archived);
+                let event = archived.event;
+                let (summary, seen) = summaries
+                    .entry(event.conversation_id.clone())
+                    .or_insert_with(|| {
+                        (
+                            ConversationSummary {
+                                conversation_id: event.conversation_id.clone(),
+                                workspace_id: String::new(),
+                                event_count: 0,
+                                first_event_micros: i64::MAX,
+                                last_event_micros: i64::MIN,
+                            },
+                            HashSet::new(),
+                        )
+                    });
+                if summary.workspace_id.is_empty() {
+                    summary.workspace_id = event.workspace_id;
+                }
+                if seen.insert(identity) {
+                    summary.event_count += 1;
+                }
+                summary.first_event_micros =
+                    summary.first_event_micros.min(event.occurred_at_micros);
+                summary.last_event_micros = summary.last_event_micros.max(event.occurred_at_micros);
+            }
+        }
+        Ok(summaries
+            .into_values()
+            .map(|(summary, _)| summary)
+            .collect())
+    }
+
+    /// Fetches one committed file, checks it is the file the manifest committed, and decodes the events of
+    /// `conversation` (all events when `None`).
+    async fn read_file(
+        &self,
+        file: Arc<ManifestFile>,
+        tenant: &str,
+        conversation: Option<&str>,
+    ) -> Result<Vec<ArchivedEvent>> {
+        let key = self
+            .data_keys
+            .get(tenant, &file.key_period)
+            .await
+            .map_err(|error| {
+                error.context(format!(
+                    "archive file {} needs the data key of period {}",
+                    file.path, file.key_period
+                ))
+            })?;
+        let bytes = self.fetch(&file.path).await?;
+        self.files_read.fetch_add(1, Ordering::Relaxed);
+        let tenant = tenant.to_string();
+        let conversation = conversation.map(str::to_string);
+        // Hashing and decrypting a file are CPU-bound: keep them off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let actual = sha256_hex(&bytes);
+            if actual != file.sha256 {
+                return Err(Error::internal(format!(
+                    "archive file {} was altered: its SHA-256 is {actual}, the manifest committed {}",
+                    file.path, file.sha256
+                )));
+            }
+            let events = decode_file(bytes, &key, conversation.as_deref())
+                .map_err(|error| error.context(format!("decoding archive file {}", file.path)))?;
+            if let Some(stranger) = events.iter().find(|e| e.event.tenant_id != tenant) {
+                return Err(Error::internal(format!(
+                    "archive file {} of tenant {tenant} holds an event of tenant {}",
+                    file.path, stranger.event.tenant_id
+                )));
+            }
+            Ok(events)
+        })
+        .await
+        .map_err(|error| Error::internal(format!("decoding task failed: {error}")))?
+    }
+
+    async fn fetch(&self, path: &str) -> Result<Bytes> {
+        let location = Path::from(path);
+        let fetched = match self.store.get(&location).await {
+            Ok(result) => result.bytes().await,
+            Err(error) => Err(error),
+        };
+        fetched.map_err(|error| match error {
+            // The manifest committed this file: its absence is damage to the archive, not a bad request.
+            object_store::Error::NotFound { .. } => Error::new(
+                ErrorCode::Internal,
+                format!("archive file {path} named by a committed manifest is missing"),
+            ),
+            other => Error::from(other).context(format!("reading archive file {path}")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Fixture, event};
+    use chatvault_core::archive::layout;
+    use chatvault_proto::v1::EventKind;
+    use object_store::PutPayload;
+
+    fn restorer(fixture: &Fixture) -> Restorer {
+        Restorer::new(
+            fixture.store.clone(),
+            fixture.data_keys.clone(),
+            &fixture.topic,
+            2,
+        )
+    }
+
+    fn ids(events: &[ArchivedEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.event.message_id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn duplicates_across_files_collapse_to_the_first_archived_copy() {
+        let fixture = Fixture::new().await;
+        fixture
+            .commit_batch(
+                0,
+                &[
+                    event("acme", "C1", "m1", 1_000),
+                    event("acme", "C1", "m2", 3_000),
+                ],
+            )
+            .await;
+        // A retried webhook: the same event archived again later, in another partition's file too.
+        let mut retried = event("acme", "C1", "m1", 1_000);
+        retried.text = "second copy".into();
+        fixture
+            .commit_batch(0, &[retried.clone(), event("acme", "C1", "m3", 2_000)])
+            .await;
+        fixture.commit_batch(1, &[retried]).await;
+        let restorer = restorer(&fixture);
+        let events = restorer
+            .conversation_events("acme", "C1", 0, 0)
+            .await
+            .expect("events");
+        assert_eq!(ids(&events), ["m1", "m3", "m2"]);
+        assert_eq!((events[0].kafka_partition, events[0].kafka_offset), (0, 0));
+        assert_eq!(events[0].event.text, "text of m1");
+        assert_eq!(restorer.files_read(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_time_range_includes_from_and_excludes_to() {
+        let fixture = Fixture::new().await;
+        let events: Vec<_> = (1..=5)
+            .map(|i| event("acme", "C1", &format!("m{i}"), i * 1_000))
+            .collect();
+        fixture.commit_batch(0, &events[..2]).await;
+        fixture.commit_batch(0, &events[2..]).await;
+        let restorer = restorer(&fixture);
+        let found = restorer
+            .conversation_events("acme", "C1", 2_000, 4_000)
+            .await
+            .expect("range");
+        assert_eq!(ids(&found), ["m2", "m3"]);
+        let found = restorer
+            .conversation_events("acme", "C1", 4_000, 0)
+            .await
+            .expect("open end");
+        assert_eq!(ids(&found), ["m4", "m5"]);
+        let before = restorer.files_read();
+        // Only the second file overlaps; the first is not fetched.
+        let found = restorer
+            .conversation_events("acme", "C1", 3_500, 0)
+            .await
+            .expect("late");
+        assert_eq!(ids(&found), ["m4", "m5"]);
+        assert_eq!(restorer.files_read() - before, 1);
+    }
+
+    #[tokio::test]
+    async fn files_without_the_conversation_are_not_fetched() {
+        let fixture = Fixture::new().await;
+        fixture
+            .commit_batch(0, &[event("acme", "C1", "m1", 1_000)])
+            .await;
+        fixture
+            .commit_batch(0, &[event("acme", "C2", "m2", 1_000)])
+            .await;
+        fixture
+            .commit_batch(1, &[event("acme", "C2", "m3", 1_000)])
+            .await;
+        fixture
+            .commit_batch(1, &[event("globex", "C1", "m4", 1_000)])
+            .await;
+        let restorer = restorer(&fixture);
+        let found = restorer
+            .conversation_events("acme", "C1", 0, 0)
+            .await
+            .expect("c1");
+        assert_eq!(ids(&found), ["m1"]);
+        assert_eq!(restorer.files_read(), 1);
+        assert!(
+            restorer
+                .conversation_events("acme", "C9", 0, 0)
+                .await
+                .expect("none")
+                .is_empty()
+        );
+        assert!(
+            restorer
+                .conversation_events("nobody", "C1", 0, 0)
+                .await
+                .expect("none")
+                .is_empty()
+        );
+        assert_eq!(restorer.files_read(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_modified_file_is_rejected_naming_its_path() {
+        let fixture = Fixture::new().await;
+        let (manifest, _) = fixture
+            .commit_batch(0, &[event("acme", "C1", "m1", 1_000)])
+            .await;
+        let path = Path::from(manifest.files[0].path.as_str());
+        let mut bytes = fixture
+            .store
+            .get(&path)
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes")
+            .to_vec();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x01;
+        fixture
+            .store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .expect("overwrite");
+        let error = restorer(&fixture)
+            .conversation_events("acme", "C1", 0, 0)
+            .await
+            .expect_err("altered file");
+        assert_eq!(error.code(), ErrorCode::Internal);
+        assert!(error.message().contains(&manifest.files[0].path), "{error}");
+        assert!(error.message().contains("altered"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn orphans_are_ignored_and_missing_committed_files_are_reported() {
+        let fixture = Fixture::new().await;
+        let (manifest, _) = fixture
+            .commit_batch(0, &[event("acme", "C1", "m1", 1_000)])
+            .await;
+        // An orphan next to the committed file: same directory, same conversation, never committed.
+        let orphan = layout::event_file_path("acme", &manifest.files[0].date, 0, 99, "zombie", 0);
+        let committed = fixture
+            .store
+            .get(&Path::from(manifest.files[0].path.as_str()))
+            .await
+            .expect("get");
+        fixture
+            .store
+            .put(
+                &orphan,
+                PutPayload::from(committed.bytes().await.expect("bytes")),
+            )
+            .await
+            .expect("orphan");
+        let restorer = restorer(&fixture);
+        assert_eq!(
+            restorer
+                .conversation_events("acme", "C1", 0, 0)
+                .await
+                .expect("events")
+                .len(),
+            1
+        );
+        assert_eq!(restorer.files_read(), 1);
+        fixture
+            .store
+            .delete(&Path::from(manifest.files[0].path.as_str()))
+            .await
+            .expect("delete");
+        let error = restorer
+            .conversation_events("acme", "C1", 0, 0)
+            .await
+            .expect_err("missing");
+        assert_eq!(error.code(), ErrorCode::Internal);
+        assert!(error.message().contains("missing"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_archive_without_any_commit_is_empty_not_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn ObjectStore> = Arc::new(
+            object_store::local::LocalFileSystem::new_with_prefix(dir.path()).expect("local store"),
+        );
+        let fixture = Fixture::new().await;
+        let restorer = Restorer::new(store, fixture.data_keys.clone(), &fixture.topic, 2);
+        assert!(
+            restorer
+                .conversation_events("acme", "C1", 0, 0)
+                .await
+                .expect("events")
+                .is_empty()
+        );
+        assert!(
+            restorer
+                .list_conversations("acme")
+                .await
+                .expect("list")
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn conversations_are_summarized_per_tenant_with_duplicates_counted_once() {
+        let fixture = Fixture::new().await;
+        let mut edit = event("acme", "C2", "m3", 9_000);
+        edit.kind = EventKind::MessageEdited as i32;
+        edit.event_id = "C2/m3/edit".into();
+        fixture
+            .commit_batch(
+                0,
+                &[
+                    event("acme", "C2", "m1", 5_000),
+                    event("acme", "C1", "m2", 2_000),
+                    edit,
+                ],
+            )
+            .await;
+        fixture
+            .commit_batch(
+                1,
+                &[
+                    event("acme", "C2", "m1", 5_000),
+                    event("globex", "C3", "m9", 1),
+                ],
+            )
+            .await;
+        let summaries = restorer(&fixture)
+            .list_conversations("acme")
+            .await
+            .expect("list");
+        let view: Vec<_> = summaries
+            .iter()
+            .map(|s| {
+                (
+                    s.conversation_id.as_str(),
+                    s.workspace_id.as_str(),
+                    s.event_count,
+                    s.first_event_micros,
+                    s.last_event_micros,
+                )
+            })
+            .collect();
+        assert_eq!(
+            view,
+            [("C1", "W1", 1, 2_000, 2_000), ("C2", "W1", 2, 5_000, 9_000)]
+        );
+    }
+}

@@ -1,0 +1,717 @@
+//! The `chatvault.v1.RestoreService` gRPC API, with health checking and server reflection.
+//!
+//! Every call is authenticated (`authorization: Bearer <token>`), authorized (the `restore` role for the
+//! requested tenant) and recorded through an [`AccessRecorder`], whatever its outcome. The recorder is the seam
+//! for the archived, tamper-evident audit trail; until it exists, [`TracingAccessRecorder`] logs each access.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use chatvault_core::auth::{Authenticator, Principal, Role};
+use chatvault_core::event::is_valid_tenant_id;
+use chatvault_core::shutdown::Shutdown;
+use chatvault_core::{Error, ErrorCode, Result};
+use chatvault_proto::v1::restore_service_server::{RestoreService, RestoreServiceServer};
+use chatvault_proto::v1::{
+    FILE_DESCRIPTOR_SET, GetConversationRequest, ListConversationsRequest,
+    ListConversationsResponse, RestoreItem,
+};
+use futures::Stream;
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::reader::Restorer;
+use crate::rehydrate::restore_items;
+
+/// Requests served at once by default. Each holds one conversation in memory while it is rehydrated, so this
+/// bounds the restorer's memory; requests beyond it get RESOURCE_EXHAUSTED (retryable).
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 16;
+
+/// One access to the archive, as the audit trail records it: who, what, from where, and the outcome. It never
+/// holds message content or credentials.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessRecord {
+    /// The gRPC method, for example `GetConversation`.
+    pub method: &'static str,
+    /// The authenticated principal's name; `None` when authentication failed.
+    pub principal: Option<String>,
+    pub remote_addr: Option<SocketAddr>,
+    pub tenant_id: String,
+    /// Empty for tenant-wide calls.
+    pub conversation_id: String,
+    pub from_micros: i64,
+    pub to_micros: i64,
+    pub include_events: bool,
+    pub outcome: AccessOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AccessOutcome {
+    /// Served: how many items (GetConversation) or conversations (ListConversations).
+    Served { items: u64 },
+    /// Refused or failed, with the status returned to the caller.
+    Failed { code: ErrorCode, message: String },
+}
+
+/// Where accesses are recorded. Called once per request, on success and on failure, before the response is
+/// sent. The archived audit trail implements this later.
+pub trait AccessRecorder: Send + Sync + 'static {
+    fn record(&self, access: &AccessRecord);
+}
+
+/// Logs each access as a structured `tracing` event (target `chatvault::audit`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TracingAccessRecorder;
+
+impl AccessRecorder for TracingAccessRecorder {
+    fn record(&self, access: &AccessRecord) {
+        let principal = access.principal.as_deref().unwrap_or("<unauthenticated>");
+        let remote = access
+            .remote_addr
+            .map(|addr| addr.to_string())
+            .unwrap_or_default();
+        match &access.outcome {
+            AccessOutcome::Served { items } => tracing::info!(
+                target: "chatvault::audit",
+                method = access.method,
+                principal,
+                remote,
+                tenant = %access.tenant_id,
+                conversation = %access.conversation_id,
+                from_micros = access.from_micros,
+                to_micros = access.to_micros,
+                include_events = access.include_events,
+                items,
+                "archive access served"
+            ),
+            AccessOutcome::Failed { code, message } => tracing::warn!(
+                target: "chatvault::audit",
+                method = access.method,
+                principal,
+                remote,
+                tenant = %access.tenant_id,
+                conversation = %access.conversation_id,
+                from_micros = access.from_micros,
+                to_micros = access.to_micros,
+                include_events = access.include_events,
+                code = ?code,
+                error = %message,
+                "archive access refused or failed"
+            ),
+        }
+    }
+}
+
+/// The RestoreService implementation.
+#[derive(Clone)]
+pub struct RestoreApi {
+    restorer: Arc<Restorer>,
+    authenticator: Authenticator,
+    recorder: Arc<dyn AccessRecorder>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for RestoreApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreApi")
+            .field("available_permits", &self.in_flight.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+pub type RestoreItemStream =
+    Pin<Box<dyn Stream<Item = Result<RestoreItem, Status>> + Send + 'static>>;
+
+impl RestoreApi {
+    pub fn new(restorer: Arc<Restorer>, authenticator: Authenticator) -> RestoreApi {
+        RestoreApi {
+            restorer,
+            authenticator,
+            recorder: Arc::new(TracingAccessRecorder),
+            in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_CONCURRENT_REQUESTS)),
+        }
+    }
+
+    pub fn with_access_recorder(mut self, recorder: Arc<dyn AccessRecorder>) -> RestoreApi {
+        self.recorder = recorder;
+        self
+    }
+
+    pub fn with_max_concurrent_requests(mut self, requests: usize) -> RestoreApi {
+        self.in_flight = Arc::new(Semaphore::new(requests.max(1)));
+        self
+    }
+
+    /// Authenticates the caller and checks the `restore` role on `tenant`. `principal` is filled in as soon as
+    /// the caller is known, so refusals are recorded under the caller's name.
+    fn authorize(
+        &self,
+        authorization: Option<&str>,
+        tenant: &str,
+        principal: &mut Option<String>,
+    ) -> Result<Principal> {
+        let caller = self.authenticator.authenticate(authorization)?;
+        *principal = Some(caller.name.clone());
+        if !is_valid_tenant_id(tenant) {
+            return Err(Error::invalid_argument(if tenant.is_empty() {
+                "tenant_id is required".to_string()
+            } else {
+                "tenant_id must be 1 to 64 characters of a-z, 0-9, '-' and '_' starting with a letter or digit"
+                    .to_string()
+            }));
+        }
+        caller.require(tenant, Role::Restore)?;
+        Ok(caller)
+    }
+
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            Error::new(
+                ErrorCode::ResourceExhausted,
+                "the restorer is serving its maximum of concurrent requests; retry later",
+            )
+        })
+    }
+
+    async fn get_conversation_items(
+        &self,
+        authorization: Option<&str>,
+        request: &GetConversationRequest,
+        principal: &mut Option<String>,
+    ) -> Result<Vec<RestoreItem>> {
+        self.authorize(authorization, &request.tenant_id, principal)?;
+        validate_conversation_request(request)?;
+        let _permit = self.admit()?;
+        let archived = self
+            .restorer
+            .conversation_events(
+                &request.tenant_id,
+                &request.conversation_id,
+                request.from_micros,
+                request.to_micros,
+            )
+            .await?;
+        let include_events = request.include_events;
+        // Rehydration is CPU-bound and proportional to the conversation: keep it off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let events: Vec<_> = archived
+                .into_iter()
+                .map(|archived| archived.event)
+                .collect();
+            restore_items(&events, include_events)
+        })
+        .await
+        .map_err(|error| Error::internal(format!("rehydration task failed: {error}")))
+    }
+
+    async fn list_conversations_response(
+        &self,
+        authorization: Option<&str>,
+        request: &ListConversationsRequest,
+        principal: &mut Option<String>,
+    ) -> Result<ListConversationsResponse> {
+        self.authorize(authorization, &request.tenant_id, principal)?;
+        let _permit = self.admit()?;
+        let conversations = self.restorer.list_conversations(&request.tenant_id).await?;
+        Ok(ListConversationsResponse { conversations })
+    }
+}
+
+fn validate_conversation_request(request: &GetConversationRequest) -> Result<()> {
+    if request.conversation_id.is_empty() {
+        return Err(Error::invalid_argument("conversation_id is required"));
+    }
+    if request.from_micros < 0 {
+        return Err(Error::invalid_argument(
+            "from_micros must not be negative (0 means unbounded)",
+        ));
+    }
+    if request.to_micros < 0 {
+        return Err(Error::invalid_argument(
+            "to_micros must not be negative (0 means unbounded)",
+        ));
+    }
+    if request.from_micros != 0 && request.to_micros != 0 && request.from_micros > request.to_micros
+    {
+        return Err(Error::invalid_argument(format!(
+            "from_micros ({}) is after to_micros ({})",
+            request.from_micros, request.to_micros
+        )));
+    }
+    Ok(())
+}
+
+/// The value of the `authorization` metadata. A value that is not visible ASCII is passed on as malformed so
+/// the caller learns that rather than "missing".
+fn authorization_of<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .map(|value| value.to_str().unwrap_or(""))
+}
+
+#[tonic::async_trait]
+impl RestoreService for RestoreApi {
+    type GetConversationStream = RestoreItemStream;
+
+    async fn get_conversation(
+        &self,
+        request: Request<GetConversationRequest>,
+    ) -> Result<Response<Self::GetConversationStream>, Status> {
+        let remote_addr = request.remote_addr();
+        let mut principal = None;
+        let result = self
+            .get_conversation_items(
+                authorization_of(&request),
+                request.get_ref(),
+                &mut principal,
+            )
+            .await;
+        let body = request.get_ref();
+        self.recorder.record(&AccessRecord {
+            method: "GetConversation",
+            principal,
+            remote_addr,
+            tenant_id: body.tenant_id.clone(),
+            conversation_id: body.conversation_id.clone(),
+            from_micros: body.from_micros,
+            to_micros: body.to_micros,
+            include_events: body.include_events,
+            outcome: outcome(&result, |items| items.len() as u64),
+        });
+        let items = result?;
+        let stream: RestoreItemStream = Box::pin(tokio_stream::iter(items.into_iter().map(Ok)));
+        Ok(Response::new(stream))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<ListConversationsRequest>,
+    ) -> Result<Response<ListConversationsResponse>, Status> {
+        let remote_addr = request.remote_addr();
+        let mut principal = None;
+        let result = self
+            .list_conversations_response(
+                authorization_of(&request),
+                request.get_ref(),
+                &mut principal,
+            )
+            .await;
+        self.recorder.record(&AccessRecord {
+            method: "ListConversations",
+            principal,
+            remote_addr,
+            tenant_id: request.get_ref().tenant_id.clone(),
+            conversation_id: String::new(),
+            from_micros: 0,
+            to_micros: 0,
+            include_events: false,
+            outcome: outcome(&result, |response| response.conversations.len() as u64),
+        });
+        Ok(Response::new(result?))
+    }
+}
+
+fn outcome<T>(result: &Result<T>, count: impl FnOnce(&T) -> u64) -> AccessOutcome {
+    match result {
+        Ok(value) => AccessOutcome::Served {
+            items: count(value),
+        },
+        Err(error) => AccessOutcome::Failed {
+            code: error.code(),
+            message: error.message().to_string(),
+        },
+    }
+}
+
+/// Serves the RestoreService, gRPC health (`grpc.health.v1`, the RestoreService reported SERVING until shutdown
+/// begins) and server reflection (v1) on `listener` until `shutdown`, then drains in-flight calls.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    restorer: Arc<Restorer>,
+    authenticator: Authenticator,
+    shutdown: Shutdown,
+) -> Result<()> {
+    serve_api(listener, RestoreApi::new(restorer, authenticator), shutdown).await
+}
+
+/// [`serve`] with a configured [`RestoreApi`] (access recorder, concurrency limit).
+pub async fn serve_api(
+    listener: tokio::net::TcpListener,
+    api: RestoreApi,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RestoreServiceServer<RestoreApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| {
+            Error::internal(format!("building the gRPC reflection service: {error}"))
+        })?;
+    let address = listener
+        .local_addr()
+        .map(|addr| addr.to_string())
+        .unwrap_or_default();
+    tracing::info!(address, "restorer gRPC API listening");
+    let stop = async move {
+        shutdown.wait().await;
+        // Report NOT_SERVING first so load balancers stop routing here while in-flight calls drain.
+        health_reporter
+            .set_not_serving::<RestoreServiceServer<RestoreApi>>()
+            .await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        tracing::info!("restorer gRPC API shutting down");
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(RestoreServiceServer::new(api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await
+        .map_err(|error| {
+            Error::unavailable(format!("restorer gRPC server on {address} failed: {error}"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Fixture, event};
+    use chatvault_core::auth::token_digest;
+    use chatvault_proto::v1::restore_item::Item;
+    use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
+    use std::sync::Mutex;
+    use tonic::transport::Channel;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as HealthStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    #[derive(Default)]
+    struct MemoryRecorder(Mutex<Vec<AccessRecord>>);
+
+    impl AccessRecorder for MemoryRecorder {
+        fn record(&self, access: &AccessRecord) {
+            self.0.lock().expect("lock").push(access.clone());
+        }
+    }
+
+    impl MemoryRecorder {
+        fn take(&self) -> Vec<AccessRecord> {
+            std::mem::take(&mut *self.0.lock().expect("lock"))
+        }
+    }
+
+    struct Server {
+        channel: Channel,
+        recorder: Arc<MemoryRecorder>,
+        trigger: chatvault_core::shutdown::ShutdownTrigger,
+        task: tokio::task::JoinHandle<Result<()>>,
+        _fixture: Fixture,
+    }
+
+    async fn start() -> Server {
+        let fixture = Fixture::new().await;
+        let mut hello = event("acme", "C1", "m1", 1_000);
+        hello.text = "the secret launch date".into();
+        fixture
+            .commit_batch(
+                0,
+                &[
+                    hello,
+                    event("acme", "C1", "m2", 2_000),
+                    event("acme", "C2", "m3", 3_000),
+                ],
+            )
+            .await;
+        let restorer = Arc::new(Restorer::new(
+            fixture.store.clone(),
+            fixture.data_keys.clone(),
+            &fixture.topic,
+            2,
+        ));
+        let mut authenticator = Authenticator::default();
+        authenticator.add_token_digest(
+            token_digest("restore-token"),
+            "legal-team",
+            "acme",
+            &[Role::Restore],
+        );
+        authenticator.add_token_digest(
+            token_digest("ingest-token"),
+            "slack-bridge",
+            "acme",
+            &[Role::Ingest],
+        );
+        let recorder = Arc::new(MemoryRecorder::default());
+        let api = RestoreApi::new(restorer, authenticator).with_access_recorder(recorder.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (trigger, shutdown) = chatvault_core::shutdown::channel();
+        let task = tokio::spawn(serve_api(listener, api, shutdown));
+        let channel = Channel::from_shared(format!("http://{address}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        Server {
+            channel,
+            recorder,
+            trigger,
+            task,
+            _fixture: fixture,
+        }
+    }
+
+    fn with_token<T>(message: T, token: &str) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+        request
+    }
+
+    fn conversation(tenant: &str, conversation: &str) -> GetConversationRequest {
+        GetConversationRequest {
+            tenant_id: tenant.into(),
+            conversation_id: conversation.into(),
+            ..GetConversationRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_authorized_caller_streams_the_conversation_and_the_access_is_recorded() {
+        let server = start().await;
+        let mut client = RestoreServiceClient::new(server.channel.clone());
+        let mut request = conversation("acme", "C1");
+        request.include_events = true;
+        let mut stream = client
+            .get_conversation(with_token(request, "restore-token"))
+            .await
+            .expect("served")
+            .into_inner();
+        let mut items = Vec::new();
+        while let Some(item) = stream.message().await.expect("item") {
+            items.push(item);
+        }
+        let kinds: Vec<_> = items
+            .iter()
+            .map(|item| match &item.item {
+                Some(Item::Message(m)) => format!("message {}", m.message_id),
+                Some(Item::ArchivedEvent(e)) => format!("archived {}", e.message_id),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["message m1", "message m2", "archived m1", "archived m2"]
+        );
+
+        let listed = client
+            .list_conversations(with_token(
+                ListConversationsRequest {
+                    tenant_id: "acme".into(),
+                },
+                "restore-token",
+            ))
+            .await
+            .expect("listed")
+            .into_inner();
+        let ids: Vec<_> = listed
+            .conversations
+            .iter()
+            .map(|c| c.conversation_id.as_str())
+            .collect();
+        assert_eq!(ids, ["C1", "C2"]);
+
+        let records = server.recorder.take();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].method, "GetConversation");
+        assert_eq!(records[0].principal.as_deref(), Some("legal-team"));
+        assert_eq!(
+            (
+                records[0].tenant_id.as_str(),
+                records[0].conversation_id.as_str()
+            ),
+            ("acme", "C1")
+        );
+        assert_eq!(records[0].outcome, AccessOutcome::Served { items: 4 });
+        assert!(records[0].remote_addr.is_some());
+        assert_eq!(records[1].outcome, AccessOutcome::Served { items: 2 });
+        assert!(!format!("{records:?}").contains("secret launch"));
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_the_right_status_and_are_recorded_too() {
+        let server = start().await;
+        let mut client = RestoreServiceClient::new(server.channel.clone());
+        let missing = client
+            .get_conversation(Request::new(conversation("acme", "C1")))
+            .await
+            .expect_err("no token");
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        let wrong_role = client
+            .get_conversation(with_token(conversation("acme", "C1"), "ingest-token"))
+            .await
+            .expect_err("ingest role");
+        assert_eq!(wrong_role.code(), tonic::Code::PermissionDenied);
+        let other_tenant = client
+            .list_conversations(with_token(
+                ListConversationsRequest {
+                    tenant_id: "globex".into(),
+                },
+                "restore-token",
+            ))
+            .await
+            .expect_err("other tenant");
+        assert_eq!(other_tenant.code(), tonic::Code::PermissionDenied);
+
+        let mut backwards = conversation("acme", "C1");
+        backwards.from_micros = 5;
+        backwards.to_micros = 4;
+        for (request, field) in [
+            (conversation("ACME!", "C1"), "tenant_id"),
+            (conversation("", "C1"), "tenant_id"),
+            (conversation("acme", ""), "conversation_id"),
+            (backwards, "from_micros"),
+        ] {
+            let status = client
+                .get_conversation(with_token(request, "restore-token"))
+                .await
+                .expect_err("invalid");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains(field), "{status:?}");
+        }
+
+        let records = server.recorder.take();
+        assert_eq!(records.len(), 7);
+        assert_eq!(records[0].principal, None);
+        assert!(matches!(
+            records[0].outcome,
+            AccessOutcome::Failed {
+                code: ErrorCode::Unauthenticated,
+                ..
+            }
+        ));
+        assert_eq!(records[1].principal.as_deref(), Some("slack-bridge"));
+        assert!(matches!(
+            records[1].outcome,
+            AccessOutcome::Failed {
+                code: ErrorCode::PermissionDenied,
+                ..
+            }
+        ));
+        assert_eq!(records[2].tenant_id, "globex");
+        assert!(records[3..].iter().all(|r| matches!(
+            r.outcome,
+            AccessOutcome::Failed {
+                code: ErrorCode::InvalidArgument,
+                ..
+            }
+        )));
+        assert!(!format!("{records:?}").contains("-token"));
+    }
+
+    #[tokio::test]
+    async fn health_reports_serving_until_shutdown_and_the_server_stops() {
+        let server = start().await;
+        let mut health = HealthClient::new(server.channel.clone());
+        let service = <RestoreServiceServer<RestoreApi> as tonic::server::NamedService>::NAME;
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .expect("health")
+            .into_inner()
+            .status;
+        assert_eq!(status, HealthStatus::Serving as i32);
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        assert_eq!(
+            watch.message().await.expect("first").map(|r| r.status),
+            Some(HealthStatus::Serving as i32)
+        );
+        server.trigger.trigger();
+        assert_eq!(
+            watch.message().await.expect("second").map(|r| r.status),
+            Some(HealthStatus::NotServing as i32)
+        );
+        drop(watch);
+        tokio::time::timeout(std::time::Duration::from_secs(10), server.task)
+            .await
+            .expect("stops")
+            .expect("joined")
+            .expect("clean exit");
+    }
+
+    #[tokio::test]
+    async fn reflection_lists_the_restore_service() {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let server = start().await;
+        let mut reflection = ServerReflectionClient::new(server.channel.clone());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let response = responses
+            .message()
+            .await
+            .expect("response")
+            .expect("one response");
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("unexpected reflection response {response:?}");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"chatvault.v1.RestoreService"), "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn overload_is_shed_with_a_retryable_status() {
+        let fixture = Fixture::new().await;
+        let restorer = Arc::new(Restorer::new(
+            fixture.store.clone(),
+            fixture.data_keys.clone(),
+            &fixture.topic,
+            1,
+        ));
+        let mut authenticator = Authenticator::default();
+        authenticator.add_token_digest(token_digest("t"), "legal", "acme", &[Role::Restore]);
+        let api = RestoreApi::new(restorer, authenticator).with_max_concurrent_requests(1);
+        let held = api.admit().expect("first admitted");
+        let status = api
+            .get_conversation(with_token(conversation("acme", "C1"), "t"))
+            .await
+            .err()
+            .expect("shed");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        drop(held);
+        assert!(
+            api.get_conversation(with_token(conversation("acme", "C1"), "t"))
+                .await
+                .is_ok()
+        );
+    }
+}

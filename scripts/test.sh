@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project, installing what they need first. This is the README's test command
+# and what CI (.ci/run) runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-test-deps.sh
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo nextest run --workspace --locked --no-fail-fast "$@"

@@ -1,0 +1,61 @@
+//! librdkafka's mock cluster: a Kafka-protocol broker on loopback TCP, in-process. Not durable; enough for
+//! produce, consumer groups and offset commits. Set `CHATVAULT_TEST_KAFKA_BROKERS` to run against a real
+//! broker instead (the topic must then exist).
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+pub struct TestKafka {
+    pub brokers: String,
+    // Keeps the mock cluster alive; `None` with an external broker.
+    _cluster: Option<MockCluster<'static, DefaultProducerContext>>,
+}
+
+impl TestKafka {
+    /// A mock cluster of `brokers` brokers with `topic` of `partitions` partitions.
+    pub fn start(topic: &str, partitions: i32) -> anyhow::Result<TestKafka> {
+        if let Ok(brokers) = std::env::var("CHATVAULT_TEST_KAFKA_BROKERS") {
+            return Ok(TestKafka {
+                brokers,
+                _cluster: None,
+            });
+        }
+        let cluster = MockCluster::new(3)?;
+        cluster.create_topic(topic, partitions, 3)?;
+        Ok(TestKafka {
+            brokers: cluster.bootstrap_servers(),
+            _cluster: Some(cluster),
+        })
+    }
+}
+
+/// Sum of the high watermarks of `topic`'s partitions: how many records were ever produced to it.
+pub fn record_count(brokers: &str, topic: &str) -> anyhow::Result<i64> {
+    Ok(high_watermarks(brokers, topic)?
+        .iter()
+        .map(|(_, high)| high)
+        .sum())
+}
+
+/// `(partition, high watermark)` of every partition of `topic`.
+pub fn high_watermarks(brokers: &str, topic: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "chatvault-test-inspector")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut out = Vec::new();
+    for topic_metadata in metadata.topics() {
+        for partition in topic_metadata.partitions() {
+            let (_, high) =
+                consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(10))?;
+            out.push((partition.id(), high));
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}

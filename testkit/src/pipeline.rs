@@ -1,0 +1,227 @@
+//! The pipeline roles in-process on ephemeral loopback ports, each with its own shutdown trigger, plus the
+//! test configuration (tenants, tokens) and authorized gRPC clients.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatvault_archiver::writer::ArchiverStats;
+use chatvault_archiver::{Archiver, ArchiverOptions};
+use chatvault_core::auth::Role;
+use chatvault_core::config::{Config, StorageConfig, TenantConfig, TokenConfig};
+use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_core::shutdown::{self, ShutdownTrigger};
+use chatvault_core::storage::object_store_from_config;
+use chatvault_ingest_gateway::{EventProducer, IngestGrpc};
+use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
+use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
+use chatvault_restorer::Restorer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::Request;
+use tonic::transport::Channel;
+
+pub const TOPIC: &str = "chatvault.events";
+pub const TENANTS: &[&str] = &["acme", "globex", "initech"];
+/// Holds `ingest` for every test tenant.
+pub const INGEST_TOKEN: &str = "test-ingest-all";
+/// Holds `restore` for every test tenant.
+pub const RESTORE_TOKEN: &str = "test-restore-all";
+/// Holds `ingest` for `acme` only.
+pub const ACME_INGEST_TOKEN: &str = "test-ingest-acme";
+
+/// A configuration for the test tenants, pointing at `brokers` and `storage`, with fast batching.
+pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -> Config {
+    let mut config = Config::default();
+    config.kafka.brokers = brokers.to_string();
+    config.kafka.topic = TOPIC.to_string();
+    config.storage = storage;
+    config.keys.keyring_path = keyring_path.to_path_buf();
+    config.archiver.max_batch_age_ms = 500;
+    config.archiver.max_batch_events = 2_000;
+    config.archiver.session_timeout_ms = 6_000;
+    config.archiver.group_id = "chatvault-archiver-test".into();
+    config.gateway.delivery_timeout_ms = 10_000;
+    config.tenants = TENANTS
+        .iter()
+        .map(|tenant| {
+            let mut tokens = vec![
+                TokenConfig {
+                    name: "ingest-all".into(),
+                    token: Some(INGEST_TOKEN.into()),
+                    roles: vec![Role::Ingest],
+                    ..Default::default()
+                },
+                TokenConfig {
+                    name: "restore-all".into(),
+                    token: Some(RESTORE_TOKEN.into()),
+                    roles: vec![Role::Restore],
+                    ..Default::default()
+                },
+            ];
+            if *tenant == "acme" {
+                tokens.push(TokenConfig {
+                    name: "ingest-acme".into(),
+                    token: Some(ACME_INGEST_TOKEN.into()),
+                    roles: vec![Role::Ingest],
+                    ..Default::default()
+                });
+            }
+            TenantConfig {
+                id: tenant.to_string(),
+                tokens,
+            }
+        })
+        .collect();
+    config
+}
+
+/// A running role: trigger its shutdown and await its task.
+pub struct RunningRole {
+    pub address: Option<SocketAddr>,
+    trigger: ShutdownTrigger,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningRole {
+    /// Graceful stop: triggers shutdown and waits for the role to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.trigger.trigger();
+        self.task.await?
+    }
+
+    /// Abrupt stop, as close to a crash as in-process allows: the task is dropped where it is.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address.expect("role has an address"))
+    }
+}
+
+pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let producer = EventProducer::new(&config.kafka, &config.gateway)?;
+    let service = IngestGrpc::new(
+        producer.clone(),
+        config.authenticator()?,
+        config.gateway.clone(),
+    );
+    let (trigger, shutdown) = shutdown::channel();
+    let drain = Duration::from_millis(config.gateway.drain_timeout_ms);
+    let task = tokio::spawn(async move {
+        chatvault_ingest_gateway::serve(listener, service, producer, shutdown, drain).await?;
+        Ok(())
+    });
+    Ok(RunningRole {
+        address: Some(address),
+        trigger,
+        task,
+    })
+}
+
+pub fn data_keys(config: &Config) -> anyhow::Result<DataKeys> {
+    let store = object_store_from_config(&config.storage)?;
+    Ok(DataKeys::new(
+        store,
+        Arc::new(LocalKeyring::open(&config.keys.keyring_path)?),
+    ))
+}
+
+pub async fn start_archiver(
+    config: &Config,
+    writer_id: &str,
+) -> anyhow::Result<(RunningRole, Arc<ArchiverStats>)> {
+    let store = object_store_from_config(&config.storage)?;
+    let keys = DataKeys::new(
+        store.clone(),
+        Arc::new(LocalKeyring::open(&config.keys.keyring_path)?),
+    );
+    let stats = Arc::new(ArchiverStats::default());
+    let (trigger, shutdown) = shutdown::channel();
+    let options = ArchiverOptions {
+        kafka: config.kafka.clone(),
+        config: config.archiver.clone(),
+        writer_id: writer_id.to_string(),
+    };
+    let task_stats = stats.clone();
+    let task = tokio::spawn(async move {
+        Archiver::run(options, store, keys, task_stats, shutdown).await?;
+        Ok(())
+    });
+    Ok((
+        RunningRole {
+            address: None,
+            trigger,
+            task,
+        },
+        stats,
+    ))
+}
+
+pub async fn start_restorer(config: &Config) -> anyhow::Result<RunningRole> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let store = object_store_from_config(&config.storage)?;
+    let keys = DataKeys::new(
+        store.clone(),
+        Arc::new(LocalKeyring::open(&config.keys.keyring_path)?),
+    );
+    let restorer = Arc::new(Restorer::new(
+        store,
+        keys,
+        &config.kafka.topic,
+        config.restorer.read_concurrency,
+    ));
+    let authenticator = config.authenticator()?;
+    let (trigger, shutdown) = shutdown::channel();
+    let task = tokio::spawn(async move {
+        chatvault_restorer::serve(listener, restorer, authenticator, shutdown).await?;
+        Ok(())
+    });
+    Ok(RunningRole {
+        address: Some(address),
+        trigger,
+        task,
+    })
+}
+
+pub async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(endpoint.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await?)
+}
+
+pub async fn ingest_client(endpoint: &str) -> anyhow::Result<IngestServiceClient<Channel>> {
+    Ok(IngestServiceClient::new(channel(endpoint).await?).max_encoding_message_size(64 << 20))
+}
+
+pub async fn restore_client(endpoint: &str) -> anyhow::Result<RestoreServiceClient<Channel>> {
+    Ok(RestoreServiceClient::new(channel(endpoint).await?).max_decoding_message_size(64 << 20))
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn authorized<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    request
+}
+
+/// Polls `condition` every 100 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    condition()
+}
