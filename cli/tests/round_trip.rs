@@ -89,7 +89,7 @@ async fn every_conversation_restores_exactly_what_was_sent() -> anyhow::Result<(
         sent.len() + retried.len(),
         "every acknowledged send is one Kafka record"
     );
-    let archived_everything = wait_until(Duration::from_secs(60), || {
+    let archived_everything = wait_until(Duration::from_secs(20), || {
         let committed = stats_a
             .committed_records
             .load(std::sync::atomic::Ordering::Relaxed)

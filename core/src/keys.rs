@@ -69,36 +69,46 @@ pub struct LocalKeyring {
 
 impl LocalKeyring {
     pub fn open(path: &Path) -> Result<LocalKeyring> {
-        let state = match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
-                Error::internal(format!("keyring {} is corrupt: {error}", path.display()))
-            })?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => KeyringFile {
-                version: 1,
-                tenants: HashMap::new(),
-            },
-            Err(error) => {
-                return Err(Error::unavailable(format!(
-                    "reading keyring {}: {error}",
-                    path.display()
-                )));
-            }
-        };
-        Ok(LocalKeyring {
+        let keyring = LocalKeyring {
             path: path.to_path_buf(),
-            state: Mutex::new(state),
+            state: Mutex::new(KeyringFile::default()),
             rng: SystemRandom::new(),
-        })
+        };
+        let state = keyring.read_file()?;
+        *keyring
+            .state
+            .lock()
+            .map_err(|_| Error::internal("keyring lock poisoned"))? = state;
+        Ok(keyring)
     }
 
+    fn read_file(&self) -> Result<KeyringFile> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
+                Error::internal(format!(
+                    "keyring {} is corrupt: {error}",
+                    self.path.display()
+                ))
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(KeyringFile {
+                version: 1,
+                tenants: HashMap::new(),
+            }),
+            Err(error) => Err(Error::unavailable(format!(
+                "reading keyring {}: {error}",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// Writes the keyring atomically: a uniquely named temporary file with mode 0600, synced, then renamed.
     fn persist(&self, state: &KeyringFile) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(state)?;
-        if let Some(parent) = self.path.parent() {
-            std::fs::create_dir_all(parent).map_err(|error| {
-                Error::unavailable(format!("creating {}: {error}", parent.display()))
-            })?;
-        }
-        let temporary = self.path.with_extension("tmp");
+        let temporary = self.path.with_extension(format!(
+            "tmp-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
         #[cfg(unix)]
@@ -117,11 +127,61 @@ impl LocalKeyring {
         })
     }
 
+    /// Creates the tenant's KEK unless another process or instance sharing the file already did. Serialized
+    /// across processes by an exclusive lock on `<keyring>.lock`, and decided on the file's current content.
+    fn create_kek(&self, tenant: &str) -> Result<KeyringFile> {
+        if let Some(parent) = self.path.parent() {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                Error::unavailable(format!("creating {}: {error}", parent.display()))
+            })?;
+        }
+        let lock_path = self.path.with_extension("lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|error| {
+                Error::unavailable(format!("opening {}: {error}", lock_path.display()))
+            })?;
+        lock_file.lock().map_err(|error| {
+            Error::unavailable(format!("locking {}: {error}", lock_path.display()))
+        })?;
+        let mut current = self.read_file()?;
+        if !current.tenants.contains_key(tenant) {
+            let mut key = [0u8; 32];
+            self.rng
+                .fill(&mut key)
+                .map_err(|_| Error::internal("system random generator failed"))?;
+            let id = format!("{tenant}-kek-1");
+            current.tenants.insert(
+                tenant.to_string(),
+                TenantKeys {
+                    current: id.clone(),
+                    keys: HashMap::from([(id, BASE64.encode(key))]),
+                },
+            );
+            self.persist(&current)?;
+        }
+        let _ = lock_file.unlock();
+        Ok(current)
+    }
+
     fn kek(&self, tenant: &str, kek_id: Option<&str>, create: bool) -> Result<(String, Vec<u8>)> {
         let mut state = self
             .state
             .lock()
             .map_err(|_| Error::internal("keyring lock poisoned"))?;
+        let known = |state: &KeyringFile| {
+            state
+                .tenants
+                .get(tenant)
+                .is_some_and(|keys| kek_id.is_none_or(|id| keys.keys.contains_key(id)))
+        };
+        if !known(&state) {
+            // Another process sharing the keyring may have added it since we read the file.
+            *state = self.read_file()?;
+        }
         if !state.tenants.contains_key(tenant) {
             if !create {
                 return Err(Error::new(
@@ -129,21 +189,12 @@ impl LocalKeyring {
                     format!("no key-encryption key for tenant {tenant}"),
                 ));
             }
-            let mut key = [0u8; 32];
-            self.rng
-                .fill(&mut key)
-                .map_err(|_| Error::internal("system random generator failed"))?;
-            let id = format!("{tenant}-kek-1");
-            state.tenants.insert(
-                tenant.to_string(),
-                TenantKeys {
-                    current: id.clone(),
-                    keys: HashMap::from([(id, BASE64.encode(key))]),
-                },
-            );
-            self.persist(&state)?;
+            *state = self.create_kek(tenant)?;
         }
-        let tenant_keys = &state.tenants[tenant];
+        let tenant_keys = state
+            .tenants
+            .get(tenant)
+            .ok_or_else(|| Error::internal("keyring lost a tenant it just created"))?;
         let id = kek_id.unwrap_or(&tenant_keys.current);
         let encoded = tenant_keys.keys.get(id).ok_or_else(|| {
             Error::new(
@@ -467,5 +518,39 @@ mod tests {
         );
         assert!(stranger.get("acme", "2026-11").await.is_err());
         assert!(!format!("{first:?}").contains(&format!("{:?}", first.key)));
+    }
+
+    #[tokio::test]
+    async fn instances_sharing_a_keyring_file_agree_on_each_tenants_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keyring.json");
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let first = DataKeys::new(
+            store.clone(),
+            Arc::new(LocalKeyring::open(&path).expect("open")),
+        );
+        let second = DataKeys::new(
+            store.clone(),
+            Arc::new(LocalKeyring::open(&path).expect("open")),
+        );
+        // Both instances opened the file before any KEK existed.
+        let created = first.get_or_create("acme", "2026-11").await.expect("first");
+        let read = second
+            .get("acme", "2026-11")
+            .await
+            .expect("second unwraps the first's key");
+        assert_eq!(created.key, read.key);
+        let other = second
+            .get_or_create("globex", "2026-11")
+            .await
+            .expect("second creates");
+        assert_eq!(
+            first
+                .get("globex", "2026-11")
+                .await
+                .expect("first reads")
+                .key,
+            other.key
+        );
     }
 }

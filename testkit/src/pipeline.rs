@@ -33,6 +33,8 @@ pub const ACME_INGEST_TOKEN: &str = "test-ingest-acme";
 
 /// A configuration for the test tenants, pointing at `brokers` and `storage`, with fast batching.
 pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -> Config {
+    // Logs go to the test's captured output (shown on failure); RUST_LOG selects levels.
+    chatvault_core::telemetry::init_logging();
     let mut config = Config::default();
     config.kafka.brokers = brokers.to_string();
     config.kafka.topic = TOPIC.to_string();

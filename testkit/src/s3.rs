@@ -1,14 +1,21 @@
 //! An S3 server speaking the S3 wire protocol over loopback TCP, backed by a temporary directory (s3s-fs).
 //! It supports conditional puts (`If-None-Match: *`), which the manifest commit relies on.
+//!
+//! s3s-fs checks `If-None-Match` and then writes, which is not atomic: two racing conditional puts of the same
+//! key can both succeed, where S3 lets exactly one win. [`AtomicConditionalPuts`] serializes conditional puts
+//! so the server keeps S3's contract, which the exactly-once tests depend on.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use chatvault_core::config::StorageConfig;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
-use s3s::service::S3ServiceBuilder;
+use s3s::service::{S3Service, S3ServiceBuilder};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -32,7 +39,10 @@ impl S3Server {
             .map_err(|error| anyhow::anyhow!("starting s3s-fs: {error:?}"))?;
         let mut builder = S3ServiceBuilder::new(filesystem);
         builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = builder.build();
+        let service = AtomicConditionalPuts {
+            inner: builder.build(),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let endpoint = format!("http://{}", listener.local_addr()?);
         let task = tokio::spawn(async move {
@@ -89,5 +99,36 @@ impl S3Server {
 impl Drop for S3Server {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Runs conditional PUTs (`If-None-Match`) one at a time; everything else passes through concurrently.
+#[derive(Clone)]
+struct AtomicConditionalPuts {
+    inner: S3Service,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<s3s::HttpResponse, s3s::HttpError>> + Send>>;
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for AtomicConditionalPuts {
+    type Response = s3s::HttpResponse;
+    type Error = s3s::HttpError;
+    type Future = ResponseFuture;
+
+    fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let conditional = request.method() == http::Method::PUT
+            && request.headers().contains_key(http::header::IF_NONE_MATCH);
+        let inner = self.inner.clone();
+        let lock = self.lock.clone();
+        Box::pin(async move {
+            if conditional {
+                let _one_at_a_time = lock.lock().await;
+                hyper::service::Service::call(&inner, request).await
+            } else {
+                hyper::service::Service::call(&inner, request).await
+            }
+        })
     }
 }
