@@ -29,8 +29,10 @@ def files_of(root, tenant, month):
 def rows_from_duckdb(pattern, key_b64):
     import duckdb
 
+    # PRAGMA statements cannot take prepared parameters; the key is checked to be plain base64 first.
+    base64.b64decode(key_b64, validate=True)
     con = duckdb.connect()
-    con.execute("PRAGMA add_parquet_key('chatvault_month', ?)", [key_b64])
+    con.execute(f"PRAGMA add_parquet_key('chatvault_month', '{key_b64}')")
     query = f"""
         SELECT {", ".join(COLUMNS)}, epoch_us(occurred_at) AS occurred_at_micros, tenant, date
         FROM read_parquet(?, encryption_config = {{footer_key: 'chatvault_month'}}, hive_partitioning = true)

@@ -32,11 +32,13 @@ impl ShutdownTrigger {
 }
 
 impl Shutdown {
+    /// True once shutdown was requested, or once every trigger is gone (an owner that dropped its trigger,
+    /// for example while unwinding, can never request shutdown any more, so waiting on would hang).
     pub fn is_triggered(&self) -> bool {
-        *self.receiver.borrow()
+        *self.receiver.borrow() || self.receiver.has_changed().is_err()
     }
 
-    /// Resolves when shutdown is requested (immediately if it already was).
+    /// Resolves when shutdown is requested (immediately if it already was), or when every trigger is dropped.
     pub async fn wait(mut self) {
         let _ = self.receiver.wait_for(|triggered| *triggered).await;
     }

@@ -99,6 +99,11 @@ impl S3Server {
 impl Drop for S3Server {
     fn drop(&mut self) {
         self.task.abort();
+        if std::env::var_os("CHATVAULT_TEST_KEEP_S3").is_some() {
+            let kept = std::env::temp_dir().join(format!("chatvault-s3-{}", std::process::id()));
+            let _ = std::fs::rename(self.root.path(), &kept);
+            eprintln!("kept the test S3 server's files in {}", kept.display());
+        }
     }
 }
 

@@ -19,7 +19,6 @@ use parquet::encryption::encrypt::FileEncryptionProperties;
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 use parquet::file::statistics::Statistics;
-use parquet::schema::types::ColumnPath;
 use ring::digest;
 
 use super::ArchivedEvent;
@@ -121,9 +120,12 @@ pub fn encode_file(
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(options.zstd_level)?))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(options.row_group_rows))
-        .set_column_bloom_filter_enabled(ColumnPath::from(COL_CONVERSATION_ID), true)
-        .set_column_bloom_filter_fpp(ColumnPath::from(COL_CONVERSATION_ID), 0.01)
-        .set_column_bloom_filter_enabled(ColumnPath::from("event_id"), true)
+        // No Parquet bloom filter, deliberately: DuckDB 2.0.1 cannot decrypt the encrypted bloom filter modules
+        // arrow-rs 60 writes and then fails to read the filtered column at all ("Computed AES tag differs from
+        // read AES tag"), wherever the filter is placed. Readers find a conversation through the exact
+        // per-file conversation digests in the manifest (an index that needs no decryption), the sort order,
+        // and row-group and page statistics with the page index.
+        .set_bloom_filter_enabled(false)
         .set_sorting_columns(Some(vec![
             SortingColumn {
                 column_idx: conversation_index as i32,
@@ -169,7 +171,7 @@ fn decryption_error(error: parquet::errors::ParquetError) -> Error {
 }
 
 /// Decodes the events of `conversation` (or all events when `None`) from an encrypted archive file, skipping
-/// row groups whose statistics or bloom filter exclude the conversation.
+/// row groups whose statistics (or bloom filter, in files written by other tools) exclude the conversation.
 pub fn decode_file(
     bytes: Bytes,
     key: &DataKey,

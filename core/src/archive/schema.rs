@@ -2,18 +2,23 @@
 //!
 //! One row per archived Kafka record. Empty strings of the protobuf event are stored as nulls; timestamps are
 //! `TIMESTAMP(MICROS, UTC)`; enums are stored by name (`message_created`, `slack`) so that SQL reads naturally.
+//!
+//! `mentions` and `attachments` are JSON text columns rather than Parquet lists: DuckDB 2.0.1 fails to decrypt
+//! nested (repeated) columns of arrow-rs 60 encrypted files ("Computed AES tag differs from read AES tag")
+//! while it reads every flat column, and being readable by DuckDB with the data key is a fixed requirement.
+//! The standard-reader test catches a regression.
 
 use std::sync::{Arc, LazyLock};
 
 use arrow_array::builder::{
-    BinaryBuilder, BooleanBuilder, Int32Builder, Int64Builder, ListBuilder, StringBuilder,
-    StructBuilder, TimestampMicrosecondBuilder, UInt64Builder,
+    BinaryBuilder, BooleanBuilder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type, TimestampMicrosecondType, UInt64Type};
+use arrow_array::types::{Int32Type, Int64Type, TimestampMicrosecondType};
 use arrow_array::{Array, ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chatvault_proto::v1::{Attachment, ChatEvent, Sender};
+use serde::{Deserialize, Serialize};
 
 use super::ArchivedEvent;
 use crate::error::{Error, Result};
@@ -24,29 +29,6 @@ pub const COL_OCCURRED_AT: &str = "occurred_at";
 
 fn utc_micros() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
-}
-
-fn attachment_fields() -> Fields {
-    Fields::from(vec![
-        Field::new("id", DataType::Utf8, true),
-        Field::new("name", DataType::Utf8, true),
-        Field::new("mime_type", DataType::Utf8, true),
-        Field::new("size_bytes", DataType::UInt64, false),
-        Field::new("sha256", DataType::Utf8, true),
-        Field::new("url", DataType::Utf8, true),
-    ])
-}
-
-fn attachment_item_field() -> Arc<Field> {
-    Arc::new(Field::new(
-        "item",
-        DataType::Struct(attachment_fields()),
-        true,
-    ))
-}
-
-fn mention_item_field() -> Arc<Field> {
-    Arc::new(Field::new("item", DataType::Utf8, true))
 }
 
 static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -66,12 +48,8 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("received_at", utc_micros(), false),
         Field::new("text", DataType::Utf8, true),
         Field::new("reaction", DataType::Utf8, true),
-        Field::new("mentions", DataType::List(mention_item_field()), false),
-        Field::new(
-            "attachments",
-            DataType::List(attachment_item_field()),
-            false,
-        ),
+        Field::new("mentions_json", DataType::Utf8, true),
+        Field::new("attachments_json", DataType::Utf8, true),
         Field::new("raw_payload", DataType::Binary, true),
         Field::new("raw_content_type", DataType::Utf8, true),
         Field::new("kafka_partition", DataType::Int32, false),
@@ -110,9 +88,8 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
     let mut received_at = TimestampMicrosecondBuilder::with_capacity(capacity).with_timezone("UTC");
     let mut text = StringBuilder::new();
     let mut reaction = StringBuilder::new();
-    let mut mentions = ListBuilder::new(StringBuilder::new()).with_field(mention_item_field());
-    let mut attachments = ListBuilder::new(StructBuilder::from_fields(attachment_fields(), 0))
-        .with_field(attachment_item_field());
+    let mut mentions = StringBuilder::new();
+    let mut attachments = StringBuilder::new();
     let mut raw_payload = BinaryBuilder::new();
     let mut raw_content_type = StringBuilder::new();
     let mut kafka_partition = Int32Builder::with_capacity(capacity);
@@ -136,23 +113,17 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
         received_at.append_value(event.received_at_micros);
         optional(&mut text, &event.text);
         optional(&mut reaction, &event.reaction);
-        for mention in &event.mentions {
-            mentions.values().append_value(mention);
+        if event.mentions.is_empty() {
+            mentions.append_null();
+        } else {
+            mentions.append_value(serde_json::to_string(&event.mentions)?);
         }
-        mentions.append(true);
-        for attachment in &event.attachments {
-            let item = attachments.values();
-            append_string_field(item, 0, &attachment.id);
-            append_string_field(item, 1, &attachment.name);
-            append_string_field(item, 2, &attachment.mime_type);
-            item.field_builder::<UInt64Builder>(3)
-                .ok_or_else(|| Error::internal("attachment size builder"))?
-                .append_value(attachment.size_bytes);
-            append_string_field(item, 4, &attachment.sha256);
-            append_string_field(item, 5, &attachment.url);
-            item.append(true);
+        if event.attachments.is_empty() {
+            attachments.append_null();
+        } else {
+            let json: Vec<AttachmentJson> = event.attachments.iter().map(AttachmentJson::from).collect();
+            attachments.append_value(serde_json::to_string(&json)?);
         }
-        attachments.append(true);
         if event.raw_payload.is_empty() {
             raw_payload.append_null();
         } else {
@@ -187,12 +158,6 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
         Arc::new(kafka_offset.finish()),
     ];
     Ok(RecordBatch::try_new(archive_schema(), columns)?)
-}
-
-fn append_string_field(builder: &mut StructBuilder, index: usize, value: &str) {
-    if let Some(field) = builder.field_builder::<StringBuilder>(index) {
-        optional(field, value);
-    }
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
@@ -242,12 +207,8 @@ pub fn from_record_batch(
         .ok_or_else(|| Error::internal("received_at is not a timestamp"))?;
     let text = strings(batch, "text")?;
     let reaction = strings(batch, "reaction")?;
-    let mentions = column(batch, "mentions")?
-        .as_list_opt::<i32>()
-        .ok_or_else(|| Error::internal("mentions is not a list"))?;
-    let attachments = column(batch, "attachments")?
-        .as_list_opt::<i32>()
-        .ok_or_else(|| Error::internal("attachments is not a list"))?;
+    let mentions = strings(batch, "mentions_json")?;
+    let attachments = strings(batch, "attachments_json")?;
     let raw_payload = column(batch, "raw_payload")?
         .as_binary_opt::<i32>()
         .ok_or_else(|| Error::internal("raw_payload is not binary"))?;
@@ -264,42 +225,21 @@ pub fn from_record_batch(
         if !keep(row) {
             continue;
         }
-        let mention_values = mentions.value(row);
-        let mention_values = mention_values
-            .as_string_opt::<i32>()
-            .ok_or_else(|| Error::internal("mentions items are not utf8"))?;
-        let mention_list = (0..mention_values.len())
-            .map(|i| string_at(mention_values, i))
-            .collect();
-        let attachment_values = attachments.value(row);
-        let attachment_struct = attachment_values
-            .as_struct_opt()
-            .ok_or_else(|| Error::internal("attachments items are not structs"))?;
-        let mut attachment_list = Vec::with_capacity(attachment_struct.len());
-        if !attachment_struct.is_empty() {
-            let field = |i: usize| -> Result<&arrow_array::StringArray> {
-                attachment_struct
-                    .column(i)
-                    .as_string_opt::<i32>()
-                    .ok_or_else(|| Error::internal("attachment field is not utf8"))
-            };
-            let (ids, names, mimes, hashes, urls) =
-                (field(0)?, field(1)?, field(2)?, field(4)?, field(5)?);
-            let sizes = attachment_struct
-                .column(3)
-                .as_primitive_opt::<UInt64Type>()
-                .ok_or_else(|| Error::internal("attachment size is not uint64"))?;
-            for i in 0..attachment_struct.len() {
-                attachment_list.push(Attachment {
-                    id: string_at(ids, i),
-                    name: string_at(names, i),
-                    mime_type: string_at(mimes, i),
-                    size_bytes: sizes.value(i),
-                    sha256: string_at(hashes, i),
-                    url: string_at(urls, i),
-                });
-            }
-        }
+        let mention_list: Vec<String> = if mentions.is_null(row) {
+            Vec::new()
+        } else {
+            serde_json::from_str(mentions.value(row))
+                .map_err(|error| Error::internal(format!("mentions_json of row {row}: {error}")))?
+        };
+        let attachment_list: Vec<Attachment> = if attachments.is_null(row) {
+            Vec::new()
+        } else {
+            serde_json::from_str::<Vec<AttachmentJson>>(attachments.value(row))
+                .map_err(|error| Error::internal(format!("attachments_json of row {row}: {error}")))?
+                .into_iter()
+                .map(Attachment::from)
+                .collect()
+        };
         let kind_text = kind.value(row);
         let source_text = source.value(row);
         let sender = Sender {
@@ -341,4 +281,42 @@ pub fn from_record_batch(
         });
     }
     Ok(out)
+}
+
+/// One element of `attachments_json`: `{"id", "name", "mime_type", "size_bytes", "sha256", "url"}`, every key
+/// present (empty strings for unknown values) so SQL can extract fields without guards.
+#[derive(Debug, Serialize, Deserialize)]
+struct AttachmentJson {
+    id: String,
+    name: String,
+    mime_type: String,
+    size_bytes: u64,
+    sha256: String,
+    url: String,
+}
+
+impl From<&Attachment> for AttachmentJson {
+    fn from(attachment: &Attachment) -> Self {
+        AttachmentJson {
+            id: attachment.id.clone(),
+            name: attachment.name.clone(),
+            mime_type: attachment.mime_type.clone(),
+            size_bytes: attachment.size_bytes,
+            sha256: attachment.sha256.clone(),
+            url: attachment.url.clone(),
+        }
+    }
+}
+
+impl From<AttachmentJson> for Attachment {
+    fn from(json: AttachmentJson) -> Self {
+        Attachment {
+            id: json.id,
+            name: json.name,
+            mime_type: json.mime_type,
+            size_bytes: json.size_bytes,
+            sha256: json.sha256,
+            url: json.url,
+        }
+    }
 }
