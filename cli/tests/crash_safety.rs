@@ -69,7 +69,18 @@ fn spawn_ingest(
         let mut acknowledged = BTreeSet::new();
         let mut round = 0u64;
         while !*stop.lock().expect("lock") {
-            let events = workload(seed + round, TENANTS, 2, 20);
+            // Unique per round, so every Kafka record holds a distinct event id (within-batch collapsing of
+            // duplicate ids would otherwise make offsets legitimately absent from the files).
+            let events: Vec<_> = workload(seed + round, TENANTS, 2, 20)
+                .into_iter()
+                .map(|mut event| {
+                    event.conversation_id = format!("{}-r{round}", event.conversation_id);
+                    if !event.event_id.is_empty() {
+                        event.event_id = format!("{}-r{round}", event.event_id);
+                    }
+                    event
+                })
+                .collect();
             for chunk in events.chunks(60) {
                 let response = client
                     .ingest_batch(authorized(

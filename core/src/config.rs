@@ -41,6 +41,7 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties for every client (for example `security.protocol`, `sasl.*`, `ssl.*`).
     /// The settings chatvault's guarantees rest on (`enable.idempotence`, `acks`, `enable.auto.commit`,
     /// `enable.auto.offset.store`, `isolation.level`) cannot be overridden here.
+    #[serde(deserialize_with = "string_values")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -63,6 +64,7 @@ pub struct StorageConfig {
     /// object_store options, for example `aws_endpoint`, `aws_region`, `aws_allow_http`,
     /// `aws_access_key_id`, `aws_secret_access_key`. Credentials are better left to the environment
     /// (`AWS_*` variables) or workload identity.
+    #[serde(deserialize_with = "string_values")]
     pub options: BTreeMap<String, String>,
 }
 
@@ -370,6 +372,32 @@ impl Config {
     }
 }
 
+/// A map of strings that also takes booleans and numbers (`aws_allow_http = true`, or the same from the
+/// environment, where `true` parses as a boolean) as their text.
+fn string_values<'de, D>(deserializer: D) -> std::result::Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let raw: BTreeMap<String, toml::Value> = BTreeMap::deserialize(deserializer)?;
+    raw.into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                toml::Value::String(text) => text,
+                toml::Value::Integer(number) => number.to_string(),
+                toml::Value::Float(number) => number.to_string(),
+                toml::Value::Boolean(flag) => flag.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "{key}: expected a string, got {}",
+                        other.type_str()
+                    )));
+                }
+            };
+            Ok((key, text))
+        })
+        .collect()
+}
+
 fn apply_env_override(
     root: &mut toml::Table,
     path: &str,
@@ -428,12 +456,17 @@ mod tests {
                 "CHATVAULT__ARCHIVER__MAX_BATCH_AGE_MS".to_string(),
                 "2500".to_string(),
             ),
+            (
+                "CHATVAULT__STORAGE__OPTIONS__AWS_ALLOW_HTTP".to_string(),
+                "true".to_string(),
+            ),
             ("UNRELATED".to_string(), "x".to_string()),
         ]);
         let config = Config::from_toml_and_env(text, &env).expect("valid");
         assert_eq!(config.kafka.brokers, "env-broker:9092");
         assert_eq!(config.archiver.max_batch_events, 10);
         assert_eq!(config.archiver.max_batch_age_ms, 2500);
+        assert_eq!(config.storage.options["aws_allow_http"], "true");
     }
 
     #[test]

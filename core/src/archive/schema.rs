@@ -11,7 +11,8 @@
 use std::sync::{Arc, LazyLock};
 
 use arrow_array::builder::{
-    BinaryBuilder, BooleanBuilder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    BinaryBuilder, BooleanBuilder, Int32Builder, Int64Builder, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, Int64Type, TimestampMicrosecondType};
@@ -121,7 +122,8 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
         if event.attachments.is_empty() {
             attachments.append_null();
         } else {
-            let json: Vec<AttachmentJson> = event.attachments.iter().map(AttachmentJson::from).collect();
+            let json: Vec<AttachmentJson> =
+                event.attachments.iter().map(AttachmentJson::from).collect();
             attachments.append_value(serde_json::to_string(&json)?);
         }
         if event.raw_payload.is_empty() {
@@ -235,7 +237,9 @@ pub fn from_record_batch(
             Vec::new()
         } else {
             serde_json::from_str::<Vec<AttachmentJson>>(attachments.value(row))
-                .map_err(|error| Error::internal(format!("attachments_json of row {row}: {error}")))?
+                .map_err(|error| {
+                    Error::internal(format!("attachments_json of row {row}: {error}"))
+                })?
                 .into_iter()
                 .map(Attachment::from)
                 .collect()
