@@ -167,9 +167,10 @@ impl Writer {
         for archived in &batch.events {
             let period = Date::from_micros(archived.event.occurred_at_micros).month_period();
             let id = (archived.event.tenant_id.clone(), period);
-            if !keys.contains_key(&id) {
-                let key = self.data_keys.get_or_create(&id.0, &id.1).await?;
-                keys.insert(id, key);
+            if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(id) {
+                let (tenant, period) = slot.key();
+                let key = self.data_keys.get_or_create(tenant, period).await?;
+                slot.insert(key);
             }
         }
         let batch_id = random_id()?;

@@ -11,7 +11,7 @@ pub fn chat_message(tenant: &str, index: u64, now_micros: i64) -> ChatEvent {
         workspace_id: "W-bench".into(),
         conversation_id: format!("C{:04}", index % 500),
         message_id: format!("m{index}"),
-        thread_id: if index % 7 == 0 {
+        thread_id: if index.is_multiple_of(7) {
             format!("m{}", index.saturating_sub(3))
         } else {
             String::new()
@@ -24,7 +24,7 @@ pub fn chat_message(tenant: &str, index: u64, now_micros: i64) -> ChatEvent {
         }),
         occurred_at_micros: now_micros - 3_600_000_000 + (index as i64 % 3_600_000) * 1_000,
         text: format!("{index}: {}", &filler.repeat(5)[..380]),
-        mentions: if index % 5 == 0 {
+        mentions: if index.is_multiple_of(5) {
             vec!["U001".into()]
         } else {
             vec![]

@@ -344,7 +344,8 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let limits = EventLimits::default();
-        let cases: Vec<(&str, Box<dyn Fn(&mut ChatEvent)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut ChatEvent)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("tenant_id is required", Box::new(|e| e.tenant_id.clear())),
             (
                 "tenant_id must be",
