@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::manifest::RejectedRecord;
+use chatvault_core::archive::manifest::{OffsetGap, RejectedRecord};
 use chatvault_core::time::Date;
 
 /// The batch a partition is filling.
@@ -22,6 +22,8 @@ pub struct OpenBatch {
     pub end_offset: i64,
     pub events: Vec<ArchivedEvent>,
     pub rejected: Vec<RejectedRecord>,
+    /// Offsets of the range that Kafka did not deliver (see [`OffsetGap`]).
+    pub offset_gaps: Vec<OffsetGap>,
     pub bytes: usize,
     pub opened_at: Instant,
 }
@@ -36,6 +38,7 @@ impl OpenBatch {
             end_offset: start_offset,
             events: Vec::new(),
             rejected: Vec::new(),
+            offset_gaps: Vec::new(),
             bytes: 0,
             opened_at: Instant::now(),
         }
@@ -45,19 +48,36 @@ impl OpenBatch {
         self.end_offset == self.start_offset
     }
 
-    pub fn push_event(&mut self, event: ArchivedEvent, encoded_len: usize) {
+    /// Records the offsets between the last one seen and `offset` as a gap, when there are any.
+    fn note_gap(&mut self, offset: i64) {
         if self.is_empty() {
             self.opened_at = Instant::now();
         }
+        if offset > self.end_offset {
+            if offset - self.end_offset > 1 {
+                tracing::warn!(
+                    partition = self.partition,
+                    from = self.end_offset,
+                    to = offset,
+                    "Kafka offsets missing: deleted by retention before they were archived, or compacted"
+                );
+            }
+            self.offset_gaps.push(OffsetGap {
+                from: self.end_offset,
+                to: offset,
+            });
+        }
+    }
+
+    pub fn push_event(&mut self, event: ArchivedEvent, encoded_len: usize) {
+        self.note_gap(event.kafka_offset);
         self.end_offset = event.kafka_offset + 1;
         self.bytes += encoded_len;
         self.events.push(event);
     }
 
     pub fn push_rejected(&mut self, offset: i64, reason: String) {
-        if self.is_empty() {
-            self.opened_at = Instant::now();
-        }
+        self.note_gap(offset);
         self.end_offset = offset + 1;
         self.rejected.push(RejectedRecord { offset, reason });
     }
@@ -72,6 +92,7 @@ impl OpenBatch {
             end_offset: self.end_offset,
             events: self.events,
             rejected: self.rejected,
+            offset_gaps: self.offset_gaps,
             bytes: self.bytes,
         }
     }
@@ -87,6 +108,7 @@ pub struct SealedBatch {
     pub end_offset: i64,
     pub events: Vec<ArchivedEvent>,
     pub rejected: Vec<RejectedRecord>,
+    pub offset_gaps: Vec<OffsetGap>,
     pub bytes: usize,
 }
 
@@ -148,6 +170,7 @@ mod tests {
         let mut batch = OpenBatch::new(0, 1, 7, 100);
         assert!(batch.is_empty());
         batch.push_event(event("a", "e1", day, 103), 10);
+        assert_eq!(batch.offset_gaps, vec![OffsetGap { from: 100, to: 103 }]);
         batch.push_rejected(104, "not a ChatEvent".into());
         batch.push_event(event("b", "e2", day, 105), 10);
         batch.push_event(event("a", "e3", 2 * day + 1, 106), 10);

@@ -227,11 +227,12 @@ impl Archiver {
                 zstd_level: options.config.zstd_level,
                 row_group_rows: options.config.row_group_rows,
             },
-            stats,
+            stats: stats.clone(),
             shutdown: shutdown.clone(),
         };
         let writer_task = tokio::spawn(writer.run(receiver));
         let poller = Poller {
+            stats: stats.clone(),
             consumer: consumer.clone(),
             partitions,
             batches: sender,
@@ -260,6 +261,7 @@ impl Archiver {
 }
 
 struct Poller {
+    stats: Arc<ArchiverStats>,
     consumer: Arc<ArchiverConsumer>,
     partitions: SharedPartitions,
     batches: mpsc::Sender<SealedBatch>,
@@ -278,7 +280,14 @@ impl Poller {
                 return;
             }
             match self.consumer.poll(poll_timeout) {
-                Some(Ok(message)) => self.accept(&message),
+                Some(Ok(message)) => {
+                    if self.stats.first_record_micros.load(Ordering::Relaxed) == 0 {
+                        self.stats
+                            .first_record_micros
+                            .store(chatvault_core::time::now_micros(), Ordering::Relaxed);
+                    }
+                    self.accept(&message)
+                }
                 Some(Err(error)) => tracing::warn!(%error, "consumer error"),
                 None => {}
             }

@@ -44,6 +44,9 @@ pub struct ArchiverStats {
     pub committed_files: AtomicU64,
     pub committed_bytes: AtomicU64,
     pub fenced_batches: AtomicU64,
+    /// When the first record was consumed (microseconds since the epoch; 0 before), so throughput can be
+    /// measured without the consumer-group join.
+    pub first_record_micros: std::sync::atomic::AtomicI64,
 }
 
 struct PreparedFile {
@@ -289,6 +292,7 @@ impl Writer {
             prev_sha256,
             files: files.iter().map(|f| f.manifest_entry.clone()).collect(),
             rejected_records: batch.rejected.clone(),
+            offset_gaps: batch.offset_gaps.clone(),
         };
         match self.log.commit(&manifest).await {
             Ok(sha) => Ok(Outcome::Committed(sha)),

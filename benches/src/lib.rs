@@ -9,7 +9,7 @@ pub fn chat_message(tenant: &str, index: u64, now_micros: i64) -> ChatEvent {
     ChatEvent {
         tenant_id: tenant.to_string(),
         workspace_id: "W-bench".into(),
-        conversation_id: format!("C{:04}", index % 500),
+        conversation_id: format!("C{:04}", index % 2000),
         message_id: format!("m{index}"),
         thread_id: if index.is_multiple_of(7) {
             format!("m{}", index.saturating_sub(3))

@@ -131,6 +131,11 @@ async fn verify_exactly_once(
                 "partition {partition} seq {seq}: hash chain broken"
             );
             assert!(manifest.rejected_records.is_empty());
+            assert!(
+                manifest.offset_gaps.is_empty(),
+                "no record may be skipped: {:?}",
+                manifest.offset_gaps
+            );
             for file in &manifest.files {
                 let bytes = store.get(&file.path.as_str().into()).await?.bytes().await?;
                 assert_eq!(

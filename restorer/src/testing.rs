@@ -63,6 +63,7 @@ pub fn manifest_for(
         prev_sha256: prev_sha256.into(),
         files: Vec::new(),
         rejected_records: Vec::new(),
+        offset_gaps: Vec::new(),
     }
 }
 

@@ -55,6 +55,17 @@ pub struct Manifest {
     /// Records of the covered range that are not chat events (undecodable), kept visible rather than dropped.
     #[serde(default)]
     pub rejected_records: Vec<RejectedRecord>,
+    /// Offsets of the range that Kafka did not deliver: records deleted by retention before they were archived
+    /// (data loss, made visible here), compacted away, or transaction markers (gaps of one).
+    #[serde(default)]
+    pub offset_gaps: Vec<OffsetGap>,
+}
+
+/// Offsets `[from, to)` of a partition that no record was delivered for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OffsetGap {
+    pub from: i64,
+    pub to: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -328,6 +339,7 @@ mod tests {
                 })
                 .collect(),
             rejected_records: vec![],
+            offset_gaps: vec![],
         }
     }
 
