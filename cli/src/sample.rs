@@ -17,7 +17,8 @@ fn person(id: &str, name: &str) -> Option<Sender> {
 }
 
 pub fn sample_conversation(tenant: &str) -> Vec<ChatEvent> {
-    let day_start = now_micros() - now_micros().rem_euclid(MICROS_PER_DAY);
+    let now = now_micros();
+    let day_start = now - now.rem_euclid(MICROS_PER_DAY);
     let at = |seconds: i64| day_start + 9 * 3600 * MICROS_PER_SECOND + seconds * MICROS_PER_SECOND;
     let base = ChatEvent {
         tenant_id: tenant.into(),

@@ -9,5 +9,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
+        // Logs go to stderr so that command output (transcripts, exported keys, JSON) stays clean on stdout.
+        .with_writer(std::io::stderr)
         .try_init();
 }
