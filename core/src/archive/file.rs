@@ -233,3 +233,140 @@ pub fn decode_file(
 pub fn parse_key_metadata(bytes: &[u8]) -> Result<FileKeyMetadata> {
     Ok(serde_json::from_slice(bytes)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chatvault_proto::v1::{Attachment, ChatEvent, Sender};
+
+    fn key(byte: u8) -> DataKey {
+        DataKey {
+            tenant_id: "acme".into(),
+            period: "2026-11".into(),
+            dek_id: "acme/2026-11/test".into(),
+            key: [byte; 32],
+        }
+    }
+
+    fn rows() -> Vec<ArchivedEvent> {
+        (0..500)
+            .map(|i| ArchivedEvent {
+                event: ChatEvent {
+                    event_id: format!("e{i:04}"),
+                    tenant_id: "acme".into(),
+                    source: 1,
+                    workspace_id: if i % 2 == 0 {
+                        "W1".into()
+                    } else {
+                        String::new()
+                    },
+                    conversation_id: format!("C{}", i % 7),
+                    thread_id: if i % 3 == 0 {
+                        format!("m{}", i / 2)
+                    } else {
+                        String::new()
+                    },
+                    message_id: format!("m{i}"),
+                    kind: 1 + (i % 11),
+                    sender: Some(Sender {
+                        id: format!("U{}", i % 5),
+                        display_name: "d".into(),
+                        is_bot: i % 9 == 0,
+                    }),
+                    occurred_at_micros: 1_764_000_000_000_000 + (500 - i as i64) * 1_000,
+                    received_at_micros: 1_764_000_001_000_000,
+                    text: format!("text {i} ✓"),
+                    attachments: if i % 4 == 0 {
+                        vec![Attachment {
+                            id: "F".into(),
+                            name: "a.pdf".into(),
+                            size_bytes: 7,
+                            ..Default::default()
+                        }]
+                    } else {
+                        vec![]
+                    },
+                    mentions: if i % 6 == 0 {
+                        vec!["U1".into(), "U2".into()]
+                    } else {
+                        vec![]
+                    },
+                    reaction: if i % 8 == 0 {
+                        "tada".into()
+                    } else {
+                        String::new()
+                    },
+                    raw_payload: if i % 2 == 0 {
+                        format!("{{\"i\":{i}}}").into_bytes()
+                    } else {
+                        vec![]
+                    },
+                    raw_content_type: if i % 2 == 0 {
+                        "application/json".into()
+                    } else {
+                        String::new()
+                    },
+                },
+                kafka_partition: 3,
+                kafka_offset: i as i64,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn files_round_trip_sorted_and_only_open_with_their_key() {
+        let original = rows();
+        let mut refs: Vec<&ArchivedEvent> = original.iter().collect();
+        let encoded = encode_file(
+            &mut refs,
+            &key(1),
+            &FileOptions {
+                zstd_level: 3,
+                row_group_rows: 64,
+            },
+        )
+        .expect("encode");
+        assert_eq!(encoded.rows, 500);
+        assert_eq!(encoded.conversation_digests.len(), 7);
+        assert_eq!(
+            &encoded.bytes[encoded.bytes.len() - 4..],
+            b"PARE",
+            "encrypted footer"
+        );
+
+        let decoded = decode_file(encoded.bytes.clone(), &key(1), None).expect("decode");
+        let mut expected: Vec<&ArchivedEvent> = original.iter().collect();
+        expected.sort_by(|a, b| {
+            (
+                &a.event.conversation_id,
+                a.event.occurred_at_micros,
+                a.kafka_offset,
+            )
+                .cmp(&(
+                    &b.event.conversation_id,
+                    b.event.occurred_at_micros,
+                    b.kafka_offset,
+                ))
+        });
+        assert_eq!(
+            decoded.iter().collect::<Vec<_>>(),
+            expected,
+            "every field survives, in archive order"
+        );
+
+        let one = decode_file(encoded.bytes.clone(), &key(1), Some("C3")).expect("decode one");
+        assert!(!one.is_empty() && one.iter().all(|row| row.event.conversation_id == "C3"));
+        assert!(
+            decode_file(encoded.bytes.clone(), &key(1), Some("C-none"))
+                .expect("decode none")
+                .is_empty()
+        );
+
+        let wrong = decode_file(encoded.bytes, &key(2), None).expect_err("wrong key");
+        assert!(
+            wrong.message().contains("wrong data key"),
+            "{}",
+            wrong.message()
+        );
+    }
+}
