@@ -8,3 +8,4 @@ scripts/setup-test-deps.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast "$@"
+.venv/bin/python scripts/test_helm_chart.py

@@ -12,6 +12,8 @@ use chatvault_core::config::{Config, TenantConfig, TokenConfig};
 use chatvault_core::keys::{DataKeys, LocalKeyring};
 use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
+use chatvault_ingest_gateway::webhooks::Integration;
+use chatvault_ingest_gateway::webhooks::server::{WebhookService, serve_http};
 use chatvault_ingest_gateway::{EventProducer, IngestGrpc};
 use chatvault_restorer::Restorer;
 use clap::Args;
@@ -54,25 +56,40 @@ fn data_keys(
     Ok(DataKeys::new(store, Arc::new(keyring)))
 }
 
+/// The gateway: gRPC on `grpc_listener`, webhooks and `/healthz` on `http_listener`, one producer, one
+/// shutdown.
 pub async fn gateway_task(
     config: &Config,
-    listener: TcpListener,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let producer = EventProducer::new(&config.kafka, &config.gateway)?;
+    let integrations = config
+        .gateway
+        .webhooks
+        .iter()
+        .map(Integration::from_config)
+        .collect::<Result<Vec<_>, _>>()?;
+    let webhooks = Arc::new(WebhookService::new(
+        integrations,
+        producer.clone(),
+        config.gateway.limits.clone(),
+        config.gateway.max_webhook_body_bytes,
+        config.gateway.webhook_replay_window_secs,
+    ));
+    let drain = Duration::from_millis(config.gateway.drain_timeout_ms);
     let service = IngestGrpc::new(
         producer.clone(),
         config.authenticator()?,
         config.gateway.clone(),
     );
-    chatvault_ingest_gateway::serve(
-        listener,
-        service,
-        producer,
-        shutdown,
-        Duration::from_millis(config.gateway.drain_timeout_ms),
-    )
-    .await?;
+    let grpc =
+        chatvault_ingest_gateway::serve(grpc_listener, service, producer, shutdown.clone(), drain);
+    let http = serve_http(http_listener, webhooks, shutdown, drain);
+    let (grpc, http) = tokio::join!(grpc, http);
+    grpc?;
+    http?;
     Ok(())
 }
 
@@ -112,10 +129,11 @@ pub async fn restorer_task(
 }
 
 pub async fn run_gateway(config: Config) -> anyhow::Result<()> {
-    let listener = bind(&config.gateway.grpc_listen, "gateway.grpc_listen").await?;
-    tracing::info!(address = %config.gateway.grpc_listen, "gateway listening");
+    let grpc_listener = bind(&config.gateway.grpc_listen, "gateway.grpc_listen").await?;
+    let http_listener = bind(&config.gateway.http_listen, "gateway.http_listen").await?;
+    tracing::info!(grpc = %config.gateway.grpc_listen, http = %config.gateway.http_listen, "gateway listening");
     let (_trigger, shutdown) = shutdown_on_signal();
-    gateway_task(&config, listener, shutdown).await
+    gateway_task(&config, grpc_listener, http_listener, shutdown).await
 }
 
 pub async fn run_archiver(config: Config) -> anyhow::Result<()> {
@@ -151,6 +169,9 @@ pub struct StandaloneArgs {
     /// gRPC address of the restorer.
     #[arg(long, default_value = "127.0.0.1:50052")]
     restorer_listen: String,
+    /// HTTP address of the webhook endpoints (`POST /webhooks/<integration>`, `GET /healthz`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: String,
 }
 
 pub const STANDALONE_TENANT: &str = "demo";
@@ -219,6 +240,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     config.validate()?;
 
     let gateway_listener = bind(&args.gateway_listen, "--gateway-listen").await?;
+    let http_listener = bind(&args.http_listen, "--http-listen").await?;
     let restorer_listener = bind(&args.restorer_listen, "--restorer-listen").await?;
     let (trigger, shutdown) = shutdown_on_signal();
 
@@ -269,7 +291,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         result
     };
     let gateway = async {
-        stop_all_on_error(gateway_task(&config, gateway_listener, shutdown.clone()).await)
+        stop_all_on_error(
+            gateway_task(&config, gateway_listener, http_listener, shutdown.clone()).await,
+        )
     };
     let archiver = async { stop_all_on_error(archiver_task(&config, shutdown.clone()).await) };
     let restorer = async {

@@ -109,6 +109,64 @@ pub struct GatewayConfig {
     /// Grace period for in-flight requests at shutdown. Default 20000.
     pub drain_timeout_ms: u64,
     pub limits: EventLimits,
+    /// HTTP listen address of the webhook endpoints (`POST /webhooks/<integration>`). Default `0.0.0.0:8080`.
+    pub http_listen: String,
+    /// Largest accepted webhook body; larger requests get 413. Default 1 MiB.
+    pub max_webhook_body_bytes: usize,
+    /// How far a signed webhook timestamp may be from now (Slack, Standard Webhooks). Default 300 (5 minutes).
+    pub webhook_replay_window_secs: u64,
+    /// Webhook integrations, one endpoint each.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// A chat platform that pushes webhooks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookPlatform {
+    /// Slack Events API: `secrets` are signing secrets.
+    Slack,
+    /// Standard Webhooks senders: `secrets` are `whsec_<base64>` secrets.
+    StandardWebhooks,
+    /// Mattermost outgoing webhooks: `secrets` are the outgoing webhook tokens.
+    Mattermost,
+    /// Discord: `secrets` are application public keys (64 hex characters).
+    Discord,
+}
+
+/// One webhook integration: `POST /webhooks/<name>` binds a platform, a tenant and its secrets. Several
+/// secrets may be valid at once (rotation): a request verified by any of them is accepted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Path segment of the endpoint: 1 to 64 characters of a-z, 0-9, '-' and '_'.
+    pub name: String,
+    pub platform: Option<WebhookPlatform>,
+    /// Tenant the integration's events belong to.
+    pub tenant: String,
+    /// Secrets in clear (prefer `secret_files`). Never logged.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// Files holding one secret each (mounted Kubernetes secrets); read at start-up.
+    #[serde(default)]
+    pub secret_files: Vec<PathBuf>,
+}
+
+impl WebhookConfig {
+    /// Every configured secret, files read and trimmed.
+    pub fn resolve_secrets(&self) -> Result<Vec<String>> {
+        let mut secrets = self.secrets.clone();
+        for path in &self.secret_files {
+            let text = std::fs::read_to_string(path).map_err(|error| {
+                Error::invalid_argument(format!(
+                    "webhook {}: reading secret file {}: {error}",
+                    self.name,
+                    path.display()
+                ))
+            })?;
+            secrets.push(text.trim().to_string());
+        }
+        Ok(secrets)
+    }
 }
 
 impl Default for GatewayConfig {
@@ -120,6 +178,10 @@ impl Default for GatewayConfig {
             max_batch_events: 10_000,
             drain_timeout_ms: 20_000,
             limits: EventLimits::default(),
+            http_listen: "0.0.0.0:8080".into(),
+            max_webhook_body_bytes: 1024 * 1024,
+            webhook_replay_window_secs: 300,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -299,6 +361,34 @@ impl Config {
         }
         if self.restorer.read_concurrency == 0 {
             return invalid("restorer.read_concurrency", "must be positive");
+        }
+        let mut webhook_names = std::collections::HashSet::new();
+        for (index, webhook) in self.gateway.webhooks.iter().enumerate() {
+            let setting = format!("gateway.webhooks[{index}]");
+            if !is_valid_tenant_id(&webhook.name) {
+                return invalid(
+                    &format!("{setting}.name"),
+                    "must be 1 to 64 characters of a-z, 0-9, '-' and '_'",
+                );
+            }
+            if !webhook_names.insert(webhook.name.as_str()) {
+                return invalid(&format!("{setting}.name"), "is used by another webhook");
+            }
+            if webhook.platform.is_none() {
+                return invalid(
+                    &format!("{setting}.platform"),
+                    "is required: slack, standard_webhooks, mattermost or discord",
+                );
+            }
+            if !is_valid_tenant_id(&webhook.tenant) {
+                return invalid(&format!("{setting}.tenant"), "must be a valid tenant id");
+            }
+            if webhook.secrets.is_empty() && webhook.secret_files.is_empty() {
+                return invalid(&setting, "needs at least one of secrets, secret_files");
+            }
+        }
+        if self.gateway.max_webhook_body_bytes < 1024 {
+            return invalid("gateway.max_webhook_body_bytes", "must be at least 1024");
         }
         for (index, tenant) in self.tenants.iter().enumerate() {
             if !is_valid_tenant_id(&tenant.id) {

@@ -57,6 +57,85 @@ impl Date {
     }
 }
 
+/// Parses a Slack timestamp (`"1355517523.000005"`: seconds, a dot, 6 digits of microseconds) to
+/// microseconds since the epoch. Slack message `ts` values double as message ids.
+pub fn parse_slack_ts(ts: &str) -> Option<i64> {
+    let (seconds, fraction) = ts.split_once('.').unwrap_or((ts, ""));
+    if seconds.is_empty() || !seconds.bytes().all(|b| b.is_ascii_digit()) || fraction.len() > 6 {
+        return None;
+    }
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seconds: i64 = seconds.parse().ok()?;
+    let micros: i64 = format!("{fraction:0<6}").parse().ok()?;
+    seconds.checked_mul(MICROS_PER_SECOND)?.checked_add(micros)
+}
+
+/// Parses an RFC 3339 timestamp (`2021-03-04T12:34:56.789+00:00`, `...Z`) to microseconds since the epoch.
+/// Fractions beyond microseconds are truncated.
+pub fn parse_rfc3339_micros(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    if bytes.len() < 20
+        || bytes[4] != b'-'
+        || bytes[7] != b'-'
+        || !matches!(bytes[10], b'T' | b't' | b' ')
+    {
+        return None;
+    }
+    if bytes[13] != b':' || bytes[16] != b':' {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = text.get(range)?;
+        if part.bytes().all(|b| b.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut rest = &text[19..];
+    let mut micros = 0i64;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let kept = &fraction[..digits.min(6)];
+        micros = format!("{kept:0<6}").parse().ok()?;
+        rest = &fraction[digits..];
+    }
+    let offset_seconds = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let offset = rest.get(1..)?;
+            let (hours, minutes) = offset.split_once(':')?;
+            if hours.len() != 2 || minutes.len() != 2 {
+                return None;
+            }
+            sign * (hours.parse::<i64>().ok()? * 3600 + minutes.parse::<i64>().ok()? * 60)
+        }
+    };
+    let days = days_from_civil(year as i32, month as u32, day as u32);
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+    Some(seconds * MICROS_PER_SECOND + micros)
+}
+
 /// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's civil calendar algorithm).
 fn civil_from_days(days_since_epoch: i64) -> Date {
     let shifted = days_since_epoch + 719_468;
@@ -102,6 +181,37 @@ mod tests {
             Date::from_micros(1_764_028_800_000_000).month_period(),
             "2025-11"
         );
+    }
+
+    #[test]
+    fn parses_source_timestamps() {
+        assert_eq!(
+            parse_slack_ts("1355517523.000005"),
+            Some(1_355_517_523_000_005)
+        );
+        assert_eq!(parse_slack_ts("1355517523.5"), Some(1_355_517_523_500_000));
+        assert_eq!(parse_slack_ts("1355517523"), Some(1_355_517_523_000_000));
+        for bad in ["", ".1", "12a.1", "1.1234567", "1.-1"] {
+            assert_eq!(parse_slack_ts(bad), None, "{bad}");
+        }
+        assert_eq!(parse_rfc3339_micros("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_micros("2021-03-04T12:34:56.789+00:00"),
+            Some(1_614_861_296_789_000)
+        );
+        assert_eq!(
+            parse_rfc3339_micros("2021-03-04T14:34:56.789123456+02:00"),
+            Some(1_614_861_296_789_123)
+        );
+        for bad in [
+            "",
+            "2021-03-04",
+            "2021-13-04T00:00:00Z",
+            "2021-03-04T00:00:00",
+            "2021-03-04T00:00:00+0200",
+        ] {
+            assert_eq!(parse_rfc3339_micros(bad), None, "{bad}");
+        }
     }
 
     #[test]

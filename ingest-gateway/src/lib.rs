@@ -4,10 +4,12 @@
 //! - [`producer`]: the idempotent Kafka producer and the mapping of its failures to retryable errors.
 //! - [`grpc`]: the `chatvault.v1.IngestService` (unary, batch, client-streaming).
 //! - [`server`]: the gRPC server with health, reflection and graceful shutdown.
+//! - [`webhooks`]: the HTTP webhook endpoints (Slack, Standard Webhooks, Mattermost, Discord).
 
 pub mod grpc;
 pub mod producer;
 pub mod server;
+pub mod webhooks;
 
 pub use grpc::IngestGrpc;
 pub use producer::EventProducer;

@@ -13,6 +13,8 @@ use chatvault_core::config::{Config, StorageConfig, TenantConfig, TokenConfig};
 use chatvault_core::keys::{DataKeys, LocalKeyring};
 use chatvault_core::shutdown::{self, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
+use chatvault_ingest_gateway::webhooks::Integration;
+use chatvault_ingest_gateway::webhooks::server::{WebhookService, serve_http};
 use chatvault_ingest_gateway::{EventProducer, IngestGrpc};
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
 use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
@@ -82,6 +84,8 @@ pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -
 /// A running role: trigger its shutdown and await its task.
 pub struct RunningRole {
     pub address: Option<SocketAddr>,
+    /// The gateway's webhook HTTP address.
+    pub http_address: Option<SocketAddr>,
     trigger: ShutdownTrigger,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -101,25 +105,54 @@ impl RunningRole {
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address.expect("role has an address"))
     }
+
+    /// `http://<webhook address>` of a gateway.
+    pub fn http_endpoint(&self) -> String {
+        format!(
+            "http://{}",
+            self.http_address.expect("gateway has an HTTP address")
+        )
+    }
 }
 
 pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
+    let http_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let http_address = http_listener.local_addr()?;
     let producer = EventProducer::new(&config.kafka, &config.gateway)?;
     let service = IngestGrpc::new(
         producer.clone(),
         config.authenticator()?,
         config.gateway.clone(),
     );
+    let integrations = config
+        .gateway
+        .webhooks
+        .iter()
+        .map(Integration::from_config)
+        .collect::<Result<Vec<_>, _>>()?;
+    let webhooks = Arc::new(WebhookService::new(
+        integrations,
+        producer.clone(),
+        config.gateway.limits.clone(),
+        config.gateway.max_webhook_body_bytes,
+        config.gateway.webhook_replay_window_secs,
+    ));
     let (trigger, shutdown) = shutdown::channel();
     let drain = Duration::from_millis(config.gateway.drain_timeout_ms);
     let task = tokio::spawn(async move {
-        chatvault_ingest_gateway::serve(listener, service, producer, shutdown, drain).await?;
+        let grpc =
+            chatvault_ingest_gateway::serve(listener, service, producer, shutdown.clone(), drain);
+        let http = serve_http(http_listener, webhooks, shutdown, drain);
+        let (grpc, http) = tokio::join!(grpc, http);
+        grpc?;
+        http?;
         Ok(())
     });
     Ok(RunningRole {
         address: Some(address),
+        http_address: Some(http_address),
         trigger,
         task,
     })
@@ -157,6 +190,7 @@ pub async fn start_archiver(
     Ok((
         RunningRole {
             address: None,
+            http_address: None,
             trigger,
             task,
         },
@@ -186,6 +220,7 @@ pub async fn start_restorer(config: &Config) -> anyhow::Result<RunningRole> {
     });
     Ok(RunningRole {
         address: Some(address),
+        http_address: None,
         trigger,
         task,
     })

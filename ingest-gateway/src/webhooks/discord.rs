@@ -1,0 +1,219 @@
+//! Discord: interactions and webhook events.
+//!
+//! Verification: Ed25519 over `X-Signature-Timestamp + raw body` with the application's public key (several
+//! keys may be configured); any failure is 401, as Discord requires (it sends bad signatures on purpose to
+//! check). Interactions: `PING` (type 1) is answered `{"type":1}`; interactions carrying a `message` are
+//! archived and acknowledged without a visible reply. Webhook events (`{"type":1,"event":{...}}`): a `PING`
+//! (type 0) is answered 204; message events (`MESSAGE_CREATE`, `LOBBY_MESSAGE_CREATE`, their `_UPDATE` and
+//! `_DELETE`) are archived.
+
+use chatvault_core::error::{Error, Result};
+use chatvault_core::time::parse_rfc3339_micros;
+use chatvault_proto::v1::{Attachment, ChatEvent, EventKind, Sender, Source};
+use ring::signature::{ED25519, UnparsedPublicKey};
+use serde_json::{Value, json};
+
+use super::{Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, header};
+
+pub struct Discord {
+    public_keys: Vec<Vec<u8>>,
+}
+
+impl Discord {
+    pub fn new(public_keys_hex: &[String]) -> Result<Discord> {
+        let public_keys = public_keys_hex
+            .iter()
+            .map(|key| match hex::decode(key) {
+                Ok(bytes) if bytes.len() == 32 => Ok(bytes),
+                _ => Err(Error::invalid_argument(
+                    "a Discord public key must be 64 hex characters",
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Discord { public_keys })
+    }
+
+    fn verify(&self, request: &WebhookRequest<'_>) -> Result<(), Rejection> {
+        let signature = header(request.headers, "x-signature-ed25519")
+            .and_then(|value| hex::decode(value).ok())
+            .ok_or_else(|| {
+                Rejection::unauthorized("signature", "missing or malformed X-Signature-Ed25519")
+            })?;
+        let timestamp = header(request.headers, "x-signature-timestamp")
+            .ok_or_else(|| Rejection::unauthorized("signature", "missing X-Signature-Timestamp"))?;
+        let mut signed = Vec::with_capacity(timestamp.len() + request.body.len());
+        signed.extend_from_slice(timestamp.as_bytes());
+        signed.extend_from_slice(request.body);
+        let verified = self.public_keys.iter().any(|key| {
+            UnparsedPublicKey::new(&ED25519, key)
+                .verify(&signed, &signature)
+                .is_ok()
+        });
+        if verified {
+            Ok(())
+        } else {
+            Err(Rejection::unauthorized(
+                "signature",
+                "X-Signature-Ed25519 does not verify",
+            ))
+        }
+    }
+}
+
+impl PlatformHandler for Discord {
+    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection> {
+        self.verify(request)?;
+        let payload: Value = serde_json::from_slice(request.body)
+            .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
+        let payload_type = payload["type"]
+            .as_i64()
+            .ok_or_else(|| Rejection::malformed("type must be an integer"))?;
+        if payload["event"].is_object()
+            || (payload_type == 0 && payload["application_id"].is_string())
+        {
+            // Webhook events.
+            if payload_type == 0 {
+                return Ok(Accepted {
+                    events: vec![],
+                    delivery_id: None,
+                    response: WebhookResponse::empty(204),
+                });
+            }
+            let event = &payload["event"];
+            let event_type = event["type"].as_str().unwrap_or_default();
+            let kind = match event_type {
+                "MESSAGE_CREATE" | "LOBBY_MESSAGE_CREATE" => Some(EventKind::MessageCreated),
+                "MESSAGE_UPDATE" | "LOBBY_MESSAGE_UPDATE" => Some(EventKind::MessageEdited),
+                "MESSAGE_DELETE" | "LOBBY_MESSAGE_DELETE" => Some(EventKind::MessageDeleted),
+                _ => None,
+            };
+            let events = match kind {
+                Some(kind) => vec![message_event(
+                    tenant,
+                    &event["data"],
+                    kind,
+                    request.body,
+                    &event["timestamp"],
+                )?],
+                None => vec![],
+            };
+            return Ok(Accepted {
+                events,
+                delivery_id: None,
+                response: WebhookResponse::empty(204),
+            });
+        }
+        match payload_type {
+            1 => Ok(Accepted {
+                events: vec![],
+                delivery_id: None,
+                response: WebhookResponse::json(&json!({ "type": 1 })),
+            }),
+            2..=5 => {
+                let events = if payload["message"].is_object() {
+                    vec![message_event(
+                        tenant,
+                        &payload["message"],
+                        EventKind::MessageCreated,
+                        request.body,
+                        &Value::Null,
+                    )?]
+                } else {
+                    vec![]
+                };
+                // Component interactions (3) are acknowledged without changing the message (6, deferred
+                // update); others with a deferred response (5). chatvault never posts into the conversation.
+                let answer = if payload_type == 3 { 6 } else { 5 };
+                Ok(Accepted {
+                    events,
+                    delivery_id: payload["id"].as_str().map(str::to_string),
+                    response: WebhookResponse::json(&json!({ "type": answer })),
+                })
+            }
+            other => Err(Rejection::malformed(format!(
+                "unknown interaction type {other}"
+            ))),
+        }
+    }
+}
+
+/// `event_time` is the envelope's timestamp, used when the message carries none (deletions).
+fn message_event(
+    tenant: &str,
+    message: &Value,
+    kind: EventKind,
+    raw: &[u8],
+    event_time: &Value,
+) -> Result<ChatEvent, Rejection> {
+    if !message.is_object() {
+        return Err(Rejection::malformed("message payload is not an object"));
+    }
+    let text = |value: &Value| value.as_str().unwrap_or_default().to_string();
+    let conversation = match (&message["channel_id"], &message["lobby_id"]) {
+        (Value::String(channel), _) => channel.clone(),
+        (_, Value::String(lobby)) => format!("lobby:{lobby}"),
+        _ => {
+            return Err(Rejection::malformed(
+                "message has neither channel_id nor lobby_id",
+            ));
+        }
+    };
+    let time_field = match kind {
+        EventKind::MessageEdited => &message["edited_timestamp"],
+        _ => &message["timestamp"],
+    };
+    let occurred_at_micros = time_field
+        .as_str()
+        .and_then(parse_rfc3339_micros)
+        .or_else(|| message["timestamp"].as_str().and_then(parse_rfc3339_micros))
+        .or_else(|| event_time.as_str().and_then(parse_rfc3339_micros))
+        .ok_or_else(|| Rejection::malformed("message.timestamp must be an RFC 3339 timestamp"))?;
+    let author = &message["author"];
+    let sender = author["id"].as_str().map(|id| Sender {
+        id: id.to_string(),
+        display_name: text(&author["username"]),
+        is_bot: author["bot"].as_bool().unwrap_or(false),
+    });
+    let attachments = message["attachments"]
+        .as_array()
+        .map(|files| {
+            files
+                .iter()
+                .map(|file| Attachment {
+                    id: text(&file["id"]),
+                    name: text(&file["filename"]),
+                    mime_type: text(&file["content_type"]),
+                    size_bytes: file["size"].as_u64().unwrap_or(0),
+                    sha256: String::new(),
+                    url: text(&file["url"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mentions = message["mentions"]
+        .as_array()
+        .map(|users| {
+            users
+                .iter()
+                .filter_map(|user| user["id"].as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ChatEvent {
+        tenant_id: tenant.to_string(),
+        source: Source::Discord as i32,
+        workspace_id: text(&message["guild_id"]),
+        conversation_id: conversation,
+        message_id: text(&message["id"]),
+        kind: kind as i32,
+        sender,
+        occurred_at_micros,
+        text: text(&message["content"]),
+        attachments,
+        mentions,
+        raw_payload: raw.to_vec(),
+        raw_content_type: "application/json".into(),
+        ..Default::default()
+    })
+}

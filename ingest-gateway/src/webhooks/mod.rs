@@ -1,0 +1,276 @@
+//! Webhook ingest: one endpoint per configured integration, `POST /webhooks/<name>`.
+//!
+//! Each platform module verifies the request the platform's way (signature, replay window, shared token),
+//! answers its handshakes, and normalizes the payload into `ChatEvent`s; [`server`] produces them through the
+//! same Kafka producer and acknowledgement rule as gRPC (2xx only after Kafka acknowledged every event) and maps
+//! failures to statuses the platforms retry on.
+//!
+//! Status contract: 401 failed verification (signature, token, stale timestamp), 400 malformed body (the
+//! message names the problem), 413 body over `gateway.max_webhook_body_bytes`, 404 unknown integration,
+//! 503 with `Retry-After` when Kafka cannot take the events. Nothing is produced for a rejected request. The raw
+//! body is kept verbatim in every event as evidence.
+
+pub mod discord;
+pub mod mattermost;
+pub mod server;
+pub mod slack;
+pub mod standard;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chatvault_core::config::{WebhookConfig, WebhookPlatform};
+use chatvault_core::error::{Error, Result};
+use chatvault_proto::v1::ChatEvent;
+use http::HeaderMap;
+
+/// What a platform handler sees of a request.
+pub struct WebhookRequest<'a> {
+    pub headers: &'a HeaderMap,
+    /// The raw query string, if any.
+    pub query: Option<&'a str>,
+    /// The raw body, exactly as received (signatures are over these bytes).
+    pub body: &'a [u8],
+    /// Seconds since the epoch, now.
+    pub now_secs: i64,
+    /// Tolerance for signed timestamps, seconds.
+    pub replay_window_secs: i64,
+}
+
+/// A response to send once the events (if any) are acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookResponse {
+    pub status: u16,
+    pub content_type: Option<&'static str>,
+    pub body: Vec<u8>,
+}
+
+impl WebhookResponse {
+    pub fn empty(status: u16) -> WebhookResponse {
+        WebhookResponse {
+            status,
+            content_type: None,
+            body: Vec::new(),
+        }
+    }
+
+    pub fn json(value: &serde_json::Value) -> WebhookResponse {
+        WebhookResponse {
+            status: 200,
+            content_type: Some("application/json"),
+            body: value.to_string().into_bytes(),
+        }
+    }
+
+    pub fn text(body: &str) -> WebhookResponse {
+        WebhookResponse {
+            status: 200,
+            content_type: Some("text/plain; charset=utf-8"),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+}
+
+/// What a verified request asks for.
+#[derive(Debug)]
+pub struct Accepted {
+    /// Events to produce before answering; empty for handshakes and ignored event types.
+    pub events: Vec<ChatEvent>,
+    /// The platform's own delivery id (Slack `event_id`, Standard Webhooks `webhook-id`), used to answer a
+    /// redelivery without producing again.
+    pub delivery_id: Option<String>,
+    pub response: WebhookResponse,
+}
+
+/// Why a request was refused; each maps to a status and a counter reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// 401: signature, token or timestamp did not verify.
+    Unauthorized {
+        reason: &'static str,
+        message: String,
+    },
+    /// 400: the body is not what the platform sends; the message names the problem.
+    Malformed(String),
+}
+
+impl Rejection {
+    pub fn unauthorized(reason: &'static str, message: impl Into<String>) -> Rejection {
+        Rejection::Unauthorized {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn malformed(message: impl Into<String>) -> Rejection {
+        Rejection::Malformed(message.into())
+    }
+}
+
+/// A platform's verification and normalization.
+pub trait PlatformHandler: Send + Sync {
+    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection>;
+}
+
+/// Counters of one integration: accepted events and rejected requests by reason.
+#[derive(Debug, Default)]
+pub struct IntegrationStats {
+    pub accepted_events: AtomicU64,
+    pub duplicate_deliveries: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl IntegrationStats {
+    pub fn reject(&self, reason: &'static str) {
+        if let Ok(mut rejected) = self.rejected.lock() {
+            *rejected.entry(reason).or_default() += 1;
+        }
+    }
+
+    /// Rejected requests by reason (`signature`, `stale_timestamp`, `token`, `malformed`, `too_large`,
+    /// `invalid_event`, `kafka_unavailable`).
+    pub fn rejected(&self) -> BTreeMap<&'static str, u64> {
+        self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted_events.load(Ordering::Relaxed)
+    }
+}
+
+/// Delivery ids acknowledged recently, bounded in count and age, so a platform's retry of an acknowledged
+/// delivery is answered without producing again. A restart forgets them; the event ids derived from the
+/// source identity still collapse such copies in the archive.
+#[derive(Debug)]
+pub struct RecentDeliveries {
+    capacity: usize,
+    ttl: Duration,
+    state: Mutex<(HashMap<String, Instant>, VecDeque<String>)>,
+}
+
+impl RecentDeliveries {
+    pub fn new(capacity: usize, ttl: Duration) -> RecentDeliveries {
+        RecentDeliveries {
+            capacity,
+            ttl,
+            state: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.state
+            .lock()
+            .map(|state| state.0.get(id).is_some_and(|at| at.elapsed() < self.ttl))
+            .unwrap_or(false)
+    }
+
+    pub fn insert(&self, id: String) {
+        if let Ok(mut state) = self.state.lock() {
+            let (seen, order) = &mut *state;
+            while order.len() >= self.capacity {
+                if let Some(oldest) = order.pop_front() {
+                    seen.remove(&oldest);
+                }
+            }
+            if seen.insert(id.clone(), Instant::now()).is_none() {
+                order.push_back(id);
+            }
+        }
+    }
+}
+
+/// One configured endpoint.
+pub struct Integration {
+    pub name: String,
+    pub tenant: String,
+    pub platform: WebhookPlatform,
+    pub handler: Box<dyn PlatformHandler>,
+    pub stats: IntegrationStats,
+    pub recent: RecentDeliveries,
+}
+
+impl std::fmt::Debug for Integration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets live in the handler and are never printed.
+        f.debug_struct("Integration")
+            .field("name", &self.name)
+            .field("tenant", &self.tenant)
+            .field("platform", &self.platform)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Integration {
+    /// Builds an integration from its configuration, reading and checking its secrets.
+    pub fn from_config(config: &WebhookConfig) -> Result<Integration> {
+        let platform = config.platform.ok_or_else(|| {
+            Error::invalid_argument(format!("webhook {}: platform is required", config.name))
+        })?;
+        let secrets = config.resolve_secrets()?;
+        let context = |error: Error| error.context(format!("webhook {}", config.name));
+        let handler: Box<dyn PlatformHandler> = match platform {
+            WebhookPlatform::Slack => Box::new(slack::Slack::new(secrets).map_err(context)?),
+            WebhookPlatform::StandardWebhooks => {
+                Box::new(standard::StandardWebhooks::new(&config.name, &secrets).map_err(context)?)
+            }
+            WebhookPlatform::Mattermost => {
+                Box::new(mattermost::Mattermost::new(secrets).map_err(context)?)
+            }
+            WebhookPlatform::Discord => Box::new(discord::Discord::new(&secrets).map_err(context)?),
+        };
+        Ok(Integration {
+            name: config.name.clone(),
+            tenant: config.tenant.clone(),
+            platform,
+            handler,
+            stats: IntegrationStats::default(),
+            recent: RecentDeliveries::new(100_000, Duration::from_secs(3600)),
+        })
+    }
+}
+
+/// A header as text, if present and valid.
+pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// User ids mentioned in Slack-style text (`<@U123>` or `<@U123|name>`).
+pub(crate) fn slack_style_mentions(text: &str) -> Vec<String> {
+    let mut mentions = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("<@") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('>') else { break };
+        let id = after[..end].split('|').next().unwrap_or_default();
+        if !id.is_empty() && !mentions.iter().any(|known: &String| known == id) {
+            mentions.push(id.to_string());
+        }
+        rest = &after[end..];
+    }
+    mentions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_deliveries_are_bounded() {
+        let recent = RecentDeliveries::new(2, Duration::from_secs(60));
+        recent.insert("a".into());
+        recent.insert("b".into());
+        recent.insert("c".into());
+        assert!(!recent.contains("a") && recent.contains("b") && recent.contains("c"));
+    }
+
+    #[test]
+    fn mentions_are_extracted_once() {
+        assert_eq!(
+            slack_style_mentions("hi <@U1> and <@U2|bob>, <@U1>"),
+            vec!["U1", "U2"]
+        );
+        assert!(slack_style_mentions("no <@ mention").is_empty());
+    }
+}

@@ -1,0 +1,271 @@
+//! The webhook HTTP server: routing, body limits, and the produce-then-answer rule.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatvault_core::error::{ErrorCode, Result};
+use chatvault_core::event::{EventLimits, validate_and_complete};
+use chatvault_core::shutdown::Shutdown;
+use chatvault_proto::v1::Source;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use tokio::net::TcpListener;
+
+use super::{Integration, Rejection, WebhookRequest};
+use crate::producer::{EventProducer, PendingDelivery};
+
+/// Seconds a platform is asked to wait before retrying when Kafka cannot take events.
+pub const RETRY_AFTER_SECS: u64 = 5;
+
+/// Routes `POST /webhooks/<name>` to its integration.
+pub struct WebhookService {
+    integrations: HashMap<String, Arc<Integration>>,
+    producer: EventProducer,
+    limits: EventLimits,
+    max_body_bytes: usize,
+    replay_window_secs: i64,
+}
+
+impl WebhookService {
+    pub fn new(
+        integrations: Vec<Integration>,
+        producer: EventProducer,
+        limits: EventLimits,
+        max_body_bytes: usize,
+        replay_window_secs: u64,
+    ) -> WebhookService {
+        WebhookService {
+            integrations: integrations
+                .into_iter()
+                .map(|integration| (integration.name.clone(), Arc::new(integration)))
+                .collect(),
+            producer,
+            limits,
+            max_body_bytes,
+            replay_window_secs: replay_window_secs as i64,
+        }
+    }
+
+    pub fn integration(&self, name: &str) -> Option<&Arc<Integration>> {
+        self.integrations.get(name)
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = request.uri().path().to_string();
+        if request.method() == Method::GET && path == "/healthz" {
+            return plain(StatusCode::OK, "ok");
+        }
+        let Some(name) = path.strip_prefix("/webhooks/") else {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; webhooks are POST /webhooks/<integration>",
+            );
+        };
+        let Some(integration) = self.integrations.get(name).cloned() else {
+            return plain(StatusCode::NOT_FOUND, "unknown integration");
+        };
+        if request.method() != Method::POST {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "webhooks are POST requests");
+        }
+        let (parts, body) = request.into_parts();
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<usize>().ok());
+        if declared.is_some_and(|length| length > self.max_body_bytes) {
+            integration.stats.reject("too_large");
+            return too_large(self.max_body_bytes);
+        }
+        let body = match Limited::new(body, self.max_body_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => {
+                if error
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    integration.stats.reject("too_large");
+                    return too_large(self.max_body_bytes);
+                }
+                integration.stats.reject("malformed");
+                return plain(StatusCode::BAD_REQUEST, "could not read the request body");
+            }
+        };
+        let now_secs = chatvault_core::time::now_micros() / 1_000_000;
+        let webhook_request = WebhookRequest {
+            headers: &parts.headers,
+            query: parts.uri.query(),
+            body: &body,
+            now_secs,
+            replay_window_secs: self.replay_window_secs,
+        };
+        let accepted = match integration
+            .handler
+            .handle(&integration.tenant, &webhook_request)
+        {
+            Ok(accepted) => accepted,
+            Err(Rejection::Unauthorized { reason, message }) => {
+                integration.stats.reject(reason);
+                tracing::warn!(integration = %integration.name, reason, "webhook rejected: {message}");
+                return plain(StatusCode::UNAUTHORIZED, &message);
+            }
+            Err(Rejection::Malformed(message)) => {
+                integration.stats.reject("malformed");
+                return plain(StatusCode::BAD_REQUEST, &message);
+            }
+        };
+        if let Some(delivery) = &accepted.delivery_id
+            && integration.recent.contains(delivery)
+        {
+            integration
+                .stats
+                .duplicate_deliveries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return respond(&accepted.response);
+        }
+        let source = match integration.platform {
+            chatvault_core::config::WebhookPlatform::Slack => Source::Slack,
+            chatvault_core::config::WebhookPlatform::StandardWebhooks => Source::StandardWebhooks,
+            chatvault_core::config::WebhookPlatform::Mattermost => Source::Mattermost,
+            chatvault_core::config::WebhookPlatform::Discord => Source::Discord,
+        };
+        let mut events = accepted.events;
+        for (index, event) in events.iter_mut().enumerate() {
+            if let Err(error) = validate_and_complete(event, source, &self.limits) {
+                integration.stats.reject("invalid_event");
+                let prefix = if index == 0 {
+                    String::new()
+                } else {
+                    format!("event {index}: ")
+                };
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    &format!("{prefix}{}", error.message()),
+                );
+            }
+        }
+        match produce_all(&self.producer, &events).await {
+            Ok(()) => {
+                integration
+                    .stats
+                    .accepted_events
+                    .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if let Some(delivery) = accepted.delivery_id {
+                    integration.recent.insert(delivery);
+                }
+                respond(&accepted.response)
+            }
+            Err(error) => {
+                integration.stats.reject("kafka_unavailable");
+                tracing::warn!(integration = %integration.name, %error, "webhook events not acknowledged by Kafka");
+                let mut response = plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the archive cannot take events right now; retry later",
+                );
+                response.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from(RETRY_AFTER_SECS),
+                );
+                if error.code() == ErrorCode::InvalidArgument {
+                    return plain(StatusCode::BAD_REQUEST, error.message());
+                }
+                response
+            }
+        }
+    }
+}
+
+async fn produce_all(
+    producer: &EventProducer,
+    events: &[chatvault_proto::v1::ChatEvent],
+) -> Result<()> {
+    let mut pending: Vec<PendingDelivery> = Vec::with_capacity(events.len());
+    let mut enqueue_error = None;
+    for event in events {
+        match producer.enqueue(event) {
+            Ok(delivery) => pending.push(delivery),
+            Err(error) => {
+                enqueue_error = Some(error);
+                break;
+            }
+        }
+    }
+    let results =
+        futures::future::join_all(pending.into_iter().map(PendingDelivery::acknowledged)).await;
+    if let Some(error) = enqueue_error {
+        return Err(error);
+    }
+    results.into_iter().collect()
+}
+
+fn plain(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn too_large(limit: usize) -> Response<Full<Bytes>> {
+    plain(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("body is larger than {limit} bytes"),
+    )
+}
+
+fn respond(answer: &super::WebhookResponse) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(answer.body.clone())));
+    *response.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+    if let Some(content_type) = answer.content_type {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
+    }
+    response
+}
+
+/// Serves webhooks until `shutdown`, then lets in-flight requests finish for up to `drain_timeout`.
+pub async fn serve_http(
+    listener: TcpListener,
+    service: Arc<WebhookService>,
+    shutdown: Shutdown,
+    drain_timeout: Duration,
+) -> Result<()> {
+    let connections = ConnBuilder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stop = shutdown.clone().wait();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stop => break,
+        };
+        let Ok((socket, _)) = accepted else { continue };
+        let service = service.clone();
+        let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let service = service.clone();
+            async move { Ok::<_, Infallible>(service.handle(request).await) }
+        });
+        let connection = connections
+            .serve_connection(TokioIo::new(socket), handler)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain_timeout) => tracing::warn!("webhook drain deadline passed"),
+    }
+    Ok(())
+}

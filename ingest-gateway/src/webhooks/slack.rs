@@ -1,0 +1,338 @@
+//! Slack Events API.
+//!
+//! Verification: `X-Slack-Signature: v0=<hex HMAC-SHA256(signing secret, "v0:" + timestamp + ":" + raw body)>`,
+//! checked in constant time against every configured signing secret, and `X-Slack-Request-Timestamp` within the
+//! replay window (5 minutes by default). Handshake: `url_verification` echoes the challenge. Events:
+//! messages and their subtypes (edits `message_changed`, deletions `message_deleted`, thread replies, file
+//! shares, bot messages), reactions added and removed, members joining and leaving, channel created, renamed
+//! and archived; `app_rate_limited` is archived as a capture gap. Other event types are acknowledged and not
+//! archived, so Slack does not disable the endpoint. Slack's `event_id` is the delivery id (retries repeat it).
+
+use chatvault_core::error::{Error, Result};
+use chatvault_core::time::{MICROS_PER_SECOND, parse_slack_ts};
+use chatvault_proto::v1::{Attachment, ChatEvent, EventKind, Sender, Source};
+use ring::hmac;
+use serde_json::{Value, json};
+
+use super::{
+    Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, header,
+    slack_style_mentions,
+};
+
+pub struct Slack {
+    keys: Vec<hmac::Key>,
+}
+
+impl Slack {
+    pub fn new(signing_secrets: Vec<String>) -> Result<Slack> {
+        if signing_secrets.iter().any(String::is_empty) {
+            return Err(Error::invalid_argument("a Slack signing secret is empty"));
+        }
+        Ok(Slack {
+            keys: signing_secrets
+                .iter()
+                .map(|secret| hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes()))
+                .collect(),
+        })
+    }
+
+    fn verify(&self, request: &WebhookRequest<'_>) -> Result<(), Rejection> {
+        let timestamp = header(request.headers, "x-slack-request-timestamp").ok_or_else(|| {
+            Rejection::unauthorized("signature", "missing X-Slack-Request-Timestamp")
+        })?;
+        let seconds: i64 = timestamp.parse().map_err(|_| {
+            Rejection::unauthorized("signature", "X-Slack-Request-Timestamp is not an integer")
+        })?;
+        if (request.now_secs - seconds).abs() > request.replay_window_secs {
+            return Err(Rejection::unauthorized(
+                "stale_timestamp",
+                "X-Slack-Request-Timestamp is outside the replay window",
+            ));
+        }
+        let signature = header(request.headers, "x-slack-signature")
+            .and_then(|value| value.strip_prefix("v0="))
+            .and_then(|hex_signature| hex::decode(hex_signature).ok())
+            .ok_or_else(|| {
+                Rejection::unauthorized("signature", "missing or malformed X-Slack-Signature")
+            })?;
+        let mut signed = Vec::with_capacity(request.body.len() + timestamp.len() + 4);
+        signed.extend_from_slice(b"v0:");
+        signed.extend_from_slice(timestamp.as_bytes());
+        signed.push(b':');
+        signed.extend_from_slice(request.body);
+        // ring's verify compares in constant time.
+        if self
+            .keys
+            .iter()
+            .any(|key| hmac::verify(key, &signed, &signature).is_ok())
+        {
+            Ok(())
+        } else {
+            Err(Rejection::unauthorized(
+                "signature",
+                "X-Slack-Signature does not match",
+            ))
+        }
+    }
+}
+
+impl PlatformHandler for Slack {
+    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection> {
+        self.verify(request)?;
+        let envelope: Value = serde_json::from_slice(request.body)
+            .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
+        let kind = envelope["type"].as_str().unwrap_or_default();
+        match kind {
+            "url_verification" => {
+                let challenge = envelope["challenge"]
+                    .as_str()
+                    .ok_or_else(|| Rejection::malformed("url_verification without a challenge"))?;
+                Ok(Accepted {
+                    events: vec![],
+                    delivery_id: None,
+                    response: WebhookResponse::json(&json!({ "challenge": challenge })),
+                })
+            }
+            "event_callback" => {
+                let delivery_id = envelope["event_id"].as_str().map(str::to_string);
+                let events = normalize_event(tenant, &envelope, request.body)?;
+                Ok(Accepted {
+                    events,
+                    delivery_id,
+                    response: WebhookResponse::empty(200),
+                })
+            }
+            "app_rate_limited" => {
+                // Slack dropped events for this workspace: archive the gap so it is visible and can be back-filled.
+                let team = envelope["team_id"].as_str().unwrap_or_default();
+                let minute = envelope["minute_rate_limited"]
+                    .as_i64()
+                    .unwrap_or(request.now_secs);
+                let gap = ChatEvent {
+                    tenant_id: tenant.to_string(),
+                    source: Source::Slack as i32,
+                    workspace_id: team.to_string(),
+                    conversation_id: format!("workspace:{team}"),
+                    kind: EventKind::CaptureGap as i32,
+                    occurred_at_micros: minute * MICROS_PER_SECOND,
+                    text: "Slack rate-limited event deliveries (app_rate_limited); events of this minute may be missing".into(),
+                    raw_payload: request.body.to_vec(),
+                    raw_content_type: "application/json".into(),
+                    ..Default::default()
+                };
+                Ok(Accepted {
+                    events: vec![gap],
+                    delivery_id: None,
+                    response: WebhookResponse::empty(200),
+                })
+            }
+            "" => Err(Rejection::malformed("body has no type field")),
+            _ => Ok(Accepted {
+                events: vec![],
+                delivery_id: None,
+                response: WebhookResponse::empty(200),
+            }),
+        }
+    }
+}
+
+fn text(value: &Value) -> String {
+    value.as_str().unwrap_or_default().to_string()
+}
+
+fn slack_time(value: &Value, what: &str) -> Result<i64, Rejection> {
+    let raw = match value {
+        Value::String(ts) => ts.clone(),
+        Value::Number(number) => number.to_string(),
+        _ => return Err(Rejection::malformed(format!("{what} is missing"))),
+    };
+    parse_slack_ts(&raw)
+        .ok_or_else(|| Rejection::malformed(format!("{what} is not a Slack timestamp")))
+}
+
+fn sender(user: &Value, bot: bool) -> Option<Sender> {
+    let id = user.as_str()?;
+    Some(Sender {
+        id: id.to_string(),
+        display_name: String::new(),
+        is_bot: bot,
+    })
+}
+
+fn attachments(files: &Value) -> Vec<Attachment> {
+    files
+        .as_array()
+        .map(|files| {
+            files
+                .iter()
+                .map(|file| Attachment {
+                    id: text(&file["id"]),
+                    name: text(&file["name"]),
+                    mime_type: text(&file["mimetype"]),
+                    size_bytes: file["size"].as_u64().unwrap_or(0),
+                    sha256: String::new(),
+                    url: text(&file["url_private"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A thread reply carries `thread_ts` different from its own `ts`; a root carries none (or its own).
+fn thread_of(message: &Value) -> String {
+    let ts = message["ts"].as_str().unwrap_or_default();
+    match message["thread_ts"].as_str() {
+        Some(thread) if thread != ts => thread.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Normalizes the inner `event` of an `event_callback` envelope. Unsupported types yield no event.
+pub fn normalize_event(
+    tenant: &str,
+    envelope: &Value,
+    raw: &[u8],
+) -> Result<Vec<ChatEvent>, Rejection> {
+    let event = &envelope["event"];
+    if !event.is_object() {
+        return Err(Rejection::malformed(
+            "event_callback without an event object",
+        ));
+    }
+    let base = ChatEvent {
+        tenant_id: tenant.to_string(),
+        source: Source::Slack as i32,
+        workspace_id: text(&envelope["team_id"]),
+        raw_payload: raw.to_vec(),
+        raw_content_type: "application/json".into(),
+        ..Default::default()
+    };
+    let event_type = event["type"].as_str().unwrap_or_default();
+    let normalized = match event_type {
+        "message" => {
+            let subtype = event["subtype"].as_str();
+            let channel = text(&event["channel"]);
+            match subtype {
+                None | Some("thread_broadcast" | "file_share" | "bot_message" | "me_message") => {
+                    let body = text(&event["text"]);
+                    let is_bot = subtype == Some("bot_message") || event["bot_id"].is_string();
+                    let user = if event["user"].is_string() {
+                        &event["user"]
+                    } else {
+                        &event["bot_id"]
+                    };
+                    Some(ChatEvent {
+                        kind: EventKind::MessageCreated as i32,
+                        conversation_id: channel,
+                        message_id: text(&event["ts"]),
+                        thread_id: thread_of(event),
+                        sender: sender(user, is_bot),
+                        occurred_at_micros: slack_time(&event["ts"], "event.ts")?,
+                        mentions: slack_style_mentions(&body),
+                        text: body,
+                        attachments: attachments(&event["files"]),
+                        ..base
+                    })
+                }
+                Some("message_changed") => {
+                    let message = &event["message"];
+                    let edited_at = match &message["edited"]["ts"] {
+                        Value::Null => slack_time(&event["ts"], "event.ts")?,
+                        ts => slack_time(ts, "event.message.edited.ts")?,
+                    };
+                    let body = text(&message["text"]);
+                    Some(ChatEvent {
+                        kind: EventKind::MessageEdited as i32,
+                        conversation_id: channel,
+                        message_id: text(&message["ts"]),
+                        thread_id: thread_of(message),
+                        sender: sender(&message["user"], message["bot_id"].is_string()),
+                        occurred_at_micros: edited_at,
+                        mentions: slack_style_mentions(&body),
+                        text: body,
+                        attachments: attachments(&message["files"]),
+                        ..base
+                    })
+                }
+                Some("message_deleted") => Some(ChatEvent {
+                    kind: EventKind::MessageDeleted as i32,
+                    conversation_id: channel,
+                    message_id: text(&event["deleted_ts"]),
+                    thread_id: thread_of(&event["previous_message"]),
+                    sender: sender(&event["previous_message"]["user"], false),
+                    occurred_at_micros: slack_time(&event["ts"], "event.ts")?,
+                    ..base
+                }),
+                // channel_join/channel_leave duplicate member_joined_channel/member_left_channel; topic and
+                // purpose changes are not archived yet.
+                Some(_) => None,
+            }
+        }
+        "reaction_added" | "reaction_removed" => {
+            let item = &event["item"];
+            if item["type"].as_str() != Some("message") {
+                None
+            } else {
+                Some(ChatEvent {
+                    kind: if event_type == "reaction_added" {
+                        EventKind::ReactionAdded as i32
+                    } else {
+                        EventKind::ReactionRemoved as i32
+                    },
+                    conversation_id: text(&item["channel"]),
+                    message_id: text(&item["ts"]),
+                    sender: sender(&event["user"], false),
+                    reaction: text(&event["reaction"]),
+                    occurred_at_micros: slack_time(&event["event_ts"], "event.event_ts")?,
+                    ..base
+                })
+            }
+        }
+        "member_joined_channel" | "member_left_channel" => Some(ChatEvent {
+            kind: if event_type == "member_joined_channel" {
+                EventKind::MemberJoined as i32
+            } else {
+                EventKind::MemberLeft as i32
+            },
+            conversation_id: text(&event["channel"]),
+            sender: sender(&event["user"], false),
+            occurred_at_micros: event_time(event, envelope)?,
+            ..base
+        }),
+        "channel_created" | "channel_rename" => {
+            let channel = &event["channel"];
+            Some(ChatEvent {
+                kind: if event_type == "channel_created" {
+                    EventKind::ConversationCreated as i32
+                } else {
+                    EventKind::ConversationRenamed as i32
+                },
+                conversation_id: text(&channel["id"]),
+                sender: sender(&channel["creator"], false),
+                text: text(&channel["name"]),
+                occurred_at_micros: event_time(event, envelope)?,
+                ..base
+            })
+        }
+        "channel_archive" => Some(ChatEvent {
+            kind: EventKind::ConversationArchived as i32,
+            conversation_id: text(&event["channel"]),
+            sender: sender(&event["user"], false),
+            occurred_at_micros: event_time(event, envelope)?,
+            ..base
+        }),
+        _ => None,
+    };
+    Ok(normalized.into_iter().collect())
+}
+
+/// `event.event_ts` when present, else the envelope's `event_time` (seconds).
+fn event_time(event: &Value, envelope: &Value) -> Result<i64, Rejection> {
+    if !event["event_ts"].is_null() {
+        return slack_time(&event["event_ts"], "event.event_ts");
+    }
+    envelope["event_time"]
+        .as_i64()
+        .map(|seconds| seconds * MICROS_PER_SECOND)
+        .ok_or_else(|| Rejection::malformed("neither event.event_ts nor event_time is present"))
+}
