@@ -9,6 +9,9 @@
   schemas in strict mode (kubernetes-validate; unknown fields are errors);
 - chart rules: restricted security context on every pod template, labels, gRPC probes, grace periods, the
   Services' target ports, settings the chart must refuse at render time;
+- webhooks: the gateway's HTTP port (Service, container, NetworkPolicy, /healthz liveness) and each
+  [[gateway.webhooks]] of the rendered chatvault.toml reading its secrets from mounted Secret files, with no
+  secret value in the ConfigMap;
 - the rendered chatvault.toml parsed and validated by the chatvault binary itself when one is built
   (target/debug or target/release), so the chart cannot drift from core/src/config.rs unnoticed.
 
@@ -21,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 import traceback
 from pathlib import Path
 
@@ -224,10 +228,16 @@ def main() -> int:
                 spec = pod_spec(deployment)
                 container = spec["containers"][0]
                 if component in ("gateway", "restorer", "standalone"):
-                    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                    for probe in ("readinessProbe", "startupProbe") + (() if component == "gateway" else ("livenessProbe",)):
                         assert "grpc" in container.get(probe, {}), f"{component}: {probe} is not a gRPC probe"
                     ports = {p["containerPort"] for p in container["ports"]}
                     assert container["readinessProbe"]["grpc"]["port"] in ports, f"{component}: probe port"
+                if component == "gateway":
+                    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+                    liveness = container.get("livenessProbe", {}).get("httpGet", {})
+                    assert liveness.get("path") == "/healthz" and liveness.get("port") == "http", (
+                        f"gateway: livenessProbe is not GET /healthz on the http port: {container.get('livenessProbe')}")
+                    assert named.get("http") == values.get("gateway", {}).get("containerPorts", {}).get("http", 8080)
                 if component == "gateway":
                     drain = values.get("config", {}).get("gateway", {}).get("drain_timeout_ms", 20000) / 1000
                     sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
@@ -237,6 +247,16 @@ def main() -> int:
                     assert "ports" not in container or all(p["name"] == "metrics" for p in container["ports"])
             policies = kind(documents, "NetworkPolicy")
             assert len(policies) >= 1, "NetworkPolicy is on by default"
+            for service in kind(documents, "Service"):
+                if service["metadata"]["labels"].get("app.kubernetes.io/component") != "gateway":
+                    continue
+                ports = {p["name"]: p for p in service["spec"]["ports"]}
+                if any(d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway" for d in deployments):
+                    assert ports.get("http", {}).get("targetPort") == "http", f"gateway Service: no http port: {ports}"
+                    policy = next(p for p in policies if p["metadata"]["name"].endswith("-gateway"))
+                    admitted = {port["port"] for rule in policy["spec"]["ingress"] for port in rule.get("ports", [])}
+                    http = values.get("gateway", {}).get("containerPorts", {}).get("http", 8080)
+                    assert http in admitted, f"gateway NetworkPolicy does not admit the http port {http}: {admitted}"
             for hpa in kind(documents, "HorizontalPodAutoscaler"):
                 assert hpa["apiVersion"] == "autoscaling/v2", hpa["apiVersion"]
 
@@ -259,6 +279,15 @@ def main() -> int:
             result = load_config_with_binary(binary, '[archiver]\nzstd_levl = 3\n')
             assert "error: data key" not in result.stderr and "zstd_levl" in result.stderr, result.stderr
 
+        @check("the binary reads the rendered [[gateway.webhooks]] (a wrong platform is rejected)")
+        def _binary_webhooks():
+            configmap = next(d for d in kind(rendered["ci/distributed-values.yaml"], "ConfigMap")
+                             if "chatvault.toml" in d.get("data", {}))
+            text = configmap["data"]["chatvault.toml"]
+            assert 'platform = "standard_webhooks"' in text, text
+            result = load_config_with_binary(binary, text.replace('platform = "standard_webhooks"', 'platform = "slak"'))
+            assert "error: data key" not in result.stderr and "slak" in result.stderr, result.stderr
+
     @check("check-jsonschema: values.yaml and ci/*.yaml match values.schema.json")
     def _check_jsonschema():
         files = [str(CHART / "values.yaml")] + [str(path) for path in sorted((CHART / "ci").glob("*.yaml"))]
@@ -280,6 +309,18 @@ def main() -> int:
         "unknown mode": {"mode": "cluster"},
         "token role typo": {"tenants": [{"id": "acme", "tokens": [{"name": "t", "roles": ["ingset"]}]}]},
         "uppercase tenant id": {"tenants": [{"id": "Acme"}]},
+        "webhook platform typo": {"gateway": {"webhooks": [
+            {"name": "w", "platform": "slak", "tenant": "acme", "existingSecret": "s", "secretKeys": ["k"]}]}},
+        "unknown key in a webhook": {"gateway": {"webhooks": [
+            {"name": "w", "platform": "slack", "tenant": "acme", "existingSecret": "s", "secretKey": ["k"]}]}},
+        "webhook without a platform": {"gateway": {"webhooks": [{"name": "w", "tenant": "acme", "secrets": ["x"]}]}},
+        "webhook name with a slash": {"gateway": {"webhooks": [
+            {"name": "a/b", "platform": "slack", "tenant": "acme", "secrets": ["x"]}]}},
+        "webhooks with clear secrets in config": {"config": {"gateway": {"webhooks": [
+            {"name": "w", "platform": "slack", "tenant": "acme", "secrets": ["x"]}]}}},
+        "webhook setting typo": {"config": {"gateway": {"max_webhook_body_byte": 4096}}},
+        "webhook body limit below 1 KiB": {"config": {"gateway": {"max_webhook_body_bytes": 100}}},
+        "gateway http port typo": {"gateway": {"containerPorts": {"grpc": 50051, "htp": 8080}}},
     }
     for what, values in misspelt.items():
         @check(f"schema rejects {what} (helm and check-jsonschema)")
@@ -316,11 +357,97 @@ def main() -> int:
             with_distributed(gateway={"terminationGracePeriodSeconds": 20}), ["terminationGracePeriodSeconds"]),
         "a token with no value anywhere": (with_distributed(auth={"tokens": {"demo-ingest": "x"}}), ["demo-restore"]),
         "distributed without tenants": (with_distributed(tenants=[]), ["tenants"]),
+        "a webhook without secrets": (
+            with_distributed(gateway={"webhooks": [{"name": "w", "platform": "slack", "tenant": "demo"}]}),
+            ["gateway.webhooks[0]", "secrets"]),
+        "a webhook existingSecret without secretKeys": (
+            with_distributed(gateway={"webhooks": [
+                {"name": "w", "platform": "slack", "tenant": "demo", "existingSecret": "s"}]}),
+            ["gateway.webhooks[0]", "secretKeys"]),
+        "a webhook with both existingSecret and secrets": (
+            with_distributed(gateway={"webhooks": [{"name": "w", "platform": "slack", "tenant": "demo",
+                                                    "existingSecret": "s", "secretKeys": ["k"], "secrets": ["x"]}]}),
+            ["gateway.webhooks[0]", "not both"]),
+        "a webhook for an unknown tenant": (
+            with_distributed(gateway={"webhooks": [
+                {"name": "w", "platform": "slack", "tenant": "demo2", "secrets": ["x"]}]}),
+            ["gateway.webhooks[0]", "demo2"]),
+        "two webhooks with one name": (
+            with_distributed(gateway={"webhooks": [
+                {"name": "w", "platform": "slack", "tenant": "demo", "secrets": ["x"]},
+                {"name": "w", "platform": "discord", "tenant": "demo", "secrets": ["y"]}]}),
+            ["gateway.webhooks[1]", "another webhook"]),
+        "webhooks in standalone mode": (
+            {"gateway": {"webhooks": [{"name": "w", "platform": "slack", "tenant": "demo", "secrets": ["x"]}]}},
+            ["gateway.webhooks", "distributed"]),
     }
     for what, (values, needles) in refused.items():
         @check(f"render refuses {what}")
         def _refuses():
             expect_failure(what, lambda: chart.render(values, name=RELEASE, namespace=NAMESPACE), *needles)
+
+    def webhook_wiring(case: str, secret_values: list[str]):
+        """The rendered [[gateway.webhooks]] read every secret from a file that the gateway container mounts from
+        the right Secret key, and no secret value is in the ConfigMap."""
+        documents = rendered[case]
+        values = cases[case]
+        configmap = next(d for d in kind(documents, "ConfigMap") if "chatvault.toml" in d.get("data", {}))
+        text = configmap["data"]["chatvault.toml"]
+        config = tomllib.loads(text)
+        gateway_values = values["gateway"]
+        expected = gateway_values["webhooks"]
+        assert config["gateway"]["http_listen"] == "0.0.0.0:8080", config["gateway"].get("http_listen")
+        for key in ("max_webhook_body_bytes", "webhook_replay_window_secs"):
+            setting = config["gateway"][key]
+            assert type(setting) is int and setting == values["config"]["gateway"][key], f"{key} = {setting!r}"
+        webhooks = config["gateway"].get("webhooks", [])
+        assert [w["name"] for w in webhooks] == [w["name"] for w in expected], webhooks
+        gateway = next(d for d in kind(documents, "Deployment")
+                       if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway")
+        spec = pod_spec(gateway)
+        mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        secrets = {d["metadata"]["name"]: d for d in kind(documents, "Secret")}
+        for webhook, wanted in zip(webhooks, expected):
+            assert webhook["platform"] == wanted["platform"] and webhook["tenant"] == wanted["tenant"], webhook
+            assert "secrets" not in webhook, f"{webhook['name']}: clear secrets in the ConfigMap"
+            files = webhook["secret_files"]
+            assert len(files) == len(wanted.get("secretKeys") or wanted.get("secrets")), files
+            directory = f"/etc/chatvault/webhooks/{webhook['name']}"
+            mount = mounts.get(directory)
+            assert mount and mount.get("readOnly") is True, f"{directory} is not mounted read-only: {list(mounts)}"
+            source = volumes[mount["name"]]["secret"]
+            paths = {item["path"]: item["key"] for item in source["items"]}
+            for index, path in enumerate(files):
+                assert os.path.dirname(path) == directory, path
+                key = paths.get(os.path.basename(path))
+                assert key is not None, f"{path}: no Secret item mounts it ({paths})"
+                if wanted.get("existingSecret"):
+                    assert source["secretName"] == wanted["existingSecret"] and key == wanted["secretKeys"][index]
+                else:
+                    chart_secret = secrets[source["secretName"]]
+                    assert key in chart_secret["data"], f"{source['secretName']} lacks {key}"
+                    import base64
+                    assert base64.b64decode(chart_secret["data"][key]).decode() == wanted["secrets"][index]
+        for secret_value in secret_values:
+            for document in kind(documents, "ConfigMap"):
+                assert secret_value not in yaml.safe_dump(strip(document)), (
+                    f"ConfigMap {document['metadata']['name']} holds a webhook secret")
+        for other in kind(documents, "Deployment"):
+            if other is not gateway:
+                assert not any(v["name"].startswith("webhook-") for v in pod_spec(other).get("volumes", [])), (
+                    f"{other['metadata']['name']} mounts webhook secrets")
+
+    @check("webhooks from an existing Secret: secret_files point at mounted files (ci/production-values.yaml)")
+    def _webhooks_existing():
+        webhook_wiring("ci/production-values.yaml", [])
+
+    @check("webhooks from chart-generated Secrets: mounted files, no secret value in the ConfigMap "
+           "(ci/distributed-values.yaml)")
+    def _webhooks_chart_secret():
+        secret_values = [s for w in distributed["gateway"]["webhooks"] for s in w.get("secrets", [])]
+        assert secret_values, "ci/distributed-values.yaml: a webhook with clear secrets"
+        webhook_wiring("ci/distributed-values.yaml", secret_values)
 
     @check("least privilege: each role gets only its secrets")
     def _least_privilege():

@@ -1,6 +1,6 @@
 {{/*
 One role's Deployment (mode distributed): (list $ "gateway" | "archiver" | "restorer").
-gateway: Kafka (SASL, TLS), tokens.   archiver: Kafka (SASL, TLS), storage credentials, keyring.
+gateway: Kafka (SASL, TLS), tokens, webhook secrets.   archiver: Kafka (SASL, TLS), storage credentials, keyring.
 restorer: storage credentials, keyring, tokens.   Each pod gets only the secrets its role uses.
 */}}
 {{- define "chatvault.roleDeployment" -}}
@@ -11,6 +11,7 @@ restorer: storage credentials, keyring, tokens.   Each pod gets only the secrets
 {{- $storage := has $role (list "archiver" "restorer") -}}
 {{- $tokens := and (has $role (list "gateway" "restorer")) (include "chatvault.hasTokens" $) -}}
 {{- $grpc := has $role (list "gateway" "restorer") -}}
+{{- $http := eq $role "gateway" -}}
 {{- $probeService := dict "gateway" "chatvault.v1.IngestService" "restorer" "chatvault.v1.RestoreService" -}}
 apiVersion: apps/v1
 kind: Deployment
@@ -143,6 +144,11 @@ spec:
               containerPort: {{ $v.containerPorts.grpc }}
               protocol: TCP
             {{- end }}
+            {{- if $http }}
+            - name: http
+              containerPort: {{ $v.containerPorts.http }}
+              protocol: TCP
+            {{- end }}
             {{- if $.Values.metrics.enabled }}
             - name: metrics
               containerPort: {{ $.Values.metrics.port }}
@@ -150,8 +156,9 @@ spec:
             {{- end }}
           {{- end }}
           {{- if $grpc }}
-          {{- /* Native gRPC probes (grpc.health.v1): liveness asks for the server (""), readiness and start-up
-                 for the role's service, which turns NOT_SERVING as soon as shutdown begins. */}}
+          {{- /* Native gRPC probes (grpc.health.v1): readiness and start-up ask for the role's service, which turns
+                 NOT_SERVING as soon as shutdown begins; liveness asks for the server ("") on the restorer and is
+                 an HTTP GET /healthz on the gateway's webhook port, so that both of its listeners are watched. */}}
           {{- with $v.startupProbe }}{{ if .enabled }}
           startupProbe:
             grpc:
@@ -161,9 +168,15 @@ spec:
           {{- end }}{{ end }}
           {{- with $v.livenessProbe }}{{ if .enabled }}
           livenessProbe:
+            {{- if $http }}
+            httpGet:
+              path: /healthz
+              port: http
+            {{- else }}
             grpc:
               port: {{ $v.containerPorts.grpc }}
               service: ""
+            {{- end }}
             {{- toYaml (omit . "enabled") | nindent 12 }}
           {{- end }}{{ end }}
           {{- with $v.readinessProbe }}{{ if .enabled }}
@@ -205,6 +218,13 @@ spec:
               mountPath: {{ $.Values.kafkaTls.mountPath }}
               readOnly: true
             {{- end }}
+            {{- if $http }}
+            {{- range $index, $webhook := $v.webhooks }}
+            - name: webhook-{{ $index }}
+              mountPath: /etc/chatvault/webhooks/{{ $webhook.name }}
+              readOnly: true
+            {{- end }}
+            {{- end }}
             {{- with $v.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -239,6 +259,19 @@ spec:
           secret:
             secretName: {{ $.Values.kafkaTls.existingSecret }}
             defaultMode: 0440
+        {{- end }}
+        {{- if $http }}
+        {{- range $index, $webhook := $v.webhooks }}
+        - name: webhook-{{ $index }}
+          secret:
+            secretName: {{ default (include "chatvault.webhooksSecretName" $) $webhook.existingSecret }}
+            defaultMode: 0440
+            items:
+              {{- range $item := include "chatvault.webhookSecretItems" (list $ $webhook) | fromJsonArray }}
+              - key: {{ $item.key | quote }}
+                path: {{ $item.path | quote }}
+              {{- end }}
+        {{- end }}
         {{- end }}
         {{- with $v.extraVolumes }}
         {{- toYaml . | nindent 8 }}

@@ -106,6 +106,9 @@ imagePullSecrets:
 {{- define "chatvault.credentialsSecretName" -}}
 {{- include "chatvault.componentName" (list . "credentials") -}}
 {{- end -}}
+{{- define "chatvault.webhooksSecretName" -}}
+{{- include "chatvault.componentName" (list . "webhooks") -}}
+{{- end -}}
 {{- define "chatvault.configMapName" -}}
 {{- default (include "chatvault.fullname" .) .Values.existingConfigmap -}}
 {{- end -}}
@@ -115,6 +118,28 @@ imagePullSecrets:
 {{- end -}}
 {{- define "chatvault.hasKeyring" -}}
 {{- if or .Values.keyring.existingSecret .Values.keyring.json }}true{{ end -}}
+{{- end -}}
+
+{{/* A webhook's secret files, (list $ $webhook) -> JSON [{"key": <Secret key>, "path": <file name>}]: the keys of
+its existingSecret under their own names, or its clear secrets (chart Secret keys "<name>.<i>") as secret-<i>.
+The files are mounted under /etc/chatvault/webhooks/<name>/. */}}
+{{- define "chatvault.webhookSecretItems" -}}
+{{- $ := index . 0 -}}{{- $webhook := index . 1 -}}
+{{- $items := list -}}
+{{- if $webhook.existingSecret -}}
+{{- range $key := $webhook.secretKeys -}}
+{{- $items = append $items (dict "key" $key "path" $key) -}}
+{{- end -}}
+{{- else -}}
+{{- range $index, $secret := $webhook.secrets -}}
+{{- $items = append $items (dict "key" (printf "%s.%d" $webhook.name $index) "path" (printf "secret-%d" $index)) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $items -}}
+{{- end -}}
+
+{{- define "chatvault.hasChartWebhookSecrets" -}}
+{{- range $webhook := .Values.gateway.webhooks }}{{ if not $webhook.existingSecret }}true{{ end }}{{ end -}}
 {{- end -}}
 
 {{- define "chatvault.distributed" -}}
@@ -142,6 +167,9 @@ arrive as float64), booleans as is. */}}
 
 {{/* Settings checks that a schema cannot express; called from the ConfigMap and NOTES. */}}
 {{- define "chatvault.validate" -}}
+{{- if and (not (include "chatvault.distributed" .)) .Values.gateway.webhooks -}}
+{{- fail "gateway.webhooks: webhook integrations need mode distributed (the standalone pod has no config for them)" -}}
+{{- end -}}
 {{- if include "chatvault.distributed" . -}}
 {{- $v := .Values -}}
 {{- if not (or $v.gateway.enabled $v.archiver.enabled $v.restorer.enabled) -}}
@@ -165,6 +193,34 @@ arrive as float64), booleans as is. */}}
 {{- end -}}
 {{- if and (not $token.tokenSha256) (not $v.auth.existingSecret) (not (hasKey $v.auth.tokens $token.name)) -}}
 {{- fail (printf "auth.tokens: no value for token %s" $token.name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $tenantIds := list -}}
+{{- range $tenant := $v.tenants }}{{ $tenantIds = append $tenantIds $tenant.id }}{{ end -}}
+{{- $webhookNames := list -}}
+{{- range $index, $webhook := $v.gateway.webhooks -}}
+{{- $setting := printf "gateway.webhooks[%d] (%s)" $index $webhook.name -}}
+{{- if has $webhook.name $webhookNames -}}
+{{- fail (printf "%s: name is used by another webhook" $setting) -}}
+{{- end -}}
+{{- $webhookNames = append $webhookNames $webhook.name -}}
+{{- if and $v.tenants (not (has $webhook.tenant $tenantIds)) -}}
+{{- fail (printf "%s: tenant %s is not in tenants" $setting $webhook.tenant) -}}
+{{- end -}}
+{{- if $webhook.existingSecret -}}
+{{- if not $webhook.secretKeys -}}
+{{- fail (printf "%s: secretKeys must name the keys of existingSecret %s that hold the secrets" $setting $webhook.existingSecret) -}}
+{{- end -}}
+{{- if $webhook.secrets -}}
+{{- fail (printf "%s: set either existingSecret (with secretKeys) or secrets, not both" $setting) -}}
+{{- end -}}
+{{- else -}}
+{{- if not $webhook.secrets -}}
+{{- fail (printf "%s: needs its secrets: existingSecret with secretKeys (or secrets for evaluation)" $setting) -}}
+{{- end -}}
+{{- if $webhook.secretKeys -}}
+{{- fail (printf "%s: secretKeys needs existingSecret" $setting) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
