@@ -131,6 +131,19 @@ pub enum WebhookPlatform {
     Mattermost,
     /// Discord: `secrets` are application public keys (64 hex characters).
     Discord,
+    /// Microsoft Teams through Microsoft Graph change notifications: `secrets` are the accepted `clientState`
+    /// values; rich notifications also need `certificates`, `app_id` and `jwks_file`.
+    Teams,
+}
+
+/// A private key for Microsoft Graph rich notifications, chosen by the notification's `encryptionCertificateId`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TeamsCertificate {
+    /// The `encryptionCertificateId` given when the subscription was created (1 to 128 characters).
+    pub id: String,
+    /// PKCS#8 PEM file (`-----BEGIN PRIVATE KEY-----`) with the RSA private key of that certificate.
+    pub private_key_file: PathBuf,
 }
 
 /// One webhook integration: `POST /webhooks/<name>` binds a platform, a tenant and its secrets. Several
@@ -149,6 +162,19 @@ pub struct WebhookConfig {
     /// Files holding one secret each (mounted Kubernetes secrets); read at start-up.
     #[serde(default)]
     pub secret_files: Vec<PathBuf>,
+    /// Teams only: private keys for rich notifications (several at once while rotating certificates).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<TeamsCertificate>,
+    /// Teams only: the Azure app (client) id, the expected `aud` of Graph's validation tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
+    /// Teams only: a JSON Web Key Set file with the Microsoft identity platform's signing keys
+    /// (`https://login.microsoftonline.com/common/discovery/v2.0/keys`); re-read when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// Teams only: Azure tenant ids whose notifications are accepted; empty accepts any tenant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenant_ids: Vec<String>,
 }
 
 impl WebhookConfig {
@@ -377,9 +403,10 @@ impl Config {
             if webhook.platform.is_none() {
                 return invalid(
                     &format!("{setting}.platform"),
-                    "is required: slack, standard_webhooks, mattermost or discord",
+                    "is required: slack, standard_webhooks, mattermost, discord or teams",
                 );
             }
+            validate_teams_settings(webhook, &setting)?;
             if !is_valid_tenant_id(&webhook.tenant) {
                 return invalid(&format!("{setting}.tenant"), "must be a valid tenant id");
             }
@@ -460,6 +487,69 @@ impl Config {
         }
         Ok(authenticator)
     }
+}
+
+/// The Teams-only settings of one webhook: absent for other platforms; for Teams, certificates with unique ids
+/// and key files, and (with certificates, i.e. rich notifications) `app_id` and `jwks_file`.
+fn validate_teams_settings(webhook: &WebhookConfig, setting: &str) -> Result<()> {
+    let invalid =
+        |name: String, message: &str| Err(Error::invalid_argument(format!("{name}: {message}")));
+    if webhook.platform != Some(WebhookPlatform::Teams) {
+        let teams_only = [
+            ("certificates", !webhook.certificates.is_empty()),
+            ("app_id", webhook.app_id.is_some()),
+            ("jwks_file", webhook.jwks_file.is_some()),
+            ("tenant_ids", !webhook.tenant_ids.is_empty()),
+        ];
+        if let Some((name, _)) = teams_only.iter().find(|(_, set)| *set) {
+            return invalid(format!("{setting}.{name}"), "is only for platform teams");
+        }
+        return Ok(());
+    }
+    let mut ids = std::collections::HashSet::new();
+    for (index, certificate) in webhook.certificates.iter().enumerate() {
+        let name = format!("{setting}.certificates[{index}]");
+        if certificate.id.is_empty() || certificate.id.len() > 128 {
+            return invalid(format!("{name}.id"), "must be 1 to 128 characters");
+        }
+        if !ids.insert(certificate.id.as_str()) {
+            return invalid(format!("{name}.id"), "is used by another certificate");
+        }
+        if certificate.private_key_file.as_os_str().is_empty() {
+            return invalid(
+                format!("{name}.private_key_file"),
+                "must name a PKCS#8 PEM file",
+            );
+        }
+    }
+    if let Some(app_id) = &webhook.app_id
+        && app_id.trim().is_empty()
+    {
+        return invalid(format!("{setting}.app_id"), "must not be empty");
+    }
+    if !webhook.certificates.is_empty() {
+        if webhook.app_id.is_none() {
+            return invalid(
+                format!("{setting}.app_id"),
+                "is required with certificates (rich notifications carry validation tokens for this app)",
+            );
+        }
+        if webhook.jwks_file.is_none() {
+            return invalid(
+                format!("{setting}.jwks_file"),
+                "is required with certificates (the keys that sign validation tokens)",
+            );
+        }
+    }
+    for (index, tenant) in webhook.tenant_ids.iter().enumerate() {
+        if tenant.trim().is_empty() {
+            return invalid(
+                format!("{setting}.tenant_ids[{index}]"),
+                "must not be empty",
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A map of strings that also takes booleans and numbers (`aws_allow_http = true`, or the same from the
@@ -574,6 +664,22 @@ mod tests {
                 "tenants[0].tokens[0]",
             ),
             ("[archiver]\nzstd_level = 0", "archiver.zstd_level"),
+            (
+                "[[gateway.webhooks]]\nname = \"t\"\nplatform = \"teams\"\ntenant = \"acme\"\nsecrets = [\"s\"]\napp_id = \"a\"\njwks_file = \"/k\"\n[[gateway.webhooks.certificates]]\nid = \"c\"\nprivate_key_file = \"/a\"\n[[gateway.webhooks.certificates]]\nid = \"c\"\nprivate_key_file = \"/b\"",
+                "gateway.webhooks[0].certificates[1].id",
+            ),
+            (
+                "[[gateway.webhooks]]\nname = \"t\"\nplatform = \"teams\"\ntenant = \"acme\"\nsecrets = [\"s\"]\njwks_file = \"/k\"\n[[gateway.webhooks.certificates]]\nid = \"c\"\nprivate_key_file = \"/a\"",
+                "gateway.webhooks[0].app_id",
+            ),
+            (
+                "[[gateway.webhooks]]\nname = \"s\"\nplatform = \"slack\"\ntenant = \"acme\"\nsecrets = [\"s\"]\napp_id = \"a\"",
+                "gateway.webhooks[0].app_id: is only for platform teams",
+            ),
+            (
+                "[[gateway.webhooks]]\nname = \"t\"\nplatform = \"teams\"\ntenant = \"acme\"\nsecrets = [\"s\"]\ncertificate = []",
+                "unknown field `certificate`",
+            ),
         ];
         for (text, expected) in cases {
             let error = Config::from_toml_and_env(text, &HashMap::new()).expect_err(expected);
@@ -593,5 +699,21 @@ mod tests {
         // The example's token_file is not mounted here; the error names the token and the file.
         let error = config.authenticator().expect_err("file missing");
         assert!(error.message().contains("acme-legal") && error.message().contains("token_file"));
+    }
+
+    #[test]
+    fn commented_teams_example_is_valid() {
+        let text = include_str!("../../config/chatvault.example.toml");
+        let start = text.find("# [[gateway.webhooks]]").expect("Teams example");
+        let block: String = text[start..]
+            .lines()
+            .take_while(|line| line.starts_with('#'))
+            .map(|line| format!("{}\n", line.trim_start_matches('#').trim_start()))
+            .collect();
+        let config = Config::from_toml_and_env(&format!("{text}\n{block}"), &HashMap::new())
+            .expect("Teams example is valid");
+        let teams = &config.gateway.webhooks[1];
+        assert_eq!(teams.platform, Some(WebhookPlatform::Teams));
+        assert_eq!(teams.certificates[0].id, "cert-2026");
     }
 }

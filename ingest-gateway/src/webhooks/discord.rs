@@ -63,77 +63,81 @@ impl Discord {
 impl PlatformHandler for Discord {
     fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection> {
         self.verify(request)?;
-        let payload: Value = serde_json::from_slice(request.body)
-            .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
-        let payload_type = payload["type"]
-            .as_i64()
-            .ok_or_else(|| Rejection::malformed("type must be an integer"))?;
-        if payload["event"].is_object()
-            || (payload_type == 0 && payload["application_id"].is_string())
-        {
-            // Webhook events.
-            if payload_type == 0 {
-                return Ok(Accepted {
-                    events: vec![],
-                    delivery_id: None,
-                    response: WebhookResponse::empty(204),
-                });
-            }
-            let event = &payload["event"];
-            let event_type = event["type"].as_str().unwrap_or_default();
-            let kind = match event_type {
-                "MESSAGE_CREATE" | "LOBBY_MESSAGE_CREATE" => Some(EventKind::MessageCreated),
-                "MESSAGE_UPDATE" | "LOBBY_MESSAGE_UPDATE" => Some(EventKind::MessageEdited),
-                "MESSAGE_DELETE" | "LOBBY_MESSAGE_DELETE" => Some(EventKind::MessageDeleted),
-                _ => None,
-            };
-            let events = match kind {
-                Some(kind) => vec![message_event(
-                    tenant,
-                    &event["data"],
-                    kind,
-                    request.body,
-                    &event["timestamp"],
-                )?],
-                None => vec![],
-            };
+        parse_payload(tenant, request.body)
+    }
+}
+
+/// Interprets a verified Discord body (public so the fuzz targets reach it without a signature).
+pub fn parse_payload(tenant: &str, body: &[u8]) -> Result<Accepted, Rejection> {
+    let payload: Value = serde_json::from_slice(body)
+        .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
+    let payload_type = payload["type"]
+        .as_i64()
+        .ok_or_else(|| Rejection::malformed("type must be an integer"))?;
+    if payload["event"].is_object() || (payload_type == 0 && payload["application_id"].is_string())
+    {
+        // Webhook events.
+        if payload_type == 0 {
             return Ok(Accepted {
-                events,
+                events: vec![],
                 delivery_id: None,
                 response: WebhookResponse::empty(204),
             });
         }
-        match payload_type {
-            1 => Ok(Accepted {
-                events: vec![],
-                delivery_id: None,
-                response: WebhookResponse::json(&json!({ "type": 1 })),
-            }),
-            2..=5 => {
-                let events = if payload["message"].is_object() {
-                    vec![message_event(
-                        tenant,
-                        &payload["message"],
-                        EventKind::MessageCreated,
-                        request.body,
-                        &Value::Null,
-                    )?]
-                } else {
-                    vec![]
-                };
-                // Component interactions (3) are acknowledged without changing the message (6, deferred
-                // update); others with a deferred response (5). chatvault never posts into the conversation.
-                let answer = if payload_type == 3 { 6 } else { 5 };
-                Ok(Accepted {
-                    events,
-                    delivery_id: payload["id"].as_str().map(str::to_string),
-                    response: WebhookResponse::json(&json!({ "type": answer })),
-                })
-            }
-            other => Err(Rejection::malformed(format!(
-                "unknown interaction type {other}"
-            ))),
+        let event = &payload["event"];
+        let event_type = event["type"].as_str().unwrap_or_default();
+        let kind = match event_type {
+            "MESSAGE_CREATE" | "LOBBY_MESSAGE_CREATE" => Some(EventKind::MessageCreated),
+            "MESSAGE_UPDATE" | "LOBBY_MESSAGE_UPDATE" => Some(EventKind::MessageEdited),
+            "MESSAGE_DELETE" | "LOBBY_MESSAGE_DELETE" => Some(EventKind::MessageDeleted),
+            _ => None,
+        };
+        let events = match kind {
+            Some(kind) => vec![message_event(
+                tenant,
+                &event["data"],
+                kind,
+                body,
+                &event["timestamp"],
+            )?],
+            None => vec![],
+        };
+        return Ok(Accepted {
+            events,
+            delivery_id: None,
+            response: WebhookResponse::empty(204),
+        });
+    }
+    match payload_type {
+        1 => Ok(Accepted {
+            events: vec![],
+            delivery_id: None,
+            response: WebhookResponse::json(&json!({ "type": 1 })),
+        }),
+        2..=5 => {
+            let events = if payload["message"].is_object() {
+                vec![message_event(
+                    tenant,
+                    &payload["message"],
+                    EventKind::MessageCreated,
+                    body,
+                    &Value::Null,
+                )?]
+            } else {
+                vec![]
+            };
+            // Component interactions (3) are acknowledged without changing the message (6, deferred
+            // update); others with a deferred response (5). chatvault never posts into the conversation.
+            let answer = if payload_type == 3 { 6 } else { 5 };
+            Ok(Accepted {
+                events,
+                delivery_id: payload["id"].as_str().map(str::to_string),
+                response: WebhookResponse::json(&json!({ "type": answer })),
+            })
         }
+        other => Err(Rejection::malformed(format!(
+            "unknown interaction type {other}"
+        ))),
     }
 }
 

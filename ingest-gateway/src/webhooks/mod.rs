@@ -15,6 +15,7 @@ pub mod mattermost;
 pub mod server;
 pub mod slack;
 pub mod standard;
+pub mod teams;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -130,7 +131,7 @@ impl IntegrationStats {
     }
 
     /// Rejected requests by reason (`signature`, `stale_timestamp`, `token`, `malformed`, `too_large`,
-    /// `invalid_event`, `kafka_unavailable`).
+    /// `invalid_event`, `kafka_unavailable`; Teams adds `client_state`, `tenant`, `jwt`).
     pub fn rejected(&self) -> BTreeMap<&'static str, u64> {
         self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
     }
@@ -219,6 +220,9 @@ impl Integration {
                 Box::new(mattermost::Mattermost::new(secrets).map_err(context)?)
             }
             WebhookPlatform::Discord => Box::new(discord::Discord::new(&secrets).map_err(context)?),
+            WebhookPlatform::Teams => {
+                Box::new(teams::Teams::new(config, secrets).map_err(context)?)
+            }
         };
         Ok(Integration {
             name: config.name.clone(),

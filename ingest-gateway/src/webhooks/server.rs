@@ -70,7 +70,10 @@ impl WebhookService {
         let Some(integration) = self.integrations.get(name).cloned() else {
             return plain(StatusCode::NOT_FOUND, "unknown integration");
         };
-        if request.method() != Method::POST {
+        // Microsoft Graph may validate a notification URL with a GET carrying `?validationToken=`.
+        let teams_get = request.method() == Method::GET
+            && integration.platform == chatvault_core::config::WebhookPlatform::Teams;
+        if request.method() != Method::POST && !teams_get {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "webhooks are POST requests");
         }
         let (parts, body) = request.into_parts();
@@ -134,6 +137,7 @@ impl WebhookService {
             chatvault_core::config::WebhookPlatform::StandardWebhooks => Source::StandardWebhooks,
             chatvault_core::config::WebhookPlatform::Mattermost => Source::Mattermost,
             chatvault_core::config::WebhookPlatform::Discord => Source::Discord,
+            chatvault_core::config::WebhookPlatform::Teams => Source::Teams,
         };
         let mut events = accepted.events;
         for (index, event) in events.iter_mut().enumerate() {

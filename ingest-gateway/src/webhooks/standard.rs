@@ -98,7 +98,24 @@ impl StandardWebhooks {
 impl PlatformHandler for StandardWebhooks {
     fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection> {
         let webhook_id = self.verify(request)?;
-        let payload: Value = serde_json::from_slice(request.body)
+        let events = self.parse_payload(tenant, &webhook_id, request.body)?;
+        Ok(Accepted {
+            events,
+            delivery_id: Some(webhook_id),
+            response: WebhookResponse::empty(204),
+        })
+    }
+}
+
+impl StandardWebhooks {
+    /// Interprets a verified body (public so the fuzz targets reach it without a signature).
+    pub fn parse_payload(
+        &self,
+        tenant: &str,
+        webhook_id: &str,
+        body: &[u8],
+    ) -> Result<Vec<ChatEvent>, Rejection> {
+        let payload: Value = serde_json::from_slice(body)
             .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
         let items: Vec<&Value> = match (payload["type"].as_str(), &payload["data"]) {
             (Some("chat.event"), data @ Value::Object(_)) => vec![data],
@@ -111,16 +128,11 @@ impl PlatformHandler for StandardWebhooks {
             (Some(other), _) => return Err(Rejection::malformed(format!("unknown type {other}"))),
             (None, _) => return Err(Rejection::malformed("type is required")),
         };
-        let events = items
+        items
             .into_iter()
             .enumerate()
-            .map(|(index, item)| self.event(tenant, &webhook_id, index, item, request.body))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Accepted {
-            events,
-            delivery_id: Some(webhook_id),
-            response: WebhookResponse::empty(204),
-        })
+            .map(|(index, item)| self.event(tenant, webhook_id, index, item, body))
+            .collect()
     }
 }
 
