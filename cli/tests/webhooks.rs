@@ -448,6 +448,28 @@ async fn webhooks_verify_normalize_and_archive() -> anyhow::Result<()> {
     );
     assert_eq!(records(), 12);
 
+    // Per-integration counts: accepted events, answered redeliveries, rejections by reason.
+    let stats_text = client
+        .http
+        .get(format!("{}/webhooks/stats", client.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let stats: serde_json::Value = serde_json::from_str(&stats_text)?;
+    let slack = &stats["integrations"]["slack"];
+    assert_eq!(slack["accepted_events"], 8);
+    assert_eq!(slack["duplicate_deliveries"], 2);
+    assert_eq!(slack["rejected"]["signature"], 3, "{slack}");
+    assert_eq!(slack["rejected"]["stale_timestamp"], 1);
+    assert_eq!(slack["rejected"]["malformed"], 1);
+    assert_eq!(slack["rejected"]["too_large"], 1);
+    assert_eq!(stats["integrations"]["generic"]["duplicate_deliveries"], 1);
+    assert_eq!(stats["integrations"]["mattermost"]["rejected"]["token"], 1);
+    assert!(
+        !stats.to_string().contains(SLACK_SECRET) && !stats.to_string().contains(MATTERMOST_TOKEN)
+    );
+
     // Archive and restore the Slack channel: the edit is applied, the deletion is a tombstone, the reply sits
     // under its root.
     let (archiver, stats) = start_archiver(&config, "webhook-archiver").await?;

@@ -56,10 +56,45 @@ impl WebhookService {
         self.integrations.get(name)
     }
 
+    /// `GET /webhooks/stats`: per integration, accepted events, answered redeliveries and rejected requests by
+    /// reason, as JSON. Counts only: no secrets, no content. (Prometheus metrics come with the telemetry work.)
+    fn stats_response(&self) -> Response<Full<Bytes>> {
+        let mut integrations = serde_json::Map::new();
+        let mut names: Vec<&String> = self.integrations.keys().collect();
+        names.sort();
+        for name in names {
+            let integration = &self.integrations[name];
+            integrations.insert(
+                name.clone(),
+                serde_json::json!({
+                    "platform": format!("{:?}", integration.platform).to_lowercase(),
+                    "tenant": integration.tenant,
+                    "accepted_events": integration.stats.accepted(),
+                    "duplicate_deliveries": integration
+                        .stats
+                        .duplicate_deliveries
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    "rejected": integration.stats.rejected(),
+                }),
+            );
+        }
+        let mut response = Response::new(Full::new(Bytes::from(
+            serde_json::json!({ "integrations": integrations }).to_string(),
+        )));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         if request.method() == Method::GET && path == "/healthz" {
             return plain(StatusCode::OK, "ok");
+        }
+        if request.method() == Method::GET && path == "/webhooks/stats" {
+            return self.stats_response();
         }
         let Some(name) = path.strip_prefix("/webhooks/") else {
             return plain(
