@@ -72,3 +72,26 @@ pub fn consumer_config(kafka: &KafkaConfig, archiver: &ArchiverConfig) -> Client
         .set("enable.partition.eof", "false");
     config
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::producer::BaseProducer;
+
+    #[test]
+    fn clients_speak_tls_and_scram() {
+        // librdkafka refuses `security.protocol=sasl_ssl` when built without OpenSSL; production Kafka needs it.
+        let mut kafka = KafkaConfig::default();
+        for (key, value) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "chatvault"),
+            ("sasl.password", "not-a-real-password"),
+        ] {
+            kafka.properties.insert(key.into(), value.into());
+        }
+        let producer: Result<BaseProducer, _> =
+            producer_config(&kafka, &GatewayConfig::default()).create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+}
