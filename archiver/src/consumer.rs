@@ -273,6 +273,10 @@ struct Poller {
 impl Poller {
     fn run(self) {
         let poll_timeout = Duration::from_millis(50);
+        // Age-based sealing, the global cap and resynchronizations are checked on this tick rather than after
+        // every record: they scan every owned partition.
+        let housekeeping_interval = Duration::from_millis(50);
+        let mut last_housekeeping = Instant::now();
         loop {
             if self.shutdown.is_triggered() {
                 let sealed = self.seal(|_| true);
@@ -286,36 +290,68 @@ impl Poller {
                             .first_record_micros
                             .store(chatvault_core::time::now_micros(), Ordering::Relaxed);
                     }
-                    self.accept(&message)
+                    let partition = message.partition();
+                    self.accept(&message);
+                    if let Some(sealed) = self.seal_if_full(partition) {
+                        self.send(vec![sealed]);
+                    }
                 }
                 Some(Err(error)) => tracing::warn!(%error, "consumer error"),
                 None => {}
             }
-            self.apply_resyncs();
-            let max_events = self.config.max_batch_events;
-            let max_bytes = self.config.max_batch_bytes;
-            let max_age = self.config.max_batch_age();
-            let now = Instant::now();
-            let mut sealed = self.seal(|open| {
-                open.events.len() + open.rejected.len() >= max_events
-                    || open.bytes >= max_bytes
-                    || now.duration_since(open.opened_at) >= max_age
-            });
-            // Global cap on open batches: seal the largest when they hold more than two batches' worth.
-            let total_open: usize = self.partitions.lock().values().map(|s| s.open.bytes).sum();
-            if total_open > 2 * max_bytes {
-                let largest = self
-                    .partitions
-                    .lock()
-                    .iter()
-                    .max_by_key(|(_, state)| state.open.bytes)
-                    .map(|(partition, _)| *partition);
-                if let Some(largest) = largest {
-                    sealed.extend(self.seal(|open| open.partition == largest));
-                }
+            if last_housekeeping.elapsed() >= housekeeping_interval {
+                last_housekeeping = Instant::now();
+                self.housekeeping();
             }
-            self.send(sealed);
         }
+    }
+
+    fn is_full(&self, open: &OpenBatch) -> bool {
+        open.events.len() + open.rejected.len() >= self.config.max_batch_events
+            || open.bytes >= self.config.max_batch_bytes
+    }
+
+    /// Seals `partition`'s open batch when it reached the count or size limit.
+    fn seal_if_full(&self, partition: i32) -> Option<SealedBatch> {
+        let mut partitions = self.partitions.lock();
+        let state = partitions.get_mut(&partition)?;
+        if state.resync_to.is_some() || !self.is_full(&state.open) {
+            return None;
+        }
+        let next = OpenBatch::new(
+            partition,
+            state.generation,
+            state.open.seq + 1,
+            state.open.end_offset,
+        );
+        Some(std::mem::replace(&mut state.open, next).seal())
+    }
+
+    /// Resynchronizations, sealing by age, and the global cap on open batches.
+    fn housekeeping(&self) {
+        self.apply_resyncs();
+        let max_bytes = self.config.max_batch_bytes;
+        let max_age = self.config.max_batch_age();
+        let now = Instant::now();
+        let mut sealed =
+            self.seal(|open| self.is_full(open) || now.duration_since(open.opened_at) >= max_age);
+        // Global cap on open batches: seal the largest when they hold more than two batches' worth.
+        let largest = {
+            let partitions = self.partitions.lock();
+            let total_open: usize = partitions.values().map(|s| s.open.bytes).sum();
+            (total_open > 2 * max_bytes)
+                .then(|| {
+                    partitions
+                        .iter()
+                        .max_by_key(|(_, state)| state.open.bytes)
+                        .map(|(p, _)| *p)
+                })
+                .flatten()
+        };
+        if let Some(largest) = largest {
+            sealed.extend(self.seal(|open| open.partition == largest));
+        }
+        self.send(sealed);
     }
 
     fn accept(&self, message: &BorrowedMessage<'_>) {

@@ -200,19 +200,13 @@ impl Writer {
                     index,
                 );
                 prepared.push(PreparedFile {
-                    manifest_entry: ManifestFile {
-                        path: path.to_string(),
-                        tenant_id: group.tenant_id.to_string(),
-                        date: group.date.iso(),
-                        key_period: period,
-                        dek_id: key.dek_id.clone(),
-                        rows: encoded.rows as u64,
-                        bytes: encoded.bytes.len() as u64,
-                        sha256: encoded.sha256_hex,
-                        min_occurred_micros: encoded.min_occurred_micros,
-                        max_occurred_micros: encoded.max_occurred_micros,
-                        conversation_digests: encoded.conversation_digests,
-                    },
+                    manifest_entry: ManifestFile::describe(
+                        &path,
+                        group.tenant_id,
+                        &group.date.iso(),
+                        key,
+                        &encoded,
+                    ),
                     path,
                     bytes: encoded.bytes,
                 });

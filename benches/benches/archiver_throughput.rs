@@ -13,7 +13,7 @@ use chatvault_archiver::{Archiver, ArchiverOptions};
 use chatvault_benches::{chat_message, machine, median, process_cpu_seconds};
 use chatvault_core::config::{ArchiverConfig, KafkaConfig, StorageConfig};
 use chatvault_core::event::kafka_key;
-use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_core::time::now_micros;
@@ -71,10 +71,8 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         };
         let store = object_store_from_config(&storage)?;
-        let keys = DataKeys::new(
-            store.clone(),
-            Arc::new(LocalKeyring::open(&data_dir.path().join("keyring.json"))?),
-        );
+        let keys =
+            DataKeys::with_local_keyring(store.clone(), &data_dir.path().join("keyring.json"))?;
         let options = ArchiverOptions {
             kafka: KafkaConfig {
                 brokers: brokers.clone(),

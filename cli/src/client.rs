@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use base64::Engine;
 use chatvault_core::config::Config;
-use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_core::keys::DataKeys;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
 use chatvault_proto::v1::restore_item::Item;
@@ -307,10 +307,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                 loaded.keys.keyring_path = dir.join("keyring.json");
             }
             let store = object_store_from_config(&loaded.storage)?;
-            let keys = DataKeys::new(
-                store,
-                std::sync::Arc::new(LocalKeyring::open(&loaded.keys.keyring_path)?),
-            );
+            let keys = DataKeys::with_local_keyring(store, &loaded.keys.keyring_path)?;
             let key = keys.get(&tenant, &period).await?;
             tracing::warn!(tenant = %tenant, period = %period, dek_id = %key.dek_id, "data key exported");
             println!(

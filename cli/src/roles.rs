@@ -9,12 +9,9 @@ use chatvault_archiver::writer::ArchiverStats;
 use chatvault_archiver::{Archiver, ArchiverOptions};
 use chatvault_core::auth::{Role, token_digest};
 use chatvault_core::config::{Config, TenantConfig, TokenConfig};
-use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
-use chatvault_ingest_gateway::webhooks::Integration;
-use chatvault_ingest_gateway::webhooks::server::{WebhookService, serve_http};
-use chatvault_ingest_gateway::{EventProducer, IngestGrpc};
 use chatvault_restorer::Restorer;
 use clap::Args;
 use rdkafka::mocking::MockCluster;
@@ -52,44 +49,20 @@ fn data_keys(
     config: &Config,
     store: Arc<dyn object_store::ObjectStore>,
 ) -> anyhow::Result<DataKeys> {
-    let keyring = LocalKeyring::open(&config.keys.keyring_path)?;
-    Ok(DataKeys::new(store, Arc::new(keyring)))
+    Ok(DataKeys::with_local_keyring(
+        store,
+        &config.keys.keyring_path,
+    )?)
 }
 
-/// The gateway: gRPC on `grpc_listener`, webhooks and `/healthz` on `http_listener`, one producer, one
-/// shutdown.
+/// The gateway: gRPC on `grpc_listener`, webhooks and `/healthz` on `http_listener`.
 pub async fn gateway_task(
     config: &Config,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let producer = EventProducer::new(&config.kafka, &config.gateway)?;
-    let integrations = config
-        .gateway
-        .webhooks
-        .iter()
-        .map(Integration::from_config)
-        .collect::<Result<Vec<_>, _>>()?;
-    let webhooks = Arc::new(WebhookService::new(
-        integrations,
-        producer.clone(),
-        config.gateway.limits.clone(),
-        config.gateway.max_webhook_body_bytes,
-        config.gateway.webhook_replay_window_secs,
-    ));
-    let drain = Duration::from_millis(config.gateway.drain_timeout_ms);
-    let service = IngestGrpc::new(
-        producer.clone(),
-        config.authenticator()?,
-        config.gateway.clone(),
-    );
-    let grpc =
-        chatvault_ingest_gateway::serve(grpc_listener, service, producer, shutdown.clone(), drain);
-    let http = serve_http(http_listener, webhooks, shutdown, drain);
-    let (grpc, http) = tokio::join!(grpc, http);
-    grpc?;
-    http?;
+    chatvault_ingest_gateway::run(config, grpc_listener, http_listener, shutdown).await?;
     Ok(())
 }
 

@@ -115,15 +115,7 @@ pub fn validate_and_complete(
     if event.source == Source::Unspecified as i32 {
         event.source = default_source as i32;
     }
-    let message_required = matches!(
-        kind,
-        EventKind::MessageCreated
-            | EventKind::MessageEdited
-            | EventKind::MessageDeleted
-            | EventKind::ReactionAdded
-            | EventKind::ReactionRemoved
-    );
-    check_id("message_id", &event.message_id, message_required)?;
+    check_id("message_id", &event.message_id, is_about_a_message(kind))?;
     let sender_id = event.sender.as_ref().map(|s| s.id.as_str()).unwrap_or("");
     let sender_required = matches!(
         kind,
@@ -210,6 +202,19 @@ pub fn validate_and_complete(
         )));
     }
     Ok(encoded_len)
+}
+
+/// Whether events of `kind` concern one message (and so carry a `message_id`): created, edited, deleted,
+/// reactions.
+pub fn is_about_a_message(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::MessageCreated
+            | EventKind::MessageEdited
+            | EventKind::MessageDeleted
+            | EventKind::ReactionAdded
+            | EventKind::ReactionRemoved
+    )
 }
 
 /// The stable id of an event that arrived without one: `cv1-` and 32 hex characters of a SHA-256 over the

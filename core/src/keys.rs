@@ -341,6 +341,17 @@ pub struct DataKeys {
 }
 
 impl DataKeys {
+    /// Data keys wrapped by the local keyring at `keyring_path` (the default key provider).
+    pub fn with_local_keyring(
+        store: Arc<dyn ObjectStore>,
+        keyring_path: &Path,
+    ) -> Result<DataKeys> {
+        Ok(DataKeys::new(
+            store,
+            Arc::new(LocalKeyring::open(keyring_path)?),
+        ))
+    }
+
     pub fn new(store: Arc<dyn ObjectStore>, provider: Arc<dyn KeyEncryptionProvider>) -> DataKeys {
         DataKeys {
             store,

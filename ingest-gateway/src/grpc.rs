@@ -19,7 +19,7 @@ use chatvault_proto::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::producer::{EventProducer, PendingDelivery};
+use crate::producer::{EventProducer, PendingDelivery, await_all};
 
 /// Acknowledgements a single stream may have outstanding before it waits for the oldest: bounds the memory a
 /// fast sender can pin.
@@ -74,12 +74,6 @@ impl IngestGrpc {
     }
 }
 
-async fn await_all(pending: impl IntoIterator<Item = PendingDelivery>) -> Result<()> {
-    let results =
-        futures::future::join_all(pending.into_iter().map(PendingDelivery::acknowledged)).await;
-    results.into_iter().collect()
-}
-
 #[tonic::async_trait]
 impl IngestService for IngestGrpc {
     async fn ingest(
@@ -116,18 +110,7 @@ impl IngestService for IngestGrpc {
             .enumerate()
             .map(|(index, event)| self.admit(&principal, Some(event), &format!("events[{index}].")))
             .collect::<Result<Vec<_>>>()?;
-        let mut pending = Vec::with_capacity(admitted.len());
-        for event in &admitted {
-            match self.producer.enqueue(event) {
-                Ok(delivery) => pending.push(delivery),
-                Err(error) => {
-                    // Let what was queued finish (it may well be archived; a retry collapses onto it).
-                    let _ = await_all(pending).await;
-                    return Err(error.into());
-                }
-            }
-        }
-        await_all(pending).await?;
+        self.producer.produce_all(&admitted).await?;
         Ok(Response::new(IngestBatchResponse {
             event_ids: admitted.into_iter().map(|event| event.event_id).collect(),
         }))

@@ -13,4 +13,4 @@ pub mod webhooks;
 
 pub use grpc::IngestGrpc;
 pub use producer::EventProducer;
-pub use server::serve;
+pub use server::{run, serve};

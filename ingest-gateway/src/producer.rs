@@ -88,12 +88,41 @@ impl EventProducer {
         self.enqueue(event)?.acknowledged().await
     }
 
+    /// Enqueues every event, then waits for all acknowledgements. When enqueueing fails part-way (queue full),
+    /// what was queued is still awaited before the error returns: it may well be archived, and a retry of the
+    /// whole request collapses onto it through the event ids.
+    pub async fn produce_all(&self, events: &[ChatEvent]) -> Result<()> {
+        let mut pending = Vec::with_capacity(events.len());
+        let mut enqueue_error = None;
+        for event in events {
+            match self.enqueue(event) {
+                Ok(delivery) => pending.push(delivery),
+                Err(error) => {
+                    enqueue_error = Some(error);
+                    break;
+                }
+            }
+        }
+        let acknowledged = await_all(pending).await;
+        match enqueue_error {
+            Some(error) => Err(error),
+            None => acknowledged,
+        }
+    }
+
     /// Waits up to `timeout` for every queued event to be acknowledged (at shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<()> {
         self.producer
             .flush(timeout)
             .map_err(|error| map_kafka_error(&error))
     }
+}
+
+/// Waits for every acknowledgement; the first failure, if any, is the result.
+pub async fn await_all(pending: impl IntoIterator<Item = PendingDelivery>) -> Result<()> {
+    let results =
+        futures::future::join_all(pending.into_iter().map(PendingDelivery::acknowledged)).await;
+    results.into_iter().collect()
 }
 
 /// Maps librdkafka failures to the error classes senders act on.

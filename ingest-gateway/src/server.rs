@@ -71,3 +71,38 @@ pub async fn serve(
     tracing::info!("gateway stopped");
     Ok(())
 }
+
+/// The whole gateway from its configuration: gRPC on `grpc_listener`, webhooks and `/healthz` on
+/// `http_listener`, one producer and one shutdown for both.
+pub async fn run(
+    config: &chatvault_core::config::Config,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let producer = EventProducer::new(&config.kafka, &config.gateway)?;
+    let integrations = config
+        .gateway
+        .webhooks
+        .iter()
+        .map(crate::webhooks::Integration::from_config)
+        .collect::<Result<Vec<_>>>()?;
+    let webhooks = std::sync::Arc::new(crate::webhooks::server::WebhookService::new(
+        integrations,
+        producer.clone(),
+        config.gateway.limits.clone(),
+        config.gateway.max_webhook_body_bytes,
+        config.gateway.webhook_replay_window_secs,
+    ));
+    let drain = Duration::from_millis(config.gateway.drain_timeout_ms);
+    let service = IngestGrpc::new(
+        producer.clone(),
+        config.authenticator()?,
+        config.gateway.clone(),
+    );
+    let grpc = serve(grpc_listener, service, producer, shutdown.clone(), drain);
+    let http = crate::webhooks::server::serve_http(http_listener, webhooks, shutdown, drain);
+    let (grpc, http) = tokio::join!(grpc, http);
+    grpc?;
+    http
+}

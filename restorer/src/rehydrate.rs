@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use chatvault_core::event::is_about_a_message;
 use chatvault_proto::v1::restore_item::Item;
 use chatvault_proto::v1::{
     Attachment, ChatEvent, EventKind, Reaction, RestoreItem, RestoredMessage, Revision, Sender,
@@ -40,15 +41,7 @@ pub fn rehydrate(events: &[ChatEvent]) -> Vec<RestoreItem> {
     let mut other_events: Vec<(usize, &ChatEvent)> = Vec::new();
     for (position, event) in events.iter().enumerate() {
         let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
-        let about_a_message = matches!(
-            kind,
-            EventKind::MessageCreated
-                | EventKind::MessageEdited
-                | EventKind::MessageDeleted
-                | EventKind::ReactionAdded
-                | EventKind::ReactionRemoved
-        );
-        if !about_a_message || event.message_id.is_empty() {
+        if !is_about_a_message(kind) || event.message_id.is_empty() {
             other_events.push((position, event));
             continue;
         }

@@ -129,19 +129,9 @@ impl Fixture {
                 .put(&path, PutPayload::from(encoded.bytes.clone()))
                 .await
                 .expect("upload");
-            files.push(ManifestFile {
-                path: path.to_string(),
-                tenant_id: tenant,
-                date,
-                key_period: period,
-                dek_id: key.dek_id.clone(),
-                rows: encoded.rows as u64,
-                bytes: encoded.bytes.len() as u64,
-                sha256: encoded.sha256_hex,
-                min_occurred_micros: encoded.min_occurred_micros,
-                max_occurred_micros: encoded.max_occurred_micros,
-                conversation_digests: encoded.conversation_digests,
-            });
+            files.push(ManifestFile::describe(
+                &path, &tenant, &date, &key, &encoded,
+            ));
         }
         let mut manifest = manifest_for(
             &self.topic,

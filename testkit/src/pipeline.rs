@@ -10,12 +10,9 @@ use chatvault_archiver::writer::ArchiverStats;
 use chatvault_archiver::{Archiver, ArchiverOptions};
 use chatvault_core::auth::Role;
 use chatvault_core::config::{Config, StorageConfig, TenantConfig, TokenConfig};
-use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown::{self, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
-use chatvault_ingest_gateway::webhooks::Integration;
-use chatvault_ingest_gateway::webhooks::server::{WebhookService, serve_http};
-use chatvault_ingest_gateway::{EventProducer, IngestGrpc};
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
 use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
 use chatvault_restorer::Restorer;
@@ -120,34 +117,10 @@ pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
     let address = listener.local_addr()?;
     let http_listener = TcpListener::bind("127.0.0.1:0").await?;
     let http_address = http_listener.local_addr()?;
-    let producer = EventProducer::new(&config.kafka, &config.gateway)?;
-    let service = IngestGrpc::new(
-        producer.clone(),
-        config.authenticator()?,
-        config.gateway.clone(),
-    );
-    let integrations = config
-        .gateway
-        .webhooks
-        .iter()
-        .map(Integration::from_config)
-        .collect::<Result<Vec<_>, _>>()?;
-    let webhooks = Arc::new(WebhookService::new(
-        integrations,
-        producer.clone(),
-        config.gateway.limits.clone(),
-        config.gateway.max_webhook_body_bytes,
-        config.gateway.webhook_replay_window_secs,
-    ));
     let (trigger, shutdown) = shutdown::channel();
-    let drain = Duration::from_millis(config.gateway.drain_timeout_ms);
+    let config = config.clone();
     let task = tokio::spawn(async move {
-        let grpc =
-            chatvault_ingest_gateway::serve(listener, service, producer, shutdown.clone(), drain);
-        let http = serve_http(http_listener, webhooks, shutdown, drain);
-        let (grpc, http) = tokio::join!(grpc, http);
-        grpc?;
-        http?;
+        chatvault_ingest_gateway::run(&config, listener, http_listener, shutdown).await?;
         Ok(())
     });
     Ok(RunningRole {
@@ -160,10 +133,10 @@ pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
 
 pub fn data_keys(config: &Config) -> anyhow::Result<DataKeys> {
     let store = object_store_from_config(&config.storage)?;
-    Ok(DataKeys::new(
+    Ok(DataKeys::with_local_keyring(
         store,
-        Arc::new(LocalKeyring::open(&config.keys.keyring_path)?),
-    ))
+        &config.keys.keyring_path,
+    )?)
 }
 
 pub async fn start_archiver(
@@ -171,10 +144,7 @@ pub async fn start_archiver(
     writer_id: &str,
 ) -> anyhow::Result<(RunningRole, Arc<ArchiverStats>)> {
     let store = object_store_from_config(&config.storage)?;
-    let keys = DataKeys::new(
-        store.clone(),
-        Arc::new(LocalKeyring::open(&config.keys.keyring_path)?),
-    );
+    let keys = DataKeys::with_local_keyring(store.clone(), &config.keys.keyring_path)?;
     let stats = Arc::new(ArchiverStats::default());
     let (trigger, shutdown) = shutdown::channel();
     let options = ArchiverOptions {
@@ -202,10 +172,7 @@ pub async fn start_restorer(config: &Config) -> anyhow::Result<RunningRole> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let store = object_store_from_config(&config.storage)?;
-    let keys = DataKeys::new(
-        store.clone(),
-        Arc::new(LocalKeyring::open(&config.keys.keyring_path)?),
-    );
+    let keys = DataKeys::with_local_keyring(store.clone(), &config.keys.keyring_path)?;
     let restorer = Arc::new(Restorer::new(
         store,
         keys,

@@ -29,9 +29,10 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::file::sha256_hex;
+use super::file::{EncodedFile, sha256_hex};
 use super::layout;
 use crate::error::{Error, ErrorCode, Result};
+use crate::keys::DataKey;
 
 pub const MANIFEST_FORMAT: &str = "chatvault-manifest-v1";
 
@@ -86,6 +87,32 @@ pub struct ManifestFile {
     pub max_occurred_micros: i64,
     /// Sorted conversation digests (see `archive::file::conversation_digest`).
     pub conversation_digests: Vec<String>,
+}
+
+impl ManifestFile {
+    /// The manifest entry of `encoded`, stored at `path`, holding `tenant`'s events of `date` (`yyyy-mm-dd`)
+    /// under `key`.
+    pub fn describe(
+        path: &Path,
+        tenant: &str,
+        date: &str,
+        key: &DataKey,
+        encoded: &EncodedFile,
+    ) -> ManifestFile {
+        ManifestFile {
+            path: path.to_string(),
+            tenant_id: tenant.to_string(),
+            date: date.to_string(),
+            key_period: key.period.clone(),
+            dek_id: key.dek_id.clone(),
+            rows: encoded.rows as u64,
+            bytes: encoded.bytes.len() as u64,
+            sha256: encoded.sha256_hex.clone(),
+            min_occurred_micros: encoded.min_occurred_micros,
+            max_occurred_micros: encoded.max_occurred_micros,
+            conversation_digests: encoded.conversation_digests.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -18,7 +18,7 @@ use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use tokio::net::TcpListener;
 
 use super::{Integration, Rejection, WebhookRequest};
-use crate::producer::{EventProducer, PendingDelivery};
+use crate::producer::EventProducer;
 
 /// Seconds a platform is asked to wait before retrying when Kafka cannot take events.
 pub const RETRY_AFTER_SECS: u64 = 5;
@@ -67,7 +67,7 @@ impl WebhookService {
             integrations.insert(
                 name.clone(),
                 serde_json::json!({
-                    "platform": format!("{:?}", integration.platform).to_lowercase(),
+                    "platform": integration.platform,
                     "tenant": integration.tenant,
                     "accepted_events": integration.stats.accepted(),
                     "duplicate_deliveries": integration
@@ -189,7 +189,7 @@ impl WebhookService {
                 );
             }
         }
-        match produce_all(&self.producer, &events).await {
+        match self.producer.produce_all(&events).await {
             Ok(()) => {
                 integration
                     .stats
@@ -218,29 +218,6 @@ impl WebhookService {
             }
         }
     }
-}
-
-async fn produce_all(
-    producer: &EventProducer,
-    events: &[chatvault_proto::v1::ChatEvent],
-) -> Result<()> {
-    let mut pending: Vec<PendingDelivery> = Vec::with_capacity(events.len());
-    let mut enqueue_error = None;
-    for event in events {
-        match producer.enqueue(event) {
-            Ok(delivery) => pending.push(delivery),
-            Err(error) => {
-                enqueue_error = Some(error);
-                break;
-            }
-        }
-    }
-    let results =
-        futures::future::join_all(pending.into_iter().map(PendingDelivery::acknowledged)).await;
-    if let Some(error) = enqueue_error {
-        return Err(error);
-    }
-    results.into_iter().collect()
 }
 
 fn plain(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
