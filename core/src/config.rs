@@ -27,6 +27,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub archiver: ArchiverConfig,
     pub restorer: RestorerConfig,
+    pub telemetry: TelemetryConfig,
     /// Tenants and their bearer tokens.
     pub tenants: Vec<TenantConfig>,
 }
@@ -274,6 +275,36 @@ impl Default for RestorerConfig {
             read_concurrency: 4,
         }
     }
+}
+
+/// Logs, metrics and traces. Traces and OTLP metrics are configured with the standard `OTEL_*` environment
+/// variables instead (see `core::telemetry`), so that the usual collector set-up works unchanged.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// HTTP address serving `GET /metrics` (Prometheus text format), `GET /healthz` (liveness) and
+    /// `GET /readyz` (readiness) for every role, the archiver included. Empty switches it off.
+    /// Default `0.0.0.0:9464`.
+    pub metrics_listen: String,
+    /// `text` (default, human-readable) or `json` (one JSON object per line, for log pipelines).
+    pub log_format: LogFormat,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            metrics_listen: "0.0.0.0:9464".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
