@@ -10,8 +10,16 @@
 - chart rules: restricted security context on every pod template, labels, gRPC probes, grace periods, the
   Services' target ports, settings the chart must refuse at render time;
 - webhooks: the gateway's HTTP port (Service, container, NetworkPolicy, /healthz liveness) and each
-  [[gateway.webhooks]] of the rendered chatvault.toml reading its secrets from mounted Secret files, with no
-  secret value in the ConfigMap;
+  [[gateway.webhooks]] of the rendered chatvault.toml reading its secrets (and, for Microsoft Teams, its
+  certificates' private keys and its JWKS) from mounted files of the right Secret/ConfigMap keys, with no secret
+  value in the ConfigMap;
+- telemetry: the metrics port (GET /metrics, /healthz, /readyz) on every component's container, metrics Service
+  and NetworkPolicy, [telemetry] in chatvault.toml, the archiver's HTTP probes, every probe following its values
+  (enabled, timing, custom*Probe), the OTEL_* environment (or OTEL_SDK_DISABLED=true), the OTLP egress rule, and
+  the ServiceMonitor as rendered on a cluster that serves monitoring.coreos.com/v1;
+- completeness: every key of config/chatvault.example.toml (its commented Teams example included) and every
+  field of core/src/config.rs's Config can be produced by the chart (ci/all-settings-values.yaml renders them
+  all), and README.md's values table lists every value of values.yaml;
 - the rendered chatvault.toml parsed and validated by the chatvault binary itself when one is built
   (target/debug or target/release), so the chart cannot drift from core/src/config.rs unnoticed.
 
@@ -20,7 +28,12 @@ Run: .venv/bin/python scripts/test_helm_chart.py  (scripts/setup-test-deps.sh in
 
 from __future__ import annotations
 
+import base64
+import copy
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +118,149 @@ def expect_failure(what: str, function, *needles: str):
             raise AssertionError(f"{what}: failed, but the message lacks {missing}: {message}") from None
         return
     raise AssertionError(f"{what}: was accepted, must fail")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Helm's coalescing of values: maps merge key by key, anything else is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def effective(values: dict) -> dict:
+    return deep_merge(DEFAULTS, values)
+
+
+def component(document: dict) -> str:
+    return document["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def chatvault_container(document: dict) -> dict:
+    return pod_spec(document)["containers"][0]
+
+
+def env_map(container: dict) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def chatvault_toml(documents: list[dict]) -> dict | None:
+    config_maps = [d for d in kind(documents, "ConfigMap") if "chatvault.toml" in d.get("data", {})]
+    return tomllib.loads(config_maps[0]["data"]["chatvault.toml"]) if config_maps else None
+
+
+def volume_files(volume: dict) -> dict[str, tuple[str, str, str]]:
+    """File path inside a secret/configMap/projected volume -> (kind, object name, key)."""
+    sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+    files = {}
+    for source in sources:
+        for source_kind, name_field in (("secret", "secretName"), ("configMap", "name")):
+            if source_kind in source:
+                body = source[source_kind]
+                name = body.get(name_field, body.get("name"))
+                for item in body.get("items", []):
+                    files[item["path"]] = (source_kind, name, item["key"])
+    return files
+
+
+def toml_paths(table: dict, prefix: str = "") -> set[str]:
+    """Dotted paths of every key of a parsed TOML document; arrays of tables as `name[]`."""
+    paths = set()
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        paths.add(path)
+        if isinstance(value, dict):
+            paths |= toml_paths(value, f"{path}.")
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for item in value:
+                paths |= toml_paths(item, f"{path}[].")
+    return paths
+
+
+EXAMPLE_CONFIG = ROOT / "config" / "chatvault.example.toml"
+
+
+def example_config_text() -> str:
+    """config/chatvault.example.toml with its commented Microsoft Teams example uncommented (as
+    core/src/config.rs's test commented_teams_example_is_valid does)."""
+    text = EXAMPLE_CONFIG.read_text()
+    start = text.find("# [[gateway.webhooks]]")
+    assert start >= 0, f"{EXAMPLE_CONFIG.relative_to(ROOT)}: no commented Teams example '# [[gateway.webhooks]]'"
+    block = []
+    for line in text[start:].splitlines():
+        if not line.startswith("#"):
+            break
+        block.append(line.lstrip("#").lstrip())
+    return text + "\n" + "\n".join(block) + "\n"
+
+
+def config_struct_paths() -> set[str]:
+    """Dotted paths of every field of `Config` (core/src/config.rs, EventLimits from core/src/event.rs), following
+    nested structs, `Vec<Struct>` as `name[]`; honours #[serde(rename = ...)] and #[serde(skip...)] on fields."""
+    source = "\n".join((ROOT / "core" / "src" / name).read_text() for name in ("config.rs", "event.rs"))
+    structs: dict[str, list[tuple[str, str]]] = {}
+    for match in re.finditer(r"^pub struct (\w+)\s*\{(.*?)^\}", source, re.S | re.M):
+        fields, rename, skip = [], None, False
+        for line in match.group(2).splitlines():
+            line = line.strip()
+            attribute = re.match(r"#\[serde\((.*)\)\]", line)
+            if attribute:
+                renamed = re.search(r'\brename\s*=\s*"([^"]+)"', attribute.group(1))
+                rename = renamed.group(1) if renamed else rename
+                skip = skip or re.search(r"\bskip(_deserializing)?\b(?!_)", attribute.group(1)) is not None
+                continue
+            field = re.match(r"pub (\w+)\s*:\s*(.+?),?$", line)
+            if field:
+                if not skip:
+                    fields.append((rename or field.group(1), field.group(2).strip()))
+                rename, skip = None, False
+        structs[match.group(1)] = fields
+    assert "Config" in structs, "core/src/config.rs: no `pub struct Config`"
+
+    def walk(name: str, prefix: str) -> set[str]:
+        paths = set()
+        for field, type_ in structs[name]:
+            inner, array = type_, False
+            while True:
+                wrapped = re.fullmatch(r"(Option|Vec|Box)<(.+)>", inner)
+                if not wrapped:
+                    break
+                array = array or wrapped.group(1) == "Vec"
+                inner = wrapped.group(2)
+            path = f"{prefix}{field}"
+            paths.add(path)
+            if inner in structs:
+                paths |= walk(inner, f"{path}[]." if array else f"{path}.")
+        return paths
+
+    return walk("Config", "")
+
+
+# Config fields the chart deliberately never renders: clear secrets. It writes the file forms instead
+# (secret_files, token_file / token_sha256), and the check below makes sure these stay out of the ConfigMap.
+NOT_RENDERED = {
+    "gateway.webhooks[].secrets": "clear webhook secrets (the chart renders secret_files)",
+    "tenants[].tokens[].token": "clear tokens (the chart renders token_file or token_sha256)",
+}
+
+
+def values_table_paths(values, schema: dict, definitions: dict, prefix: str = "") -> list[str]:
+    """The rows README.md's values table needs: every leaf of values.yaml; maps the schema describes property by
+    property are expanded, free-form ones (and lists) are one row."""
+    if "$ref" in schema:
+        schema = definitions[schema["$ref"].split("/")[-1]]
+    if isinstance(values, dict) and values and "properties" in schema:
+        rows = []
+        for key, value in values.items():
+            rows += values_table_paths(value, schema["properties"].get(key, {}), definitions, f"{prefix}{key}.")
+        return rows
+    return [prefix.rstrip(".")]
 
 
 def chatvault_binary() -> Path | None:
@@ -250,6 +406,8 @@ def main() -> int:
             for service in kind(documents, "Service"):
                 if service["metadata"]["labels"].get("app.kubernetes.io/component") != "gateway":
                     continue
+                if service["metadata"]["name"].endswith("-metrics"):
+                    continue
                 ports = {p["name"]: p for p in service["spec"]["ports"]}
                 if any(d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway" for d in deployments):
                     assert ports.get("http", {}).get("targetPort") == "http", f"gateway Service: no http port: {ports}"
@@ -259,6 +417,132 @@ def main() -> int:
                     assert http in admitted, f"gateway NetworkPolicy does not admit the http port {http}: {admitted}"
             for hpa in kind(documents, "HorizontalPodAutoscaler"):
                 assert hpa["apiVersion"] == "autoscaling/v2", hpa["apiVersion"]
+
+        settings = effective(values)
+
+        @check(f"metrics port on every component: container, Service, NetworkPolicy, [telemetry] ({case})")
+        def _metrics_port():
+            port = settings["metrics"]["port"]
+            deployments = kind(documents, "Deployment")
+            assert deployments, "no Deployment"
+            services = kind(documents, "Service")
+            policies = {component(p): p for p in kind(documents, "NetworkPolicy")}
+            for deployment in deployments:
+                role = component(deployment)
+                container = chatvault_container(deployment)
+                named = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+                assert named.get("metrics") == port, f"{role}: container port metrics is {named.get('metrics')}, not {port}"
+                assert len(set(named.values())) == len(named), f"{role}: two container ports share a number: {named}"
+                labels = deployment["spec"]["template"]["metadata"]["labels"]
+                if settings["metrics"]["enabled"]:
+                    carrying = [s for s in services if s["spec"]["selector"].items() <= labels.items()
+                                and any(p["name"] == "metrics" and p["port"] == port and p["targetPort"] == "metrics"
+                                        for p in s["spec"]["ports"])]
+                    assert len(carrying) == 1, f"{role}: {len(carrying)} Services carry the metrics port (want one)"
+                    assert carrying[0]["spec"].get("clusterIP") == "None", f"{role}: metrics Service is not headless"
+                    assert component(carrying[0]) == role, f"{role}: metrics Service labelled {component(carrying[0])}"
+                    if settings["networkPolicy"]["enabled"]:
+                        rules = [r for r in policies[role]["spec"].get("ingress") or []
+                                 if any(p["port"] == port for p in r.get("ports", []))]
+                        assert rules, f"{role}: NetworkPolicy does not admit the metrics port {port}"
+                        scrape = settings["networkPolicy"]["metrics"]
+                        if scrape["allowExternal"]:
+                            assert any("from" not in r for r in rules), f"{role}: metrics port not open to scrapers"
+                        else:
+                            peers = [peer for r in rules for peer in r.get("from", [])]
+                            assert peers and all("from" in r for r in rules), f"{role}: metrics port open to all"
+                            if scrape["ingressNSMatchLabels"]:
+                                assert any(peer.get("namespaceSelector", {}).get("matchLabels")
+                                           == scrape["ingressNSMatchLabels"] for peer in peers), peers
+                if role == "standalone":
+                    assert f"--metrics-listen=0.0.0.0:{port}" in container["args"], container["args"]
+                    log_format = env_map(container).get("CHATVAULT__TELEMETRY__LOG_FORMAT", {}).get("value")
+                    assert log_format == settings["telemetry"]["logFormat"], f"standalone: log format {log_format}"
+            config = chatvault_toml(documents)
+            if config is not None:
+                assert config.get("telemetry") == {"metrics_listen": f"0.0.0.0:{port}",
+                                                   "log_format": settings["telemetry"]["logFormat"]}, config.get("telemetry")
+
+        @check(f"probes follow their values; the archiver's are HTTP on the metrics port ({case})")
+        def _probes():
+            grpc_service = {"gateway": "chatvault.v1.IngestService", "restorer": "chatvault.v1.RestoreService"}
+            for deployment in kind(documents, "Deployment"):
+                role = component(deployment)
+                container = chatvault_container(deployment)
+                role_values = settings[role]
+                if role == "archiver":
+                    handlers = {"liveness": {"httpGet": {"path": "/healthz", "port": "metrics"}},
+                                "readiness": {"httpGet": {"path": "/readyz", "port": "metrics"}},
+                                "startup": {"httpGet": {"path": "/healthz", "port": "metrics"}}}
+                elif role == "standalone":
+                    ports = role_values["containerPorts"]
+                    handlers = {"liveness": {"grpc": {"port": ports["gateway"], "service": ""}},
+                                "readiness": {"grpc": {"port": ports["gateway"], "service": grpc_service["gateway"]}},
+                                "startup": {"grpc": {"port": ports["restorer"], "service": grpc_service["restorer"]}}}
+                else:
+                    check_ = {"grpc": {"port": role_values["containerPorts"]["grpc"], "service": grpc_service[role]}}
+                    liveness = ({"httpGet": {"path": "/healthz", "port": "http"}} if role == "gateway"
+                                else {"grpc": {"port": role_values["containerPorts"]["grpc"], "service": ""}})
+                    handlers = {"liveness": liveness, "readiness": check_, "startup": check_}
+                for name, handler in handlers.items():
+                    probe = container.get(f"{name}Probe")
+                    custom = role_values.get(f"custom{name.title()}Probe")
+                    timing = role_values.get(f"{name}Probe", {})
+                    if custom:
+                        assert probe == custom, f"{role}: {name}Probe is not custom{name.title()}Probe: {probe}"
+                    elif timing.get("enabled"):
+                        expected = {**handler, **{k: v for k, v in timing.items() if k != "enabled"}}
+                        assert probe == expected, f"{role}: {name}Probe {probe}, want {expected}"
+                    else:
+                        assert probe is None, f"{role}: {name}Probe is disabled but rendered: {probe}"
+
+        @check(f"OpenTelemetry environment on every chatvault container ({case})")
+        def _otel():
+            otel = settings["otel"]
+            for deployment in kind(documents, "Deployment"):
+                role = component(deployment)
+                container = chatvault_container(deployment)
+                env = env_map(container)
+                value = lambda name: env.get(name, {}).get("value")  # noqa: E731
+                if not otel["enabled"]:
+                    assert value("OTEL_SDK_DISABLED") == "true", f"{role}: OTEL_SDK_DISABLED is {value('OTEL_SDK_DISABLED')}"
+                    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env, f"{role}: an OTLP endpoint with otel disabled"
+                    continue
+                expected = {
+                    "OTEL_SDK_DISABLED": "false",
+                    "OTEL_SERVICE_NAME": f"chatvault-{role}",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": otel["endpoint"],
+                    "OTEL_EXPORTER_OTLP_PROTOCOL": otel["protocol"],
+                    "OTEL_EXPORTER_OTLP_TIMEOUT": str(otel["timeout"]),
+                    "OTEL_TRACES_SAMPLER": otel["tracesSampler"],
+                    "OTEL_METRIC_EXPORT_INTERVAL": str(otel["metricExportInterval"]),
+                    "OTEL_TRACES_EXPORTER": otel["tracesExporter"],
+                    "OTEL_METRICS_EXPORTER": otel["metricsExporter"],
+                }
+                if str(otel["tracesSamplerArg"]) != "":
+                    expected["OTEL_TRACES_SAMPLER_ARG"] = str(otel["tracesSamplerArg"])
+                for name, wanted in expected.items():
+                    assert value(name) == wanted, f"{role}: {name} = {value(name)!r}, want {wanted!r}"
+                names = [entry["name"] for entry in container["env"]]
+                attributes = dict(pair.split("=", 1) for pair in value("OTEL_RESOURCE_ATTRIBUTES").split(","))
+                assert attributes.get("k8s.pod.name") == "$(K8S_POD_NAME)", attributes
+                assert names.index("K8S_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES"), "K8S_POD_NAME after use"
+                assert env["K8S_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+                assert attributes.get("k8s.namespace.name") == NAMESPACE, attributes
+                assert attributes.get("k8s.deployment.name") == deployment["metadata"]["name"], attributes
+                for key, wanted in otel["resourceAttributes"].items():
+                    assert attributes.get(key) == wanted, f"{role}: resource attribute {key}: {attributes}"
+                if otel["headersExistingSecret"]:
+                    reference = env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"]
+                    assert reference == {"name": otel["headersExistingSecret"], "key": otel["headersExistingSecretKey"]}
+                else:
+                    assert "OTEL_EXPORTER_OTLP_HEADERS" not in env
+            if otel["enabled"] and settings["networkPolicy"]["enabled"] and not settings["networkPolicy"]["allowExternalEgress"]:
+                endpoint = re.match(r"(https?)://[^/:]+(?::(\d+))?", otel["endpoint"])
+                port = int(endpoint.group(2) or (443 if endpoint.group(1) == "https" else 80))
+                for policy in kind(documents, "NetworkPolicy"):
+                    allowed = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+                    assert port in allowed, f"{policy['metadata']['name']}: egress to the collector port {port}: {allowed}"
 
         config_maps = [d for d in kind(documents, "ConfigMap") if "chatvault.toml" in d.get("data", {})]
         binary = chatvault_binary()
@@ -287,6 +571,85 @@ def main() -> int:
             assert 'platform = "standard_webhooks"' in text, text
             result = load_config_with_binary(binary, text.replace('platform = "standard_webhooks"', 'platform = "slak"'))
             assert "error: data key" not in result.stderr and "slak" in result.stderr, result.stderr
+
+        @check("the binary knows every flag the chart passes to `chatvault standalone`")
+        def _binary_standalone_flags():
+            standalone = next(d for d in kind(rendered["default values"], "Deployment") if component(d) == "standalone")
+            args = chatvault_container(standalone)["args"]
+            assert args[0] == "standalone", args
+            help_text = subprocess.run([str(binary), "standalone", "--help"], capture_output=True, text=True,
+                                       timeout=60, check=True).stdout
+            flags = [arg.split("=", 1)[0] for arg in args[1:]]
+            unknown = [flag for flag in flags if not re.search(rf"(^|\s){re.escape(flag)}(\s|$)", help_text, re.M)]
+            assert not unknown, f"chatvault standalone does not accept {unknown}"
+
+        @check("the binary reads the rendered Teams settings (app_id on a non-Teams webhook is rejected)")
+        def _binary_teams():
+            configmap = next(d for d in kind(rendered["ci/production-values.yaml"], "ConfigMap")
+                             if "chatvault.toml" in d.get("data", {}))
+            text = configmap["data"]["chatvault.toml"]
+            assert 'platform = "teams"' in text and "[[gateway.webhooks.certificates]]" in text, text
+            result = load_config_with_binary(binary, text.replace('platform = "teams"', 'platform = "slack"'))
+            assert "error: data key" not in result.stderr and "only for platform teams" in result.stderr, result.stderr
+
+    all_settings = "ci/all-settings-values.yaml"
+
+    @check("the example config (with its commented Teams example) is valid TOML with the Teams keys")
+    def _example_config():
+        paths = toml_paths(tomllib.loads(example_config_text()))
+        for key in ("telemetry.metrics_listen", "gateway.webhooks[].app_id", "gateway.webhooks[].certificates[].id"):
+            assert key in paths, f"{EXAMPLE_CONFIG.relative_to(ROOT)}: {key} missing"
+
+    @check(f"every key of config/chatvault.example.toml is in the chatvault.toml rendered from {all_settings}")
+    def _example_keys_rendered():
+        config = chatvault_toml(rendered[all_settings])
+        assert config is not None, f"{all_settings}: no chatvault.toml"
+        missing = sorted(toml_paths(tomllib.loads(example_config_text())) - toml_paths(config))
+        assert not missing, (f"the chart cannot produce (or {all_settings} does not set) these settings of "
+                             f"{EXAMPLE_CONFIG.relative_to(ROOT)}: {missing}")
+
+    @check(f"every field of Config (core/src/config.rs) is rendered from {all_settings}; clear secrets never")
+    def _config_fields_rendered():
+        fields = config_struct_paths()
+        for expected in ("kafka.brokers", "gateway.limits.max_text_bytes", "gateway.webhooks[].certificates[].id",
+                         "telemetry.log_format", "tenants[].tokens[].roles"):
+            assert expected in fields, f"core/src/config.rs parsing lost {expected}: {sorted(fields)}"
+        stale = sorted(set(NOT_RENDERED) - fields)
+        assert not stale, f"NOT_RENDERED names fields Config no longer has: {stale}"
+        rendered_paths = toml_paths(chatvault_toml(rendered[all_settings]))
+        missing = sorted(fields - set(NOT_RENDERED) - rendered_paths)
+        assert not missing, (f"Config fields the chart cannot produce (or {all_settings} does not set): {missing}; "
+                             "add them to values.schema.json, the templates, README.md and that file")
+        for case, documents in rendered.items():
+            config = chatvault_toml(documents)
+            leaked = sorted(set(NOT_RENDERED) & toml_paths(config or {}))
+            assert not leaked, f"{case}: rendered {leaked}"
+
+    @check("archiver probes by default: GET /healthz liveness and start-up, GET /readyz readiness, metrics port")
+    def _archiver_probes():
+        archiver = next(d for d in kind(rendered["ci/distributed-values.yaml"], "Deployment")
+                        if component(d) == "archiver")
+        container = chatvault_container(archiver)
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, container["livenessProbe"]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, container["readinessProbe"]
+        assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}, container["startupProbe"]
+        assert [p["name"] for p in container["ports"]] == ["metrics"], container["ports"]
+
+    @check("OTEL_SDK_DISABLED=true on every container with the default values; OTLP env with otel.enabled")
+    def _otel_switch():
+        for case in ("default values", "ci/distributed-values.yaml"):
+            for deployment in kind(rendered[case], "Deployment"):
+                env = env_map(chatvault_container(deployment))
+                assert env["OTEL_SDK_DISABLED"]["value"] == "true", f"{case}: {deployment['metadata']['name']}"
+        names = {component(d): env_map(chatvault_container(d))["OTEL_SERVICE_NAME"]["value"]
+                 for d in kind(rendered["ci/production-values.yaml"], "Deployment")}
+        assert names == {r: f"chatvault-{r}" for r in ("gateway", "archiver", "restorer")}, names
+        enabled = render(chart, {"otel": {"enabled": True, "endpoint": "http://collector:4318",
+                                          "protocol": "http/protobuf"}})
+        standalone = next(d for d in enabled if d["kind"] == "Deployment")
+        env = env_map(chatvault_container(standalone))
+        assert env["OTEL_SERVICE_NAME"]["value"] == "chatvault-standalone", env
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "http/protobuf", env
 
     @check("check-jsonschema: values.yaml and ci/*.yaml match values.schema.json")
     def _check_jsonschema():
@@ -321,6 +684,31 @@ def main() -> int:
         "webhook setting typo": {"config": {"gateway": {"max_webhook_body_byte": 4096}}},
         "webhook body limit below 1 KiB": {"config": {"gateway": {"max_webhook_body_bytes": 100}}},
         "gateway http port typo": {"gateway": {"containerPorts": {"grpc": 50051, "htp": 8080}}},
+        "misspelt otel key": {"otel": {"enabled": True, "endpiont": "http://collector:4317"}},
+        "OTLP protocol http/json (the binary speaks grpc and http/protobuf)": {"otel": {"protocol": "http/json"}},
+        "OTLP endpoint without a scheme": {"otel": {"endpoint": "collector:4317"}},
+        "unknown traces sampler": {"otel": {"tracesSampler": "ratio"}},
+        "resource attribute value with a comma": {"otel": {"resourceAttributes": {"team": "a,b"}}},
+        "log format xml": {"telemetry": {"logFormat": "xml"}},
+        "telemetry setting typo": {"telemetry": {"log_format": "json"}},
+        "metrics port out of range": {"metrics": {"port": 70000}},
+        "metrics service typo": {"metrics": {"service": {"annotation": {}}}},
+        "networkPolicy.metrics typo": {"networkPolicy": {"metrics": {"allowExternals": False}}},
+        "unknown key in a custom probe's place": {"archiver": {"livenessProbe": {"path": "/healthz"}}},
+        "Teams setting in snake_case": {"gateway": {"webhooks": [
+            {"name": "t", "platform": "teams", "tenant": "acme", "secrets": ["x"], "app_id": "a"}]}},
+        "Teams certificate without id": {"gateway": {"webhooks": [
+            {"name": "t", "platform": "teams", "tenant": "acme", "secrets": ["x"],
+             "certificates": [{"privateKey": "k"}]}]}},
+        "Teams certificate key typo": {"gateway": {"webhooks": [
+            {"name": "t", "platform": "teams", "tenant": "acme", "secrets": ["x"],
+             "certificates": [{"id": "c", "existingSecretkey": "tls.key"}]}]}},
+        "JWKS source typo": {"gateway": {"webhooks": [
+            {"name": "t", "platform": "teams", "tenant": "acme", "secrets": ["x"],
+             "jwks": {"existingConfigMap": "keys"}}]}},
+        "a secretKey named like the certificates directory": {"gateway": {"webhooks": [
+            {"name": "t", "platform": "teams", "tenant": "acme", "existingSecret": "s",
+             "secretKeys": ["certificates"]}]}},
     }
     for what, values in misspelt.items():
         @check(f"schema rejects {what} (helm and check-jsonschema)")
@@ -345,6 +733,12 @@ def main() -> int:
         values = {key: value for key, value in distributed.items()}
         values.update(overrides)
         return values
+
+    def teams_webhook(**overrides) -> dict:
+        webhook = {"name": "t", "platform": "teams", "tenant": "demo", "secrets": ["client-state"], "appId": "app",
+                   "certificates": [{"id": "c", "privateKey": "k"}], "jwks": {"json": "{}"}}
+        webhook.update(overrides)
+        return {key: value for key, value in webhook.items() if value is not None}
 
     refused = {
         "distributed without a keyring": (with_distributed(keyring={"json": ""}), ["keyring"]),
@@ -380,6 +774,42 @@ def main() -> int:
         "webhooks in standalone mode": (
             {"gateway": {"webhooks": [{"name": "w", "platform": "slack", "tenant": "demo", "secrets": ["x"]}]}},
             ["gateway.webhooks", "distributed"]),
+        "otel enabled without an endpoint": ({"otel": {"enabled": True}}, ["otel.endpoint"]),
+        "the metrics port on the gateway's gRPC port": (
+            with_distributed(metrics={"port": 50051}), ["metrics.port", "gateway.containerPorts.grpc"]),
+        "the metrics port on a standalone port": ({"metrics": {"port": 50052}}, ["metrics.port", "standalone"]),
+        "the metrics port on the standalone webhook port": ({"metrics": {"port": 8080}}, ["metrics.port", "8080"]),
+        "an archiver grace period shorter than its shutdown": (
+            with_distributed(archiver={"terminationGracePeriodSeconds": 30}),
+            ["archiver.terminationGracePeriodSeconds", "shutdown_timeout_ms"]),
+        "a restorer grace period shorter than its drain": (
+            with_distributed(restorer={"terminationGracePeriodSeconds": 20}),
+            ["restorer.terminationGracePeriodSeconds", "drain_timeout_ms"]),
+        "Teams settings on a Slack webhook": (
+            with_distributed(gateway={"webhooks": [
+                {"name": "w", "platform": "slack", "tenant": "demo", "secrets": ["x"], "appId": "a"}]}),
+            ["gateway.webhooks[0]", "appId", "only for platform teams"]),
+        "Teams certificates without appId": (
+            with_distributed(gateway={"webhooks": [teams_webhook(appId=None)]}), ["gateway.webhooks[0]", "appId"]),
+        "Teams certificates without jwks": (
+            with_distributed(gateway={"webhooks": [teams_webhook(jwks=None)]}), ["gateway.webhooks[0]", "jwks"]),
+        "a Teams certificate with no private key": (
+            with_distributed(gateway={"webhooks": [teams_webhook(certificates=[{"id": "c"}])]}),
+            ["certificates[0]", "existingSecretKey"]),
+        "a Teams certificate key with no Secret": (
+            with_distributed(gateway={"webhooks": [teams_webhook(certificates=[{"id": "c", "existingSecretKey": "k"}])]}),
+            ["certificates[0]", "needs existingSecret"]),
+        "a Teams certificate with both privateKey and existingSecretKey": (
+            with_distributed(gateway={"webhooks": [teams_webhook(
+                certificates=[{"id": "c", "privateKey": "k", "existingSecret": "s", "existingSecretKey": "k"}])]}),
+            ["certificates[0]", "not both"]),
+        "two Teams certificates with one id": (
+            with_distributed(gateway={"webhooks": [teams_webhook(
+                certificates=[{"id": "c", "privateKey": "k"}, {"id": "c", "privateKey": "l"}])]}),
+            ["certificates[1]", "another certificate"]),
+        "a JWKS from two sources": (
+            with_distributed(gateway={"webhooks": [teams_webhook(jwks={"json": "{}", "existingConfigmap": "j"})]}),
+            ["gateway.webhooks[0]", "exactly one"]),
     }
     for what, (values, needles) in refused.items():
         @check(f"render refuses {what}")
@@ -387,8 +817,9 @@ def main() -> int:
             expect_failure(what, lambda: chart.render(values, name=RELEASE, namespace=NAMESPACE), *needles)
 
     def webhook_wiring(case: str, secret_values: list[str]):
-        """The rendered [[gateway.webhooks]] read every secret from a file that the gateway container mounts from
-        the right Secret key, and no secret value is in the ConfigMap."""
+        """The rendered [[gateway.webhooks]] read every secret (and, for Teams, every certificate's private key and
+        the JWKS) from a file that the gateway container mounts from the right Secret/ConfigMap key, and no secret
+        value is in the ConfigMap."""
         documents = rendered[case]
         values = cases[case]
         configmap = next(d for d in kind(documents, "ConfigMap") if "chatvault.toml" in d.get("data", {}))
@@ -402,33 +833,66 @@ def main() -> int:
             assert type(setting) is int and setting == values["config"]["gateway"][key], f"{key} = {setting!r}"
         webhooks = config["gateway"].get("webhooks", [])
         assert [w["name"] for w in webhooks] == [w["name"] for w in expected], webhooks
-        gateway = next(d for d in kind(documents, "Deployment")
-                       if d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway")
+        gateway = next(d for d in kind(documents, "Deployment") if component(d) == "gateway")
         spec = pod_spec(gateway)
         mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
         secrets = {d["metadata"]["name"]: d for d in kind(documents, "Secret")}
+
+        def chart_value(name: str, key: str) -> str:
+            assert name in secrets, f"{name} is not a chart-generated Secret"
+            assert key in secrets[name]["data"], f"{name} lacks {key}"
+            return base64.b64decode(secrets[name]["data"][key]).decode()
+
         for webhook, wanted in zip(webhooks, expected):
             assert webhook["platform"] == wanted["platform"] and webhook["tenant"] == wanted["tenant"], webhook
             assert "secrets" not in webhook, f"{webhook['name']}: clear secrets in the ConfigMap"
-            files = webhook["secret_files"]
-            assert len(files) == len(wanted.get("secretKeys") or wanted.get("secrets")), files
             directory = f"/etc/chatvault/webhooks/{webhook['name']}"
             mount = mounts.get(directory)
             assert mount and mount.get("readOnly") is True, f"{directory} is not mounted read-only: {list(mounts)}"
-            source = volumes[mount["name"]]["secret"]
-            paths = {item["path"]: item["key"] for item in source["items"]}
+            mounted = volume_files(volumes[mount["name"]])
+
+            def source_of(path: str) -> tuple[str, str, str]:
+                assert path.startswith(directory + "/"), f"{path} is not under {directory}"
+                source = mounted.get(path[len(directory) + 1:])
+                assert source is not None, f"{path}: no Secret/ConfigMap item mounts it ({mounted})"
+                return source
+
+            files = webhook["secret_files"]
+            assert len(files) == len(wanted.get("secretKeys") or wanted.get("secrets")), files
             for index, path in enumerate(files):
-                assert os.path.dirname(path) == directory, path
-                key = paths.get(os.path.basename(path))
-                assert key is not None, f"{path}: no Secret item mounts it ({paths})"
+                source_kind, name, key = source_of(path)
+                assert source_kind == "secret", path
                 if wanted.get("existingSecret"):
-                    assert source["secretName"] == wanted["existingSecret"] and key == wanted["secretKeys"][index]
+                    assert (name, key) == (wanted["existingSecret"], wanted["secretKeys"][index]), (path, name, key)
                 else:
-                    chart_secret = secrets[source["secretName"]]
-                    assert key in chart_secret["data"], f"{source['secretName']} lacks {key}"
-                    import base64
-                    assert base64.b64decode(chart_secret["data"][key]).decode() == wanted["secrets"][index]
+                    assert chart_value(name, key) == wanted["secrets"][index], path
+            if wanted["platform"] != "teams":
+                assert not {"app_id", "jwks_file", "tenant_ids", "certificates"} & webhook.keys(), webhook
+                continue
+            assert webhook.get("app_id") == wanted.get("appId"), webhook
+            assert webhook.get("tenant_ids", []) == wanted.get("tenantIds", []), webhook
+            certificates = webhook.get("certificates", [])
+            assert [c["id"] for c in certificates] == [c["id"] for c in wanted.get("certificates", [])], certificates
+            for certificate, want in zip(certificates, wanted.get("certificates", [])):
+                source_kind, name, key = source_of(certificate["private_key_file"])
+                assert source_kind == "secret", certificate
+                if want.get("privateKey"):
+                    assert chart_value(name, key) == want["privateKey"], certificate
+                else:
+                    wanted_secret = want.get("existingSecret") or wanted["existingSecret"]
+                    assert (name, key) == (wanted_secret, want["existingSecretKey"]), (certificate, name, key)
+            jwks = wanted.get("jwks")
+            if jwks:
+                source_kind, name, key = source_of(webhook["jwks_file"])
+                if jwks.get("json"):
+                    assert source_kind == "secret" and chart_value(name, key) == jwks["json"], webhook["jwks_file"]
+                elif jwks.get("existingConfigmap"):
+                    assert (source_kind, name, key) == ("configMap", jwks["existingConfigmap"], jwks.get("key", "keys.json"))
+                else:
+                    assert (source_kind, name, key) == ("secret", jwks["existingSecret"], jwks.get("key", "keys.json"))
+            else:
+                assert "jwks_file" not in webhook, webhook
         for secret_value in secret_values:
             for document in kind(documents, "ConfigMap"):
                 assert secret_value not in yaml.safe_dump(strip(document)), (
@@ -438,8 +902,11 @@ def main() -> int:
                 assert not any(v["name"].startswith("webhook-") for v in pod_spec(other).get("volumes", [])), (
                     f"{other['metadata']['name']} mounts webhook secrets")
 
-    @check("webhooks from an existing Secret: secret_files point at mounted files (ci/production-values.yaml)")
+    @check("webhooks from existing Secrets: secret_files point at mounted files; Teams certificate keys (webhook "
+           "and cert-manager Secrets) and JWKS (ConfigMap) mounted and referenced (ci/production-values.yaml)")
     def _webhooks_existing():
+        webhooks = cases["ci/production-values.yaml"]["gateway"]["webhooks"]
+        assert any(w["platform"] == "teams" and w.get("certificates") for w in webhooks), "a Teams webhook"
         webhook_wiring("ci/production-values.yaml", [])
 
     @check("webhooks from chart-generated Secrets: mounted files, no secret value in the ConfigMap "
@@ -448,6 +915,15 @@ def main() -> int:
         secret_values = [s for w in distributed["gateway"]["webhooks"] for s in w.get("secrets", [])]
         assert secret_values, "ci/distributed-values.yaml: a webhook with clear secrets"
         webhook_wiring("ci/distributed-values.yaml", secret_values)
+
+    @check(f"Teams from chart-generated values: private key and JWKS files mounted and referenced, no private key "
+           f"in the ConfigMap ({all_settings})")
+    def _webhooks_teams_chart_secret():
+        webhooks = cases[all_settings]["gateway"]["webhooks"]
+        clear = [s for w in webhooks for s in w.get("secrets", [])]
+        clear += [c["privateKey"] for w in webhooks for c in w.get("certificates", []) if c.get("privateKey")]
+        assert any("PRIVATE KEY" in value for value in clear), f"{all_settings}: a Teams privateKey"
+        webhook_wiring(all_settings, clear + ["CI-ONLY-NOT-A-REAL-KEY"])
 
     @check("least privilege: each role gets only its secrets")
     def _least_privilege():
@@ -474,6 +950,67 @@ def main() -> int:
         documents = rendered["ci/production-values.yaml"]
         assert not kind(documents, "ServiceMonitor"), "ServiceMonitor rendered without the CRD"
         assert any(s["metadata"]["name"].endswith("-metrics") for s in kind(documents, "Service"))
+
+    @check("ServiceMonitor on a cluster with monitoring.coreos.com/v1: /metrics of every component's metrics Service")
+    def _service_monitor_with_crd():
+        # helm-python-sdk cannot pass --api-versions: render a copy of the chart whose capability test is true.
+        with tempfile.TemporaryDirectory() as directory:
+            copy_path = Path(directory) / "chatvault"
+            shutil.copytree(CHART, copy_path)
+            template = copy_path / "templates" / "metrics.yaml"
+            condition = '(.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")'
+            assert condition in template.read_text(), f"metrics.yaml no longer tests {condition}"
+            template.write_text(template.read_text().replace(condition, "true"))
+            for case in ("ci/production-values.yaml", "default values"):
+                values = deep_merge(cases[case], {"metrics": {"serviceMonitor": {"enabled": True}}})
+                documents = render(helm.Chart.load(copy_path), values)
+                monitors = kind(documents, "ServiceMonitor")
+                assert len(monitors) == 1, f"{case}: {len(monitors)} ServiceMonitors"
+                monitor = monitors[0]["spec"]
+                assert monitor["jobLabel"] == "app.kubernetes.io/component", monitor
+                assert monitor["namespaceSelector"] == {"matchNames": [NAMESPACE]}, monitor
+                [endpoint] = monitor["endpoints"]
+                assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics", endpoint
+                settings = effective(values)
+                assert endpoint["interval"] == settings["metrics"]["serviceMonitor"]["interval"], endpoint
+                for key, label in settings["metrics"]["serviceMonitor"]["labels"].items():
+                    assert monitors[0]["metadata"]["labels"].get(key) == label, monitors[0]["metadata"]["labels"]
+                selector = monitor["selector"]
+
+                def selected(service: dict) -> bool:
+                    labels = service["metadata"]["labels"]
+                    if not selector["matchLabels"].items() <= labels.items():
+                        return False
+                    return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []))
+
+                scraped = {component(s) for s in kind(documents, "Service") if selected(s)
+                           and any(p["name"] == endpoint["port"] for p in s["spec"]["ports"])}
+                deployed = {component(d) for d in kind(documents, "Deployment")}
+                assert scraped == deployed, f"{case}: the ServiceMonitor scrapes {scraped}, deployed are {deployed}"
+
+    @check("existingConfigmap: the metrics listener is still forced onto metrics.port (CHATVAULT__TELEMETRY__...)")
+    def _existing_configmap():
+        documents = render(chart, with_distributed(existingConfigmap="my-chatvault-config", metrics={"port": 9500}))
+        assert not chatvault_toml(documents), "a chatvault.toml was rendered despite existingConfigmap"
+        for deployment in kind(documents, "Deployment"):
+            env = env_map(chatvault_container(deployment))
+            listen = env.get("CHATVAULT__TELEMETRY__METRICS_LISTEN", {}).get("value")
+            assert listen == "0.0.0.0:9500", f"{deployment['metadata']['name']}: {listen}"
+        for deployment in kind(rendered["ci/distributed-values.yaml"], "Deployment"):
+            assert "CHATVAULT__TELEMETRY__METRICS_LISTEN" not in env_map(chatvault_container(deployment)), (
+                "the chart's own chatvault.toml sets metrics_listen: no override needed")
+
+    @check("README.md's values table lists every value of values.yaml")
+    def _readme_values():
+        schema = json.loads((CHART / "values.schema.json").read_text())
+        rows = values_table_paths(DEFAULTS, schema, schema["definitions"])
+        readme = (CHART / "README.md").read_text()
+        assert "\n## Values\n" in readme, "README.md has no '## Values' section"
+        table = set(re.findall(r"^\| `([^`]+)` \|", readme.split("\n## Values\n", 1)[1], re.M))
+        missing = [row for row in rows if row not in table]
+        assert not missing, f"README.md values table lacks {missing}"
+        stale = sorted(table - set(rows))
+        assert not stale, f"README.md values table lists values that values.yaml lacks: {stale}"
 
     @check("standalone mode: one replica, Recreate, no distributed roles")
     def _standalone():

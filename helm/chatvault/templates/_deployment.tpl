@@ -12,7 +12,21 @@ restorer: storage credentials, keyring, tokens.   Each pod gets only the secrets
 {{- $tokens := and (has $role (list "gateway" "restorer")) (include "chatvault.hasTokens" $) -}}
 {{- $grpc := has $role (list "gateway" "restorer") -}}
 {{- $http := eq $role "gateway" -}}
-{{- $probeService := dict "gateway" "chatvault.v1.IngestService" "restorer" "chatvault.v1.RestoreService" -}}
+{{- /* Probes. gateway, restorer: native gRPC probes (grpc.health.v1); readiness and start-up ask for the role's
+       service, which turns NOT_SERVING as soon as shutdown begins; liveness asks for the server ("") on the
+       restorer and is an HTTP GET /healthz on the gateway's webhook port, so that both of its listeners are
+       watched. archiver: HTTP on the metrics port, GET /healthz (liveness, start-up) and GET /readyz. */ -}}
+{{- $probes := dict -}}
+{{- if $grpc -}}
+{{- $service := get (dict "gateway" "chatvault.v1.IngestService" "restorer" "chatvault.v1.RestoreService") $role -}}
+{{- $roleCheck := dict "grpc" (dict "port" (int64 $v.containerPorts.grpc) "service" $service) -}}
+{{- $liveness := dict "grpc" (dict "port" (int64 $v.containerPorts.grpc) "service" "") -}}
+{{- if $http }}{{ $liveness = dict "httpGet" (dict "path" "/healthz" "port" "http") }}{{ end -}}
+{{- $probes = dict "startup" $roleCheck "liveness" $liveness "readiness" $roleCheck -}}
+{{- else -}}
+{{- $healthz := dict "httpGet" (dict "path" "/healthz" "port" "metrics") -}}
+{{- $probes = dict "startup" $healthz "liveness" $healthz "readiness" (dict "httpGet" (dict "path" "/readyz" "port" "metrics")) -}}
+{{- end -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -92,6 +106,7 @@ spec:
           env:
             - name: CHATVAULT_CONFIG
               value: /etc/chatvault/config/chatvault.toml
+            {{- include "chatvault.telemetryEnv" (list $ $role) | trim | nindent 12 }}
             {{- if $kafka }}
             {{- if or $.Values.kafkaSasl.existingSecret $.Values.kafkaSasl.password }}
             # librdkafka's sasl.password, through the config's environment override (no file form exists).
@@ -137,7 +152,6 @@ spec:
                 name: {{ . }}
             {{- end }}
           {{- end }}
-          {{- if or $grpc $.Values.metrics.enabled }}
           ports:
             {{- if $grpc }}
             - name: grpc
@@ -149,44 +163,11 @@ spec:
               containerPort: {{ $v.containerPorts.http }}
               protocol: TCP
             {{- end }}
-            {{- if $.Values.metrics.enabled }}
+            # GET /metrics, /healthz, /readyz ([telemetry] metrics_listen).
             - name: metrics
               containerPort: {{ $.Values.metrics.port }}
               protocol: TCP
-            {{- end }}
-          {{- end }}
-          {{- if $grpc }}
-          {{- /* Native gRPC probes (grpc.health.v1): readiness and start-up ask for the role's service, which turns
-                 NOT_SERVING as soon as shutdown begins; liveness asks for the server ("") on the restorer and is
-                 an HTTP GET /healthz on the gateway's webhook port, so that both of its listeners are watched. */}}
-          {{- with $v.startupProbe }}{{ if .enabled }}
-          startupProbe:
-            grpc:
-              port: {{ $v.containerPorts.grpc }}
-              service: {{ get $probeService $role }}
-            {{- toYaml (omit . "enabled") | nindent 12 }}
-          {{- end }}{{ end }}
-          {{- with $v.livenessProbe }}{{ if .enabled }}
-          livenessProbe:
-            {{- if $http }}
-            httpGet:
-              path: /healthz
-              port: http
-            {{- else }}
-            grpc:
-              port: {{ $v.containerPorts.grpc }}
-              service: ""
-            {{- end }}
-            {{- toYaml (omit . "enabled") | nindent 12 }}
-          {{- end }}{{ end }}
-          {{- with $v.readinessProbe }}{{ if .enabled }}
-          readinessProbe:
-            grpc:
-              port: {{ $v.containerPorts.grpc }}
-              service: {{ get $probeService $role }}
-            {{- toYaml (omit . "enabled") | nindent 12 }}
-          {{- end }}{{ end }}
-          {{- end }}
+          {{- with include "chatvault.probes" (list $v $probes) | trim }}{{ . | nindent 10 }}{{ end }}
           {{- if gt (int64 $v.preStopSleepSeconds) 0 }}
           lifecycle:
             preStop:
@@ -262,15 +243,12 @@ spec:
         {{- end }}
         {{- if $http }}
         {{- range $index, $webhook := $v.webhooks }}
+        # Webhook {{ $webhook.name }}: its secrets{{ if $webhook.certificates }}, certificate keys{{ end }}{{ if $webhook.jwks }}, JWKS{{ end }}, in one directory (projected volumes follow updates).
         - name: webhook-{{ $index }}
-          secret:
-            secretName: {{ default (include "chatvault.webhooksSecretName" $) $webhook.existingSecret }}
+          projected:
             defaultMode: 0440
-            items:
-              {{- range $item := include "chatvault.webhookSecretItems" (list $ $webhook) | fromJsonArray }}
-              - key: {{ $item.key | quote }}
-                path: {{ $item.path | quote }}
-              {{- end }}
+            sources:
+              {{- toYaml (get (include "chatvault.webhookFiles" (list $ $webhook) | fromJson) "sources") | nindent 14 }}
         {{- end }}
         {{- end }}
         {{- with $v.extraVolumes }}

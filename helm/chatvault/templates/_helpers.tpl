@@ -120,26 +120,163 @@ imagePullSecrets:
 {{- if or .Values.keyring.existingSecret .Values.keyring.json }}true{{ end -}}
 {{- end -}}
 
-{{/* A webhook's secret files, (list $ $webhook) -> JSON [{"key": <Secret key>, "path": <file name>}]: the keys of
-its existingSecret under their own names, or its clear secrets (chart Secret keys "<name>.<i>") as secret-<i>.
-The files are mounted under /etc/chatvault/webhooks/<name>/. */}}
-{{- define "chatvault.webhookSecretItems" -}}
+{{/* A webhook's files, (list $ $webhook) -> JSON {"sources": [sources of a projected volume], "secretFiles": [...],
+"certificates": [{"id", "file"}], "jwksFile": "..." or ""}. All are mounted under /etc/chatvault/webhooks/<name>/:
+- secrets: the keys of its existingSecret under their own names, or its clear secrets (chart Secret keys
+  "<name>.<i>") as secret-<i>;
+- Teams certificates' private keys as certificates/<i>.key: key existingSecretKey of the certificate's
+  existingSecret (default the webhook's), or its clear privateKey (chart Secret key "<name>.certificate-<i>");
+- the Teams JWKS as jwks/<key>: from jwks.existingConfigmap or jwks.existingSecret (key jwks.key, default
+  keys.json), or its clear json (chart Secret key "<name>.jwks").
+Items of one Secret are grouped into one source. */}}
+{{- define "chatvault.webhookFiles" -}}
 {{- $ := index . 0 -}}{{- $webhook := index . 1 -}}
-{{- $items := list -}}
+{{- $dir := printf "/etc/chatvault/webhooks/%s" $webhook.name -}}
+{{- $chartSecret := include "chatvault.webhooksSecretName" $ -}}
+{{- $bySecret := dict -}}{{- $secretOrder := list -}}
+{{- $secretFiles := list -}}{{- $certificates := list -}}{{- $jwksFile := "" -}}{{- $configMapSources := list -}}
+{{- $entries := list -}}
 {{- if $webhook.existingSecret -}}
 {{- range $key := $webhook.secretKeys -}}
-{{- $items = append $items (dict "key" $key "path" $key) -}}
+{{- $entries = append $entries (list $webhook.existingSecret $key $key) -}}
+{{- $secretFiles = append $secretFiles (printf "%s/%s" $dir $key) -}}
 {{- end -}}
 {{- else -}}
 {{- range $index, $secret := $webhook.secrets -}}
-{{- $items = append $items (dict "key" (printf "%s.%d" $webhook.name $index) "path" (printf "secret-%d" $index)) -}}
+{{- $entries = append $entries (list $chartSecret (printf "%s.%d" $webhook.name $index) (printf "secret-%d" $index)) -}}
+{{- $secretFiles = append $secretFiles (printf "%s/secret-%d" $dir $index) -}}
 {{- end -}}
 {{- end -}}
-{{- toJson $items -}}
+{{- range $index, $certificate := $webhook.certificates -}}
+{{- $path := printf "certificates/%d.key" $index -}}
+{{- if $certificate.privateKey -}}
+{{- $entries = append $entries (list $chartSecret (printf "%s.certificate-%d" $webhook.name $index) $path) -}}
+{{- else -}}
+{{- $entries = append $entries (list (default $webhook.existingSecret $certificate.existingSecret) $certificate.existingSecretKey $path) -}}
+{{- end -}}
+{{- $certificates = append $certificates (dict "id" $certificate.id "file" (printf "%s/%s" $dir $path)) -}}
+{{- end -}}
+{{- with $webhook.jwks -}}
+{{- $key := default "keys.json" .key -}}
+{{- if .json -}}
+{{- $jwksFile = printf "%s/jwks/keys.json" $dir -}}
+{{- $entries = append $entries (list $chartSecret (printf "%s.jwks" $webhook.name) "jwks/keys.json") -}}
+{{- else if .existingConfigmap -}}
+{{- $jwksFile = printf "%s/jwks/%s" $dir $key -}}
+{{- $configMapSources = append $configMapSources (dict "configMap" (dict "name" .existingConfigmap "items" (list (dict "key" $key "path" (printf "jwks/%s" $key))))) -}}
+{{- else if .existingSecret -}}
+{{- $jwksFile = printf "%s/jwks/%s" $dir $key -}}
+{{- $entries = append $entries (list .existingSecret $key (printf "jwks/%s" $key)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $entry := $entries -}}
+{{- $name := index $entry 0 -}}
+{{- if not (hasKey $bySecret $name) -}}
+{{- $secretOrder = append $secretOrder $name -}}
+{{- $_ := set $bySecret $name (list) -}}
+{{- end -}}
+{{- $_ := set $bySecret $name (append (get $bySecret $name) (dict "key" (index $entry 1) "path" (index $entry 2))) -}}
+{{- end -}}
+{{- $sources := list -}}
+{{- range $name := $secretOrder -}}
+{{- $sources = append $sources (dict "secret" (dict "name" $name "items" (get $bySecret $name))) -}}
+{{- end -}}
+{{- $sources = concat $sources $configMapSources -}}
+{{- toJson (dict "sources" $sources "secretFiles" $secretFiles "certificates" $certificates "jwksFile" $jwksFile) -}}
 {{- end -}}
 
+{{/* Whether a webhook keeps a value in the chart-generated webhooks Secret (clear secrets, Teams private keys or
+JWKS). */}}
 {{- define "chatvault.hasChartWebhookSecrets" -}}
-{{- range $webhook := .Values.gateway.webhooks }}{{ if not $webhook.existingSecret }}true{{ end }}{{ end -}}
+{{- range $webhook := .Values.gateway.webhooks -}}
+{{- if not $webhook.existingSecret }}true{{ end -}}
+{{- range $certificate := $webhook.certificates }}{{ if $certificate.privateKey }}true{{ end }}{{ end -}}
+{{- if and $webhook.jwks (($webhook.jwks).json) }}true{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The OTLP endpoint's port (explicit, or 443 / 80 by scheme), for the egress NetworkPolicy. */}}
+{{- define "chatvault.otelPort" -}}
+{{- $url := urlParse .Values.otel.endpoint -}}
+{{- $hostPort := splitList ":" $url.host -}}
+{{- if gt (len $hostPort) 1 -}}{{ last $hostPort }}{{- else if eq $url.scheme "https" -}}443{{- else -}}80{{- end -}}
+{{- end -}}
+
+{{/* Telemetry environment of a chatvault container, (list $ $component): the [telemetry] listen address when
+the config file is not the chart's, and the standard OTEL_* variables (otel). */}}
+{{- define "chatvault.telemetryEnv" -}}
+{{- $ := index . 0 -}}{{- $component := index . 1 -}}
+{{- $o := $.Values.otel -}}
+{{- if and $.Values.existingConfigmap (ne $component "standalone") }}
+# The probes and Services use metrics.port: keep the operations listener on it whatever existingConfigmap says.
+- name: CHATVAULT__TELEMETRY__METRICS_LISTEN
+  value: {{ printf "0.0.0.0:%d" (int64 $.Values.metrics.port) | quote }}
+{{- end }}
+{{- if $o.enabled }}
+- name: OTEL_SDK_DISABLED
+  value: "false"
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "chatvault-%s" $component | quote }}
+- name: K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- $attributes := dict "k8s.namespace.name" (include "chatvault.namespace" $) "k8s.pod.name" "$(K8S_POD_NAME)" "k8s.deployment.name" (include "chatvault.componentName" (list $ $component)) }}
+{{- $attributes = merge (deepCopy $o.resourceAttributes) $attributes }}
+{{- $pairs := list }}
+{{- range $key := keys $attributes | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (get $attributes $key)) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $pairs | quote }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $o.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $o.protocol | quote }}
+- name: OTEL_EXPORTER_OTLP_TIMEOUT
+  value: {{ int64 $o.timeout | toString | quote }}
+{{- if $o.headersExistingSecret }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ $o.headersExistingSecret }}
+      key: {{ $o.headersExistingSecretKey }}
+{{- end }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $o.tracesSampler | quote }}
+{{- if ne (toString $o.tracesSamplerArg) "" }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ toString $o.tracesSamplerArg | quote }}
+{{- end }}
+- name: OTEL_METRIC_EXPORT_INTERVAL
+  value: {{ int64 $o.metricExportInterval | toString | quote }}
+- name: OTEL_TRACES_EXPORTER
+  value: {{ $o.tracesExporter | quote }}
+- name: OTEL_METRICS_EXPORTER
+  value: {{ $o.metricsExporter | quote }}
+{{- else }}
+- name: OTEL_SDK_DISABLED
+  value: "true"
+{{- end }}
+{{- end -}}
+
+{{/* A container's probes, (list $values $defaults): each of liveness/readiness/startup is the custom*Probe
+when set, else the chart's probe (a dict of its handler, e.g. {"httpGet": {...}}) with the timing of
+<name>Probe when enabled. */}}
+{{- define "chatvault.probes" -}}
+{{- $v := index . 0 -}}{{- $handlers := index . 1 -}}
+{{- range $name := list "startup" "liveness" "readiness" }}
+{{- $custom := get $v (printf "custom%sProbe" (title $name)) }}
+{{- $probe := get $v (printf "%sProbe" $name) }}
+{{- if $custom }}
+{{ $name }}Probe:
+  {{- toYaml $custom | nindent 2 }}
+{{- else if and $probe $probe.enabled }}
+{{ $name }}Probe:
+  {{- toYaml (get $handlers $name) | nindent 2 }}
+  {{- toYaml (omit $probe "enabled") | nindent 2 }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "chatvault.distributed" -}}
@@ -160,15 +297,41 @@ arrive as float64), booleans as is. */}}
 {{- end -}}
 {{- end -}}
 
-{{/* Drain time of the gateway in whole seconds (the binary's default when unset). */}}
-{{- define "chatvault.gatewayDrainSeconds" -}}
-{{- div (int64 (default 20000 .Values.config.gateway.drain_timeout_ms)) 1000 -}}
+{{/* A setting in milliseconds, (list <value or nil> <default>): the binary's default when unset (0 is a value). */}}
+{{- define "chatvault.millis" -}}
+{{- $value := index . 0 -}}
+{{- if kindIs "invalid" $value }}{{ index . 1 }}{{ else }}{{ int64 $value }}{{ end -}}
+{{- end -}}
+
+{{/* Fails unless terminationGracePeriodSeconds exceeds preStop plus what the role may spend shutting down:
+(list $role $values $shutdownMillis $what). */}}
+{{- define "chatvault.validateGrace" -}}
+{{- $role := index . 0 -}}{{- $v := index . 1 -}}{{- $shutdown := int64 (index . 2) -}}{{- $what := index . 3 -}}
+{{- $grace := int64 $v.terminationGracePeriodSeconds -}}{{- $preStop := int64 $v.preStopSleepSeconds -}}
+{{- if le (mul $grace 1000) (add (mul $preStop 1000) $shutdown) -}}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + %s (%.1fs)" $role $grace $preStop $what (divf $shutdown 1000)) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Settings checks that a schema cannot express; called from the ConfigMap and NOTES. */}}
 {{- define "chatvault.validate" -}}
 {{- if and (not (include "chatvault.distributed" .)) .Values.gateway.webhooks -}}
 {{- fail "gateway.webhooks: webhook integrations need mode distributed (the standalone pod has no config for them)" -}}
+{{- end -}}
+{{- if and .Values.otel.enabled (not .Values.otel.endpoint) -}}
+{{- fail "otel.endpoint: otel.enabled needs the collector's URL (OTLP export happens only with an endpoint), e.g. http://otel-collector.observability:4317" -}}
+{{- end -}}
+{{- $metricsPort := int64 .Values.metrics.port -}}
+{{- $otherPorts := dict -}}
+{{- if include "chatvault.distributed" . -}}
+{{- $otherPorts = dict "gateway.containerPorts.grpc" .Values.gateway.containerPorts.grpc "gateway.containerPorts.http" .Values.gateway.containerPorts.http "restorer.containerPorts.grpc" .Values.restorer.containerPorts.grpc -}}
+{{- else -}}
+{{- $otherPorts = dict "standalone.containerPorts.gateway" .Values.standalone.containerPorts.gateway "standalone.containerPorts.restorer" .Values.standalone.containerPorts.restorer "the standalone webhook listener (127.0.0.1:8080)" 8080 -}}
+{{- end -}}
+{{- range $setting, $port := $otherPorts -}}
+{{- if eq (int64 $port) $metricsPort -}}
+{{- fail (printf "metrics.port (%d) is also %s: the metrics listener needs a port of its own" $metricsPort $setting) -}}
+{{- end -}}
 {{- end -}}
 {{- if include "chatvault.distributed" . -}}
 {{- $v := .Values -}}
@@ -208,6 +371,47 @@ arrive as float64), booleans as is. */}}
 {{- if and $v.tenants (not (has $webhook.tenant $tenantIds)) -}}
 {{- fail (printf "%s: tenant %s is not in tenants" $setting $webhook.tenant) -}}
 {{- end -}}
+{{- if ne $webhook.platform "teams" -}}
+{{- range $key := list "appId" "tenantIds" "certificates" "jwks" -}}
+{{- if get $webhook $key -}}
+{{- fail (printf "%s: %s is only for platform teams" $setting $key) -}}
+{{- end -}}
+{{- end -}}
+{{- else -}}
+{{- if and $webhook.certificates (not $webhook.appId) -}}
+{{- fail (printf "%s: appId is required with certificates (Graph's validation tokens are issued for this app)" $setting) -}}
+{{- end -}}
+{{- if and $webhook.certificates (not $webhook.jwks) -}}
+{{- fail (printf "%s: jwks is required with certificates (the keys that sign Graph's validation tokens)" $setting) -}}
+{{- end -}}
+{{- $certificateIds := list -}}
+{{- range $index, $certificate := $webhook.certificates -}}
+{{- $where := printf "%s.certificates[%d] (%s)" $setting $index $certificate.id -}}
+{{- if has $certificate.id $certificateIds -}}
+{{- fail (printf "%s: id is used by another certificate" $where) -}}
+{{- end -}}
+{{- $certificateIds = append $certificateIds $certificate.id -}}
+{{- if $certificate.privateKey -}}
+{{- if or $certificate.existingSecret $certificate.existingSecretKey -}}
+{{- fail (printf "%s: set either existingSecret/existingSecretKey or privateKey, not both" $where) -}}
+{{- end -}}
+{{- else -}}
+{{- if not $certificate.existingSecretKey -}}
+{{- fail (printf "%s: needs its private key: existingSecretKey (a key of existingSecret, default the webhook's) or privateKey for evaluation" $where) -}}
+{{- end -}}
+{{- if not (or $certificate.existingSecret $webhook.existingSecret) -}}
+{{- fail (printf "%s: existingSecretKey %s needs existingSecret (the certificate's or the webhook's)" $where $certificate.existingSecretKey) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with $webhook.jwks -}}
+{{- $sources := 0 -}}
+{{- range $key := list "existingConfigmap" "existingSecret" "json" }}{{ if get $webhook.jwks $key }}{{ $sources = add1 $sources }}{{ end }}{{ end -}}
+{{- if ne (int $sources) 1 -}}
+{{- fail (printf "%s: jwks needs exactly one of existingConfigmap, existingSecret or json" $setting) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if $webhook.existingSecret -}}
 {{- if not $webhook.secretKeys -}}
 {{- fail (printf "%s: secretKeys must name the keys of existingSecret %s that hold the secrets" $setting $webhook.existingSecret) -}}
@@ -225,10 +429,16 @@ arrive as float64), booleans as is. */}}
 {{- end -}}
 {{- end -}}
 {{- if $v.gateway.enabled -}}
-{{- $drain := int64 (include "chatvault.gatewayDrainSeconds" .) -}}
-{{- if le (int64 $v.gateway.terminationGracePeriodSeconds) (add $drain (int64 $v.gateway.preStopSleepSeconds)) -}}
-{{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + config.gateway.drain_timeout_ms (%ds)" (int64 $v.gateway.terminationGracePeriodSeconds) (int64 $v.gateway.preStopSleepSeconds) $drain) -}}
+{{- $shutdown := add (include "chatvault.millis" (list $v.config.gateway.shutdown_delay_ms 2000)) (include "chatvault.millis" (list $v.config.gateway.drain_timeout_ms 20000)) -}}
+{{- include "chatvault.validateGrace" (list "gateway" $v.gateway $shutdown "config.gateway.shutdown_delay_ms + drain_timeout_ms") -}}
 {{- end -}}
+{{- if $v.restorer.enabled -}}
+{{- $shutdown := include "chatvault.millis" (list $v.config.restorer.drain_timeout_ms 20000) -}}
+{{- include "chatvault.validateGrace" (list "restorer" $v.restorer $shutdown "config.restorer.drain_timeout_ms") -}}
+{{- end -}}
+{{- if $v.archiver.enabled -}}
+{{- $shutdown := add (include "chatvault.millis" (list $v.config.archiver.shutdown_timeout_ms 30000)) (include "chatvault.millis" (list $v.config.archiver.session_timeout_ms 10000)) -}}
+{{- include "chatvault.validateGrace" (list "archiver" $v.archiver $shutdown "config.archiver.shutdown_timeout_ms + session_timeout_ms") -}}
 {{- end -}}
 {{- $partitions := int64 $v.archiver.topicPartitions -}}
 {{- if and $v.archiver.enabled (gt $partitions 0) -}}
