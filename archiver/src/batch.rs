@@ -26,7 +26,14 @@ pub struct OpenBatch {
     pub offset_gaps: Vec<OffsetGap>,
     pub bytes: usize,
     pub opened_at: Instant,
+    /// `traceparent` headers of the first traced records (at most [`MAX_TRACED_RECORDS`]): the batch's span
+    /// continues the first one's trace and links to the others.
+    pub traces: Vec<String>,
 }
+
+/// Traced records a batch remembers: one parent plus links, enough to find a batch from the traces of its
+/// events without holding a header per record.
+pub const MAX_TRACED_RECORDS: usize = 32;
 
 impl OpenBatch {
     pub fn new(partition: i32, generation: u64, seq: u64, start_offset: i64) -> OpenBatch {
@@ -41,6 +48,7 @@ impl OpenBatch {
             offset_gaps: Vec::new(),
             bytes: 0,
             opened_at: Instant::now(),
+            traces: Vec::new(),
         }
     }
 
@@ -94,6 +102,7 @@ impl OpenBatch {
             rejected: self.rejected,
             offset_gaps: self.offset_gaps,
             bytes: self.bytes,
+            traces: self.traces,
         }
     }
 }
@@ -110,6 +119,8 @@ pub struct SealedBatch {
     pub rejected: Vec<RejectedRecord>,
     pub offset_gaps: Vec<OffsetGap>,
     pub bytes: usize,
+    /// See [`OpenBatch::traces`].
+    pub traces: Vec<String>,
 }
 
 /// Rows of one future file: a tenant's events of one UTC date.

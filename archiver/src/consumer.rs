@@ -4,7 +4,14 @@
 //! head from storage, removes the orphans of batches that lost their commit, and starts consuming exactly at
 //! the head's `end_offset`. Records below a partition's position are skipped, so a replay never produces a
 //! second copy.
+//!
+//! Shutdown ([`Archiver::run`]): the poll thread stops consuming ([`OnShutdown::StopConsuming`]) or first
+//! consumes up to the topic's end ([`OnShutdown::DrainTopic`]), the open batches are sealed, the writer uploads
+//! and commits them for up to `archiver.shutdown_timeout_ms` (then abandons the rest: it is still in Kafka), the
+//! Kafka offsets of the committed chain heads are committed synchronously, and the consumer leaves the group
+//! (bounded by `archiver.session_timeout_ms`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,19 +23,20 @@ use chatvault_core::config::{ArchiverConfig, KafkaConfig};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::kafka::consumer_config;
 use chatvault_core::keys::DataKeys;
-use chatvault_core::shutdown::Shutdown;
+use chatvault_core::metrics::metrics;
+use chatvault_core::shutdown::{self, Shutdown};
 use chatvault_proto::v1::ChatEvent;
 use object_store::ObjectStore;
 use prost::Message as _;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{OpenBatch, SealedBatch};
+use crate::batch::{MAX_TRACED_RECORDS, OpenBatch, SealedBatch};
 use crate::crash::crash_point;
 use crate::state::{PartitionState, SharedPartitions};
 use crate::writer::{ArchiverStats, Writer};
@@ -48,39 +56,100 @@ pub struct ArchiverOptions {
     pub config: ArchiverConfig,
     /// Names this worker in manifests and logs (for example `<pod>-<pid>`).
     pub writer_id: String,
+    pub on_shutdown: OnShutdown,
+}
+
+/// What an archiver does with the records still in Kafka when its shutdown is requested.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnShutdown {
+    /// Stop consuming at once; seal, upload and commit what was consumed. The rest stays in Kafka and the
+    /// partitions' next owner archives it from the manifest chain heads. For a Kafka cluster that outlives the
+    /// process.
+    #[default]
+    StopConsuming,
+    /// Keep consuming until every partition is committed up to the topic's end offsets read when shutdown was
+    /// requested, then stop. For a Kafka that dies with the process (standalone's in-process mock cluster),
+    /// where records left behind are lost: a shortfall at the deadline makes [`Archiver::run`] fail. Assumes
+    /// this worker is the only member of its group (it waits for every partition) and a producer that is not
+    /// transactional (the end offset is the high watermark).
+    DrainTopic,
 }
 
 pub(crate) struct ArchiverContext {
     log: ManifestLog,
     partitions: SharedPartitions,
     runtime: Handle,
-    shutdown: Shutdown,
+    /// When reading chain heads stops being worth retrying: at shutdown, or at the shutdown deadline while
+    /// draining (assignments still matter then).
+    give_up: Shutdown,
 }
 
-impl ClientContext for ArchiverContext {}
+impl ClientContext for ArchiverContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`, delivered during poll): publishes each owned
+    /// partition's lag as the records past what is durably archived, that is the last stable offset (or the
+    /// high watermark) minus the manifest chain head's end offset. Kafka's committed offset is only a hint
+    /// here, so it is not used.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let heads: Vec<(i32, i64)> = self
+            .partitions
+            .lock()
+            .iter()
+            .map(|(partition, state)| (*partition, state.head.end_offset))
+            .collect();
+        let mut lag = std::collections::BTreeMap::new();
+        for topic in statistics.topics.values() {
+            for (partition, head_end) in &heads {
+                let Some(stats) = topic.partitions.get(partition) else {
+                    continue;
+                };
+                let end = if stats.ls_offset >= 0 {
+                    stats.ls_offset
+                } else {
+                    stats.hi_offset
+                };
+                if end >= 0 {
+                    lag.insert(*partition, end - head_end);
+                }
+            }
+        }
+        metrics().replace_consumer_lag(lag);
+    }
+}
 
 impl ArchiverContext {
-    /// Reads the chain head and cleans orphans, retrying until it works or shutdown begins. Runs inside the
+    /// Reads the chain head and cleans orphans, retrying until it works or `give_up`. Runs inside the
     /// rebalance callback: consuming cannot start before the position is known.
     fn load_head(&self, partition: i32) -> Option<ChainHead> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let attempt = self.runtime.block_on(async {
-                let head = self.log.head(partition).await?;
-                let removed = self.log.clean_orphans(partition, &head).await?;
-                if removed > 0 {
-                    tracing::info!(partition, removed, "removed orphan files");
+                let read = async {
+                    let head = self.log.head(partition).await?;
+                    let removed = self.log.clean_orphans(partition, &head).await?;
+                    if removed > 0 {
+                        tracing::info!(partition, removed, "removed orphan files");
+                    }
+                    Ok::<_, Error>(head)
+                };
+                tokio::select! {
+                    result = read => Some(result),
+                    _ = self.give_up.clone().wait() => None,
                 }
-                Ok::<_, Error>(head)
             });
             match attempt {
-                Ok(head) => return Some(head),
-                Err(error) => {
-                    if self.shutdown.is_triggered() {
+                Some(Ok(head)) => return Some(head),
+                None => return None,
+                Some(Err(error)) => {
+                    tracing::warn!(partition, %error, "reading the manifest chain failed; retrying");
+                    let gave_up = self.runtime.block_on(async {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => false,
+                            _ = self.give_up.clone().wait() => true,
+                        }
+                    });
+                    if gave_up {
                         return None;
                     }
-                    tracing::warn!(partition, %error, "reading the manifest chain failed; retrying");
-                    std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
@@ -186,10 +255,19 @@ impl ConsumerContext for ArchiverContext {
 /// A running archiver.
 pub struct Archiver;
 
+/// How long the writer and the poll thread get, after the shutdown deadline, to notice it before the writer's
+/// in-flight upload is cancelled.
+const ABANDON_GRACE: Duration = Duration::from_secs(1);
+
 impl Archiver {
-    /// Runs until `shutdown`: consumes, batches, commits. At shutdown the open batches are sealed and committed
-    /// (or abandoned, if storage is unreachable: they are consumed again by the next owner), then the consumer
-    /// leaves the group.
+    /// Runs until `shutdown`: consumes, batches, commits. At shutdown the open batches are sealed (after
+    /// draining the topic with [`OnShutdown::DrainTopic`]) and committed for up to
+    /// `archiver.shutdown_timeout_ms`; what is not committed by then is abandoned, which loses nothing with
+    /// [`OnShutdown::StopConsuming`] (the records are still in Kafka and the next owner resumes at the chain
+    /// head). Then the Kafka offsets of the committed heads are committed and the consumer leaves the group.
+    ///
+    /// Fails on start-up errors and, with [`OnShutdown::DrainTopic`], when records up to the topic's end could
+    /// not all be committed before the deadline.
     pub async fn run(
         options: ArchiverOptions,
         store: Arc<dyn ObjectStore>,
@@ -200,11 +278,29 @@ impl Archiver {
         let topic = options.kafka.topic.clone();
         let partitions = SharedPartitions::default();
         let log = ManifestLog::new(store.clone(), &topic);
+        // `abandon` fires `shutdown_timeout_ms` after shutdown was requested: uploads and retries stop there.
+        let (abandon_trigger, abandon) = shutdown::channel();
+        let deadline = {
+            let shutdown = shutdown.clone();
+            let timeout = options.config.shutdown_timeout();
+            tokio::spawn(async move {
+                shutdown.wait().await;
+                tokio::time::sleep(timeout).await;
+                tracing::warn!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "archiver shutdown deadline passed; abandoning what is not committed yet"
+                );
+                abandon_trigger.trigger();
+            })
+        };
         let context = ArchiverContext {
             log: log.clone(),
             partitions: partitions.clone(),
             runtime: Handle::current(),
-            shutdown: shutdown.clone(),
+            give_up: match options.on_shutdown {
+                OnShutdown::StopConsuming => shutdown.clone(),
+                OnShutdown::DrainTopic => abandon.clone(),
+            },
         };
         let consumer: Arc<ArchiverConsumer> = Arc::new(
             consumer_config(&options.kafka, &options.config)
@@ -228,35 +324,167 @@ impl Archiver {
                 row_group_rows: options.config.row_group_rows,
             },
             stats: stats.clone(),
-            shutdown: shutdown.clone(),
+            abandon: abandon.clone(),
         };
-        let writer_task = tokio::spawn(writer.run(receiver));
+        let mut writer_task = tokio::spawn(writer.run(receiver));
         let poller = Poller {
             stats: stats.clone(),
             consumer: consumer.clone(),
-            partitions,
+            partitions: partitions.clone(),
             batches: sender,
             config: options.config.clone(),
             topic,
             shutdown,
+            abandon: abandon.clone(),
+            on_shutdown: options.on_shutdown,
         };
-        let poll_thread = std::thread::Builder::new()
+        let (poll_done, mut poll_outcome) = oneshot::channel();
+        std::thread::Builder::new()
             .name("archiver-poll".into())
-            .spawn(move || poller.run())
+            .spawn(move || {
+                let _ = poll_done.send(poller.run());
+            })
             .map_err(|error| Error::internal(format!("spawning the poll thread: {error}")))?;
-        tokio::task::spawn_blocking(move || poll_thread.join())
-            .await
-            .map_err(|error| Error::internal(format!("poll thread: {error}")))?
-            .map_err(|_| Error::internal("the poll thread panicked"))?;
-        writer_task
-            .await
-            .map_err(|error| Error::internal(format!("writer task: {error}")))?;
-        // Closing the consumer blocks while it leaves the group: do it off the async workers.
-        tokio::task::spawn_blocking(move || drop(consumer))
-            .await
-            .map_err(|error| Error::internal(format!("closing the consumer: {error}")))?;
-        tracing::info!("archiver stopped");
-        Ok(())
+
+        // Normally the poll thread ends after shutdown (having handed over its last batches), then the writer
+        // once it committed them. Past the deadline the writer's upload is cancelled, which also frees a poll
+        // thread waiting for room in the writer's channel.
+        let past_deadline = || {
+            let abandon = abandon.clone();
+            async move {
+                abandon.wait().await;
+                tokio::time::sleep(ABANDON_GRACE).await;
+            }
+        };
+        let mut outcome = None;
+        let mut writer_result = None;
+        let finished = async {
+            outcome = Some((&mut poll_outcome).await);
+            writer_result = Some((&mut writer_task).await);
+        };
+        let in_time = tokio::select! {
+            () = finished => true,
+            () = past_deadline() => false,
+        };
+        if !in_time {
+            tracing::warn!("the writer is still busy after the deadline; cancelling its upload");
+            writer_task.abort();
+            let _ = tokio::time::timeout(ABANDON_GRACE, &mut writer_task).await;
+            if outcome.is_none() {
+                outcome = tokio::time::timeout(ABANDON_GRACE, &mut poll_outcome)
+                    .await
+                    .ok();
+            }
+            for (partition, state) in partitions.lock().iter() {
+                if state.open.end_offset > state.head.end_offset {
+                    tracing::warn!(
+                        partition,
+                        committed_up_to = state.head.end_offset,
+                        consumed_up_to = state.open.end_offset,
+                        "abandoned at the shutdown deadline: records from committed_up_to on were not committed"
+                    );
+                }
+            }
+        }
+        deadline.abort();
+        if let Some(Err(error)) = writer_result
+            && error.is_panic()
+        {
+            return Err(Error::internal("the archiver's writer task panicked"));
+        }
+        let outcome = match outcome {
+            Some(Ok(outcome)) => Some(outcome),
+            Some(Err(_)) => return Err(Error::internal("the archiver's poll thread panicked")),
+            None => {
+                tracing::warn!(
+                    "the poll thread did not stop; leaving the consumer group to the session timeout"
+                );
+                None
+            }
+        };
+
+        // Offsets of what is durable only: the heads advance after a manifest commit, never before.
+        let durable: Vec<(i32, i64)> = partitions
+            .lock()
+            .iter()
+            .filter(|(_, state)| state.head.next_seq > 0)
+            .map(|(partition, state)| (*partition, state.head.end_offset))
+            .collect();
+        match Arc::try_unwrap(consumer) {
+            Ok(consumer) => {
+                leave_group(
+                    consumer,
+                    &options.kafka.topic,
+                    durable,
+                    Duration::from_millis(options.config.session_timeout_ms),
+                )
+                .await
+            }
+            Err(_) if outcome.is_none() => {}
+            Err(_) => tracing::warn!(
+                "the consumer is still in use; leaving the consumer group to the session timeout"
+            ),
+        }
+
+        match (options.on_shutdown, outcome) {
+            (OnShutdown::DrainTopic, Some(Err(shortfall))) => Err(Error::unavailable(format!(
+                "archiver shutdown: records acknowledged to senders were not archived before the deadline \
+                 (archiver.shutdown_timeout_ms) and Kafka does not outlive this process: {shortfall}"
+            ))),
+            (OnShutdown::DrainTopic, None) => Err(Error::unavailable(
+                "archiver shutdown: the poll thread did not finish draining the topic before the deadline \
+                 (archiver.shutdown_timeout_ms); records acknowledged to senders may not be archived",
+            )),
+            _ => {
+                tracing::info!("archiver stopped");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Commits the Kafka offsets of the committed chain heads (a hint for other consumers and lag monitoring; the
+/// manifest chain stays authoritative) and closes the consumer, which leaves the group so its partitions move
+/// to the other members at once instead of after the session timeout. Both block on the broker: they run on a
+/// thread of their own and are abandoned after `timeout` (the coordinator then drops this member by itself).
+async fn leave_group(
+    consumer: ArchiverConsumer,
+    topic: &str,
+    durable: Vec<(i32, i64)>,
+    timeout: Duration,
+) {
+    let mut offsets = TopicPartitionList::new();
+    for (partition, end_offset) in &durable {
+        if let Err(error) =
+            offsets.add_partition_offset(topic, *partition, Offset::Offset(*end_offset))
+        {
+            tracing::warn!(partition, %error, "could not name an offset to commit");
+        }
+    }
+    let (closed, is_closed) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("archiver-close".into())
+        .spawn(move || {
+            if offsets.count() > 0 {
+                match consumer.commit(&offsets, CommitMode::Sync) {
+                    Ok(()) => tracing::info!(?durable, "committed the Kafka offsets of the archived records"),
+                    Err(error) => tracing::warn!(%error, "committing the final Kafka offsets failed; the manifest chain is authoritative anyway"),
+                }
+            }
+            // Dropping the consumer closes it: it revokes its partitions and leaves the group.
+            drop(consumer);
+            let _ = closed.send(());
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "could not spawn a thread to leave the consumer group");
+        return;
+    }
+    match tokio::time::timeout(timeout, is_closed).await {
+        Ok(_) => tracing::info!("left the consumer group"),
+        Err(_) => tracing::warn!(
+            timeout_ms = timeout.as_millis() as u64,
+            "leaving the consumer group did not finish in time; the coordinator drops this member after the session timeout"
+        ),
     }
 }
 
@@ -268,20 +496,41 @@ struct Poller {
     config: ArchiverConfig,
     topic: String,
     shutdown: Shutdown,
+    abandon: Shutdown,
+    on_shutdown: OnShutdown,
 }
 
 impl Poller {
-    fn run(self) {
+    /// Consumes until shutdown. Returns, with [`OnShutdown::DrainTopic`], what could not be archived up to the
+    /// topic's end before the deadline.
+    fn run(self) -> std::result::Result<(), String> {
         let poll_timeout = Duration::from_millis(50);
         // Age-based sealing, the global cap and resynchronizations are checked on this tick rather than after
         // every record: they scan every owned partition.
         let housekeeping_interval = Duration::from_millis(50);
         let mut last_housekeeping = Instant::now();
+        let mut draining = false;
+        let mut drain_to: Option<BTreeMap<i32, i64>> = None;
         loop {
             if self.shutdown.is_triggered() {
-                let sealed = self.seal(|_| true);
-                self.send(sealed);
-                return;
+                match self.on_shutdown {
+                    OnShutdown::StopConsuming => {
+                        let sealed = self.seal(|_| true);
+                        self.send(sealed);
+                        return Ok(());
+                    }
+                    OnShutdown::DrainTopic => {
+                        if !draining {
+                            draining = true;
+                            tracing::info!(
+                                "shutdown requested: archiving the topic up to its end first"
+                            );
+                        }
+                        if let Some(done) = self.drain_step(&mut drain_to) {
+                            return done;
+                        }
+                    }
+                }
             }
             match self.consumer.poll(poll_timeout) {
                 Some(Ok(message)) => {
@@ -304,6 +553,79 @@ impl Poller {
                 self.housekeeping();
             }
         }
+    }
+
+    /// One step of draining at shutdown: learns the topic's end offsets (once), seals the batches that reached
+    /// them, and says whether everything up to them is committed, or, past the deadline, what is not.
+    fn drain_step(
+        &self,
+        drain_to: &mut Option<BTreeMap<i32, i64>>,
+    ) -> Option<std::result::Result<(), String>> {
+        if drain_to.is_none() {
+            match self.end_offsets() {
+                Ok(ends) => {
+                    tracing::info!(?ends, "draining partitions up to these end offsets");
+                    *drain_to = Some(ends);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading the topic's end offsets failed; retrying");
+                    if self.abandon.is_triggered() {
+                        return Some(Err(format!(
+                            "the end offsets of {} could not be read: {error}",
+                            self.topic
+                        )));
+                    }
+                    return None;
+                }
+            }
+        }
+        let ends = drain_to.as_ref()?;
+        let sealed = self.seal(|open| {
+            ends.get(&open.partition)
+                .is_some_and(|end| open.end_offset >= *end)
+        });
+        self.send(sealed);
+        let missing: Vec<String> = {
+            let partitions = self.partitions.lock();
+            ends.iter()
+                .filter(|(_, end)| **end > 0)
+                .filter_map(
+                    |(partition, end)| match partitions.get(partition).map(|s| s.head.end_offset) {
+                        Some(committed) if committed >= *end => None,
+                        Some(committed) => Some(format!(
+                            "partition {partition}: offsets {committed}..{end} not committed"
+                        )),
+                        None => Some(format!(
+                            "partition {partition}: not assigned to this archiver (end offset {end})"
+                        )),
+                    },
+                )
+                .collect()
+        };
+        if missing.is_empty() {
+            tracing::info!("every partition is archived up to the topic's end");
+            return Some(Ok(()));
+        }
+        if self.abandon.is_triggered() {
+            return Some(Err(missing.join("; ")));
+        }
+        None
+    }
+
+    /// The high watermark of every partition of the topic.
+    fn end_offsets(&self) -> KafkaResult<BTreeMap<i32, i64>> {
+        let timeout = Duration::from_secs(5);
+        let metadata = self.consumer.fetch_metadata(Some(&self.topic), timeout)?;
+        let mut ends = BTreeMap::new();
+        for topic in metadata.topics().iter().filter(|t| t.name() == self.topic) {
+            for partition in topic.partitions() {
+                let (_, high) =
+                    self.consumer
+                        .fetch_watermarks(&self.topic, partition.id(), timeout)?;
+                ends.insert(partition.id(), high);
+            }
+        }
+        Ok(ends)
     }
 
     fn is_full(&self, open: &OpenBatch) -> bool {
@@ -363,6 +685,11 @@ impl Poller {
         };
         if state.resync_to.is_some() || offset < state.open.end_offset {
             return; // already committed, or waiting for a seek
+        }
+        if state.open.traces.len() < MAX_TRACED_RECORDS
+            && let Some(traceparent) = traceparent_header(message)
+        {
+            state.open.traces.push(traceparent);
         }
         let payload = message.payload().unwrap_or_default();
         match ChatEvent::decode(payload) {
@@ -442,11 +769,36 @@ impl Poller {
     /// librdkafka's bounded prefetch queue then stops fetching).
     fn send(&self, sealed: Vec<SealedBatch>) {
         for batch in sealed {
+            let (partition, start_offset, end_offset) =
+                (batch.partition, batch.start_offset, batch.end_offset);
             if self.batches.blocking_send(batch).is_err() {
-                tracing::error!(
-                    "the writer stopped; dropping a sealed batch (it will be consumed again)"
-                );
+                if self.abandon.is_triggered() {
+                    tracing::warn!(
+                        partition,
+                        start_offset,
+                        end_offset,
+                        "abandoning a sealed batch at the shutdown deadline; its records are still in Kafka"
+                    );
+                } else {
+                    tracing::error!(
+                        partition,
+                        start_offset,
+                        end_offset,
+                        "the writer stopped; dropping a sealed batch (it will be consumed again)"
+                    );
+                }
             }
         }
     }
+}
+
+/// The record's W3C `traceparent` header, set by the gateway when traces are on.
+fn traceparent_header(message: &BorrowedMessage<'_>) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|header| header.key == "traceparent")
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .map(str::to_string)
 }

@@ -19,4 +19,4 @@ pub mod crash;
 pub mod state;
 pub mod writer;
 
-pub use consumer::{Archiver, ArchiverOptions};
+pub use consumer::{Archiver, ArchiverOptions, OnShutdown};

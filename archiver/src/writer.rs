@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chatvault_core::archive::file::{EncodedFile, FileOptions, encode_file};
 use chatvault_core::archive::layout;
@@ -18,7 +18,9 @@ use chatvault_core::archive::manifest::{
 };
 use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::keys::{DataKey, DataKeys};
+use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::shutdown::Shutdown;
+use chatvault_core::telemetry::continue_batch_traces;
 use chatvault_core::time::{Date, now_micros};
 use futures::StreamExt;
 use object_store::path::Path;
@@ -26,6 +28,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::batch::{SealedBatch, group_into_files};
 use crate::consumer::ArchiverConsumer;
@@ -65,7 +68,8 @@ pub(crate) struct Writer {
     pub writer_id: String,
     pub file_options: FileOptions,
     pub stats: Arc<ArchiverStats>,
-    pub shutdown: Shutdown,
+    /// Fires at the shutdown deadline: retries stop and batches not committed yet are abandoned.
+    pub abandon: Shutdown,
 }
 
 enum Outcome {
@@ -76,7 +80,8 @@ enum Outcome {
 impl Writer {
     pub async fn run(self, mut batches: mpsc::Receiver<SealedBatch>) {
         while let Some(batch) = batches.recv().await {
-            self.commit_batch(batch).await;
+            let span = batch_span(&batch);
+            self.commit_batch(batch).instrument(span).await;
         }
     }
 
@@ -97,6 +102,18 @@ impl Writer {
         let mut backoff = Duration::from_millis(100);
         let mut prepared: Option<(String, Vec<PreparedFile>)> = None;
         loop {
+            if self.abandon.is_triggered() {
+                // Uploaded files of an uncommitted batch are orphans the next owner removes.
+                tracing::warn!(
+                    partition = batch.partition,
+                    seq = batch.seq,
+                    start_offset = batch.start_offset,
+                    end_offset = batch.end_offset,
+                    events = batch.events.len(),
+                    "abandoning an uncommitted batch at the shutdown deadline; its records are still in Kafka"
+                );
+                return;
+            }
             if !self.is_current(&batch) {
                 if let Some((batch_id, files)) = &prepared {
                     self.discard(batch.partition, batch_id, files).await;
@@ -104,7 +121,9 @@ impl Writer {
                 return;
             }
             if prepared.is_none() {
-                match self.prepare(&batch).await {
+                let encode_span =
+                    tracing::info_span!("archive.encode", events = batch.events.len());
+                match self.prepare(&batch).instrument(encode_span).await {
                     Ok(files) => prepared = Some(files),
                     Err(error) => {
                         tracing::warn!(partition = batch.partition, seq = batch.seq, %error, "preparing batch failed; retrying");
@@ -150,17 +169,15 @@ impl Writer {
         }
     }
 
-    /// Sleeps before a retry. Returns true when shutdown was requested: the batch is abandoned uncommitted, so
-    /// its records are consumed again by the partition's next owner.
+    /// Sleeps before a retry. Returns true when the shutdown deadline passed: the batch is abandoned
+    /// uncommitted, so its records are consumed again by the partition's next owner. Before the deadline a
+    /// shutdown keeps retrying: sealed batches are committed if storage comes back in time.
     async fn backoff(&self, backoff: &mut Duration) -> bool {
         let sleep = tokio::time::sleep(*backoff);
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
         tokio::select! {
             _ = sleep => false,
-            _ = self.shutdown.clone().wait() => {
-                tracing::warn!("abandoning an uncommitted batch at shutdown; its records will be archived by the next owner");
-                true
-            }
+            _ = self.abandon.clone().wait() => true,
         }
     }
 
@@ -257,6 +274,14 @@ impl Writer {
             .map(|file| (file.path.clone(), file.bytes.clone()))
             .collect();
         let store = self.store.clone();
+        let upload_span = tracing::info_span!(
+            "archive.upload",
+            otel.kind = "client",
+            files = files.len(),
+            bytes = files.iter().map(|file| file.bytes.len()).sum::<usize>(),
+            otel.status_code = tracing::field::Empty,
+        );
+        let upload_started = Instant::now();
         let uploads = futures::stream::iter(to_upload.into_iter().map(move |(path, bytes)| {
             let store = store.clone();
             async move {
@@ -268,10 +293,18 @@ impl Writer {
         }))
         .buffer_unordered(UPLOAD_CONCURRENCY)
         .collect::<Vec<_>>()
+        .instrument(upload_span.clone())
         .await;
-        for upload in uploads {
-            upload?;
+        if let Some(Err(error)) = uploads.into_iter().find(|upload| upload.is_err()) {
+            upload_span.record("otel.status_code", "ERROR");
+            metrics()
+                .commit_failures
+                .add(1, &[KeyValue::new("reason", "upload")]);
+            return Err(error);
         }
+        metrics()
+            .upload_duration
+            .record(upload_started.elapsed().as_secs_f64(), &[]);
         crash_point("after_upload");
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
@@ -288,7 +321,18 @@ impl Writer {
             rejected_records: batch.rejected.clone(),
             offset_gaps: batch.offset_gaps.clone(),
         };
-        match self.log.commit(&manifest).await {
+        let commit_span = tracing::info_span!(
+            "archive.commit",
+            otel.kind = "client",
+            partition = batch.partition,
+            seq = batch.seq,
+        );
+        let commit_started = Instant::now();
+        let committed = self.log.commit(&manifest).instrument(commit_span).await;
+        metrics()
+            .commit_duration
+            .record(commit_started.elapsed().as_secs_f64(), &[]);
+        match committed {
             Ok(sha) => Ok(Outcome::Committed(sha)),
             Err(error) if error.code() == ErrorCode::Conflict => {
                 // Our own earlier attempt may have succeeded without us hearing back.
@@ -298,10 +342,18 @@ impl Writer {
                 } else {
                     tracing::warn!(partition = batch.partition, seq = batch.seq, winner = %existing.writer_id,
                         "another writer committed this sequence number first; this batch is fenced");
+                    metrics()
+                        .commit_failures
+                        .add(1, &[KeyValue::new("reason", "fenced")]);
                     Ok(Outcome::Fenced)
                 }
             }
-            Err(error) => Err(error),
+            Err(error) => {
+                metrics()
+                    .commit_failures
+                    .add(1, &[KeyValue::new("reason", "manifest")]);
+                Err(error)
+            }
         }
     }
 
@@ -333,6 +385,14 @@ impl Writer {
             files.iter().map(|f| f.bytes.len() as u64).sum(),
             Ordering::Relaxed,
         );
+        let metrics = metrics();
+        metrics.events_archived.add(batch.events.len() as u64, &[]);
+        metrics
+            .batch_events
+            .record((batch.end_offset - batch.start_offset) as u64, &[]);
+        for file in files {
+            metrics.file_size.record(file.bytes.len() as u64, &[]);
+        }
         tracing::debug!(
             partition = batch.partition,
             seq = batch.seq,
@@ -392,6 +452,24 @@ impl Writer {
             }
         }
     }
+}
+
+/// The span of one batch's way to the archive (keys, encoding, upload, commit). It continues the trace of
+/// the batch's first traced record and links to the others, so an event's trace reaches its archive file.
+fn batch_span(batch: &SealedBatch) -> tracing::Span {
+    let span = tracing::info_span!(
+        "archive.batch",
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.partition.id = batch.partition,
+        messaging.batch.message_count = batch.events.len() + batch.rejected.len(),
+        seq = batch.seq,
+        start_offset = batch.start_offset,
+        end_offset = batch.end_offset,
+    );
+    continue_batch_traces(&span, &batch.traces);
+    span
 }
 
 fn random_id() -> Result<String> {

@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             },
             writer_id: "bench".into(),
+            on_shutdown: Default::default(),
         };
         let stats = Arc::new(ArchiverStats::default());
         let (trigger, shutdown_signal) = shutdown::channel();

@@ -2,6 +2,7 @@
 //! in one process on embedded defaults), and client commands (`demo`, `restore`, `conversations`, `keys`).
 
 mod client;
+mod ops;
 mod roles;
 mod sample;
 
@@ -49,9 +50,17 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    chatvault_core::telemetry::init_logging();
     chatvault_core::storage::install_crypto_provider();
     let cli = Cli::parse();
+    // Roles install their telemetry (configured logs, traces, metrics) once their configuration is loaded;
+    // client commands only log, as text.
+    let is_role = matches!(
+        cli.command,
+        Command::Gateway(_) | Command::Archiver(_) | Command::Restorer(_) | Command::Standalone(_)
+    );
+    if !is_role {
+        chatvault_core::telemetry::init_logging();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

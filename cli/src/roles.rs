@@ -6,16 +6,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chatvault_archiver::writer::ArchiverStats;
-use chatvault_archiver::{Archiver, ArchiverOptions};
+use chatvault_archiver::{Archiver, ArchiverOptions, OnShutdown};
 use chatvault_core::auth::{Role, token_digest};
 use chatvault_core::config::{Config, TenantConfig, TokenConfig};
 use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
+use chatvault_core::telemetry::Telemetry;
 use chatvault_restorer::Restorer;
 use clap::Args;
 use rdkafka::mocking::MockCluster;
 use tokio::net::TcpListener;
+
+use crate::ops::{self, OpsState};
 
 pub fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
     Ok(Config::load(path.as_deref())?)
@@ -26,7 +29,8 @@ fn writer_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Triggers shutdown on SIGTERM/SIGINT.
+/// Triggers shutdown on SIGTERM/SIGINT. A second signal exits at once (status 1), abandoning the graceful
+/// shutdown: for an operator who would rather not wait.
 fn shutdown_on_signal() -> (Arc<ShutdownTrigger>, Shutdown) {
     let (trigger, shutdown) = shutdown::channel();
     let trigger = Arc::new(trigger);
@@ -35,6 +39,11 @@ fn shutdown_on_signal() -> (Arc<ShutdownTrigger>, Shutdown) {
         shutdown::termination_signal().await;
         tracing::info!("termination signal received; shutting down");
         on_signal.trigger();
+        shutdown::termination_signal().await;
+        tracing::error!(
+            "second termination signal; exiting without finishing the graceful shutdown"
+        );
+        std::process::exit(1);
     });
     (trigger, shutdown)
 }
@@ -66,7 +75,11 @@ pub async fn gateway_task(
     Ok(())
 }
 
-pub async fn archiver_task(config: &Config, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn archiver_task(
+    config: &Config,
+    shutdown: Shutdown,
+    on_shutdown: OnShutdown,
+) -> anyhow::Result<()> {
     let store = object_store_from_config(&config.storage)?;
     let keys = data_keys(config, store.clone())?;
     Archiver::run(
@@ -74,6 +87,7 @@ pub async fn archiver_task(config: &Config, shutdown: Shutdown) -> anyhow::Resul
             kafka: config.kafka.clone(),
             config: config.archiver.clone(),
             writer_id: writer_id(),
+            on_shutdown,
         },
         store,
         keys,
@@ -97,28 +111,88 @@ pub async fn restorer_task(
         &config.kafka.topic,
         config.restorer.read_concurrency,
     ));
-    chatvault_restorer::serve(listener, restorer, config.authenticator()?, shutdown).await?;
+    let drain = Duration::from_millis(config.restorer.drain_timeout_ms);
+    chatvault_restorer::serve(listener, restorer, config.authenticator()?, shutdown, drain).await?;
     Ok(())
 }
 
+/// Runs `role` with the process's telemetry: installs logging, traces and metrics as `service`, serves the
+/// operations endpoint (`/metrics`, `/healthz`, `/readyz`) on `telemetry.metrics_listen` while the role runs
+/// (readiness drops when `shutdown` begins), and flushes traces and metrics once the role has finished.
+async fn with_telemetry(
+    service: &str,
+    config: &Config,
+    shutdown: Shutdown,
+    role: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let telemetry = Arc::new(Telemetry::install(service, &config.telemetry)?);
+    let ops_state = OpsState::new(telemetry.clone());
+    let (ops_trigger, ops_shutdown) = shutdown::channel();
+    let ops_server = match config.telemetry.metrics_listen.as_str() {
+        "" => None,
+        address => {
+            let listener = bind(address, "telemetry.metrics_listen").await?;
+            let address = listener.local_addr()?;
+            tracing::info!(%address, "serving /metrics, /healthz and /readyz");
+            Some(tokio::spawn(ops::serve(
+                listener,
+                ops_state.clone(),
+                ops_shutdown,
+            )))
+        }
+    };
+    ops_state.set_ready(true);
+    let not_ready = {
+        let ops_state = ops_state.clone();
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            ops_state.set_ready(false);
+        })
+    };
+    let result = role.await;
+    not_ready.abort();
+    ops_trigger.trigger();
+    if let Some(server) = ops_server {
+        let _ = server.await;
+    }
+    drop(ops_state);
+    match Arc::try_unwrap(telemetry) {
+        Ok(telemetry) => telemetry.shutdown(),
+        Err(_) => tracing::warn!("telemetry still in use at exit; not flushed"),
+    }
+    result
+}
+
 pub async fn run_gateway(config: Config) -> anyhow::Result<()> {
-    let grpc_listener = bind(&config.gateway.grpc_listen, "gateway.grpc_listen").await?;
-    let http_listener = bind(&config.gateway.http_listen, "gateway.http_listen").await?;
-    tracing::info!(grpc = %config.gateway.grpc_listen, http = %config.gateway.http_listen, "gateway listening");
     let (_trigger, shutdown) = shutdown_on_signal();
-    gateway_task(&config, grpc_listener, http_listener, shutdown).await
+    with_telemetry("chatvault-gateway", &config, shutdown.clone(), async {
+        let grpc_listener = bind(&config.gateway.grpc_listen, "gateway.grpc_listen").await?;
+        let http_listener = bind(&config.gateway.http_listen, "gateway.http_listen").await?;
+        tracing::info!(grpc = %config.gateway.grpc_listen, http = %config.gateway.http_listen, "gateway listening");
+        gateway_task(&config, grpc_listener, http_listener, shutdown.clone()).await
+    })
+    .await
 }
 
 pub async fn run_archiver(config: Config) -> anyhow::Result<()> {
     let (_trigger, shutdown) = shutdown_on_signal();
-    archiver_task(&config, shutdown).await
+    with_telemetry(
+        "chatvault-archiver",
+        &config,
+        shutdown.clone(),
+        archiver_task(&config, shutdown.clone(), OnShutdown::StopConsuming),
+    )
+    .await
 }
 
 pub async fn run_restorer(config: Config) -> anyhow::Result<()> {
-    let listener = bind(&config.restorer.grpc_listen, "restorer.grpc_listen").await?;
-    tracing::info!(address = %config.restorer.grpc_listen, "restorer listening");
     let (_trigger, shutdown) = shutdown_on_signal();
-    restorer_task(&config, listener, shutdown).await
+    with_telemetry("chatvault-restorer", &config, shutdown.clone(), async {
+        let listener = bind(&config.restorer.grpc_listen, "restorer.grpc_listen").await?;
+        tracing::info!(address = %config.restorer.grpc_listen, "restorer listening");
+        restorer_task(&config, listener, shutdown.clone()).await
+    })
+    .await
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +219,10 @@ pub struct StandaloneArgs {
     /// HTTP address of the webhook endpoints (`POST /webhooks/<integration>`, `GET /healthz`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: String,
+    /// HTTP address of `/metrics`, `/healthz` and `/readyz` (default 127.0.0.1:9464, or the configuration
+    /// file's `telemetry.metrics_listen`; empty switches it off).
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 pub const STANDALONE_TENANT: &str = "demo";
@@ -187,6 +265,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         config.keys.keyring_path = data_dir.join("keyring.json");
         config.archiver.max_batch_age_ms = 2_000;
         config.archiver.session_timeout_ms = 6_000;
+        // No load balancer to wait for.
+        config.gateway.shutdown_delay_ms = 0;
     }
     let token = standalone_token(&data_dir)?;
     if !config
@@ -204,95 +284,136 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             }],
         });
     }
-    // The mock cluster lives as long as this function: it is the Kafka of the whole process.
-    let mock_cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
-    mock_cluster
-        .create_topic(&config.kafka.topic, args.partitions, 1)
-        .context("creating the topic on the mock cluster")?;
-    config.kafka.brokers = mock_cluster.bootstrap_servers();
-    config.validate()?;
-
-    let gateway_listener = bind(&args.gateway_listen, "--gateway-listen").await?;
-    let http_listener = bind(&args.http_listen, "--http-listen").await?;
-    let restorer_listener = bind(&args.restorer_listen, "--restorer-listen").await?;
+    if let Some(address) = &args.metrics_listen {
+        config.telemetry.metrics_listen = address.clone();
+    } else if args.config.is_none()
+        && std::env::var_os("CHATVAULT__TELEMETRY__METRICS_LISTEN").is_none()
+    {
+        // Embedded defaults stay on loopback, like the other standalone listeners.
+        config.telemetry.metrics_listen = "127.0.0.1:9464".into();
+    }
     let (trigger, shutdown) = shutdown_on_signal();
+    let telemetry_config = config.clone();
+    with_telemetry("chatvault-standalone", &telemetry_config, shutdown.clone(), async move {
+        // The mock cluster lives as long as this function: it is the Kafka of the whole process.
+        let mock_cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
+        mock_cluster
+            .create_topic(&config.kafka.topic, args.partitions, 1)
+            .context("creating the topic on the mock cluster")?;
+        config.kafka.brokers = mock_cluster.bootstrap_servers();
+        config.validate()?;
 
-    println!("chatvault standalone");
-    println!(
-        "  NOT DURABLE: Kafka is librdkafka's in-process mock cluster. Events are archived within ~2 s of their"
-    );
-    println!(
-        "  acknowledgement; a crash before that loses them. Use `chatvault gateway|archiver|restorer` with a real"
-    );
-    println!("  Kafka cluster in production.");
-    println!(
-        "  ingest gRPC   : {}  (chatvault.v1.IngestService, health, reflection)",
-        args.gateway_listen
-    );
-    println!(
-        "  restore gRPC  : {}  (chatvault.v1.RestoreService, health, reflection)",
-        args.restorer_listen
-    );
-    println!(
-        "  kafka (mock)  : {}  topic {} ({} partitions)",
-        config.kafka.brokers, config.kafka.topic, args.partitions
-    );
-    println!("  archive       : {}", config.storage.url);
-    println!("  keyring       : {}", config.keys.keyring_path.display());
-    println!(
-        "  tenant        : {STANDALONE_TENANT}, bearer token in {}",
-        data_dir.join("standalone-token").display()
-    );
-    println!();
-    println!("Try it (another terminal):");
-    println!("  chatvault demo --data-dir {}", data_dir.display());
-    println!(
-        "  chatvault conversations --data-dir {} --tenant {STANDALONE_TENANT}",
-        data_dir.display()
-    );
-    println!(
-        "  chatvault restore --data-dir {} --tenant {STANDALONE_TENANT} --conversation demo-general",
-        data_dir.display()
-    );
-    println!();
+        let gateway_listener = bind(&args.gateway_listen, "--gateway-listen").await?;
+        let http_listener = bind(&args.http_listen, "--http-listen").await?;
+        let restorer_listener = bind(&args.restorer_listen, "--restorer-listen").await?;
 
-    // If one role fails, the others shut down too instead of running half a pipeline.
-    let stop_all_on_error = |result: anyhow::Result<()>| {
-        if result.is_err() {
-            trigger.trigger();
-        }
-        result
-    };
-    let gateway = async {
-        stop_all_on_error(
-            gateway_task(&config, gateway_listener, http_listener, shutdown.clone()).await,
-        )
-    };
-    let archiver = async { stop_all_on_error(archiver_task(&config, shutdown.clone()).await) };
-    let restorer = async {
-        stop_all_on_error(restorer_task(&config, restorer_listener, shutdown.clone()).await)
-    };
-    let demo = {
-        let gateway = format!("http://{}", args.gateway_listen);
-        let restorer = format!("http://{}", args.restorer_listen);
-        let token = token.clone();
-        let enabled = args.demo;
-        async move {
-            if enabled {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                if let Err(error) =
-                    crate::client::run_demo(&gateway, &restorer, &token, STANDALONE_TENANT).await
-                {
-                    eprintln!("demo failed: {error:#}");
-                }
+        println!("chatvault standalone");
+        println!(
+            "  NOT DURABLE: Kafka is librdkafka's in-process mock cluster. Events are archived within ~2 s of their"
+        );
+        println!(
+            "  acknowledgement; a crash before that loses them. Use `chatvault gateway|archiver|restorer` with a real"
+        );
+        println!(
+            "  Kafka cluster in production. Ctrl-C (SIGTERM) archives everything acknowledged, then exits."
+        );
+        println!(
+            "  ingest gRPC   : {}  (chatvault.v1.IngestService, health, reflection)",
+            args.gateway_listen
+        );
+        println!(
+            "  restore gRPC  : {}  (chatvault.v1.RestoreService, health, reflection)",
+            args.restorer_listen
+        );
+        println!(
+            "  kafka (mock)  : {}  topic {} ({} partitions)",
+            config.kafka.brokers, config.kafka.topic, args.partitions
+        );
+        println!("  archive       : {}", config.storage.url);
+        println!("  keyring       : {}", config.keys.keyring_path.display());
+        println!(
+            "  tenant        : {STANDALONE_TENANT}, bearer token in {}",
+            data_dir.join("standalone-token").display()
+        );
+        println!();
+        println!("Try it (another terminal):");
+        println!("  chatvault demo --data-dir {}", data_dir.display());
+        println!(
+            "  chatvault conversations --data-dir {} --tenant {STANDALONE_TENANT}",
+            data_dir.display()
+        );
+        println!(
+            "  chatvault restore --data-dir {} --tenant {STANDALONE_TENANT} --conversation demo-general",
+            data_dir.display()
+        );
+        println!();
+
+        // Shutdown order: Kafka is the in-process mock cluster and dies with the process, so everything the
+        // gateway acknowledged must be archived before the process exits. On a termination signal, or when a
+        // role fails (the others then stop too instead of running half a pipeline), the gateway stops and
+        // drains first; then the archiver consumes the topic up to its end and commits it (failing if it
+        // cannot before archiver.shutdown_timeout_ms); then the restorer stops.
+        let (stop_gateway, gateway_shutdown) = shutdown::channel();
+        let (stop_archiver, archiver_shutdown) = shutdown::channel();
+        let (stop_restorer, restorer_shutdown) = shutdown::channel();
+        let (gateway_done, gateway_finished) = shutdown::channel();
+        let (archiver_done, archiver_finished) = shutdown::channel();
+        let stop_all_on_error = |result: anyhow::Result<()>| {
+            if result.is_err() {
+                trigger.trigger();
             }
-            Ok::<(), anyhow::Error>(())
-        }
-    };
-    let (gateway, archiver, restorer, _) = tokio::join!(gateway, archiver, restorer, demo);
-    gateway?;
-    archiver?;
-    restorer?;
-    drop(mock_cluster);
-    Ok(())
+            result
+        };
+        let gateway = async {
+            let result = stop_all_on_error(
+                gateway_task(&config, gateway_listener, http_listener, gateway_shutdown).await,
+            );
+            gateway_done.trigger();
+            result
+        };
+        let archiver = async {
+            let result = stop_all_on_error(
+                archiver_task(&config, archiver_shutdown, OnShutdown::DrainTopic).await,
+            );
+            archiver_done.trigger();
+            result
+        };
+        let restorer = async {
+            stop_all_on_error(restorer_task(&config, restorer_listener, restorer_shutdown).await)
+        };
+        let in_order = async {
+            shutdown.clone().wait().await;
+            stop_gateway.trigger();
+            gateway_finished.wait().await;
+            tracing::info!("gateway stopped; archiving everything it acknowledged");
+            stop_archiver.trigger();
+            archiver_finished.wait().await;
+            stop_restorer.trigger();
+        };
+        let demo = {
+            let gateway = format!("http://{}", args.gateway_listen);
+            let restorer = format!("http://{}", args.restorer_listen);
+            let token = token.clone();
+            let enabled = args.demo;
+            async move {
+                if enabled {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if let Err(error) =
+                        crate::client::run_demo(&gateway, &restorer, &token, STANDALONE_TENANT).await
+                    {
+                        eprintln!("demo failed: {error:#}");
+                    }
+                }
+                Ok::<(), anyhow::Error>(())
+            }
+        };
+        let (gateway, archiver, restorer, _, ()) =
+            tokio::join!(gateway, archiver, restorer, demo, in_order);
+        gateway?;
+        archiver?;
+        restorer?;
+        drop(mock_cluster);
+        Ok(())
+    })
+    .await
 }

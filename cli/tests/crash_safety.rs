@@ -9,25 +9,22 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chatvault_core::archive::file::{decode_file, sha256_hex};
-use chatvault_core::archive::manifest::ManifestLog;
 use chatvault_core::config::Config;
-use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::IngestBatchRequest;
-use chatvault_testkit::kafka::{TestKafka, high_watermarks};
+use chatvault_testkit::archive::{verify_exactly_once, wait_for_archive};
+use chatvault_testkit::kafka::TestKafka;
 use chatvault_testkit::pipeline::{
-    INGEST_TOKEN, TENANTS, TOPIC, authorized, data_keys, ingest_client, start_archiver,
-    start_gateway, test_config,
+    INGEST_TOKEN, TENANTS, TOPIC, authorized, ingest_client, start_archiver, start_gateway,
+    test_config,
 };
+use chatvault_testkit::process::wait_for_exit;
 use chatvault_testkit::s3::S3Server;
 use common::{Rng, workload};
-use futures::TryStreamExt;
-use object_store::ObjectStoreExt;
 
 /// Environment for a `chatvault archiver` process with `config`'s settings.
 fn archiver_command(config: &Config, crash_at: Option<&str>) -> Command {
@@ -42,6 +39,8 @@ fn archiver_command(config: &Config, crash_at: Option<&str>) -> Command {
         .env("CHATVAULT__ARCHIVER__MAX_BATCH_AGE_MS", "300")
         .env("CHATVAULT__ARCHIVER__MAX_BATCH_EVENTS", "150")
         .env("CHATVAULT__ARCHIVER__SESSION_TIMEOUT_MS", "6000")
+        // Several archivers run at once: each takes a free port for its metrics endpoint.
+        .env("CHATVAULT__TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn,chatvault_archiver=info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -97,141 +96,6 @@ fn spawn_ingest(
         }
         Ok(acknowledged)
     })
-}
-
-/// Checks the archive holds every Kafka record of the topic exactly once, and nothing else.
-async fn verify_exactly_once(
-    config: &Config,
-    brokers: &str,
-    acknowledged: &BTreeSet<String>,
-) -> anyhow::Result<()> {
-    let store = object_store_from_config(&config.storage)?;
-    let keys = data_keys(config)?;
-    let log = ManifestLog::new(store.clone(), TOPIC);
-    let mut named_files = HashSet::new();
-    let mut archived_ids = HashSet::new();
-    for (partition, high_watermark) in high_watermarks(brokers, TOPIC)? {
-        let seqs = log.list_seqs(partition, None).await?;
-        assert_eq!(
-            seqs,
-            (0..seqs.len() as u64).collect::<Vec<_>>(),
-            "partition {partition}: sequence numbers have gaps"
-        );
-        let mut expected_start = 0i64;
-        let mut previous_sha = String::new();
-        let mut offsets = BTreeMap::new();
-        for seq in seqs {
-            let (manifest, sha) = log.read(partition, seq).await?;
-            assert_eq!(
-                manifest.start_offset, expected_start,
-                "partition {partition} seq {seq}: chain not contiguous"
-            );
-            assert_eq!(
-                manifest.prev_sha256, previous_sha,
-                "partition {partition} seq {seq}: hash chain broken"
-            );
-            assert!(manifest.rejected_records.is_empty());
-            assert!(
-                manifest.offset_gaps.is_empty(),
-                "no record may be skipped: {:?}",
-                manifest.offset_gaps
-            );
-            for file in &manifest.files {
-                let bytes = store.get(&file.path.as_str().into()).await?.bytes().await?;
-                assert_eq!(
-                    sha256_hex(&bytes),
-                    file.sha256,
-                    "{}: bytes differ from the manifest",
-                    file.path
-                );
-                let key = keys.get(&file.tenant_id, &file.key_period).await?;
-                for row in decode_file(bytes, &key, None)? {
-                    assert_eq!(row.kafka_partition, partition);
-                    assert!(
-                        (manifest.start_offset..manifest.end_offset).contains(&row.kafka_offset),
-                        "row outside its manifest's range"
-                    );
-                    assert!(
-                        offsets
-                            .insert(row.kafka_offset, row.event.event_id.clone())
-                            .is_none(),
-                        "partition {partition} offset {} archived twice",
-                        row.kafka_offset
-                    );
-                    archived_ids.insert(row.event.event_id);
-                }
-                named_files.insert(file.path.clone());
-            }
-            expected_start = manifest.end_offset;
-            previous_sha = sha;
-        }
-        assert_eq!(
-            expected_start, high_watermark,
-            "partition {partition}: not everything archived"
-        );
-        // Each Kafka record once: no offset missing (batches collapse duplicate event ids only within a batch,
-        // and this workload sends each event once).
-        let missing: Vec<i64> = (0..high_watermark)
-            .filter(|offset| !offsets.contains_key(offset))
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "partition {partition}: offsets {missing:?} not archived"
-        );
-    }
-    for event_id in acknowledged {
-        assert!(
-            archived_ids.contains(event_id),
-            "acknowledged event {event_id} is not archived"
-        );
-    }
-    let stored: Vec<String> = store
-        .list(Some(&"events".into()))
-        .map_ok(|meta| meta.location.to_string())
-        .try_collect()
-        .await?;
-    let orphans: Vec<&String> = stored
-        .iter()
-        .filter(|path| !named_files.contains(*path))
-        .collect();
-    assert!(
-        orphans.is_empty(),
-        "files outside any manifest remain: {orphans:?}"
-    );
-    Ok(())
-}
-
-async fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
-}
-
-async fn wait_for_archive(
-    config: &Config,
-    brokers: &str,
-    timeout: Duration,
-) -> anyhow::Result<bool> {
-    let store = object_store_from_config(&config.storage)?;
-    let log = ManifestLog::new(store, TOPIC);
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        let mut complete = true;
-        for (partition, high) in high_watermarks(brokers, TOPIC)? {
-            let head = log.head(partition).await?;
-            complete &= head.end_offset == high;
-        }
-        if complete {
-            return Ok(true);
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    Ok(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -107,7 +107,11 @@ pub struct GatewayConfig {
     pub max_queued_events: u64,
     /// Most events in one batch call. Default 10000.
     pub max_batch_events: usize,
-    /// Grace period for in-flight requests at shutdown. Default 20000.
+    /// At shutdown, how long the gateway keeps serving after it reported NOT_SERVING, so load balancers and
+    /// health-checking clients stop sending before it stops accepting. Default 2000.
+    pub shutdown_delay_ms: u64,
+    /// Grace period for in-flight requests once the gateway stopped accepting at shutdown; calls still running
+    /// after it are abandoned (their senders get no OK, so nothing acknowledged is lost). Default 20000.
     pub drain_timeout_ms: u64,
     pub limits: EventLimits,
     /// HTTP listen address of the webhook endpoints (`POST /webhooks/<integration>`). Default `0.0.0.0:8080`.
@@ -135,6 +139,19 @@ pub enum WebhookPlatform {
     /// Microsoft Teams through Microsoft Graph change notifications: `secrets` are the accepted `clientState`
     /// values; rich notifications also need `certificates`, `app_id` and `jwks_file`.
     Teams,
+}
+
+impl WebhookPlatform {
+    /// The configuration spelling (`standard_webhooks`), also used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookPlatform::Slack => "slack",
+            WebhookPlatform::StandardWebhooks => "standard_webhooks",
+            WebhookPlatform::Mattermost => "mattermost",
+            WebhookPlatform::Discord => "discord",
+            WebhookPlatform::Teams => "teams",
+        }
+    }
 }
 
 /// A private key for Microsoft Graph rich notifications, chosen by the notification's `encryptionCertificateId`.
@@ -203,6 +220,7 @@ impl Default for GatewayConfig {
             delivery_timeout_ms: 10_000,
             max_queued_events: 100_000,
             max_batch_events: 10_000,
+            shutdown_delay_ms: 2_000,
             drain_timeout_ms: 20_000,
             limits: EventLimits::default(),
             http_listen: "0.0.0.0:8080".into(),
@@ -233,8 +251,13 @@ pub struct ArchiverConfig {
     pub zstd_level: i32,
     /// Rows per Parquet row group. Default 65536.
     pub row_group_rows: usize,
-    /// Kafka session timeout. Default 10000.
+    /// Kafka session timeout. Default 10000. Also bounds how long leaving the consumer group may take at
+    /// shutdown (the coordinator drops a member that did not leave after this long anyway).
     pub session_timeout_ms: u64,
+    /// At shutdown, how long sealed batches may take to be uploaded and committed (retrying storage errors)
+    /// before the rest is abandoned: uncommitted records stay in Kafka for the partition's next owner.
+    /// Default 30000.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for ArchiverConfig {
@@ -249,6 +272,7 @@ impl Default for ArchiverConfig {
             zstd_level: 3,
             row_group_rows: 65_536,
             session_timeout_ms: 10_000,
+            shutdown_timeout_ms: 30_000,
         }
     }
 }
@@ -256,6 +280,10 @@ impl Default for ArchiverConfig {
 impl ArchiverConfig {
     pub fn max_batch_age(&self) -> Duration {
         Duration::from_millis(self.max_batch_age_ms)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
     }
 }
 
@@ -266,6 +294,9 @@ pub struct RestorerConfig {
     pub grpc_listen: String,
     /// Files fetched and decoded at once for one request. Default 4.
     pub read_concurrency: usize,
+    /// At shutdown, how long in-flight calls (restore streams) may run after the restorer stopped accepting;
+    /// calls still running after it are cut off. Default 20000.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for RestorerConfig {
@@ -273,6 +304,7 @@ impl Default for RestorerConfig {
         RestorerConfig {
             grpc_listen: "0.0.0.0:50052".into(),
             read_concurrency: 4,
+            drain_timeout_ms: 20_000,
         }
     }
 }

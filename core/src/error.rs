@@ -25,6 +25,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// A stable snake_case name, for metric labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
     pub fn grpc_code(self) -> tonic::Code {
         match self {
             ErrorCode::InvalidArgument => tonic::Code::InvalidArgument,

@@ -69,7 +69,9 @@ pub fn consumer_config(kafka: &KafkaConfig, archiver: &ArchiverConfig) -> Client
             archiver.fetch_queue_kbytes.to_string(),
         )
         .set("fetch.message.max.bytes", (4 * 1024 * 1024).to_string())
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Feeds the consumer-lag metric (`ClientContext::stats` of the archiver).
+        .set("statistics.interval.ms", "5000");
     config
 }
 

@@ -412,10 +412,12 @@ impl DataKeys {
             .and_then(|_| self.rng.fill(&mut id_bytes))
             .map_err(|_| Error::internal("system random generator failed"))?;
         let dek_id = format!("{tenant}/{period}/{}", hex::encode(id_bytes));
-        let wrapped = self
-            .provider
-            .wrap(tenant, &key, &dek_aad(tenant, period, &dek_id))
-            .await?;
+        let wrapped = timed_provider_call(
+            "wrap",
+            self.provider
+                .wrap(tenant, &key, &dek_aad(tenant, period, &dek_id)),
+        )
+        .await?;
         let record = DataKeyRecord {
             format: "chatvault-dek-v1".into(),
             tenant_id: tenant.to_string(),
@@ -461,17 +463,19 @@ impl DataKeys {
         let ciphertext = BASE64
             .decode(&record.wrapped_key)
             .map_err(|_| Error::internal("data key record: wrapped_key is not base64"))?;
-        let plaintext = self
-            .provider
-            .unwrap(
+        let wrapped = WrappedKey {
+            kek_id: record.kek_id.clone(),
+            ciphertext,
+        };
+        let plaintext = timed_provider_call(
+            "unwrap",
+            self.provider.unwrap(
                 &record.tenant_id,
-                &WrappedKey {
-                    kek_id: record.kek_id.clone(),
-                    ciphertext,
-                },
+                &wrapped,
                 &dek_aad(&record.tenant_id, &record.period, &record.dek_id),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         let key: [u8; DATA_KEY_BYTES] = plaintext
             .try_into()
             .map_err(|_| Error::internal("data key has the wrong length"))?;
@@ -482,6 +486,28 @@ impl DataKeys {
             key,
         })
     }
+}
+
+/// Runs a key-encryption-key provider call in a span, recording its latency and failures
+/// (`chatvault.keys.provider.*`). Only the operation is recorded: never key material or tenants.
+async fn timed_provider_call<T>(
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    use tracing::Instrument;
+    let started = std::time::Instant::now();
+    let result = call
+        .instrument(tracing::info_span!("keys.provider", operation))
+        .await;
+    let metrics = crate::metrics::metrics();
+    let labels = [crate::metrics::KeyValue::new("operation", operation)];
+    metrics
+        .key_provider_duration
+        .record(started.elapsed().as_secs_f64(), &labels);
+    if result.is_err() {
+        metrics.key_provider_errors.add(1, &labels);
+    }
+    result
 }
 
 #[cfg(test)]

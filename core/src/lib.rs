@@ -11,6 +11,7 @@
 //! - [`keys`]: envelope encryption: key-encryption keys (local keyring) and per-tenant, per-month data keys.
 //! - [`archive`]: the archive format: layout, Parquet schema and encryption, manifests and the commit protocol.
 //! - [`kafka`]: librdkafka client settings shared by producer and consumer.
+//! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, and the fixed metric names (OTLP and Prometheus).
 
 pub mod archive;
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod event;
 pub mod kafka;
 pub mod keys;
+pub mod metrics;
 pub mod shutdown;
 pub mod storage;
 pub mod telemetry;

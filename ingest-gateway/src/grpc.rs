@@ -12,12 +12,15 @@ use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::config::GatewayConfig;
 use chatvault_core::error::{Error, Result};
 use chatvault_core::event::validate_and_complete;
+use chatvault_core::metrics::{metrics, rejection_labels, source_label};
+use chatvault_core::telemetry::continue_remote_trace;
 use chatvault_proto::v1::ingest_service_server::IngestService;
 use chatvault_proto::v1::{
     ChatEvent, IngestBatchRequest, IngestBatchResponse, IngestRequest, IngestResponse, Source,
 };
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::producer::{EventProducer, PendingDelivery, await_all};
 
@@ -74,36 +77,73 @@ impl IngestGrpc {
     }
 }
 
-#[tonic::async_trait]
-impl IngestService for IngestGrpc {
-    async fn ingest(
-        &self,
-        request: Request<IngestRequest>,
-    ) -> Result<Response<IngestResponse>, Status> {
+/// The span of one IngestService call, continuing the caller's trace when it sent a `traceparent`.
+fn call_span<T>(request: &Request<T>, method: &'static str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "ingest",
+        otel.name = format!("chatvault.v1.IngestService/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "chatvault.v1.IngestService",
+        rpc.method = method,
+        events = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.code = tracing::field::Empty,
+    );
+    continue_remote_trace(&span, |name| {
+        request
+            .metadata()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string)
+    });
+    span
+}
+
+/// Records a call's outcome in its span and in the accepted/rejected counters.
+fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &Error>) {
+    match result {
+        Ok(events) => {
+            span.record("events", events);
+            metrics()
+                .events_accepted
+                .add(events as u64, &source_label("grpc"));
+        }
+        Err(error) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.code", error.code().as_str());
+            metrics()
+                .requests_rejected
+                .add(1, &rejection_labels("grpc", error.code().as_str()));
+        }
+    }
+}
+
+impl IngestGrpc {
+    async fn ingest_one(&self, request: Request<IngestRequest>) -> Result<IngestResponse> {
         let principal = self.principal(&request)?;
         let event = self.admit(&principal, request.into_inner().event, "")?;
         self.producer.produce(&event).await?;
-        Ok(Response::new(IngestResponse {
+        Ok(IngestResponse {
             event_id: event.event_id,
-        }))
+        })
     }
 
-    async fn ingest_batch(
+    async fn ingest_many(
         &self,
         request: Request<IngestBatchRequest>,
-    ) -> Result<Response<IngestBatchResponse>, Status> {
+    ) -> Result<IngestBatchResponse> {
         let principal = self.principal(&request)?;
         let events = request.into_inner().events;
         if events.is_empty() {
-            return Err(Error::invalid_argument("events must not be empty").into());
+            return Err(Error::invalid_argument("events must not be empty"));
         }
         if events.len() > self.config.max_batch_events {
             return Err(Error::invalid_argument(format!(
                 "events has {} items, over the limit of {} per batch",
                 events.len(),
                 self.config.max_batch_events
-            ))
-            .into());
+            )));
         }
         let admitted = events
             .into_iter()
@@ -111,17 +151,18 @@ impl IngestService for IngestGrpc {
             .map(|(index, event)| self.admit(&principal, Some(event), &format!("events[{index}].")))
             .collect::<Result<Vec<_>>>()?;
         self.producer.produce_all(&admitted).await?;
-        Ok(Response::new(IngestBatchResponse {
+        Ok(IngestBatchResponse {
             event_ids: admitted.into_iter().map(|event| event.event_id).collect(),
-        }))
+        })
     }
 
-    async fn ingest_stream(
+    async fn ingest_streamed(
         &self,
         request: Request<Streaming<IngestRequest>>,
-    ) -> Result<Response<IngestBatchResponse>, Status> {
+    ) -> Result<IngestBatchResponse> {
         let principal = self.principal(&request)?;
         let mut stream = request.into_inner();
+        let produce = self.producer.start_produce(0);
         let mut in_flight: VecDeque<PendingDelivery> = VecDeque::new();
         let mut event_ids = Vec::new();
         let mut index = 0usize;
@@ -137,15 +178,56 @@ impl IngestService for IngestGrpc {
                 {
                     oldest.acknowledged().await?;
                 }
-                in_flight.push_back(self.producer.enqueue(&event)?);
+                in_flight.push_back(self.producer.enqueue(&event, &produce.headers)?);
                 event_ids.push(event.event_id);
             }
             Ok(())
         }
         .await;
         let acknowledged = await_all(in_flight).await;
-        outcome?;
-        acknowledged?;
-        Ok(Response::new(IngestBatchResponse { event_ids }))
+        let result = outcome.and(acknowledged);
+        produce.span.record("messaging.batch.message_count", index);
+        produce.finish(&result);
+        result?;
+        Ok(IngestBatchResponse { event_ids })
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestGrpc {
+    async fn ingest(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
+        let span = call_span(&request, "Ingest");
+        let result = self.ingest_one(request).instrument(span.clone()).await;
+        finish_call(&span, result.as_ref().map(|_| 1));
+        Ok(Response::new(result?))
+    }
+
+    async fn ingest_batch(
+        &self,
+        request: Request<IngestBatchRequest>,
+    ) -> Result<Response<IngestBatchResponse>, Status> {
+        let span = call_span(&request, "IngestBatch");
+        let result = self.ingest_many(request).instrument(span.clone()).await;
+        finish_call(
+            &span,
+            result.as_ref().map(|response| response.event_ids.len()),
+        );
+        Ok(Response::new(result?))
+    }
+
+    async fn ingest_stream(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<IngestBatchResponse>, Status> {
+        let span = call_span(&request, "IngestStream");
+        let result = self.ingest_streamed(request).instrument(span.clone()).await;
+        finish_call(
+            &span,
+            result.as_ref().map(|response| response.event_ids.len()),
+        );
+        Ok(Response::new(result?))
     }
 }

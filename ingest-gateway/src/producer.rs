@@ -4,17 +4,20 @@
 //! the protobuf-encoded `ChatEvent`. A produce succeeds only when the broker acknowledged the record with
 //! `acks=all` (idempotent producer, see `chatvault_core::kafka::producer_config`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chatvault_core::config::{GatewayConfig, KafkaConfig};
 use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::event::kafka_key;
 use chatvault_core::kafka::producer_config;
+use chatvault_core::metrics::{KeyValue, metrics};
+use chatvault_core::telemetry::propagation_headers;
 use chatvault_proto::v1::ChatEvent;
 use prost::Message;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tracing::Instrument;
 
 /// Kafka header naming the record's value schema, so foreign consumers know what they read.
 pub const SCHEMA_HEADER: &str = "chatvault-schema";
@@ -65,14 +68,25 @@ impl EventProducer {
     }
 
     /// Enqueues `event` without waiting: RESOURCE_EXHAUSTED when librdkafka's queue is full (the caller should
-    /// back off), INVALID_ARGUMENT when it is too large for Kafka.
-    pub fn enqueue(&self, event: &ChatEvent) -> Result<PendingDelivery> {
+    /// back off), INVALID_ARGUMENT when it is too large for Kafka. `trace` is the produce span's propagation
+    /// headers ([`ProduceSpan::headers`]), copied into the record so the archiver continues the trace.
+    pub fn enqueue(
+        &self,
+        event: &ChatEvent,
+        trace: &[(String, String)],
+    ) -> Result<PendingDelivery> {
         let key = kafka_key(&event.tenant_id, &event.conversation_id);
         let payload = event.encode_to_vec();
-        let headers = OwnedHeaders::new().insert(Header {
+        let mut headers = OwnedHeaders::new_with_capacity(1 + trace.len()).insert(Header {
             key: SCHEMA_HEADER,
             value: Some(SCHEMA_NAME),
         });
+        for (name, value) in trace {
+            headers = headers.insert(Header {
+                key: name.as_str(),
+                value: Some(value.as_str()),
+            });
+        }
         let record = FutureRecord::to(&self.topic)
             .key(&key)
             .payload(&payload)
@@ -83,19 +97,40 @@ impl EventProducer {
         }
     }
 
+    /// Starts the produce of one request's events (a span, and the clock of the produce latency).
+    pub fn start_produce(&self, events: usize) -> ProduceSpan {
+        let span = tracing::info_span!(
+            "kafka.produce",
+            otel.name = format!("{} publish", self.topic),
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "publish",
+            messaging.destination.name = %self.topic,
+            messaging.batch.message_count = events,
+            otel.status_code = tracing::field::Empty,
+        );
+        let headers = propagation_headers(&span);
+        ProduceSpan {
+            span,
+            headers,
+            started: Instant::now(),
+        }
+    }
+
     /// Enqueues `event` and waits for Kafka's acknowledgement.
     pub async fn produce(&self, event: &ChatEvent) -> Result<()> {
-        self.enqueue(event)?.acknowledged().await
+        self.produce_all(std::slice::from_ref(event)).await
     }
 
     /// Enqueues every event, then waits for all acknowledgements. When enqueueing fails part-way (queue full),
     /// what was queued is still awaited before the error returns: it may well be archived, and a retry of the
     /// whole request collapses onto it through the event ids.
     pub async fn produce_all(&self, events: &[ChatEvent]) -> Result<()> {
+        let produce = self.start_produce(events.len());
         let mut pending = Vec::with_capacity(events.len());
         let mut enqueue_error = None;
         for event in events {
-            match self.enqueue(event) {
+            match self.enqueue(event, &produce.headers) {
                 Ok(delivery) => pending.push(delivery),
                 Err(error) => {
                     enqueue_error = Some(error);
@@ -103,11 +138,14 @@ impl EventProducer {
                 }
             }
         }
-        let acknowledged = await_all(pending).await;
-        match enqueue_error {
+        let span = produce.span.clone();
+        let acknowledged = await_all(pending).instrument(span).await;
+        let result = match enqueue_error {
             Some(error) => Err(error),
             None => acknowledged,
-        }
+        };
+        produce.finish(&result);
+        result
     }
 
     /// Waits up to `timeout` for every queued event to be acknowledged (at shutdown).
@@ -115,6 +153,31 @@ impl EventProducer {
         self.producer
             .flush(timeout)
             .map_err(|error| map_kafka_error(&error))
+    }
+}
+
+/// One request's produce: its span (whose context travels in the records' headers) and its start time.
+pub struct ProduceSpan {
+    pub span: tracing::Span,
+    /// Propagation headers of `span`; empty when traces are off.
+    pub headers: Vec<(String, String)>,
+    started: Instant,
+}
+
+impl ProduceSpan {
+    /// Records the produce latency and outcome, and ends the span.
+    pub fn finish<T>(self, result: &Result<T>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        metrics().produce_duration.record(
+            self.started.elapsed().as_secs_f64(),
+            &[KeyValue::new("outcome", outcome)],
+        );
+        if result.is_err() {
+            self.span.record("otel.status_code", "ERROR");
+        }
     }
 }
 

@@ -1,16 +1,22 @@
 //! The gateway's gRPC server: IngestService, `grpc.health.v1` and server reflection, with graceful shutdown.
 //!
-//! Shutdown order: health flips to NOT_SERVING, the server stops accepting and drains in-flight calls (each
-//! waits for its Kafka acknowledgements), then the producer is flushed.
+//! Shutdown order ([`run`]): health flips to NOT_SERVING (the IngestService and the server, `""`), both
+//! listeners keep serving for `gateway.shutdown_delay_ms` so load balancers and health-checking clients move
+//! away, then they stop accepting and drain in-flight calls and webhooks (each waits for its Kafka
+//! acknowledgements) for up to `gateway.drain_timeout_ms`, then the producer is flushed. A call abandoned at the
+//! drain deadline never got its OK, so the sender retries it: nothing acknowledged is lost.
 
 use std::time::Duration;
 
 use chatvault_core::error::{Error, Result};
-use chatvault_core::shutdown::Shutdown;
+use chatvault_core::shutdown::{self, Shutdown};
 use chatvault_proto::v1::FILE_DESCRIPTOR_SET;
 use chatvault_proto::v1::ingest_service_server::IngestServiceServer;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::grpc::IngestGrpc;
 use crate::producer::EventProducer;
@@ -18,6 +24,11 @@ use crate::producer::EventProducer;
 /// Largest accepted gRPC message: a batch call of `max_batch_events` events must fit.
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// How long the producer may take, after the drain, to deliver what abandoned calls left queued.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The gRPC server alone, without a delay between NOT_SERVING and refusing new calls (benchmarks; the gateway
+/// is [`run`]): serves until `shutdown`, drains for up to `drain_timeout`, flushes the producer.
 pub async fn serve(
     listener: TcpListener,
     service: IngestGrpc,
@@ -29,51 +40,103 @@ pub async fn serve(
     health_reporter
         .set_serving::<IngestServiceServer<IngestGrpc>>()
         .await;
+    let (stop_accepting, sequence) =
+        not_serving_then_stop(shutdown, health_reporter, Duration::ZERO);
+    let served = serve_grpc(
+        listener,
+        service,
+        health_service,
+        stop_accepting,
+        drain_timeout,
+    )
+    .await;
+    sequence.abort();
+    flush(&producer).await;
+    served
+}
+
+/// At `shutdown`: reports NOT_SERVING, waits `delay`, then fires the returned signal, on which the listeners
+/// stop accepting.
+fn not_serving_then_stop(
+    shutdown: Shutdown,
+    health_reporter: HealthReporter,
+    delay: Duration,
+) -> (Shutdown, JoinHandle<()>) {
+    let (trigger, stop_accepting) = shutdown::channel();
+    let sequence = tokio::spawn(async move {
+        shutdown.wait().await;
+        health_reporter
+            .set_not_serving::<IngestServiceServer<IngestGrpc>>()
+            .await;
+        health_reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "gateway shutting down: health reports NOT_SERVING; still serving for gateway.shutdown_delay_ms"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!("gateway stops accepting; draining in-flight calls");
+        trigger.trigger();
+    });
+    (stop_accepting, sequence)
+}
+
+/// Serves gRPC until `stop_accepting`, then lets in-flight calls finish for up to `drain_timeout`.
+async fn serve_grpc(
+    listener: TcpListener,
+    service: IngestGrpc,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    stop_accepting: Shutdown,
+    drain_timeout: Duration,
+) -> Result<()> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|error| Error::internal(format!("reflection: {error}")))?;
     let ingest =
         IngestServiceServer::new(service).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-
-    let stop = {
-        let shutdown = shutdown.clone();
-        let health_reporter = health_reporter.clone();
-        async move {
-            shutdown.wait().await;
-            health_reporter
-                .set_not_serving::<IngestServiceServer<IngestGrpc>>()
-                .await;
-            tracing::info!("gateway shutting down: draining in-flight calls");
-        }
-    };
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
-    let drained = async {
-        shutdown.clone().wait().await;
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stop_accepting.clone().wait(),
+        );
+    let deadline = async {
+        stop_accepting.wait().await;
         tokio::time::sleep(drain_timeout).await;
     };
     tokio::select! {
         result = server => result.map_err(|error| Error::internal(format!("gateway server: {error}")))?,
-        _ = drained => tracing::warn!("gateway drain deadline passed; abandoning in-flight calls"),
+        _ = deadline => tracing::warn!(
+            drain_timeout_ms = drain_timeout.as_millis() as u64,
+            "gateway drain deadline passed; abandoning in-flight gRPC calls (their senders got no OK)"
+        ),
     }
-    let flush_producer = producer.clone();
-    let flushed = tokio::task::spawn_blocking(move || flush_producer.flush(Duration::from_secs(5)))
-        .await
-        .map_err(|error| Error::internal(format!("flush task: {error}")))?;
-    if let Err(error) = flushed {
-        // Every call that got OK was acknowledged already; what remains queued belongs to calls that failed.
-        tracing::warn!(%error, "events still queued at shutdown were not acknowledged");
-    }
-    tracing::info!("gateway stopped");
     Ok(())
 }
 
+/// Waits for the producer's queue to empty. Every call that got OK was acknowledged already; what remains
+/// belongs to calls that failed or were abandoned.
+async fn flush(producer: &EventProducer) {
+    let producer = producer.clone();
+    match tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "events still queued at shutdown were not acknowledged")
+        }
+        Err(error) => tracing::warn!(%error, "flushing the producer failed"),
+    }
+}
+
 /// The whole gateway from its configuration: gRPC on `grpc_listener`, webhooks and `/healthz` on
-/// `http_listener`, one producer and one shutdown for both.
+/// `http_listener`, one producer and one shutdown sequence for both (see the module documentation).
 pub async fn run(
     config: &chatvault_core::config::Config,
     grpc_listener: TcpListener,
@@ -100,9 +163,28 @@ pub async fn run(
         config.authenticator()?,
         config.gateway.clone(),
     );
-    let grpc = serve(grpc_listener, service, producer, shutdown.clone(), drain);
-    let http = crate::webhooks::server::serve_http(http_listener, webhooks, shutdown, drain);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<IngestServiceServer<IngestGrpc>>()
+        .await;
+    let (stop_accepting, sequence) = not_serving_then_stop(
+        shutdown,
+        health_reporter,
+        Duration::from_millis(config.gateway.shutdown_delay_ms),
+    );
+    let grpc = serve_grpc(
+        grpc_listener,
+        service,
+        health_service,
+        stop_accepting.clone(),
+        drain,
+    );
+    let http = crate::webhooks::server::serve_http(http_listener, webhooks, stop_accepting, drain);
     let (grpc, http) = tokio::join!(grpc, http);
+    sequence.abort();
+    // Both listeners are drained: nothing can enqueue any more.
+    flush(&producer).await;
+    tracing::info!("gateway stopped");
     grpc?;
     http
 }

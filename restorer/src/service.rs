@@ -7,10 +7,13 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::event::is_valid_tenant_id;
+use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::shutdown::Shutdown;
+use chatvault_core::telemetry::continue_remote_trace;
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::restore_service_server::{RestoreService, RestoreServiceServer};
 use chatvault_proto::v1::{
@@ -21,6 +24,7 @@ use futures::Stream;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::reader::Restorer;
 use crate::rehydrate::restore_items;
@@ -262,13 +266,16 @@ impl RestoreService for RestoreApi {
     ) -> Result<Response<Self::GetConversationStream>, Status> {
         let remote_addr = request.remote_addr();
         let mut principal = None;
+        let call = CallTelemetry::start(&request, "GetConversation");
         let result = self
             .get_conversation_items(
                 authorization_of(&request),
                 request.get_ref(),
                 &mut principal,
             )
+            .instrument(call.span.clone())
             .await;
+        call.finish(&result);
         let body = request.get_ref();
         self.recorder.record(&AccessRecord {
             method: "GetConversation",
@@ -292,13 +299,16 @@ impl RestoreService for RestoreApi {
     ) -> Result<Response<ListConversationsResponse>, Status> {
         let remote_addr = request.remote_addr();
         let mut principal = None;
+        let call = CallTelemetry::start(&request, "ListConversations");
         let result = self
             .list_conversations_response(
                 authorization_of(&request),
                 request.get_ref(),
                 &mut principal,
             )
+            .instrument(call.span.clone())
             .await;
+        call.finish(&result);
         self.recorder.record(&AccessRecord {
             method: "ListConversations",
             principal,
@@ -311,6 +321,58 @@ impl RestoreService for RestoreApi {
             outcome: outcome(&result, |response| response.conversations.len() as u64),
         });
         Ok(Response::new(result?))
+    }
+}
+
+/// A restorer call's span (continuing the caller's trace) and the clock of `chatvault.restorer.request.duration`.
+struct CallTelemetry {
+    span: tracing::Span,
+    method: &'static str,
+    started: Instant,
+}
+
+impl CallTelemetry {
+    fn start<T>(request: &Request<T>, method: &'static str) -> CallTelemetry {
+        let span = tracing::info_span!(
+            "restore",
+            otel.name = format!("chatvault.v1.RestoreService/{method}"),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "chatvault.v1.RestoreService",
+            rpc.method = method,
+            otel.status_code = tracing::field::Empty,
+            error.code = tracing::field::Empty,
+        );
+        continue_remote_trace(&span, |name| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string)
+        });
+        CallTelemetry {
+            span,
+            method,
+            started: Instant::now(),
+        }
+    }
+
+    fn finish<T>(self, result: &Result<T>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(error) => {
+                self.span.record("otel.status_code", "ERROR");
+                self.span.record("error.code", error.code().as_str());
+                error.code().as_str()
+            }
+        };
+        metrics().restore_duration.record(
+            self.started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("method", self.method),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
     }
 }
 
@@ -327,14 +389,32 @@ fn outcome<T>(result: &Result<T>, count: impl FnOnce(&T) -> u64) -> AccessOutcom
 }
 
 /// Serves the RestoreService, gRPC health (`grpc.health.v1`, the RestoreService reported SERVING until shutdown
-/// begins) and server reflection (v1) on `listener` until `shutdown`, then drains in-flight calls.
+/// begins) and server reflection (v1) on `listener` until `shutdown`, then drains in-flight calls for up to
+/// `drain_timeout` and cuts off the ones still running (a restore is a read: the caller can retry it).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     restorer: Arc<Restorer>,
     authenticator: Authenticator,
     shutdown: Shutdown,
+    drain_timeout: std::time::Duration,
 ) -> Result<()> {
-    serve_api(listener, RestoreApi::new(restorer, authenticator), shutdown).await
+    let deadline = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.wait().await;
+            tokio::time::sleep(drain_timeout).await;
+        }
+    };
+    tokio::select! {
+        result = serve_api(listener, RestoreApi::new(restorer, authenticator), shutdown) => result,
+        _ = deadline => {
+            tracing::warn!(
+                drain_timeout_ms = drain_timeout.as_millis() as u64,
+                "restorer drain deadline passed; cutting off in-flight calls"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// [`serve`] with a configured [`RestoreApi`] (access recorder, concurrency limit).

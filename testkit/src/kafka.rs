@@ -59,3 +59,29 @@ pub fn high_watermarks(brokers: &str, topic: &str) -> anyhow::Result<Vec<(i32, i
     out.sort_unstable();
     Ok(out)
 }
+
+/// `(partition, committed offset)` of `group` for every partition of `topic`; `None` where the group committed
+/// nothing. Reads the group's offsets without joining it.
+pub fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<Vec<(i32, Option<i64>)>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()?;
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for (partition, _) in high_watermarks(brokers, topic)? {
+        partitions.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(partitions, Duration::from_secs(10))?;
+    let mut out: Vec<(i32, Option<i64>)> = committed
+        .elements()
+        .iter()
+        .map(|element| (element.partition(), element.offset().to_raw()))
+        .map(|(partition, raw)| (partition, raw.filter(|offset| *offset >= 0)))
+        .collect();
+    out.sort_unstable();
+    Ok(out)
+}

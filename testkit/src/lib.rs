@@ -1,10 +1,18 @@
 //! Test infrastructure over real protocol peers, shared by the end-to-end tests in `cli/tests/`:
 //! - [`s3`]: an S3 server (s3s-fs) on a loopback TCP port, started in-process;
+//! - [`archive`]: reading an archive back and checking it holds every record exactly once;
 //! - [`kafka`]: librdkafka's mock cluster (Kafka protocol over TCP) and topic inspection;
+//! - [`otlp`]: an OTLP/gRPC collector that keeps the spans and metric names it receives;
 //! - [`pipeline`]: configuration and the pipeline roles (gateway, archiver, restorer) on ephemeral ports;
+//! - [`process`]: the `chatvault` binary as child processes (configuration files, SIGTERM, exit timing);
+//! - [`proxy`]: a TCP proxy that freezes on demand, to make a real peer hang;
 //! - [`python`]: the virtualenv with DuckDB and pyarrow installed by `scripts/setup-test-deps.sh`.
 
+pub mod archive;
 pub mod kafka;
+pub mod otlp;
 pub mod pipeline;
+pub mod process;
+pub mod proxy;
 pub mod python;
 pub mod s3;

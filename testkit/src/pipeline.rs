@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatvault_archiver::writer::ArchiverStats;
-use chatvault_archiver::{Archiver, ArchiverOptions};
+use chatvault_archiver::{Archiver, ArchiverOptions, OnShutdown};
 use chatvault_core::auth::Role;
 use chatvault_core::config::{Config, StorageConfig, TenantConfig, TokenConfig};
 use chatvault_core::keys::DataKeys;
@@ -151,6 +151,7 @@ pub async fn start_archiver(
         kafka: config.kafka.clone(),
         config: config.archiver.clone(),
         writer_id: writer_id.to_string(),
+        on_shutdown: OnShutdown::StopConsuming,
     };
     let task_stats = stats.clone();
     let task = tokio::spawn(async move {
@@ -180,9 +181,10 @@ pub async fn start_restorer(config: &Config) -> anyhow::Result<RunningRole> {
         config.restorer.read_concurrency,
     ));
     let authenticator = config.authenticator()?;
+    let drain = Duration::from_millis(config.restorer.drain_timeout_ms);
     let (trigger, shutdown) = shutdown::channel();
     let task = tokio::spawn(async move {
-        chatvault_restorer::serve(listener, restorer, authenticator, shutdown).await?;
+        chatvault_restorer::serve(listener, restorer, authenticator, shutdown, drain).await?;
         Ok(())
     });
     Ok(RunningRole {

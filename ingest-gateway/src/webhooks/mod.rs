@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use chatvault_core::config::{WebhookConfig, WebhookPlatform};
 use chatvault_core::error::{Error, Result};
+use chatvault_core::metrics::{metrics, rejection_labels, source_label};
 use chatvault_proto::v1::ChatEvent;
 use http::HeaderMap;
 
@@ -115,19 +116,47 @@ pub trait PlatformHandler: Send + Sync {
     fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection>;
 }
 
-/// Counters of one integration: accepted events and rejected requests by reason.
-#[derive(Debug, Default)]
+/// Counters of one integration: accepted events, answered redeliveries and rejected requests by reason. Each
+/// count also goes to the process metrics (`chatvault_core::metrics`), labelled with the platform.
+#[derive(Debug)]
 pub struct IntegrationStats {
-    pub accepted_events: AtomicU64,
+    /// The platform, as the metrics' `source` label.
+    source: &'static str,
+    accepted_events: AtomicU64,
     pub duplicate_deliveries: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl IntegrationStats {
+    pub fn new(source: &'static str) -> IntegrationStats {
+        IntegrationStats {
+            source,
+            accepted_events: AtomicU64::new(0),
+            duplicate_deliveries: AtomicU64::new(0),
+            rejected: Mutex::default(),
+        }
+    }
+
     pub fn reject(&self, reason: &'static str) {
         if let Ok(mut rejected) = self.rejected.lock() {
             *rejected.entry(reason).or_default() += 1;
         }
+        metrics()
+            .requests_rejected
+            .add(1, &rejection_labels(self.source, reason));
+    }
+
+    pub fn accept(&self, events: usize) {
+        self.accepted_events
+            .fetch_add(events as u64, Ordering::Relaxed);
+        metrics()
+            .events_accepted
+            .add(events as u64, &source_label(self.source));
+    }
+
+    pub fn redelivered(&self) {
+        self.duplicate_deliveries.fetch_add(1, Ordering::Relaxed);
+        metrics().redeliveries.add(1, &source_label(self.source));
     }
 
     /// Rejected requests by reason (`signature`, `stale_timestamp`, `token`, `malformed`, `too_large`,
@@ -229,7 +258,7 @@ impl Integration {
             tenant: config.tenant.clone(),
             platform,
             handler,
-            stats: IntegrationStats::default(),
+            stats: IntegrationStats::new(platform.as_str()),
             recent: RecentDeliveries::new(100_000, Duration::from_secs(3600)),
         })
     }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use chatvault_core::error::{ErrorCode, Result};
 use chatvault_core::event::{EventLimits, validate_and_complete};
 use chatvault_core::shutdown::Shutdown;
+use chatvault_core::telemetry::continue_remote_trace;
 use chatvault_proto::v1::Source;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -16,6 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use super::{Integration, Rejection, WebhookRequest};
 use crate::producer::EventProducer;
@@ -88,7 +90,37 @@ impl WebhookService {
         response
     }
 
+    /// Answers one HTTP request inside a server span that continues the sender's trace, if it sent one.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if request.uri().path() == "/healthz" {
+            // Probes are not worth a trace each.
+            return self.route(request).await;
+        }
+        let span = tracing::info_span!(
+            "webhook",
+            otel.name = format!("{} /webhooks/{{integration}}", request.method()),
+            otel.kind = "server",
+            http.request.method = %request.method(),
+            http.route = "/webhooks/{integration}",
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        continue_remote_trace(&span, |name| {
+            request
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_string)
+        });
+        let response = self.route(request).instrument(span.clone()).await;
+        span.record("http.response.status_code", response.status().as_u16());
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+        response
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = request.uri().path().to_string();
         if request.method() == Method::GET && path == "/healthz" {
             return plain(StatusCode::OK, "ok");
@@ -161,10 +193,7 @@ impl WebhookService {
         if let Some(delivery) = &accepted.delivery_id
             && integration.recent.contains(delivery)
         {
-            integration
-                .stats
-                .duplicate_deliveries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            integration.stats.redelivered();
             return respond(&accepted.response);
         }
         let source = match integration.platform {
@@ -191,10 +220,7 @@ impl WebhookService {
         }
         match self.producer.produce_all(&events).await {
             Ok(()) => {
-                integration
-                    .stats
-                    .accepted_events
-                    .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                integration.stats.accept(events.len());
                 if let Some(delivery) = accepted.delivery_id {
                     integration.recent.insert(delivery);
                 }

@@ -1,0 +1,110 @@
+//! The operations endpoint every role serves on `telemetry.metrics_listen` (a port of its own, so that a
+//! NetworkPolicy and a ServiceMonitor can target it without exposing ingest or restore):
+//!
+//! - `GET /metrics`: Prometheus text format (names in `chatvault_core::metrics`).
+//! - `GET /healthz`: liveness, 200 while the process runs.
+//! - `GET /readyz`: readiness, 200 once the role has started and until shutdown begins, 503 otherwise. The
+//!   gateway and restorer also answer gRPC health, which turns NOT_SERVING at the same moment.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use chatvault_core::shutdown::Shutdown;
+use chatvault_core::telemetry::Telemetry;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+#[derive(Debug)]
+pub struct OpsState {
+    telemetry: Arc<Telemetry>,
+    ready: AtomicBool,
+}
+
+impl OpsState {
+    pub fn new(telemetry: Arc<Telemetry>) -> Arc<OpsState> {
+        Arc::new(OpsState {
+            telemetry,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let text = |status: StatusCode, content_type: &'static str, body: String| {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(content_type),
+            );
+            response
+        };
+        let plain = "text/plain; charset=utf-8";
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                plain,
+                "use GET\n".to_string(),
+            );
+        }
+        match request.uri().path() {
+            "/metrics" => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.telemetry.prometheus_text(),
+            ),
+            "/healthz" => text(StatusCode::OK, plain, "ok\n".to_string()),
+            "/readyz" if self.ready.load(Ordering::Acquire) => {
+                text(StatusCode::OK, plain, "ready\n".to_string())
+            }
+            "/readyz" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                plain,
+                "not ready (starting or shutting down)\n".to_string(),
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                plain,
+                "not found; this port serves /metrics, /healthz and /readyz\n".to_string(),
+            ),
+        }
+    }
+}
+
+/// Serves the operations endpoint until `shutdown`. Connections are short scrapes and probes, so open ones
+/// are simply dropped at shutdown.
+pub async fn serve(listener: TcpListener, state: Arc<OpsState>, shutdown: Shutdown) {
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics endpoint: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let response = state.respond(&request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
