@@ -227,6 +227,80 @@ pub struct StandaloneArgs {
 
 pub const STANDALONE_TENANT: &str = "demo";
 
+/// Key of the placeholder records [`continue_offsets_from_archive`] produces.
+const PLACEHOLDER_KEY: &str = "chatvault-standalone-placeholder";
+
+/// The mock cluster starts empty, at offset 0, but the archive on the data directory continues from earlier
+/// runs: an archiver resumes each partition at its manifest chain head and skips every record below it, so
+/// this run's first events would be silently skipped. Fills each partition with placeholder records (no value)
+/// up to its chain head first, so that this run's events get offsets the chain has not covered yet.
+async fn continue_offsets_from_archive(config: &Config, partitions: i32) -> anyhow::Result<()> {
+    let store = object_store_from_config(&config.storage)?;
+    let log = chatvault_core::archive::manifest::ManifestLog::new(store, &config.kafka.topic);
+    let mut heads = Vec::new();
+    for partition in 0..partitions {
+        let end_offset = log
+            .head(partition)
+            .await
+            .with_context(|| format!("reading the archive's chain head of partition {partition}"))?
+            .end_offset;
+        if end_offset > 0 {
+            heads.push((partition, end_offset));
+        }
+    }
+    if heads.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        ?heads,
+        "continuing Kafka offsets after the archive's chain heads"
+    );
+    let brokers = config.kafka.brokers.clone();
+    let topic = config.kafka.topic.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "20")
+            .create()
+            .context("creating the placeholder producer")?;
+        for &(partition, count) in &heads {
+            let mut sent = 0;
+            while sent < count {
+                let record = BaseRecord::<str, [u8]>::to(&topic)
+                    .partition(partition)
+                    .key(PLACEHOLDER_KEY);
+                match producer.send(record) {
+                    Ok(()) => sent += 1,
+                    Err((error, _))
+                        if error.rdkafka_error_code()
+                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                    {
+                        producer.poll(Duration::from_millis(10));
+                    }
+                    Err((error, _)) => return Err(error).context("producing placeholders"),
+                }
+            }
+        }
+        producer
+            .flush(Duration::from_secs(60))
+            .context("producing placeholders")?;
+        for &(partition, head) in &heads {
+            let (_, high) = producer
+                .client()
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
+            anyhow::ensure!(
+                high == head,
+                "partition {partition}: placeholders end at offset {high}, the archive's chain at {head}"
+            );
+        }
+        Ok(())
+    })
+    .await
+    .context("the placeholder task failed")?
+}
+
 fn random_token() -> anyhow::Result<String> {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 18];
@@ -302,6 +376,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             .context("creating the topic on the mock cluster")?;
         config.kafka.brokers = mock_cluster.bootstrap_servers();
         config.validate()?;
+        continue_offsets_from_archive(&config, args.partitions).await?;
 
         let gateway_listener = bind(&args.gateway_listen, "--gateway-listen").await?;
         let http_listener = bind(&args.http_listen, "--http-listen").await?;

@@ -294,18 +294,56 @@ async fn sigterm_to_gateway_and_archivers_during_ingest_loses_no_acknowledged_ev
 }
 
 /// `chatvault standalone`: one process, Kafka in it. SIGTERM during ingest must first stop the gateway, then
-/// archive the topic to its end, then exit 0.
+/// archive the topic to its end, then exit 0. A second run on the same data directory (a fresh Kafka whose
+/// offsets start at 0 again) keeps archiving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_to_standalone_during_ingest_archives_every_acknowledged_event()
 -> anyhow::Result<()> {
     let test_started = Instant::now();
     let dir = tempfile::tempdir()?;
     let data_dir = dir.path().join("data");
+    // Kafka died with the process: the archive alone must hold every acknowledged event, once.
+    let config = Config {
+        storage: StorageConfig {
+            url: format!("file://{}", data_dir.join("archive").display()),
+            ..Default::default()
+        },
+        keys: KeysConfig {
+            keyring_path: data_dir.join("keyring.json"),
+        },
+        ..Default::default()
+    };
+
+    let mut acknowledged = standalone_under_load(&data_dir, &[1, 2]).await?;
+    let report = verify_archive(&config, &[0, 1, 2]).await?;
+    report.ensure_each_once(&acknowledged)?;
+    eprintln!("archive after the first run: heads {:?}", report.heads);
+
+    let second_run = standalone_under_load(&data_dir, &[3]).await?;
+    acknowledged.extend(second_run);
+    let report = verify_archive(&config, &[0, 1, 2]).await?;
+    report.ensure_each_once(&acknowledged)?;
+    eprintln!(
+        "archive after the second run: heads {:?}; test took {:?}",
+        report.heads,
+        test_started.elapsed()
+    );
+    Ok(())
+}
+
+/// Runs `chatvault standalone` on `data_dir` with one ingest client per entry of `clients` (each sends distinct
+/// event ids), SIGTERMs it once it archived something, checks it exits 0 in time, and returns the
+/// acknowledged event ids.
+async fn standalone_under_load(
+    data_dir: &Path,
+    clients: &[u64],
+) -> anyhow::Result<BTreeSet<String>> {
     let gateway_address = free_address()?;
     let restorer_address = free_address()?;
     let http_address = free_address()?;
     let metrics_address = free_address()?;
     let data_dir_arg = data_dir.to_string_lossy().to_string();
+    let manifests_before = count_manifests(&data_dir.join("archive"));
     let mut standalone = ChildRole::spawn(
         "standalone",
         binary(),
@@ -331,16 +369,17 @@ async fn sigterm_to_standalone_during_ingest_archives_every_acknowledged_event()
         .trim()
         .to_string();
 
-    // Two clients, so that calls are in flight at any moment, the SIGTERM's included.
+    // Several clients, so that calls are in flight at any moment, the SIGTERM's included.
     let log = Arc::new(Mutex::new(IngestLog::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (1..=2)
+    let tasks: Vec<_> = clients
+        .iter()
         .map(|client| {
             spawn_ingest(
                 gateway_endpoint.clone(),
                 token.clone(),
                 vec!["demo".to_string()],
-                client,
+                *client,
                 log.clone(),
                 stop.clone(),
             )
@@ -348,7 +387,7 @@ async fn sigterm_to_standalone_during_ingest_archives_every_acknowledged_event()
         .collect();
     // Sustained ingest long enough for the archiver to join its group and commit under load.
     let archived_some = wait_until(SHUTDOWN_BOUND, || {
-        archive_has_manifests(&data_dir.join("archive"))
+        count_manifests(&data_dir.join("archive")) > manifests_before
     })
     .await;
     assert!(archived_some, "standalone archived nothing");
@@ -358,12 +397,12 @@ async fn sigterm_to_standalone_during_ingest_archives_every_acknowledged_event()
     let (status, took) = standalone.terminate_and_wait(SHUTDOWN_BOUND).await?;
     eprintln!("standalone: {status} {took:?} after SIGTERM");
     let noticed = wait_until(Duration::from_secs(10), || {
-        log.lock().expect("lock").failures_after(sigterm_at) >= 2
+        log.lock().expect("lock").failures_after(sigterm_at) >= clients.len()
     })
     .await;
     stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await??;
+    for task in tasks {
+        task.await??;
     }
     let log = std::mem::take(&mut *log.lock().expect("lock"));
     eprintln!(
@@ -379,46 +418,34 @@ async fn sigterm_to_standalone_during_ingest_archives_every_acknowledged_event()
         "the clients saw no failures after the standalone exited"
     );
     assert!(
-        log.acknowledged.len() >= 500,
+        log.acknowledged.len() >= 250 * clients.len(),
         "the workload was too small to mean anything"
     );
-
-    // Kafka died with the process: the archive alone must hold every acknowledged event, once.
-    let config = Config {
-        storage: StorageConfig {
-            url: format!("file://{}", data_dir.join("archive").display()),
-            ..Default::default()
-        },
-        keys: KeysConfig {
-            keyring_path: data_dir.join("keyring.json"),
-        },
-        ..Default::default()
-    };
-    let report = verify_archive(&config, &[0, 1, 2]).await?;
-    report.ensure_each_once(&log.acknowledged)?;
-    eprintln!(
-        "archive: heads {:?}; test took {:?}",
-        report.heads,
-        test_started.elapsed()
-    );
-    Ok(())
+    Ok(log.acknowledged)
 }
 
-/// Whether any manifest was committed under the standalone archive directory.
-fn archive_has_manifests(archive: &Path) -> bool {
-    fn any_manifest(dir: &Path) -> bool {
-        std::fs::read_dir(dir).is_ok_and(|entries| {
-            entries.flatten().any(|entry| {
-                let path: PathBuf = entry.path();
-                if path.is_dir() {
-                    path.file_name().is_some_and(|name| name != "pending") && any_manifest(&path)
-                } else {
-                    path.extension().is_some_and(|ext| ext == "json")
-                }
-            })
+/// How many manifests were committed under the standalone archive directory.
+fn count_manifests(archive: &Path) -> usize {
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries
+                .flatten()
+                .map(|entry| {
+                    let path: PathBuf = entry.path();
+                    if path.is_dir() {
+                        if path.file_name().is_some_and(|name| name == "pending") {
+                            0
+                        } else {
+                            count(&path)
+                        }
+                    } else {
+                        usize::from(path.extension().is_some_and(|ext| ext == "json"))
+                    }
+                })
+                .sum()
         })
     }
-    any_manifest(&archive.join("manifests"))
+    count(&archive.join("manifests"))
 }
 
 /// The restorer: SIGTERM while two GetConversation streams are in flight, one read to its end and one whose

@@ -44,6 +44,8 @@ pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -
     config.archiver.session_timeout_ms = 6_000;
     config.archiver.group_id = "chatvault-archiver-test".into();
     config.gateway.delivery_timeout_ms = 10_000;
+    // No load balancer to wait for: in-process gateways stop accepting as soon as they are stopped.
+    config.gateway.shutdown_delay_ms = 0;
     config.tenants = TENANTS
         .iter()
         .map(|tenant| {
