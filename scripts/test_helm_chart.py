@@ -782,6 +782,9 @@ def main() -> int:
         "an archiver grace period shorter than its shutdown": (
             with_distributed(archiver={"terminationGracePeriodSeconds": 30}),
             ["archiver.terminationGracePeriodSeconds", "shutdown_timeout_ms"]),
+        "a standalone grace period shorter than its roles' deadlines in sequence": (
+            {"standalone": {"terminationGracePeriodSeconds": 60}},
+            ["standalone.terminationGracePeriodSeconds", "in sequence"]),
         "a restorer grace period shorter than its drain": (
             with_distributed(restorer={"terminationGracePeriodSeconds": 20}),
             ["restorer.terminationGracePeriodSeconds", "drain_timeout_ms"]),

@@ -144,7 +144,12 @@ pub struct OtlpCollector {
 
 impl OtlpCollector {
     pub async fn start() -> anyhow::Result<OtlpCollector> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at("127.0.0.1:0").await
+    }
+
+    /// Starts on `address` (`host:port`), for a process that was told the endpoint before it started.
+    pub async fn start_at(address: &str) -> anyhow::Result<OtlpCollector> {
+        let listener = TcpListener::bind(address).await?;
         let endpoint = format!("http://{}", listener.local_addr()?);
         let collector = Collector::default();
         let server = tonic::transport::Server::builder()

@@ -333,6 +333,12 @@ arrive as float64), booleans as is. */}}
 {{- fail (printf "metrics.port (%d) is also %s: the metrics listener needs a port of its own" $metricsPort $setting) -}}
 {{- end -}}
 {{- end -}}
+{{- if not (include "chatvault.distributed" .) -}}
+{{- /* The standalone pod runs on the binary's defaults and stops its roles in order: the gateway drains
+(2 + 20 s), the archiver archives the rest of the in-process topic and leaves the group (30 + 10 s), then the
+restorer drains (20 s). */ -}}
+{{- include "chatvault.validateGrace" (list "standalone" (dict "terminationGracePeriodSeconds" .Values.standalone.terminationGracePeriodSeconds "preStopSleepSeconds" 0) 82000 "the gateway's, archiver's and restorer's default shutdown deadlines in sequence") -}}
+{{- end -}}
 {{- if include "chatvault.distributed" . -}}
 {{- $v := .Values -}}
 {{- if not (or $v.gateway.enabled $v.archiver.enabled $v.restorer.enabled) -}}
