@@ -90,12 +90,17 @@ impl ClientContext for ArchiverContext {
     /// high watermark) minus the manifest chain head's end offset. Kafka's committed offset is only a hint
     /// here, so it is not used.
     fn stats(&self, statistics: rdkafka::Statistics) {
-        let heads: Vec<(i32, i64)> = self
-            .partitions
-            .lock()
-            .iter()
-            .map(|(partition, state)| (*partition, state.head.end_offset))
-            .collect();
+        let (heads, halted): (Vec<(i32, i64)>, usize) = {
+            let partitions = self.partitions.lock();
+            (
+                partitions
+                    .iter()
+                    .map(|(partition, state)| (*partition, state.head.end_offset))
+                    .collect(),
+                partitions.values().filter(|state| state.halted).count(),
+            )
+        };
+        metrics().set_halted_partitions(halted);
         let mut lag = std::collections::BTreeMap::new();
         for topic in statistics.topics.values() {
             for (partition, head_end) in &heads {
@@ -206,6 +211,7 @@ impl ConsumerContext for ArchiverContext {
                             ),
                             head,
                             resync_to: None,
+                            halted: false,
                         },
                     );
                 }
@@ -676,6 +682,31 @@ impl Poller {
         self.send(sealed);
     }
 
+    /// Pauses a partition whose Kafka offsets fell behind the archive (see [`Poller::accept`]) and says so.
+    fn halt(&self, partition: i32, offset: i64) {
+        let head_end = self
+            .partitions
+            .lock()
+            .get(&partition)
+            .map(|state| state.head.end_offset)
+            .unwrap_or_default();
+        tracing::error!(
+            partition,
+            kafka_offset = offset,
+            archived_up_to = head_end,
+            "Kafka offsets are behind the archive: the topic was recreated or a broker lost records. This \
+             partition is halted (not consumed; its records stay in Kafka) because archiving would skip them \
+             as already archived. Produce to a new topic name (kafka.topic) or investigate the cluster; a \
+             restart re-checks."
+        );
+        self.stats.halted_partitions.fetch_add(1, Ordering::Relaxed);
+        let mut paused = TopicPartitionList::new();
+        paused.add_partition(&self.topic, partition);
+        if let Err(error) = self.consumer.pause(&paused) {
+            tracing::warn!(partition, %error, "pausing the halted partition failed; its records are skipped");
+        }
+    }
+
     fn accept(&self, message: &BorrowedMessage<'_>) {
         let partition = message.partition();
         let offset = message.offset();
@@ -683,8 +714,21 @@ impl Poller {
         let Some(state) = partitions.get_mut(&partition) else {
             return; // prefetched before a revoke
         };
-        if state.resync_to.is_some() || offset < state.open.end_offset {
-            return; // already committed, or waiting for a seek
+        if state.resync_to.is_some() || state.halted {
+            return; // waiting for a seek, or halted
+        }
+        if offset < state.head.end_offset {
+            // Kafka delivers an offset the committed chain already covers: the consumer's position was
+            // reset below the chain's end, which only happens when the partition now ends before it (the
+            // topic was deleted and recreated, or a broker lost acknowledged records). Every new record would
+            // be skipped as archived, so stop consuming the partition instead: its records stay in Kafka.
+            state.halted = true;
+            drop(partitions);
+            self.halt(partition, offset);
+            return;
+        }
+        if offset < state.open.end_offset {
+            return; // already in the open batch
         }
         if state.open.traces.len() < MAX_TRACED_RECORDS
             && let Some(traceparent) = traceparent_header(message)

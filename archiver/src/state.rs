@@ -21,6 +21,9 @@ pub struct PartitionState {
     pub open: OpenBatch,
     /// Set by the writer after a commit conflict: the poll thread must seek here and restart the open batch.
     pub resync_to: Option<ChainHead>,
+    /// Kafka's offsets fell behind the committed chain (a recreated topic, or records lost by the cluster):
+    /// the partition is paused and nothing of it is archived until a restart finds Kafka consistent again.
+    pub halted: bool,
 }
 
 #[derive(Debug, Default, Clone)]

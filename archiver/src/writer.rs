@@ -47,6 +47,8 @@ pub struct ArchiverStats {
     pub committed_files: AtomicU64,
     pub committed_bytes: AtomicU64,
     pub fenced_batches: AtomicU64,
+    /// Partitions halted because Kafka's offsets fell behind the archive.
+    pub halted_partitions: AtomicU64,
     /// When the first record was consumed (microseconds since the epoch; 0 before), so throughput can be
     /// measured without the consumer-group join.
     pub first_record_micros: std::sync::atomic::AtomicI64,

@@ -8,6 +8,7 @@
 //! is appended (`_seconds`, `_bytes`) and counters end in `_total`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use opentelemetry::KeyValue;
@@ -70,6 +71,9 @@ pub struct Metrics {
     /// Source of `chatvault.archiver.consumer.lag` {partition}: records of each partition this process owns
     /// that are not yet durably archived (an observable gauge reads it).
     consumer_lag: Arc<Mutex<BTreeMap<i32, i64>>>,
+    /// Source of `chatvault.archiver.partitions.halted`: owned partitions not consumed because Kafka's
+    /// offsets fell behind the archive (a recreated topic, or records lost by the cluster).
+    halted_partitions: Arc<AtomicU64>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -102,6 +106,15 @@ impl Metrics {
                     observer.observe(*records, &[KeyValue::new("partition", *partition as i64)]);
                 }
             })
+            .build();
+        let halted_partitions = Arc::new(AtomicU64::new(0));
+        let observed = halted_partitions.clone();
+        meter
+            .u64_observable_gauge("chatvault.archiver.partitions.halted")
+            .with_description(
+                "Owned partitions not consumed because Kafka's offsets fell behind the archive",
+            )
+            .with_callback(move |observer| observer.observe(observed.load(Ordering::Relaxed), &[]))
             .build();
         Metrics {
             events_accepted: meter
@@ -160,7 +173,13 @@ impl Metrics {
                 "Restorer calls, from the request until the response is ready (conversation rehydrated)",
             ),
             consumer_lag,
+            halted_partitions,
         }
+    }
+
+    pub fn set_halted_partitions(&self, count: usize) {
+        self.halted_partitions
+            .store(count as u64, Ordering::Relaxed);
     }
 
     /// Replaces the lag of the partitions this process owns (partition → records); partitions no longer
