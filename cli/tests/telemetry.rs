@@ -20,7 +20,7 @@ const CALLER_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// The Prometheus names `docs/OPERATIONS.md` documents, each expected once the pipeline has done a round trip.
-const PROMETHEUS_NAMES: [&str; 12] = [
+const PROMETHEUS_NAMES: [&str; 13] = [
     "chatvault_ingest_events_accepted_total",
     "chatvault_ingest_requests_rejected_total",
     "chatvault_gateway_produce_duration_seconds_bucket",
@@ -30,6 +30,7 @@ const PROMETHEUS_NAMES: [&str; 12] = [
     "chatvault_archiver_upload_duration_seconds_bucket",
     "chatvault_archiver_commit_duration_seconds_bucket",
     "chatvault_archiver_consumer_lag",
+    "chatvault_archiver_partitions_halted",
     "chatvault_keys_provider_duration_seconds_bucket",
     "chatvault_restorer_request_duration_seconds_bucket",
     "target_info",
