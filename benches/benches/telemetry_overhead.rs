@@ -170,9 +170,7 @@ fn main() -> anyhow::Result<()> {
                 .env_remove("OTEL_SDK_DISABLED")
                 .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
             if *mode == "traces" {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                    .local_addr()?
-                    .port();
+                let port = chatvault_testkit::process::free_port()?;
                 let address = format!("127.0.0.1:{port}");
                 command
                     .env(COLLECTOR_VARIABLE, &address)

@@ -4,7 +4,6 @@
 //! an unreachable collector that changes nothing.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener as StdListener;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use chatvault_proto::v1::{
 };
 use chatvault_testkit::otlp::{OtlpCollector, ReceivedSpan};
 use chatvault_testkit::pipeline::{authorized, ingest_client, restore_client};
+use chatvault_testkit::process::free_port;
 
 /// The trace the test's "caller" starts; the gateway must continue it.
 const CALLER_TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -36,13 +36,6 @@ const PROMETHEUS_NAMES: [&str; 13] = [
     "target_info",
 ];
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
-
 struct Standalone {
     child: Child,
     gateway: String,
@@ -55,7 +48,7 @@ impl Standalone {
     async fn start(data_dir: &Path, otel_env: &[(&str, &str)]) -> anyhow::Result<Standalone> {
         chatvault_core::storage::install_crypto_provider();
         let [gateway, restorer, http, metrics] =
-            [free_port(), free_port(), free_port(), free_port()];
+            [free_port()?, free_port()?, free_port()?, free_port()?];
         let mut command = Command::new(env!("CARGO_BIN_EXE_chatvault"));
         command
             .arg("standalone")
@@ -407,7 +400,7 @@ async fn an_unreachable_collector_and_a_disabled_sdk_change_nothing() -> anyhow:
     );
 
     // A collector that is not there: ingest, archive and restore work, and the process exits 0.
-    let closed_port = free_port();
+    let closed_port = free_port()?;
     let data_dir = tempfile::tempdir()?;
     let unreachable = Standalone::start(
         data_dir.path(),

@@ -14,11 +14,39 @@ use tonic_health::pb::health_client::HealthClient;
 /// Log levels for child roles: shutdown steps are logged at info.
 pub const CHILD_LOG: &str = "warn,chatvault=info,chatvault_ingest_gateway=info,chatvault_archiver=info,chatvault_restorer=info";
 
-/// A free loopback port: bound, read and released (another process could take it in between; tests accept
-/// that rare race).
+/// A free loopback port for a child process to listen on.
+///
+/// Ports come from below Linux's ephemeral range (32768-60999): a port taken from inside it (by binding port 0)
+/// can be handed to some outgoing connection (a gRPC client, librdkafka) before the child binds it, which once
+/// failed CI with "Address already in use". Below the range only explicit binds compete: each candidate is
+/// checked by binding it, and no port is handed out twice by this process.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    // Start at a per-process offset so test binaries running one after another do not all probe the same ports.
+    let start = std::process::id().wrapping_mul(7_919) % COUNT;
+    for _ in 0..COUNT {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + step) % COUNT) as u16;
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return Ok(port);
+        }
+    }
+    anyhow::bail!(
+        "no free loopback port between {FIRST} and {}",
+        FIRST + COUNT
+    )
 }
 
 /// `127.0.0.1:<free port>`.
