@@ -7,83 +7,23 @@
 //! printed. `cargo bench -p chatvault-benches --bench telemetry_overhead`.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use chatvault_benches::{chat_message, machine, median};
-use chatvault_core::auth::Role;
-use chatvault_core::config::{Config, TenantConfig, TokenConfig};
-use chatvault_core::shutdown;
+use chatvault_benches::{BenchGateway, batch_run, machine, median, mock_cluster_config, unary_run};
 use chatvault_core::telemetry::Telemetry;
-use chatvault_core::time::now_micros;
-use chatvault_ingest_gateway::{EventProducer, IngestGrpc};
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
-use chatvault_proto::v1::{IngestBatchRequest, IngestRequest};
 use chatvault_testkit::otlp::OtlpCollector;
 use rdkafka::mocking::MockCluster;
-use tokio::net::TcpListener;
-use tonic::Request;
 use tonic::transport::Channel;
 
-const TOKEN: &str = "bench-token";
 const RUNS: usize = 3;
 const MODE_VARIABLE: &str = "CHATVAULT_BENCH_TELEMETRY_MODE";
 const COLLECTOR_VARIABLE: &str = "CHATVAULT_BENCH_COLLECTOR";
 const MODES: [&str; 3] = ["none", "metrics", "traces"];
 
-fn authorized<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {TOKEN}").parse().expect("ascii"),
-    );
-    request
-}
-
 /// Unary calls from 64 concurrent callers (the path with the most spans per event), then 1000-event batches.
 async fn load(client: &IngestServiceClient<Channel>) -> anyhow::Result<(f64, f64)> {
-    let now = now_micros();
-    let events = 20_000u64;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..64u64 {
-        let mut client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            for index in (worker..events).step_by(64) {
-                client
-                    .ingest(authorized(IngestRequest {
-                        event: Some(chat_message("acme", index, now)),
-                    }))
-                    .await?;
-            }
-            Ok::<(), anyhow::Error>(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    let unary = events as f64 / started.elapsed().as_secs_f64();
-
-    let (calls, batch) = (200u64, 1_000u64);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for worker in 0..4u64 {
-        let mut client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            for call in (worker..calls).step_by(4) {
-                let events = (0..batch)
-                    .map(|i| chat_message("acme", call * batch + i, now))
-                    .collect();
-                client
-                    .ingest_batch(authorized(IngestBatchRequest { events }))
-                    .await?;
-            }
-            Ok::<(), anyhow::Error>(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    let batched = (calls * batch) as f64 / started.elapsed().as_secs_f64();
+    let unary = unary_run(client, 20_000, 64).await?;
+    let batched = batch_run(client, 200, 1_000, 4).await?;
     Ok((unary, batched))
 }
 
@@ -93,21 +33,8 @@ fn child(mode: &str) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let cluster = MockCluster::new(1)?;
-    let mut config = Config::default();
-    config.kafka.brokers = cluster.bootstrap_servers();
-    config.kafka.topic = "bench-telemetry".into();
-    config.gateway.max_queued_events = 1_000_000;
+    let mut config = mock_cluster_config(&cluster, "bench-telemetry")?;
     config.telemetry.metrics_listen = String::new();
-    cluster.create_topic(&config.kafka.topic, 4, 1)?;
-    config.tenants = vec![TenantConfig {
-        id: "acme".into(),
-        tokens: vec![TokenConfig {
-            name: "bench".into(),
-            token: Some(TOKEN.into()),
-            roles: vec![Role::Ingest],
-            ..Default::default()
-        }],
-    }];
     runtime.block_on(async move {
         // The parent chose the collector's address and gave it to the exporter as OTEL_EXPORTER_OTLP_ENDPOINT.
         let collector = match std::env::var(COLLECTOR_VARIABLE) {
@@ -118,32 +45,13 @@ fn child(mode: &str) -> anyhow::Result<()> {
             "none" => None,
             _ => Some(Telemetry::install("chatvault-bench", &config.telemetry)?),
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        let producer = EventProducer::new(&config.kafka, &config.gateway)?;
-        let service = IngestGrpc::new(
-            producer.clone(),
-            config.authenticator()?,
-            config.gateway.clone(),
-        );
-        let (trigger, shutdown_signal) = shutdown::channel();
-        let server = tokio::spawn(chatvault_ingest_gateway::serve(
-            listener,
-            service,
-            producer,
-            shutdown_signal,
-            Duration::from_secs(5),
-        ));
-        let channel = Channel::from_shared(format!("http://{address}"))?
-            .connect()
-            .await?;
-        let client = IngestServiceClient::new(channel).max_encoding_message_size(64 << 20);
+        let gateway = BenchGateway::start(&config).await?;
+        let client = gateway.client.clone();
         // Warm-up.
         load(&client).await?;
         let (unary, batched) = load(&client).await?;
         println!("RESULT {unary:.0} {batched:.0}");
-        trigger.trigger();
-        server.await??;
+        gateway.stop().await?;
         if let Some(telemetry) = telemetry {
             telemetry.shutdown();
         }

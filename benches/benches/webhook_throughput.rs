@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatvault_benches::{machine, median};
-use chatvault_core::config::{Config, WebhookConfig, WebhookPlatform};
+use chatvault_benches::{machine, median, mock_cluster_config};
+use chatvault_core::config::{WebhookConfig, WebhookPlatform};
 use chatvault_core::shutdown;
 use chatvault_core::time::now_micros;
 use chatvault_ingest_gateway::EventProducer;
@@ -49,11 +49,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let cluster = MockCluster::new(1)?;
-    let mut config = Config::default();
-    config.kafka.brokers = cluster.bootstrap_servers();
-    config.kafka.topic = "bench-webhooks".into();
-    config.gateway.max_queued_events = 1_000_000;
-    cluster.create_topic(&config.kafka.topic, 4, 1)?;
+    let config = mock_cluster_config(&cluster, "bench-webhooks")?;
     let webhook = WebhookConfig {
         name: "slack".into(),
         platform: Some(WebhookPlatform::Slack),

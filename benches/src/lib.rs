@@ -1,6 +1,13 @@
-//! Shared pieces of the benchmarks: chat events of realistic size and process CPU time.
+//! Shared pieces of the benchmarks: chat events of realistic size, process CPU time, and a gRPC gateway on
+//! librdkafka's mock cluster with the load generators that drive it.
 
-use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
+use std::time::{Duration, Instant};
+
+use chatvault_core::time::now_micros;
+use chatvault_ingest_gateway::{EventProducer, IngestGrpc};
+use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
+use chatvault_proto::v1::{ChatEvent, EventKind, IngestBatchRequest, IngestRequest, Sender};
+use tonic::transport::Channel;
 
 /// A ~500-byte chat message (encoded), as the performance anchors assume.
 pub fn chat_message(tenant: &str, index: u64, now_micros: i64) -> ChatEvent {
@@ -64,4 +71,142 @@ pub fn machine() -> String {
         .map(|n| n.get())
         .unwrap_or(0);
     format!("{cpu}, {cores} cores")
+}
+
+/// The bearer token of the benchmarks' ingest tenant `acme`.
+pub const INGEST_TOKEN: &str = "bench-token";
+
+/// Settings for a gateway on librdkafka's mock cluster: the topic (created with 4 partitions), a producer
+/// queue deep enough for the load, and tenant `acme` with [`INGEST_TOKEN`].
+pub fn mock_cluster_config(
+    cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+) -> anyhow::Result<chatvault_core::config::Config> {
+    use chatvault_core::auth::Role;
+    use chatvault_core::config::{Config, TenantConfig, TokenConfig};
+    cluster.create_topic(topic, 4, 1)?;
+    let mut config = Config::default();
+    config.kafka.brokers = cluster.bootstrap_servers();
+    config.kafka.topic = topic.into();
+    config.gateway.max_queued_events = 1_000_000;
+    config.tenants = vec![TenantConfig {
+        id: "acme".into(),
+        tokens: vec![TokenConfig {
+            name: "bench".into(),
+            token: Some(INGEST_TOKEN.into()),
+            roles: vec![Role::Ingest],
+            ..Default::default()
+        }],
+    }];
+    Ok(config)
+}
+
+/// `message` with the ingest tenant's bearer token.
+pub fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {INGEST_TOKEN}").parse().expect("ascii"),
+    );
+    request
+}
+
+/// The gRPC gateway (IngestService on an ephemeral loopback port) and a client of it.
+pub struct BenchGateway {
+    pub client: IngestServiceClient<Channel>,
+    trigger: chatvault_core::shutdown::ShutdownTrigger,
+    server: tokio::task::JoinHandle<chatvault_core::Result<()>>,
+}
+
+impl BenchGateway {
+    pub async fn start(config: &chatvault_core::config::Config) -> anyhow::Result<BenchGateway> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let producer = EventProducer::new(&config.kafka, &config.gateway)?;
+        let service = IngestGrpc::new(
+            producer.clone(),
+            config.authenticator()?,
+            config.gateway.clone(),
+        );
+        let (trigger, shutdown) = chatvault_core::shutdown::channel();
+        let server = tokio::spawn(chatvault_ingest_gateway::serve(
+            listener,
+            service,
+            producer,
+            shutdown,
+            Duration::from_secs(5),
+        ));
+        let channel = Channel::from_shared(format!("http://{address}"))?
+            .connect()
+            .await?;
+        Ok(BenchGateway {
+            client: IngestServiceClient::new(channel).max_encoding_message_size(64 << 20),
+            trigger,
+            server,
+        })
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.trigger.trigger();
+        self.server.await??;
+        Ok(())
+    }
+}
+
+/// `calls` IngestBatch calls of `batch` events from `concurrency` callers; events/s.
+pub async fn batch_run(
+    client: &IngestServiceClient<Channel>,
+    calls: u64,
+    batch: u64,
+    concurrency: u64,
+) -> anyhow::Result<f64> {
+    let now = now_micros();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for call in (worker..calls).step_by(concurrency as usize) {
+                let events = (0..batch)
+                    .map(|i| chat_message("acme", call * batch + i, now))
+                    .collect();
+                client
+                    .ingest_batch(authorized(IngestBatchRequest { events }))
+                    .await?;
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok((calls * batch) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `events` unary Ingest calls from `concurrency` callers; events/s.
+pub async fn unary_run(
+    client: &IngestServiceClient<Channel>,
+    events: u64,
+    concurrency: u64,
+) -> anyhow::Result<f64> {
+    let now = now_micros();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for index in (worker..events).step_by(concurrency as usize) {
+                client
+                    .ingest(authorized(IngestRequest {
+                        event: Some(chat_message("acme", index, now)),
+                    }))
+                    .await?;
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
 }

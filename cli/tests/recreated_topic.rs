@@ -33,6 +33,14 @@ fn events(first: usize, count: usize) -> Vec<ChatEvent> {
         .collect()
 }
 
+async fn ingest(gateway: &str, events: Vec<ChatEvent>) -> anyhow::Result<()> {
+    ingest_client(gateway)
+        .await?
+        .ingest_batch(authorized(IngestBatchRequest { events }, INGEST_TOKEN))
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
 -> anyhow::Result<()> {
@@ -47,15 +55,7 @@ async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
         &keyring.path().join("keyring.json"),
     );
     let gateway = start_gateway(&config).await?;
-    ingest_client(&gateway.endpoint())
-        .await?
-        .ingest_batch(authorized(
-            IngestBatchRequest {
-                events: events(0, 50),
-            },
-            INGEST_TOKEN,
-        ))
-        .await?;
+    ingest(&gateway.endpoint(), events(0, 50)).await?;
     let (archiver, stats) = start_archiver(&config, "first").await?;
     assert!(
         wait_until(Duration::from_secs(30), || stats
@@ -79,15 +79,7 @@ async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
         &keyring.path().join("keyring.json"),
     );
     let gateway = start_gateway(&config).await?;
-    ingest_client(&gateway.endpoint())
-        .await?
-        .ingest_batch(authorized(
-            IngestBatchRequest {
-                events: events(50, 20),
-            },
-            INGEST_TOKEN,
-        ))
-        .await?;
+    ingest(&gateway.endpoint(), events(50, 20)).await?;
     let (archiver, stats) = start_archiver(&config, "second").await?;
     assert!(
         wait_until(Duration::from_secs(30), || stats
@@ -98,15 +90,7 @@ async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
         "the partition was not halted"
     );
     // More records, now past the chain's end: archiving them would hide the loss of the first 20 for good.
-    ingest_client(&gateway.endpoint())
-        .await?
-        .ingest_batch(authorized(
-            IngestBatchRequest {
-                events: events(70, 40),
-            },
-            INGEST_TOKEN,
-        ))
-        .await?;
+    ingest(&gateway.endpoint(), events(70, 40)).await?;
     // Nothing is committed (the partition is paused), and every record is still in Kafka.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(stats.committed_records.load(Ordering::Relaxed), 0);

@@ -253,53 +253,79 @@ impl Telemetry {
     }
 }
 
-/// Header names the propagators read and write (W3C trace context and baggage).
-const PROPAGATION_FIELDS: [&str; 3] = ["traceparent", "tracestate", "baggage"];
+/// Reads propagation headers (`traceparent`, `tracestate`, `baggage`) from HTTP headers or gRPC metadata.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
-/// Propagation header values read from a carrier (gRPC metadata, HTTP headers, Kafka record headers).
-struct Fields(Vec<(&'static str, String)>);
-
-impl Extractor for Fields {
+impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(name, _)| *name == key)
-            .map(|(_, value)| value.as_str())
+        self.0.get(key).and_then(|value| value.to_str().ok())
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.iter().map(|(name, _)| *name).collect()
+        self.0.keys().map(|name| name.as_str()).collect()
     }
 }
 
-/// The remote parent described by the propagation headers that `lookup` finds (by lower-case name).
-pub fn extract_context(lookup: impl Fn(&str) -> Option<String>) -> Context {
-    let fields = Fields(
-        PROPAGATION_FIELDS
-            .iter()
-            .filter_map(|name| lookup(name).map(|value| (*name, value)))
-            .collect(),
-    );
-    if fields.0.is_empty() {
-        return Context::new();
+/// A lone W3C `traceparent` value, as the archiver keeps it from a Kafka record's headers.
+struct TraceparentExtractor<'a>(&'a str);
+
+impl Extractor for TraceparentExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
     }
-    global::get_text_map_propagator(|propagator| propagator.extract(&fields))
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
 }
 
-/// Makes `span` a child of the remote parent in propagation headers (no-op when there is none).
-pub fn continue_remote_trace(span: &tracing::Span, lookup: impl Fn(&str) -> Option<String>) {
-    let parent = extract_context(lookup);
+fn extract_context(carrier: &dyn Extractor) -> Context {
+    global::get_text_map_propagator(|propagator| propagator.extract(carrier))
+}
+
+/// Makes `span` a child of the remote parent named by `headers` (HTTP headers, or gRPC metadata through
+/// `metadata.as_ref()`); no-op when they name none.
+pub fn continue_remote_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = extract_context(&HeaderExtractor(headers));
     if parent.has_active_span() {
         let _ = span.set_parent(parent);
     }
 }
 
+/// The server span of one gRPC call of `service` (for example `chatvault.v1.IngestService`), continuing the
+/// caller's trace. `events` may be recorded on it; [`record_span_error`] marks a failure.
+pub fn grpc_server_span(
+    service: &'static str,
+    method: &'static str,
+    metadata: &tonic::metadata::MetadataMap,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = format!("{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        events = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.code = tracing::field::Empty,
+    );
+    continue_remote_trace(&span, metadata.as_ref());
+    span
+}
+
+/// Marks `span` (one declaring `otel.status_code` and `error.code`) as failed with `code`.
+pub fn record_span_error(span: &tracing::Span, code: crate::ErrorCode) {
+    span.record("otel.status_code", "ERROR");
+    span.record("error.code", code.as_str());
+}
+
 /// For a span that processes records from many traces (an archive batch): continues the trace of the first
 /// `traceparent` and links to the others. Call before the span is first entered.
 pub fn continue_batch_traces(span: &tracing::Span, traceparents: &[String]) {
-    let mut contexts = traceparents.iter().map(|traceparent| {
-        extract_context(|name| (name == "traceparent").then(|| traceparent.clone()))
-    });
+    let mut contexts = traceparents
+        .iter()
+        .map(|traceparent| extract_context(&TraceparentExtractor(traceparent)));
     if let Some(first) = contexts.next()
         && first.has_active_span()
     {

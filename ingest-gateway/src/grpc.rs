@@ -13,7 +13,7 @@ use chatvault_core::config::GatewayConfig;
 use chatvault_core::error::{Error, Result};
 use chatvault_core::event::validate_and_complete;
 use chatvault_core::metrics::{metrics, rejection_labels, source_label};
-use chatvault_core::telemetry::continue_remote_trace;
+use chatvault_core::telemetry::{grpc_server_span, record_span_error};
 use chatvault_proto::v1::ingest_service_server::IngestService;
 use chatvault_proto::v1::{
     ChatEvent, IngestBatchRequest, IngestBatchResponse, IngestRequest, IngestResponse, Source,
@@ -77,28 +77,7 @@ impl IngestGrpc {
     }
 }
 
-/// The span of one IngestService call, continuing the caller's trace when it sent a `traceparent`.
-fn call_span<T>(request: &Request<T>, method: &'static str) -> tracing::Span {
-    let span = tracing::info_span!(
-        "ingest",
-        otel.name = format!("chatvault.v1.IngestService/{method}"),
-        otel.kind = "server",
-        rpc.system = "grpc",
-        rpc.service = "chatvault.v1.IngestService",
-        rpc.method = method,
-        events = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-        error.code = tracing::field::Empty,
-    );
-    continue_remote_trace(&span, |name| {
-        request
-            .metadata()
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_string)
-    });
-    span
-}
+const INGEST_SERVICE: &str = "chatvault.v1.IngestService";
 
 /// Records a call's outcome in its span and in the accepted/rejected counters.
 fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &Error>) {
@@ -110,8 +89,7 @@ fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &Error>)
                 .add(events as u64, &source_label("grpc"));
         }
         Err(error) => {
-            span.record("otel.status_code", "ERROR");
-            span.record("error.code", error.code().as_str());
+            record_span_error(span, error.code());
             metrics()
                 .requests_rejected
                 .add(1, &rejection_labels("grpc", error.code().as_str()));
@@ -199,7 +177,7 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
-        let span = call_span(&request, "Ingest");
+        let span = grpc_server_span(INGEST_SERVICE, "Ingest", request.metadata());
         let result = self.ingest_one(request).instrument(span.clone()).await;
         finish_call(&span, result.as_ref().map(|_| 1));
         Ok(Response::new(result?))
@@ -209,7 +187,7 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<IngestBatchRequest>,
     ) -> Result<Response<IngestBatchResponse>, Status> {
-        let span = call_span(&request, "IngestBatch");
+        let span = grpc_server_span(INGEST_SERVICE, "IngestBatch", request.metadata());
         let result = self.ingest_many(request).instrument(span.clone()).await;
         finish_call(
             &span,
@@ -222,7 +200,7 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestBatchResponse>, Status> {
-        let span = call_span(&request, "IngestStream");
+        let span = grpc_server_span(INGEST_SERVICE, "IngestStream", request.metadata());
         let result = self.ingest_streamed(request).instrument(span.clone()).await;
         finish_call(
             &span,

@@ -13,7 +13,7 @@ use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::event::is_valid_tenant_id;
 use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::shutdown::Shutdown;
-use chatvault_core::telemetry::continue_remote_trace;
+use chatvault_core::telemetry::{grpc_server_span, record_span_error};
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::restore_service_server::{RestoreService, RestoreServiceServer};
 use chatvault_proto::v1::{
@@ -333,23 +333,7 @@ struct CallTelemetry {
 
 impl CallTelemetry {
     fn start<T>(request: &Request<T>, method: &'static str) -> CallTelemetry {
-        let span = tracing::info_span!(
-            "restore",
-            otel.name = format!("chatvault.v1.RestoreService/{method}"),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = "chatvault.v1.RestoreService",
-            rpc.method = method,
-            otel.status_code = tracing::field::Empty,
-            error.code = tracing::field::Empty,
-        );
-        continue_remote_trace(&span, |name| {
-            request
-                .metadata()
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_string)
-        });
+        let span = grpc_server_span("chatvault.v1.RestoreService", method, request.metadata());
         CallTelemetry {
             span,
             method,
@@ -361,8 +345,7 @@ impl CallTelemetry {
         let outcome = match result {
             Ok(_) => "ok",
             Err(error) => {
-                self.span.record("otel.status_code", "ERROR");
-                self.span.record("error.code", error.code().as_str());
+                record_span_error(&self.span, error.code());
                 error.code().as_str()
             }
         };

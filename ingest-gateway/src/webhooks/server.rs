@@ -105,13 +105,7 @@ impl WebhookService {
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
-        continue_remote_trace(&span, |name| {
-            request
-                .headers()
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_string)
-        });
+        continue_remote_trace(&span, request.headers());
         let response = self.route(request).instrument(span.clone()).await;
         span.record("http.response.status_code", response.status().as_u16());
         if response.status().is_server_error() {
