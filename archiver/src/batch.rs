@@ -131,13 +131,21 @@ pub struct FileGroup<'a> {
     pub rows: Vec<&'a ArchivedEvent>,
 }
 
-/// Groups a batch's events by (tenant, UTC date of the event time), collapsing duplicates of the same event id
-/// within the batch (a retried send produced twice). Duplicates across batches are collapsed by readers.
+/// Groups a batch's events by (tenant, UTC date of the event time), collapsing copies of one event within the
+/// batch (a retried send produced twice). An event's identity is `(tenant_id, conversation_id, event_id)`:
+/// senders number events per conversation, so the same `event_id` in another conversation or tenant is another
+/// event. Copies across batches are collapsed by readers, under the same identity.
 pub fn group_into_files(events: &[ArchivedEvent]) -> Vec<FileGroup<'_>> {
     let mut groups: BTreeMap<(&str, Date), Vec<&ArchivedEvent>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::with_capacity(events.len());
     for archived in events {
-        if !seen.insert(archived.event.event_id.as_str()) {
+        let event = &archived.event;
+        let identity = (
+            event.tenant_id.as_str(),
+            event.conversation_id.as_str(),
+            event.event_id.as_str(),
+        );
+        if !seen.insert(identity) {
             continue;
         }
         let date = Date::from_micros(archived.event.occurred_at_micros);
@@ -203,6 +211,36 @@ mod tests {
                 ("a", "1970-01-03".to_string(), 1),
                 ("b", "1970-01-02".to_string(), 1)
             ]
+        );
+    }
+
+    #[test]
+    fn only_copies_of_one_identity_collapse() {
+        // Per-conversation sequence numbers: ids "1".."5" in 8 conversations of t1 and 1 of t2, all sent twice.
+        let mut batch = OpenBatch::new(0, 1, 0, 0);
+        let mut offset = 0;
+        for _copy in 0..2 {
+            for (tenant, conversations) in [("t1", 8), ("t2", 1)] {
+                for conversation in 0..conversations {
+                    for id in 1..=5 {
+                        let mut archived = event(tenant, &id.to_string(), 1, offset);
+                        archived.event.conversation_id = format!("c{conversation}");
+                        batch.push_event(archived, 10);
+                        offset += 1;
+                    }
+                }
+            }
+        }
+        let sealed = batch.seal();
+        let groups = group_into_files(&sealed.events);
+        let kept: usize = groups.iter().map(|group| group.rows.len()).sum();
+        assert_eq!(kept, 45, "one row per (tenant, conversation, event id)");
+        assert!(
+            groups
+                .iter()
+                .flat_map(|group| &group.rows)
+                .all(|row| row.kafka_offset < 45),
+            "the first copy is kept"
         );
     }
 }

@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chatvault_core::archive::ArchivedEvent;
+use chatvault_core::archive::chain::ChainWriter;
 use chatvault_core::archive::file::FileOptions;
-use chatvault_core::archive::manifest::{ChainHead, ManifestLog};
+use chatvault_core::archive::manifest::ChainHead;
 use chatvault_core::config::{ArchiverConfig, KafkaConfig};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::kafka::consumer_config;
@@ -76,7 +77,7 @@ pub enum OnShutdown {
 }
 
 pub(crate) struct ArchiverContext {
-    log: ManifestLog,
+    chain: ChainWriter,
     partitions: SharedPartitions,
     runtime: Handle,
     /// When reading chain heads stops being worth retrying: at shutdown, or at the shutdown deadline while
@@ -129,8 +130,8 @@ impl ArchiverContext {
         loop {
             let attempt = self.runtime.block_on(async {
                 let read = async {
-                    let head = self.log.head(partition).await?;
-                    let removed = self.log.clean_orphans(partition, &head).await?;
+                    let head = self.chain.reader().head(partition).await?;
+                    let removed = self.chain.clean_orphans(partition, &head).await?;
                     if removed > 0 {
                         tracing::info!(partition, removed, "removed orphan files");
                     }
@@ -283,7 +284,7 @@ impl Archiver {
     ) -> Result<()> {
         let topic = options.kafka.topic.clone();
         let partitions = SharedPartitions::default();
-        let log = ManifestLog::new(store.clone(), &topic);
+        let chain = ChainWriter::new(store.clone(), &topic);
         // `abandon` fires `shutdown_timeout_ms` after shutdown was requested: uploads and retries stop there.
         let (abandon_trigger, abandon) = shutdown::channel();
         let deadline = {
@@ -300,7 +301,7 @@ impl Archiver {
             })
         };
         let context = ArchiverContext {
-            log: log.clone(),
+            chain: chain.clone(),
             partitions: partitions.clone(),
             runtime: Handle::current(),
             give_up: match options.on_shutdown {
@@ -319,7 +320,7 @@ impl Archiver {
         let (sender, receiver) = mpsc::channel(options.config.max_pending_batches);
         let writer = Writer {
             store,
-            log,
+            chain,
             data_keys,
             partitions: partitions.clone(),
             consumer: consumer.clone(),
@@ -328,6 +329,8 @@ impl Archiver {
             file_options: FileOptions {
                 zstd_level: options.config.zstd_level,
                 row_group_rows: options.config.row_group_rows,
+                row_group_bytes: options.config.row_group_bytes,
+                ..FileOptions::default()
             },
             stats: stats.clone(),
             abandon: abandon.clone(),

@@ -3,20 +3,22 @@
 //! Per batch: fetch (or create) the data keys of its (tenant, month)s; encode one file per (tenant, date) on the
 //! blocking pool; record an upload intent; upload; create the manifest conditionally; store the Kafka offset.
 //! Transient storage failures are retried with backoff; a lost conditional create (another writer committed
-//! the sequence number) fences this batch: its files are deleted and the partition is re-synchronized.
+//! the sequence number) fences this batch and the partition is re-synchronized. A batch given up for any
+//! reason goes through [`ChainWriter::abandon`], which deletes its files only when another batch provably holds
+//! its sequence number (an unanswered create may have landed).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use chatvault_core::archive::chain::{Abandoned, ChainWriter, Commit};
 use chatvault_core::archive::file::{EncodedFile, FileOptions, encode_file};
 use chatvault_core::archive::layout;
 use chatvault_core::archive::manifest::{
-    ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile, ManifestLog, PendingIntent,
-    delete_if_exists,
+    ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile, PendingIntent,
 };
-use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::error::{Error, Result};
 use chatvault_core::keys::{DataKey, DataKeys};
 use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::shutdown::Shutdown;
@@ -62,7 +64,7 @@ struct PreparedFile {
 
 pub(crate) struct Writer {
     pub store: Arc<dyn ObjectStore>,
-    pub log: ManifestLog,
+    pub chain: ChainWriter,
     pub data_keys: DataKeys,
     pub partitions: SharedPartitions,
     pub consumer: Arc<ArchiverConsumer>,
@@ -118,7 +120,7 @@ impl Writer {
             }
             if !self.is_current(&batch) {
                 if let Some((batch_id, files)) = &prepared {
-                    self.discard(batch.partition, batch_id, files).await;
+                    self.give_up(&batch, batch_id, files).await;
                 }
                 return;
             }
@@ -142,7 +144,7 @@ impl Writer {
             match self.upload_and_commit(&batch, batch_id, files).await {
                 Ok(Outcome::Committed(sha)) => {
                     self.after_commit(&batch, sha.clone(), files).await;
-                    let _ = self.log.delete_intent(batch.partition, batch_id).await;
+                    let _ = self.chain.delete_intent(batch.partition, batch_id).await;
                     // Orphans of writers that lost earlier sequence numbers (crashed after upload, or fenced
                     // zombies) become provably dead once a later sequence number is committed: remove them now
                     // rather than at the next assignment.
@@ -151,13 +153,13 @@ impl Writer {
                         end_offset: batch.end_offset,
                         last_sha256: sha,
                     };
-                    if let Err(error) = self.log.clean_orphans(batch.partition, &head).await {
+                    if let Err(error) = self.chain.clean_orphans(batch.partition, &head).await {
                         tracing::debug!(%error, "orphan cleanup failed; retried after the next commit");
                     }
                     return;
                 }
                 Ok(Outcome::Fenced) => {
-                    self.discard(batch.partition, batch_id, files).await;
+                    self.give_up(&batch, batch_id, files).await;
                     self.resync(batch.partition).await;
                     return;
                 }
@@ -259,7 +261,7 @@ impl Writer {
             }
             state.head.last_sha256.clone()
         };
-        self.log
+        self.chain
             .write_intent(
                 batch.partition,
                 &PendingIntent {
@@ -330,27 +332,22 @@ impl Writer {
             seq = batch.seq,
         );
         let commit_started = Instant::now();
-        let committed = self.log.commit(&manifest).instrument(commit_span).await;
+        let committed = self.chain.commit(&manifest).instrument(commit_span).await;
         metrics()
             .commit_duration
             .record(commit_started.elapsed().as_secs_f64(), &[]);
         match committed {
-            Ok(sha) => Ok(Outcome::Committed(sha)),
-            Err(error) if error.code() == ErrorCode::Conflict => {
-                // Our own earlier attempt may have succeeded without us hearing back.
-                let (existing, sha) = self.log.read(batch.partition, batch.seq).await?;
-                if existing.batch_id == batch_id {
-                    Ok(Outcome::Committed(sha))
-                } else {
-                    tracing::warn!(partition = batch.partition, seq = batch.seq, winner = %existing.writer_id,
-                        "another writer committed this sequence number first; this batch is fenced");
-                    metrics()
-                        .commit_failures
-                        .add(1, &[KeyValue::new("reason", "fenced")]);
-                    Ok(Outcome::Fenced)
-                }
+            Ok(Commit::Committed { sha256 }) => Ok(Outcome::Committed(sha256)),
+            Ok(Commit::Lost { winner_writer_id }) => {
+                tracing::warn!(partition = batch.partition, seq = batch.seq, winner = %winner_writer_id,
+                    "another writer committed this sequence number first; this batch is fenced");
+                metrics()
+                    .commit_failures
+                    .add(1, &[KeyValue::new("reason", "fenced")]);
+                Ok(Outcome::Fenced)
             }
             Err(error) => {
+                // The outcome is open (the create may have landed unanswered): the retry resolves it.
                 metrics()
                     .commit_failures
                     .add(1, &[KeyValue::new("reason", "manifest")]);
@@ -420,22 +417,43 @@ impl Writer {
         }
     }
 
-    async fn discard(&self, partition: i32, batch_id: &str, files: &[PreparedFile]) {
-        self.stats.fenced_batches.fetch_add(1, Ordering::Relaxed);
-        for file in files {
-            if let Err(error) = delete_if_exists(self.store.as_ref(), &file.path).await {
-                tracing::warn!(path = %file.path, %error, "could not delete a fenced batch's file; the next owner removes it");
-                return;
+    /// Gives up a batch this writer will not commit (fenced, or its partition revoked or resynchronized). Its
+    /// files go only if another batch provably holds the sequence number; if an unanswered create of this
+    /// batch landed after all, the batch is counted as committed.
+    async fn give_up(&self, batch: &SealedBatch, batch_id: &str, files: &[PreparedFile]) {
+        let paths: Vec<Path> = files.iter().map(|file| file.path.clone()).collect();
+        match self
+            .chain
+            .abandon(batch.partition, batch.seq, batch_id, &paths)
+            .await
+        {
+            Abandoned::Deleted => {
+                self.stats.fenced_batches.fetch_add(1, Ordering::Relaxed);
+            }
+            Abandoned::LeftForCleanup => {
+                self.stats.fenced_batches.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    partition = batch.partition,
+                    seq = batch.seq,
+                    "a given-up batch's files stay until its sequence number is committed by another batch"
+                );
+            }
+            Abandoned::WasCommitted { sha256 } => {
+                tracing::info!(
+                    partition = batch.partition,
+                    seq = batch.seq,
+                    "a batch given up had committed after all (its create was unanswered); keeping it"
+                );
+                self.after_commit(batch, sha256, files).await;
             }
         }
-        let _ = self.log.delete_intent(partition, batch_id).await;
     }
 
     /// Re-reads the chain head after losing a commit race and tells the poll thread to seek there.
     async fn resync(&self, partition: i32) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.log.head(partition).await {
+            match self.chain.reader().head(partition).await {
                 Ok(head) => {
                     let mut partitions = self.partitions.lock();
                     if let Some(state) = partitions.get_mut(&partition) {

@@ -118,7 +118,7 @@ fn main() -> anyhow::Result<()> {
         trigger.trigger();
         runtime.block_on(task)??;
         let rejected: usize = runtime.block_on(async {
-            let log = chatvault_core::archive::manifest::ManifestLog::new(
+            let log = chatvault_core::archive::chain::ChainReader::new(
                 store_for_check.clone(),
                 &topic,
             );

@@ -236,10 +236,10 @@ const PLACEHOLDER_KEY: &str = "chatvault-standalone-placeholder";
 /// up to its chain head first, so that this run's events get offsets the chain has not covered yet.
 async fn continue_offsets_from_archive(config: &Config, partitions: i32) -> anyhow::Result<()> {
     let store = object_store_from_config(&config.storage)?;
-    let log = chatvault_core::archive::manifest::ManifestLog::new(store, &config.kafka.topic);
+    let chains = chatvault_core::archive::chain::ChainReader::new(store, &config.kafka.topic);
     let mut heads = Vec::new();
     for partition in 0..partitions {
-        let end_offset = log
+        let end_offset = chains
             .head(partition)
             .await
             .with_context(|| format!("reading the archive's chain head of partition {partition}"))?

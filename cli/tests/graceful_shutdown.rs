@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatvault_core::archive::manifest::ManifestLog;
+use chatvault_core::archive::chain::ChainReader;
 use chatvault_core::config::{Config, KeysConfig, StorageConfig};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::restore_item::Item;
@@ -179,7 +179,7 @@ async fn sigterm_to_gateway_and_archivers_during_ingest_loses_no_acknowledged_ev
         stop.clone(),
     );
     let store = object_store_from_config(&config.storage)?;
-    let manifests = ManifestLog::new(store, TOPIC);
+    let manifests = ChainReader::new(store, TOPIC);
     // Let the first archiver join and commit a few batches under load.
     let committing = async {
         let deadline = Instant::now() + SHUTDOWN_BOUND;

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chatvault_core::archive::manifest::ManifestLog;
+use chatvault_core::archive::chain::ChainReader;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::{ChatEvent, EventKind, IngestBatchRequest, Sender};
 use chatvault_testkit::kafka::{TestKafka, record_count};
@@ -67,7 +67,7 @@ async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
     );
     archiver.stop().await?;
     gateway.stop().await?;
-    let log = ManifestLog::new(object_store_from_config(&config.storage)?, TOPIC);
+    let log = ChainReader::new(object_store_from_config(&config.storage)?, TOPIC);
     let head_before = log.head(0).await?;
     assert_eq!(head_before.end_offset, 50);
 

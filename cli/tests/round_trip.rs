@@ -216,3 +216,115 @@ async fn every_conversation_restores_exactly_what_was_sent() -> anyhow::Result<(
     restorer.stop().await?;
     Ok(())
 }
+
+/// Senders that number events per conversation reuse `event_id`s across conversations and tenants: every one
+/// of those events is archived and restored (identity is `(tenant, conversation, event_id)`), while a resent
+/// copy still collapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_ids_repeated_across_conversations_and_tenants_are_all_kept() -> anyhow::Result<()> {
+    let kafka = TestKafka::start(TOPIC, 2)?;
+    let s3 = S3Server::start("archive").await?;
+    let keyring = tempfile::tempdir()?;
+    let config = test_config(
+        &kafka.brokers,
+        s3.storage_config(),
+        &keyring.path().join("keyring.json"),
+    );
+    let gateway = start_gateway(&config).await?;
+    let (archiver, stats) = start_archiver(&config, "archiver").await?;
+    let restorer = start_restorer(&config).await?;
+
+    let mut events = Vec::new();
+    for (tenant, conversations) in [("acme", 8), ("globex", 1)] {
+        for conversation in 0..conversations {
+            for id in 1..=5 {
+                events.push(ChatEvent {
+                    event_id: id.to_string(),
+                    tenant_id: tenant.into(),
+                    conversation_id: format!("seq-{conversation}"),
+                    message_id: format!("m{id}"),
+                    kind: chatvault_proto::v1::EventKind::MessageCreated as i32,
+                    occurred_at_micros: common::BASE_MICROS + id,
+                    text: format!("{tenant} {conversation} {id}"),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    assert_eq!(events.len(), 45);
+    let mut client = ingest_client(&gateway.endpoint()).await?;
+    // Sent twice: the second copy of each event must collapse, and nothing else.
+    for _ in 0..2 {
+        client
+            .ingest_batch(authorized(
+                IngestBatchRequest {
+                    events: events.clone(),
+                },
+                INGEST_TOKEN,
+            ))
+            .await?;
+    }
+    let produced = record_count(&kafka.brokers, TOPIC)?;
+    assert_eq!(produced, 90);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            stats
+                .committed_records
+                .load(std::sync::atomic::Ordering::Relaxed) as i64
+                >= produced
+        })
+        .await,
+        "not archived in time"
+    );
+
+    let mut restore = restore_client(&restorer.endpoint()).await?;
+    let mut restored = Vec::new();
+    for (tenant, conversations) in [("acme", 8), ("globex", 1)] {
+        let listed = restore
+            .list_conversations(authorized(
+                ListConversationsRequest {
+                    tenant_id: tenant.into(),
+                },
+                RESTORE_TOKEN,
+            ))
+            .await?
+            .into_inner()
+            .conversations;
+        assert_eq!(listed.len(), conversations, "{tenant}: conversations");
+        for summary in listed {
+            assert_eq!(
+                summary.event_count, 5,
+                "{tenant}/{}",
+                summary.conversation_id
+            );
+            let mut stream = restore
+                .get_conversation(authorized(
+                    GetConversationRequest {
+                        tenant_id: tenant.into(),
+                        conversation_id: summary.conversation_id.clone(),
+                        include_events: true,
+                        ..Default::default()
+                    },
+                    RESTORE_TOKEN,
+                ))
+                .await?
+                .into_inner();
+            while let Some(item) = stream.message().await? {
+                if let Some(Item::ArchivedEvent(event)) = item.item {
+                    restored.push((tenant, event.conversation_id, event.event_id, event.text));
+                }
+            }
+        }
+    }
+    assert_eq!(restored.len(), 45, "every acknowledged event restores once");
+    assert!(
+        restored.iter().all(|(tenant, conversation, id, text)| *text
+            == format!("{tenant} {} {id}", &conversation["seq-".len()..])),
+        "each event keeps its own text"
+    );
+
+    gateway.stop().await?;
+    archiver.stop().await?;
+    restorer.stop().await?;
+    Ok(())
+}

@@ -249,8 +249,11 @@ pub struct ArchiverConfig {
     pub fetch_queue_kbytes: u64,
     /// Parquet zstd level. Default 3.
     pub zstd_level: i32,
-    /// Rows per Parquet row group. Default 65536.
+    /// Rows per Parquet row group at most. Default 65536.
     pub row_group_rows: usize,
+    /// Estimated encoded bytes (before compression) per Parquet row group at most. Every column chunk is one
+    /// data page (so DuckDB can decrypt it), so this bounds pages too. Default 16 MiB.
+    pub row_group_bytes: usize,
     /// Kafka session timeout. Default 10000. Also bounds how long leaving the consumer group may take at
     /// shutdown (the coordinator drops a member that did not leave after this long anyway).
     pub session_timeout_ms: u64,
@@ -271,6 +274,7 @@ impl Default for ArchiverConfig {
             fetch_queue_kbytes: 32 * 1024,
             zstd_level: 3,
             row_group_rows: 65_536,
+            row_group_bytes: 16 * 1024 * 1024,
             session_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,
         }
@@ -447,6 +451,12 @@ impl Config {
         }
         if self.archiver.row_group_rows == 0 {
             return invalid("archiver.row_group_rows", "must be positive");
+        }
+        if !(1024 * 1024..=1024 * 1024 * 1024).contains(&self.archiver.row_group_bytes) {
+            return invalid(
+                "archiver.row_group_bytes",
+                "must be between 1 MiB and 1 GiB (one data page per column chunk: pages must stay readable)",
+            );
         }
         if self.restorer.read_concurrency == 0 {
             return invalid("restorer.read_concurrency", "must be positive");

@@ -1,10 +1,10 @@
 //! The in-memory index of committed archive files, built from the manifest chains.
 //!
 //! Only files named by a committed manifest are ever listed here, so orphans left under `events/` by crashed or
-//! fenced writers are never read. While reading a chain the index verifies it link by link: manifest `seq`
-//! must carry the SHA-256 of manifest `seq - 1`'s bytes and start at the Kafka offset where its predecessor
-//! ended. A break means the archive was altered (a manifest rewritten, removed or reordered), and the index
-//! refuses to serve anything rather than serve data it cannot vouch for.
+//! fenced writers are never read. Chains are read through [`ChainReader::read_after`], which verifies them
+//! link by link: manifest `seq` must carry the SHA-256 of manifest `seq - 1`'s bytes and start at the Kafka
+//! offset where its predecessor ended. A break means the archive was altered (a manifest rewritten, removed or
+//! reordered), and the index refuses to serve anything rather than serve data it cannot vouch for.
 //!
 //! Refreshes are incremental: per partition the index remembers the last verified manifest (its sequence
 //! number, hash and end offset) and lists only newer ones. A tokio mutex serializes refreshes so concurrent
@@ -14,24 +14,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use chatvault_core::Result;
+use chatvault_core::archive::chain::ChainReader;
 use chatvault_core::archive::file::conversation_digest;
-use chatvault_core::archive::manifest::{Manifest, ManifestFile, ManifestLog};
-use chatvault_core::{Error, Result};
+use chatvault_core::archive::manifest::{ChainHead, ManifestFile};
 use futures::StreamExt;
 use object_store::ObjectStore;
 use tokio::sync::Mutex;
 
-/// Where the index stands in one partition's chain: the last manifest it verified.
-#[derive(Debug, Clone)]
-struct ChainCursor {
-    last_seq: u64,
-    last_sha256: String,
-    end_offset: i64,
-}
-
 #[derive(Debug, Default)]
 struct IndexState {
-    cursors: HashMap<i32, ChainCursor>,
+    /// Per partition, the head after the last manifest verified.
+    cursors: HashMap<i32, ChainHead>,
     /// Committed files per tenant, in chain order (partition by partition, sequence by sequence).
     files_by_tenant: HashMap<String, Vec<Arc<ManifestFile>>>,
 }
@@ -39,7 +33,7 @@ struct IndexState {
 /// Committed files of one topic's manifest chains, grouped by tenant.
 #[derive(Debug)]
 pub struct ArchiveIndex {
-    log: ManifestLog,
+    chains: ChainReader,
     state: Mutex<IndexState>,
     manifests_read: AtomicU64,
 }
@@ -79,7 +73,7 @@ impl TimeRange {
 impl ArchiveIndex {
     pub fn new(store: Arc<dyn ObjectStore>, topic: &str) -> ArchiveIndex {
         ArchiveIndex {
-            log: ManifestLog::new(store, topic),
+            chains: ChainReader::new(store, topic),
             state: Mutex::new(IndexState::default()),
             manifests_read: AtomicU64::new(0),
         }
@@ -133,28 +127,30 @@ impl ArchiveIndex {
     }
 
     async fn refresh_locked(&self, state: &mut IndexState) -> Result<()> {
-        let partitions: Vec<(i32, Option<ChainCursor>)> = self
-            .log
+        let partitions: Vec<(i32, ChainHead)> = self
+            .chains
             .partitions()
             .await?
             .into_iter()
-            .map(|partition| (partition, state.cursors.get(&partition).cloned()))
+            .map(|partition| {
+                let cursor = state.cursors.get(&partition).cloned();
+                (partition, cursor.unwrap_or_else(ChainHead::empty))
+            })
             .collect();
         // Chains are independent: read several at once (one listing each, then their new manifests).
         let mut progress = futures::stream::iter(partitions)
-            .map(|(partition, cursor)| self.read_new_manifests(partition, cursor))
+            .map(|(partition, cursor)| async move {
+                (partition, self.chains.read_after(partition, &cursor).await)
+            })
             .buffered(PARTITIONS_READ_AT_ONCE);
         let mut first_error = None;
-        while let Some(PartitionProgress {
-            partition,
-            verified,
-            error,
-        }) = progress.next().await
-        {
+        while let Some((partition, verified)) = progress.next().await {
+            self.manifests_read
+                .fetch_add(verified.manifests.len() as u64, Ordering::Relaxed);
             // Keep every verified manifest, even when the chain breaks after it: the verified prefix is not
             // read again, and the break itself is reported on every refresh until it is repaired.
-            for (cursor, files) in verified {
-                for file in files {
+            for (manifest, cursor) in verified.manifests {
+                for file in manifest.files {
                     state
                         .files_by_tenant
                         .entry(file.tenant_id.clone())
@@ -163,7 +159,7 @@ impl ArchiveIndex {
                 }
                 state.cursors.insert(partition, cursor);
             }
-            if let Some(error) = error {
+            if let Some(error) = verified.error {
                 first_error.get_or_insert(error);
             }
         }
@@ -172,138 +168,10 @@ impl ArchiveIndex {
             None => Ok(()),
         }
     }
-
-    /// Reads and verifies the manifests of `partition` committed after `cursor`, in order, up to the first
-    /// that cannot be read or does not continue the chain.
-    async fn read_new_manifests(
-        &self,
-        partition: i32,
-        cursor: Option<ChainCursor>,
-    ) -> PartitionProgress {
-        let mut progress = PartitionProgress {
-            partition,
-            verified: Vec::new(),
-            error: None,
-        };
-        let seqs = match self
-            .log
-            .list_seqs(partition, cursor.as_ref().map(|c| c.last_seq))
-            .await
-        {
-            Ok(seqs) => seqs,
-            Err(error) => {
-                progress.error = Some(error);
-                return progress;
-            }
-        };
-        let mut previous = cursor;
-        for seq in seqs {
-            let read = self.log.read(partition, seq).await;
-            self.manifests_read.fetch_add(1, Ordering::Relaxed);
-            let verified = read.and_then(|(manifest, sha256)| {
-                verify_link(
-                    self.log.topic(),
-                    partition,
-                    seq,
-                    &manifest,
-                    previous.as_ref(),
-                )?;
-                Ok((manifest, sha256))
-            });
-            match verified {
-                Ok((manifest, sha256)) => {
-                    let next = ChainCursor {
-                        last_seq: seq,
-                        last_sha256: sha256,
-                        end_offset: manifest.end_offset,
-                    };
-                    previous = Some(next.clone());
-                    progress.verified.push((next, manifest.files));
-                }
-                Err(error) => {
-                    progress.error = Some(error);
-                    break;
-                }
-            }
-        }
-        progress
-    }
 }
 
 /// Partitions whose chains are read concurrently during a refresh.
 const PARTITIONS_READ_AT_ONCE: usize = 8;
-
-/// What one refresh learned about one partition: the manifests verified, in order, and what stopped it.
-struct PartitionProgress {
-    partition: i32,
-    verified: Vec<(ChainCursor, Vec<ManifestFile>)>,
-    error: Option<Error>,
-}
-
-/// Checks that `manifest` (read as `seq` of `partition`) continues the chain after `previous`.
-fn verify_link(
-    topic: &str,
-    partition: i32,
-    seq: u64,
-    manifest: &Manifest,
-    previous: Option<&ChainCursor>,
-) -> Result<()> {
-    let broken = |why: String| {
-        Error::internal(format!(
-            "manifest chain of topic {topic} partition {partition} is broken at seq {seq}: {why} \
-             (the archive was altered; refusing to serve it)"
-        ))
-    };
-    if manifest.seq != seq || manifest.partition != partition || manifest.topic != topic {
-        return Err(broken(format!(
-            "the manifest stored there names topic {} partition {} seq {}",
-            manifest.topic, manifest.partition, manifest.seq
-        )));
-    }
-    if manifest.end_offset < manifest.start_offset {
-        return Err(broken(format!(
-            "it ends (offset {}) before it starts (offset {})",
-            manifest.end_offset, manifest.start_offset
-        )));
-    }
-    match previous {
-        None if seq == 0 => {
-            if !manifest.prev_sha256.is_empty() {
-                return Err(broken(
-                    "the first manifest names a predecessor (prev_sha256 is not empty)".into(),
-                ));
-            }
-        }
-        None => {
-            return Err(broken(format!(
-                "the chain starts at seq {seq}: manifests 0 to {} are missing",
-                seq - 1
-            )));
-        }
-        Some(previous) => {
-            if seq != previous.last_seq + 1 {
-                return Err(broken(format!(
-                    "manifests {} to {} are missing",
-                    previous.last_seq + 1,
-                    seq - 1
-                )));
-            }
-            if manifest.prev_sha256 != previous.last_sha256 {
-                return Err(broken(format!(
-                    "prev_sha256 {} differs from the SHA-256 {} of manifest {}",
-                    manifest.prev_sha256, previous.last_sha256, previous.last_seq
-                )));
-            }
-            if manifest.start_offset != previous.end_offset {
-                return Err(broken(format!(
-                    "it starts at offset {} but manifest {} ended at offset {}",
-                    manifest.start_offset, previous.last_seq, previous.end_offset
-                )));
-            }
-        }
-    }
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {
@@ -311,6 +179,7 @@ mod tests {
     use crate::testing::{Fixture, event, manifest_for};
     use chatvault_core::ErrorCode;
     use chatvault_core::archive::layout;
+    use chatvault_core::archive::manifest::Manifest;
     use object_store::{ObjectStoreExt, PutPayload};
 
     #[test]
@@ -462,7 +331,7 @@ mod tests {
             .await;
         let mut skipping = manifest_for(&fixture.topic, 2, 1, first.end_offset + 5, &sha);
         skipping.end_offset = skipping.start_offset + 1;
-        fixture.log().commit(&skipping).await.expect("commit");
+        fixture.chain().commit(&skipping).await.expect("commit");
         let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
         let error = index.refresh().await.expect_err("gap");
         assert!(error.message().contains("partition 2"), "{error}");

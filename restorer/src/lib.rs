@@ -14,8 +14,8 @@ pub mod rehydrate;
 pub mod render;
 pub mod service;
 
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use index::{ArchiveIndex, TimeRange};
 pub use reader::Restorer;

@@ -28,12 +28,17 @@ pub struct Restorer {
     files_read: AtomicU64,
 }
 
-/// The identity under which copies of one event collapse. Events always carry an `event_id` once accepted by
-/// the gateway; an event without one (a foreign writer) is kept as its own Kafka record rather than merged with
-/// every other id-less event.
+/// The identity under which copies of one event collapse: `(tenant_id, conversation_id, event_id)`, as
+/// everywhere in the archive (ids are unique only within a conversation). Events always carry an `event_id`
+/// once accepted by the gateway; an event without one (a foreign writer) is kept as its own Kafka record rather
+/// than merged with every other id-less event.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum EventIdentity {
-    Id(String),
+    Id {
+        tenant_id: String,
+        conversation_id: String,
+        event_id: String,
+    },
     Record(i32, i64),
 }
 
@@ -42,7 +47,11 @@ impl EventIdentity {
         if event.event.event_id.is_empty() {
             EventIdentity::Record(event.kafka_partition, event.kafka_offset)
         } else {
-            EventIdentity::Id(event.event.event_id.clone())
+            EventIdentity::Id {
+                tenant_id: event.event.tenant_id.clone(),
+                conversation_id: event.event.conversation_id.clone(),
+                event_id: event.event.event_id.clone(),
+            }
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Test fixtures: a real archive (encrypted Parquet files, data keys under a local keyring, committed manifest
-//! chains) in an in-memory object store.
+//! chains), in an in-memory object store for the restorer's unit tests, or in any store (the end-to-end tests
+//! build archives of realistic size this way, with the `testing` feature).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chatvault_core::archive::ArchivedEvent;
+use chatvault_core::archive::chain::{ChainWriter, Commit};
 use chatvault_core::archive::file::{FileOptions, encode_file};
 use chatvault_core::archive::layout;
-use chatvault_core::archive::manifest::{MANIFEST_FORMAT, Manifest, ManifestFile, ManifestLog};
+use chatvault_core::archive::manifest::{MANIFEST_FORMAT, Manifest, ManifestFile};
 use chatvault_core::keys::{DataKeys, LocalKeyring};
 use chatvault_core::time::Date;
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
@@ -18,7 +20,8 @@ pub struct Fixture {
     pub store: Arc<dyn ObjectStore>,
     pub data_keys: DataKeys,
     pub topic: String,
-    _keyring_dir: tempfile::TempDir,
+    pub file_options: FileOptions,
+    _keyring_dir: Option<tempfile::TempDir>,
 }
 
 /// A message-created event at `at` micros, with a deterministic event id.
@@ -77,19 +80,31 @@ impl Fixture {
             data_keys: DataKeys::new(store.clone(), Arc::new(keyring)),
             store,
             topic: "chatvault.events".into(),
-            _keyring_dir: keyring_dir,
+            file_options: FileOptions::default(),
+            _keyring_dir: Some(keyring_dir),
         }
     }
 
-    pub fn log(&self) -> ManifestLog {
-        ManifestLog::new(self.store.clone(), &self.topic)
+    /// A fixture over an existing store and its data keys (for example a deployment's configuration).
+    pub fn over(store: Arc<dyn ObjectStore>, data_keys: DataKeys, topic: &str) -> Fixture {
+        Fixture {
+            store,
+            data_keys,
+            topic: topic.into(),
+            file_options: FileOptions::default(),
+            _keyring_dir: None,
+        }
+    }
+
+    pub fn chain(&self) -> ChainWriter {
+        ChainWriter::new(self.store.clone(), &self.topic)
     }
 
     /// Archives `events` as the next batch of `partition`, the way the archiver does: consecutive Kafka
     /// offsets from the chain head, one encrypted file per tenant and day, then the manifest commit.
     pub async fn commit_batch(&self, partition: i32, events: &[ChatEvent]) -> (Manifest, String) {
-        let log = self.log();
-        let head = log.head(partition).await.expect("head");
+        let chain = self.chain();
+        let head = chain.reader().head(partition).await.expect("head");
         let archived: Vec<ArchivedEvent> = events
             .iter()
             .enumerate()
@@ -116,7 +131,7 @@ impl Fixture {
                 .get_or_create(&tenant, &period)
                 .await
                 .expect("data key");
-            let encoded = encode_file(&mut rows, &key, &FileOptions::default()).expect("encode");
+            let encoded = encode_file(&mut rows, &key, &self.file_options).expect("encode");
             let path = layout::event_file_path(
                 &tenant,
                 &date,
@@ -143,7 +158,11 @@ impl Fixture {
         manifest.end_offset = head.end_offset + events.len() as i64;
         manifest.batch_id = batch_id;
         manifest.files = files;
-        let sha = log.commit(&manifest).await.expect("commit");
-        (manifest, sha)
+        match chain.commit(&manifest).await.expect("commit") {
+            Commit::Committed { sha256 } => (manifest, sha256),
+            Commit::Lost { winner_writer_id } => {
+                panic!("fixture commit lost to {winner_writer_id}")
+            }
+        }
     }
 }

@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use chatvault_core::archive::chain::ChainReader;
 use chatvault_core::archive::file::{decode_file, sha256_hex};
-use chatvault_core::archive::manifest::ManifestLog;
+use chatvault_core::archive::manifest::ChainHead;
 use chatvault_core::config::Config;
 use chatvault_core::storage::object_store_from_config;
 use futures::TryStreamExt;
@@ -63,29 +64,20 @@ impl ArchiveReport {
 pub async fn verify_archive(config: &Config, partitions: &[i32]) -> anyhow::Result<ArchiveReport> {
     let store = object_store_from_config(&config.storage)?;
     let keys = data_keys(config)?;
-    let log = ManifestLog::new(store.clone(), &config.kafka.topic);
+    let chains = ChainReader::new(store.clone(), &config.kafka.topic);
     let mut report = ArchiveReport::default();
     let mut named_files = HashSet::new();
     for &partition in partitions {
-        let seqs = log.list_seqs(partition, None).await?;
-        ensure!(
-            seqs == (0..seqs.len() as u64).collect::<Vec<_>>(),
-            "partition {partition}: sequence numbers have gaps: {seqs:?}"
-        );
+        // The chain checks (sequence numbers without gaps, contiguous offsets from 0, hash links) are the
+        // reader's own, as for every reader of the archive.
+        let verified = chains.read_after(partition, &ChainHead::empty()).await;
+        if let Some(error) = verified.error {
+            anyhow::bail!("partition {partition}: {error}");
+        }
         let mut expected_start = 0i64;
-        let mut previous_sha = String::new();
         let mut offsets = BTreeSet::new();
-        for seq in seqs {
-            let (manifest, sha) = log.read(partition, seq).await?;
-            ensure!(
-                manifest.start_offset == expected_start,
-                "partition {partition} seq {seq}: chain not contiguous (starts at {}, previous ended at {expected_start})",
-                manifest.start_offset
-            );
-            ensure!(
-                manifest.prev_sha256 == previous_sha,
-                "partition {partition} seq {seq}: hash chain broken"
-            );
+        for (manifest, _) in verified.manifests {
+            let seq = manifest.seq;
             ensure!(
                 manifest.rejected_records.is_empty(),
                 "partition {partition} seq {seq}: rejected records {:?}",
@@ -135,7 +127,6 @@ pub async fn verify_archive(config: &Config, partitions: &[i32]) -> anyhow::Resu
                 named_files.insert(file.path.clone());
             }
             expected_start = manifest.end_offset;
-            previous_sha = sha;
         }
         let missing: Vec<i64> = (0..expected_start)
             .filter(|offset| !offsets.contains(offset))
@@ -200,12 +191,12 @@ pub async fn wait_for_archive(
     timeout: Duration,
 ) -> anyhow::Result<bool> {
     let store = object_store_from_config(&config.storage)?;
-    let log = ManifestLog::new(store, &config.kafka.topic);
+    let chains = ChainReader::new(store, &config.kafka.topic);
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         let mut complete = true;
         for (partition, high) in high_watermarks(brokers, &config.kafka.topic)? {
-            let head = log.head(partition).await?;
+            let head = chains.head(partition).await?;
             complete &= head.end_offset == high;
         }
         if complete {

@@ -5,6 +5,11 @@
 //! encrypts the footer and every column), encrypted footer, a 256-bit key, DataPage V1 and **no AAD prefix**
 //! (DuckDB rejects files written with one, even when it is stored). A file's identity is bound instead by its
 //! SHA-256 in the manifest.
+//!
+//! The page layout is fixed too (see [`PageLayout`]): every column chunk holds exactly one data page, because
+//! DuckDB (2.0.1 and 1.5.6) cannot decrypt an encrypted column chunk of more than one data page ("Computed AES
+//! tag differs from read AES tag"), whichever tool wrote it. Row groups are bounded by bytes instead, which
+//! bounds the pages and the writer's memory.
 
 use std::collections::BTreeSet;
 
@@ -17,8 +22,11 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::encryption::decrypt::FileDecryptionProperties;
 use parquet::encryption::encrypt::FileEncryptionProperties;
 use parquet::file::metadata::SortingColumn;
-use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::file::properties::{
+    EnabledStatistics, WriterProperties, WriterPropertiesBuilder, WriterVersion,
+};
 use parquet::file::statistics::Statistics;
+use parquet::schema::types::ColumnPath;
 use ring::digest;
 
 use super::ArchivedEvent;
@@ -32,7 +40,12 @@ use crate::keys::{DataKey, FileKeyMetadata};
 #[derive(Debug, Clone)]
 pub struct FileOptions {
     pub zstd_level: i32,
+    /// Upper bound on the rows of a row group.
     pub row_group_rows: usize,
+    /// Upper bound on a row group's estimated encoded size (before compression). With one data page per
+    /// column chunk this also bounds every page, and so what a reader must decrypt and hold at once.
+    pub row_group_bytes: usize,
+    pub page_layout: PageLayout,
 }
 
 impl Default for FileOptions {
@@ -40,6 +53,62 @@ impl Default for FileOptions {
         FileOptions {
             zstd_level: 3,
             row_group_rows: 65_536,
+            row_group_bytes: 16 * 1024 * 1024,
+            page_layout: PageLayout::OnePagePerColumnChunk,
+        }
+    }
+}
+
+/// How column chunks are cut into data pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageLayout {
+    /// What the archiver writes: one data page per column chunk, dictionaries only for low-cardinality columns
+    /// and never falling back to plain encoding mid-chunk (a fallback starts a second data page). Every
+    /// standard reader decrypts these files, DuckDB included, at any size.
+    OnePagePerColumnChunk,
+    /// The writer's defaults for pages (1 MiB or 20,000 values per page, dictionaries for every column with
+    /// fallback at 1 MiB): the layout of files written before archive format 1.1. The restorer and pyarrow
+    /// read them; DuckDB fails on any column chunk that got a second page. Kept only to measure the layout
+    /// against (`benches/benches/file_layout.rs`) and to make such files in tests.
+    WriterDefaultPages,
+}
+
+/// Columns whose values repeat within a file, so dictionary encoding pays. The rest (ids, free text, payloads,
+/// timestamps, offsets) are plain-encoded: a dictionary of unique values only costs memory, and one that
+/// overflows its limit falls back to plain encoding in a second data page.
+const DICTIONARY_COLUMNS: &[&str] = &[
+    "tenant_id",
+    "source",
+    "workspace_id",
+    COL_CONVERSATION_ID,
+    "thread_id",
+    "kind",
+    "sender_id",
+    "sender_name",
+    "reaction",
+    "raw_content_type",
+    "kafka_partition",
+];
+
+impl PageLayout {
+    fn apply(self, builder: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
+        match self {
+            PageLayout::WriterDefaultPages => builder,
+            PageLayout::OnePagePerColumnChunk => {
+                // No page limit of its own: a page ends with its row group. The dictionary limit is lifted as
+                // well, so a dictionary never falls back to plain encoding; the row-group byte bound keeps
+                // both finite (a dictionary is never larger than the plain values it replaces).
+                let mut builder = builder
+                    .set_data_page_size_limit(usize::MAX)
+                    .set_data_page_row_count_limit(usize::MAX)
+                    .set_dictionary_enabled(false)
+                    .set_dictionary_page_size_limit(usize::MAX);
+                for column in DICTIONARY_COLUMNS {
+                    builder =
+                        builder.set_column_dictionary_enabled(ColumnPath::from(*column), true);
+                }
+                builder
+            }
         }
     }
 }
@@ -115,11 +184,12 @@ pub fn encode_file(
         .build()?;
     let conversation_index = schema.index_of(COL_CONVERSATION_ID)?;
     let occurred_index = schema.index_of(COL_OCCURRED_AT)?;
-    let properties = WriterProperties::builder()
+    let builder = WriterProperties::builder()
         .set_writer_version(WriterVersion::PARQUET_1_0)
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(options.zstd_level)?))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(options.row_group_rows))
+        .set_max_row_group_bytes(Some(options.row_group_bytes))
         // No Parquet bloom filter, deliberately: DuckDB 2.0.1 cannot decrypt the encrypted bloom filter modules
         // arrow-rs 60 writes and then fails to read the filtered column at all ("Computed AES tag differs from
         // read AES tag"), wherever the filter is placed. Readers find a conversation through the exact
@@ -138,10 +208,11 @@ pub fn encode_file(
                 nulls_first: false,
             },
         ]))
-        .with_file_encryption_properties(encryption)
-        .build();
+        .with_file_encryption_properties(encryption);
+    let properties = options.page_layout.apply(builder).build();
     let mut writer = ArrowWriter::try_new(Vec::with_capacity(1 << 20), schema, Some(properties))?;
-    for chunk in rows.chunks(options.row_group_rows.min(16_384)) {
+    // Small record batches, so the byte bound of a row group is checked often enough to hold.
+    for chunk in rows.chunks(options.row_group_rows.min(1024)) {
         let batch = to_record_batch(chunk)?;
         writer.write(&batch)?;
     }
@@ -229,6 +300,33 @@ pub fn decode_file(
     Ok(out)
 }
 
+/// The number of data pages of every column chunk, per row group, from the file's offset index. A file whose
+/// chunks all have one page is readable by DuckDB (see [`PageLayout`]); this finds files written before that
+/// layout (they need a rewrite for DuckDB, not for the restorer or pyarrow).
+pub fn data_pages_per_column_chunk(bytes: Bytes, key: &DataKey) -> Result<Vec<Vec<usize>>> {
+    let decryption = FileDecryptionProperties::builder(key.key.to_vec()).build()?;
+    let options = ArrowReaderOptions::new()
+        .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required)
+        .with_file_decryption_properties(decryption);
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options)
+        .map_err(decryption_error)?;
+    let metadata = builder.metadata();
+    (0..metadata.num_row_groups())
+        .map(|row_group| {
+            let index = metadata.page_index_for_row_group(row_group);
+            (0..metadata.row_group(row_group).num_columns())
+                .map(|column| {
+                    index.num_data_pages(column).ok_or_else(|| {
+                        Error::internal(format!(
+                            "row group {row_group} column {column} has no offset index"
+                        ))
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Parses a file's footer key metadata.
 pub fn parse_key_metadata(bytes: &[u8]) -> Result<FileKeyMetadata> {
     Ok(serde_json::from_slice(bytes)?)
@@ -306,6 +404,7 @@ mod tests {
                     } else {
                         String::new()
                     },
+                    ..Default::default()
                 },
                 kafka_partition: 3,
                 kafka_offset: i as i64,
@@ -321,8 +420,8 @@ mod tests {
             &mut refs,
             &key(1),
             &FileOptions {
-                zstd_level: 3,
                 row_group_rows: 64,
+                ..FileOptions::default()
             },
         )
         .expect("encode");
@@ -368,5 +467,93 @@ mod tests {
             "{}",
             wrong.message()
         );
+    }
+
+    /// Rows big and varied enough that the writer's default page limits (1 MiB, 20,000 values, dictionary
+    /// fallback at 1 MiB) cut pages: ~60 MB of text in 40,000 rows, every text distinct.
+    fn big_rows() -> Vec<ArchivedEvent> {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        (0..40_000)
+            .map(|i| {
+                let len = 300 + (next() % 1700) as usize;
+                let text: String = (0..len)
+                    .map(|_| char::from(b'a' + (next() % 26) as u8))
+                    .collect();
+                ArchivedEvent {
+                    event: ChatEvent {
+                        event_id: format!("e{i}"),
+                        tenant_id: "acme".into(),
+                        source: 1,
+                        conversation_id: format!("C{}", i % 40),
+                        message_id: format!("m{i}"),
+                        kind: 1,
+                        sender: Some(Sender {
+                            id: format!("U{}", i % 300),
+                            display_name: format!("user {}", i % 300),
+                            is_bot: false,
+                        }),
+                        occurred_at_micros: 1_764_000_000_000_000 + i as i64,
+                        received_at_micros: 1_764_000_001_000_000 + i as i64,
+                        text,
+                        ..Default::default()
+                    },
+                    kafka_partition: 0,
+                    kafka_offset: i as i64,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_column_chunk_has_one_data_page_and_row_groups_are_bounded_by_bytes() {
+        let original = big_rows();
+        let encode = |layout: PageLayout| {
+            let mut refs: Vec<&ArchivedEvent> = original.iter().collect();
+            encode_file(
+                &mut refs,
+                &key(1),
+                &FileOptions {
+                    row_group_bytes: 16 * 1024 * 1024,
+                    page_layout: layout,
+                    ..FileOptions::default()
+                },
+            )
+            .expect("encode")
+        };
+
+        // The old layout is the baseline that breaks DuckDB: some chunk has several pages.
+        let old =
+            data_pages_per_column_chunk(encode(PageLayout::WriterDefaultPages).bytes, &key(1))
+                .expect("pages");
+        assert!(
+            old.iter().flatten().any(|&pages| pages > 1),
+            "the writer's default layout should cut pages here: {old:?}"
+        );
+
+        let encoded = encode(PageLayout::OnePagePerColumnChunk);
+        let pages = data_pages_per_column_chunk(encoded.bytes.clone(), &key(1)).expect("pages");
+        assert!(
+            pages.len() >= 3,
+            "~60 MB of text must be split into row groups of at most 16 MiB: {} row group(s)",
+            pages.len()
+        );
+        assert!(
+            pages.iter().flatten().all(|&pages| pages == 1),
+            "one data page per column chunk: {pages:?}"
+        );
+        let decoded = decode_file(encoded.bytes, &key(1), None).expect("decode");
+        assert_eq!(decoded.len(), original.len());
+        let mut expected: Vec<&ArchivedEvent> = original.iter().collect();
+        expected.sort_by(|a, b| {
+            (&a.event.conversation_id, a.event.occurred_at_micros)
+                .cmp(&(&b.event.conversation_id, b.event.occurred_at_micros))
+        });
+        assert!(decoded.iter().zip(expected).all(|(a, b)| a == b));
     }
 }

@@ -4,8 +4,11 @@
 //! - [`layout`]: object paths.
 //! - [`schema`]: the Parquet/Arrow schema and the conversion between events and record batches.
 //! - [`file`]: encrypted Parquet encoding and decoding.
-//! - [`manifest`]: the per-partition manifest chain that commits files exactly once.
+//! - [`manifest`]: what a committed batch records, per Kafka partition.
+//! - [`chain`]: the commit protocol: [`chain::ChainWriter`] commits manifests exactly once,
+//!   [`chain::ChainReader`] reads chains and verifies their links.
 
+pub mod chain;
 pub mod file;
 pub mod layout;
 pub mod manifest;
