@@ -245,6 +245,10 @@ async fn event_ids_repeated_across_conversations_and_tenants_are_all_kept() -> a
                     message_id: format!("m{id}"),
                     kind: chatvault_proto::v1::EventKind::MessageCreated as i32,
                     occurred_at_micros: common::BASE_MICROS + id,
+                    sender: Some(chatvault_proto::v1::Sender {
+                        id: "U1".into(),
+                        ..Default::default()
+                    }),
                     text: format!("{tenant} {conversation} {id}"),
                     ..Default::default()
                 });
