@@ -20,7 +20,7 @@ use chatvault_core::archive::ArchivedEvent;
 use chatvault_core::archive::chain::ChainWriter;
 use chatvault_core::archive::file::FileOptions;
 use chatvault_core::archive::manifest::ChainHead;
-use chatvault_core::config::{ArchiverConfig, KafkaConfig};
+use chatvault_core::config::{ArchiverConfig, KafkaConfig, OffsetGapPolicy};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::kafka::consumer_config;
 use chatvault_core::keys::DataKeys;
@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::{MAX_TRACED_RECORDS, OpenBatch, SealedBatch};
 use crate::crash::crash_point;
+use crate::gaps::{self, GapCheck, GapVerdict};
 use crate::state::{PartitionState, SharedPartitions};
 use crate::writer::{ArchiverStats, Writer};
 
@@ -213,6 +214,7 @@ impl ConsumerContext for ArchiverContext {
                             head,
                             resync_to: None,
                             halted: false,
+                            gap_refetches: 0,
                         },
                     );
                 }
@@ -685,8 +687,9 @@ impl Poller {
         self.send(sealed);
     }
 
-    /// Pauses a partition whose Kafka offsets fell behind the archive (see [`Poller::accept`]) and says so.
-    fn halt(&self, partition: i32, offset: i64) {
+    /// Pauses a partition that cannot be archived safely, says why, and counts it: its records stay in Kafka
+    /// and nothing of it is committed until a restart re-checks.
+    fn halt(&self, partition: i32, offset: i64, why: &str) {
         let head_end = self
             .partitions
             .lock()
@@ -697,16 +700,75 @@ impl Poller {
             partition,
             kafka_offset = offset,
             archived_up_to = head_end,
-            "Kafka offsets are behind the archive: the topic was recreated or a broker lost records. This \
-             partition is halted (not consumed; its records stay in Kafka) because archiving would skip them \
-             as already archived. Produce to a new topic name (kafka.topic) or investigate the cluster; a \
-             restart re-checks."
+            "{why}. This partition is halted (not consumed; its records stay in Kafka); a restart re-checks."
         );
         self.stats.halted_partitions.fetch_add(1, Ordering::Relaxed);
         let mut paused = TopicPartitionList::new();
         paused.add_partition(&self.topic, partition);
         if let Err(error) = self.consumer.pause(&paused) {
             tracing::warn!(partition, %error, "pausing the halted partition failed; its records are skipped");
+        }
+    }
+
+    /// Kafka delivered `delivered` while `expected` was next: asks the broker whether the records between are
+    /// gone (see [`crate::gaps`]) and returns whether the record may be archived now. Otherwise the partition
+    /// was sought back to fetch again, or halted.
+    fn check_gap(&self, partition: i32, expected: i64, delivered: i64) -> bool {
+        let refetches = self
+            .partitions
+            .lock()
+            .get(&partition)
+            .map(|state| state.gap_refetches)
+            .unwrap_or_default();
+        let log_start = if self.config.offset_gaps == OffsetGapPolicy::Allow {
+            Ok(0)
+        } else {
+            self.consumer
+                .fetch_watermarks(&self.topic, partition, Duration::from_secs(5))
+                .map(|(low, _)| low)
+                .map_err(|error| error.to_string())
+        };
+        let check = GapCheck {
+            expected,
+            delivered,
+            log_start,
+            refetches,
+        };
+        match gaps::judge(self.config.offset_gaps, &check) {
+            GapVerdict::Commit => true,
+            GapVerdict::Refetch { from } => {
+                tracing::warn!(
+                    partition,
+                    expected,
+                    delivered,
+                    from,
+                    log_start = ?check.log_start,
+                    "Kafka skipped offsets the broker has not deleted; fetching them again"
+                );
+                let mut partitions = self.partitions.lock();
+                if let Some(state) = partitions.get_mut(&partition) {
+                    state.gap_refetches += 1;
+                }
+                drop(partitions);
+                // Messages fetched before the seek are discarded by librdkafka (their fetch version is
+                // outdated), so the next message of this partition comes from the new position.
+                if let Err(error) = self.consumer.seek(
+                    &self.topic,
+                    partition,
+                    Offset::Offset(from),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::warn!(partition, %error, "seeking back to the gap failed; retried on the next record");
+                }
+                false
+            }
+            GapVerdict::Halt { reason } => {
+                if let Some(state) = self.partitions.lock().get_mut(&partition) {
+                    state.halted = true;
+                }
+                self.halt(partition, delivered, &reason);
+                false
+            }
         }
     }
 
@@ -727,12 +789,33 @@ impl Poller {
             // be skipped as archived, so stop consuming the partition instead: its records stay in Kafka.
             state.halted = true;
             drop(partitions);
-            self.halt(partition, offset);
+            self.halt(
+                partition,
+                offset,
+                "Kafka offsets are behind the archive: the topic was recreated or a broker lost records, and \
+                 archiving would skip them as already archived. Produce to a new topic name (kafka.topic) or \
+                 investigate the cluster",
+            );
             return;
         }
         if offset < state.open.end_offset {
             return; // already in the open batch
         }
+        if offset > state.open.end_offset {
+            let expected = state.open.end_offset;
+            drop(partitions);
+            if !self.check_gap(partition, expected, offset) {
+                return;
+            }
+            partitions = self.partitions.lock();
+        }
+        let Some(state) = partitions.get_mut(&partition) else {
+            return;
+        };
+        if state.resync_to.is_some() || state.halted {
+            return;
+        }
+        state.gap_refetches = 0;
         if state.open.traces.len() < MAX_TRACED_RECORDS
             && let Some(traceparent) = traceparent_header(message)
         {

@@ -24,6 +24,9 @@ pub struct PartitionState {
     /// Kafka's offsets fell behind the committed chain (a recreated topic, or records lost by the cluster):
     /// the partition is paused and nothing of it is archived until a restart finds Kafka consistent again.
     pub halted: bool,
+    /// Fetches repeated for the current offset gap (see [`crate::gaps`]); back to 0 once a record arrives
+    /// where it was expected.
+    pub gap_refetches: u32,
 }
 
 #[derive(Debug, Default, Clone)]

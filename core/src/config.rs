@@ -254,6 +254,10 @@ pub struct ArchiverConfig {
     /// Estimated encoded bytes (before compression) per Parquet row group at most. Every column chunk is one
     /// data page (so DuckDB can decrypt it), so this bounds pages too. Default 16 MiB.
     pub row_group_bytes: usize,
+    /// Which offsets Kafka did not deliver may be committed as gaps: `confirm` (default) only those the
+    /// broker's log-start offset shows deleted, refetching and then halting the partition otherwise; `allow`
+    /// every gap, for compacted topics and transactional producers.
+    pub offset_gaps: OffsetGapPolicy,
     /// Kafka session timeout. Default 10000. Also bounds how long leaving the consumer group may take at
     /// shutdown (the coordinator drops a member that did not leave after this long anyway).
     pub session_timeout_ms: u64,
@@ -275,10 +279,20 @@ impl Default for ArchiverConfig {
             zstd_level: 3,
             row_group_rows: 65_536,
             row_group_bytes: 16 * 1024 * 1024,
+            offset_gaps: OffsetGapPolicy::Confirm,
             session_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,
         }
     }
+}
+
+/// See [`ArchiverConfig::offset_gaps`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetGapPolicy {
+    #[default]
+    Confirm,
+    Allow,
 }
 
 impl ArchiverConfig {
