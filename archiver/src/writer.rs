@@ -54,6 +54,52 @@ pub struct ArchiverStats {
     /// When the first record was consumed (microseconds since the epoch; 0 before), so throughput can be
     /// measured without the consumer-group join.
     pub first_record_micros: std::sync::atomic::AtomicI64,
+    /// The end offset of every partition's chain as this archiver committed it.
+    pub heads: CommittedHeads,
+}
+
+/// The committed chain head (end offset) of each partition this archiver committed to, and a way to wait until
+/// an offset is archived. Standalone acknowledges an event to its sender only once it is archived, since its
+/// Kafka dies with the process (see `cli/src/roles.rs`).
+#[derive(Debug, Default)]
+pub struct CommittedHeads {
+    ends: std::sync::Mutex<HashMap<i32, i64>>,
+    changed: tokio::sync::Notify,
+}
+
+impl CommittedHeads {
+    /// Records that `partition` is committed up to `end_offset` (exclusive); heads never move back.
+    pub fn advance(&self, partition: i32, end_offset: i64) {
+        {
+            let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+            let end = ends.entry(partition).or_insert(end_offset);
+            *end = (*end).max(end_offset);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Whether `offset` of `partition` is committed.
+    pub fn is_archived(&self, partition: i32, offset: i64) -> bool {
+        let ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+        ends.get(&partition).is_some_and(|end| *end > offset)
+    }
+
+    /// Waits until `offset` of `partition` is committed; false when `timeout` passed first.
+    pub async fn wait_archived(&self, partition: i32, offset: i64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so an advance between the check and the wait is not missed.
+            changed.as_mut().enable();
+            if self.is_archived(partition, offset) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.is_archived(partition, offset);
+            }
+        }
+    }
 }
 
 struct PreparedFile {
@@ -369,6 +415,7 @@ impl Writer {
                 _ => false,
             }
         };
+        self.stats.heads.advance(batch.partition, batch.end_offset);
         self.stats.committed_batches.fetch_add(1, Ordering::Relaxed);
         self.stats
             .committed_events
@@ -499,4 +546,28 @@ fn random_id() -> Result<String> {
         .fill(&mut bytes)
         .map_err(|_| Error::internal("system random generator failed"))?;
     Ok(hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiting_for_an_offset_ends_when_a_commit_covers_it() {
+        let heads = Arc::new(CommittedHeads::default());
+        assert!(!heads.wait_archived(0, 5, Duration::from_millis(20)).await);
+        let waiter = {
+            let heads = heads.clone();
+            tokio::spawn(async move { heads.wait_archived(0, 5, Duration::from_secs(10)).await })
+        };
+        tokio::task::yield_now().await;
+        heads.advance(0, 5); // covers offsets below 5 only
+        heads.advance(1, 100); // another partition
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        heads.advance(0, 6);
+        assert!(waiter.await.expect("waiter"));
+        heads.advance(0, 3); // never moves back
+        assert!(heads.is_archived(0, 5));
+    }
 }

@@ -13,6 +13,7 @@ use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_core::telemetry::Telemetry;
+use chatvault_ingest_gateway::AckCondition;
 use chatvault_restorer::Restorer;
 use clap::Args;
 use rdkafka::mocking::MockCluster;
@@ -69,16 +70,70 @@ pub async fn gateway_task(
     config: &Config,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
+    ack_condition: Option<Arc<dyn AckCondition>>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    chatvault_ingest_gateway::run(config, grpc_listener, http_listener, shutdown).await?;
+    chatvault_ingest_gateway::run(
+        config,
+        grpc_listener,
+        http_listener,
+        ack_condition,
+        shutdown,
+    )
+    .await?;
     Ok(())
+}
+
+/// Standalone's acknowledgement rule: its Kafka is librdkafka's in-process mock cluster, which dies with the
+/// process (and keeps only about 5 MB per partition), so an event is acknowledged to its sender only once the
+/// archiver committed it to the archive. A `kill -9` then loses nothing acknowledged, and a burst the archiver
+/// cannot keep up with is slowed down (or refused with a retryable error) instead of being lost.
+struct AcknowledgeWhenArchived {
+    stats: Arc<ArchiverStats>,
+    timeout: Duration,
+}
+
+/// How long a standalone acknowledgement may wait for the archive before the sender is told to retry.
+const STANDALONE_ARCHIVE_WAIT: Duration = Duration::from_secs(30);
+
+#[tonic::async_trait]
+impl AckCondition for AcknowledgeWhenArchived {
+    async fn wait(&self, partition: i32, offset: i64) -> chatvault_core::Result<()> {
+        if self
+            .stats
+            .heads
+            .wait_archived(partition, offset, self.timeout)
+            .await
+        {
+            Ok(())
+        } else {
+            Err(chatvault_core::Error::unavailable(format!(
+                "the event reached Kafka but was not archived within {} s; retry (copies collapse by event id)",
+                self.timeout.as_secs()
+            )))
+        }
+    }
 }
 
 pub async fn archiver_task(
     config: &Config,
     shutdown: Shutdown,
     on_shutdown: OnShutdown,
+) -> anyhow::Result<()> {
+    archiver_with_stats(
+        config,
+        shutdown,
+        on_shutdown,
+        Arc::new(ArchiverStats::default()),
+    )
+    .await
+}
+
+async fn archiver_with_stats(
+    config: &Config,
+    shutdown: Shutdown,
+    on_shutdown: OnShutdown,
+    stats: Arc<ArchiverStats>,
 ) -> anyhow::Result<()> {
     let store = object_store_from_config(&config.storage)?;
     let keys = data_keys(config, store.clone())?;
@@ -91,7 +146,7 @@ pub async fn archiver_task(
         },
         store,
         keys,
-        Arc::new(ArchiverStats::default()),
+        stats,
         shutdown,
     )
     .await?;
@@ -169,7 +224,7 @@ pub async fn run_gateway(config: Config) -> anyhow::Result<()> {
         let grpc_listener = bind(&config.gateway.grpc_listen, "gateway.grpc_listen").await?;
         let http_listener = bind(&config.gateway.http_listen, "gateway.http_listen").await?;
         tracing::info!(grpc = %config.gateway.grpc_listen, http = %config.gateway.http_listen, "gateway listening");
-        gateway_task(&config, grpc_listener, http_listener, shutdown.clone()).await
+        gateway_task(&config, grpc_listener, http_listener, None, shutdown.clone()).await
     })
     .await
 }
@@ -337,7 +392,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     if args.config.is_none() {
         config.storage.url = format!("file://{}", data_dir.join("archive").display());
         config.keys.keyring_path = data_dir.join("keyring.json");
-        config.archiver.max_batch_age_ms = 2_000;
+        // Senders wait for the archive (see AcknowledgeWhenArchived): seal batches quickly.
+        config.archiver.max_batch_age_ms = 500;
         config.archiver.session_timeout_ms = 6_000;
         // No load balancer to wait for.
         config.gateway.shutdown_delay_ms = 0;
@@ -384,13 +440,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
 
         println!("chatvault standalone");
         println!(
-            "  NOT DURABLE: Kafka is librdkafka's in-process mock cluster. Events are archived within ~2 s of their"
+            "  Kafka is librdkafka's in-process mock cluster (not durable), so an event is acknowledged only once it"
         );
         println!(
-            "  acknowledgement; a crash before that loses them. Use `chatvault gateway|archiver|restorer` with a real"
+            "  is archived (encrypted Parquet under the data directory): a crash or kill -9 loses nothing acknowledged."
         );
         println!(
-            "  Kafka cluster in production. Ctrl-C (SIGTERM) archives everything acknowledged, then exits."
+            "  Use `chatvault gateway|archiver|restorer` with a real Kafka cluster in production."
         );
         println!(
             "  ingest gRPC   : {}  (chatvault.v1.IngestService, health, reflection)",
@@ -439,16 +495,34 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             }
             result
         };
+        let archiver_stats = Arc::new(ArchiverStats::default());
+        let acknowledge_when_archived: Arc<dyn AckCondition> = Arc::new(AcknowledgeWhenArchived {
+            stats: archiver_stats.clone(),
+            timeout: STANDALONE_ARCHIVE_WAIT,
+        });
         let gateway = async {
             let result = stop_all_on_error(
-                gateway_task(&config, gateway_listener, http_listener, gateway_shutdown).await,
+                gateway_task(
+                    &config,
+                    gateway_listener,
+                    http_listener,
+                    Some(acknowledge_when_archived),
+                    gateway_shutdown,
+                )
+                .await,
             );
             gateway_done.trigger();
             result
         };
         let archiver = async {
             let result = stop_all_on_error(
-                archiver_task(&config, archiver_shutdown, OnShutdown::DrainTopic).await,
+                archiver_with_stats(
+                    &config,
+                    archiver_shutdown,
+                    OnShutdown::DrainTopic,
+                    archiver_stats.clone(),
+                )
+                .await,
             );
             archiver_done.trigger();
             result

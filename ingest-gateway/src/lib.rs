@@ -12,5 +12,5 @@ pub mod server;
 pub mod webhooks;
 
 pub use grpc::IngestGrpc;
-pub use producer::EventProducer;
+pub use producer::{AckCondition, EventProducer};
 pub use server::{run, serve};

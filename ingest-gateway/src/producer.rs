@@ -2,8 +2,10 @@
 //!
 //! The record key is `<tenant>/<conversation>` so a conversation keeps its order on one partition; the value is
 //! the protobuf-encoded `ChatEvent`. A produce succeeds only when the broker acknowledged the record with
-//! `acks=all` (idempotent producer, see `chatvault_core::kafka::producer_config`).
+//! `acks=all` (idempotent producer, see `chatvault_core::kafka::producer_config`), and, where the deployment
+//! sets one, once an [`AckCondition`] holds for the record (standalone: once it is archived).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatvault_core::config::{GatewayConfig, KafkaConfig};
@@ -23,21 +25,38 @@ use tracing::Instrument;
 pub const SCHEMA_HEADER: &str = "chatvault-schema";
 pub const SCHEMA_NAME: &str = "chatvault.v1.ChatEvent";
 
+/// What must hold for a record, beyond Kafka's acknowledgement, before its event is acknowledged to the
+/// sender. Standalone's Kafka lives in the process and dies with it, so there an event is acknowledged only
+/// once the archive holds it; a Kafka cluster that outlives the gateway needs no condition.
+#[tonic::async_trait]
+pub trait AckCondition: Send + Sync {
+    /// Waits until the record at `offset` of `partition` may be acknowledged; an error (retryable, so the
+    /// sender retries and the event id collapses the copies) when it cannot be in time.
+    async fn wait(&self, partition: i32, offset: i64) -> Result<()>;
+}
+
 /// A produce that was accepted into librdkafka's queue and now waits for the broker's acknowledgement.
 pub struct PendingDelivery {
     future: DeliveryFuture,
+    condition: Option<Arc<dyn AckCondition>>,
 }
 
 impl PendingDelivery {
-    /// Waits for the acknowledgement. UNAVAILABLE when the record could not be delivered within the delivery
-    /// timeout (broker unreachable) or the producer shut down.
+    /// Waits for the acknowledgement (and the [`AckCondition`], if any). UNAVAILABLE when the record could not
+    /// be delivered within the delivery timeout (broker unreachable) or the producer shut down.
     pub async fn acknowledged(self) -> Result<()> {
-        match self.future.await {
-            Ok(Ok(_delivery)) => Ok(()),
-            Ok(Err((error, _message))) => Err(map_kafka_error(&error)),
-            Err(_canceled) => Err(Error::unavailable(
-                "the gateway is shutting down; the event was not acknowledged",
-            )),
+        let (partition, offset) = match self.future.await {
+            Ok(Ok(delivery)) => (delivery.partition, delivery.offset),
+            Ok(Err((error, _message))) => return Err(map_kafka_error(&error)),
+            Err(_canceled) => {
+                return Err(Error::unavailable(
+                    "the gateway is shutting down; the event was not acknowledged",
+                ));
+            }
+        };
+        match &self.condition {
+            Some(condition) => condition.wait(partition, offset).await,
+            None => Ok(()),
         }
     }
 }
@@ -46,6 +65,7 @@ impl PendingDelivery {
 pub struct EventProducer {
     producer: FutureProducer,
     topic: String,
+    condition: Option<Arc<dyn AckCondition>>,
 }
 
 impl std::fmt::Debug for EventProducer {
@@ -64,7 +84,14 @@ impl EventProducer {
         Ok(EventProducer {
             producer,
             topic: kafka.topic.clone(),
+            condition: None,
         })
+    }
+
+    /// Acknowledges events only once `condition` holds for their records (see [`AckCondition`]).
+    pub fn with_ack_condition(mut self, condition: Arc<dyn AckCondition>) -> EventProducer {
+        self.condition = Some(condition);
+        self
     }
 
     /// Enqueues `event` without waiting: RESOURCE_EXHAUSTED when librdkafka's queue is full (the caller should
@@ -92,7 +119,10 @@ impl EventProducer {
             .payload(&payload)
             .headers(headers);
         match self.producer.send_result(record) {
-            Ok(future) => Ok(PendingDelivery { future }),
+            Ok(future) => Ok(PendingDelivery {
+                future,
+                condition: self.condition.clone(),
+            }),
             Err((error, _record)) => Err(map_kafka_error(&error)),
         }
     }

@@ -136,14 +136,19 @@ async fn flush(producer: &EventProducer) {
 }
 
 /// The whole gateway from its configuration: gRPC on `grpc_listener`, webhooks and `/healthz` on
-/// `http_listener`, one producer and one shutdown sequence for both (see the module documentation).
+/// `http_listener`, one producer and one shutdown sequence for both (see the module documentation). Events
+/// are acknowledged once Kafka acknowledged them and, when given, `ack_condition` holds (standalone: archived).
 pub async fn run(
     config: &chatvault_core::config::Config,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
+    ack_condition: Option<std::sync::Arc<dyn crate::producer::AckCondition>>,
     shutdown: Shutdown,
 ) -> Result<()> {
-    let producer = EventProducer::new(&config.kafka, &config.gateway)?;
+    let mut producer = EventProducer::new(&config.kafka, &config.gateway)?;
+    if let Some(condition) = ack_condition {
+        producer = producer.with_ack_condition(condition);
+    }
     let integrations = config
         .gateway
         .webhooks

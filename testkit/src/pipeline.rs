@@ -122,7 +122,7 @@ pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
     let (trigger, shutdown) = shutdown::channel();
     let config = config.clone();
     let task = tokio::spawn(async move {
-        chatvault_ingest_gateway::run(&config, listener, http_listener, shutdown).await?;
+        chatvault_ingest_gateway::run(&config, listener, http_listener, None, shutdown).await?;
         Ok(())
     });
     Ok(RunningRole {
