@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::manifest::{OffsetGap, RejectedRecord};
+use chatvault_core::archive::manifest::OffsetGap;
 use chatvault_core::time::Date;
 
 /// The batch a partition is filling.
@@ -21,7 +21,7 @@ pub struct OpenBatch {
     /// Offset after the last record added.
     pub end_offset: i64,
     pub events: Vec<ArchivedEvent>,
-    pub rejected: Vec<RejectedRecord>,
+    pub rejected: Vec<Rejected>,
     /// Offsets of the range that Kafka did not deliver (see [`OffsetGap`]).
     pub offset_gaps: Vec<OffsetGap>,
     pub bytes: usize,
@@ -29,6 +29,15 @@ pub struct OpenBatch {
     /// `traceparent` headers of the first traced records (at most [`MAX_TRACED_RECORDS`]): the batch's span
     /// continues the first one's trace and links to the others.
     pub traces: Vec<String>,
+}
+
+/// A record that can never be archived, with its reason and its bytes (for the dead-letter topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub offset: i64,
+    pub reason: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
 }
 
 /// Traced records a batch remembers: one parent plus links, enough to find a batch from the traces of its
@@ -84,10 +93,11 @@ impl OpenBatch {
         self.events.push(event);
     }
 
-    pub fn push_rejected(&mut self, offset: i64, reason: String) {
-        self.note_gap(offset);
-        self.end_offset = offset + 1;
-        self.rejected.push(RejectedRecord { offset, reason });
+    pub fn push_rejected(&mut self, rejected: Rejected) {
+        self.note_gap(rejected.offset);
+        self.end_offset = rejected.offset + 1;
+        self.bytes += rejected.value.len() + rejected.key.as_ref().map_or(0, Vec::len);
+        self.rejected.push(rejected);
     }
 
     /// Closes the batch; the next one starts at `end_offset` with sequence number `seq + 1`.
@@ -116,7 +126,7 @@ pub struct SealedBatch {
     pub start_offset: i64,
     pub end_offset: i64,
     pub events: Vec<ArchivedEvent>,
-    pub rejected: Vec<RejectedRecord>,
+    pub rejected: Vec<Rejected>,
     pub offset_gaps: Vec<OffsetGap>,
     pub bytes: usize,
     /// See [`OpenBatch::traces`].
@@ -190,7 +200,12 @@ mod tests {
         assert!(batch.is_empty());
         batch.push_event(event("a", "e1", day, 103), 10);
         assert_eq!(batch.offset_gaps, vec![OffsetGap { from: 100, to: 103 }]);
-        batch.push_rejected(104, "not a ChatEvent".into());
+        batch.push_rejected(Rejected {
+            offset: 104,
+            reason: "not a ChatEvent".into(),
+            key: None,
+            value: vec![1, 2],
+        });
         batch.push_event(event("b", "e2", day, 105), 10);
         batch.push_event(event("a", "e3", 2 * day + 1, 106), 10);
         batch.push_event(event("a", "e1", day, 107), 10);

@@ -22,6 +22,7 @@ use chatvault_core::archive::file::FileOptions;
 use chatvault_core::archive::manifest::ChainHead;
 use chatvault_core::config::{ArchiverConfig, KafkaConfig, OffsetGapPolicy};
 use chatvault_core::error::{Error, Result};
+use chatvault_core::event::is_valid_tenant_id;
 use chatvault_core::kafka::consumer_config;
 use chatvault_core::keys::DataKeys;
 use chatvault_core::metrics::metrics;
@@ -37,8 +38,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{MAX_TRACED_RECORDS, OpenBatch, SealedBatch};
+use crate::batch::{MAX_TRACED_RECORDS, OpenBatch, Rejected, SealedBatch};
 use crate::crash::crash_point;
+use crate::dead_letter::DeadLetterProducer;
 use crate::gaps::{self, GapCheck, GapVerdict};
 use crate::state::{PartitionState, SharedPartitions};
 use crate::writer::{ArchiverStats, Writer};
@@ -285,6 +287,19 @@ impl Archiver {
         shutdown: Shutdown,
     ) -> Result<()> {
         let topic = options.kafka.topic.clone();
+        let dead_letters = {
+            let (kafka, dead_letter_topic) = (
+                options.kafka.clone(),
+                options.config.dead_letter_topic(&options.kafka),
+            );
+            tokio::task::spawn_blocking(move || {
+                DeadLetterProducer::connect(&kafka, &dead_letter_topic)
+            })
+            .await
+            .map_err(|error| {
+                Error::internal(format!("checking the dead-letter topic: {error}"))
+            })??
+        };
         let partitions = SharedPartitions::default();
         let chain = ChainWriter::new(store.clone(), &topic);
         // `abandon` fires `shutdown_timeout_ms` after shutdown was requested: uploads and retries stop there.
@@ -334,6 +349,7 @@ impl Archiver {
                 row_group_bytes: options.config.row_group_bytes,
                 ..FileOptions::default()
             },
+            dead_letters,
             stats: stats.clone(),
             abandon: abandon.clone(),
         };
@@ -822,8 +838,24 @@ impl Poller {
             state.open.traces.push(traceparent);
         }
         let payload = message.payload().unwrap_or_default();
+        let reject = |reason: String| Rejected {
+            offset,
+            reason,
+            key: message.key().map(<[u8]>::to_vec),
+            value: payload.to_vec(),
+        };
         match ChatEvent::decode(payload) {
-            Ok(event) if !event.tenant_id.is_empty() && !event.event_id.is_empty() => {
+            Ok(event) if event.tenant_id.is_empty() || event.event_id.is_empty() => state
+                .open
+                .push_rejected(reject("record lacks tenant_id or event_id".into())),
+            // A tenant id names storage paths and keys: one the gateway would refuse is never archived.
+            Ok(event) if !is_valid_tenant_id(&event.tenant_id) => {
+                state.open.push_rejected(reject(format!(
+                    "tenant_id {:?} is not a valid tenant id ([a-z0-9][a-z0-9_-]{{0,63}})",
+                    event.tenant_id.chars().take(80).collect::<String>()
+                )))
+            }
+            Ok(event) => {
                 state.open.push_event(
                     ArchivedEvent {
                         event,
@@ -833,13 +865,9 @@ impl Poller {
                     payload.len(),
                 );
             }
-            Ok(_) => state
-                .open
-                .push_rejected(offset, "record lacks tenant_id or event_id".into()),
-            Err(error) => state.open.push_rejected(
-                offset,
-                format!("record is not a chatvault.v1.ChatEvent: {error}"),
-            ),
+            Err(error) => state.open.push_rejected(reject(format!(
+                "record is not a chatvault.v1.ChatEvent: {error}"
+            ))),
         }
         drop(partitions);
         crash_point("mid_batch");

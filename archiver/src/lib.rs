@@ -6,6 +6,7 @@
 //!   partition's chain head from storage and seeking there), fills one open [`batch::OpenBatch`] per partition
 //!   and seals it by size, count or age.
 //! - [`batch`]: open and sealed batches, and the grouping of rows into files by (tenant, date).
+//! - [`dead_letter`]: the dead-letter topic for records that can never be archived.
 //! - [`gaps`]: whether offsets Kafka did not deliver may be committed as a gap (only when the broker deleted
 //!   them).
 //! - [`writer`]: the async commit stage: encode, upload, conditional manifest create, then the Kafka offset.
@@ -18,6 +19,7 @@
 pub mod batch;
 pub mod consumer;
 pub mod crash;
+pub mod dead_letter;
 pub mod gaps;
 pub mod state;
 pub mod writer;

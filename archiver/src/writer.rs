@@ -16,9 +16,10 @@ use chatvault_core::archive::chain::{Abandoned, ChainWriter, Commit};
 use chatvault_core::archive::file::{EncodedFile, FileOptions, encode_file};
 use chatvault_core::archive::layout;
 use chatvault_core::archive::manifest::{
-    ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile, PendingIntent,
+    ChainHead, DeadLetter, MANIFEST_FORMAT, Manifest, ManifestFile, PendingIntent, RejectedRecord,
 };
-use chatvault_core::error::{Error, Result};
+use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::event::kafka_key;
 use chatvault_core::keys::{DataKey, DataKeys};
 use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::shutdown::Shutdown;
@@ -27,14 +28,16 @@ use chatvault_core::time::{Date, now_micros};
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use prost::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::batch::{SealedBatch, group_into_files};
+use crate::batch::{Rejected, SealedBatch, group_into_files};
 use crate::consumer::ArchiverConsumer;
 use crate::crash::crash_point;
+use crate::dead_letter::DeadLetterProducer;
 use crate::state::SharedPartitions;
 
 const UPLOAD_CONCURRENCY: usize = 8;
@@ -108,6 +111,16 @@ struct PreparedFile {
     bytes: bytes::Bytes,
 }
 
+/// A batch ready to upload: its files, and the records it commits as rejected.
+struct Prepared {
+    batch_id: String,
+    files: Vec<PreparedFile>,
+    /// The batch's undecodable records plus the events of tenants that can never be archived here.
+    rejected: Vec<Rejected>,
+    /// Each rejected record's copy in the dead-letter topic, once produced (kept across commit retries).
+    dead_letters: Option<Vec<DeadLetter>>,
+}
+
 pub(crate) struct Writer {
     pub store: Arc<dyn ObjectStore>,
     pub chain: ChainWriter,
@@ -117,6 +130,7 @@ pub(crate) struct Writer {
     pub topic: String,
     pub writer_id: String,
     pub file_options: FileOptions,
+    pub dead_letters: DeadLetterProducer,
     pub stats: Arc<ArchiverStats>,
     /// Fires at the shutdown deadline: retries stop and batches not committed yet are abandoned.
     pub abandon: Shutdown,
@@ -150,7 +164,7 @@ impl Writer {
         }
         let batch = Arc::new(batch);
         let mut backoff = Duration::from_millis(100);
-        let mut prepared: Option<(String, Vec<PreparedFile>)> = None;
+        let mut prepared: Option<Prepared> = None;
         loop {
             if self.abandon.is_triggered() {
                 // Uploaded files of an uncommitted batch are orphans the next owner removes.
@@ -165,8 +179,9 @@ impl Writer {
                 return;
             }
             if !self.is_current(&batch) {
-                if let Some((batch_id, files)) = &prepared {
-                    self.give_up(&batch, batch_id, files).await;
+                if let Some(prepared) = &prepared {
+                    self.give_up(&batch, &prepared.batch_id, &prepared.files)
+                        .await;
                 }
                 return;
             }
@@ -184,10 +199,12 @@ impl Writer {
                     }
                 }
             }
-            let Some((batch_id, files)) = &prepared else {
+            let Some(ready) = prepared.as_mut() else {
                 continue;
             };
-            match self.upload_and_commit(&batch, batch_id, files).await {
+            let committed = self.upload_and_commit(&batch, ready).await;
+            let (batch_id, files) = (&ready.batch_id, &ready.files);
+            match committed {
                 Ok(Outcome::Committed(sha)) => {
                     self.after_commit(&batch, sha.clone(), files).await;
                     let _ = self.chain.delete_intent(batch.partition, batch_id).await;
@@ -231,28 +248,57 @@ impl Writer {
         }
     }
 
-    /// Fetches data keys and encodes the batch's files (CPU-bound, on the blocking pool).
-    async fn prepare(&self, batch: &Arc<SealedBatch>) -> Result<(String, Vec<PreparedFile>)> {
+    /// Fetches data keys and encodes the batch's files (CPU-bound, on the blocking pool). The events of a
+    /// (tenant, month) whose data key can never be had here (no key-encryption key, and the key provider
+    /// refuses to create one) become rejected records for the dead-letter topic; any other key failure is
+    /// transient and fails the whole preparation, to be retried.
+    async fn prepare(&self, batch: &Arc<SealedBatch>) -> Result<Prepared> {
         let mut keys: HashMap<(String, String), DataKey> = HashMap::new();
+        let mut refused: HashMap<(String, String), String> = HashMap::new();
         for archived in &batch.events {
             let period = Date::from_micros(archived.event.occurred_at_micros).month_period();
             let id = (archived.event.tenant_id.clone(), period);
-            if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(id) {
-                let (tenant, period) = slot.key();
-                let key = self.data_keys.get_or_create(tenant, period).await?;
-                slot.insert(key);
+            if keys.contains_key(&id) || refused.contains_key(&id) {
+                continue;
+            }
+            match self.data_keys.get_or_create(&id.0, &id.1).await {
+                Ok(key) => {
+                    keys.insert(id, key);
+                }
+                Err(error) if is_permanent_key_failure(&error) => {
+                    tracing::error!(partition = batch.partition, tenant = %id.0, period = %id.1, %error,
+                        "no data key can be had for this tenant's events: they go to the dead-letter topic");
+                    refused.insert(id, error.message().to_string());
+                }
+                Err(error) => return Err(error),
             }
         }
+        let mut rejected = batch.rejected.clone();
+        for archived in &batch.events {
+            let event = &archived.event;
+            let period = Date::from_micros(event.occurred_at_micros).month_period();
+            if let Some(reason) = refused.get(&(event.tenant_id.clone(), period)) {
+                rejected.push(Rejected {
+                    offset: archived.kafka_offset,
+                    reason: reason.clone(),
+                    key: Some(kafka_key(&event.tenant_id, &event.conversation_id)),
+                    value: event.encode_to_vec(),
+                });
+            }
+        }
+        rejected.sort_by_key(|record| record.offset);
         let batch_id = random_id()?;
         let encode_batch = batch.clone();
         let options = self.file_options.clone();
         let encode_batch_id = batch_id.clone();
         let files = tokio::task::spawn_blocking(move || -> Result<Vec<PreparedFile>> {
             let mut prepared = Vec::new();
-            for (index, mut group) in group_into_files(&encode_batch.events)
+            let groups = group_into_files(&encode_batch.events)
                 .into_iter()
-                .enumerate()
-            {
+                .filter(|group| {
+                    keys.contains_key(&(group.tenant_id.to_string(), group.date.month_period()))
+                });
+            for (index, mut group) in groups.enumerate() {
                 let period = group.date.month_period();
                 let key = keys
                     .get(&(group.tenant_id.to_string(), period.clone()))
@@ -282,15 +328,46 @@ impl Writer {
         })
         .await
         .map_err(|error| Error::internal(format!("encoding task failed: {error}")))??;
-        Ok((batch_id, files))
+        Ok(Prepared {
+            batch_id,
+            files,
+            rejected,
+            dead_letters: None,
+        })
+    }
+
+    /// Produces the batch's rejected records to the dead-letter topic (once; kept across commit retries).
+    async fn dead_letter(&self, batch: &SealedBatch, prepared: &mut Prepared) -> Result<()> {
+        if prepared.dead_letters.is_some() {
+            return Ok(());
+        }
+        let mut copies = Vec::with_capacity(prepared.rejected.len());
+        for record in &prepared.rejected {
+            copies.push(
+                self.dead_letters
+                    .produce(&self.topic, batch.partition, record)
+                    .await?,
+            );
+        }
+        if !copies.is_empty() {
+            tracing::warn!(
+                partition = batch.partition,
+                records = copies.len(),
+                "records that can never be archived were produced to the dead-letter topic"
+            );
+        }
+        prepared.dead_letters = Some(copies);
+        Ok(())
     }
 
     async fn upload_and_commit(
         &self,
         batch: &SealedBatch,
-        batch_id: &str,
-        files: &[PreparedFile],
+        prepared: &mut Prepared,
     ) -> Result<Outcome> {
+        // Before anything else: a rejected record is committed only with its dead-letter copy.
+        self.dead_letter(batch, prepared).await?;
+        let (batch_id, files) = (prepared.batch_id.as_str(), &prepared.files);
         let prev_sha256 = {
             let partitions = self.partitions.lock();
             let Some(state) = partitions.get(&batch.partition) else {
@@ -368,7 +445,16 @@ impl Writer {
             created_at_micros: now_micros(),
             prev_sha256,
             files: files.iter().map(|f| f.manifest_entry.clone()).collect(),
-            rejected_records: batch.rejected.clone(),
+            rejected_records: prepared
+                .rejected
+                .iter()
+                .zip(prepared.dead_letters.iter().flatten())
+                .map(|(record, copy)| RejectedRecord {
+                    offset: record.offset,
+                    reason: record.reason.clone(),
+                    dead_letter: Some(copy.clone()),
+                })
+                .collect(),
             offset_gaps: batch.offset_gaps.clone(),
         };
         let commit_span = tracing::info_span!(
@@ -537,6 +623,16 @@ fn batch_span(batch: &SealedBatch) -> tracing::Span {
     );
     continue_batch_traces(&span, &batch.traces);
     span
+}
+
+/// A key failure that retrying cannot fix: the key provider refuses this tenant (for example a read-only
+/// keyring without its key-encryption key). Everything else (storage or the provider unreachable, a corrupt
+/// key record) is retried: giving up on those would reject records that become archivable in a moment.
+fn is_permanent_key_failure(error: &Error) -> bool {
+    matches!(
+        error.code(),
+        ErrorCode::PermissionDenied | ErrorCode::InvalidArgument
+    )
 }
 
 fn random_id() -> Result<String> {

@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     for run in 0..RUNS {
         let topic = format!("bench-archiver-{run}");
         cluster.create_topic(&topic, PARTITIONS, 1)?;
+        cluster.create_topic(&format!("{topic}.dead-letter"), 1, 1)?;
         // The backlog.
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
@@ -118,10 +119,8 @@ fn main() -> anyhow::Result<()> {
         trigger.trigger();
         runtime.block_on(task)??;
         let rejected: usize = runtime.block_on(async {
-            let log = chatvault_core::archive::chain::ChainReader::new(
-                store_for_check.clone(),
-                &topic,
-            );
+            let log =
+                chatvault_core::archive::chain::ChainReader::new(store_for_check.clone(), &topic);
             let mut rejected = 0;
             for partition in log.partitions().await? {
                 for seq in log.list_seqs(partition, None).await? {

@@ -307,7 +307,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                 loaded.keys.keyring_path = dir.join("keyring.json");
             }
             let store = object_store_from_config(&loaded.storage)?;
-            let keys = DataKeys::with_local_keyring(store, &loaded.keys.keyring_path)?;
+            let keys = DataKeys::from_config(store, &loaded.keys)?;
             let key = keys.get(&tenant, &period).await?;
             tracing::warn!(tenant = %tenant, period = %period, dek_id = %key.dek_id, "data key exported");
             println!(

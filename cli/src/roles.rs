@@ -59,10 +59,7 @@ fn data_keys(
     config: &Config,
     store: Arc<dyn object_store::ObjectStore>,
 ) -> anyhow::Result<DataKeys> {
-    Ok(DataKeys::with_local_keyring(
-        store,
-        &config.keys.keyring_path,
-    )?)
+    Ok(DataKeys::from_config(store, &config.keys)?)
 }
 
 /// The gateway: gRPC on `grpc_listener`, webhooks and `/healthz` on `http_listener`.
@@ -430,6 +427,9 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         mock_cluster
             .create_topic(&config.kafka.topic, args.partitions, 1)
             .context("creating the topic on the mock cluster")?;
+        mock_cluster
+            .create_topic(&config.archiver.dead_letter_topic(&config.kafka), 1, 1)
+            .context("creating the dead-letter topic on the mock cluster")?;
         config.kafka.brokers = mock_cluster.bootstrap_servers();
         config.validate()?;
         continue_offsets_from_archive(&config, args.partitions).await?;

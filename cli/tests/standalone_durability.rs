@@ -77,6 +77,7 @@ fn archive_config(data_dir: &Path) -> Config {
         },
         keys: KeysConfig {
             keyring_path: data_dir.join("keyring.json"),
+            ..Default::default()
         },
         ..Default::default()
     }

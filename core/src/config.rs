@@ -84,12 +84,17 @@ pub struct KeysConfig {
     /// The local keyring holding each tenant's key-encryption key; created on first use with mode 0600.
     /// Default `./chatvault-data/keyring.json`.
     pub keyring_path: PathBuf,
+    /// Never write the keyring (a Secret mounted by several pods, which must not each create keys). Records of
+    /// a tenant it holds no key for are rejected to the dead-letter topic. Default false; the Helm chart sets
+    /// it.
+    pub keyring_read_only: bool,
 }
 
 impl Default for KeysConfig {
     fn default() -> Self {
         KeysConfig {
             keyring_path: PathBuf::from("./chatvault-data/keyring.json"),
+            keyring_read_only: false,
         }
     }
 }
@@ -254,6 +259,11 @@ pub struct ArchiverConfig {
     /// Estimated encoded bytes (before compression) per Parquet row group at most. Every column chunk is one
     /// data page (so DuckDB can decrypt it), so this bounds pages too. Default 16 MiB.
     pub row_group_bytes: usize,
+    /// Kafka topic for records that can never be archived (not a chat event, an invalid tenant id, a tenant
+    /// without a key-encryption key): the archiver produces each there, with its reason, before committing it
+    /// as a rejected record, so an operator can inspect and replay it. Must exist. Default
+    /// `<kafka.topic>.dead-letter`.
+    pub dead_letter_topic: String,
     /// Which offsets Kafka did not deliver may be committed as gaps: `confirm` (default) only those the
     /// broker's log-start offset shows deleted, refetching and then halting the partition otherwise; `allow`
     /// every gap, for compacted topics and transactional producers.
@@ -280,6 +290,7 @@ impl Default for ArchiverConfig {
             row_group_rows: 65_536,
             row_group_bytes: 16 * 1024 * 1024,
             offset_gaps: OffsetGapPolicy::Confirm,
+            dead_letter_topic: String::new(),
             session_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,
         }
@@ -296,6 +307,15 @@ pub enum OffsetGapPolicy {
 }
 
 impl ArchiverConfig {
+    /// [`Self::dead_letter_topic`], or its default for `kafka`'s topic.
+    pub fn dead_letter_topic(&self, kafka: &KafkaConfig) -> String {
+        if self.dead_letter_topic.is_empty() {
+            format!("{}.dead-letter", kafka.topic)
+        } else {
+            self.dead_letter_topic.clone()
+        }
+    }
+
     pub fn max_batch_age(&self) -> Duration {
         Duration::from_millis(self.max_batch_age_ms)
     }

@@ -50,6 +50,19 @@ pub fn producer_config(kafka: &KafkaConfig, gateway: &GatewayConfig) -> ClientCo
     config
 }
 
+/// The archiver's dead-letter producer: idempotent, acknowledged by all in-sync replicas; it never creates the
+/// topic (the archiver checks that it exists).
+pub fn dead_letter_producer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = base(kafka);
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("allow.auto.create.topics", "false")
+        .set("message.timeout.ms", "30000")
+        .set("linger.ms", "5");
+    config
+}
+
 /// The archiver's consumer: offsets are stored and committed only after the manifest commit, and the manifest,
 /// not Kafka, is the source of truth on assignment.
 pub fn consumer_config(kafka: &KafkaConfig, archiver: &ArchiverConfig) -> ClientConfig {

@@ -24,6 +24,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::layout;
+use crate::config::KeysConfig;
 use crate::error::{Error, ErrorCode, Result};
 use crate::time::now_micros;
 
@@ -65,14 +66,30 @@ pub struct LocalKeyring {
     path: PathBuf,
     state: Mutex<KeyringFile>,
     rng: SystemRandom,
+    /// Never written: a tenant without a key-encryption key cannot get one here (see
+    /// [`LocalKeyring::open_read_only`]).
+    read_only: bool,
 }
 
 impl LocalKeyring {
+    /// The keyring at `path`, which creates a tenant's key-encryption key on first use.
     pub fn open(path: &Path) -> Result<LocalKeyring> {
+        Self::open_with(path, false)
+    }
+
+    /// The keyring at `path`, never written (a mounted Secret shared by several pods: if each created keys, they
+    /// would diverge). A tenant it holds no key for is refused with PERMISSION_DENIED, a permanent condition
+    /// for the archiver: such records are rejected to the dead-letter topic instead of retried forever.
+    pub fn open_read_only(path: &Path) -> Result<LocalKeyring> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, read_only: bool) -> Result<LocalKeyring> {
         let keyring = LocalKeyring {
             path: path.to_path_buf(),
             state: Mutex::new(KeyringFile::default()),
             rng: SystemRandom::new(),
+            read_only,
         };
         let state = keyring.read_file()?;
         *keyring
@@ -130,6 +147,26 @@ impl LocalKeyring {
     /// Creates the tenant's KEK unless another process or instance sharing the file already did. Serialized
     /// across processes by an exclusive lock on `<keyring>.lock`, and decided on the file's current content.
     fn create_kek(&self, tenant: &str) -> Result<KeyringFile> {
+        let cannot_create = |why: String| {
+            Error::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "keyring {} holds no key-encryption key for tenant {tenant} and cannot create one: {why}",
+                    self.path.display()
+                ),
+            )
+        };
+        if self.read_only {
+            return Err(cannot_create(
+                "it is read-only (keys.keyring_read_only); add the tenant's key to it".into(),
+            ));
+        }
+        let not_writable = |error: &std::io::Error| {
+            matches!(
+                error.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            )
+        };
         if let Some(parent) = self.path.parent() {
             std::fs::create_dir_all(parent).map_err(|error| {
                 Error::unavailable(format!("creating {}: {error}", parent.display()))
@@ -142,7 +179,11 @@ impl LocalKeyring {
             .truncate(false)
             .open(&lock_path)
             .map_err(|error| {
-                Error::unavailable(format!("opening {}: {error}", lock_path.display()))
+                if not_writable(&error) {
+                    cannot_create(format!("{} is not writable ({error})", lock_path.display()))
+                } else {
+                    Error::unavailable(format!("opening {}: {error}", lock_path.display()))
+                }
             })?;
         lock_file.lock().map_err(|error| {
             Error::unavailable(format!("locking {}: {error}", lock_path.display()))
@@ -341,7 +382,17 @@ pub struct DataKeys {
 }
 
 impl DataKeys {
-    /// Data keys wrapped by the local keyring at `keyring_path` (the default key provider).
+    /// Data keys wrapped by the local keyring that `keys` configures (the default key provider).
+    pub fn from_config(store: Arc<dyn ObjectStore>, keys: &KeysConfig) -> Result<DataKeys> {
+        let keyring = if keys.keyring_read_only {
+            LocalKeyring::open_read_only(&keys.keyring_path)?
+        } else {
+            LocalKeyring::open(&keys.keyring_path)?
+        };
+        Ok(DataKeys::new(store, Arc::new(keyring)))
+    }
+
+    /// Data keys wrapped by the (writable) local keyring at `keyring_path`.
     pub fn with_local_keyring(
         store: Arc<dyn ObjectStore>,
         keyring_path: &Path,

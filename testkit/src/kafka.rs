@@ -1,6 +1,6 @@
 //! librdkafka's mock cluster: a Kafka-protocol broker on loopback TCP, in-process. Not durable; enough for
 //! produce, consumer groups and offset commits. Set `CHATVAULT_TEST_KAFKA_BROKERS` to run against a real
-//! broker instead (the topic must then exist).
+//! broker instead (the topic and its dead-letter topic must then exist).
 
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ pub struct TestKafka {
 }
 
 impl TestKafka {
-    /// A mock cluster of `brokers` brokers with `topic` of `partitions` partitions.
+    /// A mock cluster of 3 brokers with `topic` of `partitions` partitions and its dead-letter topic
+    /// (`<topic>.dead-letter`, one partition).
     pub fn start(topic: &str, partitions: i32) -> anyhow::Result<TestKafka> {
         if let Ok(brokers) = std::env::var("CHATVAULT_TEST_KAFKA_BROKERS") {
             return Ok(TestKafka {
@@ -26,6 +27,7 @@ impl TestKafka {
         }
         let cluster = MockCluster::new(3)?;
         cluster.create_topic(topic, partitions, 3)?;
+        cluster.create_topic(&format!("{topic}.dead-letter"), 1, 3)?;
         Ok(TestKafka {
             brokers: cluster.bootstrap_servers(),
             _cluster: Some(cluster),

@@ -135,10 +135,7 @@ pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
 
 pub fn data_keys(config: &Config) -> anyhow::Result<DataKeys> {
     let store = object_store_from_config(&config.storage)?;
-    Ok(DataKeys::with_local_keyring(
-        store,
-        &config.keys.keyring_path,
-    )?)
+    Ok(DataKeys::from_config(store, &config.keys)?)
 }
 
 pub async fn start_archiver(
@@ -146,7 +143,7 @@ pub async fn start_archiver(
     writer_id: &str,
 ) -> anyhow::Result<(RunningRole, Arc<ArchiverStats>)> {
     let store = object_store_from_config(&config.storage)?;
-    let keys = DataKeys::with_local_keyring(store.clone(), &config.keys.keyring_path)?;
+    let keys = DataKeys::from_config(store.clone(), &config.keys)?;
     let stats = Arc::new(ArchiverStats::default());
     let (trigger, shutdown) = shutdown::channel();
     let options = ArchiverOptions {
@@ -175,7 +172,7 @@ pub async fn start_restorer(config: &Config) -> anyhow::Result<RunningRole> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let store = object_store_from_config(&config.storage)?;
-    let keys = DataKeys::with_local_keyring(store.clone(), &config.keys.keyring_path)?;
+    let keys = DataKeys::from_config(store.clone(), &config.keys)?;
     let restorer = Arc::new(Restorer::new(
         store,
         keys,

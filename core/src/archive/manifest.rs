@@ -91,10 +91,24 @@ impl ManifestFile {
     }
 }
 
+/// A record of the covered range that can never be archived, with why. Its bytes are in the dead-letter topic
+/// (`dead_letter`), where an operator can inspect them and, once the cause is fixed (for example the tenant's
+/// key added), produce them to the topic again.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RejectedRecord {
     pub offset: i64,
     pub reason: String,
+    /// Where the record's key and value were produced (absent in manifests written before dead-lettering).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetter>,
+}
+
+/// A record's copy in the dead-letter topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// An upload intent: the files a writer is about to upload for sequence number `seq`.
