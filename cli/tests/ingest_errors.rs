@@ -225,3 +225,125 @@ async fn unreachable_kafka_is_unavailable_and_a_full_queue_is_resource_exhausted
     gateway.stop().await?;
     Ok(())
 }
+
+/// Issue 8, point 7: the gateway used to decode up to 64 MiB of a message before it looked at the token, and
+/// served any number of calls. Now the token is checked from the headers before the message is read, messages
+/// are decoded only up to `gateway.max_grpc_message_bytes`, and at most `gateway.max_grpc_calls` calls are in
+/// flight (RESOURCE_EXHAUSTED beyond, before their messages are read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_admitted_by_token_and_bounded_before_their_message_is_read()
+-> anyhow::Result<()> {
+    let kafka = TestKafka::start(TOPIC, 2)?;
+    let s3 = S3Server::start("archive").await?;
+    let keyring = tempfile::tempdir()?;
+    let mut config = test_config(
+        &kafka.brokers,
+        s3.storage_config(),
+        &keyring.path().join("keyring.json"),
+    );
+    config.gateway.max_grpc_message_bytes = 1024 * 1024;
+    config.gateway.max_grpc_calls = 2;
+    config.validate()?;
+    let gateway = start_gateway(&config).await?;
+    let mut client = ingest_client(&gateway.endpoint()).await?;
+
+    // A 2.2 MB batch: over the message limit.
+    let events: Vec<ChatEvent> = (0..2_000)
+        .map(|i| ChatEvent {
+            message_id: format!("m{i}"),
+            text: "x".repeat(1_000),
+            ..valid_event()
+        })
+        .collect();
+    let oversized = IngestBatchRequest { events };
+    // Without a known token it is refused as unauthenticated: the message was never decoded (decoding it
+    // would have failed on its size first).
+    let status = client
+        .ingest_batch(authorized(oversized.clone(), "not-a-token"))
+        .await
+        .expect_err("unknown token");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = client
+        .ingest_batch(tonic::Request::new(oversized.clone()))
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // With a token, decoding stops at the limit, which the error names.
+    let status = client
+        .ingest_batch(authorized(oversized, INGEST_TOKEN))
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("1048576"), "{}", status.message());
+    assert_eq!(record_count(&kafka.brokers, TOPIC)?, 0);
+
+    // Two streams held open take both call slots: a third call is refused at once, before its message is
+    // read, and admitted again once a slot is free.
+    let mut open_streams = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..2 {
+        let (sender, receiver) = tokio::sync::mpsc::channel::<IngestRequest>(1);
+        let mut stream_client = client.clone();
+        let call = tokio::spawn(async move {
+            stream_client
+                .ingest_stream(authorized(
+                    tokio_stream::wrappers::ReceiverStream::new(receiver),
+                    INGEST_TOKEN,
+                ))
+                .await
+        });
+        senders.push(sender);
+        open_streams.push(call);
+    }
+    for (index, sender) in senders.iter().enumerate() {
+        sender
+            .send(IngestRequest {
+                event: Some(ChatEvent {
+                    message_id: format!("stream-{index}"),
+                    ..valid_event()
+                }),
+            })
+            .await?;
+    }
+    // Both streams are under way (each holding its slot until it ends) once their first events are in Kafka.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while record_count(&kafka.brokers, TOPIC)? < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the streams' first events never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = client
+        .ingest(authorized(
+            IngestRequest {
+                event: Some(valid_event()),
+            },
+            INGEST_TOKEN,
+        ))
+        .await
+        .expect_err("a third call is refused while two are in flight");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("gateway.max_grpc_calls"),
+        "{}",
+        refused.message()
+    );
+    drop(senders);
+    for call in open_streams {
+        let response = call.await??.into_inner();
+        assert_eq!(response.event_ids.len(), 1);
+    }
+    let response = client
+        .ingest(authorized(
+            IngestRequest {
+                event: Some(valid_event()),
+            },
+            INGEST_TOKEN,
+        ))
+        .await?
+        .into_inner();
+    assert!(response.event_id.starts_with("cv1-"));
+    gateway.stop().await?;
+    Ok(())
+}

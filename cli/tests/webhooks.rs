@@ -1,13 +1,16 @@
 //! Webhook ingest over real HTTP into the mock Kafka cluster: each platform's handshake, signed deliveries
 //! built from the shapes of the platforms' documented examples (signed here with test secrets), retries that
 //! collapse, every rejection with its status and nothing produced, and a Slack conversation restored afterwards
-//! with its thread, edit and deletion.
+//! with its thread, edit and deletion. Also: signed 2,500-item deliveries to a gateway process stay within a
+//! stated memory bound; the listener's connection limit and header/body read timeouts; the stats endpoint
+//! behind an audit token.
 
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use chatvault_core::config::{WebhookConfig, WebhookPlatform};
+use chatvault_core::auth::Role;
+use chatvault_core::config::{StorageConfig, TokenConfig, WebhookConfig, WebhookPlatform};
 use chatvault_proto::v1::GetConversationRequest;
 use chatvault_proto::v1::restore_item::Item;
 use chatvault_testkit::kafka::{TestKafka, record_count};
@@ -15,13 +18,54 @@ use chatvault_testkit::pipeline::{
     RESTORE_TOKEN, TOPIC, authorized, restore_client, start_archiver, start_gateway,
     start_restorer, test_config, wait_until,
 };
+use chatvault_testkit::process::{ChildRole, free_address, write_config};
 use chatvault_testkit::s3::S3Server;
 use ring::hmac;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 const MATTERMOST_TOKEN: &str = "xbxk6pcs3tgibmcqrdfp4eqh4a";
+/// Holds `audit` for every test tenant: reads `GET /webhooks/stats`.
+const AUDIT_TOKEN: &str = "test-audit-all";
+
+/// Gives every tenant of `config` the [`AUDIT_TOKEN`].
+fn add_audit_token(config: &mut chatvault_core::config::Config) {
+    for tenant in &mut config.tenants {
+        tenant.tokens.push(TokenConfig {
+            name: "audit-all".into(),
+            token: Some(AUDIT_TOKEN.into()),
+            roles: vec![Role::Audit],
+            ..Default::default()
+        });
+    }
+}
+
+/// Standard Webhooks headers for `body` under `secret` (`whsec_...`).
+fn sign_standard(
+    id: &str,
+    timestamp: i64,
+    body: &str,
+    secret: &str,
+) -> Vec<(&'static str, String)> {
+    let key = BASE64
+        .decode(secret.trim_start_matches("whsec_"))
+        .expect("secret");
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, &key),
+        format!("{id}.{timestamp}.{body}").as_bytes(),
+    );
+    vec![
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", timestamp.to_string()),
+        (
+            "webhook-signature",
+            format!("v1,{}", BASE64.encode(tag.as_ref())),
+        ),
+        ("content-type", "application/json".into()),
+    ]
+}
 
 fn now() -> i64 {
     chatvault_core::time::now_micros() / 1_000_000
@@ -95,6 +139,7 @@ async fn webhooks_verify_normalize_and_archive() -> anyhow::Result<()> {
     let discord_keys = Ed25519KeyPair::from_seed_unchecked(&[9u8; 32])
         .map_err(|_| anyhow::anyhow!("ed25519 key"))?;
     config.gateway.max_webhook_body_bytes = 64 * 1024;
+    add_audit_token(&mut config);
     config.gateway.webhooks = vec![
         WebhookConfig {
             name: "slack".into(),
@@ -428,19 +473,33 @@ async fn webhooks_verify_normalize_and_archive() -> anyhow::Result<()> {
     };
     let ping = json!({"type": 1, "id": "816029373512532030", "application_id": "774281279254978560", "version": 1}).to_string();
     let (status, body) = client
-        .post("discord", ping.clone(), &sign_discord("1764000000", &ping))
+        .post(
+            "discord",
+            ping.clone(),
+            &sign_discord(&now().to_string(), &ping),
+        )
         .await;
     assert_eq!((status, body.as_str()), (200, r#"{"type":1}"#));
-    let mut forged = sign_discord("1764000000", &ping);
-    forged[1].1 = "1764000001".into();
+    let mut forged = sign_discord(&now().to_string(), &ping);
+    forged[1].1 = (now() + 1).to_string();
     assert_eq!(client.post("discord", ping.clone(), &forged).await.0, 401);
+    // A captured request (valid signature) replayed later than the replay window is refused, naming why.
+    let captured = (now() - 600).to_string();
+    let (status, text) = client
+        .post("discord", ping.clone(), &sign_discord(&captured, &ping))
+        .await;
+    assert_eq!(status, 401, "{text}");
+    assert!(
+        text.contains("X-Signature-Timestamp") && text.contains("stale"),
+        "{text}"
+    );
     let event = json!({"version": 1, "application_id": "774281279254978560", "type": 1, "event": {"type": "MESSAGE_CREATE", "timestamp": "2025-11-24T16:01:00.000000+00:00", "data": {"id": "1234567890", "channel_id": "41771983423143937", "guild_id": "41771983423143936", "author": {"id": "80351110224678912", "username": "nelly"}, "content": "Supa Hot", "timestamp": "2025-11-24T16:01:00.000000+00:00", "mentions": [], "attachments": []}}}).to_string();
     assert_eq!(
         client
             .post(
                 "discord",
                 event.clone(),
-                &sign_discord("1764000060", &event)
+                &sign_discord(&now().to_string(), &event)
             )
             .await
             .0,
@@ -448,15 +507,31 @@ async fn webhooks_verify_normalize_and_archive() -> anyhow::Result<()> {
     );
     assert_eq!(records(), 12);
 
-    // Per-integration counts: accepted events, answered redeliveries, rejections by reason.
+    // Per-integration counts: accepted events, answered redeliveries, rejections by reason. The listener faces
+    // the internet: the counts need a token holding audit (or admin).
+    let stats_url = format!("{}/webhooks/stats", client.base);
+    let anonymous = client.http.get(&stats_url).send().await?;
+    assert_eq!(anonymous.status().as_u16(), 401);
+    let ingest_only = client
+        .http
+        .get(&stats_url)
+        .bearer_auth(chatvault_testkit::pipeline::INGEST_TOKEN)
+        .send()
+        .await?;
+    assert_eq!(ingest_only.status().as_u16(), 403);
     let stats_text = client
         .http
-        .get(format!("{}/webhooks/stats", client.base))
+        .get(&stats_url)
+        .bearer_auth(AUDIT_TOKEN)
         .send()
         .await?
         .text()
         .await?;
     let stats: serde_json::Value = serde_json::from_str(&stats_text)?;
+    assert_eq!(
+        stats["integrations"]["discord"]["rejected"]["stale_timestamp"],
+        1
+    );
     let slack = &stats["integrations"]["slack"];
     assert_eq!(slack["accepted_events"], 8);
     assert_eq!(slack["duplicate_deliveries"], 2);
@@ -595,4 +670,248 @@ async fn webhooks_get_503_with_retry_after_when_kafka_is_unreachable() -> anyhow
     );
     gateway.stop().await?;
     Ok(())
+}
+
+/// The 324 KB, 2,500-item `chat.events` delivery of issue 8, as a Standard Webhooks sender would send it.
+/// (Events get distinct ids through each delivery's `webhook-id`.)
+fn chat_events_body(items: usize) -> String {
+    let data: Vec<serde_json::Value> = (0..items)
+        .map(|n| {
+            json!({"conversation_id": format!("room-{}", n % 16), "kind": "message_created",
+                   "message_id": n.to_string(), "occurred_at": "2026-11-30T12:00:00Z",
+                   "sender": {"id": format!("u{}", n % 97)}})
+        })
+        .collect();
+    json!({"type": "chat.events", "timestamp": "2026-11-30T12:00:00Z", "data": data}).to_string()
+}
+
+/// `VmHWM` (peak resident set) and `VmRSS` of process `pid`, bytes.
+fn memory_of(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status
+            .lines()
+            .find(|line| line.starts_with(name))
+            .ok_or_else(|| anyhow::anyhow!("{name} not in /proc/{pid}/status"))?;
+        let kib: u64 = line
+            .trim_start_matches(name)
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kib * 1024)
+    };
+    Ok((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// Issue 8, point 3: every event of a multi-item delivery used to carry the whole body, so this 324 KB,
+/// 2,500-item delivery took a gateway from 52 MB to 846 MB (and was then refused). Now each event carries its
+/// own item and the body is kept once: four such deliveries at once, to a gateway in its own process, raise its
+/// peak RSS (`VmHWM`) by less than `MEMORY_BOUND` (64 MiB; measured: about 10 MiB) and are all acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signed_2500_item_delivery_stays_within_a_memory_bound() -> anyhow::Result<()> {
+    chatvault_core::storage::install_crypto_provider();
+    const MEMORY_BOUND: u64 = 64 * 1024 * 1024;
+    const ITEMS: usize = 2_500;
+    const CONCURRENT: usize = 4;
+    let kafka = TestKafka::start(TOPIC, 2)?;
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(
+        &kafka.brokers,
+        StorageConfig {
+            url: "memory://".into(),
+            ..Default::default()
+        },
+        &dir.path().join("keyring.json"),
+    );
+    config.gateway.grpc_listen = free_address()?;
+    config.gateway.http_listen = free_address()?;
+    config.telemetry.metrics_listen = "127.0.0.1:0".into();
+    let secret = format!("whsec_{}", BASE64.encode([5u8; 32]));
+    config.gateway.webhooks = vec![WebhookConfig {
+        name: "generic".into(),
+        platform: Some(WebhookPlatform::StandardWebhooks),
+        tenant: "acme".into(),
+        secrets: vec![secret.clone()],
+        ..Default::default()
+    }];
+    let config_path = dir.path().join("chatvault.toml");
+    write_config(&config, &config_path)?;
+    let gateway = ChildRole::spawn_role(
+        "gateway",
+        std::path::Path::new(env!("CARGO_BIN_EXE_chatvault")),
+        "gateway",
+        &config_path,
+    )?;
+    let base = format!("http://{}", config.gateway.http_listen);
+    let http = reqwest::Client::new();
+    let records = || record_count(&kafka.brokers, TOPIC).expect("watermarks");
+
+    // Warm up (connections to Kafka, the first allocations) with a small delivery, then take the baseline.
+    let warm_up = chat_events_body(10);
+    let mut answered = false;
+    for _ in 0..100 {
+        let mut request = http
+            .post(format!("{base}/webhooks/generic"))
+            .body(warm_up.clone());
+        for (name, value) in sign_standard("msg_warm", now(), &warm_up, &secret) {
+            request = request.header(name, value);
+        }
+        if let Ok(response) = request.send().await {
+            assert_eq!(response.status().as_u16(), 204, "warm-up");
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered, "the gateway never answered");
+    let (peak_before, rss_before) = memory_of(gateway.id())?;
+
+    let bodies: Vec<String> = (0..CONCURRENT).map(|_| chat_events_body(ITEMS)).collect();
+    let sizes: Vec<usize> = bodies.iter().map(String::len).collect();
+    let sends = bodies.iter().enumerate().map(|(n, body)| {
+        let mut request = http
+            .post(format!("{base}/webhooks/generic"))
+            .body(body.clone());
+        for (name, value) in sign_standard(&format!("msg_burst_{n}"), now(), body, &secret) {
+            request = request.header(name, value);
+        }
+        async move {
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+    });
+    for (status, text) in futures::future::join_all(sends).await {
+        assert_eq!(status, 204, "{text}");
+    }
+    let (peak_after, rss_after) = memory_of(gateway.id())?;
+    let growth = peak_after.saturating_sub(peak_before);
+    eprintln!(
+        "{CONCURRENT} deliveries of {ITEMS} items ({sizes:?} bytes): gateway peak RSS {} -> {} MiB (+{:.1} MiB), RSS {} -> {} MiB",
+        peak_before >> 20,
+        peak_after >> 20,
+        growth as f64 / (1 << 20) as f64,
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    assert!(
+        sizes.iter().all(|size| (300_000..350_000).contains(size)),
+        "{sizes:?}"
+    );
+    assert!(
+        growth < MEMORY_BOUND,
+        "the gateway's peak RSS grew by {growth} bytes, over the bound of {MEMORY_BOUND}"
+    );
+    assert_eq!(records(), (10 + CONCURRENT * ITEMS) as i64);
+    drop(gateway);
+    Ok(())
+}
+
+/// The webhook listener bounds its connections and cuts off slow clients: a client that does not finish its
+/// headers is disconnected after `http_header_read_timeout_ms`, one that does not finish its body gets 408
+/// after `http_body_read_timeout_ms`, and a connection beyond `max_http_connections` gets 503 with
+/// Retry-After; once connections close, new ones are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_listener_limits_connections_and_slow_clients() -> anyhow::Result<()> {
+    chatvault_core::storage::install_crypto_provider();
+    let kafka = TestKafka::start(TOPIC, 1)?;
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(
+        &kafka.brokers,
+        StorageConfig {
+            url: "memory://".into(),
+            ..Default::default()
+        },
+        &dir.path().join("keyring.json"),
+    );
+    config.gateway.max_http_connections = 2;
+    config.gateway.http_header_read_timeout_ms = 1_000;
+    config.gateway.http_body_read_timeout_ms = 1_000;
+    config.gateway.webhooks = vec![WebhookConfig {
+        name: "slack".into(),
+        platform: Some(WebhookPlatform::Slack),
+        tenant: "acme".into(),
+        secrets: vec![SLACK_SECRET.into()],
+        ..Default::default()
+    }];
+    config.validate()?;
+    let gateway = start_gateway(&config).await?;
+    let address = gateway.http_address.expect("http address");
+    // Reads until the peer closes (or 5 s pass): what it answered, and whether it closed.
+    async fn read_until_closed(socket: &mut tokio::net::TcpStream) -> (String, bool) {
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, socket.read(&mut buffer)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&answer).into(), true),
+                Ok(Ok(read)) => answer.extend_from_slice(&buffer[..read]),
+                Err(_) => return (String::from_utf8_lossy(&answer).into(), false),
+            }
+        }
+    }
+
+    // Slowloris: headers that never end.
+    let started = std::time::Instant::now();
+    let mut slow_headers = tokio::net::TcpStream::connect(address).await?;
+    slow_headers
+        .write_all(
+            b"POST /webhooks/slack HTTP/1.1\r\nhost: chatvault\r\nx-slack-request-timestamp: 1",
+        )
+        .await?;
+    let (_, closed) = read_until_closed(&mut slow_headers).await;
+    assert!(
+        closed,
+        "a client that never finishes its headers must be disconnected"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    // A body that never arrives: 408 and the connection closed.
+    let mut slow_body = tokio::net::TcpStream::connect(address).await?;
+    slow_body
+        .write_all(b"POST /webhooks/slack HTTP/1.1\r\nhost: chatvault\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"type\":")
+        .await?;
+    let (answer, closed) = read_until_closed(&mut slow_body).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(closed, "the connection of a timed-out body is closed");
+
+    // Two connections are the limit: the third is answered 503 with Retry-After without being read.
+    let first = tokio::net::TcpStream::connect(address).await?;
+    let second = tokio::net::TcpStream::connect(address).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(address).await?;
+    let (answer, closed) = read_until_closed(&mut third).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 5"),
+        "{answer}"
+    );
+    assert!(closed);
+    drop((first, second));
+    let http = reqwest::Client::new();
+    let healthz = format!("http://{address}/healthz");
+    assert!(
+        wait_until_async(Duration::from_secs(5), || async {
+            matches!(http.get(&healthz).send().await, Ok(r) if r.status().as_u16() == 200)
+        })
+        .await,
+        "served again once the connections closed"
+    );
+    gateway.stop().await?;
+    Ok(())
+}
+
+async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    timeout: Duration,
+    mut condition: impl FnMut() -> F,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }

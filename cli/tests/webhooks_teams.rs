@@ -472,3 +472,146 @@ async fn teams_notifications_verify_decrypt_and_archive() -> anyhow::Result<()> 
     gateway.stop().await?;
     Ok(())
 }
+
+/// Issue 8, point 3: a Graph batch larger than `max_raw_payload_bytes` (256 KiB) but within the 1 MiB body
+/// limit used to be refused with 400 on every retry (each event carried the whole body), and Graph does not
+/// retry a 4xx: those messages were lost. Now each event carries its own item: a 900 KiB batch of rich
+/// notifications is accepted, its messages restore, and the archived events reproduce the signed body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_900_kib_graph_batch_is_archived_and_its_items_restore() -> anyhow::Result<()> {
+    chatvault_core::storage::install_crypto_provider();
+    let kafka = TestKafka::start(TOPIC, 2)?;
+    let s3 = S3Server::start("archive").await?;
+    let dir = tempfile::tempdir()?;
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks())?;
+    let mut config = test_config(
+        &kafka.brokers,
+        s3.storage_config(),
+        &dir.path().join("keyring.json"),
+    );
+    config.gateway.webhooks = vec![WebhookConfig {
+        name: "teams".into(),
+        platform: Some(WebhookPlatform::Teams),
+        tenant: "acme".into(),
+        secrets: vec![CLIENT_STATE.into()],
+        certificates: vec![TeamsCertificate {
+            id: "cert-2026".into(),
+            private_key_file: format!("{FIXTURES}/teams-encryption-key.pem").into(),
+        }],
+        app_id: Some(APP_ID.into()),
+        jwks_file: Some(jwks_file),
+        tenant_ids: vec![AZURE_TENANT.into()],
+        ..Default::default()
+    }];
+    config.validate()?;
+    assert_eq!(config.gateway.limits.max_raw_payload_bytes, 256 * 1024);
+    assert_eq!(config.gateway.max_webhook_body_bytes, 1024 * 1024);
+    let gateway = start_gateway(&config).await?;
+    let client = Client {
+        http: reqwest::Client::new(),
+        url: format!("{}/webhooks/teams", gateway.http_endpoint()),
+    };
+
+    // Messages of ~45 KB of text each: ~61 KB per encrypted item, 15 items, ~900 KiB in all.
+    let ids: Vec<String> = (0..15).map(|n| format!("1764100{n:03}000")).collect();
+    let items: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let text = format!("<p>{n:02} {}</p>", "quarterly figures ".repeat(2_500));
+            let created = format!("2026-11-24T11:{n:02}:00.000Z");
+            notification(
+                "created",
+                &path(id),
+                Some(&channel_message(id, None, &text, &created)),
+            )
+        })
+        .collect();
+    let body = batch(items, vec![jwt(claims())]);
+    assert!(
+        (850 * 1024..1024 * 1024).contains(&body.len()),
+        "{} bytes",
+        body.len()
+    );
+    let (status, text) = client.post(body.clone()).await;
+    assert_eq!((status, text.as_str()), (202, ""));
+    assert_eq!(record_count(&kafka.brokers, TOPIC)?, 15);
+
+    let (archiver, stats) = start_archiver(&config, "teams-archiver").await?;
+    let restorer = start_restorer(&config).await?;
+    assert!(
+        wait_until(Duration::from_secs(60), || stats
+            .committed_records
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 15)
+        .await
+    );
+    let mut restore = restore_client(&restorer.endpoint()).await?;
+    let mut stream = restore
+        .get_conversation(authorized(
+            GetConversationRequest {
+                tenant_id: "acme".into(),
+                conversation_id: CHANNEL.into(),
+                include_events: true,
+                ..Default::default()
+            },
+            RESTORE_TOKEN,
+        ))
+        .await?
+        .into_inner();
+    let mut restored = Vec::new();
+    let mut archived = Vec::new();
+    while let Some(item) = stream.message().await? {
+        match item.item {
+            Some(Item::Message(message)) => restored.push(message),
+            Some(Item::ArchivedEvent(event)) => archived.push(event),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        restored
+            .iter()
+            .map(|m| m.message_id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    assert!(
+        restored
+            .iter()
+            .all(|m| m.text.len() > 45_000 && m.text.contains("quarterly figures"))
+    );
+
+    // The evidence: every event names the delivery's digest; envelope + items reproduce the signed body.
+    let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()));
+    assert_eq!(archived.len(), 15);
+    assert!(archived.iter().all(|event| event.delivery_sha256 == digest));
+    assert!(
+        archived
+            .iter()
+            .all(|event| event.raw_payload.len() < 100 * 1024),
+        "each event carries its own item, not the body"
+    );
+    let envelopes: Vec<&Vec<u8>> = archived
+        .iter()
+        .map(|event| &event.delivery_envelope)
+        .filter(|envelope| !envelope.is_empty())
+        .collect();
+    assert_eq!(envelopes.len(), 1, "one event carries the envelope");
+    let reassembled = chatvault_ingest_gateway::webhooks::evidence::reassemble(
+        envelopes[0],
+        archived
+            .iter()
+            .map(|event| (event.raw_payload_offset, event.raw_payload.as_slice())),
+    )
+    .expect("the pieces fit");
+    assert!(
+        reassembled == body.as_bytes(),
+        "the signed body, byte for byte"
+    );
+
+    archiver.stop().await?;
+    restorer.stop().await?;
+    gateway.stop().await?;
+    Ok(())
+}

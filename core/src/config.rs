@@ -123,8 +123,34 @@ pub struct GatewayConfig {
     pub http_listen: String,
     /// Largest accepted webhook body; larger requests get 413. Default 1 MiB.
     pub max_webhook_body_bytes: usize,
-    /// How far a signed webhook timestamp may be from now (Slack, Standard Webhooks). Default 300 (5 minutes).
+    /// How far a signed webhook timestamp may be from now (Slack, Standard Webhooks, Discord). Default 300
+    /// (5 minutes).
     pub webhook_replay_window_secs: u64,
+    /// Largest accepted gRPC message (a whole IngestBatch request, or one message of a stream), enforced while
+    /// it is decoded, which happens only after its bearer token was accepted. Default 16 MiB.
+    pub max_grpc_message_bytes: usize,
+    /// Most gRPC ingest calls in flight in the process, streams included; further calls get RESOURCE_EXHAUSTED
+    /// before their message is read. With `max_grpc_message_bytes` it bounds what decoding can hold at once.
+    /// Default 256.
+    pub max_grpc_calls: usize,
+    /// HTTP/2 streams (calls) one gRPC connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    /// Default 100.
+    pub grpc_max_concurrent_streams: u32,
+    /// Calls of one gRPC connection served at once; the connection's further calls wait. Default 32.
+    pub grpc_concurrency_limit_per_connection: usize,
+    /// Interval of HTTP/2 keep-alive PINGs on gRPC connections; 0 sends none. Default 30000.
+    pub grpc_keepalive_interval_ms: u64,
+    /// A gRPC connection whose keep-alive PING is not answered within this long is closed. Default 10000.
+    pub grpc_keepalive_timeout_ms: u64,
+    /// Most open webhook (HTTP) connections; a connection beyond it is answered 503 with Retry-After and
+    /// closed. Default 1024.
+    pub max_http_connections: usize,
+    /// How long a webhook client may take to send a request's headers (and how long an idle keep-alive
+    /// connection stays open); a slower client is disconnected. Default 10000.
+    pub http_header_read_timeout_ms: u64,
+    /// How long a webhook client may take to send a request's body; a slower client gets 408 and is
+    /// disconnected. Default 30000.
+    pub http_body_read_timeout_ms: u64,
     /// Webhook integrations, one endpoint each.
     pub webhooks: Vec<WebhookConfig>,
 }
@@ -231,6 +257,15 @@ impl Default for GatewayConfig {
             http_listen: "0.0.0.0:8080".into(),
             max_webhook_body_bytes: 1024 * 1024,
             webhook_replay_window_secs: 300,
+            max_grpc_message_bytes: 16 * 1024 * 1024,
+            max_grpc_calls: 256,
+            grpc_max_concurrent_streams: 100,
+            grpc_concurrency_limit_per_connection: 32,
+            grpc_keepalive_interval_ms: 30_000,
+            grpc_keepalive_timeout_ms: 10_000,
+            max_http_connections: 1024,
+            http_header_read_timeout_ms: 10_000,
+            http_body_read_timeout_ms: 30_000,
             webhooks: Vec::new(),
         }
     }
@@ -523,6 +558,43 @@ impl Config {
         }
         if self.gateway.max_webhook_body_bytes < 1024 {
             return invalid("gateway.max_webhook_body_bytes", "must be at least 1024");
+        }
+        if self.gateway.max_grpc_message_bytes < self.gateway.limits.max_event_bytes {
+            return invalid(
+                "gateway.max_grpc_message_bytes",
+                "must be at least gateway.limits.max_event_bytes (one event must fit a message)",
+            );
+        }
+        for (setting, value) in [
+            ("gateway.max_grpc_calls", self.gateway.max_grpc_calls as u64),
+            (
+                "gateway.grpc_max_concurrent_streams",
+                u64::from(self.gateway.grpc_max_concurrent_streams),
+            ),
+            (
+                "gateway.grpc_concurrency_limit_per_connection",
+                self.gateway.grpc_concurrency_limit_per_connection as u64,
+            ),
+            (
+                "gateway.grpc_keepalive_timeout_ms",
+                self.gateway.grpc_keepalive_timeout_ms,
+            ),
+            (
+                "gateway.max_http_connections",
+                self.gateway.max_http_connections as u64,
+            ),
+            (
+                "gateway.http_header_read_timeout_ms",
+                self.gateway.http_header_read_timeout_ms,
+            ),
+            (
+                "gateway.http_body_read_timeout_ms",
+                self.gateway.http_body_read_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return invalid(setting, "must be positive");
+            }
         }
         for (index, tenant) in self.tenants.iter().enumerate() {
             if !is_valid_tenant_id(&tenant.id) {

@@ -4,13 +4,19 @@
 //! produced for unary and batch calls, so a rejected request produces nothing; a stream produces events as they
 //! arrive and stops at the first invalid one (events before it may be archived, and a retry of the whole stream
 //! collapses onto them through their event ids).
+//!
+//! Admission comes first ([`Admission`], a tonic interceptor that sees only the headers): a call without a
+//! known bearer token, or beyond `gateway.max_grpc_calls` in flight, is refused before its message is read or
+//! decoded, and a message is decoded only up to `gateway.max_grpc_message_bytes`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::config::GatewayConfig;
-use chatvault_core::error::{Error, Result};
+use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::event::validate_and_complete;
 use chatvault_core::metrics::{metrics, rejection_labels, source_label};
 use chatvault_core::telemetry::{grpc_server_span, record_span_error};
@@ -28,11 +34,66 @@ use crate::producer::{EventProducer, PendingDelivery, await_all};
 /// fast sender can pin.
 const MAX_IN_FLIGHT_PER_STREAM: usize = 10_000;
 
+/// Admits gRPC calls from their headers alone, before the message is read: authenticates the bearer token
+/// (UNAUTHENTICATED) and takes one of `gateway.max_grpc_calls` in-flight slots (RESOURCE_EXHAUSTED when none
+/// is free), held until the call ends. Installed with `InterceptedService` around the IngestService.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    authenticator: Arc<Authenticator>,
+    calls: Arc<Semaphore>,
+    max_calls: usize,
+}
+
+/// What [`Admission`] hands to the call: who it is, and its in-flight slot.
+#[derive(Debug, Clone)]
+struct Admitted {
+    principal: Principal,
+    _slot: Arc<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    fn refuse(error: Error) -> Status {
+        metrics()
+            .requests_rejected
+            .add(1, &rejection_labels("grpc", error.code().as_str()));
+        error.into()
+    }
+}
+
+impl tonic::service::Interceptor for Admission {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let principal = authenticate(&self.authenticator, &request).map_err(Admission::refuse)?;
+        let slot = self.calls.clone().try_acquire_owned().map_err(|_| {
+            Admission::refuse(Error::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "the gateway is serving its limit of {} calls (gateway.max_grpc_calls); retry after a short backoff",
+                    self.max_calls
+                ),
+            ))
+        })?;
+        request.extensions_mut().insert(Admitted {
+            principal,
+            _slot: Arc::new(slot),
+        });
+        Ok(request)
+    }
+}
+
+fn authenticate<T>(authenticator: &Authenticator, request: &Request<T>) -> Result<Principal> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .map(|value| value.to_str().unwrap_or_default());
+    authenticator.authenticate(header)
+}
+
 #[derive(Debug, Clone)]
 pub struct IngestGrpc {
     producer: EventProducer,
     authenticator: Arc<Authenticator>,
     config: Arc<GatewayConfig>,
+    admission: Admission,
 }
 
 impl IngestGrpc {
@@ -41,19 +102,46 @@ impl IngestGrpc {
         authenticator: Authenticator,
         config: GatewayConfig,
     ) -> Self {
+        let authenticator = Arc::new(authenticator);
+        let admission = Admission {
+            authenticator: authenticator.clone(),
+            calls: Arc::new(Semaphore::new(config.max_grpc_calls)),
+            max_calls: config.max_grpc_calls,
+        };
         IngestGrpc {
             producer,
-            authenticator: Arc::new(authenticator),
+            authenticator,
             config: Arc::new(config),
+            admission,
         }
     }
 
-    fn principal<T>(&self, request: &Request<T>) -> Result<Principal> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.to_str().unwrap_or_default());
-        self.authenticator.authenticate(header)
+    /// The interceptor that admits this service's calls (see [`Admission`]).
+    pub fn admission(&self) -> Admission {
+        self.admission.clone()
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// The caller admitted by [`Admission`], with its in-flight slot (keep it for the call's duration); served
+    /// without the interceptor, the token is checked here instead.
+    fn caller<T>(&self, request: &mut Request<T>) -> Result<Admitted> {
+        match request.extensions_mut().remove::<Admitted>() {
+            Some(admitted) => Ok(admitted),
+            None => Ok(Admitted {
+                principal: authenticate(&self.authenticator, request)?,
+                _slot: Arc::new(self.admission.calls.clone().try_acquire_owned().map_err(
+                    |_| {
+                        Error::new(
+                            ErrorCode::ResourceExhausted,
+                            "the gateway is serving its limit of calls (gateway.max_grpc_calls)",
+                        )
+                    },
+                )?),
+            }),
+        }
     }
 
     /// Validates, completes and authorizes one event. `field_prefix` names it in errors (`events[3].`).
@@ -98,9 +186,10 @@ fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &Error>)
 }
 
 impl IngestGrpc {
-    async fn ingest_one(&self, request: Request<IngestRequest>) -> Result<IngestResponse> {
-        let principal = self.principal(&request)?;
-        let event = self.admit(&principal, request.into_inner().event, "")?;
+    async fn ingest_one(&self, mut request: Request<IngestRequest>) -> Result<IngestResponse> {
+        let caller = self.caller(&mut request)?;
+        let principal = &caller.principal;
+        let event = self.admit(principal, request.into_inner().event, "")?;
         self.producer.produce(&event).await?;
         Ok(IngestResponse {
             event_id: event.event_id,
@@ -109,9 +198,10 @@ impl IngestGrpc {
 
     async fn ingest_many(
         &self,
-        request: Request<IngestBatchRequest>,
+        mut request: Request<IngestBatchRequest>,
     ) -> Result<IngestBatchResponse> {
-        let principal = self.principal(&request)?;
+        let caller = self.caller(&mut request)?;
+        let principal = &caller.principal;
         let events = request.into_inner().events;
         if events.is_empty() {
             return Err(Error::invalid_argument("events must not be empty"));
@@ -126,7 +216,7 @@ impl IngestGrpc {
         let admitted = events
             .into_iter()
             .enumerate()
-            .map(|(index, event)| self.admit(&principal, Some(event), &format!("events[{index}].")))
+            .map(|(index, event)| self.admit(principal, Some(event), &format!("events[{index}].")))
             .collect::<Result<Vec<_>>>()?;
         self.producer.produce_all(&admitted).await?;
         Ok(IngestBatchResponse {
@@ -136,9 +226,10 @@ impl IngestGrpc {
 
     async fn ingest_streamed(
         &self,
-        request: Request<Streaming<IngestRequest>>,
+        mut request: Request<Streaming<IngestRequest>>,
     ) -> Result<IngestBatchResponse> {
-        let principal = self.principal(&request)?;
+        let caller = self.caller(&mut request)?;
+        let principal = &caller.principal;
         let mut stream = request.into_inner();
         let produce = self.producer.start_produce(0);
         let mut in_flight: VecDeque<PendingDelivery> = VecDeque::new();
@@ -149,7 +240,7 @@ impl IngestGrpc {
                 let message = message.map_err(|status| {
                     Error::invalid_argument(format!("reading the stream: {}", status.message()))
                 })?;
-                let event = self.admit(&principal, message.event, &format!("stream[{index}]."))?;
+                let event = self.admit(principal, message.event, &format!("stream[{index}]."))?;
                 index += 1;
                 if in_flight.len() >= MAX_IN_FLIGHT_PER_STREAM
                     && let Some(oldest) = in_flight.pop_front()

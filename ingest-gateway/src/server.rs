@@ -21,8 +21,9 @@ use tonic_health::server::HealthReporter;
 use crate::grpc::IngestGrpc;
 use crate::producer::EventProducer;
 
-/// Largest accepted gRPC message: a batch call of `max_batch_events` events must fit.
-pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest header block a gRPC call may send (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE): the token, trace
+/// context and the usual gRPC headers fit many times over.
+const MAX_GRPC_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// How long the producer may take, after the drain, to deliver what abandoned calls left queued.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,9 +99,24 @@ async fn serve_grpc(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|error| Error::internal(format!("reflection: {error}")))?;
-    let ingest =
-        IngestServiceServer::new(service).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let config = service.config().clone();
+    let admission = service.admission();
+    // The interceptor sees the headers before the message is read: an unauthenticated call, or one beyond
+    // gateway.max_grpc_calls, never gets its message decoded.
+    let ingest = tonic::service::interceptor::InterceptedService::new(
+        IngestServiceServer::new(service).max_decoding_message_size(config.max_grpc_message_bytes),
+        admission,
+    );
+    let keepalive = (config.grpc_keepalive_interval_ms > 0)
+        .then(|| Duration::from_millis(config.grpc_keepalive_interval_ms));
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.grpc_max_concurrent_streams)
+        .concurrency_limit_per_connection(config.grpc_concurrency_limit_per_connection)
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_millis(
+            config.grpc_keepalive_timeout_ms,
+        )))
+        .http2_max_header_list_size(MAX_GRPC_HEADER_LIST_BYTES)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ingest)
@@ -155,12 +171,11 @@ pub async fn run(
         .iter()
         .map(crate::webhooks::Integration::from_config)
         .collect::<Result<Vec<_>>>()?;
-    let webhooks = std::sync::Arc::new(crate::webhooks::server::WebhookService::new(
+    let webhooks = std::sync::Arc::new(crate::webhooks::server::WebhookService::from_config(
         integrations,
         producer.clone(),
-        config.gateway.limits.clone(),
-        config.gateway.max_webhook_body_bytes,
-        config.gateway.webhook_replay_window_secs,
+        &config.gateway,
+        config.authenticator()?,
     ));
     let drain = Duration::from_millis(config.gateway.drain_timeout_ms);
     let service = IngestGrpc::new(

@@ -27,6 +27,9 @@ use crate::event::{kind_from_name, kind_name, source_from_name, source_name};
 
 pub const COL_CONVERSATION_ID: &str = "conversation_id";
 pub const COL_OCCURRED_AT: &str = "occurred_at";
+pub const COL_DELIVERY_SHA256: &str = "delivery_sha256";
+pub const COL_RAW_PAYLOAD_OFFSET: &str = "raw_payload_offset";
+pub const COL_DELIVERY_ENVELOPE: &str = "delivery_envelope";
 
 fn utc_micros() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -55,6 +58,11 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("raw_content_type", DataType::Utf8, true),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
+        // Delivery evidence, added after the first files were written: trailing and nullable, and optional on
+        // read (files written before lack them).
+        Field::new(COL_DELIVERY_SHA256, DataType::Utf8, true),
+        Field::new(COL_RAW_PAYLOAD_OFFSET, DataType::Int64, true),
+        Field::new(COL_DELIVERY_ENVELOPE, DataType::Binary, true),
     ]))
 });
 
@@ -95,6 +103,9 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
     let mut raw_content_type = StringBuilder::new();
     let mut kafka_partition = Int32Builder::with_capacity(capacity);
     let mut kafka_offset = Int64Builder::with_capacity(capacity);
+    let mut delivery_sha256 = StringBuilder::new();
+    let mut raw_payload_offset = Int64Builder::with_capacity(capacity);
+    let mut delivery_envelope = BinaryBuilder::new();
 
     for row in rows {
         let event = &row.event;
@@ -134,6 +145,24 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
         optional(&mut raw_content_type, &event.raw_content_type);
         kafka_partition.append_value(row.kafka_partition);
         kafka_offset.append_value(row.kafka_offset);
+        if event.delivery_sha256.is_empty() {
+            delivery_sha256.append_null();
+            raw_payload_offset.append_null();
+        } else {
+            delivery_sha256.append_value(&event.delivery_sha256);
+            let offset = i64::try_from(event.raw_payload_offset).map_err(|_| {
+                Error::internal(format!(
+                    "raw_payload_offset {} does not fit int64",
+                    event.raw_payload_offset
+                ))
+            })?;
+            raw_payload_offset.append_value(offset);
+        }
+        if event.delivery_envelope.is_empty() {
+            delivery_envelope.append_null();
+        } else {
+            delivery_envelope.append_value(&event.delivery_envelope);
+        }
     }
 
     let columns: Vec<ArrayRef> = vec![
@@ -158,6 +187,9 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
         Arc::new(raw_content_type.finish()),
         Arc::new(kafka_partition.finish()),
         Arc::new(kafka_offset.finish()),
+        Arc::new(delivery_sha256.finish()),
+        Arc::new(raw_payload_offset.finish()),
+        Arc::new(delivery_envelope.finish()),
     ];
     Ok(RecordBatch::try_new(archive_schema(), columns)?)
 }
@@ -182,8 +214,8 @@ fn string_at(array: &arrow_array::StringArray, row: usize) -> String {
     }
 }
 
-/// Decodes the rows of a record batch for which `keep(row)` holds (all columns of the archive schema must be
-/// present).
+/// Decodes the rows of a record batch for which `keep(row)` holds. Every column of the archive schema must be
+/// present except the delivery evidence columns, which files written before they existed lack (read as empty).
 pub fn from_record_batch(
     batch: &RecordBatch,
     mut keep: impl FnMut(usize) -> bool,
@@ -221,6 +253,26 @@ pub fn from_record_batch(
     let kafka_offset = column(batch, "kafka_offset")?
         .as_primitive_opt::<Int64Type>()
         .ok_or_else(|| Error::internal("kafka_offset is not int64"))?;
+    let delivery_sha256 = batch
+        .column_by_name(COL_DELIVERY_SHA256)
+        .map(|_| strings(batch, COL_DELIVERY_SHA256))
+        .transpose()?;
+    let raw_payload_offset = batch
+        .column_by_name(COL_RAW_PAYLOAD_OFFSET)
+        .map(|array| {
+            array
+                .as_primitive_opt::<Int64Type>()
+                .ok_or_else(|| Error::internal("raw_payload_offset is not int64"))
+        })
+        .transpose()?;
+    let delivery_envelope = batch
+        .column_by_name(COL_DELIVERY_ENVELOPE)
+        .map(|array| {
+            array
+                .as_binary_opt::<i32>()
+                .ok_or_else(|| Error::internal("delivery_envelope is not binary"))
+        })
+        .transpose()?;
 
     let mut out = Vec::new();
     for row in 0..batch.num_rows() {
@@ -277,6 +329,17 @@ pub fn from_record_batch(
                 raw_payload.value(row).to_vec()
             },
             raw_content_type: string_at(raw_content_type, row),
+            delivery_sha256: delivery_sha256
+                .map(|array| string_at(array, row))
+                .unwrap_or_default(),
+            raw_payload_offset: raw_payload_offset
+                .filter(|array| !array.is_null(row))
+                .map(|array| u64::try_from(array.value(row)).unwrap_or_default())
+                .unwrap_or_default(),
+            delivery_envelope: delivery_envelope
+                .filter(|array| !array.is_null(row))
+                .map(|array| array.value(row).to_vec())
+                .unwrap_or_default(),
         };
         out.push(ArchivedEvent {
             event,
@@ -322,5 +385,67 @@ impl From<AttachmentJson> for Attachment {
             sha256: json.sha256,
             url: json.url,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chatvault_proto::v1::{EventKind, Source};
+
+    fn archived(delivery: bool) -> ArchivedEvent {
+        let mut event = ChatEvent {
+            event_id: "e1".into(),
+            tenant_id: "acme".into(),
+            source: Source::StandardWebhooks as i32,
+            conversation_id: "c1".into(),
+            message_id: "m1".into(),
+            kind: EventKind::MessageCreated as i32,
+            sender: Some(Sender {
+                id: "u1".into(),
+                ..Default::default()
+            }),
+            occurred_at_micros: 1_700_000_000_000_000,
+            received_at_micros: 1_700_000_000_000_001,
+            raw_payload: b"{\"item\":1}".to_vec(),
+            raw_content_type: "application/json".into(),
+            ..Default::default()
+        };
+        if delivery {
+            event.delivery_sha256 = "ab".repeat(32);
+            event.raw_payload_offset = 27;
+            event.delivery_envelope = b"{\"type\":\"chat.events\",\"data\":[]}".to_vec();
+        }
+        ArchivedEvent {
+            event,
+            kafka_partition: 3,
+            kafka_offset: 42,
+        }
+    }
+
+    #[test]
+    fn delivery_evidence_round_trips() {
+        let rows = [archived(true), archived(false)];
+        let batch = to_record_batch(&rows.iter().collect::<Vec<_>>()).expect("batch");
+        let decoded = from_record_batch(&batch, |_| true).expect("decode");
+        assert_eq!(decoded, rows);
+    }
+
+    #[test]
+    fn files_without_the_evidence_columns_still_decode() {
+        let rows = [archived(true)];
+        let batch = to_record_batch(&rows.iter().collect::<Vec<_>>()).expect("batch");
+        // The schema before the evidence columns: everything up to kafka_offset.
+        let before = batch
+            .schema()
+            .index_of("kafka_offset")
+            .expect("kafka_offset")
+            + 1;
+        let old = batch
+            .project(&(0..before).collect::<Vec<_>>())
+            .expect("project");
+        assert!(old.column_by_name(COL_DELIVERY_SHA256).is_none());
+        let decoded = from_record_batch(&old, |_| true).expect("decode old file");
+        assert_eq!(decoded, [archived(false)]);
     }
 }

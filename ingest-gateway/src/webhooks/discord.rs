@@ -1,8 +1,8 @@
 //! Discord: interactions and webhook events.
 //!
 //! Verification: Ed25519 over `X-Signature-Timestamp + raw body` with the application's public key (several
-//! keys may be configured); any failure is 401, as Discord requires (it sends bad signatures on purpose to
-//! check). Interactions: `PING` (type 1) is answered `{"type":1}`; interactions carrying a `message` are
+//! keys may be configured), and `X-Signature-Timestamp` (Unix seconds) within the replay window; any failure
+//! is 401, as Discord requires (it sends bad signatures on purpose to check). Interactions: `PING` (type 1) is answered `{"type":1}`; interactions carrying a `message` are
 //! archived and acknowledged without a visible reply. Webhook events (`{"type":1,"event":{...}}`): a `PING`
 //! (type 0) is answered 204; message events (`MESSAGE_CREATE`, `LOBBY_MESSAGE_CREATE`, their `_UPDATE` and
 //! `_DELETE`) are archived.
@@ -13,7 +13,10 @@ use chatvault_proto::v1::{Attachment, ChatEvent, EventKind, Sender, Source};
 use ring::signature::{ED25519, UnparsedPublicKey};
 use serde_json::{Value, json};
 
-use super::{Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, header};
+use super::{
+    Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, check_signed_timestamp,
+    header,
+};
 
 pub struct Discord {
     public_keys: Vec<Vec<u8>>,
@@ -41,6 +44,8 @@ impl Discord {
             })?;
         let timestamp = header(request.headers, "x-signature-timestamp")
             .ok_or_else(|| Rejection::unauthorized("signature", "missing X-Signature-Timestamp"))?;
+        // The timestamp is signed with the body: a captured request must not replay forever.
+        check_signed_timestamp(request, "X-Signature-Timestamp", timestamp)?;
         let mut signed = Vec::with_capacity(timestamp.len() + request.body.len());
         signed.extend_from_slice(timestamp.as_bytes());
         signed.extend_from_slice(request.body);
@@ -220,4 +225,57 @@ fn message_event(
         raw_content_type: "application/json".into(),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{NOW, extreme_timestamps, headers, outcome, request};
+    use super::*;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    #[test]
+    fn stale_and_extreme_timestamps_are_refused() {
+        let keys = Ed25519KeyPair::from_seed_unchecked(&[9u8; 32]).expect("key");
+        let discord = Discord::new(&[hex::encode(keys.public_key().as_ref())]).expect("discord");
+        let body = r#"{"type":1,"id":"816029373512532030","application_id":"774281279254978560","version":1}"#;
+        let signed = |timestamp: &str| {
+            headers(&[
+                (
+                    "x-signature-ed25519",
+                    hex::encode(keys.sign(format!("{timestamp}{body}").as_bytes()).as_ref()),
+                ),
+                ("x-signature-timestamp", timestamp.to_string()),
+            ])
+        };
+        for timestamp in extreme_timestamps() {
+            let headers = signed(&timestamp);
+            let result = discord.handle("acme", &request(&headers, body.as_bytes()));
+            match result {
+                Err(Rejection::Unauthorized {
+                    reason: "stale_timestamp",
+                    message,
+                }) => assert!(
+                    message.contains("X-Signature-Timestamp") && message.contains(&timestamp),
+                    "{message}"
+                ),
+                other => panic!("{timestamp}: {}", outcome(other)),
+            }
+        }
+        // A captured request replayed an hour later is refused, although its signature is valid.
+        let headers = signed(&(NOW - 3600).to_string());
+        assert_eq!(
+            outcome(discord.handle("acme", &request(&headers, body.as_bytes()))),
+            "stale_timestamp"
+        );
+        let headers = signed(&NOW.to_string());
+        assert_eq!(
+            outcome(discord.handle("acme", &request(&headers, body.as_bytes()))),
+            "ok"
+        );
+        let headers = signed("soon");
+        assert_eq!(
+            outcome(discord.handle("acme", &request(&headers, body.as_bytes()))),
+            "signature"
+        );
+    }
 }

@@ -84,7 +84,11 @@ impl PlatformHandler for Mattermost {
                 display_name: fields.get("user_name").cloned().unwrap_or_default(),
                 is_bot: false,
             }),
-            occurred_at_micros: timestamp_ms * 1000,
+            occurred_at_micros: timestamp_ms.checked_mul(1000).ok_or_else(|| {
+                Rejection::malformed(
+                    "timestamp is not a plausible time (milliseconds since the epoch)",
+                )
+            })?,
             text: fields.get("text").cloned().unwrap_or_default(),
             raw_payload: request.body.to_vec(),
             raw_content_type: content_type.to_string(),
@@ -95,5 +99,36 @@ impl PlatformHandler for Mattermost {
             delivery_id: None,
             response: WebhookResponse::empty(200),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{headers, outcome, request};
+    use super::*;
+
+    #[test]
+    fn extreme_timestamps_are_refused_not_overflows() {
+        let mattermost = Mattermost::new(vec!["token-1".into()]).expect("mattermost");
+        let headers = headers(&[(
+            "content-type",
+            "application/x-www-form-urlencoded".to_string(),
+        )]);
+        for timestamp in [i64::MAX, i64::MIN, i64::MAX / 999] {
+            let body = format!(
+                "token=token-1&channel_id=c1&timestamp={timestamp}&user_id=u1&post_id=p1&text=x"
+            );
+            let result = outcome(mattermost.handle("acme", &request(&headers, body.as_bytes())));
+            assert!(
+                result.starts_with("malformed: timestamp"),
+                "{timestamp}: {result}"
+            );
+        }
+        let body =
+            "token=token-1&channel_id=c1&timestamp=1764000000123&user_id=u1&post_id=p1&text=x";
+        assert_eq!(
+            outcome(mattermost.handle("acme", &request(&headers, body.as_bytes()))),
+            "ok"
+        );
     }
 }

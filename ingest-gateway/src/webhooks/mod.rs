@@ -11,6 +11,7 @@
 //! body is kept verbatim in every event as evidence.
 
 pub mod discord;
+pub mod evidence;
 pub mod mattermost;
 pub mod server;
 pub mod slack;
@@ -264,6 +265,39 @@ impl Integration {
     }
 }
 
+/// Whether a signed timestamp (`timestamp_secs`, attacker-chosen) lies within `window_secs` of `now_secs`.
+/// Total for every input: the distance is computed without overflow (`i64::MAX`, `i64::MIN` and anything in
+/// between are simply far away).
+pub fn within_replay_window(now_secs: i64, timestamp_secs: i64, window_secs: i64) -> bool {
+    now_secs.abs_diff(timestamp_secs) <= window_secs.max(0).unsigned_abs()
+}
+
+/// The replay check of a signed timestamp header: the integer seconds in `value`, within the window of
+/// `request`. `name` names the header in the 401's message, which also says how the timestamp was wrong.
+pub(crate) fn check_signed_timestamp(
+    request: &WebhookRequest<'_>,
+    name: &str,
+    value: &str,
+) -> Result<(), Rejection> {
+    let seconds: i64 = value.trim().parse().map_err(|_| {
+        Rejection::unauthorized(
+            "signature",
+            format!("{name} is not an integer number of seconds"),
+        )
+    })?;
+    if within_replay_window(request.now_secs, seconds, request.replay_window_secs) {
+        Ok(())
+    } else {
+        Err(Rejection::unauthorized(
+            "stale_timestamp",
+            format!(
+                "{name} {seconds} is stale: outside the replay window of {} seconds around now ({})",
+                request.replay_window_secs, request.now_secs
+            ),
+        ))
+    }
+}
+
 /// A header as text, if present and valid.
 pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
@@ -285,6 +319,61 @@ pub(crate) fn slack_style_mentions(text: &str) -> Vec<String> {
     mentions
 }
 
+/// Helpers for the platforms' unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// "Now" in the unit tests.
+    pub const NOW: i64 = 1_764_000_000;
+
+    /// Signed timestamps an attacker may choose, none within 300 s of [`NOW`]: the extremes of i64 (where
+    /// `now - timestamp` overflows), far past and future, and just outside the window.
+    pub fn extreme_timestamps() -> Vec<String> {
+        [
+            i64::MAX,
+            i64::MIN,
+            i64::MIN + 1,
+            i64::MAX - NOW,
+            NOW.wrapping_add(i64::MIN),
+            -NOW,
+            0,
+            NOW - 301,
+            NOW + 301,
+        ]
+        .iter()
+        .map(i64::to_string)
+        .collect()
+    }
+
+    pub fn request<'a>(headers: &'a HeaderMap, body: &'a [u8]) -> WebhookRequest<'a> {
+        WebhookRequest {
+            headers,
+            query: None,
+            body,
+            now_secs: NOW,
+            replay_window_secs: 300,
+        }
+    }
+
+    pub fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(*name, value.parse().expect("header value"));
+        }
+        headers
+    }
+
+    /// The rejection reason, or `ok`.
+    pub fn outcome(result: Result<Accepted, Rejection>) -> String {
+        match result {
+            Ok(_) => "ok".into(),
+            Err(Rejection::Unauthorized { reason, .. }) => reason.into(),
+            Err(Rejection::Malformed(message)) => format!("malformed: {message}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +385,25 @@ mod tests {
         recent.insert("b".into());
         recent.insert("c".into());
         assert!(!recent.contains("a") && recent.contains("b") && recent.contains("c"));
+    }
+
+    #[test]
+    fn replay_window_is_total_for_extreme_timestamps() {
+        let now = 1_764_000_000;
+        assert!(within_replay_window(now, now - 300, 300));
+        assert!(within_replay_window(now, now + 300, 300));
+        assert!(!within_replay_window(now, now - 301, 300));
+        for extreme in [i64::MAX, i64::MIN, i64::MIN + 1, -now, now + i64::MAX / 2] {
+            assert!(!within_replay_window(now, extreme, 300), "{extreme}");
+            assert!(!within_replay_window(extreme, now, 300), "{extreme}");
+        }
+        assert!(within_replay_window(i64::MIN, i64::MIN, 0));
+        assert!(within_replay_window(i64::MAX, i64::MAX, i64::MAX));
+        assert!(!within_replay_window(i64::MIN, i64::MAX, i64::MAX));
+        assert!(
+            within_replay_window(now, now, -1) && !within_replay_window(now, now + 1, -1),
+            "a negative window accepts only now"
+        );
     }
 
     #[test]

@@ -1,4 +1,10 @@
-//! The webhook HTTP server: routing, body limits, and the produce-then-answer rule.
+//! The webhook HTTP server: routing, connection and body limits, read timeouts, and the produce-then-answer
+//! rule.
+//!
+//! Memory per request is bounded before anything is parsed: at most `max_http_connections` connections, each
+//! reading one body of at most `max_webhook_body_bytes` at a time (HTTP/1.1; HTTP/2 streams per connection are
+//! capped too), within `http_body_read_timeout_ms`; headers within `http_header_read_timeout_ms`. A
+//! delivery's events then hold its body about once (see [`super::evidence`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -6,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatvault_core::auth::{Authenticator, Role};
+use chatvault_core::config::GatewayConfig;
 use chatvault_core::error::{ErrorCode, Result};
 use chatvault_core::event::{EventLimits, validate_and_complete};
 use chatvault_core::shutdown::Shutdown;
@@ -14,16 +22,46 @@ use chatvault_proto::v1::Source;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use super::evidence;
 use super::{Integration, Rejection, WebhookRequest};
 use crate::producer::EventProducer;
 
 /// Seconds a platform is asked to wait before retrying when Kafka cannot take events.
 pub const RETRY_AFTER_SECS: u64 = 5;
+
+/// HTTP/2 streams one webhook connection may have open at once (platforms send HTTP/1.1; this bounds h2c).
+const MAX_HTTP2_STREAMS: u32 = 16;
+
+/// Connection limits and read timeouts of the webhook listener (from `[gateway]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+}
+
+impl HttpLimits {
+    pub fn from_config(config: &GatewayConfig) -> HttpLimits {
+        HttpLimits {
+            max_connections: config.max_http_connections,
+            header_read_timeout: Duration::from_millis(config.http_header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(config.http_body_read_timeout_ms),
+        }
+    }
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits::from_config(&GatewayConfig::default())
+    }
+}
 
 /// Routes `POST /webhooks/<name>` to its integration.
 pub struct WebhookService {
@@ -32,6 +70,9 @@ pub struct WebhookService {
     limits: EventLimits,
     max_body_bytes: usize,
     replay_window_secs: i64,
+    http_limits: HttpLimits,
+    /// Who may read `GET /webhooks/stats` (tokens holding `audit` or `admin` for a tenant); none by default.
+    stats_readers: Arc<Authenticator>,
 }
 
 impl WebhookService {
@@ -50,8 +91,40 @@ impl WebhookService {
             producer,
             limits,
             max_body_bytes,
-            replay_window_secs: replay_window_secs as i64,
+            replay_window_secs: i64::try_from(replay_window_secs).unwrap_or(i64::MAX),
+            http_limits: HttpLimits::default(),
+            stats_readers: Arc::new(Authenticator::default()),
         }
+    }
+
+    /// The service as the gateway runs it: every limit from `config`, stats readable with the tenants' tokens.
+    pub fn from_config(
+        integrations: Vec<Integration>,
+        producer: EventProducer,
+        config: &GatewayConfig,
+        authenticator: Authenticator,
+    ) -> WebhookService {
+        WebhookService::new(
+            integrations,
+            producer,
+            config.limits.clone(),
+            config.max_webhook_body_bytes,
+            config.webhook_replay_window_secs,
+        )
+        .with_http_limits(HttpLimits::from_config(config))
+        .with_stats_readers(authenticator)
+    }
+
+    pub fn with_http_limits(mut self, limits: HttpLimits) -> WebhookService {
+        self.http_limits = limits;
+        self
+    }
+
+    /// Tokens that may read `GET /webhooks/stats`: each sees the integrations of the tenants for which it holds
+    /// `audit` or `admin`.
+    pub fn with_stats_readers(mut self, authenticator: Authenticator) -> WebhookService {
+        self.stats_readers = Arc::new(authenticator);
+        self
     }
 
     pub fn integration(&self, name: &str) -> Option<&Arc<Integration>> {
@@ -59,13 +132,42 @@ impl WebhookService {
     }
 
     /// `GET /webhooks/stats`: per integration, accepted events, answered redeliveries and rejected requests by
-    /// reason, as JSON. Counts only: no secrets, no content. (Prometheus metrics come with the telemetry work.)
-    fn stats_response(&self) -> Response<Full<Bytes>> {
+    /// reason, as JSON. Counts only: no secrets, no content. The listener faces the internet, so the request
+    /// needs `authorization: Bearer <token>` of a token holding `audit` or `admin` (401 without a known token,
+    /// 403 when it holds neither for any tenant), and it sees only its tenants' integrations.
+    fn stats_response(&self, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
+        let authorization = headers
+            .get(http::header::AUTHORIZATION)
+            .map(|value| value.to_str().unwrap_or_default());
+        let principal = match self.stats_readers.authenticate(authorization) {
+            Ok(principal) => principal,
+            Err(error) => {
+                let mut response = plain(StatusCode::UNAUTHORIZED, error.message());
+                response.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
+                return response;
+            }
+        };
+        let readable = |tenant: &str| principal.require(tenant, Role::Audit).is_ok();
+        if !principal.grants.keys().any(|tenant| readable(tenant)) {
+            return plain(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "{} holds neither the audit nor the admin role for any tenant",
+                    principal.name
+                ),
+            );
+        }
         let mut integrations = serde_json::Map::new();
         let mut names: Vec<&String> = self.integrations.keys().collect();
         names.sort();
         for name in names {
             let integration = &self.integrations[name];
+            if !readable(&integration.tenant) {
+                continue;
+            }
             integrations.insert(
                 name.clone(),
                 serde_json::json!({
@@ -120,7 +222,7 @@ impl WebhookService {
             return plain(StatusCode::OK, "ok");
         }
         if request.method() == Method::GET && path == "/webhooks/stats" {
-            return self.stats_response();
+            return self.stats_response(request.headers());
         }
         let Some(name) = path.strip_prefix("/webhooks/") else {
             return plain(
@@ -147,9 +249,29 @@ impl WebhookService {
             integration.stats.reject("too_large");
             return too_large(self.max_body_bytes);
         }
-        let body = match Limited::new(body, self.max_body_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) => {
+        let read = tokio::time::timeout(
+            self.http_limits.body_read_timeout,
+            Limited::new(body, self.max_body_bytes).collect(),
+        )
+        .await;
+        let body = match read {
+            Err(_elapsed) => {
+                integration.stats.reject("timeout");
+                let mut response = plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    &format!(
+                        "the body was not received within {} ms",
+                        self.http_limits.body_read_timeout.as_millis()
+                    ),
+                );
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                return response;
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(error)) => {
                 if error
                     .downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()
@@ -198,6 +320,29 @@ impl WebhookService {
             chatvault_core::config::WebhookPlatform::Teams => Source::Teams,
         };
         let mut events = accepted.events;
+        if let Err(why) = evidence::seal(&body, &mut events) {
+            // A handler bug, not the sender's fault: 500, so the platform retries once it is fixed.
+            tracing::error!(integration = %integration.name, "webhook evidence: {why}");
+            integration.stats.reject("internal");
+            return plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the gateway could not keep this delivery as evidence",
+            );
+        }
+        let envelope = events
+            .iter()
+            .map(|event| event.delivery_envelope.len())
+            .sum::<usize>();
+        if envelope > self.limits.max_raw_payload_bytes {
+            integration.stats.reject("invalid_event");
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "the body outside its items is {envelope} bytes, over the limit of {} (gateway.limits.max_raw_payload_bytes)",
+                    self.limits.max_raw_payload_bytes
+                ),
+            );
+        }
         for (index, event) in events.iter_mut().enumerate() {
             if let Err(error) = validate_and_complete(event, source, &self.limits) {
                 integration.stats.reject("invalid_event");
@@ -269,14 +414,27 @@ fn respond(answer: &super::WebhookResponse) -> Response<Full<Bytes>> {
     response
 }
 
-/// Serves webhooks until `shutdown`, then lets in-flight requests finish for up to `drain_timeout`.
+/// Serves webhooks until `shutdown`, then lets in-flight requests finish for up to `drain_timeout`. At most
+/// the service's `max_connections` connections are served at once; one beyond it gets a 503 and is closed.
 pub async fn serve_http(
     listener: TcpListener,
     service: Arc<WebhookService>,
     shutdown: Shutdown,
     drain_timeout: Duration,
 ) -> Result<()> {
-    let connections = ConnBuilder::new(TokioExecutor::new());
+    let limits = service.http_limits;
+    let mut connections = ConnBuilder::new(TokioExecutor::new());
+    connections
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    connections
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_HTTP2_STREAMS)
+        .keep_alive_interval(limits.header_read_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
+    let open = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop = shutdown.clone().wait();
     tokio::pin!(stop);
@@ -286,6 +444,10 @@ pub async fn serve_http(
             _ = &mut stop => break,
         };
         let Ok((socket, _)) = accepted else { continue };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(socket, limits.max_connections));
+            continue;
+        };
         let service = service.clone();
         let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
             let service = service.clone();
@@ -297,6 +459,7 @@ pub async fn serve_http(
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;
+            drop(permit);
         });
     }
     tokio::select! {
@@ -304,4 +467,28 @@ pub async fn serve_http(
         _ = tokio::time::sleep(drain_timeout) => tracing::warn!("webhook drain deadline passed"),
     }
     Ok(())
+}
+
+/// Answers a connection over the limit with a 503 (platforms retry those) without reading its request, and
+/// closes it. Bounded in time: a client that does not read its answer is dropped.
+async fn refuse_connection(mut socket: TcpStream, limit: usize) {
+    tracing::warn!(
+        limit,
+        "webhook connection refused: gateway.max_http_connections are open"
+    );
+    let message = "too many open connections; retry later\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: {RETRY_AFTER_SECS}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{message}",
+        message.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        socket.write_all(answer.as_bytes()).await?;
+        socket.shutdown().await?;
+        // Closing with the request unread would reset the connection and could discard the answer before the
+        // client read it: read (and drop) what the client sent until it closes, within the deadline.
+        let mut sink = [0u8; 4096];
+        while tokio::io::AsyncReadExt::read(&mut socket, &mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
 }

@@ -15,8 +15,8 @@ use ring::hmac;
 use serde_json::{Value, json};
 
 use super::{
-    Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, header,
-    slack_style_mentions,
+    Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, check_signed_timestamp,
+    header, slack_style_mentions,
 };
 
 pub struct Slack {
@@ -40,15 +40,7 @@ impl Slack {
         let timestamp = header(request.headers, "x-slack-request-timestamp").ok_or_else(|| {
             Rejection::unauthorized("signature", "missing X-Slack-Request-Timestamp")
         })?;
-        let seconds: i64 = timestamp.parse().map_err(|_| {
-            Rejection::unauthorized("signature", "X-Slack-Request-Timestamp is not an integer")
-        })?;
-        if (request.now_secs - seconds).abs() > request.replay_window_secs {
-            return Err(Rejection::unauthorized(
-                "stale_timestamp",
-                "X-Slack-Request-Timestamp is outside the replay window",
-            ));
-        }
+        check_signed_timestamp(request, "X-Slack-Request-Timestamp", timestamp)?;
         let signature = header(request.headers, "x-slack-signature")
             .and_then(|value| value.strip_prefix("v0="))
             .and_then(|hex_signature| hex::decode(hex_signature).ok())
@@ -108,13 +100,17 @@ impl PlatformHandler for Slack {
                 let minute = envelope["minute_rate_limited"]
                     .as_i64()
                     .unwrap_or(request.now_secs);
+                let occurred_at_micros =
+                    minute.checked_mul(MICROS_PER_SECOND).ok_or_else(|| {
+                        Rejection::malformed("minute_rate_limited is not a plausible time")
+                    })?;
                 let gap = ChatEvent {
                     tenant_id: tenant.to_string(),
                     source: Source::Slack as i32,
                     workspace_id: team.to_string(),
                     conversation_id: format!("workspace:{team}"),
                     kind: EventKind::CaptureGap as i32,
-                    occurred_at_micros: minute * MICROS_PER_SECOND,
+                    occurred_at_micros,
                     text: "Slack rate-limited event deliveries (app_rate_limited); events of this minute may be missing".into(),
                     raw_payload: request.body.to_vec(),
                     raw_content_type: "application/json".into(),
@@ -331,8 +327,54 @@ fn event_time(event: &Value, envelope: &Value) -> Result<i64, Rejection> {
     if !event["event_ts"].is_null() {
         return slack_time(&event["event_ts"], "event.event_ts");
     }
-    envelope["event_time"]
+    let seconds = envelope["event_time"]
         .as_i64()
-        .map(|seconds| seconds * MICROS_PER_SECOND)
-        .ok_or_else(|| Rejection::malformed("neither event.event_ts nor event_time is present"))
+        .ok_or_else(|| Rejection::malformed("neither event.event_ts nor event_time is present"))?;
+    seconds
+        .checked_mul(MICROS_PER_SECOND)
+        .ok_or_else(|| Rejection::malformed("event_time is not a plausible time"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{NOW, extreme_timestamps, headers, outcome, request};
+    use super::*;
+
+    const SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+
+    fn signed(timestamp: &str, body: &str) -> http::HeaderMap {
+        let key = hmac::Key::new(hmac::HMAC_SHA256, SECRET.as_bytes());
+        let tag = hmac::sign(&key, format!("v0:{timestamp}:{body}").as_bytes());
+        headers(&[
+            ("x-slack-request-timestamp", timestamp.to_string()),
+            (
+                "x-slack-signature",
+                format!("v0={}", hex::encode(tag.as_ref())),
+            ),
+        ])
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_overflows() {
+        let slack = Slack::new(vec![SECRET.into()]).expect("slack");
+        let body = r#"{"type":"event_callback","team_id":"T1","event_id":"Ev1","event_time":9223372036854775807,
+            "event":{"type":"member_joined_channel","user":"U1","channel":"C1"}}"#;
+        for timestamp in extreme_timestamps() {
+            let headers = signed(&timestamp, body);
+            assert_eq!(
+                outcome(slack.handle("acme", &request(&headers, body.as_bytes()))),
+                "stale_timestamp",
+                "{timestamp}"
+            );
+        }
+        let headers = signed("99999999999999999999", body);
+        assert_eq!(
+            outcome(slack.handle("acme", &request(&headers, body.as_bytes()))),
+            "signature"
+        );
+        // Fresh and signed: event_time (seconds) too large for microseconds is a 400, not an overflow.
+        let headers = signed(&NOW.to_string(), body);
+        let result = outcome(slack.handle("acme", &request(&headers, body.as_bytes())));
+        assert!(result.contains("event_time"), "{result}");
+    }
 }

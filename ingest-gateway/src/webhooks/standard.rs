@@ -19,8 +19,13 @@ use chatvault_core::time::parse_rfc3339_micros;
 use chatvault_proto::v1::{Attachment, ChatEvent, Sender, Source};
 use ring::{digest, hmac};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
-use super::{Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, header};
+use super::evidence::{Item, is_json_object};
+use super::{
+    Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, check_signed_timestamp,
+    header,
+};
 
 pub struct StandardWebhooks {
     integration: String,
@@ -58,15 +63,7 @@ impl StandardWebhooks {
             .ok_or_else(|| Rejection::unauthorized("signature", "missing webhook-id"))?;
         let timestamp = header(request.headers, "webhook-timestamp")
             .ok_or_else(|| Rejection::unauthorized("signature", "missing webhook-timestamp"))?;
-        let seconds: i64 = timestamp.parse().map_err(|_| {
-            Rejection::unauthorized("signature", "webhook-timestamp is not an integer")
-        })?;
-        if (request.now_secs - seconds).abs() > request.replay_window_secs {
-            return Err(Rejection::unauthorized(
-                "stale_timestamp",
-                "webhook-timestamp is outside the tolerance window",
-            ));
-        }
+        check_signed_timestamp(request, "webhook-timestamp", timestamp)?;
         let signatures = header(request.headers, "webhook-signature")
             .ok_or_else(|| Rejection::unauthorized("signature", "missing webhook-signature"))?;
         let mut signed = Vec::with_capacity(id.len() + timestamp.len() + request.body.len() + 2);
@@ -108,18 +105,37 @@ impl PlatformHandler for StandardWebhooks {
 }
 
 impl StandardWebhooks {
-    /// Interprets a verified body (public so the fuzz targets reach it without a signature).
+    /// Interprets a verified body (public so the fuzz targets reach it without a signature). Each event's
+    /// `raw_payload` is its item of `data`, sliced verbatim from `body` (see [`super::evidence`]); items are
+    /// parsed one at a time, so memory stays proportional to the body, not to items × body.
     pub fn parse_payload(
         &self,
         tenant: &str,
         webhook_id: &str,
         body: &[u8],
     ) -> Result<Vec<ChatEvent>, Rejection> {
-        let payload: Value = serde_json::from_slice(body)
+        /// The envelope's two fields; `data` stays unparsed bytes of the body.
+        #[derive(serde::Deserialize)]
+        struct Payload<'a> {
+            #[serde(rename = "type", default)]
+            kind: Option<Value>,
+            #[serde(borrow, default)]
+            data: Option<&'a RawValue>,
+        }
+        if !is_json_object(body) {
+            return Err(Rejection::malformed("body is not a JSON object"));
+        }
+        let payload: Payload<'_> = serde_json::from_slice(body)
             .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
-        let items: Vec<&Value> = match (payload["type"].as_str(), &payload["data"]) {
-            (Some("chat.event"), data @ Value::Object(_)) => vec![data],
-            (Some("chat.events"), Value::Array(items)) => items.iter().collect(),
+        let data = match payload.data {
+            Some(raw) => Some((raw, Item::of(body, raw)?)),
+            None => None,
+        };
+        let items: Vec<Item<'_>> = match (payload.kind.as_ref().and_then(Value::as_str), data) {
+            (Some("chat.event"), Some((_, data))) if data.is_object() => vec![data],
+            (Some("chat.events"), Some((raw, data))) if data.json.starts_with('[') => {
+                Item::elements(body, raw, "data")?
+            }
             (Some("chat.event" | "chat.events"), _) => {
                 return Err(Rejection::malformed(
                     "data must be an object (chat.event) or an array (chat.events)",
@@ -131,7 +147,12 @@ impl StandardWebhooks {
         items
             .into_iter()
             .enumerate()
-            .map(|(index, item)| self.event(tenant, webhook_id, index, item, body))
+            .map(|(index, item)| {
+                let value: Value = serde_json::from_str(item.json).map_err(|error| {
+                    Rejection::malformed(format!("data[{index}] is not JSON: {error}"))
+                })?;
+                Ok(item.attach(self.event(tenant, webhook_id, index, &value)?))
+            })
             .collect()
     }
 }
@@ -143,7 +164,6 @@ impl StandardWebhooks {
         webhook_id: &str,
         index: usize,
         item: &Value,
-        raw: &[u8],
     ) -> Result<ChatEvent, Rejection> {
         let field = |name: &str| -> Result<String, Rejection> {
             match &item[name] {
@@ -249,8 +269,97 @@ impl StandardWebhooks {
             attachments,
             mentions,
             reaction: field("reaction")?,
-            raw_payload: raw.to_vec(),
             raw_content_type: "application/json".into(),
+            ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{NOW, extreme_timestamps, headers, outcome, request};
+    use super::*;
+
+    fn signed(secret: &[u8], id: &str, timestamp: &str, body: &str) -> http::HeaderMap {
+        let tag = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, secret),
+            format!("{id}.{timestamp}.{body}").as_bytes(),
+        );
+        headers(&[
+            ("webhook-id", id.to_string()),
+            ("webhook-timestamp", timestamp.to_string()),
+            (
+                "webhook-signature",
+                format!("v1,{}", BASE64.encode(tag.as_ref())),
+            ),
+        ])
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_overflows() {
+        let secret = [7u8; 32];
+        let handler =
+            StandardWebhooks::new("generic", &[format!("whsec_{}", BASE64.encode(secret))])
+                .expect("handler");
+        let body = r#"{"type":"chat.event","data":{"conversation_id":"c","kind":"message_created","occurred_at":"2025-11-24T16:00:00Z"}}"#;
+        for timestamp in extreme_timestamps() {
+            let headers = signed(&secret, "msg_1", &timestamp, body);
+            assert_eq!(
+                outcome(handler.handle("acme", &request(&headers, body.as_bytes()))),
+                "stale_timestamp",
+                "{timestamp}"
+            );
+        }
+        let headers = signed(&secret, "msg_1", &NOW.to_string(), body);
+        assert_eq!(
+            outcome(handler.handle("acme", &request(&headers, body.as_bytes()))),
+            "ok"
+        );
+    }
+
+    #[test]
+    fn each_item_is_its_own_slice_of_the_body() {
+        let handler =
+            StandardWebhooks::new("generic", &[format!("whsec_{}", BASE64.encode([7u8; 32]))])
+                .expect("handler");
+        let item = |n: u32| {
+            format!(
+                r#"{{"conversation_id":"c","kind":"message_created","message_id":"m{n}","occurred_at":"2025-11-24T16:00:00Z","text":"caf\u00e9 {n}"}}"#
+            )
+        };
+        let body = format!(
+            "{{ \"type\" : \"chat.events\", \"data\" : [ {} ,\n{} ], \"note\": [1] }}",
+            item(1),
+            item(2)
+        );
+        let mut events = handler
+            .parse_payload("acme", "msg_1", body.as_bytes())
+            .expect("events");
+        for (index, event) in events.iter().enumerate() {
+            assert_eq!(event.raw_payload, item(index as u32 + 1).into_bytes());
+            assert_eq!(
+                &body.as_bytes()[event.raw_payload_offset as usize..][..event.raw_payload.len()],
+                event.raw_payload.as_slice()
+            );
+        }
+        super::super::evidence::seal(body.as_bytes(), &mut events).expect("seal");
+        assert_eq!(
+            events[0].delivery_envelope,
+            b"{ \"type\" : \"chat.events\", \"data\" : [  ,\n ], \"note\": [1] }".to_vec()
+        );
+        for malformed in [
+            r#"["chat.events", []]"#,
+            r#"{"type":"chat.events","data":{}}"#,
+            r#"{"type":"chat.event","data":[]}"#,
+            r#"{"type":"chat.events","data":[1]}"#,
+            r#"{"type":"chat.events","type":"chat.event","data":[]}"#,
+        ] {
+            assert!(
+                handler
+                    .parse_payload("acme", "msg_1", malformed.as_bytes())
+                    .is_err(),
+                "{malformed}"
+            );
+        }
     }
 }

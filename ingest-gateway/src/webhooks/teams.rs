@@ -28,6 +28,7 @@
 //! conversation `subscription:<subscriptionId>`. The raw body is kept verbatim in every event; Graph sends no
 //! delivery id, so retries collapse through the derived event ids (timestamps from the message).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -46,8 +47,10 @@ use chatvault_proto::v1::{Attachment, ChatEvent, EventKind, Sender, Source};
 use ring::{hmac, signature};
 use rsa::pkcs8::DecodePrivateKey;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha1::Sha1;
 
+use super::evidence::{Item, is_json_object};
 use super::{Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse};
 
 /// The app id of Microsoft Graph's change-notification publisher (`azp`/`appid` of its validation tokens).
@@ -254,10 +257,10 @@ impl Teams {
         let claims = decode_json(claims).ok_or("validation token claims are not JSON")?;
         let seconds = |name: &str| claims[name].as_f64().map(|value| value as i64);
         let exp = seconds("exp").ok_or("a validation token has no exp")?;
-        if exp + JWT_SKEW_SECS < now_secs {
+        if exp.saturating_add(JWT_SKEW_SECS) < now_secs {
             return Err("a validation token has expired".into());
         }
-        if seconds("nbf").is_some_and(|nbf| nbf - JWT_SKEW_SECS > now_secs) {
+        if seconds("nbf").is_some_and(|nbf| nbf.saturating_sub(JWT_SKEW_SECS) > now_secs) {
             return Err("a validation token is not valid yet".into());
         }
         let audience_matches = match &claims["aud"] {
@@ -502,18 +505,17 @@ const LIFECYCLE_TEXT: &[(&str, &str)] = &[
     ),
 ];
 
-/// Normalizes one notification (after verification); `message` is the decrypted resource, if any.
+/// Normalizes one notification (after verification); `message` is the decrypted resource, if any. The event's
+/// evidence (`raw_payload`, the item's bytes) is attached by the caller.
 fn normalize(
     tenant: &str,
     index: usize,
     item: &Value,
     message: Option<&Value>,
-    raw: &[u8],
 ) -> std::result::Result<Option<ChatEvent>, Rejection> {
     let base = ChatEvent {
         tenant_id: tenant.to_string(),
         source: Source::Teams as i32,
-        raw_payload: raw.to_vec(),
         raw_content_type: "application/json".into(),
         ..Default::default()
     };
@@ -652,30 +654,66 @@ impl PlatformHandler for Teams {
                 },
             });
         }
-        let payload: Value = serde_json::from_slice(request.body)
+        /// The batch's two fields; the items stay unparsed bytes of the body.
+        #[derive(serde::Deserialize)]
+        struct Batch<'a> {
+            #[serde(borrow, default)]
+            value: Option<&'a RawValue>,
+            #[serde(rename = "validationTokens", default)]
+            validation_tokens: Option<Value>,
+        }
+        /// What verification needs of an item, borrowed from the body.
+        #[derive(serde::Deserialize)]
+        struct Credentials<'a> {
+            #[serde(rename = "clientState", borrow, default)]
+            client_state: Option<Cow<'a, str>>,
+            #[serde(rename = "tenantId", borrow, default)]
+            tenant_id: Option<Cow<'a, str>>,
+            #[serde(rename = "encryptedContent", borrow, default)]
+            encrypted_content: Option<&'a RawValue>,
+        }
+        let body = request.body;
+        if !is_json_object(body) {
+            return Err(Rejection::malformed("body is not JSON: not an object"));
+        }
+        let payload: Batch<'_> = serde_json::from_slice(body)
             .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
-        let items = payload["value"]
-            .as_array()
+        let items = payload
+            .value
+            .filter(|value| value.get().starts_with('['))
             .ok_or_else(|| Rejection::malformed("value must be an array of notifications"))?;
+        let items = Item::elements(body, items, "value")?;
+        // Verification reads only clientState, tenantId and whether content is encrypted, borrowed from the
+        // body, for every item before anything is decrypted or normalized.
+        let mut rich = false;
         for (index, item) in items.iter().enumerate() {
-            let presented = item["clientState"].as_str().unwrap_or_default();
+            if !item.is_object() {
+                return Err(Rejection::malformed(format!(
+                    "value[{index}] must be an object"
+                )));
+            }
+            let credentials: Credentials<'_> =
+                serde_json::from_str(item.json).map_err(|error| {
+                    Rejection::malformed(format!("value[{index}] is not a notification: {error}"))
+                })?;
+            let presented = credentials.client_state.as_deref().unwrap_or_default();
             if !self.client_state_matches(presented) {
                 return Err(Rejection::unauthorized(
                     "client_state",
                     format!("value[{index}].clientState does not match"),
                 ));
             }
-            if !self.tenant_allowed(item["tenantId"].as_str().unwrap_or_default()) {
+            if !self.tenant_allowed(credentials.tenant_id.as_deref().unwrap_or_default()) {
                 return Err(Rejection::unauthorized(
                     "tenant",
                     format!("value[{index}].tenantId is not an allowed tenant"),
                 ));
             }
+            rich |= credentials
+                .encrypted_content
+                .is_some_and(|content| content.get().starts_with('{'));
         }
-        let rich = items
-            .iter()
-            .any(|item| item["encryptedContent"].is_object());
-        let tokens = payload["validationTokens"].as_array();
+        let tokens = payload.validation_tokens.as_ref().and_then(Value::as_array);
         if rich && tokens.is_none_or(Vec::is_empty) {
             return Err(Rejection::unauthorized(
                 "jwt",
@@ -691,10 +729,14 @@ impl PlatformHandler for Teams {
                     .map_err(|why| Rejection::unauthorized("jwt", why))?;
             }
         }
+        // One item parsed at a time: memory stays proportional to the body.
         let mut events = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
-            let message = match &item["encryptedContent"] {
-                Value::Object(_) => Some(self.decrypt(index, &item["encryptedContent"])?),
+            let value: Value = serde_json::from_str(item.json).map_err(|error| {
+                Rejection::malformed(format!("value[{index}] is not JSON: {error}"))
+            })?;
+            let message = match &value["encryptedContent"] {
+                Value::Object(_) => Some(self.decrypt(index, &value["encryptedContent"])?),
                 Value::Null => None,
                 _ => {
                     return Err(Rejection::malformed(format!(
@@ -702,8 +744,8 @@ impl PlatformHandler for Teams {
                     )));
                 }
             };
-            if let Some(event) = normalize(tenant, index, item, message.as_ref(), request.body)? {
-                events.push(event);
+            if let Some(event) = normalize(tenant, index, &value, message.as_ref())? {
+                events.push(item.attach(event));
             }
         }
         Ok(Accepted {
@@ -906,7 +948,15 @@ mod tests {
             event.occurred_at_micros,
             parse_rfc3339_micros("2021-03-29T03:53:52.035Z").unwrap()
         );
-        assert_eq!(event.raw_payload, body);
+        // The evidence is the item's own bytes, verbatim, at its offset in the body (not the whole body).
+        let offset = event.raw_payload_offset as usize;
+        assert_eq!(
+            &body[offset..offset + event.raw_payload.len()],
+            event.raw_payload.as_slice()
+        );
+        let item: Value = serde_json::from_slice(&event.raw_payload).expect("item JSON");
+        assert_eq!(item["changeType"], "created");
+        assert!(event.raw_payload.len() < body.len());
     }
 
     #[test]
@@ -1047,6 +1097,45 @@ mod tests {
                 &rich(vec![good()], vec![jwt(good_claims())])
             )),
             "ok 1"
+        );
+    }
+
+    #[test]
+    fn extreme_token_times_do_not_overflow() {
+        let teams = teams();
+        let body = |claims: Value| {
+            rich(
+                vec![item("created", Some(encrypt(&chat_message())))],
+                vec![jwt(claims)],
+            )
+        };
+        let with = |name: &str, value: Value| {
+            let mut claims = good_claims();
+            claims[name] = value;
+            claims
+        };
+        // i64::MAX + skew overflowed; a token valid until the end of time is simply not expired.
+        assert_eq!(
+            reason(handle(&teams, None, &body(with("exp", json!(i64::MAX))))),
+            "ok 1"
+        );
+        assert_eq!(
+            reason(handle(&teams, None, &body(with("exp", json!(1e300))))),
+            "ok 1"
+        );
+        for expired in [json!(i64::MIN), json!(-1e300)] {
+            assert_eq!(
+                reason(handle(&teams, None, &body(with("exp", expired)))),
+                "401 jwt"
+            );
+        }
+        assert_eq!(
+            reason(handle(&teams, None, &body(with("nbf", json!(i64::MIN))))),
+            "ok 1"
+        );
+        assert_eq!(
+            reason(handle(&teams, None, &body(with("nbf", json!(i64::MAX))))),
+            "401 jwt"
         );
     }
 
