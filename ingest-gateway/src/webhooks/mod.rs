@@ -7,8 +7,10 @@
 //!
 //! Status contract: 401 failed verification (signature, token, stale timestamp), 400 malformed body (the
 //! message names the problem), 413 body over `gateway.max_webhook_body_bytes`, 404 unknown integration,
-//! 503 with `Retry-After` when Kafka cannot take the events. Nothing is produced for a rejected request. The raw
-//! body is kept verbatim in every event as evidence.
+//! 408 body not received within `gateway.http_body_read_timeout_ms`, 503 with `Retry-After` when Kafka cannot
+//! take the events (or the listener is at `gateway.max_http_connections`). Nothing is produced for a rejected
+//! request. The signed body is kept as evidence once per delivery: each event holds its own item's bytes, and
+//! one event the rest of the body ([`evidence`]).
 
 pub mod discord;
 pub mod evidence;
@@ -161,7 +163,7 @@ impl IntegrationStats {
     }
 
     /// Rejected requests by reason (`signature`, `stale_timestamp`, `token`, `malformed`, `too_large`,
-    /// `invalid_event`, `kafka_unavailable`; Teams adds `client_state`, `tenant`, `jwt`).
+    /// `timeout`, `invalid_event`, `kafka_unavailable`, `internal`; Teams adds `client_state`, `tenant`, `jwt`).
     pub fn rejected(&self) -> BTreeMap<&'static str, u64> {
         self.rejected.lock().map(|r| r.clone()).unwrap_or_default()
     }

@@ -25,8 +25,8 @@
 //! creation or an update without content is archived as a CAPTURE_GAP naming the message (its content must be
 //! fetched from Graph; an empty edit would erase the archived text). Lifecycle notifications
 //! (`reauthorizationRequired`, `subscriptionRemoved`, `missed`, ...) are archived as CAPTURE_GAP events in
-//! conversation `subscription:<subscriptionId>`. The raw body is kept verbatim in every event; Graph sends no
-//! delivery id, so retries collapse through the derived event ids (timestamps from the message).
+//! conversation `subscription:<subscriptionId>`. Each event keeps its own notification of `value[]`
+//! verbatim (the delivery's envelope travels once, see [`super::evidence`]); Graph sends no delivery id, so retries collapse through the derived event ids (timestamps from the message).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
