@@ -9,6 +9,13 @@
 //!   can find the key of any file.
 //!
 //! Destroying a tenant's KEK, or one period's record, makes that data unreadable everywhere.
+//!
+//! Key material never reaches a log: every type that holds a key ([`DataKey`], [`LocalKeyring`], [`DataKeys`])
+//! has a `Debug` that leaves the key bytes out. Keys held here are wiped (`zeroize`) when dropped: data keys,
+//! key-encryption keys in the keyring's memory, and the buffers they pass through (unwrapped plaintext, the
+//! keyring file's bytes). What this cannot reach: copies made by libraries we hand a key to (the Parquet
+//! crate's encryption properties keep their own `Vec`), by serde_json while parsing, or left in freed memory by
+//! the allocator before this crate saw the bytes.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,6 +29,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::archive::layout;
 use crate::config::KeysConfig;
@@ -43,25 +51,60 @@ pub trait KeyEncryptionProvider: Send + Sync + std::fmt::Debug {
     /// Wraps `plaintext` under the tenant's current KEK (creating it when the provider can). `aad` binds the
     /// wrapped key to its context and must be presented again to unwrap.
     async fn wrap(&self, tenant: &str, plaintext: &[u8], aad: &[u8]) -> Result<WrappedKey>;
-    async fn unwrap(&self, tenant: &str, wrapped: &WrappedKey, aad: &[u8]) -> Result<Vec<u8>>;
+    /// The unwrapped plaintext, wiped when dropped.
+    async fn unwrap(
+        &self,
+        tenant: &str,
+        wrapped: &WrappedKey,
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>>;
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct KeyringFile {
     version: u32,
     tenants: HashMap<String, TenantKeys>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Lists tenants and key ids, never keys.
+impl std::fmt::Debug for KeyringFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyringFile")
+            .field("version", &self.version)
+            .field("tenants", &self.tenants)
+            .finish()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
 struct TenantKeys {
     current: String,
     /// kek id → base64 key
     keys: HashMap<String, String>,
 }
 
+impl std::fmt::Debug for TenantKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ids: Vec<&String> = self.keys.keys().collect();
+        ids.sort();
+        f.debug_struct("TenantKeys")
+            .field("current", &self.current)
+            .field("kek_ids", &ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for TenantKeys {
+    fn drop(&mut self) {
+        for key in self.keys.values_mut() {
+            key.zeroize();
+        }
+    }
+}
+
 /// A keyring file with one AES-256 KEK per tenant, created on first use with mode 0600. Suitable for a single
-/// node (standalone, evaluation); production deployments use a KMS behind the same trait.
-#[derive(Debug)]
+/// node (standalone, evaluation); production deployments use a KMS behind the same trait. `Debug` shows the
+/// path and mode, never keys.
 pub struct LocalKeyring {
     path: PathBuf,
     state: Mutex<KeyringFile>,
@@ -69,6 +112,15 @@ pub struct LocalKeyring {
     /// Never written: a tenant without a key-encryption key cannot get one here (see
     /// [`LocalKeyring::open_read_only`]).
     read_only: bool,
+}
+
+impl std::fmt::Debug for LocalKeyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalKeyring")
+            .field("path", &self.path)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LocalKeyring {
@@ -100,7 +152,7 @@ impl LocalKeyring {
     }
 
     fn read_file(&self) -> Result<KeyringFile> {
-        match std::fs::read(&self.path) {
+        match std::fs::read(&self.path).map(Zeroizing::new) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
                 Error::internal(format!(
                     "keyring {} is corrupt: {error}",
@@ -120,7 +172,7 @@ impl LocalKeyring {
 
     /// Writes the keyring atomically: a uniquely named temporary file with mode 0600, synced, then renamed.
     fn persist(&self, state: &KeyringFile) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(state)?;
+        let bytes = Zeroizing::new(serde_json::to_vec_pretty(state)?);
         let temporary = self.path.with_extension(format!(
             "tmp-{}-{:?}",
             std::process::id(),
@@ -190,16 +242,16 @@ impl LocalKeyring {
         })?;
         let mut current = self.read_file()?;
         if !current.tenants.contains_key(tenant) {
-            let mut key = [0u8; 32];
+            let mut key = Zeroizing::new([0u8; 32]);
             self.rng
-                .fill(&mut key)
+                .fill(key.as_mut())
                 .map_err(|_| Error::internal("system random generator failed"))?;
             let id = format!("{tenant}-kek-1");
             current.tenants.insert(
                 tenant.to_string(),
                 TenantKeys {
                     current: id.clone(),
-                    keys: HashMap::from([(id, BASE64.encode(key))]),
+                    keys: HashMap::from([(id, BASE64.encode(key.as_ref()))]),
                 },
             );
             self.persist(&current)?;
@@ -208,7 +260,12 @@ impl LocalKeyring {
         Ok(current)
     }
 
-    fn kek(&self, tenant: &str, kek_id: Option<&str>, create: bool) -> Result<(String, Vec<u8>)> {
+    fn kek(
+        &self,
+        tenant: &str,
+        kek_id: Option<&str>,
+        create: bool,
+    ) -> Result<(String, Zeroizing<Vec<u8>>)> {
         let mut state = self
             .state
             .lock()
@@ -245,6 +302,7 @@ impl LocalKeyring {
         })?;
         let key = BASE64
             .decode(encoded)
+            .map(Zeroizing::new)
             .map_err(|_| Error::internal(format!("keyring entry {id} is not base64")))?;
         Ok((id.to_string(), key))
     }
@@ -258,7 +316,12 @@ impl KeyEncryptionProvider for LocalKeyring {
         Ok(WrappedKey { kek_id, ciphertext })
     }
 
-    async fn unwrap(&self, tenant: &str, wrapped: &WrappedKey, aad: &[u8]) -> Result<Vec<u8>> {
+    async fn unwrap(
+        &self,
+        tenant: &str,
+        wrapped: &WrappedKey,
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>> {
         let (_, kek) = self.kek(tenant, Some(&wrapped.kek_id), false)?;
         open(&kek, &wrapped.ciphertext, aad)
     }
@@ -272,11 +335,12 @@ fn seal(rng: &SystemRandom, key: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<
     let mut nonce = [0u8; NONCE_LEN];
     rng.fill(&mut nonce)
         .map_err(|_| Error::internal("system random generator failed"))?;
-    let mut buffer = plaintext.to_vec();
+    // Encrypted in place: once sealed it holds no plaintext, but it is wiped anyway if sealing fails.
+    let mut buffer = Zeroizing::new(plaintext.to_vec());
     key.seal_in_place_append_tag(
         Nonce::assume_unique_for_key(nonce),
         Aad::from(aad),
-        &mut buffer,
+        &mut *buffer,
     )
     .map_err(|_| Error::internal("key wrapping failed"))?;
     let mut out = nonce.to_vec();
@@ -284,7 +348,7 @@ fn seal(rng: &SystemRandom, key: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<
     Ok(out)
 }
 
-fn open(key: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
+fn open(key: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
     if sealed.len() < NONCE_LEN + 16 {
         return Err(Error::internal("wrapped key is truncated"));
     }
@@ -294,7 +358,7 @@ fn open(key: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
     let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
     let nonce =
         Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::internal("bad nonce"))?;
-    let mut buffer = ciphertext.to_vec();
+    let mut buffer = Zeroizing::new(ciphertext.to_vec());
     let plaintext = key
         .open_in_place(nonce, Aad::from(aad), &mut buffer)
         .map_err(|_| {
@@ -303,7 +367,7 @@ fn open(key: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
                 "unwrapping a data key failed: wrong key-encryption key or tampered key record",
             )
         })?;
-    Ok(plaintext.to_vec())
+    Ok(Zeroizing::new(plaintext.to_vec()))
 }
 
 /// The stored form of a data key: `keys/tenant=<t>/period=<yyyy-mm>.json`.
@@ -334,7 +398,7 @@ pub struct FileKeyMetadata {
     pub key_record: String,
 }
 
-/// A plaintext data key. Debug output never shows the key.
+/// A plaintext data key. Debug output never shows the key, and the key bytes are wiped when it is dropped.
 #[derive(Clone)]
 pub struct DataKey {
     pub tenant_id: String,
@@ -350,6 +414,12 @@ impl std::fmt::Debug for DataKey {
             .field("period", &self.period)
             .field("dek_id", &self.dek_id)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        self.key.zeroize();
     }
 }
 
@@ -372,13 +442,23 @@ fn dek_aad(tenant: &str, period: &str, dek_id: &str) -> Vec<u8> {
 const CACHE_CAPACITY: usize = 4096;
 
 /// Finds or creates the data key of a tenant's period, through the archive's object store and a KEK provider.
-/// Plaintext keys are cached in memory (bounded).
-#[derive(Debug, Clone)]
+/// Plaintext keys are cached in memory (bounded). `Debug` names the provider and how many keys are cached.
+#[derive(Clone)]
 pub struct DataKeys {
     store: Arc<dyn ObjectStore>,
     provider: Arc<dyn KeyEncryptionProvider>,
     cache: Arc<Mutex<HashMap<(String, String), DataKey>>>,
     rng: SystemRandom,
+}
+
+impl std::fmt::Debug for DataKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cached = self.cache.lock().map(|cache| cache.len()).unwrap_or(0);
+        f.debug_struct("DataKeys")
+            .field("provider", &self.provider)
+            .field("cached_keys", &cached)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DataKeys {
@@ -429,7 +509,10 @@ impl DataKeys {
         }
     }
 
-    /// The data key of `tenant`'s `period`; NOT_FOUND when none was ever created.
+    /// The data key of `tenant`'s `period`; NOT_FOUND when none was ever created. A record whose own tenant or
+    /// period differs from the ones its path names (copied or swapped in storage) is refused with INTERNAL
+    /// before it is unwrapped: the AAD binds the wrapped key to the record's fields, not to the path, so a
+    /// valid record of another tenant or month would otherwise unwrap and be used here.
     pub async fn get(&self, tenant: &str, period: &str) -> Result<DataKey> {
         if let Some(key) = self.cached(tenant, period) {
             return Ok(key);
@@ -442,7 +525,16 @@ impl DataKeys {
             .map_err(|error| Error::from(error).context(format!("data key {path}")))?
             .bytes()
             .await?;
-        let record: DataKeyRecord = serde_json::from_slice(&bytes)?;
+        let record: DataKeyRecord = serde_json::from_slice(&bytes).map_err(|error| {
+            Error::internal(format!("data key record {path} is corrupt: {error}"))
+        })?;
+        if record.tenant_id != tenant || record.period != period {
+            return Err(Error::internal(format!(
+                "data key record {path} names tenant {} period {} but was read for tenant {tenant} period \
+                 {period}: the record was copied or swapped in storage; refusing to use it",
+                record.tenant_id, record.period
+            )));
+        }
         let key = self.unwrap_record(&record).await?;
         self.remember(&key);
         Ok(key)
@@ -456,17 +548,17 @@ impl DataKeys {
             Err(error) if error.code() == ErrorCode::NotFound => {}
             Err(error) => return Err(error),
         }
-        let mut key = [0u8; DATA_KEY_BYTES];
+        let mut key = Zeroizing::new([0u8; DATA_KEY_BYTES]);
         let mut id_bytes = [0u8; 8];
         self.rng
-            .fill(&mut key)
+            .fill(key.as_mut())
             .and_then(|_| self.rng.fill(&mut id_bytes))
             .map_err(|_| Error::internal("system random generator failed"))?;
         let dek_id = format!("{tenant}/{period}/{}", hex::encode(id_bytes));
         let wrapped = timed_provider_call(
             "wrap",
             self.provider
-                .wrap(tenant, &key, &dek_aad(tenant, period, &dek_id)),
+                .wrap(tenant, key.as_ref(), &dek_aad(tenant, period, &dek_id)),
         )
         .await?;
         let record = DataKeyRecord {
@@ -493,7 +585,7 @@ impl DataKeys {
                     tenant_id: tenant.to_string(),
                     period: period.to_string(),
                     dek_id,
-                    key,
+                    key: *key,
                 };
                 self.remember(&data_key);
                 Ok(data_key)
@@ -528,6 +620,7 @@ impl DataKeys {
         )
         .await?;
         let key: [u8; DATA_KEY_BYTES] = plaintext
+            .as_slice()
             .try_into()
             .map_err(|_| Error::internal("data key has the wrong length"))?;
         Ok(DataKey {
@@ -606,6 +699,128 @@ mod tests {
         );
         assert!(stranger.get("acme", "2026-11").await.is_err());
         assert!(!format!("{first:?}").contains(&format!("{:?}", first.key)));
+    }
+
+    /// Every textual form a key could take in a log line.
+    fn encodings(key: &[u8]) -> Vec<String> {
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+        vec![
+            hex::encode(key),
+            hex::encode_upper(key),
+            BASE64.encode(key),
+            STANDARD_NO_PAD.encode(key),
+            URL_SAFE.encode(key),
+            URL_SAFE_NO_PAD.encode(key),
+            format!("{key:?}"),
+            format!("{key:x?}"),
+            // A prefix of the bytes as Debug prints them, in case only part is shown.
+            format!("{:?}", &key[..4]).trim_end_matches(']').to_string(),
+        ]
+    }
+
+    #[tokio::test]
+    async fn debug_output_of_key_holders_shows_no_key_material() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keyring_path = dir.path().join("keyring.json");
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let keyring = Arc::new(LocalKeyring::open(&keyring_path).expect("open"));
+        let keys = DataKeys::new(store, keyring.clone());
+        let data_key = keys.get_or_create("acme", "2026-11").await.expect("create");
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&keyring_path).expect("keyring")).expect("json");
+        let kek_base64 = file["tenants"]["acme"]["keys"]["acme-kek-1"]
+            .as_str()
+            .expect("kek")
+            .to_string();
+        let kek = BASE64.decode(&kek_base64).expect("base64");
+        let printed = [
+            format!("{data_key:?}"),
+            format!("{data_key:#?}"),
+            format!("{keys:?}"),
+            format!("{keys:#?}"),
+            format!("{keyring:?}"),
+            format!("{:?}", keyring.state.lock().expect("state")),
+        ];
+        for text in &printed {
+            for secret in encodings(&data_key.key)
+                .into_iter()
+                .chain(encodings(&kek))
+                .chain([kek_base64.clone()])
+            {
+                assert!(
+                    !text.contains(&secret),
+                    "{text} shows key material {secret}"
+                );
+            }
+        }
+        // What Debug does show is still useful.
+        assert!(printed[0].contains("acme/2026-11/"), "{}", printed[0]);
+        assert!(printed[4].contains("keyring.json"), "{}", printed[4]);
+        assert!(printed[5].contains("acme-kek-1"), "{}", printed[5]);
+    }
+
+    #[tokio::test]
+    async fn a_record_copied_to_another_tenant_or_period_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let keyring = Arc::new(LocalKeyring::open(&dir.path().join("k.json")).expect("open"));
+        let writer = DataKeys::new(store.clone(), keyring.clone());
+        writer.get_or_create("acme", "2026-11").await.expect("acme");
+        writer
+            .get_or_create("globex", "2026-11")
+            .await
+            .expect("globex");
+        let record = |tenant: &str, period: &str| {
+            let store = store.clone();
+            let path = layout::data_key_path(tenant, period);
+            async move {
+                store
+                    .get(&path)
+                    .await
+                    .expect("get")
+                    .bytes()
+                    .await
+                    .expect("bytes")
+            }
+        };
+        // acme's November record swapped in as globex's, and copied to acme's December.
+        let acme = record("acme", "2026-11").await;
+        store
+            .put(
+                &layout::data_key_path("globex", "2026-11"),
+                PutPayload::from(acme.clone()),
+            )
+            .await
+            .expect("swap");
+        store
+            .put(
+                &layout::data_key_path("acme", "2026-12"),
+                PutPayload::from(acme),
+            )
+            .await
+            .expect("copy");
+        // A fresh reader: nothing cached.
+        let reader = DataKeys::new(store.clone(), keyring);
+        for (tenant, period, names) in [
+            ("globex", "2026-11", "names tenant acme period 2026-11"),
+            ("acme", "2026-12", "names tenant acme period 2026-11"),
+        ] {
+            let error = reader
+                .get(tenant, period)
+                .await
+                .expect_err("swapped record");
+            assert_eq!(error.code(), ErrorCode::Internal);
+            let message = error.message();
+            assert!(message.contains(names), "{message}");
+            assert!(
+                message.contains(&format!("read for tenant {tenant} period {period}")),
+                "{message}"
+            );
+            assert!(message.contains("swapped"), "{message}");
+            // The archiver's path is guarded too: it must not adopt the stranger's key for new files.
+            assert!(reader.get_or_create(tenant, period).await.is_err());
+        }
+        assert!(reader.get("acme", "2026-11").await.is_ok());
     }
 
     #[tokio::test]
