@@ -4,20 +4,31 @@
 //! fenced writers are never read. Chains are read through [`ChainReader::read_after`], which verifies them
 //! link by link: manifest `seq` must carry the SHA-256 of manifest `seq - 1`'s bytes and start at the Kafka
 //! offset where its predecessor ended. A break means the archive was altered (a manifest rewritten, removed or
-//! reordered), and the index refuses to serve anything rather than serve data it cannot vouch for.
+//! reordered).
+//!
+//! A break is contained to the requests it could affect. The verified prefix of a broken chain (partition `N`,
+//! manifests before seq `S`) is kept, and the chain is read again from there on every refresh, so a repair
+//! is noticed. What the manifests from `S` on hold is unknown: they cannot be trusted, not even for which
+//! tenants they name. So a tenant counts as affected when it has any file in partition `N`'s verified prefix
+//! (its events most likely continue there: Kafka keys by tenant and conversation), and every tenant counts as
+//! affected when that prefix is empty (nothing is known about the partition). Requests of affected tenants
+//! fail with the chain's error (INTERNAL, naming the partition and seq); every other tenant is served from
+//! the intact chains. What remains uncertain: a tenant whose first events in partition `N` would come after
+//! the break is served without them (the index cannot tell it from a tenant that never wrote there); the
+//! break is logged and listed by [`ArchiveIndex::broken_chains`] so an operator repairs it.
 //!
 //! Refreshes are incremental: per partition the index remembers the last verified manifest (its sequence
 //! number, hash and end offset) and lists only newer ones. A tokio mutex serializes refreshes so concurrent
 //! requests do not read the same manifests twice.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chatvault_core::Result;
 use chatvault_core::archive::chain::ChainReader;
 use chatvault_core::archive::file::conversation_digest;
 use chatvault_core::archive::manifest::{ChainHead, ManifestFile};
+use chatvault_core::{Error, ErrorCode, Result};
 use futures::StreamExt;
 use object_store::ObjectStore;
 use tokio::sync::Mutex;
@@ -28,6 +39,39 @@ struct IndexState {
     cursors: HashMap<i32, ChainHead>,
     /// Committed files per tenant, in chain order (partition by partition, sequence by sequence).
     files_by_tenant: HashMap<String, Vec<Arc<ManifestFile>>>,
+    /// Per partition, the tenants with a file in its verified manifests.
+    tenants_by_partition: HashMap<i32, HashSet<String>>,
+    /// Partitions whose chain could not be verified past their cursor at the last refresh, with why.
+    broken: BTreeMap<i32, BrokenChain>,
+}
+
+#[derive(Debug, Clone)]
+struct BrokenChain {
+    code: ErrorCode,
+    message: String,
+}
+
+impl IndexState {
+    /// Fails when a broken chain could hold files of `tenant` (see the module documentation).
+    fn check_tenant(&self, tenant: &str) -> Result<()> {
+        for (partition, broken) in &self.broken {
+            let affected = match self.tenants_by_partition.get(partition) {
+                Some(tenants) if !tenants.is_empty() => tenants.contains(tenant),
+                // Nothing of the partition is verified: any tenant may have files there.
+                _ => true,
+            };
+            if affected {
+                return Err(Error::new(
+                    broken.code,
+                    format!(
+                        "the archive of tenant {tenant} cannot be restored completely: {}",
+                        broken.message
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Committed files of one topic's manifest chains, grouped by tenant.
@@ -84,16 +128,33 @@ impl ArchiveIndex {
         self.manifests_read.load(Ordering::Relaxed)
     }
 
-    /// Reads the manifests committed since the last refresh, verifying each link of every chain.
+    /// Reads the manifests committed since the last refresh, verifying each link of every chain; fails with
+    /// the first broken chain's error (requests for single tenants fail only when a break affects them).
     pub async fn refresh(&self) -> Result<()> {
         let mut state = self.state.lock().await;
-        self.refresh_locked(&mut state).await
+        self.refresh_locked(&mut state).await?;
+        match state.broken.values().next() {
+            Some(broken) => Err(Error::new(broken.code, broken.message.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The partitions whose chain is broken (or could not be read) past its verified prefix, with the error,
+    /// as of the last refresh.
+    pub async fn broken_chains(&self) -> Vec<(i32, String)> {
+        let state = self.state.lock().await;
+        state
+            .broken
+            .iter()
+            .map(|(partition, broken)| (*partition, broken.message.clone()))
+            .collect()
     }
 
     /// The committed files of `tenant`, after a refresh.
     pub async fn tenant_files(&self, tenant: &str) -> Result<Vec<Arc<ManifestFile>>> {
         let mut state = self.state.lock().await;
         self.refresh_locked(&mut state).await?;
+        state.check_tenant(tenant)?;
         Ok(state
             .files_by_tenant
             .get(tenant)
@@ -112,6 +173,7 @@ impl ArchiveIndex {
         let digest = conversation_digest(tenant, conversation);
         let mut state = self.state.lock().await;
         self.refresh_locked(&mut state).await?;
+        state.check_tenant(tenant)?;
         let Some(files) = state.files_by_tenant.get(tenant) else {
             return Ok(Vec::new());
         };
@@ -143,7 +205,6 @@ impl ArchiveIndex {
                 (partition, self.chains.read_after(partition, &cursor).await)
             })
             .buffered(PARTITIONS_READ_AT_ONCE);
-        let mut first_error = None;
         while let Some((partition, verified)) = progress.next().await {
             self.manifests_read
                 .fetch_add(verified.manifests.len() as u64, Ordering::Relaxed);
@@ -152,6 +213,11 @@ impl ArchiveIndex {
             for (manifest, cursor) in verified.manifests {
                 for file in manifest.files {
                     state
+                        .tenants_by_partition
+                        .entry(partition)
+                        .or_default()
+                        .insert(file.tenant_id.clone());
+                    state
                         .files_by_tenant
                         .entry(file.tenant_id.clone())
                         .or_default()
@@ -159,14 +225,32 @@ impl ArchiveIndex {
                 }
                 state.cursors.insert(partition, cursor);
             }
-            if let Some(error) = verified.error {
-                first_error.get_or_insert(error);
+            match verified.error {
+                Some(error) => {
+                    if !state.broken.contains_key(&partition) {
+                        tracing::error!(
+                            partition,
+                            error = %error,
+                            "manifest chain cannot be verified; restores of the tenants it may hold fail \
+                             until it is repaired, other tenants are still served"
+                        );
+                    }
+                    state.broken.insert(
+                        partition,
+                        BrokenChain {
+                            code: error.code(),
+                            message: error.message().to_string(),
+                        },
+                    );
+                }
+                None => {
+                    if state.broken.remove(&partition).is_some() {
+                        tracing::info!(partition, "manifest chain verifies again");
+                    }
+                }
             }
         }
-        match first_error {
-            Some(error) => Err(error),
-            None => Ok(()),
-        }
+        Ok(())
     }
 }
 
@@ -302,6 +386,136 @@ mod tests {
         assert!(error.message().contains("prev_sha256"), "{error}");
         // It keeps failing: the break is not forgotten after the first report.
         assert!(index.tenant_files("acme").await.is_err());
+    }
+
+    /// Rewrites manifest `seq` of `partition` with its files removed; returns its original bytes.
+    async fn tamper(fixture: &Fixture, partition: i32, seq: u64) -> bytes::Bytes {
+        let path = layout::manifest_path(&fixture.topic, partition, seq);
+        let original = fixture
+            .store
+            .get(&path)
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes");
+        let mut manifest: Manifest = serde_json::from_slice(&original).expect("parse");
+        manifest.files.clear();
+        manifest.writer_id = "tampered".into();
+        fixture
+            .store
+            .put(
+                &path,
+                PutPayload::from(serde_json::to_vec_pretty(&manifest).expect("json")),
+            )
+            .await
+            .expect("overwrite");
+        original
+    }
+
+    #[tokio::test]
+    async fn a_broken_chain_fails_only_the_tenants_it_may_hold() {
+        let fixture = Fixture::new().await;
+        // Partition 0: acme and globex; its manifest 1 is rewritten, so the chain breaks at seq 2.
+        for (seq, at) in [1_000, 2_000, 3_000].into_iter().enumerate() {
+            fixture
+                .commit_batch(0, &[event("acme", "C1", &format!("m{seq}"), at)])
+                .await;
+        }
+        fixture
+            .commit_batch(0, &[event("globex", "G1", "g0", 4_000)])
+            .await;
+        // Partition 1, intact: initech, and more of globex (so globex is affected anyway) and umbrella.
+        fixture
+            .commit_batch(1, &[event("initech", "I1", "i0", 1_000)])
+            .await;
+        fixture
+            .commit_batch(1, &[event("initech", "I1", "i1", 2_000)])
+            .await;
+        let original = tamper(&fixture, 0, 1).await;
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+
+        let error = index
+            .conversation_files("acme", "C1", TimeRange::UNBOUNDED)
+            .await
+            .expect_err("acme has files in partition 0's verified prefix");
+        assert_eq!(error.code(), ErrorCode::Internal);
+        let message = error.message();
+        assert!(message.contains("tenant acme"), "{message}");
+        assert!(message.contains("partition 0"), "{message}");
+        assert!(message.contains("seq 2"), "{message}");
+        assert!(index.tenant_files("acme").await.is_err());
+
+        // Tenants of the intact chain are served in full.
+        let initech = index.tenant_files("initech").await.expect("initech");
+        assert_eq!(initech.len(), 2);
+        // globex's only file in partition 0 is past the break: nothing of globex is verified there, so it is
+        // served (the documented uncertainty), without the file.
+        assert!(
+            index
+                .tenant_files("globex")
+                .await
+                .expect("globex")
+                .is_empty()
+        );
+        assert!(
+            index
+                .tenant_files("nobody")
+                .await
+                .expect("nobody")
+                .is_empty()
+        );
+        let broken = index.broken_chains().await;
+        assert_eq!(broken.len(), 1);
+        assert_eq!(broken[0].0, 0);
+        // The whole-archive check still reports the break.
+        assert!(index.refresh().await.is_err());
+
+        // Repaired: the original manifest back, everything is served again, read from the verified prefix on.
+        fixture
+            .store
+            .put(
+                &layout::manifest_path(&fixture.topic, 0, 1),
+                PutPayload::from(original),
+            )
+            .await
+            .expect("repair");
+        // The tampered manifest 1 was accepted as verified (its link to manifest 0 holds; only its successor
+        // shows the change), so a new index is needed to see its original files.
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        assert_eq!(index.tenant_files("acme").await.expect("acme").len(), 3);
+        assert_eq!(index.tenant_files("globex").await.expect("globex").len(), 1);
+        assert!(index.broken_chains().await.is_empty());
+        index.refresh().await.expect("intact");
+    }
+
+    #[tokio::test]
+    async fn a_chain_broken_at_its_first_manifest_fails_every_tenant() {
+        let fixture = Fixture::new().await;
+        fixture
+            .commit_batch(0, &[event("acme", "C1", "m0", 1_000)])
+            .await;
+        fixture
+            .commit_batch(1, &[event("globex", "G1", "g0", 1_000)])
+            .await;
+        fixture
+            .commit_batch(1, &[event("globex", "G1", "g1", 2_000)])
+            .await;
+        // Partition 1 now starts at seq 1: nothing of it can be verified.
+        fixture
+            .store
+            .delete(&layout::manifest_path(&fixture.topic, 1, 0))
+            .await
+            .expect("delete");
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        for tenant in ["acme", "globex", "nobody"] {
+            let error = index
+                .tenant_files(tenant)
+                .await
+                .expect_err("unknown partition");
+            assert_eq!(error.code(), ErrorCode::Internal);
+            assert!(error.message().contains("partition 1"), "{error}");
+        }
     }
 
     #[tokio::test]

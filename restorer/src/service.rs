@@ -65,13 +65,50 @@ pub trait AccessRecorder: Send + Sync + 'static {
     fn record(&self, access: &AccessRecord);
 }
 
-/// Logs each access as a structured `tracing` event (target `chatvault::audit`).
+/// Logs each access as a structured `tracing` event (target `chatvault::audit`). Every value a caller or the
+/// archive could have chosen (tenant, conversation, principal, error message) is written through [`LogSafe`],
+/// so no value can end the record's line and forge another one.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TracingAccessRecorder;
 
+/// Text from outside (a request field, an error naming one) as it may appear in a log line: control characters
+/// (C0, DEL, C1: newlines, carriage returns, escape sequences), the Unicode line and paragraph separators and
+/// the bidirectional formatting characters are written as `\u{..}` escapes, and a backslash as `\\`, so the
+/// escaping cannot be imitated and nothing can start a new line or make one read differently than it is.
+#[derive(Debug, Clone, Copy)]
+pub struct LogSafe<'a>(pub &'a str);
+
+impl std::fmt::Display for LogSafe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rest = self.0;
+        while let Some(at) = rest.find(needs_escape) {
+            f.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            if c == '\\' {
+                f.write_str("\\\\")?;
+            } else {
+                write!(f, "\\u{{{:x}}}", c as u32)?;
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c == '\\'
+        || c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+        )
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
 impl AccessRecorder for TracingAccessRecorder {
     fn record(&self, access: &AccessRecord) {
-        let principal = access.principal.as_deref().unwrap_or("<unauthenticated>");
+        let principal = LogSafe(access.principal.as_deref().unwrap_or("<unauthenticated>"));
         let remote = access
             .remote_addr
             .map(|addr| addr.to_string())
@@ -80,10 +117,10 @@ impl AccessRecorder for TracingAccessRecorder {
             AccessOutcome::Served { items } => tracing::info!(
                 target: "chatvault::audit",
                 method = access.method,
-                principal,
+                %principal,
                 remote,
-                tenant = %access.tenant_id,
-                conversation = %access.conversation_id,
+                tenant = %LogSafe(&access.tenant_id),
+                conversation = %LogSafe(&access.conversation_id),
                 from_micros = access.from_micros,
                 to_micros = access.to_micros,
                 include_events = access.include_events,
@@ -93,15 +130,15 @@ impl AccessRecorder for TracingAccessRecorder {
             AccessOutcome::Failed { code, message } => tracing::warn!(
                 target: "chatvault::audit",
                 method = access.method,
-                principal,
+                %principal,
                 remote,
-                tenant = %access.tenant_id,
-                conversation = %access.conversation_id,
+                tenant = %LogSafe(&access.tenant_id),
+                conversation = %LogSafe(&access.conversation_id),
                 from_micros = access.from_micros,
                 to_micros = access.to_micros,
                 include_events = access.include_events,
                 code = ?code,
-                error = %message,
+                error = %LogSafe(message),
                 "archive access refused or failed"
             ),
         }
@@ -223,9 +260,25 @@ impl RestoreApi {
     }
 }
 
+/// The longest conversation id the gateway accepts (`core::event`): no archived conversation has a longer one.
+const MAX_CONVERSATION_ID_BYTES: usize = 256;
+
 fn validate_conversation_request(request: &GetConversationRequest) -> Result<()> {
-    if request.conversation_id.is_empty() {
+    let conversation = &request.conversation_id;
+    if conversation.is_empty() {
         return Err(Error::invalid_argument("conversation_id is required"));
+    }
+    // The same rules as at ingest, so nothing archived is refused here; the id itself is not echoed back.
+    if conversation.len() > MAX_CONVERSATION_ID_BYTES {
+        return Err(Error::invalid_argument(format!(
+            "conversation_id is {} bytes, longer than the limit of {MAX_CONVERSATION_ID_BYTES}",
+            conversation.len()
+        )));
+    }
+    if let Some(position) = conversation.chars().position(char::is_control) {
+        return Err(Error::invalid_argument(format!(
+            "conversation_id contains a control character (at character {position})"
+        )));
     }
     if request.from_micros < 0 {
         return Err(Error::invalid_argument(
@@ -682,6 +735,92 @@ mod tests {
             }
         )));
         assert!(!format!("{records:?}").contains("-token"));
+    }
+
+    /// A `tracing` writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf8")
+        }
+    }
+
+    const FORGED: &str = "\n2026-12-01T17:00:00.000000Z  INFO chatvault::audit: archive access served \
+                          method=\"GetConversation\" principal=legal-team tenant=acme conversation=C9 items=0";
+
+    #[test]
+    fn control_characters_in_ids_cannot_forge_audit_log_lines() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for outcome in [
+                AccessOutcome::Served { items: 3 },
+                AccessOutcome::Failed {
+                    code: ErrorCode::InvalidArgument,
+                    message: format!("bad request{FORGED}"),
+                },
+            ] {
+                TracingAccessRecorder.record(&AccessRecord {
+                    method: "GetConversation",
+                    principal: Some("intruder\r\u{2028}x".into()),
+                    remote_addr: None,
+                    tenant_id: format!("acme\r{FORGED}"),
+                    conversation_id: format!("C1{FORGED}\u{1b}[2K\u{202e}"),
+                    from_micros: 0,
+                    to_micros: 0,
+                    include_events: false,
+                    outcome,
+                });
+            }
+        });
+        let text = captured.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "one line per record: {text}");
+        assert!(!text.contains('\r') && !text.contains('\u{1b}') && !text.contains('\u{2028}'));
+        assert!(!text.contains('\u{202e}'), "{text}");
+        assert!(lines[0].contains("archive access served"), "{text}");
+        assert!(lines[1].contains("refused or failed"), "{text}");
+        assert!(
+            lines[0].contains("conversation=C1\\u{a}2026-12-01T17:00:00.000000Z"),
+            "{text}"
+        );
+        assert!(lines[1].contains("bad request\\u{a}2026"), "{text}");
+        // The escaping cannot be imitated: a literal backslash is doubled.
+        assert_eq!(LogSafe("a\\u{a}b").to_string(), "a\\\\u{a}b");
+        assert_eq!(LogSafe("plain C1 日本").to_string(), "plain C1 日本");
+    }
+
+    #[tokio::test]
+    async fn a_conversation_id_with_control_characters_is_refused_naming_the_field() {
+        let server = start().await;
+        let mut client = RestoreServiceClient::new(server.channel.clone());
+        for id in [format!("C1{FORGED}"), "C1\u{0}".into(), "C".repeat(257)] {
+            let status = client
+                .get_conversation(with_token(conversation("acme", &id), "restore-token"))
+                .await
+                .expect_err("invalid id");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains("conversation_id"), "{status:?}");
+            assert!(!status.message().contains("INFO"), "{status:?}");
+        }
+        let records = server.recorder.take();
+        assert_eq!(records.len(), 3);
     }
 
     #[tokio::test]
