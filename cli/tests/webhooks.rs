@@ -30,7 +30,10 @@ const MATTERMOST_TOKEN: &str = "xbxk6pcs3tgibmcqrdfp4eqh4a";
 /// Holds `audit` for every test tenant: reads `GET /webhooks/stats`.
 const AUDIT_TOKEN: &str = "test-audit-all";
 
-/// Gives every tenant of `config` the [`AUDIT_TOKEN`].
+/// Holds `audit` for `globex` only.
+const GLOBEX_AUDIT_TOKEN: &str = "test-audit-globex";
+
+/// Gives every tenant of `config` the [`AUDIT_TOKEN`], and `globex` the [`GLOBEX_AUDIT_TOKEN`].
 fn add_audit_token(config: &mut chatvault_core::config::Config) {
     for tenant in &mut config.tenants {
         tenant.tokens.push(TokenConfig {
@@ -39,6 +42,14 @@ fn add_audit_token(config: &mut chatvault_core::config::Config) {
             roles: vec![Role::Audit],
             ..Default::default()
         });
+        if tenant.id == "globex" {
+            tenant.tokens.push(TokenConfig {
+                name: "audit-globex".into(),
+                token: Some(GLOBEX_AUDIT_TOKEN.into()),
+                roles: vec![Role::Audit],
+                ..Default::default()
+            });
+        }
     }
 }
 
@@ -519,6 +530,25 @@ async fn webhooks_verify_normalize_and_archive() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(ingest_only.status().as_u16(), 403);
+    let globex_only: serde_json::Value = serde_json::from_str(
+        &client
+            .http
+            .get(&stats_url)
+            .bearer_auth(GLOBEX_AUDIT_TOKEN)
+            .send()
+            .await?
+            .text()
+            .await?,
+    )?;
+    let visible: Vec<&String> = globex_only["integrations"]
+        .as_object()
+        .map(|integrations| integrations.keys().collect())
+        .unwrap_or_default();
+    assert_eq!(
+        visible,
+        ["mattermost"],
+        "a token sees its tenants' integrations only"
+    );
     let stats_text = client
         .http
         .get(&stats_url)
