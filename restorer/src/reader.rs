@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::file::{decode_file, sha256_hex};
+use chatvault_core::archive::file::{
+    FileConversations, conversation_digest, decode_file, event_identity_hash, footer_bytes_needed,
+    read_conversation_summaries, sha256_hex,
+};
 use chatvault_core::archive::manifest::ManifestFile;
 use chatvault_core::keys::DataKeys;
 use chatvault_core::{Error, ErrorCode, Result};
@@ -26,6 +29,21 @@ pub struct Restorer {
     index: ArchiveIndex,
     read_concurrency: usize,
     files_read: AtomicU64,
+    footers_read: AtomicU64,
+    bytes_fetched: AtomicU64,
+}
+
+/// How much of a file's tail one request fetches when only its footer is needed: most footers fit, longer
+/// ones take a second request for the rest.
+const FOOTER_PREFETCH_BYTES: u64 = 64 * 1024;
+
+/// One file's contribution to the conversation list.
+struct FileListing {
+    conversation_id: String,
+    workspace_id: String,
+    first_event_micros: i64,
+    last_event_micros: i64,
+    identity_hashes: Vec<u64>,
 }
 
 /// The identity under which copies of one event collapse: `(tenant_id, conversation_id, event_id)`, as
@@ -70,6 +88,8 @@ impl Restorer {
             data_keys,
             read_concurrency: read_concurrency.max(1),
             files_read: AtomicU64::new(0),
+            footers_read: AtomicU64::new(0),
+            bytes_fetched: AtomicU64::new(0),
         }
     }
 
@@ -77,9 +97,19 @@ impl Restorer {
         &self.index
     }
 
-    /// Archive files fetched from object storage since start (a metric).
+    /// Archive files fetched whole from object storage since start (a metric).
     pub fn files_read(&self) -> u64 {
         self.files_read.load(Ordering::Relaxed)
+    }
+
+    /// Archive file footers fetched alone (ranged reads of the file's tail) since start (a metric).
+    pub fn footers_read(&self) -> u64 {
+        self.footers_read.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of archive files fetched from object storage since start, whole files and footers (a metric).
+    pub fn bytes_fetched(&self) -> u64 {
+        self.bytes_fetched.load(Ordering::Relaxed)
     }
 
     /// Every archived event of `conversation` with `from_micros <= occurred_at < to_micros` (zero: unbounded),
@@ -134,25 +164,27 @@ impl Restorer {
     }
 
     /// One summary per conversation of `tenant`, sorted by conversation id. Event counts collapse copies of an
-    /// event. Files are decoded `read_concurrency` at a time and folded into the summaries as they arrive, so
-    /// memory holds the summaries, the event ids seen per conversation and at most `read_concurrency` files.
+    /// event (through 64-bit identity hashes: two distinct events of a conversation merge in the count only on
+    /// a hash collision). Each file is summarized from its footer alone, a ranged read of the file's tail
+    /// (the conversation summary written since archive files carry one; see
+    /// `chatvault_core::archive::file::FileConversations`), checked against the manifest entry; files without a
+    /// summary, or whose summary disagrees with the manifest, are fetched and decoded whole as before. Files
+    /// are read `read_concurrency` at a time, in chain order, so memory holds the summaries, one 8-byte hash
+    /// per distinct event, and at most `read_concurrency` footers or files.
     pub async fn list_conversations(&self, tenant: &str) -> Result<Vec<ConversationSummary>> {
         let files = self.index.tenant_files(tenant).await?;
-        let mut decoded = futures::stream::iter(files)
-            .map(|file| self.read_file(file, tenant, None))
-            .buffer_unordered(self.read_concurrency);
-        let mut summaries: BTreeMap<String, (ConversationSummary, HashSet<EventIdentity>)> =
-            BTreeMap::new();
-        while let Some(events) = decoded.next().await {
-            for archived in events? {
-                let identity = EventIdentity::of(&archived);
-                let event = archived.event;
+        let mut listed = futures::stream::iter(files)
+            .map(|file| self.file_listing(file, tenant))
+            .buffered(self.read_concurrency);
+        let mut summaries: BTreeMap<String, (ConversationSummary, HashSet<u64>)> = BTreeMap::new();
+        while let Some(listings) = listed.next().await {
+            for listing in listings? {
                 let (summary, seen) = summaries
-                    .entry(event.conversation_id.clone())
+                    .entry(listing.conversation_id.clone())
                     .or_insert_with(|| {
                         (
                             ConversationSummary {
-                                conversation_id: event.conversation_id.clone(),
+                                conversation_id: listing.conversation_id.clone(),
                                 workspace_id: String::new(),
                                 event_count: 0,
                                 first_event_micros: i64::MAX,
@@ -162,20 +194,154 @@ impl Restorer {
                         )
                     });
                 if summary.workspace_id.is_empty() {
-                    summary.workspace_id = event.workspace_id;
+                    summary.workspace_id = listing.workspace_id;
                 }
-                if seen.insert(identity) {
-                    summary.event_count += 1;
-                }
+                seen.extend(listing.identity_hashes);
+                summary.event_count = seen.len() as u64;
                 summary.first_event_micros =
-                    summary.first_event_micros.min(event.occurred_at_micros);
-                summary.last_event_micros = summary.last_event_micros.max(event.occurred_at_micros);
+                    summary.first_event_micros.min(listing.first_event_micros);
+                summary.last_event_micros =
+                    summary.last_event_micros.max(listing.last_event_micros);
             }
         }
         Ok(summaries
             .into_values()
             .map(|(summary, _)| summary)
             .collect())
+    }
+
+    /// What `file` holds per conversation: from its footer when it carries a summary that agrees with the
+    /// manifest entry, otherwise from its decoded rows.
+    async fn file_listing(
+        &self,
+        file: Arc<ManifestFile>,
+        tenant: &str,
+    ) -> Result<Vec<FileListing>> {
+        match self.footer_summaries(&file, tenant).await? {
+            Some(summaries) => summaries
+                .conversations
+                .into_iter()
+                .map(|conversation| {
+                    Ok(FileListing {
+                        identity_hashes: conversation.identity_hashes()?,
+                        conversation_id: conversation.conversation_id,
+                        workspace_id: conversation.workspace_id,
+                        first_event_micros: conversation.first_event_micros,
+                        last_event_micros: conversation.last_event_micros,
+                    })
+                })
+                .collect(),
+            None => {
+                let events = self.read_file(file, tenant, None).await?;
+                let mut listings: BTreeMap<String, FileListing> = BTreeMap::new();
+                for archived in &events {
+                    let event = &archived.event;
+                    let listing = listings
+                        .entry(event.conversation_id.clone())
+                        .or_insert_with(|| FileListing {
+                            conversation_id: event.conversation_id.clone(),
+                            workspace_id: String::new(),
+                            first_event_micros: i64::MAX,
+                            last_event_micros: i64::MIN,
+                            identity_hashes: Vec::new(),
+                        });
+                    if listing.workspace_id.is_empty() {
+                        listing.workspace_id.clone_from(&event.workspace_id);
+                    }
+                    listing.first_event_micros =
+                        listing.first_event_micros.min(event.occurred_at_micros);
+                    listing.last_event_micros =
+                        listing.last_event_micros.max(event.occurred_at_micros);
+                    listing.identity_hashes.push(event_identity_hash(archived));
+                }
+                Ok(listings.into_values().collect())
+            }
+        }
+    }
+
+    /// The conversation summary in `file`'s footer, read without fetching the rest of the file. `None` when the
+    /// file has none (written before summaries existed), when the footer cannot be decoded, or when the
+    /// summary disagrees with the manifest entry (rows, time range, conversation digests): the caller then
+    /// reads the whole file, whose SHA-256 check names what is wrong.
+    async fn footer_summaries(
+        &self,
+        file: &ManifestFile,
+        tenant: &str,
+    ) -> Result<Option<FileConversations>> {
+        let key = self
+            .data_keys
+            .get(tenant, &file.key_period)
+            .await
+            .map_err(|error| {
+                error.context(format!(
+                    "archive file {} needs the data key of period {}",
+                    file.path, file.key_period
+                ))
+            })?;
+        let size = file.bytes;
+        if size < 8 {
+            return Ok(None);
+        }
+        let location = Path::from(file.path.as_str());
+        let mut tail = self
+            .fetch_range(&location, size - size.min(FOOTER_PREFETCH_BYTES)..size)
+            .await?;
+        let needed = match footer_bytes_needed(&tail[tail.len() - 8..]) {
+            Ok(needed) if needed <= size => needed,
+            _ => return Ok(None),
+        };
+        if needed > tail.len() as u64 {
+            tail = self.fetch_range(&location, size - needed..size).await?;
+        }
+        self.footers_read.fetch_add(1, Ordering::Relaxed);
+        let footer = tail.slice(tail.len() - needed as usize..);
+        let summaries = match read_conversation_summaries(footer, &key) {
+            Ok(Some(summaries)) => summaries,
+            Ok(None) => return Ok(None),
+            Err(error) => {
+                tracing::warn!(path = %file.path, %error, "archive file footer unreadable; reading the whole file");
+                return Ok(None);
+            }
+        };
+        let rows: u64 = summaries.conversations.iter().map(|c| c.rows).sum();
+        let first = summaries
+            .conversations
+            .iter()
+            .map(|c| c.first_event_micros)
+            .min();
+        let last = summaries
+            .conversations
+            .iter()
+            .map(|c| c.last_event_micros)
+            .max();
+        let mut digests: Vec<String> = summaries
+            .conversations
+            .iter()
+            .map(|c| conversation_digest(tenant, &c.conversation_id))
+            .collect();
+        digests.sort_unstable();
+        let mut committed = file.conversation_digests.clone();
+        committed.sort_unstable();
+        if rows != file.rows
+            || first != Some(file.min_occurred_micros)
+            || last != Some(file.max_occurred_micros)
+            || digests != committed
+        {
+            tracing::warn!(path = %file.path, "archive file footer disagrees with its manifest entry; reading the whole file");
+            return Ok(None);
+        }
+        Ok(Some(summaries))
+    }
+
+    async fn fetch_range(&self, location: &Path, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let bytes = self
+            .store
+            .get_range(location, range)
+            .await
+            .map_err(|error| fetch_error(location.as_ref(), error))?;
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
     }
 
     /// Fetches one committed file, checks it is the file the manifest committed, and decodes the events of
@@ -229,14 +395,21 @@ impl Restorer {
             Ok(result) => result.bytes().await,
             Err(error) => Err(error),
         };
-        fetched.map_err(|error| match error {
-            // The manifest committed this file: its absence is damage to the archive, not a bad request.
-            object_store::Error::NotFound { .. } => Error::new(
-                ErrorCode::Internal,
-                format!("archive file {path} named by a committed manifest is missing"),
-            ),
-            other => Error::from(other).context(format!("reading archive file {path}")),
-        })
+        let bytes = fetched.map_err(|error| fetch_error(path, error))?;
+        self.bytes_fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
+    }
+}
+
+fn fetch_error(path: &str, error: object_store::Error) -> Error {
+    match error {
+        // The manifest committed this file: its absence is damage to the archive, not a bad request.
+        object_store::Error::NotFound { .. } => Error::new(
+            ErrorCode::Internal,
+            format!("archive file {path} named by a committed manifest is missing"),
+        ),
+        other => Error::from(other).context(format!("reading archive file {path}")),
     }
 }
 
@@ -457,6 +630,157 @@ mod tests {
                 .expect("list")
                 .is_empty()
         );
+    }
+
+    /// Archives the same events, in the same batches, with or without footer summaries (files of the format
+    /// before them), the first batch possibly in the other format.
+    async fn listing_archive(summaries: bool, first_batch_summaries: bool) -> Fixture {
+        let mut fixture = Fixture::new().await;
+        let big = |conversation: &str, id: usize, at: i64| {
+            let mut event = event("acme", conversation, &format!("m{id}"), at);
+            // Incompressible, so files are much larger than their footers.
+            let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ id as u64;
+            event.raw_payload = (0..2_000)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            if id.is_multiple_of(3) {
+                event.workspace_id = String::new();
+            }
+            event
+        };
+        for batch in 0..4usize {
+            fixture.file_options.conversation_summaries = if batch == 0 {
+                first_batch_summaries
+            } else {
+                summaries
+            };
+            let mut events: Vec<_> = (0..150)
+                .map(|i| {
+                    let id = batch * 150 + i;
+                    big(&format!("C{}", id % 5), id, 1_000 + id as i64 * 10)
+                })
+                .collect();
+            // A copy of an earlier batch's event (a retried send), and one of another tenant.
+            if batch > 0 {
+                events.push(big("C1", 1, 1_010));
+                events.push(event("globex", "G1", "g", 5));
+            }
+            fixture.commit_batch(batch as i32 % 2, &events).await;
+        }
+        fixture
+    }
+
+    #[tokio::test]
+    async fn conversations_are_listed_from_file_footers_and_older_files_are_decoded() {
+        let view = |summaries: &[ConversationSummary]| -> Vec<(String, String, u64, i64, i64)> {
+            summaries
+                .iter()
+                .map(|s| {
+                    (
+                        s.conversation_id.clone(),
+                        s.workspace_id.clone(),
+                        s.event_count,
+                        s.first_event_micros,
+                        s.last_event_micros,
+                    )
+                })
+                .collect()
+        };
+        let old = listing_archive(false, false).await;
+        let old_restorer = restorer(&old);
+        let expected = view(&old_restorer.list_conversations("acme").await.expect("old"));
+        assert_eq!(expected.len(), 5);
+        assert!(
+            expected.iter().all(|c| c.2 == 120 && c.1 == "W1"),
+            "{expected:?}"
+        );
+        assert_eq!(
+            old_restorer.files_read(),
+            4,
+            "files without summaries are decoded"
+        );
+
+        let new = listing_archive(true, true).await;
+        let new_restorer = restorer(&new);
+        assert_eq!(
+            view(&new_restorer.list_conversations("acme").await.expect("new")),
+            expected
+        );
+        let stored: u64 = new_restorer
+            .index()
+            .tenant_files("acme")
+            .await
+            .expect("files")
+            .iter()
+            .map(|file| file.bytes)
+            .sum();
+        assert_eq!(new_restorer.files_read(), 0, "no file is decrypted whole");
+        assert_eq!(new_restorer.footers_read(), 4);
+        assert!(
+            new_restorer.bytes_fetched() * 4 < stored,
+            "fetched {} of {stored} stored bytes",
+            new_restorer.bytes_fetched()
+        );
+
+        // An archive written across the upgrade: the old file is decoded, the new ones are not.
+        let mixed = listing_archive(true, false).await;
+        let mixed_restorer = restorer(&mixed);
+        assert_eq!(
+            view(
+                &mixed_restorer
+                    .list_conversations("acme")
+                    .await
+                    .expect("mixed")
+            ),
+            expected
+        );
+        assert_eq!(mixed_restorer.files_read(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_file_whose_footer_disagrees_with_its_manifest_is_read_whole() {
+        let fixture = Fixture::new().await;
+        let (manifest, _) = fixture
+            .commit_batch(0, &[event("acme", "C1", "m1", 1_000)])
+            .await;
+        // Another file of the same tenant and month put in its place: its footer decrypts, but names another
+        // conversation than the manifest committed; the whole-file read then reports the substitution.
+        let other = Fixture::over(
+            fixture.store.clone(),
+            fixture.data_keys.clone(),
+            "other.topic",
+        );
+        let (substitute, _) = other
+            .commit_batch(0, &[event("acme", "C2", "m2", 1_000)])
+            .await;
+        let bytes = fixture
+            .store
+            .get(&Path::from(substitute.files[0].path.as_str()))
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes");
+        fixture
+            .store
+            .put(
+                &Path::from(manifest.files[0].path.as_str()),
+                PutPayload::from(bytes),
+            )
+            .await
+            .expect("substitute");
+        let restorer = restorer(&fixture);
+        let error = restorer
+            .list_conversations("acme")
+            .await
+            .expect_err("substituted file");
+        assert!(error.message().contains("altered"), "{error}");
+        assert_eq!(restorer.files_read(), 1);
     }
 
     #[tokio::test]

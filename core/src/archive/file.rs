@@ -10,6 +10,11 @@
 //! DuckDB (2.0.1 and 1.5.6) cannot decrypt an encrypted column chunk of more than one data page ("Computed AES
 //! tag differs from read AES tag"), whichever tool wrote it. Row groups are bounded by bytes instead, which
 //! bounds the pages and the writer's memory.
+//!
+//! Each file also carries a summary of its conversations ([`FileConversations`]) in the footer's key-value
+//! metadata under [`CONVERSATIONS_METADATA_KEY`]. The footer is encrypted, so conversation ids stay private,
+//! and a reader lists a tenant's conversations from the footers alone ([`read_conversation_summaries`])
+//! instead of decrypting every row. Files written before lack the key; readers decode those.
 
 use std::collections::BTreeSet;
 
@@ -21,7 +26,7 @@ use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderB
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::encryption::decrypt::FileDecryptionProperties;
 use parquet::encryption::encrypt::FileEncryptionProperties;
-use parquet::file::metadata::SortingColumn;
+use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaDataReader, SortingColumn};
 use parquet::file::properties::{
     EnabledStatistics, WriterProperties, WriterPropertiesBuilder, WriterVersion,
 };
@@ -46,6 +51,9 @@ pub struct FileOptions {
     /// column chunk this also bounds every page, and so what a reader must decrypt and hold at once.
     pub row_group_bytes: usize,
     pub page_layout: PageLayout,
+    /// Write the per-file conversation summary into the footer (always, except to make files of the earlier
+    /// format in tests).
+    pub conversation_summaries: bool,
 }
 
 impl Default for FileOptions {
@@ -55,6 +63,7 @@ impl Default for FileOptions {
             row_group_rows: 65_536,
             row_group_bytes: 16 * 1024 * 1024,
             page_layout: PageLayout::OnePagePerColumnChunk,
+            conversation_summaries: true,
         }
     }
 }
@@ -135,6 +144,177 @@ pub fn conversation_digest(tenant: &str, conversation: &str) -> String {
     hex::encode(&context.finish().as_ref()[..8])
 }
 
+/// The footer key-value metadata key of a file's [`FileConversations`] (JSON).
+pub const CONVERSATIONS_METADATA_KEY: &str = "chatvault.conversations";
+/// The `format` of [`FileConversations`].
+pub const CONVERSATIONS_FORMAT: &str = "chatvault-conversations-v1";
+
+/// What a file's footer says about its conversations: one entry per conversation, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileConversations {
+    /// Always [`CONVERSATIONS_FORMAT`].
+    pub format: String,
+    pub conversations: Vec<FileConversation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileConversation {
+    pub conversation_id: String,
+    /// The first non-empty workspace id of the conversation's rows (empty when none has one).
+    pub workspace_id: String,
+    /// Rows of the conversation in the file.
+    pub rows: u64,
+    pub first_event_micros: i64,
+    pub last_event_micros: i64,
+    /// base64 of the sorted, distinct [`event_identity_hash`]es of the rows (8 bytes each, big-endian), so a
+    /// reader counts events across files with copies collapsed without reading the rows.
+    pub event_hashes: String,
+}
+
+impl FileConversation {
+    /// The distinct identity hashes of the conversation's events in this file.
+    pub fn identity_hashes(&self) -> Result<Vec<u64>> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.event_hashes)
+            .map_err(|_| Error::internal("conversation summary: event_hashes is not base64"))?;
+        if bytes.len() % 8 != 0 {
+            return Err(Error::internal(
+                "conversation summary: event_hashes is not a list of 8-byte hashes",
+            ));
+        }
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|chunk| {
+                let mut hash = [0u8; 8];
+                hash.copy_from_slice(chunk);
+                u64::from_be_bytes(hash)
+            })
+            .collect())
+    }
+}
+
+/// A 64-bit hash of an archived event's identity within its conversation: its `event_id`, or its Kafka record
+/// when it has none (such events never collapse). Collisions only merge two events in a count.
+pub fn event_identity_hash(event: &ArchivedEvent) -> u64 {
+    let mut context = digest::Context::new(&digest::SHA256);
+    if event.event.event_id.is_empty() {
+        context.update(b"r");
+        context.update(&event.kafka_partition.to_be_bytes());
+        context.update(&event.kafka_offset.to_be_bytes());
+    } else {
+        context.update(b"e");
+        context.update(event.event.event_id.as_bytes());
+    }
+    let mut hash = [0u8; 8];
+    hash.copy_from_slice(&context.finish().as_ref()[..8]);
+    u64::from_be_bytes(hash)
+}
+
+/// The summaries of rows sorted by conversation.
+fn summarize_conversations(rows: &[&ArchivedEvent]) -> FileConversations {
+    use base64::Engine;
+    let mut conversations = Vec::new();
+    let mut hashes: Vec<u64> = Vec::new();
+    let finish = |summary: &mut FileConversation, hashes: &mut Vec<u64>| {
+        hashes.sort_unstable();
+        hashes.dedup();
+        let bytes: Vec<u8> = hashes.iter().flat_map(|hash| hash.to_be_bytes()).collect();
+        summary.event_hashes = base64::engine::general_purpose::STANDARD.encode(bytes);
+        hashes.clear();
+    };
+    let mut current: Option<FileConversation> = None;
+    for row in rows {
+        let event = &row.event;
+        if current
+            .as_ref()
+            .is_some_and(|summary| summary.conversation_id != event.conversation_id)
+            && let Some(mut done) = current.take()
+        {
+            finish(&mut done, &mut hashes);
+            conversations.push(done);
+        }
+        let summary = current.get_or_insert_with(|| FileConversation {
+            conversation_id: event.conversation_id.clone(),
+            workspace_id: String::new(),
+            rows: 0,
+            first_event_micros: i64::MAX,
+            last_event_micros: i64::MIN,
+            event_hashes: String::new(),
+        });
+        if summary.workspace_id.is_empty() {
+            summary.workspace_id.clone_from(&event.workspace_id);
+        }
+        summary.rows += 1;
+        summary.first_event_micros = summary.first_event_micros.min(event.occurred_at_micros);
+        summary.last_event_micros = summary.last_event_micros.max(event.occurred_at_micros);
+        hashes.push(event_identity_hash(row));
+    }
+    if let Some(mut done) = current {
+        finish(&mut done, &mut hashes);
+        conversations.push(done);
+    }
+    FileConversations {
+        format: CONVERSATIONS_FORMAT.into(),
+        conversations,
+    }
+}
+
+/// The footer of an encrypted Parquet file ends with `<metadata length: u32 LE>PARE`: how many bytes from the
+/// end of the file a reader needs for the footer alone, given the file's last 8 bytes.
+pub fn footer_bytes_needed(last_8_bytes: &[u8]) -> Result<u64> {
+    let [a, b, c, d, magic @ ..] = last_8_bytes else {
+        return Err(Error::internal(
+            "archive file is shorter than a Parquet footer",
+        ));
+    };
+    if magic != b"PARE" && magic != b"PAR1" {
+        return Err(Error::internal(
+            "archive file does not end with a Parquet footer (no PARE/PAR1 magic)",
+        ));
+    }
+    Ok(u64::from(u32::from_le_bytes([*a, *b, *c, *d])) + 8)
+}
+
+/// The conversation summary of a file, from its footer only: `footer` is the file's last
+/// [`footer_bytes_needed`] bytes (or more). `None` for files written before summaries existed. The footer is
+/// decrypted with `key` and authenticated by AES-GCM, so a summary cannot be altered without the key.
+pub fn read_conversation_summaries(
+    footer: Bytes,
+    key: &DataKey,
+) -> Result<Option<FileConversations>> {
+    let decryption = FileDecryptionProperties::builder(key.key.to_vec()).build()?;
+    let metadata = ParquetMetaDataReader::new()
+        .with_page_index_policy(PageIndexPolicy::Skip)
+        .with_decryption_properties(Some(decryption))
+        .parse_and_finish(&footer)
+        .map_err(decryption_error)?;
+    let Some(value) = metadata
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|pairs| {
+            pairs
+                .iter()
+                .find(|pair| pair.key == CONVERSATIONS_METADATA_KEY)
+        })
+        .and_then(|pair| pair.value.as_deref())
+    else {
+        return Ok(None);
+    };
+    let summaries: FileConversations = serde_json::from_str(value).map_err(|error| {
+        Error::internal(format!(
+            "the file's conversation summary is corrupt: {error}"
+        ))
+    })?;
+    if summaries.format != CONVERSATIONS_FORMAT {
+        return Err(Error::internal(format!(
+            "the file's conversation summary has unknown format {}",
+            summaries.format
+        )));
+    }
+    Ok(Some(summaries))
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(digest::digest(&digest::SHA256, bytes).as_ref())
 }
@@ -209,6 +389,14 @@ pub fn encode_file(
             },
         ]))
         .with_file_encryption_properties(encryption);
+    let builder = if options.conversation_summaries {
+        builder.set_key_value_metadata(Some(vec![KeyValue::new(
+            CONVERSATIONS_METADATA_KEY.to_string(),
+            serde_json::to_string(&summarize_conversations(rows))?,
+        )]))
+    } else {
+        builder
+    };
     let properties = options.page_layout.apply(builder).build();
     let mut writer = ArrowWriter::try_new(Vec::with_capacity(1 << 20), schema, Some(properties))?;
     // Small record batches, so the byte bound of a row group is checked often enough to hold.
@@ -466,6 +654,67 @@ mod tests {
             wrong.message().contains("wrong data key"),
             "{}",
             wrong.message()
+        );
+    }
+
+    #[test]
+    fn the_footer_alone_summarizes_the_conversations() {
+        let original = rows();
+        let mut refs: Vec<&ArchivedEvent> = original.iter().collect();
+        let encoded = encode_file(&mut refs, &key(1), &FileOptions::default()).expect("encode");
+        let needed =
+            footer_bytes_needed(&encoded.bytes[encoded.bytes.len() - 8..]).expect("tail") as usize;
+        assert!(
+            needed < encoded.bytes.len(),
+            "{needed} of {}",
+            encoded.bytes.len()
+        );
+        let footer = encoded.bytes.slice(encoded.bytes.len() - needed..);
+        let summaries = read_conversation_summaries(footer.clone(), &key(1))
+            .expect("footer")
+            .expect("summaries");
+        let ids: Vec<_> = summaries
+            .conversations
+            .iter()
+            .map(|c| c.conversation_id.as_str())
+            .collect();
+        assert_eq!(ids, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"]);
+        for summary in &summaries.conversations {
+            let expected: Vec<&ArchivedEvent> = original
+                .iter()
+                .filter(|row| row.event.conversation_id == summary.conversation_id)
+                .collect();
+            assert_eq!(summary.rows, expected.len() as u64);
+            assert_eq!(
+                summary.identity_hashes().expect("hashes").len(),
+                expected.len()
+            );
+            let first = expected.iter().map(|r| r.event.occurred_at_micros).min();
+            let last = expected.iter().map(|r| r.event.occurred_at_micros).max();
+            assert_eq!(Some(summary.first_event_micros), first);
+            assert_eq!(Some(summary.last_event_micros), last);
+            assert_eq!(summary.workspace_id, "W1");
+        }
+        // The footer is encrypted: no conversation id in clear, and the wrong key cannot open it.
+        assert!(!encoded.bytes.windows(4).any(|w| w == b"\"C3\""));
+        assert!(read_conversation_summaries(footer, &key(2)).is_err());
+
+        // Files written before summaries existed have none.
+        let mut refs: Vec<&ArchivedEvent> = original.iter().collect();
+        let old = encode_file(
+            &mut refs,
+            &key(1),
+            &FileOptions {
+                conversation_summaries: false,
+                ..FileOptions::default()
+            },
+        )
+        .expect("encode");
+        let needed = footer_bytes_needed(&old.bytes[old.bytes.len() - 8..]).expect("tail") as usize;
+        assert_eq!(
+            read_conversation_summaries(old.bytes.slice(old.bytes.len() - needed..), &key(1))
+                .expect("footer"),
+            None
         );
     }
 
