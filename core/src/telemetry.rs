@@ -7,7 +7,7 @@
 //!   `traceparent` travels in the record's headers) to the archiver's file and upload, and restorer calls get
 //!   their own spans.
 //! - **Metrics** (names in [`crate::metrics`]) are recorded once through the OpenTelemetry API and leave the
-//!   process two ways: pushed over OTLP, and served in Prometheus text format by [`serve_metrics`].
+//!   process two ways: pushed over OTLP, and served in Prometheus text format by the operations endpoint (`cli/src/ops.rs`).
 //!
 //! Configuration follows the standard OpenTelemetry environment variables, read by the SDK and the OTLP
 //! exporter: `OTEL_SERVICE_NAME` (default `chatvault-<role>`), `OTEL_RESOURCE_ATTRIBUTES`,

@@ -3,7 +3,7 @@
 //!
 //! - [`layout`]: object paths.
 //! - [`schema`]: the Parquet/Arrow schema and the conversion between events and record batches.
-//! - [`file`]: encrypted Parquet encoding and decoding.
+//! - [`file`](mod@file): encrypted Parquet encoding and decoding, and the page layout.
 //! - [`manifest`]: what a committed batch records, per Kafka partition.
 //! - [`chain`]: the commit protocol: [`chain::ChainWriter`] commits manifests exactly once,
 //!   [`chain::ChainReader`] reads chains and verifies their links.
