@@ -5,6 +5,7 @@
 //!   duplicate events.
 //! - [`rehydrate`]: from events to the conversation as people saw it (pure).
 //! - [`render`]: a plain-text transcript of restored items.
+//! - [`stream`]: the streaming restore of one conversation with bounded memory (plan, then emit).
 //! - [`service`]: the `chatvault.v1.RestoreService` gRPC API with health and reflection, and the
 //!   [`AccessRecorder`] seam of the audit trail.
 
@@ -13,6 +14,7 @@ pub mod reader;
 pub mod rehydrate;
 pub mod render;
 pub mod service;
+pub mod stream;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -25,3 +27,4 @@ pub use service::{
     AccessOutcome, AccessRecord, AccessRecorder, RestoreApi, TracingAccessRecorder, serve,
     serve_api,
 };
+pub use stream::{BufferLimits, ConversationPlan};

@@ -20,6 +20,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::index::{ArchiveIndex, TimeRange};
+use crate::stream::{BufferGauge, BufferLimits, Held};
 
 /// Reads conversations out of the archive of one topic.
 #[derive(Debug)]
@@ -31,6 +32,8 @@ pub struct Restorer {
     files_read: AtomicU64,
     footers_read: AtomicU64,
     bytes_fetched: AtomicU64,
+    buffer_limits: BufferLimits,
+    buffered: Arc<BufferGauge>,
 }
 
 /// How much of a file's tail one request fetches when only its footer is needed: most footers fit, longer
@@ -90,7 +93,48 @@ impl Restorer {
             files_read: AtomicU64::new(0),
             footers_read: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
+            buffer_limits: BufferLimits::default(),
+            buffered: Arc::default(),
         }
+    }
+
+    /// How many events a streamed restore gathers at once (see [`crate::stream`]).
+    pub fn with_buffer_limits(mut self, limits: BufferLimits) -> Restorer {
+        self.buffer_limits = BufferLimits {
+            events: limits.events.max(1),
+            bytes: limits.bytes.max(1),
+        };
+        self
+    }
+
+    pub fn buffer_limits(&self) -> BufferLimits {
+        self.buffer_limits
+    }
+
+    /// The most events streamed restores held in memory at once since start (decoded rows of files in
+    /// flight and events gathered for emission; instrumentation).
+    pub fn peak_buffered_events(&self) -> u64 {
+        self.buffered.peak()
+    }
+
+    pub(crate) fn buffer_gauge(&self) -> &Arc<BufferGauge> {
+        &self.buffered
+    }
+
+    pub(crate) fn read_concurrency(&self) -> usize {
+        self.read_concurrency
+    }
+
+    /// [`Self::read_file`], with the decoded events counted in the buffer gauge until the count is dropped.
+    pub(crate) async fn read_file_held(
+        &self,
+        file: Arc<ManifestFile>,
+        tenant: &str,
+        conversation: Option<&str>,
+    ) -> Result<(Vec<ArchivedEvent>, Held)> {
+        let events = self.read_file(file, tenant, conversation).await?;
+        let held = self.buffered.hold(events.len());
+        Ok((events, held))
     }
 
     pub fn index(&self) -> &ArchiveIndex {

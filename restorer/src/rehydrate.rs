@@ -55,7 +55,7 @@ pub fn rehydrate(events: &[ChatEvent]) -> Vec<RestoreItem> {
 
 /// What is known about one message while its events are applied.
 #[derive(Debug)]
-struct MessageState {
+pub(crate) struct MessageState {
     message_id: String,
     thread_id: String,
     sender: Option<Sender>,
@@ -73,7 +73,7 @@ struct MessageState {
 }
 
 impl MessageState {
-    fn first_seen(event: &ChatEvent, position: usize) -> MessageState {
+    pub(crate) fn first_seen(event: &ChatEvent, position: usize) -> MessageState {
         MessageState {
             message_id: event.message_id.clone(),
             thread_id: event.thread_id.clone(),
@@ -89,7 +89,7 @@ impl MessageState {
         }
     }
 
-    fn apply(&mut self, kind: EventKind, event: &ChatEvent) {
+    pub(crate) fn apply(&mut self, kind: EventKind, event: &ChatEvent) {
         if self.thread_id.is_empty() {
             self.thread_id.clone_from(&event.thread_id);
         }
@@ -157,11 +157,7 @@ impl MessageState {
         }
     }
 
-    fn is_reply(&self) -> bool {
-        !self.thread_id.is_empty() && self.thread_id != self.message_id
-    }
-
-    fn into_message(self) -> RestoredMessage {
+    pub(crate) fn into_message(self) -> RestoredMessage {
         let deleted = self.deleted_at_micros.is_some();
         let edited = !self.edits.is_empty();
         let current_text = self
@@ -204,34 +200,92 @@ impl MessageState {
 /// Sort key of a top-level item: time, then message id (empty for events), then input position.
 type OrderKey = (i64, String, usize);
 
-enum TopLevel<'a> {
-    Message(String),
-    Event(&'a ChatEvent),
+/// What places a message in the conversation: its id, thread, creation time (the first creation's, else the
+/// time of the first event about it) and the input position of the first event about it. The streaming
+/// restore computes these from a compact index, without the messages' content.
+#[derive(Debug, Clone)]
+pub(crate) struct MessagePlace {
+    pub message_id: String,
+    pub thread_id: String,
+    pub created_at_micros: i64,
+    pub first_position: usize,
 }
 
-/// Lays the conversation out: top-level items by time, each message directly followed by its replies (and
-/// theirs) by time. A reply whose root is not archived is top-level itself, thread id kept, so nothing is lost.
+impl MessagePlace {
+    fn key(&self) -> OrderKey {
+        (
+            self.created_at_micros,
+            self.message_id.clone(),
+            self.first_position,
+        )
+    }
+
+    fn is_reply(&self) -> bool {
+        !self.thread_id.is_empty() && self.thread_id != self.message_id
+    }
+}
+
+/// One item of the laid-out conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Placed {
+    Message(String),
+    /// The event at this input position.
+    Event(usize),
+}
+
 fn order(
     messages: HashMap<&str, MessageState>,
     other_events: Vec<(usize, &ChatEvent)>,
 ) -> Vec<RestoreItem> {
-    let message_key = |state: &MessageState| -> OrderKey {
-        (
-            state.created_at_micros,
-            state.message_id.clone(),
-            state.first_position,
-        )
-    };
+    let places: Vec<MessagePlace> = messages
+        .values()
+        .map(|state| MessagePlace {
+            message_id: state.message_id.clone(),
+            thread_id: state.thread_id.clone(),
+            created_at_micros: state.created_at_micros,
+            first_position: state.first_position,
+        })
+        .collect();
+    let event_places: Vec<(i64, usize)> = other_events
+        .iter()
+        .map(|(position, event)| (event.occurred_at_micros, *position))
+        .collect();
+    let events: HashMap<usize, &ChatEvent> = other_events.into_iter().collect();
+    let mut messages: HashMap<String, MessageState> = messages
+        .into_iter()
+        .map(|(id, state)| (id.to_string(), state))
+        .collect();
+    layout(places, event_places)
+        .into_iter()
+        .filter_map(|placed| match placed {
+            Placed::Message(id) => messages.remove(&id).map(|state| RestoreItem {
+                item: Some(Item::Message(state.into_message())),
+            }),
+            Placed::Event(position) => events.get(&position).map(|event| RestoreItem {
+                item: Some(Item::Event((*event).clone())),
+            }),
+        })
+        .collect()
+}
+
+/// Lays the conversation out: top-level items by time, each message directly followed by its replies (and
+/// theirs) by time. A reply whose root is not archived is top-level itself, thread id kept, so nothing is lost.
+/// `events` are the other items, as (event time, input position).
+pub(crate) fn layout(messages: Vec<MessagePlace>, events: Vec<(i64, usize)>) -> Vec<Placed> {
+    let messages: HashMap<String, MessagePlace> = messages
+        .into_iter()
+        .map(|place| (place.message_id.clone(), place))
+        .collect();
     let mut replies: HashMap<String, Vec<OrderKey>> = HashMap::new();
     let mut roots: Vec<OrderKey> = Vec::new();
-    for state in messages.values() {
-        if state.is_reply() && messages.contains_key(state.thread_id.as_str()) {
+    for place in messages.values() {
+        if place.is_reply() && messages.contains_key(place.thread_id.as_str()) {
             replies
-                .entry(state.thread_id.clone())
+                .entry(place.thread_id.clone())
                 .or_default()
-                .push(message_key(state));
+                .push(place.key());
         } else {
-            roots.push(message_key(state));
+            roots.push(place.key());
         }
     }
     // Messages caught in a cycle of thread ids (A replies to B, B to A) are reachable from no root: promote the
@@ -242,8 +296,8 @@ fn order(
     }
     let mut unreached: Vec<OrderKey> = messages
         .values()
-        .filter(|state| !reachable.contains(&state.message_id))
-        .map(message_key)
+        .filter(|place| !reachable.contains(&place.message_id))
+        .map(MessagePlace::key)
         .collect();
     unreached.sort();
     for key in unreached {
@@ -256,35 +310,24 @@ fn order(
         children.sort();
     }
 
-    let mut top_level: Vec<(OrderKey, TopLevel)> = roots
-        .into_iter()
-        .map(|key| {
-            let id = key.1.clone();
-            (key, TopLevel::Message(id))
-        })
-        .collect();
-    top_level.extend(other_events.into_iter().map(|(position, event)| {
-        (
-            (event.occurred_at_micros, String::new(), position),
-            TopLevel::Event(event),
-        )
-    }));
+    let mut top_level: Vec<(OrderKey, Option<usize>)> =
+        roots.into_iter().map(|key| (key, None)).collect();
+    top_level.extend(
+        events
+            .into_iter()
+            .map(|(at, position)| ((at, String::new(), position), Some(position))),
+    );
     top_level.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let mut messages: HashMap<String, MessageState> = messages
-        .into_iter()
-        .map(|(id, state)| (id.to_string(), state))
-        .collect();
-    let mut items = Vec::with_capacity(messages.len() + top_level.len());
-    for (_, entry) in top_level {
-        match entry {
-            TopLevel::Message(id) => emit_thread(&id, &replies, &mut messages, &mut items),
-            TopLevel::Event(event) => items.push(RestoreItem {
-                item: Some(Item::Event(event.clone())),
-            }),
+    let mut placed = Vec::with_capacity(messages.len() + top_level.len());
+    let mut emitted: HashSet<String> = HashSet::new();
+    for (key, event) in top_level {
+        match event {
+            None => emit_thread(&key.1, &replies, &mut emitted, &mut placed),
+            Some(position) => placed.push(Placed::Event(position)),
         }
     }
-    items
+    placed
 }
 
 fn mark_reachable(
@@ -303,26 +346,24 @@ fn mark_reachable(
     }
 }
 
-/// Emits a message and, depth first, its replies. Each message is emitted once: taking it out of `messages`
-/// guards against cycles.
+/// Places a message and, depth first, its replies. Each message is placed once: `emitted` guards against
+/// cycles.
 fn emit_thread(
     root: &str,
     replies: &HashMap<String, Vec<OrderKey>>,
-    messages: &mut HashMap<String, MessageState>,
-    items: &mut Vec<RestoreItem>,
+    emitted: &mut HashSet<String>,
+    placed: &mut Vec<Placed>,
 ) {
     let mut pending = vec![root.to_string()];
     while let Some(id) = pending.pop() {
-        let Some(state) = messages.remove(&id) else {
+        if !emitted.insert(id.clone()) {
             continue;
-        };
-        items.push(RestoreItem {
-            item: Some(Item::Message(state.into_message())),
-        });
+        }
         if let Some(children) = replies.get(&id) {
             // Reversed onto the stack so the earliest reply is emitted first.
             pending.extend(children.iter().rev().map(|key| key.1.clone()));
         }
+        placed.push(Placed::Message(id));
     }
 }
 

@@ -26,11 +26,17 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::index::TimeRange;
 use crate::reader::Restorer;
-use crate::rehydrate::restore_items;
+use crate::stream::ConversationPlan;
 
-/// Requests served at once by default. Each holds one conversation in memory while it is rehydrated, so this
-/// bounds the restorer's memory; requests beyond it get RESOURCE_EXHAUSTED (retryable).
+/// Restore items queued between a conversation's emission and its gRPC stream: the emission waits for a slow
+/// client instead of buffering.
+const STREAM_QUEUE_ITEMS: usize = 16;
+
+/// Requests served at once by default. Each holds at most its buffer limits of events and an index of its
+/// conversation (see [`crate::stream`]), so this bounds the restorer's memory; requests beyond it get
+/// RESOURCE_EXHAUSTED (retryable).
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 16;
 
 /// One access to the archive, as the audit trail records it: who, what, from where, and the outcome. It never
@@ -60,7 +66,8 @@ pub enum AccessOutcome {
 }
 
 /// Where accesses are recorded. Called once per request, on success and on failure, before the response is
-/// sent. The archived audit trail implements this later.
+/// sent (for a streamed conversation: before its first item, with the number of items it will have), and
+/// once more, as failed, if a stream that had started fails. The archived audit trail implements this later.
 pub trait AccessRecorder: Send + Sync + 'static {
     fn record(&self, access: &AccessRecord);
 }
@@ -216,35 +223,26 @@ impl RestoreApi {
         })
     }
 
-    async fn get_conversation_items(
+    /// Checks the request and plans the restore (reading the archive once); the items are sent afterwards.
+    async fn plan_conversation(
         &self,
         authorization: Option<&str>,
         request: &GetConversationRequest,
         principal: &mut Option<String>,
-    ) -> Result<Vec<RestoreItem>> {
+    ) -> Result<(ConversationPlan, tokio::sync::OwnedSemaphorePermit)> {
         self.authorize(authorization, &request.tenant_id, principal)?;
         validate_conversation_request(request)?;
-        let _permit = self.admit()?;
-        let archived = self
+        let permit = self.admit()?;
+        let plan = self
             .restorer
-            .conversation_events(
+            .plan_conversation(
                 &request.tenant_id,
                 &request.conversation_id,
-                request.from_micros,
-                request.to_micros,
+                TimeRange::new(request.from_micros, request.to_micros),
+                request.include_events,
             )
             .await?;
-        let include_events = request.include_events;
-        // Rehydration is CPU-bound and proportional to the conversation: keep it off the async workers.
-        tokio::task::spawn_blocking(move || {
-            let events: Vec<_> = archived
-                .into_iter()
-                .map(|archived| archived.event)
-                .collect();
-            restore_items(&events, include_events)
-        })
-        .await
-        .map_err(|error| Error::internal(format!("rehydration task failed: {error}")))
+        Ok((plan, permit))
     }
 
     async fn list_conversations_response(
@@ -321,16 +319,17 @@ impl RestoreService for RestoreApi {
         let mut principal = None;
         let call = CallTelemetry::start(&request, "GetConversation");
         let result = self
-            .get_conversation_items(
+            .plan_conversation(
                 authorization_of(&request),
                 request.get_ref(),
                 &mut principal,
             )
             .instrument(call.span.clone())
             .await;
+        let span = call.span.clone();
         call.finish(&result);
         let body = request.get_ref();
-        self.recorder.record(&AccessRecord {
+        let access = AccessRecord {
             method: "GetConversation",
             principal,
             remote_addr,
@@ -339,10 +338,38 @@ impl RestoreService for RestoreApi {
             from_micros: body.from_micros,
             to_micros: body.to_micros,
             include_events: body.include_events,
-            outcome: outcome(&result, |items| items.len() as u64),
-        });
-        let items = result?;
-        let stream: RestoreItemStream = Box::pin(tokio_stream::iter(items.into_iter().map(Ok)));
+            outcome: outcome(&result, |(plan, _)| plan.item_count()),
+        };
+        self.recorder.record(&access);
+        let (plan, permit) = result?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_QUEUE_ITEMS);
+        let restorer = self.restorer.clone();
+        let recorder = self.recorder.clone();
+        tokio::spawn(
+            async move {
+                // The request keeps its slot until its last item is sent.
+                let _permit = permit;
+                if let Err(error) = plan.emit(&restorer, &sender).await {
+                    tracing::error!(error = %LogSafe(error.message()), "restore stream failed");
+                    recorder.record(&AccessRecord {
+                        outcome: AccessOutcome::Failed {
+                            code: error.code(),
+                            message: error.message().to_string(),
+                        },
+                        ..access
+                    });
+                    let _ = sender.send(Err(error)).await;
+                }
+            }
+            .instrument(span),
+        );
+        let stream: RestoreItemStream = Box::pin(futures::stream::unfold(
+            receiver,
+            |mut receiver| async move {
+                let item = receiver.recv().await?;
+                Some((item.map_err(Status::from), receiver))
+            },
+        ));
         Ok(Response::new(stream))
     }
 
