@@ -918,6 +918,94 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_that_fails_after_it_started_ends_with_an_error_and_is_recorded_again() {
+        use futures::StreamExt;
+        use object_store::ObjectStoreExt;
+        let fixture = Fixture::new().await;
+        let mut last = None;
+        for batch in 0..10 {
+            let events: Vec<_> = (0..10)
+                .map(|i| {
+                    let n = batch * 10 + i;
+                    event("acme", "C1", &format!("m{n:03}"), 1_000 + n * 10)
+                })
+                .collect();
+            last = Some(fixture.commit_batch(0, &events).await.0);
+        }
+        let restorer = Arc::new(
+            Restorer::new(
+                fixture.store.clone(),
+                fixture.data_keys.clone(),
+                &fixture.topic,
+                1,
+            )
+            .with_buffer_limits(crate::stream::BufferLimits {
+                events: 2,
+                bytes: usize::MAX,
+            }),
+        );
+        let mut authenticator = Authenticator::default();
+        authenticator.add_token_digest(token_digest("t"), "legal", "acme", &[Role::Restore]);
+        let recorder = Arc::new(MemoryRecorder::default());
+        let api = RestoreApi::new(restorer, authenticator)
+            .with_access_recorder(recorder.clone())
+            .with_max_concurrent_requests(1);
+        let mut stream = api
+            .get_conversation(with_token(conversation("acme", "C1"), "t"))
+            .await
+            .expect("planned")
+            .into_inner();
+        // Recorded before the first item, with the number of items the stream will have.
+        assert_eq!(
+            recorder.take()[0].outcome,
+            AccessOutcome::Served { items: 100 }
+        );
+        // The stream holds its request slot while it runs.
+        let shed = api
+            .get_conversation(with_token(conversation("acme", "C1"), "t"))
+            .await
+            .err()
+            .expect("slot taken");
+        assert_eq!(shed.code(), tonic::Code::ResourceExhausted);
+        recorder.take();
+        // The newest file disappears after the plan: the stream fails where it needs it.
+        let last = last.expect("committed");
+        fixture
+            .store
+            .delete(&object_store::path::Path::from(last.files[0].path.as_str()))
+            .await
+            .expect("delete");
+        let mut served = 0;
+        let error = loop {
+            match stream.next().await.expect("the stream ends with an error") {
+                Ok(_) => served += 1,
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(served, 90, "every item before the missing file");
+        assert_eq!(error.code(), tonic::Code::Internal);
+        assert!(error.message().contains("missing"), "{error:?}");
+        assert!(stream.next().await.is_none());
+        let records = recorder.take();
+        assert_eq!(records.len(), 1);
+        assert!(matches!(
+            records[0].outcome,
+            AccessOutcome::Failed {
+                code: ErrorCode::Internal,
+                ..
+            }
+        ));
+        drop(stream);
+        // The slot is free again once the stream ended.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            api.get_conversation(with_token(conversation("acme", "C1"), "t"))
+                .await
+                .is_err_and(|status| status.code() == tonic::Code::Internal)
+        );
+    }
+
+    #[tokio::test]
     async fn overload_is_shed_with_a_retryable_status() {
         let fixture = Fixture::new().await;
         let restorer = Arc::new(Restorer::new(
