@@ -158,7 +158,9 @@ impl Restorer {
 
     /// Every archived event of `conversation` with `from_micros <= occurred_at < to_micros` (zero: unbounded),
     /// copies of one event collapsed to the first archived (lowest Kafka partition and offset), sorted by event
-    /// time, then Kafka partition and offset.
+    /// time, then Kafka partition and offset. This holds the whole conversation in memory: the gRPC service
+    /// streams instead ([`Restorer::plan_conversation`], same result); this is the reference it is tested
+    /// against, and serves tools that want the events at once.
     pub async fn conversation_events(
         &self,
         tenant: &str,
@@ -763,6 +765,10 @@ mod tests {
             .iter()
             .map(|file| file.bytes)
             .sum();
+        eprintln!(
+            "listing 4 files of {stored} bytes fetched {} bytes (footers only)",
+            new_restorer.bytes_fetched()
+        );
         assert_eq!(new_restorer.files_read(), 0, "no file is decrypted whole");
         assert_eq!(new_restorer.footers_read(), 4);
         assert!(

@@ -782,12 +782,8 @@ mod tests {
                     bytes: usize::MAX,
                 },
                 BufferLimits {
-                    events: 1,
-                    bytes: 1,
-                },
-                BufferLimits {
                     events: 10_000,
-                    bytes: 2_000,
+                    bytes: 8_000,
                 },
             ] {
                 let restorer = restorer(&fixture, limits);
