@@ -20,15 +20,15 @@
 //! and thread id once), the layout (one entry per item), at most [`BufferLimits`] events gathered for
 //! emission (a single message with more events than the limit is folded in chunks of the limit), the states
 //! of the messages of one group (their revisions' texts are what the client receives), and the decoded rows
-//! of the conversation in at most `read_concurrency` files in flight (each at most one archive file's rows,
-//! the archiver's batch bound). Never the whole conversation's events or payloads. The price is that files
-//! are read more than once: in the plan, and again by each group (and events chunk) that needs events from
-//! them; in a conversation whose events come roughly in time order that is about twice (three times with
-//! `include_events`).
+//! of the conversation in at most `read_concurrency` files in flight plus the `read_concurrency` files read
+//! last, kept for the next group (each at most one archive file's rows, the archiver's batch bound). Never
+//! the whole conversation's events or payloads. The price is that files are read more than once: in the plan,
+//! and again by the groups (and events chunks) that need events from them, less the groups served from the
+//! files kept.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chatvault_core::archive::ArchivedEvent;
 use chatvault_core::archive::manifest::ManifestFile;
@@ -250,6 +250,7 @@ impl ConversationPlan {
                     conversation: &self.conversation,
                     streamed: &streamed,
                     items,
+                    recent: Mutex::new(VecDeque::new()),
                 };
                 if !context.emit_view().await? {
                     return Ok(());
@@ -269,6 +270,15 @@ struct Emission<'a> {
     conversation: &'a str,
     streamed: &'a Streamed,
     items: &'a mpsc::Sender<Result<RestoreItem>>,
+    /// The decoded rows of the files read last (at most `read_concurrency`), newest last: consecutive groups
+    /// mostly need the same files.
+    recent: Mutex<VecDeque<RecentFile>>,
+}
+
+struct RecentFile {
+    file: u32,
+    events: Arc<Vec<ArchivedEvent>>,
+    _held: Held,
 }
 
 impl Emission<'_> {
@@ -424,26 +434,59 @@ impl Emission<'_> {
             .collect();
         let mut found: Vec<Option<ArchivedEvent>> = (0..positions.len()).map(|_| None).collect();
         let mut held = self.restorer.buffer_gauge().hold(0);
-        let mut decoded = futures::stream::iter(files)
-            .map(|file| {
-                self.restorer.read_file_held(
-                    self.streamed.files[file as usize].clone(),
-                    self.tenant,
-                    Some(self.conversation),
-                )
-            })
-            .buffer_unordered(self.restorer.read_concurrency());
-        while let Some(result) = decoded.next().await {
-            let (events, _decoded_held) = result?;
+        let mut pick = |events: &[ArchivedEvent]| {
             for archived in events {
                 if let Some(&index) = wanted.get(&(archived.kafka_partition, archived.kafka_offset))
                     && found[index].is_none()
                 {
-                    found[index] = Some(archived);
+                    found[index] = Some(archived.clone());
                     held.add(1);
                 }
             }
+        };
+        let mut to_read = Vec::new();
+        {
+            let recent = self
+                .recent
+                .lock()
+                .map_err(|_| Error::internal("restore cache poisoned"))?;
+            for file in files {
+                match recent.iter().find(|recent| recent.file == file) {
+                    Some(recent) => pick(&recent.events),
+                    None => to_read.push(file),
+                }
+            }
         }
+        let mut decoded = futures::stream::iter(to_read)
+            .map(|file| async move {
+                let read = self
+                    .restorer
+                    .read_file_held(
+                        self.streamed.files[file as usize].clone(),
+                        self.tenant,
+                        Some(self.conversation),
+                    )
+                    .await;
+                (file, read)
+            })
+            .buffer_unordered(self.restorer.read_concurrency());
+        while let Some((file, result)) = decoded.next().await {
+            let (events, decoded_held) = result?;
+            pick(&events);
+            let mut recent = self
+                .recent
+                .lock()
+                .map_err(|_| Error::internal("restore cache poisoned"))?;
+            recent.push_back(RecentFile {
+                file,
+                events: Arc::new(events),
+                _held: decoded_held,
+            });
+            while recent.len() > self.restorer.read_concurrency() {
+                recent.pop_front();
+            }
+        }
+        drop(pick);
         let events = found
             .into_iter()
             .collect::<Option<Vec<_>>>()
@@ -821,7 +864,7 @@ mod tests {
         const PER_FILE: usize = 500;
         archive(&fixture, &events, PER_FILE).await;
         let limits = BufferLimits {
-            events: 1_000,
+            events: 500,
             bytes: usize::MAX,
         };
         let restorer = restorer(&fixture, limits);
@@ -837,8 +880,9 @@ mod tests {
             .count();
         assert_eq!(archived, total, "every event once, copies collapsed");
         // At most: the events gathered for one group or chunk (counted twice while a chunk is folded), plus
-        // the decoded rows of `read_concurrency` (2) files in flight, each at most one file (plus its copy).
-        let bound = 2 * limits.events + 2 * (PER_FILE + 1);
+        // the decoded rows of `read_concurrency` (2) files in flight and 2 kept, each at most one file (plus
+        // its copy).
+        let bound = 2 * limits.events + 4 * (PER_FILE + 1);
         let peak = restorer.peak_buffered_events() as usize;
         eprintln!(
             "conversation of {total} events ({} items): at most {peak} events held at once (bound {bound})",
