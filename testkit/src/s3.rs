@@ -2,7 +2,7 @@
 //! It supports conditional puts (`If-None-Match: *`), which the manifest commit relies on.
 //!
 //! s3s-fs checks `If-None-Match` and then writes, which is not atomic: two racing conditional puts of the same
-//! key can both succeed, where S3 lets exactly one win. [`AtomicConditionalPuts`] serializes conditional puts
+//! key can both succeed, where S3 lets exactly one win. `AtomicConditionalPuts` serializes conditional puts
 //! so the server keeps S3's contract, which the exactly-once tests depend on.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! Standard Webhooks (https://www.standardwebhooks.com), for any other sender.
+//! Standard Webhooks (<https://www.standardwebhooks.com>), for any other sender.
 //!
 //! Verification: `webhook-signature` holds space-separated `v1,<base64 HMAC-SHA256>` signatures over
 //! `<webhook-id>.<webhook-timestamp>.<raw body>`; any signature matching any configured `whsec_` secret is
