@@ -486,7 +486,6 @@ impl Emission<'_> {
                 recent.pop_front();
             }
         }
-        drop(pick);
         let events = found
             .into_iter()
             .collect::<Option<Vec<_>>>()
