@@ -3,7 +3,7 @@
 //! - [`index`]: the in-memory index of committed files, built from (and verifying) the manifest chains.
 //! - [`reader`]: [`Restorer`], which fetches, verifies, decrypts and decodes archive files and collapses
 //!   duplicate events.
-//! - [`rehydrate`]: from events to the conversation as people saw it (pure).
+//! - [`rehydrate`](mod@rehydrate): from events to the conversation as people saw it (pure).
 //! - [`render`]: a plain-text transcript of restored items.
 //! - [`stream`]: the streaming restore of one conversation with bounded memory (plan, then emit).
 //! - [`service`]: the `chatvault.v1.RestoreService` gRPC API with health and reflection, and the

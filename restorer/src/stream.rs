@@ -7,7 +7,7 @@
 //! 1. **Plan** ([`Restorer::plan_conversation`]): read every candidate file once (`read_concurrency` at a
 //!    time) and keep a compact index of the conversation: per event its time, Kafka record, kind, message
 //!    and thread (interned ids), size and file; copies of one event collapsed to the first archived. From the
-//!    index alone the conversation is laid out ([`crate::rehydrate::layout`]): the order of every item is known
+//!    index alone the conversation is laid out (`rehydrate::layout`): the order of every item is known
 //!    before any item is built. A conversation whose events fit in [`BufferLimits`] keeps them from this
 //!    pass and is rehydrated in memory as before (one read of each file).
 //! 2. **Emit** ([`ConversationPlan::emit`]): walk the layout in groups of consecutive items whose events fit
