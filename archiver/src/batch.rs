@@ -258,4 +258,110 @@ mod tests {
             "the first copy is kept"
         );
     }
+
+    /// A record as Kafka delivers it to one partition: its offset comes after a gap of `skip` offsets, and it
+    /// is a chat event of some (tenant, conversation, event id), or an undecodable record.
+    #[derive(Debug, Clone)]
+    struct Delivered {
+        skip: i64,
+        identity: Option<(u8, u8, u8)>,
+        seal_after: bool,
+    }
+
+    fn delivered() -> impl proptest::strategy::Strategy<Value = Delivered> {
+        use proptest::prelude::*;
+        (
+            prop_oneof![8 => Just(0i64), 1 => 1i64..5],
+            proptest::option::weighted(0.9, (0u8..3, 0u8..4, 0u8..6)),
+            proptest::bool::weighted(0.15),
+        )
+            .prop_map(|(skip, identity, seal_after)| Delivered {
+                skip,
+                identity,
+                seal_after,
+            })
+    }
+
+    proptest::proptest! {
+        /// Batches filled from any delivery (gaps, undecodable records, the same event id in other
+        /// conversations and tenants, copies of one event) and sealed at any point tile the partition: every
+        /// offset from the start to the last delivered one is in exactly one batch, as an event, a rejected
+        /// record or a gap; and a batch's files keep exactly one row per distinct identity.
+        #[test]
+        fn batches_tile_every_offset_once_and_keep_every_identity(
+            start in 0i64..1_000,
+            records in proptest::collection::vec(delivered(), 1..200),
+        ) {
+            let mut sealed = Vec::new();
+            let mut open = OpenBatch::new(3, 1, 0, start);
+            let mut offset = start;
+            for record in &records {
+                offset += record.skip;
+                match record.identity {
+                    Some((tenant, conversation, id)) => {
+                        let mut archived = event(&format!("t{tenant}"), &format!("e{id}"), 1, offset);
+                        archived.event.conversation_id = format!("c{conversation}");
+                        open.push_event(archived, 10);
+                    }
+                    None => open.push_rejected(Rejected {
+                        offset,
+                        reason: "not a ChatEvent".into(),
+                        key: None,
+                        value: vec![0xff],
+                    }),
+                }
+                offset += 1;
+                if record.seal_after {
+                    let next = OpenBatch::new(3, 1, open.seq + 1, open.end_offset);
+                    sealed.push(std::mem::replace(&mut open, next).seal());
+                }
+            }
+            if !open.is_empty() {
+                sealed.push(open.seal());
+            }
+
+            let mut covered = std::collections::BTreeMap::new();
+            let mut expected_start = start;
+            for (index, batch) in sealed.iter().enumerate() {
+                proptest::prop_assert_eq!(batch.seq, index as u64);
+                proptest::prop_assert_eq!(batch.start_offset, expected_start, "batches are contiguous");
+                expected_start = batch.end_offset;
+                let mut mark = |offset: i64, what: &str| {
+                    proptest::prop_assert!(
+                        (batch.start_offset..batch.end_offset).contains(&offset),
+                        "offset {} outside its batch", offset
+                    );
+                    proptest::prop_assert!(covered.insert(offset, what.to_string()).is_none(), "offset {} twice", offset);
+                    Ok(())
+                };
+                for archived in &batch.events {
+                    mark(archived.kafka_offset, "event")?;
+                }
+                for rejected in &batch.rejected {
+                    mark(rejected.offset, "rejected")?;
+                }
+                for gap in &batch.offset_gaps {
+                    for missing in gap.from..gap.to {
+                        mark(missing, "gap")?;
+                    }
+                }
+                let distinct: std::collections::HashSet<(String, String, String)> = batch
+                    .events
+                    .iter()
+                    .map(|a| (a.event.tenant_id.clone(), a.event.conversation_id.clone(), a.event.event_id.clone()))
+                    .collect();
+                let rows: Vec<(String, String, String)> = group_into_files(&batch.events)
+                    .iter()
+                    .flat_map(|group| group.rows.iter())
+                    .map(|a| (a.event.tenant_id.clone(), a.event.conversation_id.clone(), a.event.event_id.clone()))
+                    .collect();
+                proptest::prop_assert_eq!(rows.len(), distinct.len(), "one row per identity");
+                let kept: std::collections::HashSet<_> = rows.into_iter().collect();
+                proptest::prop_assert_eq!(kept, distinct, "no identity dropped");
+            }
+            proptest::prop_assert_eq!(expected_start, offset, "the last batch ends after the last record");
+            let all: Vec<i64> = covered.keys().copied().collect();
+            proptest::prop_assert_eq!(all, (start..offset).collect::<Vec<_>>(), "every offset covered once");
+        }
+    }
 }
