@@ -310,6 +310,7 @@ async fn sigterm_to_standalone_during_ingest_archives_every_acknowledged_event()
         },
         keys: KeysConfig {
             keyring_path: data_dir.join("keyring.json"),
+            ..Default::default()
         },
         ..Default::default()
     };
