@@ -392,7 +392,13 @@ async fn standalone_under_load(
     })
     .await;
     assert!(archived_some, "standalone archived nothing");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Standalone acknowledges a call only once its events are archived (about half a second each), so keep
+    // the load on until enough was acknowledged to mean something, then SIGTERM it mid-load.
+    let enough = wait_until(Duration::from_secs(120), || {
+        log.lock().expect("lock").acknowledged.len() >= 250 * clients.len()
+    })
+    .await;
+    assert!(enough, "standalone acknowledged too little under load");
 
     let sigterm_at = Instant::now();
     let (status, took) = standalone.terminate_and_wait(SHUTDOWN_BOUND).await?;
