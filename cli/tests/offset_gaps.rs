@@ -10,7 +10,8 @@ use chatvault_core::archive::chain::ChainReader;
 use chatvault_core::archive::manifest::{ChainHead, OffsetGap};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
-use chatvault_testkit::kafka::{TestKafka, high_watermarks};
+use chatvault_testkit::archive::wait_for_archive;
+use chatvault_testkit::kafka::TestKafka;
 use chatvault_testkit::pipeline::{TOPIC, start_archiver, test_config};
 use chatvault_testkit::s3::S3Server;
 use prost::Message;
@@ -85,15 +86,10 @@ async fn records_deleted_by_the_broker_before_archiving_are_committed_as_a_gap()
     let (archiver, _stats) = start_archiver(&config, "archiver").await?;
     let store = object_store_from_config(&config.storage)?;
     let chains = ChainReader::new(store, TOPIC);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while chains.head(0).await?.end_offset < 6_000 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not archived up to the high watermark {:?}",
-            high_watermarks(&kafka.brokers, TOPIC)?
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(
+        wait_for_archive(&config, &kafka.brokers, Duration::from_secs(60)).await?,
+        "not archived up to the high watermark"
+    );
     archiver.stop().await?;
 
     let verified = chains.read_after(0, &ChainHead::empty()).await;

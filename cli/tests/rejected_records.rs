@@ -12,6 +12,7 @@ use chatvault_core::event::kafka_key;
 use chatvault_core::keys::DataKeys;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
+use chatvault_testkit::archive::wait_for_archive;
 use chatvault_testkit::kafka::TestKafka;
 use chatvault_testkit::pipeline::{TOPIC, start_archiver, test_config};
 use chatvault_testkit::s3::S3Server;
@@ -101,15 +102,10 @@ async fn unarchivable_records_go_to_the_dead_letter_topic_and_the_rest_is_archiv
 
     let (archiver, _stats) = start_archiver(&config, "archiver").await?;
     let chains = ChainReader::new(store, TOPIC);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while chains.head(0).await?.end_offset < records.len() as i64 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the archiver stalled at {:?}",
-            chains.head(0).await?
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(
+        wait_for_archive(&config, &kafka.brokers, Duration::from_secs(60)).await?,
+        "not archived up to the high watermark"
+    );
     archiver.stop().await?;
 
     let verified = chains.read_after(0, &ChainHead::empty()).await;

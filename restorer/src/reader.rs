@@ -12,7 +12,7 @@ use chatvault_core::archive::file::{
     read_conversation_summaries, sha256_hex,
 };
 use chatvault_core::archive::manifest::ManifestFile;
-use chatvault_core::keys::DataKeys;
+use chatvault_core::keys::{DataKey, DataKeys};
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::ConversationSummary;
 use futures::StreamExt;
@@ -305,6 +305,19 @@ impl Restorer {
         }
     }
 
+    /// The data key of `file`'s period, with the file named when it cannot be had.
+    async fn file_key(&self, file: &ManifestFile, tenant: &str) -> Result<DataKey> {
+        self.data_keys
+            .get(tenant, &file.key_period)
+            .await
+            .map_err(|error| {
+                error.context(format!(
+                    "archive file {} needs the data key of period {}",
+                    file.path, file.key_period
+                ))
+            })
+    }
+
     /// The conversation summary in `file`'s footer, read without fetching the rest of the file. `None` when the
     /// file has none (written before summaries existed), when the footer cannot be decoded, or when the
     /// summary disagrees with the manifest entry (rows, time range, conversation digests): the caller then
@@ -314,16 +327,7 @@ impl Restorer {
         file: &ManifestFile,
         tenant: &str,
     ) -> Result<Option<FileConversations>> {
-        let key = self
-            .data_keys
-            .get(tenant, &file.key_period)
-            .await
-            .map_err(|error| {
-                error.context(format!(
-                    "archive file {} needs the data key of period {}",
-                    file.path, file.key_period
-                ))
-            })?;
+        let key = self.file_key(file, tenant).await?;
         let size = file.bytes;
         if size < 8 {
             return Ok(None);
@@ -398,16 +402,7 @@ impl Restorer {
         tenant: &str,
         conversation: Option<&str>,
     ) -> Result<Vec<ArchivedEvent>> {
-        let key = self
-            .data_keys
-            .get(tenant, &file.key_period)
-            .await
-            .map_err(|error| {
-                error.context(format!(
-                    "archive file {} needs the data key of period {}",
-                    file.path, file.key_period
-                ))
-            })?;
+        let key = self.file_key(&file, tenant).await?;
         let bytes = self.fetch(&file.path).await?;
         self.files_read.fetch_add(1, Ordering::Relaxed);
         let tenant = tenant.to_string();
