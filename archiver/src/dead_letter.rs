@@ -18,10 +18,39 @@ use chatvault_core::archive::manifest::DeadLetter;
 use chatvault_core::config::KafkaConfig;
 use chatvault_core::error::{Error, Result};
 use chatvault_core::kafka::dead_letter_producer_config;
+use futures::future::BoxFuture;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::batch::Rejected;
+
+/// Where rejected records are copied before their batch commits them: the dead-letter topic in production
+/// ([`DeadLetterProducer`]), a recorder in tests.
+pub trait DeadLetterSink: Send + Sync + 'static {
+    /// Copies `rejected` (from `partition` of `source_topic`) and returns where the copy is.
+    fn produce<'a>(
+        &'a self,
+        source_topic: &'a str,
+        partition: i32,
+        rejected: &'a Rejected,
+    ) -> BoxFuture<'a, Result<DeadLetter>>;
+}
+
+impl DeadLetterSink for DeadLetterProducer {
+    fn produce<'a>(
+        &'a self,
+        source_topic: &'a str,
+        partition: i32,
+        rejected: &'a Rejected,
+    ) -> BoxFuture<'a, Result<DeadLetter>> {
+        Box::pin(DeadLetterProducer::produce(
+            self,
+            source_topic,
+            partition,
+            rejected,
+        ))
+    }
+}
 
 /// Headers of a dead-lettered record.
 pub const SOURCE_TOPIC_HEADER: &str = "chatvault-source-topic";

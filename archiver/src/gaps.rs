@@ -4,7 +4,7 @@
 //! the next batch starts after it. So a gap is committed only when the broker confirms that the records are
 //! gone: its log-start offset has moved past them (retention deleted them before they were archived). Any
 //! other jump in offsets is treated as a fetch that skipped records (a broker serving a later batch than the
-//! one asked for, a consumer bug): the partition is fetched again from the first missing offset, and after
+//! one asked for, a consumer bug): the partition is fetched again from before the first missing offset, and after
 //! [`MAX_REFETCHES`] attempts that keep skipping, it is halted with an error instead of committing the gap.
 //!
 //! Topics where gaps are normal (compacted topics, transactional producers whose commit markers take an
@@ -14,6 +14,9 @@ use chatvault_core::config::OffsetGapPolicy;
 
 /// Fetches of the same gap before the partition is halted.
 pub const MAX_REFETCHES: u32 = 3;
+
+/// How far before the gap the first re-fetch starts (then 8 and 64 times as far).
+pub const REFETCH_STEP_BACK: i64 = 64;
 
 /// What the poll thread knows when a record arrives past the next expected offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,10 +70,14 @@ pub fn judge(policy: OffsetGapPolicy, check: &GapCheck) -> GapVerdict {
             ),
         };
     }
-    // Records below the log start are gone for good; fetch from where the broker's log begins.
+    // Fetch again from before the gap, further back on each attempt: a broker that answers a fetch from inside
+    // a record batch with the *next* batch (tansu 0.6.0 does) then serves the batch holding `expected`. The
+    // poll thread skips what it re-reads below `expected`. Records below the log start are gone for good.
+    let step_back = REFETCH_STEP_BACK << (3 * check.refetches.min(MAX_REFETCHES));
+    let from = check.expected.saturating_sub(step_back);
     let from = match log_start {
-        Ok(low) => low.max(check.expected),
-        Err(_) => check.expected,
+        Ok(low) => low.max(from),
+        Err(_) => from.max(0),
     };
     GapVerdict::Refetch { from }
 }
@@ -93,10 +100,29 @@ mod tests {
         let confirm = OffsetGapPolicy::Confirm;
         assert_eq!(judge(confirm, &check(Ok(150), 0)), GapVerdict::Commit);
         assert_eq!(judge(confirm, &check(Ok(400), 3)), GapVerdict::Commit);
-        // The records are still in the broker: fetch again (the tansu mid-batch fetch case).
+        // The records are still in the broker: fetch again from before the gap, further back each time (the
+        // tansu mid-batch fetch case).
         assert_eq!(
             judge(confirm, &check(Ok(0), 0)),
-            GapVerdict::Refetch { from: 100 }
+            GapVerdict::Refetch { from: 100 - 64 }
+        );
+        assert_eq!(
+            judge(confirm, &check(Ok(0), 1)),
+            GapVerdict::Refetch { from: 0 }
+        );
+        assert_eq!(
+            judge(
+                confirm,
+                &GapCheck {
+                    expected: 10_000,
+                    delivered: 10_050,
+                    log_start: Ok(0),
+                    refetches: 2
+                }
+            ),
+            GapVerdict::Refetch {
+                from: 10_000 - 64 * 64
+            }
         );
         // Part of the gap was deleted by retention: fetch from the log start.
         assert_eq!(
@@ -105,7 +131,7 @@ mod tests {
         );
         assert_eq!(
             judge(confirm, &check(Err("timed out".into()), 2)),
-            GapVerdict::Refetch { from: 100 }
+            GapVerdict::Refetch { from: 0 }
         );
         let GapVerdict::Halt { reason } = judge(confirm, &check(Ok(0), MAX_REFETCHES)) else {
             panic!("halts after the last refetch");

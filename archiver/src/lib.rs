@@ -2,26 +2,36 @@
 //! storage and commits them exactly once through the manifest chain (`chatvault_core::archive::chain`).
 //!
 //! Stages, each in its own module:
-//! - [`consumer`]: the poll thread. Owns the Kafka consumer, applies rebalances (reading each assigned
-//!   partition's chain head from storage and seeking there), fills one open [`batch::OpenBatch`] per partition
-//!   and seals it by size, count or age.
+//! - [`role`]: the lifecycle ([`Archiver::run`]): start-up checks, the poll thread, the shutdown deadline,
+//!   leaving the consumer group.
+//! - [`kafka`]: librdkafka glue: the rebalance callback (assign and pause, nothing else), lag statistics, the
+//!   poll loop, the [`poller::Broker`] over the consumer.
+//! - [`poller`]: the poll thread's state machine. It owns every piece of partition state: loading chain
+//!   heads (on the runtime, never inside the rebalance callback), the open batches, sealing by size, count or
+//!   age, per-partition backoff after failures, halting, and the health `/readyz` reports.
 //! - [`batch`]: open and sealed batches, and the grouping of rows into files by (tenant, date).
-//! - [`dead_letter`]: the dead-letter topic for records that can never be archived.
 //! - [`gaps`]: whether offsets Kafka did not deliver may be committed as a gap (only when the broker deleted
 //!   them).
-//! - [`writer`]: the async commit stage: encode, upload, conditional manifest create, then the Kafka offset.
-//! - [`state`]: what the poll thread and the writer share about each owned partition.
+//! - [`commit`]: one commit lane per owned partition: encode, upload, conditional manifest create; reports
+//!   each batch's outcome to the poller.
+//! - [`dead_letter`]: the dead-letter topic for records that can never be archived.
+//! - [`stats`]: counters, committed heads and health, readable while the archiver runs.
 //! - [`crash`]: named crash points used by the crash-safety tests.
 //!
-//! Memory is bounded by `max_batch_bytes` per open batch (with a global cap), `max_pending_batches` sealed
-//! batches in the channel to the writer, and librdkafka's prefetch queue (`fetch_queue_kbytes`).
+//! Memory is bounded by `max_batch_bytes` per open batch (with a global cap of two batches' worth),
+//! `max_pending_batches` sealed batches handed to the lanes (a partition whose next batch finds no free slot is
+//! paused until one frees), and librdkafka's prefetch queue (`fetch_queue_kbytes`).
 
 pub mod batch;
-pub mod consumer;
+pub mod commit;
 pub mod crash;
 pub mod dead_letter;
 pub mod gaps;
-pub mod state;
-pub mod writer;
+pub(crate) mod kafka;
+pub mod poller;
+pub mod role;
+pub mod stats;
 
-pub use consumer::{Archiver, ArchiverOptions, OnShutdown};
+pub use poller::OnShutdown;
+pub use role::{Archiver, ArchiverOptions};
+pub use stats::{ArchiverStats, CommittedHeads};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use chatvault_archiver::writer::ArchiverStats;
+use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::{Archiver, ArchiverOptions};
 use chatvault_benches::{chat_message, machine, median, process_cpu_seconds};
 use chatvault_core::config::{ArchiverConfig, KafkaConfig, StorageConfig};

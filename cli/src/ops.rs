@@ -4,7 +4,9 @@
 //! - `GET /metrics`: Prometheus text format (names in `chatvault_core::metrics`).
 //! - `GET /healthz`: liveness, 200 while the process runs.
 //! - `GET /readyz`: readiness, 200 once the role has started and until shutdown begins, 503 otherwise. The
-//!   gateway and restorer also answer gRPC health, which turns NOT_SERVING at the same moment.
+//!   gateway and restorer also answer gRPC health, which turns NOT_SERVING at the same moment. A role can add
+//!   its own condition ([`OpsState::set_health_check`]): the archiver answers 503 while a partition it owns is
+//!   halted or stalled, with the reason in the body.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,10 +21,22 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-#[derive(Debug)]
+/// A role's own readiness condition: `Some(reason)` when it is not ready.
+pub type HealthCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
 pub struct OpsState {
     telemetry: Arc<Telemetry>,
     ready: AtomicBool,
+    health_check: std::sync::OnceLock<HealthCheck>,
+}
+
+impl std::fmt::Debug for OpsState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpsState")
+            .field("ready", &self.ready)
+            .field("health_check", &self.health_check.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl OpsState {
@@ -30,7 +44,20 @@ impl OpsState {
         Arc::new(OpsState {
             telemetry,
             ready: AtomicBool::new(false),
+            health_check: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Adds the role's own readiness condition (once).
+    pub fn set_health_check(&self, check: HealthCheck) {
+        let _ = self.health_check.set(check);
+    }
+
+    fn unready_reason(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("not ready (starting or shutting down)".to_string());
+        }
+        self.health_check.get().and_then(|check| check())
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -62,14 +89,14 @@ impl OpsState {
                 self.telemetry.prometheus_text(),
             ),
             "/healthz" => text(StatusCode::OK, plain, "ok\n".to_string()),
-            "/readyz" if self.ready.load(Ordering::Acquire) => {
-                text(StatusCode::OK, plain, "ready\n".to_string())
-            }
-            "/readyz" => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                plain,
-                "not ready (starting or shutting down)\n".to_string(),
-            ),
+            "/readyz" => match self.unready_reason() {
+                None => text(StatusCode::OK, plain, "ready\n".to_string()),
+                Some(reason) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    plain,
+                    format!("{reason}\n"),
+                ),
+            },
             _ => text(
                 StatusCode::NOT_FOUND,
                 plain,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chatvault_archiver::writer::ArchiverStats;
+use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::{Archiver, ArchiverOptions, OnShutdown};
 use chatvault_core::auth::{Role, token_digest};
 use chatvault_core::config::{Config, TenantConfig, TokenConfig};
@@ -19,7 +19,7 @@ use clap::Args;
 use rdkafka::mocking::MockCluster;
 use tokio::net::TcpListener;
 
-use crate::ops::{self, OpsState};
+use crate::ops::{self, HealthCheck, OpsState};
 
 pub fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
     Ok(Config::load(path.as_deref())?)
@@ -112,21 +112,9 @@ impl AckCondition for AcknowledgeWhenArchived {
     }
 }
 
-pub async fn archiver_task(
-    config: &Config,
-    shutdown: Shutdown,
-    on_shutdown: OnShutdown,
-) -> anyhow::Result<()> {
-    archiver_with_stats(
-        config,
-        shutdown,
-        on_shutdown,
-        Arc::new(ArchiverStats::default()),
-    )
-    .await
-}
-
-async fn archiver_with_stats(
+/// The archiver role on `config`'s Kafka and storage; `stats` lets the caller watch it (readiness, standalone's
+/// acknowledgements).
+async fn archiver_task(
     config: &Config,
     shutdown: Shutdown,
     on_shutdown: OnShutdown,
@@ -175,10 +163,14 @@ async fn with_telemetry(
     service: &str,
     config: &Config,
     shutdown: Shutdown,
+    health_check: Option<HealthCheck>,
     role: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let telemetry = Arc::new(Telemetry::install(service, &config.telemetry)?);
     let ops_state = OpsState::new(telemetry.clone());
+    if let Some(check) = health_check {
+        ops_state.set_health_check(check);
+    }
     let (ops_trigger, ops_shutdown) = shutdown::channel();
     let ops_server = match config.telemetry.metrics_listen.as_str() {
         "" => None,
@@ -217,7 +209,7 @@ async fn with_telemetry(
 
 pub async fn run_gateway(config: Config) -> anyhow::Result<()> {
     let (_trigger, shutdown) = shutdown_on_signal();
-    with_telemetry("chatvault-gateway", &config, shutdown.clone(), async {
+    with_telemetry("chatvault-gateway", &config, shutdown.clone(), None, async {
         let grpc_listener = bind(&config.gateway.grpc_listen, "gateway.grpc_listen").await?;
         let http_listener = bind(&config.gateway.http_listen, "gateway.http_listen").await?;
         tracing::info!(grpc = %config.gateway.grpc_listen, http = %config.gateway.http_listen, "gateway listening");
@@ -228,22 +220,34 @@ pub async fn run_gateway(config: Config) -> anyhow::Result<()> {
 
 pub async fn run_archiver(config: Config) -> anyhow::Result<()> {
     let (_trigger, shutdown) = shutdown_on_signal();
+    let stats = Arc::new(ArchiverStats::default());
+    let health = {
+        let stats = stats.clone();
+        Box::new(move || stats.unready_reason()) as HealthCheck
+    };
     with_telemetry(
         "chatvault-archiver",
         &config,
         shutdown.clone(),
-        archiver_task(&config, shutdown.clone(), OnShutdown::StopConsuming),
+        Some(health),
+        archiver_task(&config, shutdown.clone(), OnShutdown::StopConsuming, stats),
     )
     .await
 }
 
 pub async fn run_restorer(config: Config) -> anyhow::Result<()> {
     let (_trigger, shutdown) = shutdown_on_signal();
-    with_telemetry("chatvault-restorer", &config, shutdown.clone(), async {
-        let listener = bind(&config.restorer.grpc_listen, "restorer.grpc_listen").await?;
-        tracing::info!(address = %config.restorer.grpc_listen, "restorer listening");
-        restorer_task(&config, listener, shutdown.clone()).await
-    })
+    with_telemetry(
+        "chatvault-restorer",
+        &config,
+        shutdown.clone(),
+        None,
+        async {
+            let listener = bind(&config.restorer.grpc_listen, "restorer.grpc_listen").await?;
+            tracing::info!(address = %config.restorer.grpc_listen, "restorer listening");
+            restorer_task(&config, listener, shutdown.clone()).await
+        },
+    )
     .await
 }
 
@@ -421,7 +425,12 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     }
     let (trigger, shutdown) = shutdown_on_signal();
     let telemetry_config = config.clone();
-    with_telemetry("chatvault-standalone", &telemetry_config, shutdown.clone(), async move {
+    let archiver_stats = Arc::new(ArchiverStats::default());
+    let health = {
+        let stats = archiver_stats.clone();
+        Box::new(move || stats.unready_reason()) as HealthCheck
+    };
+    with_telemetry("chatvault-standalone", &telemetry_config, shutdown.clone(), Some(health), async move {
         // The mock cluster lives as long as this function: it is the Kafka of the whole process.
         let mock_cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
         mock_cluster
@@ -495,7 +504,6 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             }
             result
         };
-        let archiver_stats = Arc::new(ArchiverStats::default());
         let acknowledge_when_archived: Arc<dyn AckCondition> = Arc::new(AcknowledgeWhenArchived {
             stats: archiver_stats.clone(),
             timeout: STANDALONE_ARCHIVE_WAIT,
@@ -516,7 +524,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         };
         let archiver = async {
             let result = stop_all_on_error(
-                archiver_with_stats(
+                archiver_task(
                     &config,
                     archiver_shutdown,
                     OnShutdown::DrainTopic,

@@ -310,6 +310,10 @@ pub struct ArchiverConfig {
     /// before the rest is abandoned: uncommitted records stay in Kafka for the partition's next owner.
     /// Default 30000.
     pub shutdown_timeout_ms: u64,
+    /// A partition with records to archive that commits nothing for this long is reported stalled
+    /// (`chatvault_archiver_partitions_stalled`, and `/readyz` answers 503 naming it), usually because storage,
+    /// the key provider or the chain head cannot be reached. It keeps retrying. Default 60000.
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for ArchiverConfig {
@@ -328,6 +332,7 @@ impl Default for ArchiverConfig {
             dead_letter_topic: String::new(),
             session_timeout_ms: 10_000,
             shutdown_timeout_ms: 30_000,
+            stall_timeout_ms: 60_000,
         }
     }
 }
@@ -357,6 +362,10 @@ impl ArchiverConfig {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.stall_timeout_ms)
     }
 }
 

@@ -74,6 +74,10 @@ pub struct Metrics {
     /// Source of `chatvault.archiver.partitions.halted`: owned partitions not consumed because Kafka's
     /// offsets fell behind the archive (a recreated topic, or records lost by the cluster).
     halted_partitions: Arc<AtomicU64>,
+    /// Source of `chatvault.archiver.partitions.stalled`: owned partitions with records to archive that made
+    /// no progress for `archiver.stall_timeout_ms` (storage, keys or the chain head unreachable, or retries
+    /// failing).
+    stalled_partitions: Arc<AtomicU64>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -113,6 +117,15 @@ impl Metrics {
             .u64_observable_gauge("chatvault.archiver.partitions.halted")
             .with_description(
                 "Owned partitions not consumed because Kafka's offsets fell behind the archive",
+            )
+            .with_callback(move |observer| observer.observe(observed.load(Ordering::Relaxed), &[]))
+            .build();
+        let stalled_partitions = Arc::new(AtomicU64::new(0));
+        let observed = stalled_partitions.clone();
+        meter
+            .u64_observable_gauge("chatvault.archiver.partitions.stalled")
+            .with_description(
+                "Owned partitions with records to archive and no commit for archiver.stall_timeout_ms",
             )
             .with_callback(move |observer| observer.observe(observed.load(Ordering::Relaxed), &[]))
             .build();
@@ -174,7 +187,13 @@ impl Metrics {
             ),
             consumer_lag,
             halted_partitions,
+            stalled_partitions,
         }
+    }
+
+    pub fn set_stalled_partitions(&self, count: usize) {
+        self.stalled_partitions
+            .store(count as u64, Ordering::Relaxed);
     }
 
     pub fn set_halted_partitions(&self, count: usize) {

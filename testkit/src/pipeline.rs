@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatvault_archiver::writer::ArchiverStats;
+use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::{Archiver, ArchiverOptions, OnShutdown};
 use chatvault_core::auth::Role;
 use chatvault_core::config::{Config, StorageConfig, TenantConfig, TokenConfig};

@@ -1,0 +1,495 @@
+//! The poll thread's state machine and the commit lanes, against a fake [`Broker`], an in-memory store and a
+//! dead-letter recorder: no librdkafka.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chatvault_core::archive::chain::{ChainWriter, Commit};
+use chatvault_core::archive::file::FileOptions;
+use chatvault_core::archive::manifest::{ChainHead, DeadLetter, MANIFEST_FORMAT, Manifest};
+use chatvault_core::config::ArchiverConfig;
+use chatvault_core::error::Result;
+use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_core::shutdown::{self, ShutdownTrigger};
+use chatvault_proto::v1::ChatEvent;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+use prost::Message as _;
+
+use super::*;
+use crate::batch::Rejected;
+use crate::commit::CommitStages;
+use crate::dead_letter::DeadLetterSink;
+
+const TOPIC: &str = "chat";
+
+#[derive(Debug, Default)]
+struct BrokerLog {
+    paused: BTreeSet<i32>,
+    seeks: Vec<(i32, Option<i64>)>,
+    hints: BTreeMap<i32, i64>,
+    log_start: i64,
+}
+
+#[derive(Clone, Default)]
+struct FakeBroker(Arc<Mutex<BrokerLog>>);
+
+impl FakeBroker {
+    fn log(&self) -> std::sync::MutexGuard<'_, BrokerLog> {
+        self.0.lock().expect("broker log")
+    }
+}
+
+impl Broker for FakeBroker {
+    fn pause(&self, partition: i32) -> std::result::Result<(), String> {
+        self.log().paused.insert(partition);
+        Ok(())
+    }
+    fn resume(&self, partition: i32) -> std::result::Result<(), String> {
+        self.log().paused.remove(&partition);
+        Ok(())
+    }
+    fn seek(&self, partition: i32, offset: Option<i64>) -> std::result::Result<(), String> {
+        self.log().seeks.push((partition, offset));
+        Ok(())
+    }
+    fn log_start(&self, _partition: i32) -> std::result::Result<i64, String> {
+        Ok(self.log().log_start)
+    }
+    fn end_offsets(&self) -> std::result::Result<BTreeMap<i32, i64>, String> {
+        Ok(BTreeMap::new())
+    }
+    fn commit_offset_hint(&self, partition: i32, end_offset: i64) {
+        self.log().hints.insert(partition, end_offset);
+    }
+}
+
+/// An in-memory store whose uploads fail for paths containing a given text, while it is set.
+#[derive(Debug, Default)]
+struct FailingStore {
+    inner: InMemory,
+    fail_puts_containing: Mutex<Option<String>>,
+}
+
+impl std::fmt::Display for FailingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FailingStore")
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FailingStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let failing = self.fail_puts_containing.lock().expect("flag").clone();
+        if let Some(text) = failing
+            && location.as_ref().contains(&text)
+        {
+            return Err(object_store::Error::Generic {
+                store: "FailingStore",
+                source: "injected upload failure".into(),
+            });
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// Records dead-letter copies instead of producing them.
+#[derive(Default)]
+struct DeadLetterRecorder(Mutex<Vec<Rejected>>);
+
+impl DeadLetterSink for DeadLetterRecorder {
+    fn produce<'a>(
+        &'a self,
+        _source_topic: &'a str,
+        _partition: i32,
+        rejected: &'a Rejected,
+    ) -> BoxFuture<'a, Result<DeadLetter>> {
+        Box::pin(async move {
+            let mut copies = self.0.lock().expect("copies");
+            copies.push(rejected.clone());
+            Ok(DeadLetter {
+                topic: "chat.dead-letter".into(),
+                partition: 0,
+                offset: copies.len() as i64 - 1,
+            })
+        })
+    }
+}
+
+struct Fixture {
+    runtime: tokio::runtime::Runtime,
+    store: Arc<FailingStore>,
+    broker: FakeBroker,
+    stats: Arc<ArchiverStats>,
+    dead_letters: Arc<DeadLetterRecorder>,
+    poller: Poller<FakeBroker>,
+    _shutdown: ShutdownTrigger,
+    _abandon: ShutdownTrigger,
+    _keyring: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(config: ArchiverConfig) -> Fixture {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let keyring_dir = tempfile::tempdir().expect("keyring dir");
+        let keyring =
+            LocalKeyring::open(&keyring_dir.path().join("keyring.json")).expect("keyring");
+        let store = Arc::new(FailingStore::default());
+        let object_store: Arc<dyn ObjectStore> = store.clone();
+        let chain = ChainWriter::new(object_store.clone(), TOPIC);
+        let (shutdown_trigger, shutdown) = shutdown::channel();
+        let (abandon_trigger, abandon) = shutdown::channel();
+        let stats = Arc::new(ArchiverStats::default());
+        let dead_letters = Arc::new(DeadLetterRecorder::default());
+        let stages = Arc::new(CommitStages {
+            store: object_store.clone(),
+            chain: chain.clone(),
+            data_keys: DataKeys::new(object_store, Arc::new(keyring)),
+            topic: TOPIC.into(),
+            writer_id: "test-writer".into(),
+            file_options: FileOptions::default(),
+            dead_letters: dead_letters.clone(),
+            stats: stats.clone(),
+            shutdown: shutdown.clone(),
+            abandon: abandon.clone(),
+        });
+        let broker = FakeBroker::default();
+        let (alive, _) = tokio::sync::mpsc::channel(1);
+        let poller = Poller::new(PollerParts {
+            broker: broker.clone(),
+            runtime: runtime.handle().clone(),
+            config,
+            on_shutdown: OnShutdown::StopConsuming,
+            chain,
+            stages,
+            stats: stats.clone(),
+            alive,
+            view: Arc::default(),
+            shutdown,
+            abandon,
+        });
+        Fixture {
+            runtime,
+            store,
+            broker,
+            stats,
+            dead_letters,
+            poller,
+            _shutdown: shutdown_trigger,
+            _abandon: abandon_trigger,
+            _keyring: keyring_dir,
+        }
+    }
+
+    /// Applies reports and runs housekeeping until `done` holds (or fails the test after 20 s).
+    fn pump_until(&mut self, what: &str, done: impl Fn(&Fixture) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            self.poller.wait_feedback(Duration::from_millis(20));
+            self.poller.housekeeping();
+        }
+    }
+
+    /// What librdkafka's rebalance callback does: assigns the partitions paused, then queues the change.
+    fn assign(&mut self, partitions: Vec<i32>) {
+        self.broker.log().paused.extend(partitions.iter().copied());
+        self.poller.on_rebalance(Rebalance::Assigned(partitions));
+    }
+
+    fn phase(&self, partition: i32) -> Option<Phase> {
+        self.poller
+            .partitions
+            .get(&partition)
+            .map(|owned| owned.phase)
+    }
+
+    fn head(&self, partition: i32) -> Option<ChainHead> {
+        self.poller
+            .partitions
+            .get(&partition)
+            .map(|owned| owned.head.clone())
+    }
+
+    fn feed(&mut self, partition: i32, offsets: std::ops::Range<i64>) {
+        for offset in offsets {
+            let payload = event(partition, offset).encode_to_vec();
+            self.poller.on_record(Record {
+                partition,
+                offset,
+                key: None,
+                payload: &payload,
+                traceparent: None,
+            });
+        }
+    }
+
+    fn stored_head(&self, partition: i32) -> ChainHead {
+        let store: Arc<dyn ObjectStore> = self.store.clone();
+        self.runtime
+            .block_on(ChainWriter::new(store, TOPIC).reader().head(partition))
+            .expect("chain head")
+    }
+}
+
+fn event(partition: i32, offset: i64) -> ChatEvent {
+    ChatEvent {
+        tenant_id: "acme".into(),
+        conversation_id: format!("c{partition}"),
+        event_id: format!("e{partition}-{offset}"),
+        occurred_at_micros: 1_764_547_200_000_000 + offset,
+        ..Default::default()
+    }
+}
+
+fn config() -> ArchiverConfig {
+    ArchiverConfig {
+        max_batch_events: 5,
+        max_batch_age_ms: 60_000,
+        max_pending_batches: 4,
+        stall_timeout_ms: 300,
+        ..ArchiverConfig::default()
+    }
+}
+
+#[test]
+fn assigned_partitions_load_their_heads_off_the_poll_thread_and_commit_in_order() {
+    let mut fixture = Fixture::new(config());
+    fixture.assign(vec![0, 1]);
+    // Nothing is fetched before the head is known.
+    assert_eq!(fixture.phase(0), Some(Phase::Loading { retry_at: None }));
+    assert!(fixture.poller.partitions[&0].paused);
+    fixture.pump_until("both partitions consume", |f| {
+        f.phase(0) == Some(Phase::Consuming) && f.phase(1) == Some(Phase::Consuming)
+    });
+    {
+        let log = fixture.broker.log();
+        assert!(log.seeks.contains(&(0, None)) && log.seeks.contains(&(1, None)));
+        assert!(
+            log.paused.is_empty(),
+            "resumed once sought: {:?}",
+            log.paused
+        );
+    }
+    fixture.feed(0, 0..10);
+    fixture.feed(1, 0..5);
+    fixture.pump_until("both partitions are committed", |f| {
+        f.head(0).map(|h| h.end_offset) == Some(10) && f.head(1).map(|h| h.end_offset) == Some(5)
+    });
+    assert_eq!(fixture.stored_head(0).next_seq, 2);
+    assert_eq!(fixture.stored_head(1).next_seq, 1);
+    assert_eq!(
+        fixture.broker.log().hints,
+        BTreeMap::from([(0, 10), (1, 5)])
+    );
+    assert_eq!(fixture.stats.committed_events.load(Ordering::Relaxed), 15);
+    assert!(fixture.stats.heads.is_archived(0, 9));
+    assert!(fixture.dead_letters.0.lock().expect("copies").is_empty());
+}
+
+#[test]
+fn a_failing_partition_backs_off_and_stalls_while_the_others_commit_then_recovers() {
+    let mut fixture = Fixture::new(config());
+    *fixture.store.fail_puts_containing.lock().expect("flag") = Some("/p00000-".into());
+    fixture.assign(vec![0, 1]);
+    fixture.pump_until("both partitions consume", |f| {
+        f.phase(0) == Some(Phase::Consuming) && f.phase(1) == Some(Phase::Consuming)
+    });
+    fixture.feed(0, 0..5);
+    fixture.feed(1, 0..5);
+    fixture.pump_until("partition 1 is committed", |f| {
+        f.head(1).map(|h| h.end_offset) == Some(5)
+    });
+    fixture.pump_until("partition 0 backs off, paused", |f| {
+        matches!(f.phase(0), Some(Phase::BackingOff { .. })) && f.broker.log().paused.contains(&0)
+    });
+    assert!(fixture.stats.released_batches.load(Ordering::Relaxed) >= 1);
+    fixture.pump_until("partition 0 is reported stalled", |f| {
+        f.stats.stalled_now.load(Ordering::Relaxed) == 1
+    });
+    let reason = fixture
+        .stats
+        .unready_reason()
+        .expect("not ready while stalled");
+    assert!(reason.contains("1 stalled"), "{reason}");
+    assert_eq!(
+        fixture.stored_head(0).next_seq,
+        0,
+        "nothing of partition 0 committed"
+    );
+
+    // Storage heals: after its backoff the partition is loaded again, sought to its head, and consumed.
+    *fixture.store.fail_puts_containing.lock().expect("flag") = None;
+    let seeks_before = fixture.broker.log().seeks.len();
+    fixture.pump_until("partition 0 consumes again", |f| {
+        f.phase(0) == Some(Phase::Consuming) && f.broker.log().seeks.len() > seeks_before
+    });
+    assert_eq!(fixture.broker.log().seeks.last(), Some(&(0, None)));
+    fixture.feed(0, 0..5);
+    fixture.pump_until("partition 0 is committed and no longer stalled", |f| {
+        f.head(0).map(|h| h.end_offset) == Some(5)
+            && f.stats.stalled_now.load(Ordering::Relaxed) == 0
+    });
+    assert_eq!(fixture.stats.unready_reason(), None);
+}
+
+#[test]
+fn a_broken_chain_halts_its_partition_instead_of_retrying_forever() {
+    let mut fixture = Fixture::new(config());
+    // Manifest 1 without manifest 0: the chain cannot be trusted.
+    let store: Arc<dyn ObjectStore> = fixture.store.clone();
+    let bogus = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        topic: TOPIC.into(),
+        partition: 0,
+        seq: 1,
+        start_offset: 5,
+        end_offset: 10,
+        batch_id: "bogus".into(),
+        writer_id: "someone".into(),
+        created_at_micros: 1,
+        prev_sha256: "00".repeat(32),
+        files: Vec::new(),
+        rejected_records: Vec::new(),
+        offset_gaps: Vec::new(),
+    };
+    let committed = fixture
+        .runtime
+        .block_on(ChainWriter::new(store, TOPIC).commit(&bogus))
+        .expect("commit");
+    assert!(matches!(committed, Commit::Committed { .. }));
+    fixture.assign(vec![0, 1]);
+    fixture.pump_until("partition 0 halts and partition 1 consumes", |f| {
+        f.phase(0) == Some(Phase::Halted) && f.phase(1) == Some(Phase::Consuming)
+    });
+    fixture.poller.housekeeping();
+    assert!(fixture.broker.log().paused.contains(&0));
+    assert_eq!(fixture.stats.halted_now.load(Ordering::Relaxed), 1);
+    assert_eq!(fixture.stats.halted_partitions.load(Ordering::Relaxed), 1);
+    assert!(fixture.stats.unready_reason().is_some());
+    // Records of the halted partition are not archived.
+    fixture.feed(0, 0..5);
+    fixture.poller.housekeeping();
+    assert!(fixture.poller.partitions[&0].open.is_empty());
+}
+
+#[test]
+fn a_fenced_batch_rereads_the_head_and_continues_after_the_winner() {
+    let mut fixture = Fixture::new(config());
+    fixture.assign(vec![0]);
+    fixture.pump_until("partition 0 consumes", |f| {
+        f.phase(0) == Some(Phase::Consuming)
+    });
+    // Another writer (a zombie owner) commits sequence number 0 for offsets 0..3 first.
+    let store: Arc<dyn ObjectStore> = fixture.store.clone();
+    let winner = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        topic: TOPIC.into(),
+        partition: 0,
+        seq: 0,
+        start_offset: 0,
+        end_offset: 3,
+        batch_id: "winner".into(),
+        writer_id: "other-writer".into(),
+        created_at_micros: 1,
+        prev_sha256: String::new(),
+        files: Vec::new(),
+        rejected_records: Vec::new(),
+        offset_gaps: Vec::new(),
+    };
+    fixture
+        .runtime
+        .block_on(ChainWriter::new(store, TOPIC).commit(&winner))
+        .expect("commit");
+    fixture.feed(0, 0..5);
+    fixture.pump_until("partition 0 is sought to the winner's end", |f| {
+        f.broker.log().seeks.contains(&(0, Some(3))) && f.phase(0) == Some(Phase::Consuming)
+    });
+    assert_eq!(fixture.stats.fenced_batches.load(Ordering::Relaxed), 1);
+    fixture.feed(0, 3..8);
+    fixture.pump_until("the next batch continues the winner's chain", |f| {
+        f.head(0).map(|h| h.end_offset) == Some(8)
+    });
+    let head = fixture.stored_head(0);
+    assert_eq!((head.next_seq, head.end_offset), (2, 8));
+}
+
+#[test]
+fn a_refetch_from_before_the_gap_skips_what_is_archived_instead_of_halting() {
+    let mut fixture = Fixture::new(ArchiverConfig {
+        max_batch_events: 100,
+        ..config()
+    });
+    fixture.assign(vec![0]);
+    fixture.pump_until("partition 0 consumes", |f| {
+        f.phase(0) == Some(Phase::Consuming)
+    });
+    fixture.feed(0, 0..100);
+    fixture.pump_until("the first 100 are committed", |f| {
+        f.head(0).map(|h| h.end_offset) == Some(100)
+    });
+    // The broker serves 150 where 100 was asked for (a later record batch), while its log starts at 0.
+    fixture.feed(0, 150..151);
+    assert_eq!(
+        fixture.broker.log().seeks.last(),
+        Some(&(0, Some(100 - crate::gaps::REFETCH_STEP_BACK)))
+    );
+    // The re-fetch starts before the archived end: those records are skipped, not taken for a recreated topic.
+    fixture.feed(0, 36..151);
+    assert_eq!(fixture.phase(0), Some(Phase::Consuming));
+    let open = &fixture.poller.partitions[&0].open;
+    assert_eq!((open.start_offset, open.end_offset), (100, 151));
+    assert_eq!(open.events.len(), 51);
+    assert!(open.offset_gaps.is_empty());
+}

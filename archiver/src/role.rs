@@ -1,0 +1,220 @@
+//! The archiver role's lifecycle: start-up checks, the poll thread, shutdown with its deadline, leaving the
+//! consumer group.
+//!
+//! Shutdown ([`Archiver::run`]): the poll thread stops consuming ([`OnShutdown::StopConsuming`]) or first
+//! consumes up to the topic's end ([`OnShutdown::DrainTopic`]), the open batches are sealed, the commit lanes
+//! upload and commit them for up to `archiver.shutdown_timeout_ms` (then abandon the rest: it is still in
+//! Kafka), the Kafka offsets of the committed chain heads are committed synchronously, and the consumer leaves
+//! the group (bounded by `archiver.session_timeout_ms`).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chatvault_core::archive::chain::ChainWriter;
+use chatvault_core::archive::file::FileOptions;
+use chatvault_core::config::{ArchiverConfig, KafkaConfig};
+use chatvault_core::error::{Error, Result};
+use chatvault_core::kafka::consumer_config;
+use chatvault_core::keys::DataKeys;
+use chatvault_core::shutdown::{self, Shutdown};
+use object_store::ObjectStore;
+use rdkafka::consumer::Consumer;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::commit::CommitStages;
+use crate::dead_letter::DeadLetterProducer;
+use crate::kafka::{self, ArchiverConsumer, ArchiverContext, KafkaBroker, PollExit};
+use crate::poller::{OnShutdown, OwnedView, Poller, PollerParts};
+use crate::stats::ArchiverStats;
+
+/// Everything an archiver needs besides storage and keys.
+#[derive(Debug, Clone)]
+pub struct ArchiverOptions {
+    pub kafka: KafkaConfig,
+    pub config: ArchiverConfig,
+    /// Names this worker in manifests and logs (for example `<pod>-<pid>`).
+    pub writer_id: String,
+    pub on_shutdown: OnShutdown,
+}
+
+/// A running archiver.
+pub struct Archiver;
+
+/// How long the lanes and the poll thread get, after the shutdown deadline, to notice it before the role
+/// stops waiting for them.
+const ABANDON_GRACE: Duration = Duration::from_secs(1);
+
+impl Archiver {
+    /// Runs until `shutdown`: consumes, batches, commits. At shutdown the open batches are sealed (after
+    /// draining the topic with [`OnShutdown::DrainTopic`]) and committed for up to
+    /// `archiver.shutdown_timeout_ms`; what is not committed by then is abandoned, which loses nothing with
+    /// [`OnShutdown::StopConsuming`] (the records are still in Kafka and the next owner resumes at the chain
+    /// head). Then the Kafka offsets of the committed heads are committed and the consumer leaves the group.
+    ///
+    /// Fails on start-up errors and, with [`OnShutdown::DrainTopic`], when records up to the topic's end could
+    /// not all be committed before the deadline.
+    pub async fn run(
+        options: ArchiverOptions,
+        store: Arc<dyn ObjectStore>,
+        data_keys: DataKeys,
+        stats: Arc<ArchiverStats>,
+        shutdown: Shutdown,
+    ) -> Result<()> {
+        let topic = options.kafka.topic.clone();
+        let dead_letters = {
+            let (kafka, dead_letter_topic) = (
+                options.kafka.clone(),
+                options.config.dead_letter_topic(&options.kafka),
+            );
+            tokio::task::spawn_blocking(move || {
+                DeadLetterProducer::connect(&kafka, &dead_letter_topic)
+            })
+            .await
+            .map_err(|error| {
+                Error::internal(format!("checking the dead-letter topic: {error}"))
+            })??
+        };
+        let chain = ChainWriter::new(store.clone(), &topic);
+        // `abandon` fires `shutdown_timeout_ms` after shutdown was requested: uploads and retries stop there.
+        let (abandon_trigger, abandon) = shutdown::channel();
+        let deadline = {
+            let shutdown = shutdown.clone();
+            let timeout = options.config.shutdown_timeout();
+            tokio::spawn(async move {
+                shutdown.wait().await;
+                tokio::time::sleep(timeout).await;
+                tracing::warn!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "archiver shutdown deadline passed; abandoning what is not committed yet"
+                );
+                abandon_trigger.trigger();
+            })
+        };
+        let rebalances = Arc::new(Mutex::new(Vec::new()));
+        let view = Arc::new(Mutex::new(OwnedView::default()));
+        let context = ArchiverContext {
+            rebalances: rebalances.clone(),
+            view: view.clone(),
+        };
+        let consumer: Arc<ArchiverConsumer> = Arc::new(
+            consumer_config(&options.kafka, &options.config)
+                .create_with_context(context)
+                .map_err(|error| Error::invalid_argument(format!("kafka consumer: {error}")))?,
+        );
+        consumer
+            .subscribe(&[&topic])
+            .map_err(|error| Error::unavailable(format!("subscribing to {topic}: {error}")))?;
+        let stages = Arc::new(CommitStages {
+            store,
+            chain: chain.clone(),
+            data_keys,
+            topic: topic.clone(),
+            writer_id: options.writer_id.clone(),
+            file_options: FileOptions {
+                zstd_level: options.config.zstd_level,
+                row_group_rows: options.config.row_group_rows,
+                row_group_bytes: options.config.row_group_bytes,
+                ..FileOptions::default()
+            },
+            dead_letters: Arc::new(dead_letters),
+            stats: stats.clone(),
+            shutdown: shutdown.clone(),
+            abandon: abandon.clone(),
+        });
+        // Every lane task holds a clone of `alive`; `recv` returns `None` once all are gone.
+        let (alive, mut lanes_done) = mpsc::channel::<()>(1);
+        let poller = Poller::new(PollerParts {
+            broker: KafkaBroker {
+                consumer: consumer.clone(),
+                topic: topic.clone(),
+            },
+            runtime: Handle::current(),
+            config: options.config.clone(),
+            on_shutdown: options.on_shutdown,
+            chain,
+            stages,
+            stats,
+            alive,
+            view,
+            shutdown: shutdown.clone(),
+            abandon: abandon.clone(),
+        });
+        let (poll_done, mut poll_exit) = oneshot::channel::<PollExit>();
+        std::thread::Builder::new()
+            .name("archiver-poll".into())
+            .spawn(move || {
+                let _ = poll_done.send(kafka::poll_loop(poller, rebalances));
+            })
+            .map_err(|error| Error::internal(format!("spawning the poll thread: {error}")))?;
+
+        // Normally the poll thread ends after shutdown (once its last batches are committed), then the lanes.
+        // Past the deadline the lanes abandon their batches; the role waits a grace period at most.
+        let past_deadline = || {
+            let abandon = abandon.clone();
+            async move {
+                abandon.wait().await;
+                tokio::time::sleep(ABANDON_GRACE).await;
+            }
+        };
+        let mut exit: Option<std::result::Result<PollExit, oneshot::error::RecvError>> = None;
+        let finished = async {
+            exit = Some((&mut poll_exit).await);
+            while lanes_done.recv().await.is_some() {}
+        };
+        let in_time = tokio::select! {
+            () = finished => true,
+            () = past_deadline() => false,
+        };
+        if !in_time {
+            tracing::warn!("commit lanes are still busy after the deadline; not waiting for them");
+            if exit.is_none() {
+                exit = tokio::time::timeout(ABANDON_GRACE, &mut poll_exit)
+                    .await
+                    .ok();
+            }
+        }
+        deadline.abort();
+        let exit = match exit {
+            Some(Ok(exit)) => Some(exit),
+            Some(Err(_)) => return Err(Error::internal("the archiver's poll thread panicked")),
+            None => {
+                tracing::warn!(
+                    "the poll thread did not stop; leaving the consumer group to the session timeout"
+                );
+                None
+            }
+        };
+        let durable = exit.as_ref().map(|e| e.durable.clone()).unwrap_or_default();
+        match Arc::try_unwrap(consumer) {
+            Ok(consumer) => {
+                kafka::leave_group(
+                    consumer,
+                    &topic,
+                    durable,
+                    Duration::from_millis(options.config.session_timeout_ms),
+                )
+                .await
+            }
+            Err(_) if exit.is_none() => {}
+            Err(_) => tracing::warn!(
+                "the consumer is still in use; leaving the consumer group to the session timeout"
+            ),
+        }
+
+        match (options.on_shutdown, exit.map(|exit| exit.outcome)) {
+            (OnShutdown::DrainTopic, Some(Err(shortfall))) => Err(Error::unavailable(format!(
+                "archiver shutdown: records acknowledged to senders were not archived before the deadline \
+                 (archiver.shutdown_timeout_ms) and Kafka does not outlive this process: {shortfall}"
+            ))),
+            (OnShutdown::DrainTopic, None) => Err(Error::unavailable(
+                "archiver shutdown: the poll thread did not finish draining the topic before the deadline \
+                 (archiver.shutdown_timeout_ms); records acknowledged to senders may not be archived",
+            )),
+            _ => {
+                tracing::info!("archiver stopped");
+                Ok(())
+            }
+        }
+    }
+}
