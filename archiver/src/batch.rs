@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::manifest::OffsetGap;
+use chatvault_archive::ArchivedEvent;
+use chatvault_archive::manifest::OffsetGap;
 use chatvault_core::time::Date;
 
 /// The batch a partition is filling.

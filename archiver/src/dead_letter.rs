@@ -14,10 +14,10 @@
 
 use std::time::Duration;
 
-use chatvault_core::archive::manifest::DeadLetter;
+use chatvault_archive::manifest::DeadLetter;
 use chatvault_core::config::KafkaConfig;
 use chatvault_core::error::{Error, Result};
-use chatvault_core::kafka::dead_letter_producer_config;
+use chatvault_kafka::dead_letter_producer_config;
 use futures::future::BoxFuture;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};

@@ -1,5 +1,5 @@
 //! The archiver: a Kafka consumer-group worker that batches chat events into encrypted Parquet files on object
-//! storage and commits them exactly once through the manifest chain (`chatvault_core::archive::chain`).
+//! storage and commits them exactly once through the manifest chain (`chatvault_archive::chain`).
 //!
 //! Stages, each in its own module:
 //! - [`role`]: the lifecycle ([`Archiver::run`]): start-up checks, the poll thread, the shutdown deadline,
@@ -12,8 +12,11 @@
 //! - [`batch`]: open and sealed batches, and the grouping of rows into files by (tenant, date).
 //! - [`gaps`]: whether offsets Kafka did not deliver may be committed as a gap (only when the broker deleted
 //!   them).
-//! - [`commit`]: one commit lane per owned partition: encode, upload, conditional manifest create; reports
-//!   each batch's outcome to the poller.
+//! - [`lane`]: one commit lane per owned partition: runs each sealed batch through the stages below, retries,
+//!   releases or gives it up, and reports its outcome to the poller.
+//! - [`encode`]: the encode stage: data keys, one encrypted Parquet file per (tenant, date).
+//! - [`upload`]: the upload stage: dead-letter copies, the upload intent, the files.
+//! - [`commit`]: the commit stage: the manifest's conditional create, then the bookkeeping.
 //! - [`dead_letter`]: the dead-letter topic for records that can never be archived.
 //! - [`stats`]: counters, committed heads and health, readable while the archiver runs.
 //! - [`crash`]: named crash points used by the crash-safety tests.
@@ -26,11 +29,14 @@ pub mod batch;
 pub mod commit;
 pub mod crash;
 pub mod dead_letter;
+pub mod encode;
 pub mod gaps;
 pub(crate) mod kafka;
+pub mod lane;
 pub mod poller;
 pub mod role;
 pub mod stats;
+pub mod upload;
 
 pub use poller::OnShutdown;
 pub use role::{Archiver, ArchiverOptions};

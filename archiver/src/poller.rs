@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::chain::ChainWriter;
-use chatvault_core::archive::manifest::ChainHead;
+use chatvault_archive::ArchivedEvent;
+use chatvault_archive::chain::ChainWriter;
+use chatvault_archive::manifest::ChainHead;
 use chatvault_core::config::{ArchiverConfig, OffsetGapPolicy};
 use chatvault_core::error::{ErrorCode, Result};
 use chatvault_core::event::is_valid_tenant_id;
@@ -37,9 +37,9 @@ use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::batch::{MAX_TRACED_RECORDS, OpenBatch, Rejected, SealedBatch};
-use crate::commit::{BatchOutcome, CommitStages, Lane, LaneReport};
 use crate::crash::crash_point;
 use crate::gaps::{self, GapCheck, GapVerdict};
+use crate::lane::{BatchOutcome, CommitStages, Lane, LaneReport};
 use crate::stats::ArchiverStats;
 
 /// What the poll thread asks of Kafka besides polling. Implemented over librdkafka in [`crate::kafka`].

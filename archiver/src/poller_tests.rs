@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chatvault_core::archive::chain::{ChainWriter, Commit};
-use chatvault_core::archive::file::FileOptions;
-use chatvault_core::archive::manifest::{ChainHead, DeadLetter, MANIFEST_FORMAT, Manifest};
+use chatvault_archive::chain::{ChainWriter, Commit};
+use chatvault_archive::file::FileOptions;
+use chatvault_archive::keys::{DataKeys, LocalKeyring};
+use chatvault_archive::manifest::{ChainHead, DeadLetter, MANIFEST_FORMAT, Manifest};
 use chatvault_core::config::ArchiverConfig;
 use chatvault_core::error::Result;
-use chatvault_core::keys::{DataKeys, LocalKeyring};
 use chatvault_core::shutdown::{self, ShutdownTrigger};
 use chatvault_proto::v1::ChatEvent;
 use futures::future::BoxFuture;
@@ -26,8 +26,8 @@ use prost::Message as _;
 
 use super::*;
 use crate::batch::Rejected;
-use crate::commit::CommitStages;
 use crate::dead_letter::DeadLetterSink;
+use crate::lane::CommitStages;
 
 const TOPIC: &str = "chat";
 

@@ -10,21 +10,21 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chatvault_core::archive::chain::ChainWriter;
-use chatvault_core::archive::file::FileOptions;
+use chatvault_archive::chain::ChainWriter;
+use chatvault_archive::file::FileOptions;
+use chatvault_archive::keys::DataKeys;
 use chatvault_core::config::{ArchiverConfig, KafkaConfig};
 use chatvault_core::error::{Error, Result};
-use chatvault_core::kafka::consumer_config;
-use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown::{self, Shutdown};
+use chatvault_kafka::consumer_config;
 use object_store::ObjectStore;
 use rdkafka::consumer::Consumer;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::commit::CommitStages;
 use crate::dead_letter::DeadLetterProducer;
 use crate::kafka::{self, ArchiverConsumer, ArchiverContext, KafkaBroker, PollExit};
+use crate::lane::CommitStages;
 use crate::poller::{OnShutdown, OwnedView, Poller, PollerParts};
 use crate::stats::ArchiverStats;
 

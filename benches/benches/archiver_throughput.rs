@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use chatvault_archive::keys::DataKeys;
 use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::{Archiver, ArchiverOptions};
 use chatvault_benches::{chat_message, machine, median, process_cpu_seconds};
 use chatvault_core::config::{ArchiverConfig, KafkaConfig, StorageConfig};
 use chatvault_core::event::kafka_key;
-use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_core::time::now_micros;
@@ -119,8 +119,7 @@ fn main() -> anyhow::Result<()> {
         trigger.trigger();
         runtime.block_on(task)??;
         let rejected: usize = runtime.block_on(async {
-            let log =
-                chatvault_core::archive::chain::ChainReader::new(store_for_check.clone(), &topic);
+            let log = chatvault_archive::chain::ChainReader::new(store_for_check.clone(), &topic);
             let mut rejected = 0;
             for partition in log.partitions().await? {
                 for seq in log.list_seqs(partition, None).await? {

@@ -9,12 +9,12 @@
 
 use std::time::Instant;
 
-use chatvault_benches::{chat_message, machine, median, process_cpu_seconds};
-use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::file::{
+use chatvault_archive::ArchivedEvent;
+use chatvault_archive::file::{
     FileOptions, PageLayout, data_pages_per_column_chunk, decode_file, encode_file,
 };
-use chatvault_core::keys::DataKey;
+use chatvault_archive::keys::DataKey;
+use chatvault_benches::{chat_message, machine, median, process_cpu_seconds};
 use chatvault_proto::v1::ChatEvent;
 
 const ROWS: usize = 50_000;

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use base64::Engine;
+use chatvault_archive::keys::DataKeys;
 use chatvault_core::config::Config;
-use chatvault_core::keys::DataKeys;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
 use chatvault_proto::v1::restore_item::Item;

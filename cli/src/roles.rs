@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use chatvault_archive::keys::DataKeys;
 use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::{Archiver, ArchiverOptions, OnShutdown};
 use chatvault_core::auth::{Role, token_digest};
 use chatvault_core::config::{Config, TenantConfig, TokenConfig};
-use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_core::telemetry::Telemetry;
@@ -292,7 +292,7 @@ const PLACEHOLDER_KEY: &str = "chatvault-standalone-placeholder";
 /// up to its chain head first, so that this run's events get offsets the chain has not covered yet.
 async fn continue_offsets_from_archive(config: &Config, partitions: i32) -> anyhow::Result<()> {
     let store = object_store_from_config(&config.storage)?;
-    let chains = chatvault_core::archive::chain::ChainReader::new(store, &config.kafka.topic);
+    let chains = chatvault_archive::chain::ChainReader::new(store, &config.kafka.topic);
     let mut heads = Vec::new();
     for partition in 0..partitions {
         let end_offset = chains

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatvault_core::archive::chain::ChainReader;
+use chatvault_archive::chain::ChainReader;
 use chatvault_core::config::{Config, KeysConfig, StorageConfig};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::restore_item::Item;
@@ -634,7 +634,9 @@ async fn sigterm_to_archiver_with_hung_storage_exits_at_its_deadline() -> anyhow
         .options
         .insert("aws_endpoint".into(), proxy.endpoint());
     hung_config.archiver.shutdown_timeout_ms = 3_000;
-    hung_config.telemetry.metrics_listen = "127.0.0.1:0".into();
+    hung_config.archiver.stall_timeout_ms = 1_000;
+    let ops_address = free_address()?;
+    hung_config.telemetry.metrics_listen = ops_address.clone();
     let config_path = dir.path().join("chatvault.toml");
     write_config(&hung_config, &config_path)?;
 
@@ -656,10 +658,25 @@ async fn sigterm_to_archiver_with_hung_storage_exits_at_its_deadline() -> anyhow
     let archived = wait_for_archive(&config, &kafka.brokers, SHUTDOWN_BOUND).await?;
     assert!(archived, "the archiver did not archive the first events");
 
+    let readyz = format!("http://{ops_address}/readyz");
+    assert_eq!(reqwest::get(&readyz).await?.status(), 200);
     proxy.freeze();
     send("frozen").await?;
-    // Let the archiver consume them and start uploading into the frozen connection.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The archiver consumes them and uploads into the frozen connection: after stall_timeout_ms it reports
+    // the partitions stalled and stops being ready.
+    let mut unready = None;
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_BOUND;
+    while unready.is_none() && tokio::time::Instant::now() < deadline {
+        let response = reqwest::get(&readyz).await?;
+        if response.status() == 503 {
+            unready = Some(response.text().await?);
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let unready = unready.expect("/readyz stayed 200 while storage hung");
+    eprintln!("archiver with hung storage, /readyz: {unready}");
+    assert!(unready.contains("stalled"), "{unready}");
     let (status, took) = archiver.terminate_and_wait(SHUTDOWN_BOUND).await?;
     eprintln!("archiver with hung storage: {status} {took:?} after SIGTERM");
     assert!(status.success(), "the archiver exited with {status}");

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use chatvault_core::archive::chain::ChainReader;
-use chatvault_core::archive::manifest::{ChainHead, OffsetGap};
+use chatvault_archive::chain::ChainReader;
+use chatvault_archive::manifest::{ChainHead, OffsetGap};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
 use chatvault_testkit::archive::wait_for_archive;

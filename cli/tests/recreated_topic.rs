@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chatvault_core::archive::chain::ChainReader;
+use chatvault_archive::chain::ChainReader;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::{ChatEvent, EventKind, IngestBatchRequest, Sender};
 use chatvault_testkit::kafka::{TestKafka, record_count};

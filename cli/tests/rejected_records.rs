@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chatvault_core::archive::chain::ChainReader;
-use chatvault_core::archive::manifest::ChainHead;
+use chatvault_archive::chain::ChainReader;
+use chatvault_archive::keys::DataKeys;
+use chatvault_archive::manifest::ChainHead;
 use chatvault_core::event::kafka_key;
-use chatvault_core::keys::DataKeys;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
 use chatvault_testkit::archive::wait_for_archive;

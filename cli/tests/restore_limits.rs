@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
+use chatvault_archive::keys::DataKeys;
 use chatvault_core::auth::{Authenticator, Role, token_digest};
-use chatvault_core::keys::DataKeys;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
 use chatvault_proto::v1::{

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
-use chatvault_core::archive::file::FileOptions;
+use chatvault_archive::file::FileOptions;
 use chatvault_core::event::{kind_name, source_name};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::restore_item::Item;

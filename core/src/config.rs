@@ -18,6 +18,20 @@ use crate::event::{EventLimits, is_valid_tenant_id};
 
 pub const ENV_PREFIX: &str = "CHATVAULT__";
 
+/// librdkafka properties fixed by chatvault (`chatvault-kafka` sets them); `kafka.properties` may not name them. librdkafka's own default for `enable.idempotence` is false, which would allow
+/// reordering and duplicates on retry; the consumer's auto-commit and auto-store defaults would move Kafka's
+/// offsets ahead of what is durable in the archive.
+pub const PROTECTED_KAFKA_PROPERTIES: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "group.id",
+    "bootstrap.servers",
+];
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -493,7 +507,7 @@ impl Config {
             return invalid("kafka.topic", "must not be empty");
         }
         for key in self.kafka.properties.keys() {
-            if crate::kafka::PROTECTED_PROPERTIES.contains(&key.as_str()) {
+            if PROTECTED_KAFKA_PROPERTIES.contains(&key.as_str()) {
                 return invalid(
                     &format!("kafka.properties.{key}"),
                     "is fixed by chatvault's delivery guarantees and cannot be overridden",

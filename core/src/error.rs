@@ -141,18 +141,6 @@ impl From<object_store::Error> for Error {
     }
 }
 
-impl From<parquet::errors::ParquetError> for Error {
-    fn from(error: parquet::errors::ParquetError) -> Self {
-        Error::internal(format!("parquet: {error}"))
-    }
-}
-
-impl From<arrow_schema::ArrowError> for Error {
-    fn from(error: arrow_schema::ArrowError) -> Self {
-        Error::internal(format!("arrow: {error}"))
-    }
-}
-
 impl From<serde_json::Error> for Error {
     fn from(error: serde_json::Error) -> Self {
         Error::internal(format!("json: {error}"))

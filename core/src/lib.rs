@@ -1,4 +1,5 @@
-//! The shared core of chatvault.
+//! The shared core of chatvault. It links neither librdkafka nor Parquet: the archive format and the keys are
+//! `chatvault-archive`, the Kafka client settings `chatvault-kafka`, so each service links only what it uses.
 //!
 //! Layering rule (see `docs/ARCHITECTURE.md`): this crate depends on no service crate. The services
 //! (`chatvault-ingest-gateway`, `chatvault-archiver`, `chatvault-restorer`) depend on it and never on each other;
@@ -8,18 +9,12 @@
 //! - [`auth`]: per-tenant bearer tokens and roles.
 //! - [`config`]: the configuration file, environment overrides and validation.
 //! - [`storage`]: object stores from URLs (`file://`, `s3://`, `memory://`).
-//! - [`keys`]: envelope encryption: key-encryption keys (local keyring) and per-tenant, per-month data keys.
-//! - [`archive`]: the archive format: layout, Parquet schema and encryption, manifests and the commit protocol.
-//! - [`kafka`]: librdkafka client settings shared by producer and consumer.
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, and the fixed metric names (OTLP and Prometheus).
 
-pub mod archive;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;
-pub mod kafka;
-pub mod keys;
 pub mod metrics;
 pub mod shutdown;
 pub mod storage;

@@ -2,7 +2,7 @@
 //!
 //! The record key is `<tenant>/<conversation>` so a conversation keeps its order on one partition; the value is
 //! the protobuf-encoded `ChatEvent`. A produce succeeds only when the broker acknowledged the record with
-//! `acks=all` (idempotent producer, see `chatvault_core::kafka::producer_config`), and, where the deployment
+//! `acks=all` (idempotent producer, see `chatvault_kafka::producer_config`), and, where the deployment
 //! sets one, once an [`AckCondition`] holds for the record (standalone: once it is archived).
 
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use chatvault_core::config::{GatewayConfig, KafkaConfig};
 use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::event::kafka_key;
-use chatvault_core::kafka::producer_config;
 use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::telemetry::propagation_headers;
+use chatvault_kafka::producer_config;
 use chatvault_proto::v1::ChatEvent;
 use prost::Message;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};

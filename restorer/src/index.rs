@@ -25,9 +25,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chatvault_core::archive::chain::ChainReader;
-use chatvault_core::archive::file::conversation_digest;
-use chatvault_core::archive::manifest::{ChainHead, ManifestFile};
+use chatvault_archive::chain::ChainReader;
+use chatvault_archive::file::conversation_digest;
+use chatvault_archive::manifest::{ChainHead, ManifestFile};
 use chatvault_core::{Error, ErrorCode, Result};
 use futures::StreamExt;
 use object_store::ObjectStore;
@@ -261,9 +261,9 @@ const PARTITIONS_READ_AT_ONCE: usize = 8;
 mod tests {
     use super::*;
     use crate::testing::{Fixture, event, manifest_for};
+    use chatvault_archive::layout;
+    use chatvault_archive::manifest::Manifest;
     use chatvault_core::ErrorCode;
-    use chatvault_core::archive::layout;
-    use chatvault_core::archive::manifest::Manifest;
     use object_store::{ObjectStoreExt, PutPayload};
 
     #[test]

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::file::{
+use chatvault_archive::ArchivedEvent;
+use chatvault_archive::file::{
     FileConversations, conversation_digest, decode_file, event_identity_hash, footer_bytes_needed,
     read_conversation_summaries, sha256_hex,
 };
-use chatvault_core::archive::manifest::ManifestFile;
-use chatvault_core::keys::{DataKey, DataKeys};
+use chatvault_archive::keys::{DataKey, DataKeys};
+use chatvault_archive::manifest::ManifestFile;
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::ConversationSummary;
 use futures::StreamExt;
@@ -213,7 +213,7 @@ impl Restorer {
     /// event (through 64-bit identity hashes: two distinct events of a conversation merge in the count only on
     /// a hash collision). Each file is summarized from its footer alone, a ranged read of the file's tail
     /// (the conversation summary written since archive files carry one; see
-    /// `chatvault_core::archive::file::FileConversations`), checked against the manifest entry; files without a
+    /// `chatvault_archive::file::FileConversations`), checked against the manifest entry; files without a
     /// summary, or whose summary disagrees with the manifest, are fetched and decoded whole as before. Files
     /// are read `read_concurrency` at a time, in chain order, so memory holds the summaries, one 8-byte hash
     /// per distinct event, and at most `read_concurrency` footers or files.
@@ -458,7 +458,7 @@ fn fetch_error(path: &str, error: object_store::Error) -> Error {
 mod tests {
     use super::*;
     use crate::testing::{Fixture, event};
-    use chatvault_core::archive::layout;
+    use chatvault_archive::layout;
     use chatvault_proto::v1::EventKind;
     use object_store::PutPayload;
 

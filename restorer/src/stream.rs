@@ -30,8 +30,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::manifest::ManifestFile;
+use chatvault_archive::ArchivedEvent;
+use chatvault_archive::manifest::ManifestFile;
 use chatvault_core::event::is_about_a_message;
 use chatvault_core::{Error, Result};
 use chatvault_proto::v1::restore_item::Item;

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chatvault_core::archive::ArchivedEvent;
-use chatvault_core::archive::chain::{ChainWriter, Commit};
-use chatvault_core::archive::file::{FileOptions, encode_file};
-use chatvault_core::archive::layout;
-use chatvault_core::archive::manifest::{MANIFEST_FORMAT, Manifest, ManifestFile};
-use chatvault_core::keys::{DataKeys, LocalKeyring};
+use chatvault_archive::ArchivedEvent;
+use chatvault_archive::chain::{ChainWriter, Commit};
+use chatvault_archive::file::{FileOptions, encode_file};
+use chatvault_archive::keys::{DataKeys, LocalKeyring};
+use chatvault_archive::layout;
+use chatvault_archive::manifest::{MANIFEST_FORMAT, Manifest, ManifestFile};
 use chatvault_core::time::Date;
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
 use object_store::memory::InMemory;

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use chatvault_core::archive::chain::ChainReader;
-use chatvault_core::archive::file::{decode_file, sha256_hex};
-use chatvault_core::archive::manifest::ChainHead;
+use chatvault_archive::chain::ChainReader;
+use chatvault_archive::file::{decode_file, sha256_hex};
+use chatvault_archive::manifest::ChainHead;
 use chatvault_core::config::Config;
 use chatvault_core::storage::object_store_from_config;
 use futures::TryStreamExt;

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chatvault_archive::keys::DataKeys;
 use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::{Archiver, ArchiverOptions, OnShutdown};
 use chatvault_core::auth::Role;
 use chatvault_core::config::{Config, StorageConfig, TenantConfig, TokenConfig};
-use chatvault_core::keys::DataKeys;
 use chatvault_core::shutdown::{self, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;

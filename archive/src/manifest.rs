@@ -7,8 +7,8 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
 use super::file::{EncodedFile, sha256_hex};
-use crate::error::{Error, Result};
 use crate::keys::DataKey;
+use chatvault_core::error::{Error, Result};
 
 pub const MANIFEST_FORMAT: &str = "chatvault-manifest-v1";
 

@@ -40,7 +40,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use super::file::sha256_hex;
 use super::layout;
 use super::manifest::{ChainHead, Manifest, PendingIntent, delete_if_exists, parse_manifest};
-use crate::error::{Error, ErrorCode, Result};
+use chatvault_core::error::{Error, ErrorCode, Result};
 
 /// Reads the manifest chains of one topic.
 #[derive(Debug, Clone)]
@@ -460,7 +460,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::archive::manifest::{MANIFEST_FORMAT, ManifestFile};
+    use crate::manifest::{MANIFEST_FORMAT, ManifestFile};
 
     /// What the next storage call suffers.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]

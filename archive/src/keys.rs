@@ -31,10 +31,10 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::archive::layout;
-use crate::config::KeysConfig;
-use crate::error::{Error, ErrorCode, Result};
-use crate::time::now_micros;
+use crate::layout;
+use chatvault_core::config::KeysConfig;
+use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::time::now_micros;
 
 pub const DATA_KEY_BYTES: usize = 32;
 
@@ -643,8 +643,11 @@ async fn timed_provider_call<T>(
     let result = call
         .instrument(tracing::info_span!("keys.provider", operation))
         .await;
-    let metrics = crate::metrics::metrics();
-    let labels = [crate::metrics::KeyValue::new("operation", operation)];
+    let metrics = chatvault_core::metrics::metrics();
+    let labels = [chatvault_core::metrics::KeyValue::new(
+        "operation",
+        operation,
+    )];
     metrics
         .key_provider_duration
         .record(started.elapsed().as_secs_f64(), &labels);

@@ -21,9 +21,9 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chatvault_proto::v1::{Attachment, ChatEvent, Sender};
 use serde::{Deserialize, Serialize};
 
-use super::ArchivedEvent;
-use crate::error::{Error, Result};
-use crate::event::{kind_from_name, kind_name, source_from_name, source_name};
+use crate::{ArchivedEvent, format_error};
+use chatvault_core::error::{Error, Result};
+use chatvault_core::event::{kind_from_name, kind_name, source_from_name, source_name};
 
 pub const COL_CONVERSATION_ID: &str = "conversation_id";
 pub const COL_OCCURRED_AT: &str = "occurred_at";
@@ -191,7 +191,7 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
         Arc::new(raw_payload_offset.finish()),
         Arc::new(delivery_envelope.finish()),
     ];
-    Ok(RecordBatch::try_new(archive_schema(), columns)?)
+    RecordBatch::try_new(archive_schema(), columns).map_err(format_error)
 }
 
 fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {

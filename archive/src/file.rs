@@ -38,8 +38,9 @@ use super::ArchivedEvent;
 use super::schema::{
     COL_CONVERSATION_ID, COL_OCCURRED_AT, archive_schema, from_record_batch, to_record_batch,
 };
-use crate::error::{Error, ErrorCode, Result};
+use crate::format_error;
 use crate::keys::{DataKey, FileKeyMetadata};
+use chatvault_core::error::{Error, ErrorCode, Result};
 
 /// Writer tuning.
 #[derive(Debug, Clone)]
@@ -283,7 +284,9 @@ pub fn read_conversation_summaries(
     footer: Bytes,
     key: &DataKey,
 ) -> Result<Option<FileConversations>> {
-    let decryption = FileDecryptionProperties::builder(key.key.to_vec()).build()?;
+    let decryption = FileDecryptionProperties::builder(key.key.to_vec())
+        .build()
+        .map_err(format_error)?;
     let metadata = ParquetMetaDataReader::new()
         .with_page_index_policy(PageIndexPolicy::Skip)
         .with_decryption_properties(Some(decryption))
@@ -361,12 +364,15 @@ pub fn encode_file(
     let key_metadata = serde_json::to_vec(&key.file_key_metadata())?;
     let encryption = FileEncryptionProperties::builder(key.key.to_vec())
         .with_footer_key_metadata(key_metadata)
-        .build()?;
-    let conversation_index = schema.index_of(COL_CONVERSATION_ID)?;
-    let occurred_index = schema.index_of(COL_OCCURRED_AT)?;
+        .build()
+        .map_err(format_error)?;
+    let conversation_index = schema.index_of(COL_CONVERSATION_ID).map_err(format_error)?;
+    let occurred_index = schema.index_of(COL_OCCURRED_AT).map_err(format_error)?;
     let builder = WriterProperties::builder()
         .set_writer_version(WriterVersion::PARQUET_1_0)
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(options.zstd_level)?))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(options.zstd_level).map_err(format_error)?,
+        ))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(options.row_group_rows))
         .set_max_row_group_bytes(Some(options.row_group_bytes))
@@ -398,13 +404,14 @@ pub fn encode_file(
         builder
     };
     let properties = options.page_layout.apply(builder).build();
-    let mut writer = ArrowWriter::try_new(Vec::with_capacity(1 << 20), schema, Some(properties))?;
+    let mut writer = ArrowWriter::try_new(Vec::with_capacity(1 << 20), schema, Some(properties))
+        .map_err(format_error)?;
     // Small record batches, so the byte bound of a row group is checked often enough to hold.
     for chunk in rows.chunks(options.row_group_rows.min(1024)) {
         let batch = to_record_batch(chunk)?;
-        writer.write(&batch)?;
+        writer.write(&batch).map_err(format_error)?;
     }
-    let bytes = writer.into_inner()?;
+    let bytes = writer.into_inner().map_err(format_error)?;
     Ok(EncodedFile {
         sha256_hex: sha256_hex(&bytes),
         bytes: Bytes::from(bytes),
@@ -416,7 +423,9 @@ pub fn encode_file(
 }
 
 fn reader_options(key: &DataKey) -> Result<ArrowReaderOptions> {
-    let decryption = FileDecryptionProperties::builder(key.key.to_vec()).build()?;
+    let decryption = FileDecryptionProperties::builder(key.key.to_vec())
+        .build()
+        .map_err(format_error)?;
     Ok(ArrowReaderOptions::new()
         .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Optional)
         .with_file_decryption_properties(decryption))
@@ -441,7 +450,7 @@ pub fn decode_file(
             .map_err(decryption_error)?;
     let metadata = builder.metadata().clone();
     let schema = archive_schema();
-    let conversation_index = schema.index_of(COL_CONVERSATION_ID)?;
+    let conversation_index = schema.index_of(COL_CONVERSATION_ID).map_err(format_error)?;
     let mut row_groups = Vec::new();
     for (index, row_group) in metadata.row_groups().iter().enumerate() {
         if let Some(wanted) = conversation {
@@ -452,8 +461,9 @@ pub fn decode_file(
             {
                 continue;
             }
-            if let Some(bloom) =
-                builder.get_row_group_column_bloom_filter(index, conversation_index)?
+            if let Some(bloom) = builder
+                .get_row_group_column_bloom_filter(index, conversation_index)
+                .map_err(format_error)?
                 && !bloom.check(&wanted)
             {
                 continue;
@@ -467,10 +477,11 @@ pub fn decode_file(
     let reader = builder
         .with_row_groups(row_groups)
         .with_batch_size(8192)
-        .build()?;
+        .build()
+        .map_err(format_error)?;
     let mut out = Vec::new();
     for batch in reader {
-        let batch: RecordBatch = batch?;
+        let batch: RecordBatch = batch.map_err(format_error)?;
         match conversation {
             Some(wanted) => {
                 let conversations = batch
@@ -492,7 +503,9 @@ pub fn decode_file(
 /// chunks all have one page is readable by DuckDB (see [`PageLayout`]); this finds files written before that
 /// layout (they need a rewrite for DuckDB, not for the restorer or pyarrow).
 pub fn data_pages_per_column_chunk(bytes: Bytes, key: &DataKey) -> Result<Vec<Vec<usize>>> {
-    let decryption = FileDecryptionProperties::builder(key.key.to_vec()).build()?;
+    let decryption = FileDecryptionProperties::builder(key.key.to_vec())
+        .build()
+        .map_err(format_error)?;
     let options = ArrowReaderOptions::new()
         .with_page_index_policy(parquet::file::metadata::PageIndexPolicy::Required)
         .with_file_decryption_properties(decryption);

@@ -1,23 +1,10 @@
 //! librdkafka settings for chatvault's clients. The settings the delivery guarantees rest on are set here,
-//! explicitly, and cannot be overridden from configuration ([`PROTECTED_PROPERTIES`]).
+//! explicitly, and cannot be overridden from configuration
+//! ([`chatvault_core::config::PROTECTED_KAFKA_PROPERTIES`], checked when the configuration is loaded).
 
 use rdkafka::ClientConfig;
 
-use crate::config::{ArchiverConfig, GatewayConfig, KafkaConfig};
-
-/// Properties fixed by chatvault. librdkafka's own default for `enable.idempotence` is false, which would allow
-/// reordering and duplicates on retry; the consumer's auto-commit and auto-store defaults would move Kafka's
-/// offsets ahead of what is durable in the archive.
-pub const PROTECTED_PROPERTIES: &[&str] = &[
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "isolation.level",
-    "group.id",
-    "bootstrap.servers",
-];
+use chatvault_core::config::{ArchiverConfig, GatewayConfig, KafkaConfig};
 
 fn base(kafka: &KafkaConfig) -> ClientConfig {
     let mut config = ClientConfig::new();

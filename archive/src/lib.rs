@@ -1,0 +1,43 @@
+//! The archive format, shared by the archiver (writer) and the restorer (reader), and the keys it is
+//! encrypted with. `docs/ARCHITECTURE.md` describes it for writers of compatible readers.
+//!
+//! - [`keys`]: envelope encryption: key-encryption keys (local keyring) and per-tenant, per-month data keys.
+//! - [`layout`]: object paths.
+//! - [`schema`]: the Parquet/Arrow schema and the conversion between events and record batches.
+//! - [`file`](mod@file): encrypted Parquet encoding and decoding, and the page layout.
+//! - [`manifest`]: what a committed batch records, per Kafka partition.
+//! - [`chain`]: the commit protocol: [`chain::ChainWriter`] commits manifests exactly once,
+//!   [`chain::ChainReader`] reads chains and verifies their links.
+
+pub mod chain;
+pub mod file;
+pub mod keys;
+pub mod layout;
+pub mod manifest;
+pub mod schema;
+
+use chatvault_core::error::Error;
+use chatvault_proto::v1::ChatEvent;
+
+/// A failure of the Parquet or Arrow libraries, kept as the source of the chatvault error it becomes.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+}
+
+/// A Parquet or Arrow failure as a chatvault error: internal (a bug, or a file that is not what its manifest
+/// says; the restorer checks every file's SHA-256 before decoding it).
+pub(crate) fn format_error(error: impl Into<FormatError>) -> Error {
+    Error::internal(error.into().to_string())
+}
+
+/// An event together with the Kafka record it was archived from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchivedEvent {
+    pub event: ChatEvent,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+}

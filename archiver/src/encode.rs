@@ -1,0 +1,144 @@
+//! The encode stage: a sealed batch's events become encrypted Parquet files in memory, one per (tenant, UTC
+//! date), each under the data key of its tenant and month. Events of a tenant that can never get a key here
+//! become rejected records instead (they go to the dead-letter topic).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chatvault_archive::file::{EncodedFile, encode_file};
+use chatvault_archive::keys::DataKey;
+use chatvault_archive::layout;
+use chatvault_archive::manifest::{DeadLetter, ManifestFile};
+use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::event::kafka_key;
+use chatvault_core::time::Date;
+use object_store::path::Path;
+use prost::Message as _;
+
+use crate::batch::{Rejected, SealedBatch, group_into_files};
+use crate::lane::CommitStages;
+
+impl CommitStages {
+    /// Fetches data keys and encodes the batch's files (CPU-bound, on the blocking pool). The events of a
+    /// (tenant, month) whose data key can never be had here (no key-encryption key, and the key provider
+    /// refuses to create one) become rejected records for the dead-letter topic; any other key failure is
+    /// transient and fails the whole stage, to be retried.
+    pub(crate) async fn encode(&self, batch: &Arc<SealedBatch>) -> Result<Prepared> {
+        let mut keys: HashMap<(String, String), DataKey> = HashMap::new();
+        let mut refused: HashMap<(String, String), String> = HashMap::new();
+        for archived in &batch.events {
+            let period = Date::from_micros(archived.event.occurred_at_micros).month_period();
+            let id = (archived.event.tenant_id.clone(), period);
+            if keys.contains_key(&id) || refused.contains_key(&id) {
+                continue;
+            }
+            match self.data_keys.get_or_create(&id.0, &id.1).await {
+                Ok(key) => {
+                    keys.insert(id, key);
+                }
+                Err(error) if is_permanent_key_failure(&error) => {
+                    tracing::error!(partition = batch.partition, tenant = %id.0, period = %id.1, %error,
+                        "no data key can be had for this tenant's events: they go to the dead-letter topic");
+                    refused.insert(id, error.message().to_string());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let mut rejected = batch.rejected.clone();
+        for archived in &batch.events {
+            let event = &archived.event;
+            let period = Date::from_micros(event.occurred_at_micros).month_period();
+            if let Some(reason) = refused.get(&(event.tenant_id.clone(), period)) {
+                rejected.push(Rejected {
+                    offset: archived.kafka_offset,
+                    reason: reason.clone(),
+                    key: Some(kafka_key(&event.tenant_id, &event.conversation_id)),
+                    value: event.encode_to_vec(),
+                });
+            }
+        }
+        rejected.sort_by_key(|record| record.offset);
+        let batch_id = random_id()?;
+        let encode_batch = batch.clone();
+        let options = self.file_options.clone();
+        let encode_batch_id = batch_id.clone();
+        let files = tokio::task::spawn_blocking(move || -> Result<Vec<PreparedFile>> {
+            let mut prepared = Vec::new();
+            let groups = group_into_files(&encode_batch.events)
+                .into_iter()
+                .filter(|group| {
+                    keys.contains_key(&(group.tenant_id.to_string(), group.date.month_period()))
+                });
+            for (index, mut group) in groups.enumerate() {
+                let period = group.date.month_period();
+                let key = keys
+                    .get(&(group.tenant_id.to_string(), period.clone()))
+                    .ok_or_else(|| Error::internal("data key missing for a file group"))?;
+                let encoded: EncodedFile = encode_file(&mut group.rows, key, &options)?;
+                let path = layout::event_file_path(
+                    group.tenant_id,
+                    &group.date.iso(),
+                    encode_batch.partition,
+                    encode_batch.start_offset,
+                    &encode_batch_id,
+                    index,
+                );
+                prepared.push(PreparedFile {
+                    manifest_entry: ManifestFile::describe(
+                        &path,
+                        group.tenant_id,
+                        &group.date.iso(),
+                        key,
+                        &encoded,
+                    ),
+                    path,
+                    bytes: encoded.bytes,
+                });
+            }
+            Ok(prepared)
+        })
+        .await
+        .map_err(|error| Error::internal(format!("encoding task failed: {error}")))??;
+        Ok(Prepared {
+            batch_id,
+            files,
+            rejected,
+            dead_letters: None,
+        })
+    }
+}
+
+/// A key failure that retrying cannot fix: the key provider refuses this tenant (for example a read-only
+/// keyring without its key-encryption key). Everything else (storage or the provider unreachable, a corrupt
+/// key record) is retried: giving up on those would reject records that become archivable in a moment.
+fn is_permanent_key_failure(error: &Error) -> bool {
+    matches!(
+        error.code(),
+        ErrorCode::PermissionDenied | ErrorCode::InvalidArgument
+    )
+}
+
+fn random_id() -> Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::internal("system random generator failed"))?;
+    Ok(hex::encode(bytes))
+}
+
+pub(crate) struct PreparedFile {
+    pub(crate) path: Path,
+    pub(crate) manifest_entry: ManifestFile,
+    pub(crate) bytes: bytes::Bytes,
+}
+
+/// A batch ready to upload: its files, and the records it commits as rejected.
+pub(crate) struct Prepared {
+    pub(crate) batch_id: String,
+    pub(crate) files: Vec<PreparedFile>,
+    /// The batch's undecodable records plus the events of tenants that can never be archived here.
+    pub(crate) rejected: Vec<Rejected>,
+    /// Each rejected record's copy in the dead-letter topic, once produced (kept across commit retries).
+    pub(crate) dead_letters: Option<Vec<DeadLetter>>,
+}
