@@ -42,8 +42,6 @@ use crate::dead_letter::DeadLetterSink;
 use crate::encode::Prepared;
 use crate::stats::ArchiverStats;
 
-/// Files of one batch uploaded at once.
-pub const UPLOAD_CONCURRENCY: usize = 8;
 /// Attempts at a batch (encode, or upload and commit) before it is released back to Kafka, outside shutdown.
 pub const QUICK_ATTEMPTS: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -83,6 +81,8 @@ pub struct CommitStages {
     pub writer_id: String,
     pub file_options: FileOptions,
     pub dead_letters: Arc<dyn DeadLetterSink>,
+    /// Files of one batch uploaded at once (`archiver.upload_concurrency`).
+    pub upload_concurrency: usize,
     pub stats: Arc<ArchiverStats>,
     /// Requested shutdown: from here on a batch is retried until the deadline instead of released.
     pub shutdown: Shutdown,

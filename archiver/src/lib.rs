@@ -39,5 +39,5 @@ pub mod stats;
 pub mod upload;
 
 pub use poller::OnShutdown;
-pub use role::{Archiver, ArchiverOptions};
+pub use role::{Archiver, ArchiverOptions, run};
 pub use stats::{ArchiverStats, CommittedHeads};

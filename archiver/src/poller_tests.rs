@@ -200,6 +200,7 @@ impl Fixture {
             writer_id: "test-writer".into(),
             file_options: FileOptions::default(),
             dead_letters: dead_letters.clone(),
+            upload_concurrency: 8,
             stats: stats.clone(),
             shutdown: shutdown.clone(),
             abandon: abandon.clone(),

@@ -13,9 +13,10 @@ use std::time::Duration;
 use chatvault_archive::chain::ChainWriter;
 use chatvault_archive::file::FileOptions;
 use chatvault_archive::keys::DataKeys;
-use chatvault_core::config::{ArchiverConfig, KafkaConfig};
+use chatvault_core::config::{ArchiverConfig, Config, KafkaConfig};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::shutdown::{self, Shutdown};
+use chatvault_core::storage::object_store_from_config;
 use chatvault_kafka::consumer_config;
 use object_store::ObjectStore;
 use rdkafka::consumer::Consumer;
@@ -36,6 +37,27 @@ pub struct ArchiverOptions {
     /// Names this worker in manifests and logs (for example `<pod>-<pid>`).
     pub writer_id: String,
     pub on_shutdown: OnShutdown,
+}
+
+/// The archiver role as `config` describes it (its storage, keys, Kafka and `[archiver]` settings), until
+/// `shutdown`. The one assembly of the role: the binary, the test kit and the benchmarks all start it here
+/// (or through [`Archiver::run`] with a store of their own). `stats` lets the caller watch it.
+pub async fn run(
+    config: &Config,
+    writer_id: &str,
+    on_shutdown: OnShutdown,
+    stats: Arc<ArchiverStats>,
+    shutdown: Shutdown,
+) -> Result<()> {
+    let store = object_store_from_config(&config.storage)?;
+    let keys = DataKeys::from_config(store.clone(), &config.keys)?;
+    let options = ArchiverOptions {
+        kafka: config.kafka.clone(),
+        config: config.archiver.clone(),
+        writer_id: writer_id.to_string(),
+        on_shutdown,
+    };
+    Archiver::run(options, store, keys, stats, shutdown).await
 }
 
 /// A running archiver.
@@ -118,6 +140,7 @@ impl Archiver {
                 ..FileOptions::default()
             },
             dead_letters: Arc::new(dead_letters),
+            upload_concurrency: options.config.upload_concurrency.max(1),
             stats: stats.clone(),
             shutdown: shutdown.clone(),
             abandon: abandon.clone(),

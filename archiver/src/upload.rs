@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::batch::SealedBatch;
 use crate::crash::crash_point;
 use crate::encode::Prepared;
-use crate::lane::{CommitStages, UPLOAD_CONCURRENCY};
+use crate::lane::CommitStages;
 
 impl CommitStages {
     /// Produces the batch's rejected records to the dead-letter topic (once; kept across commit retries).
@@ -82,7 +82,7 @@ impl CommitStages {
                     .map_err(|error| Error::from(error).context(format!("uploading {path}")))
             }
         }))
-        .buffer_unordered(UPLOAD_CONCURRENCY)
+        .buffer_unordered(self.upload_concurrency)
         .collect::<Vec<_>>()
         .instrument(upload_span.clone())
         .await;

@@ -5,16 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chatvault_archive::keys::DataKeys;
 use chatvault_archiver::ArchiverStats;
-use chatvault_archiver::{Archiver, ArchiverOptions, OnShutdown};
+use chatvault_archiver::OnShutdown;
 use chatvault_core::auth::{Role, token_digest};
 use chatvault_core::config::{Config, TenantConfig, TokenConfig};
 use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_core::telemetry::Telemetry;
 use chatvault_ingest_gateway::AckCondition;
-use chatvault_restorer::Restorer;
 use clap::Args;
 use rdkafka::mocking::MockCluster;
 use tokio::net::TcpListener;
@@ -53,13 +51,6 @@ async fn bind(address: &str, setting: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(address)
         .await
         .with_context(|| format!("{setting}: binding {address}"))
-}
-
-fn data_keys(
-    config: &Config,
-    store: Arc<dyn object_store::ObjectStore>,
-) -> anyhow::Result<DataKeys> {
-    Ok(DataKeys::from_config(store, &config.keys)?)
 }
 
 /// The gateway: gRPC on `grpc_listener`, webhooks and `/healthz` on `http_listener`.
@@ -120,21 +111,7 @@ async fn archiver_task(
     on_shutdown: OnShutdown,
     stats: Arc<ArchiverStats>,
 ) -> anyhow::Result<()> {
-    let store = object_store_from_config(&config.storage)?;
-    let keys = data_keys(config, store.clone())?;
-    Archiver::run(
-        ArchiverOptions {
-            kafka: config.kafka.clone(),
-            config: config.archiver.clone(),
-            writer_id: writer_id(),
-            on_shutdown,
-        },
-        store,
-        keys,
-        stats,
-        shutdown,
-    )
-    .await?;
+    chatvault_archiver::run(config, &writer_id(), on_shutdown, stats, shutdown).await?;
     Ok(())
 }
 
@@ -143,16 +120,7 @@ pub async fn restorer_task(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let store = object_store_from_config(&config.storage)?;
-    let keys = data_keys(config, store.clone())?;
-    let restorer = Arc::new(Restorer::new(
-        store,
-        keys,
-        &config.kafka.topic,
-        config.restorer.read_concurrency,
-    ));
-    let drain = Duration::from_millis(config.restorer.drain_timeout_ms);
-    chatvault_restorer::serve(listener, restorer, config.authenticator()?, shutdown, drain).await?;
+    chatvault_restorer::run(config, listener, shutdown).await?;
     Ok(())
 }
 

@@ -301,6 +301,8 @@ pub struct ArchiverConfig {
     pub max_pending_batches: usize,
     /// librdkafka's prefetch queue per partition, in KiB (`queued.max.messages.kbytes`). Default 32768.
     pub fetch_queue_kbytes: u64,
+    /// Files of one batch uploaded at once. Default 8.
+    pub upload_concurrency: usize,
     /// Parquet zstd level. Default 3.
     pub zstd_level: i32,
     /// Rows per Parquet row group at most. Default 65536.
@@ -339,6 +341,7 @@ impl Default for ArchiverConfig {
             max_batch_age_ms: 10_000,
             max_pending_batches: 2,
             fetch_queue_kbytes: 32 * 1024,
+            upload_concurrency: 8,
             zstd_level: 3,
             row_group_rows: 65_536,
             row_group_bytes: 16 * 1024 * 1024,
@@ -390,6 +393,14 @@ pub struct RestorerConfig {
     pub grpc_listen: String,
     /// Files fetched and decoded at once for one request. Default 4.
     pub read_concurrency: usize,
+    /// Restore calls served at once by one restorer; beyond it callers get RESOURCE_EXHAUSTED (retryable).
+    /// Default 16.
+    pub max_concurrent_requests: usize,
+    /// Events one streamed restore gathers in memory at most before sending them (with
+    /// `max_buffered_bytes`, the per-request memory bound besides the files in flight). Default 4096.
+    pub max_buffered_events: usize,
+    /// Bytes of encoded events one streamed restore gathers at most. Default 16 MiB.
+    pub max_buffered_bytes: usize,
     /// At shutdown, how long in-flight calls (restore streams) may run after the restorer stopped accepting;
     /// calls still running after it are cut off. Default 20000.
     pub drain_timeout_ms: u64,
@@ -400,6 +411,9 @@ impl Default for RestorerConfig {
         RestorerConfig {
             grpc_listen: "0.0.0.0:50052".into(),
             read_concurrency: 4,
+            max_concurrent_requests: 16,
+            max_buffered_events: 4_096,
+            max_buffered_bytes: 16 * 1024 * 1024,
             drain_timeout_ms: 20_000,
         }
     }
@@ -550,8 +564,23 @@ impl Config {
                 "must be between 1 MiB and 1 GiB (one data page per column chunk: pages must stay readable)",
             );
         }
+        if self.archiver.upload_concurrency == 0 {
+            return invalid("archiver.upload_concurrency", "must be positive");
+        }
+        if self.archiver.stall_timeout_ms == 0 {
+            return invalid("archiver.stall_timeout_ms", "must be positive");
+        }
         if self.restorer.read_concurrency == 0 {
             return invalid("restorer.read_concurrency", "must be positive");
+        }
+        if self.restorer.max_concurrent_requests == 0 {
+            return invalid("restorer.max_concurrent_requests", "must be positive");
+        }
+        if self.restorer.max_buffered_events == 0 {
+            return invalid("restorer.max_buffered_events", "must be positive");
+        }
+        if self.restorer.max_buffered_bytes < 64 * 1024 {
+            return invalid("restorer.max_buffered_bytes", "must be at least 64 KiB");
         }
         let mut webhook_names = std::collections::HashSet::new();
         for (index, webhook) in self.gateway.webhooks.iter().enumerate() {
@@ -866,6 +895,22 @@ mod tests {
                 "tenants[0].tokens[0]",
             ),
             ("[archiver]\nzstd_level = 0", "archiver.zstd_level"),
+            (
+                "[archiver]\nupload_concurrency = 0",
+                "archiver.upload_concurrency",
+            ),
+            (
+                "[archiver]\nstall_timeout_ms = 0",
+                "archiver.stall_timeout_ms",
+            ),
+            (
+                "[restorer]\nmax_concurrent_requests = 0",
+                "restorer.max_concurrent_requests",
+            ),
+            (
+                "[restorer]\nmax_buffered_bytes = 1024",
+                "restorer.max_buffered_bytes: must be at least 64 KiB",
+            ),
             (
                 "[[gateway.webhooks]]\nname = \"t\"\nplatform = \"teams\"\ntenant = \"acme\"\nsecrets = [\"s\"]\napp_id = \"a\"\njwks_file = \"/k\"\n[[gateway.webhooks.certificates]]\nid = \"c\"\nprivate_key_file = \"/a\"\n[[gateway.webhooks.certificates]]\nid = \"c\"\nprivate_key_file = \"/b\"",
                 "gateway.webhooks[0].certificates[1].id",

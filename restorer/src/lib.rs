@@ -28,3 +28,32 @@ pub use service::{
     serve_api,
 };
 pub use stream::{BufferLimits, ConversationPlan};
+
+use std::sync::Arc;
+
+use chatvault_archive::keys::DataKeys;
+use chatvault_core::config::Config;
+use chatvault_core::shutdown::Shutdown;
+use chatvault_core::storage::object_store_from_config;
+
+/// The restorer role as `config` describes it, serving on `listener` until `shutdown` (then draining for
+/// `restorer.drain_timeout_ms`). The one assembly of the role: the binary, the test kit and the benchmarks
+/// all start it here.
+pub async fn run(
+    config: &Config,
+    listener: tokio::net::TcpListener,
+    shutdown: Shutdown,
+) -> chatvault_core::Result<()> {
+    let store = object_store_from_config(&config.storage)?;
+    let keys = DataKeys::from_config(store.clone(), &config.keys)?;
+    let settings = &config.restorer;
+    let restorer = Restorer::new(store, keys, &config.kafka.topic, settings.read_concurrency)
+        .with_buffer_limits(BufferLimits {
+            events: settings.max_buffered_events,
+            bytes: settings.max_buffered_bytes,
+        });
+    let api = RestoreApi::new(Arc::new(restorer), config.authenticator()?)
+        .with_max_concurrent_requests(settings.max_concurrent_requests);
+    let drain = std::time::Duration::from_millis(settings.drain_timeout_ms);
+    serve(listener, api, shutdown, drain).await
+}

@@ -456,8 +456,7 @@ fn outcome<T>(result: &Result<T>, count: impl FnOnce(&T) -> u64) -> AccessOutcom
 /// `drain_timeout` and cuts off the ones still running (a restore is a read: the caller can retry it).
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    restorer: Arc<Restorer>,
-    authenticator: Authenticator,
+    api: RestoreApi,
     shutdown: Shutdown,
     drain_timeout: std::time::Duration,
 ) -> Result<()> {
@@ -469,7 +468,7 @@ pub async fn serve(
         }
     };
     tokio::select! {
-        result = serve_api(listener, RestoreApi::new(restorer, authenticator), shutdown) => result,
+        result = serve_api(listener, api, shutdown) => result,
         _ = deadline => {
             tracing::warn!(
                 drain_timeout_ms = drain_timeout.as_millis() as u64,

@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use chatvault_archive::keys::DataKeys;
 use chatvault_archiver::ArchiverStats;
-use chatvault_archiver::{Archiver, ArchiverOptions, OnShutdown};
+use chatvault_archiver::OnShutdown;
 use chatvault_core::auth::Role;
 use chatvault_core::config::{Config, StorageConfig, TenantConfig, TokenConfig};
 use chatvault_core::shutdown::{self, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
 use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
-use chatvault_restorer::Restorer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::Request;
@@ -142,19 +141,18 @@ pub async fn start_archiver(
     config: &Config,
     writer_id: &str,
 ) -> anyhow::Result<(RunningRole, Arc<ArchiverStats>)> {
-    let store = object_store_from_config(&config.storage)?;
-    let keys = DataKeys::from_config(store.clone(), &config.keys)?;
     let stats = Arc::new(ArchiverStats::default());
     let (trigger, shutdown) = shutdown::channel();
-    let options = ArchiverOptions {
-        kafka: config.kafka.clone(),
-        config: config.archiver.clone(),
-        writer_id: writer_id.to_string(),
-        on_shutdown: OnShutdown::StopConsuming,
-    };
-    let task_stats = stats.clone();
+    let (config, writer_id, task_stats) = (config.clone(), writer_id.to_string(), stats.clone());
     let task = tokio::spawn(async move {
-        Archiver::run(options, store, keys, task_stats, shutdown).await?;
+        chatvault_archiver::run(
+            &config,
+            &writer_id,
+            OnShutdown::StopConsuming,
+            task_stats,
+            shutdown,
+        )
+        .await?;
         Ok(())
     });
     Ok((
@@ -171,19 +169,10 @@ pub async fn start_archiver(
 pub async fn start_restorer(config: &Config) -> anyhow::Result<RunningRole> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let store = object_store_from_config(&config.storage)?;
-    let keys = DataKeys::from_config(store.clone(), &config.keys)?;
-    let restorer = Arc::new(Restorer::new(
-        store,
-        keys,
-        &config.kafka.topic,
-        config.restorer.read_concurrency,
-    ));
-    let authenticator = config.authenticator()?;
-    let drain = Duration::from_millis(config.restorer.drain_timeout_ms);
     let (trigger, shutdown) = shutdown::channel();
+    let config = config.clone();
     let task = tokio::spawn(async move {
-        chatvault_restorer::serve(listener, restorer, authenticator, shutdown, drain).await?;
+        chatvault_restorer::run(&config, listener, shutdown).await?;
         Ok(())
     });
     Ok(RunningRole {
