@@ -104,8 +104,7 @@ impl Archiver {
             let shutdown = shutdown.clone();
             let timeout = options.config.shutdown_timeout();
             tokio::spawn(async move {
-                shutdown.wait().await;
-                tokio::time::sleep(timeout).await;
+                shutdown.deadline(timeout).await;
                 tracing::warn!(
                     timeout_ms = timeout.as_millis() as u64,
                     "archiver shutdown deadline passed; abandoning what is not committed yet"
@@ -173,22 +172,14 @@ impl Archiver {
 
         // Normally the poll thread ends after shutdown (once its last batches are committed), then the lanes.
         // Past the deadline the lanes abandon their batches; the role waits a grace period at most.
-        let past_deadline = || {
-            let abandon = abandon.clone();
-            async move {
-                abandon.wait().await;
-                tokio::time::sleep(ABANDON_GRACE).await;
-            }
-        };
         let mut exit: Option<std::result::Result<PollExit, oneshot::error::RecvError>> = None;
         let finished = async {
             exit = Some((&mut poll_exit).await);
             while lanes_done.recv().await.is_some() {}
         };
-        let in_time = tokio::select! {
-            () = finished => true,
-            () = past_deadline() => false,
-        };
+        let in_time = shutdown::drain(abandon.clone(), ABANDON_GRACE, finished)
+            .await
+            .is_some();
         if !in_time {
             tracing::warn!("commit lanes are still busy after the deadline; not waiting for them");
             if exit.is_none() {

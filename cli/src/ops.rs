@@ -111,18 +111,9 @@ impl OpsState {
 pub async fn serve(listener: TcpListener, state: Arc<OpsState>, shutdown: Shutdown) {
     let stop = shutdown.wait();
     tokio::pin!(stop);
-    loop {
-        let (stream, _peer) = tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok(connection) => connection,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics endpoint: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _peer)) =
+        chatvault_core::shutdown::accept_until(&listener, &mut stop, "operations endpoint").await
+    {
         let state = state.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {

@@ -110,6 +110,7 @@ async fn send(
     total: u64,
     callers: u64,
     stop: Arc<AtomicBool>,
+    acknowledged_events: Arc<AtomicU64>,
 ) -> anyhow::Result<(BTreeSet<String>, usize)> {
     let next = Arc::new(AtomicU64::new(0));
     let acknowledged = Arc::new(Mutex::new(BTreeSet::new()));
@@ -117,11 +118,12 @@ async fn send(
     let tasks: Vec<_> = (0..callers)
         .map(|_| {
             let (endpoint, token) = (endpoint.to_string(), token.to_string());
-            let (next, acknowledged, failures, stop) = (
+            let (next, acknowledged, failures, stop, acknowledged_events) = (
                 next.clone(),
                 acknowledged.clone(),
                 failures.clone(),
                 stop.clone(),
+                acknowledged_events.clone(),
             );
             tokio::spawn(async move {
                 let mut client = ingest_client(&endpoint).await?;
@@ -137,10 +139,11 @@ async fn send(
                         .ingest_batch(authorized(IngestBatchRequest { events }, &token))
                         .await
                     {
-                        Ok(response) => acknowledged
-                            .lock()
-                            .expect("lock")
-                            .extend(response.into_inner().event_ids),
+                        Ok(response) => {
+                            let ids = response.into_inner().event_ids;
+                            acknowledged_events.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                            acknowledged.lock().expect("lock").extend(ids);
+                        }
                         Err(_) => {
                             failures.fetch_add(1, Ordering::Relaxed);
                         }
@@ -181,6 +184,7 @@ async fn a_burst_is_archived_whole_and_kill_9_loses_nothing_acknowledged() -> an
         total,
         8,
         Arc::new(AtomicBool::new(false)),
+        Arc::default(),
     )
     .await?;
     let took = started.elapsed();
@@ -206,15 +210,25 @@ async fn a_burst_is_archived_whole_and_kill_9_loses_nothing_acknowledged() -> an
         token,
     } = start_standalone(&data_dir).await?;
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    // Killed once ingest is well under way (the consumer group's join takes seconds, longer on a loaded
+    // machine), in the middle of the calls then in flight.
     let killer = {
-        let stop = stop.clone();
+        let (stop, progress) = (stop.clone(), progress.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(4)).await;
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+            while progress.load(Ordering::Relaxed) < 4 * BATCH as u64
+                && tokio::time::Instant::now() < give_up
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
             process.kill();
             stop.store(true, Ordering::Relaxed);
         })
     };
-    let (killed_run, failed) = send((&endpoint, &token), "killed", u64::MAX, 4, stop).await?;
+    let (killed_run, failed) =
+        send((&endpoint, &token), "killed", u64::MAX, 4, stop, progress).await?;
     killer.await?;
     eprintln!(
         "kill -9 during ingest: {} events acknowledged before the kill, {failed} calls failed",
@@ -231,6 +245,7 @@ async fn a_burst_is_archived_whole_and_kill_9_loses_nothing_acknowledged() -> an
         10 * BATCH as u64,
         2,
         Arc::new(AtomicBool::new(false)),
+        Arc::default(),
     )
     .await?;
     let (status, _) = restarted

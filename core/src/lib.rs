@@ -8,6 +8,8 @@
 //! - [`event`]: validation, stable event ids and Kafka keys of the canonical `ChatEvent`.
 //! - [`auth`]: per-tenant bearer tokens and roles.
 //! - [`config`]: the configuration file, environment overrides and validation.
+//! - [`grpc`]: health and reflection, served by every gRPC role.
+//! - [`shutdown`]: the shutdown signal and [`shutdown::drain`], the one way a role bounds its shutdown.
 //! - [`storage`]: object stores from URLs (`file://`, `s3://`, `memory://`).
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, and the fixed metric names (OTLP and Prometheus).
 
@@ -15,6 +17,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod grpc;
 pub mod metrics;
 pub mod shutdown;
 pub mod storage;

@@ -9,14 +9,14 @@
 use std::time::Duration;
 
 use chatvault_core::error::{Error, Result};
+use chatvault_core::grpc::{CommonServices, GrpcHealth, serve_health};
 use chatvault_core::shutdown::{self, Shutdown};
-use chatvault_proto::v1::FILE_DESCRIPTOR_SET;
 use chatvault_proto::v1::ingest_service_server::IngestServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::Health;
+use tonic_reflection::server::v1::ServerReflection;
 
 use crate::grpc::IngestGrpc;
 use crate::producer::EventProducer;
@@ -37,20 +37,10 @@ pub async fn serve(
     shutdown: Shutdown,
     drain_timeout: Duration,
 ) -> Result<()> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<IngestServiceServer<IngestGrpc>>()
-        .await;
+    let common = serve_health::<IngestServiceServer<IngestGrpc>>().await?;
     let (stop_accepting, sequence) =
-        not_serving_then_stop(shutdown, health_reporter, Duration::ZERO);
-    let served = serve_grpc(
-        listener,
-        service,
-        health_service,
-        stop_accepting,
-        drain_timeout,
-    )
-    .await;
+        not_serving_then_stop(shutdown, common.health.clone(), Duration::ZERO);
+    let served = serve_grpc(listener, service, common, stop_accepting, drain_timeout).await;
     sequence.abort();
     flush(&producer).await;
     served
@@ -60,17 +50,14 @@ pub async fn serve(
 /// stop accepting.
 fn not_serving_then_stop(
     shutdown: Shutdown,
-    health_reporter: HealthReporter,
+    health: GrpcHealth,
     delay: Duration,
 ) -> (Shutdown, JoinHandle<()>) {
     let (trigger, stop_accepting) = shutdown::channel();
     let sequence = tokio::spawn(async move {
         shutdown.wait().await;
-        health_reporter
-            .set_not_serving::<IngestServiceServer<IngestGrpc>>()
-            .await;
-        health_reporter
-            .set_service_status("", ServingStatus::NotServing)
+        health
+            .not_serving::<IngestServiceServer<IngestGrpc>>()
             .await;
         if !delay.is_zero() {
             tracing::info!(
@@ -89,16 +76,10 @@ fn not_serving_then_stop(
 async fn serve_grpc(
     listener: TcpListener,
     service: IngestGrpc,
-    health_service: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
+    common: CommonServices<impl Health, impl ServerReflection>,
     stop_accepting: Shutdown,
     drain_timeout: Duration,
 ) -> Result<()> {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|error| Error::internal(format!("reflection: {error}")))?;
     let config = service.config().clone();
     let admission = service.admission();
     // The interceptor sees the headers before the message is read: an unauthenticated call, or one beyond
@@ -117,20 +98,18 @@ async fn serve_grpc(
             config.grpc_keepalive_timeout_ms,
         )))
         .http2_max_header_list_size(MAX_GRPC_HEADER_LIST_BYTES)
-        .add_service(health_service)
-        .add_service(reflection)
+        .add_service(common.health_service)
+        .add_service(common.reflection)
         .add_service(ingest)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             stop_accepting.clone().wait(),
         );
-    let deadline = async {
-        stop_accepting.wait().await;
-        tokio::time::sleep(drain_timeout).await;
-    };
-    tokio::select! {
-        result = server => result.map_err(|error| Error::internal(format!("gateway server: {error}")))?,
-        _ = deadline => tracing::warn!(
+    match shutdown::drain(stop_accepting, drain_timeout, server).await {
+        Some(result) => {
+            result.map_err(|error| Error::internal(format!("gateway server: {error}")))?
+        }
+        None => tracing::warn!(
             drain_timeout_ms = drain_timeout.as_millis() as u64,
             "gateway drain deadline passed; abandoning in-flight gRPC calls (their senders got no OK)"
         ),
@@ -183,19 +162,16 @@ pub async fn run(
         config.authenticator()?,
         config.gateway.clone(),
     );
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<IngestServiceServer<IngestGrpc>>()
-        .await;
+    let common = serve_health::<IngestServiceServer<IngestGrpc>>().await?;
     let (stop_accepting, sequence) = not_serving_then_stop(
         shutdown,
-        health_reporter,
+        common.health.clone(),
         Duration::from_millis(config.gateway.shutdown_delay_ms),
     );
     let grpc = serve_grpc(
         grpc_listener,
         service,
-        health_service,
+        common,
         stop_accepting.clone(),
         drain,
     );

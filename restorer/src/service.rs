@@ -11,14 +11,14 @@ use std::time::Instant;
 
 use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::event::is_valid_tenant_id;
+use chatvault_core::grpc::serve_health;
 use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::telemetry::{grpc_server_span, record_span_error};
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::restore_service_server::{RestoreService, RestoreServiceServer};
 use chatvault_proto::v1::{
-    FILE_DESCRIPTOR_SET, GetConversationRequest, ListConversationsRequest,
-    ListConversationsResponse, RestoreItem,
+    GetConversationRequest, ListConversationsRequest, ListConversationsResponse, RestoreItem,
 };
 use futures::Stream;
 use tokio::sync::Semaphore;
@@ -460,16 +460,15 @@ pub async fn serve(
     shutdown: Shutdown,
     drain_timeout: std::time::Duration,
 ) -> Result<()> {
-    let deadline = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown.wait().await;
-            tokio::time::sleep(drain_timeout).await;
-        }
-    };
-    tokio::select! {
-        result = serve_api(listener, api, shutdown) => result,
-        _ = deadline => {
+    match chatvault_core::shutdown::drain(
+        shutdown.clone(),
+        drain_timeout,
+        serve_api(listener, api, shutdown),
+    )
+    .await
+    {
+        Some(result) => result,
+        None => {
             tracing::warn!(
                 drain_timeout_ms = drain_timeout.as_millis() as u64,
                 "restorer drain deadline passed; cutting off in-flight calls"
@@ -485,16 +484,7 @@ pub async fn serve_api(
     api: RestoreApi,
     shutdown: Shutdown,
 ) -> Result<()> {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RestoreServiceServer<RestoreApi>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|error| {
-            Error::internal(format!("building the gRPC reflection service: {error}"))
-        })?;
+    let common = serve_health::<RestoreServiceServer<RestoreApi>>().await?;
     let address = listener
         .local_addr()
         .map(|addr| addr.to_string())
@@ -503,17 +493,15 @@ pub async fn serve_api(
     let stop = async move {
         shutdown.wait().await;
         // Report NOT_SERVING first so load balancers stop routing here while in-flight calls drain.
-        health_reporter
-            .set_not_serving::<RestoreServiceServer<RestoreApi>>()
-            .await;
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
+        common
+            .health
+            .not_serving::<RestoreServiceServer<RestoreApi>>()
             .await;
         tracing::info!("restorer gRPC API shutting down");
     };
     tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
+        .add_service(common.health_service)
+        .add_service(common.reflection)
         .add_service(RestoreServiceServer::new(api))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await

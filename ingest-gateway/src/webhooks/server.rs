@@ -438,12 +438,9 @@ pub async fn serve_http(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop = shutdown.clone().wait();
     tokio::pin!(stop);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = &mut stop => break,
-        };
-        let Ok((socket, _)) = accepted else { continue };
+    while let Some((socket, _)) =
+        chatvault_core::shutdown::accept_until(&listener, &mut stop, "webhooks").await
+    {
         let Ok(permit) = open.clone().try_acquire_owned() else {
             tokio::spawn(refuse_connection(socket, limits.max_connections));
             continue;
@@ -462,9 +459,11 @@ pub async fn serve_http(
             drop(permit);
         });
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(drain_timeout) => tracing::warn!("webhook drain deadline passed"),
+    if chatvault_core::shutdown::drain(shutdown, drain_timeout, graceful.shutdown())
+        .await
+        .is_none()
+    {
+        tracing::warn!("webhook drain deadline passed");
     }
     Ok(())
 }
