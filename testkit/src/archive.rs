@@ -85,6 +85,8 @@ pub struct ArchiveAudit {
     /// collapses copies of one identity within a batch into one row, so a retried send produced twice into the
     /// same batch leaves one offset without a row. Any other cause is loss.
     pub offsets_without_row: BTreeMap<i32, Vec<i64>>,
+    /// Paths of the files committed manifests name.
+    pub named_files: HashSet<String>,
     /// Objects under `events/` that no committed manifest names.
     pub orphans: Vec<String>,
 }
@@ -190,6 +192,7 @@ pub async fn audit_archive(config: &Config, partitions: &[i32]) -> anyhow::Resul
         .into_iter()
         .filter(|path| !named_files.contains(path))
         .collect();
+    audit.named_files = named_files;
     Ok(audit)
 }
 
@@ -199,10 +202,14 @@ pub async fn audit_archive(config: &Config, partitions: &[i32]) -> anyhow::Resul
 pub async fn verify_archive(config: &Config, partitions: &[i32]) -> anyhow::Result<ArchiveReport> {
     let audit = audit_archive(config, partitions).await?;
     if let Some((partition, seq, offset, reason)) = audit.rejected_records.first() {
-        anyhow::bail!("partition {partition} seq {seq}: rejected record at offset {offset}: {reason}");
+        anyhow::bail!(
+            "partition {partition} seq {seq}: rejected record at offset {offset}: {reason}"
+        );
     }
     if let Some((partition, seq, from, to)) = audit.offset_gaps.first() {
-        anyhow::bail!("partition {partition} seq {seq}: no record may be skipped: gap [{from}, {to})");
+        anyhow::bail!(
+            "partition {partition} seq {seq}: no record may be skipped: gap [{from}, {to})"
+        );
     }
     if let Some((partition, offset)) = audit.offsets_archived_twice.first() {
         anyhow::bail!("partition {partition} offset {offset} archived twice");

@@ -37,7 +37,9 @@ pub fn broker_binary() -> anyhow::Result<PathBuf> {
         return Ok(binary);
     }
     static BUILD: Mutex<()> = Mutex::new(());
-    let _one_build = BUILD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_build = BUILD
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if binary.exists() {
         return Ok(binary);
     }
@@ -55,7 +57,14 @@ pub fn broker_binary() -> anyhow::Result<PathBuf> {
         binary.display()
     );
     let status = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-        .args(["build", "--quiet", "-p", "chatvault-testkit", "--bin", BROKER_BINARY])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "chatvault-testkit",
+            "--bin",
+            BROKER_BINARY,
+        ])
         .arg("--profile")
         .arg(&profile)
         .arg("--manifest-path")
@@ -87,7 +96,11 @@ impl BrokerProcess {
     }
 
     /// [`BrokerProcess::start`] with the broker binary at `binary`.
-    pub fn start_binary(binary: &Path, topic: &str, partitions: i32) -> anyhow::Result<BrokerProcess> {
+    pub fn start_binary(
+        binary: &Path,
+        topic: &str,
+        partitions: i32,
+    ) -> anyhow::Result<BrokerProcess> {
         let mut child = Command::new(&binary)
             .args(["--topic", topic, "--partitions", &partitions.to_string()])
             .args(["--brokers", "3"])
@@ -105,7 +118,9 @@ impl BrokerProcess {
         let brokers = line
             .trim()
             .strip_prefix("bootstrap ")
-            .with_context(|| format!("the broker printed {line:?} instead of its bootstrap address"))?
+            .with_context(|| {
+                format!("the broker printed {line:?} instead of its bootstrap address")
+            })?
             .to_string();
         Ok(BrokerProcess {
             brokers,
@@ -124,7 +139,9 @@ impl BrokerProcess {
         writeln!(stdin, "{command}").context("writing to the broker")?;
         stdin.flush()?;
         let mut answer = String::new();
-        stdout.read_line(&mut answer).context("reading the broker's answer")?;
+        stdout
+            .read_line(&mut answer)
+            .context("reading the broker's answer")?;
         let answer = answer.trim();
         anyhow::ensure!(
             answer == format!("ok {command}"),

@@ -145,7 +145,10 @@ impl Shared {
     }
 
     /// Sends `request` to the server and reads the whole answer.
-    async fn forward(&self, request: Request<Full<Bytes>>) -> std::io::Result<Response<Full<Bytes>>> {
+    async fn forward(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> std::io::Result<Response<Full<Bytes>>> {
         let mut sender = self.connection().await?;
         let response = sender
             .send_request(request)
@@ -235,7 +238,9 @@ async fn handle(
     *forwarded.method_mut() = parts.method;
     *forwarded.uri_mut() = parts.uri;
     *forwarded.headers_mut() = parts.headers;
-    if forwarded.headers().contains_key(hyper::header::IF_NONE_MATCH)
+    if forwarded
+        .headers()
+        .contains_key(hyper::header::IF_NONE_MATCH)
         || forwarded.headers().contains_key(hyper::header::IF_MATCH)
     {
         shared
@@ -285,9 +290,8 @@ impl FaultProxy {
                 };
                 let _ = socket.set_nodelay(true);
                 let shared = shared.clone();
-                let service = hyper::service::service_fn(move |request| {
-                    handle(request, shared.clone())
-                });
+                let service =
+                    hyper::service::service_fn(move |request| handle(request, shared.clone()));
                 connections.spawn(async move {
                     let _ = ConnBuilder::new(TokioExecutor::new())
                         .http1_only()

@@ -21,7 +21,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::net::{TcpListener, TcpStream};
 
-async fn produce(producer: &FutureProducer, topic: &str, count: usize, tag: &str) -> anyhow::Result<()> {
+async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    count: usize,
+    tag: &str,
+) -> anyhow::Result<()> {
     for index in 0..count {
         let key = format!("key-{index}");
         let value = format!("{tag}-{index}");
@@ -37,14 +42,19 @@ async fn produce(producer: &FutureProducer, topic: &str, count: usize, tag: &str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_broker_process_keeps_its_records_across_a_restart_of_every_broker() -> anyhow::Result<()> {
+async fn the_broker_process_keeps_its_records_across_a_restart_of_every_broker()
+-> anyhow::Result<()> {
     let broker = BrokerProcess::start_binary(
         env!("CARGO_BIN_EXE_chatvault-test-broker").as_ref(),
         "peers",
         4,
     )?;
     let watermarks = high_watermarks(&broker.brokers, "peers.dead-letter")?;
-    assert_eq!(watermarks, vec![(0, 0)], "the dead-letter topic has one empty partition");
+    assert_eq!(
+        watermarks,
+        vec![(0, 0)],
+        "the dead-letter topic has one empty partition"
+    );
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &broker.brokers)
         .set("enable.idempotence", "true")
@@ -87,28 +97,31 @@ async fn echo_server() -> anyhow::Result<(std::net::SocketAddr, Arc<AtomicUsize>
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             let counter = counter.clone();
-            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                let counter = counter.clone();
-                async move {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let (parts, body) = request.into_parts();
-                    let body = body.collect().await?.to_bytes();
-                    let mut headers: Vec<String> = parts
-                        .headers
-                        .iter()
-                        .map(|(name, value)| format!("{name}: {}", value.to_str().unwrap_or("?")))
-                        .collect();
-                    headers.sort();
-                    let description = format!(
-                        "{} {}\n{}\n\n{}",
-                        parts.method,
-                        parts.uri,
-                        headers.join("\n"),
-                        String::from_utf8_lossy(&body)
-                    );
-                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(description))))
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let counter = counter.clone();
+                    async move {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let (parts, body) = request.into_parts();
+                        let body = body.collect().await?.to_bytes();
+                        let mut headers: Vec<String> = parts
+                            .headers
+                            .iter()
+                            .map(|(name, value)| {
+                                format!("{name}: {}", value.to_str().unwrap_or("?"))
+                            })
+                            .collect();
+                        headers.sort();
+                        let description = format!(
+                            "{} {}\n{}\n\n{}",
+                            parts.method,
+                            parts.uri,
+                            headers.join("\n"),
+                            String::from_utf8_lossy(&body)
+                        );
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(description))))
+                    }
+                });
             tokio::spawn(async move {
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(socket), service)
@@ -125,7 +138,8 @@ async fn send(
     request: Request<Full<Bytes>>,
 ) -> Result<(u16, String), hyper::Error> {
     let stream = TcpStream::connect(address).await.expect("proxy reachable");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let response = sender.send_request(request).await?;
     let status = response.status().as_u16();
@@ -157,7 +171,13 @@ async fn the_fault_proxy_forwards_exactly_and_injects_its_faults() -> anyhow::Re
         "PUT /bucket/some/key.json?x-id=PutObject\ncontent-length: 5\nhost: storage.example:9000\nif-none-match: *\nx-amz-date: 20251124T160000Z\n\nhello",
         "the server sees the request as the client sent it"
     );
-    assert_eq!(transparent.counts.conditional_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        transparent
+            .counts
+            .conditional_requests
+            .load(Ordering::SeqCst),
+        1
+    );
 
     let failing = FaultProxy::start(
         target,
@@ -174,7 +194,11 @@ async fn the_fault_proxy_forwards_exactly_and_injects_its_faults() -> anyhow::Re
         body.contains("<Code>SlowDown</Code>") || body.contains("<Code>InternalError</Code>"),
         "an S3 error document: {body}"
     );
-    assert_eq!(served.load(Ordering::SeqCst), before, "an injected error is not forwarded");
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        before,
+        "an injected error is not forwarded"
+    );
 
     let losing = FaultProxy::start(
         target,

@@ -36,15 +36,14 @@ fn arguments() -> anyhow::Result<Arguments> {
     let mut brokers = 3;
     let mut args = std::env::args().skip(1);
     while let Some(name) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{name} needs a value"))
-        };
+        let mut value = || args.next().with_context(|| format!("{name} needs a value"));
         match name.as_str() {
             "--topic" => topic = Some(value()?),
             "--partitions" => partitions = value()?.parse().context("--partitions")?,
             "--brokers" => brokers = value()?.parse().context("--brokers")?,
-            other => anyhow::bail!("unknown argument {other:?} (usage: --topic NAME [--partitions N] [--brokers N])"),
+            other => anyhow::bail!(
+                "unknown argument {other:?} (usage: --topic NAME [--partitions N] [--brokers N])"
+            ),
         }
     }
     anyhow::ensure!(partitions > 0, "--partitions must be positive");
