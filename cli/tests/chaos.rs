@@ -702,10 +702,10 @@ async fn every_acknowledged_event_is_archived_exactly_once_under_chaos() -> anyh
     }
     failures.extend(chaos.unexpected_exits.iter().cloned());
     failures.extend(log.unexpected.iter().take(20).cloned());
-    if let Some(broker) = &mut broker {
-        if !broker.is_running() {
-            failures.push("the broker process died".into());
-        }
+    if let Some(broker) = &mut broker
+        && !broker.is_running()
+    {
+        failures.push("the broker process died".into());
     }
 
     // The checker. 1. The manifests, read as an auditor does (chains, SHA-256s, rows in range), and the

@@ -101,7 +101,7 @@ impl BrokerProcess {
         topic: &str,
         partitions: i32,
     ) -> anyhow::Result<BrokerProcess> {
-        let mut child = Command::new(&binary)
+        let mut child = Command::new(binary)
             .args(["--topic", topic, "--partitions", &partitions.to_string()])
             .args(["--brokers", "3"])
             .stdin(Stdio::piped())
@@ -193,7 +193,7 @@ pub async fn ensure_topics(brokers: &str, topic: &str, partitions: i32) -> anyho
     if !existing.iter().any(|name| name == topic) {
         wanted.push(NewTopic::new(topic, partitions, TopicReplication::Fixed(1)));
     }
-    if !existing.iter().any(|name| *name == dead_letter) {
+    if !existing.contains(&dead_letter) {
         wanted.push(NewTopic::new(&dead_letter, 1, TopicReplication::Fixed(1)));
     }
     if wanted.is_empty() {
