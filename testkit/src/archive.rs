@@ -56,16 +56,51 @@ impl ArchiveReport {
     }
 }
 
-/// Reads `partitions`' manifest chains of `config.kafka.topic` from `config.storage` and checks them: sequence
-/// numbers without gaps, `start_offset` of each manifest equal to the previous `end_offset` (from 0),
-/// `prev_sha256` links, file SHA-256s, rows inside their manifest's range, every offset below the head archived
-/// exactly once (so the workload must not repeat an event id within a batch), no rejected records, no offset
-/// gaps, and no event file that no manifest names.
-pub async fn verify_archive(config: &Config, partitions: &[i32]) -> anyhow::Result<ArchiveReport> {
+/// An event's identity, `(tenant_id, conversation_id, event_id)`: what readers collapse copies by.
+pub type Identity = (String, String, String);
+
+/// What [`audit_archive`] found: the hard checks passed (else it fails); these findings are for the caller to
+/// judge, because some are legitimate in some workloads.
+#[derive(Debug, Default)]
+pub struct ArchiveAudit {
+    /// Each partition's committed end offset (the chain head).
+    pub heads: BTreeMap<i32, i64>,
+    /// Committed manifests, over all partitions.
+    pub manifests: usize,
+    /// Files named by committed manifests.
+    pub files: usize,
+    /// Archived rows.
+    pub rows: usize,
+    /// How many archived rows carry each event id.
+    pub rows_per_event_id: HashMap<String, usize>,
+    /// How many archived rows carry each identity.
+    pub rows_per_identity: HashMap<Identity, usize>,
+    /// `(partition, seq, from, to)` of every committed offset gap: records the archive does not hold.
+    pub offset_gaps: Vec<(i32, u64, i64, i64)>,
+    /// `(partition, seq, offset, reason)` of every rejected record.
+    pub rejected_records: Vec<(i32, u64, i64, String)>,
+    /// `(partition, offset)` of records archived in more than one row.
+    pub offsets_archived_twice: Vec<(i32, i64)>,
+    /// Per partition, offsets covered by a manifest (neither a gap nor rejected) that no row holds: the archiver
+    /// collapses copies of one identity within a batch into one row, so a retried send produced twice into the
+    /// same batch leaves one offset without a row. Any other cause is loss.
+    pub offsets_without_row: BTreeMap<i32, Vec<i64>>,
+    /// Paths of the files committed manifests name.
+    pub named_files: HashSet<String>,
+    /// Objects under `events/` that no committed manifest names.
+    pub orphans: Vec<String>,
+}
+
+/// Reads `partitions`' manifest chains of `config.kafka.topic` from `config.storage` the way an auditor would.
+/// Fails on what can never be right: a chain that does not verify (sequence numbers without gaps, contiguous
+/// offsets from 0, `prev_sha256` links), a file whose bytes differ from its manifest's SHA-256 or that cannot be
+/// decrypted and decoded, a row of another partition or outside its manifest's offset range. Collects the rest
+/// (see [`ArchiveAudit`]); the bucket is listed directly for orphans.
+pub async fn audit_archive(config: &Config, partitions: &[i32]) -> anyhow::Result<ArchiveAudit> {
     let store = object_store_from_config(&config.storage)?;
     let keys = data_keys(config)?;
     let chains = ChainReader::new(store.clone(), &config.kafka.topic);
-    let mut report = ArchiveReport::default();
+    let mut audit = ArchiveAudit::default();
     let mut named_files = HashSet::new();
     for &partition in partitions {
         // The chain checks (sequence numbers without gaps, contiguous offsets from 0, hash links) are the
@@ -74,20 +109,25 @@ pub async fn verify_archive(config: &Config, partitions: &[i32]) -> anyhow::Resu
         if let Some(error) = verified.error {
             anyhow::bail!("partition {partition}: {error}");
         }
-        let mut expected_start = 0i64;
+        let mut end = 0i64;
         let mut offsets = BTreeSet::new();
+        let mut not_in_files = BTreeSet::new();
         for (manifest, _) in verified.manifests {
             let seq = manifest.seq;
-            ensure!(
-                manifest.rejected_records.is_empty(),
-                "partition {partition} seq {seq}: rejected records {:?}",
-                manifest.rejected_records
-            );
-            ensure!(
-                manifest.offset_gaps.is_empty(),
-                "partition {partition} seq {seq}: no record may be skipped: {:?}",
-                manifest.offset_gaps
-            );
+            audit.manifests += 1;
+            for rejected in &manifest.rejected_records {
+                audit.rejected_records.push((
+                    partition,
+                    seq,
+                    rejected.offset,
+                    rejected.reason.clone(),
+                ));
+                not_in_files.insert(rejected.offset);
+            }
+            for gap in &manifest.offset_gaps {
+                audit.offset_gaps.push((partition, seq, gap.from, gap.to));
+                not_in_files.extend(gap.from..gap.to);
+            }
             for file in &manifest.files {
                 let bytes = store
                     .get(&file.path.as_str().into())
@@ -114,43 +154,80 @@ pub async fn verify_archive(config: &Config, partitions: &[i32]) -> anyhow::Resu
                         file.path,
                         row.kafka_offset
                     );
-                    ensure!(
-                        offsets.insert(row.kafka_offset),
-                        "partition {partition} offset {} archived twice",
-                        row.kafka_offset
-                    );
-                    *report
+                    if !offsets.insert(row.kafka_offset) {
+                        audit
+                            .offsets_archived_twice
+                            .push((partition, row.kafka_offset));
+                    }
+                    audit.rows += 1;
+                    let event = row.event;
+                    *audit
                         .rows_per_event_id
-                        .entry(row.event.event_id)
+                        .entry(event.event_id.clone())
+                        .or_default() += 1;
+                    *audit
+                        .rows_per_identity
+                        .entry((event.tenant_id, event.conversation_id, event.event_id))
                         .or_default() += 1;
                 }
+                audit.files += 1;
                 named_files.insert(file.path.clone());
             }
-            expected_start = manifest.end_offset;
+            end = manifest.end_offset;
         }
-        let missing: Vec<i64> = (0..expected_start)
-            .filter(|offset| !offsets.contains(offset))
+        let without_row: Vec<i64> = (0..end)
+            .filter(|offset| !offsets.contains(offset) && !not_in_files.contains(offset))
             .collect();
-        ensure!(
-            missing.is_empty(),
-            "partition {partition}: offsets {missing:?} are covered by manifests but not archived"
-        );
-        report.heads.insert(partition, expected_start);
+        if !without_row.is_empty() {
+            audit.offsets_without_row.insert(partition, without_row);
+        }
+        audit.heads.insert(partition, end);
     }
     let stored: Vec<String> = store
         .list(Some(&"events".into()))
         .map_ok(|meta| meta.location.to_string())
         .try_collect()
         .await?;
-    let orphans: Vec<&String> = stored
-        .iter()
-        .filter(|path| !named_files.contains(*path))
+    audit.orphans = stored
+        .into_iter()
+        .filter(|path| !named_files.contains(path))
         .collect();
+    audit.named_files = named_files;
+    Ok(audit)
+}
+
+/// [`audit_archive`], failing on every finding: every offset below the head archived exactly once (so the
+/// workload must not repeat an event id within a batch), no rejected records, no offset gaps, and no event file
+/// that no manifest names.
+pub async fn verify_archive(config: &Config, partitions: &[i32]) -> anyhow::Result<ArchiveReport> {
+    let audit = audit_archive(config, partitions).await?;
+    if let Some((partition, seq, offset, reason)) = audit.rejected_records.first() {
+        anyhow::bail!(
+            "partition {partition} seq {seq}: rejected record at offset {offset}: {reason}"
+        );
+    }
+    if let Some((partition, seq, from, to)) = audit.offset_gaps.first() {
+        anyhow::bail!(
+            "partition {partition} seq {seq}: no record may be skipped: gap [{from}, {to})"
+        );
+    }
+    if let Some((partition, offset)) = audit.offsets_archived_twice.first() {
+        anyhow::bail!("partition {partition} offset {offset} archived twice");
+    }
+    if let Some((partition, missing)) = audit.offsets_without_row.iter().next() {
+        anyhow::bail!(
+            "partition {partition}: offsets {missing:?} are covered by manifests but not archived"
+        );
+    }
     ensure!(
-        orphans.is_empty(),
-        "files outside any manifest remain: {orphans:?}"
+        audit.orphans.is_empty(),
+        "files outside any manifest remain: {:?}",
+        audit.orphans
     );
-    Ok(report)
+    Ok(ArchiveReport {
+        heads: audit.heads,
+        rows_per_event_id: audit.rows_per_event_id,
+    })
 }
 
 /// [`verify_archive`] over every partition of the topic on `brokers`, plus: every partition archived up to its

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub const SECRET_KEY: &str = "chatvault-test-secret";
 
 pub struct S3Server {
     pub endpoint: String,
+    address: SocketAddr,
     pub bucket: String,
     root: TempDir,
     task: JoinHandle<()>,
@@ -44,7 +46,8 @@ impl S3Server {
             lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let endpoint = format!("http://{}", listener.local_addr()?);
+        let address = listener.local_addr()?;
+        let endpoint = format!("http://{address}");
         let task = tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());
             loop {
@@ -61,6 +64,7 @@ impl S3Server {
         });
         Ok(S3Server {
             endpoint,
+            address,
             bucket: bucket.to_string(),
             root,
             task,
@@ -69,10 +73,15 @@ impl S3Server {
 
     /// `storage` settings pointing chatvault at this server over the S3 protocol.
     pub fn storage_config(&self) -> StorageConfig {
+        self.storage_config_at(&self.endpoint)
+    }
+
+    /// [`S3Server::storage_config`] with another endpoint in front of this server (a proxy).
+    pub fn storage_config_at(&self, endpoint: &str) -> StorageConfig {
         StorageConfig {
             url: format!("s3://{}", self.bucket),
             options: BTreeMap::from([
-                ("aws_endpoint".to_string(), self.endpoint.clone()),
+                ("aws_endpoint".to_string(), endpoint.to_string()),
                 ("aws_allow_http".to_string(), "true".to_string()),
                 ("aws_region".to_string(), "us-east-1".to_string()),
                 ("aws_access_key_id".to_string(), ACCESS_KEY.to_string()),
@@ -83,6 +92,11 @@ impl S3Server {
                 ),
             ]),
         }
+    }
+
+    /// The server's loopback address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
     }
 
     /// The directory holding the bucket's objects (object key = relative path), for readers that take files
