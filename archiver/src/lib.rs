@@ -4,7 +4,7 @@
 //! Stages, each in its own module:
 //! - [`role`]: the lifecycle ([`Archiver::run`]): start-up checks, the poll thread, the shutdown deadline,
 //!   leaving the consumer group.
-//! - [`kafka`]: librdkafka glue: the rebalance callback (assign and pause, nothing else), lag statistics, the
+//! - `kafka`: librdkafka glue: the rebalance callback (assign and pause, nothing else), lag statistics, the
 //!   poll loop, the [`poller::Broker`] over the consumer.
 //! - [`poller`]: the poll thread's state machine. It owns every piece of partition state: loading chain
 //!   heads (on the runtime, never inside the rebalance callback), the open batches, sealing by size, count or

@@ -42,7 +42,7 @@ use crate::gaps::{self, GapCheck, GapVerdict};
 use crate::lane::{BatchOutcome, CommitStages, Lane, LaneReport};
 use crate::stats::ArchiverStats;
 
-/// What the poll thread asks of Kafka besides polling. Implemented over librdkafka in [`crate::kafka`].
+/// What the poll thread asks of Kafka besides polling. Implemented over librdkafka in `kafka.rs`.
 pub trait Broker {
     /// Stops fetching `partition` (records already fetched may still arrive).
     fn pause(&self, partition: i32) -> std::result::Result<(), String>;
