@@ -257,18 +257,13 @@ impl WebhookService {
         let body = match read {
             Err(_elapsed) => {
                 integration.stats.reject("timeout");
-                let mut response = plain(
+                return closing(plain(
                     StatusCode::REQUEST_TIMEOUT,
                     &format!(
                         "the body was not received within {} ms",
                         self.http_limits.body_read_timeout.as_millis()
                     ),
-                );
-                response.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-                return response;
+                ));
             }
             Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(error)) => {
@@ -280,7 +275,10 @@ impl WebhookService {
                     return too_large(self.max_body_bytes);
                 }
                 integration.stats.reject("malformed");
-                return plain(StatusCode::BAD_REQUEST, "could not read the request body");
+                return closing(plain(
+                    StatusCode::BAD_REQUEST,
+                    "could not read the request body",
+                ));
             }
         };
         let now_secs = chatvault_core::time::now_micros() / 1_000_000;
@@ -395,11 +393,23 @@ fn plain(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     response
 }
 
+/// Refused before the whole body was read: the connection is closed after the answer.
 fn too_large(limit: usize) -> Response<Full<Bytes>> {
-    plain(
+    closing(plain(
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("body is larger than {limit} bytes"),
-    )
+    ))
+}
+
+/// Marks an answer given before the request's body was read whole: the rest of the body is still on the
+/// connection, so it cannot carry another request. Saying so (`Connection: close`) keeps a client from sending
+/// its next request on a connection the server is closing (it would see the connection end with no answer).
+fn closing(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    response.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 fn respond(answer: &super::WebhookResponse) -> Response<Full<Bytes>> {
