@@ -439,25 +439,13 @@ impl<B: Broker> Poller<B> {
                 return;
             }
             Err(error) => {
-                owned.failures += 1;
-                let delay = partition_backoff(owned.failures);
-                tracing::warn!(partition, %error, retry_in_ms = delay.as_millis() as u64,
-                    "reading the manifest chain head failed; retrying");
-                owned.phase = Phase::Loading {
-                    retry_at: Some(Instant::now() + delay),
-                };
+                self.load_again_later(partition, "reading the manifest chain head", &error);
                 return;
             }
         };
         let start = (head.next_seq > 0).then_some(head.end_offset);
         if let Err(error) = self.broker.seek(partition, start) {
-            let owned = self.partitions.get_mut(&partition).expect("owned");
-            owned.failures += 1;
-            let delay = partition_backoff(owned.failures);
-            tracing::warn!(partition, %error, "seeking to the chain head failed; retrying");
-            owned.phase = Phase::Loading {
-                retry_at: Some(Instant::now() + delay),
-            };
+            self.load_again_later(partition, "seeking to the chain head", &error);
             return;
         }
         if head.next_seq > 0 {
@@ -486,6 +474,19 @@ impl<B: Broker> Poller<B> {
         owned.lane = Some(lane);
         owned.phase = Phase::Consuming;
         self.reconcile_pause(partition);
+    }
+
+    /// A transient failure while loading: the partition stays loading and tries again after its backoff.
+    fn load_again_later(&mut self, partition: i32, what: &str, error: &dyn std::fmt::Display) {
+        let Some(owned) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        owned.failures += 1;
+        let delay = partition_backoff(owned.failures);
+        tracing::warn!(partition, %error, retry_in_ms = delay.as_millis() as u64, "{what} failed; retrying");
+        owned.phase = Phase::Loading {
+            retry_at: Some(Instant::now() + delay),
+        };
     }
 
     fn on_report(&mut self, report: LaneReport) {
