@@ -10,11 +10,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chatvault_core::config::Config;
 use chatvault_proto::v1::IngestBatchRequest;
 use chatvault_testkit::archive::{verify_exactly_once, wait_for_archive};
 use chatvault_testkit::kafka::TestKafka;
@@ -24,38 +23,7 @@ use chatvault_testkit::pipeline::{
 };
 use chatvault_testkit::process::wait_for_exit;
 use chatvault_testkit::s3::S3Server;
-use common::{Rng, workload};
-
-/// Environment for a `chatvault archiver` process with `config`'s settings.
-fn archiver_command(config: &Config, crash_at: Option<&str>) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_chatvault"));
-    command
-        .arg("archiver")
-        .env("CHATVAULT__KAFKA__BROKERS", &config.kafka.brokers)
-        .env("CHATVAULT__KAFKA__TOPIC", &config.kafka.topic)
-        .env("CHATVAULT__STORAGE__URL", &config.storage.url)
-        .env("CHATVAULT__KEYS__KEYRING_PATH", &config.keys.keyring_path)
-        .env("CHATVAULT__ARCHIVER__GROUP_ID", &config.archiver.group_id)
-        .env("CHATVAULT__ARCHIVER__MAX_BATCH_AGE_MS", "300")
-        .env("CHATVAULT__ARCHIVER__MAX_BATCH_EVENTS", "150")
-        .env("CHATVAULT__ARCHIVER__SESSION_TIMEOUT_MS", "6000")
-        // Several archivers run at once: each takes a free port for its metrics endpoint.
-        .env("CHATVAULT__TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "warn,chatvault_archiver=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    for (key, value) in &config.storage.options {
-        command.env(
-            format!("CHATVAULT__STORAGE__OPTIONS__{}", key.to_uppercase()),
-            value,
-        );
-    }
-    match crash_at {
-        Some(point) => command.env("CHATVAULT_CRASH_AT", point),
-        None => command.env_remove("CHATVAULT_CRASH_AT"),
-    };
-    command
-}
+use common::{Rng, archiver_command, workload};
 
 /// Keeps sending batches through the gateway until `stop` is set; returns the acknowledged event ids.
 fn spawn_ingest(
@@ -103,11 +71,13 @@ async fn killed_archivers_lose_and_duplicate_nothing() -> anyhow::Result<()> {
     let kafka = TestKafka::start(TOPIC, 3)?;
     let s3 = S3Server::start("archive").await?;
     let keyring = tempfile::tempdir()?;
-    let config = test_config(
+    let mut config = test_config(
         &kafka.brokers,
         s3.storage_config(),
         &keyring.path().join("keyring.json"),
     );
+    config.archiver.max_batch_age_ms = 300;
+    config.archiver.max_batch_events = 150;
     let gateway = start_gateway(&config).await?;
     let stop = Arc::new(Mutex::new(false));
     let ingest = spawn_ingest(gateway.endpoint(), stop.clone(), 100);

@@ -1,19 +1,31 @@
 //! Offsets Kafka no longer holds. librdkafka's mock broker keeps at most about 5 MB (or 100,000 records) per
 //! partition and moves its log-start offset past older records, as retention does on a real broker. Records
 //! deleted before they were archived are committed as an `offset_gaps` range of the manifest (the loss made
-//! visible), because the broker confirms they are gone; what the broker still holds is archived. (A gap the
-//! broker does not confirm is fetched again and then halts the partition: `archiver::gaps`, unit-tested.)
+//! visible), because the broker confirms they are gone; what the broker still holds is archived.
+//!
+//! Offsets a broker skips while it still holds them are never a gap: behind a Kafka-protocol proxy that
+//! answers a fetch from inside a record batch with the next batch (tansu 0.6.0's defect), the archiver fetches
+//! again from before the gap and archives everything; behind one that never serves the batch, the partition
+//! halts (readiness says so) and nothing is committed past the last archived offset until the broker
+//! behaves.
 
+mod common;
+
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chatvault_archive::chain::ChainReader;
 use chatvault_archive::manifest::{ChainHead, OffsetGap};
+use chatvault_core::config::Config;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
-use chatvault_testkit::archive::wait_for_archive;
+use chatvault_testkit::archive::{verify_exactly_once, wait_for_archive};
 use chatvault_testkit::kafka::TestKafka;
-use chatvault_testkit::pipeline::{TOPIC, start_archiver, test_config};
+use chatvault_testkit::kafka_proxy::{FetchFault, KafkaProxy};
+use chatvault_testkit::pipeline::{TOPIC, start_archiver, test_config, wait_until};
+use chatvault_testkit::process::wait_for_exit;
 use chatvault_testkit::s3::S3Server;
+use common::archiver_command;
 use prost::Message;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -117,5 +129,201 @@ async fn records_deleted_by_the_broker_before_archiving_are_committed_as_a_gap()
         6_000 - log_start,
         "every record the broker still held is archived"
     );
+    Ok(())
+}
+
+/// One chat event of conversation `C1` of tenant `acme`, numbered `index`.
+fn numbered_event(index: i64) -> ChatEvent {
+    ChatEvent {
+        event_id: format!("e{index}"),
+        tenant_id: "acme".into(),
+        conversation_id: "C1".into(),
+        message_id: format!("m{index}"),
+        kind: EventKind::MessageCreated as i32,
+        sender: Some(Sender {
+            id: "U1".into(),
+            ..Default::default()
+        }),
+        occurred_at_micros: 1_764_000_000_000_000 + index,
+        received_at_micros: 1_764_000_000_000_000 + index,
+        text: format!("message {index}"),
+        ..Default::default()
+    }
+}
+
+/// Produces events `range` to partition 0 as one Kafka record batch (all sent within the producer's linger).
+async fn produce_one_batch(brokers: &str, range: std::ops::Range<i64>) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "500")
+        .create()?;
+    let sends = range.map(|index| {
+        let (producer, value) = (producer.clone(), numbered_event(index).encode_to_vec());
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(TOPIC)
+                        .partition(0)
+                        .key("acme/C1")
+                        .payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(error, _)| error)
+        }
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent?;
+    }
+    Ok(())
+}
+
+/// Offsets 0..99 in one record batch and 100..199 in a second; an archiver process committed 0..39 and
+/// 40..79 and was killed, so the chain head (80) lies inside the first batch: the next owner fetches from
+/// there, as after any reassignment.
+async fn chain_head_inside_a_batch(config: &Config) -> anyhow::Result<()> {
+    produce_one_batch(&config.kafka.brokers, 0..100).await?;
+    let mut first = archiver_command(config, Some("after_commit:2")).spawn()?;
+    let status = wait_for_exit(&mut first, Duration::from_secs(60)).await;
+    if status.is_none() {
+        first.kill()?;
+        anyhow::bail!("the first archiver never committed its second batch");
+    }
+    let store = object_store_from_config(&config.storage)?;
+    let head = ChainReader::new(store, TOPIC).head(0).await?;
+    anyhow::ensure!(
+        head.end_offset == 80,
+        "the first archiver should have committed 0..79, committed up to {}",
+        head.end_offset
+    );
+    produce_one_batch(&config.kafka.brokers, 100..200).await?;
+    Ok(())
+}
+
+/// Every manifest of partition 0, checked as a chain: `(gaps, archived rows)`.
+async fn committed_gaps_and_rows(config: &Config) -> anyhow::Result<(Vec<OffsetGap>, u64)> {
+    let store = object_store_from_config(&config.storage)?;
+    let verified = ChainReader::new(store, TOPIC)
+        .read_after(0, &ChainHead::empty())
+        .await;
+    if let Some(error) = verified.error {
+        anyhow::bail!("the chain does not verify: {error:?}");
+    }
+    let gaps = verified
+        .manifests
+        .iter()
+        .flat_map(|(manifest, _)| manifest.offset_gaps.clone())
+        .collect();
+    let rows = verified
+        .manifests
+        .iter()
+        .flat_map(|(manifest, _)| manifest.files.iter().map(|file| file.rows))
+        .sum();
+    Ok((gaps, rows))
+}
+
+fn all_event_ids() -> BTreeSet<String> {
+    (0..200).map(|index| format!("e{index}")).collect()
+}
+
+fn gap_test_config(
+    brokers: &str,
+    storage: chatvault_core::config::StorageConfig,
+    keyring: &std::path::Path,
+) -> Config {
+    let mut config = test_config(brokers, storage, keyring);
+    config.archiver.max_batch_events = 40;
+    config.archiver.max_batch_age_ms = 300;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_a_broker_skipped_but_still_holds_are_fetched_again_not_committed_as_a_gap()
+-> anyhow::Result<()> {
+    let kafka = TestKafka::start(TOPIC, 1)?;
+    let s3 = S3Server::start("archive").await?;
+    let keyring = tempfile::tempdir()?;
+    let config = gap_test_config(
+        &kafka.brokers,
+        s3.storage_config(),
+        &keyring.path().join("keyring.json"),
+    );
+    chain_head_inside_a_batch(&config).await?;
+
+    // The next owner reaches Kafka through a proxy that answers the fetch from offset 80 with offsets 100..199.
+    let proxy = KafkaProxy::start(&kafka.brokers).await?;
+    proxy.set_fault(FetchFault::SkipFromInsideBatch);
+    let mut through_proxy = config.clone();
+    through_proxy.kafka.brokers = proxy.brokers.clone();
+    let (archiver, _stats) = start_archiver(&through_proxy, "second").await?;
+    let archived = wait_for_archive(&config, &kafka.brokers, Duration::from_secs(60)).await?;
+    archiver.stop().await?;
+    assert!(
+        proxy.skipped_batches() >= 1,
+        "the proxy never skipped a batch: the test did not exercise the defect"
+    );
+    assert!(archived, "not archived up to the high watermark");
+
+    let (gaps, rows) = committed_gaps_and_rows(&config).await?;
+    assert_eq!(
+        gaps,
+        vec![],
+        "offsets the broker still held were committed as a gap"
+    );
+    assert_eq!(rows, 200, "every record archived once");
+    verify_exactly_once(&config, &kafka.brokers, &all_event_ids()).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_keeps_skipping_held_offsets_halts_the_partition_instead_of_losing_them()
+-> anyhow::Result<()> {
+    let kafka = TestKafka::start(TOPIC, 1)?;
+    let s3 = S3Server::start("archive").await?;
+    let keyring = tempfile::tempdir()?;
+    let config = gap_test_config(
+        &kafka.brokers,
+        s3.storage_config(),
+        &keyring.path().join("keyring.json"),
+    );
+    chain_head_inside_a_batch(&config).await?;
+
+    // Through a proxy that never serves the batch holding the fetched offset, however far back it is asked.
+    let proxy = KafkaProxy::start(&kafka.brokers).await?;
+    proxy.set_fault(FetchFault::SkipHoldingBatch);
+    let mut through_proxy = config.clone();
+    through_proxy.kafka.brokers = proxy.brokers.clone();
+    let (archiver, stats) = start_archiver(&through_proxy, "second").await?;
+    let halted = wait_until(Duration::from_secs(60), || {
+        stats.halted_now.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(halted, "the partition was not halted");
+    let reason = stats.unready_reason().unwrap_or_default();
+    assert!(
+        reason.contains("1 owned partition(s) halted"),
+        "readiness: {reason:?}"
+    );
+    let (gaps, rows) = committed_gaps_and_rows(&config).await?;
+    assert_eq!(
+        gaps,
+        vec![],
+        "offsets the broker still held were committed as a gap"
+    );
+    assert_eq!(rows, 80, "nothing committed past the last archived offset");
+    archiver.stop().await?;
+
+    // Once the broker serves the records again, a restarted archiver archives them all.
+    proxy.set_fault(FetchFault::None);
+    let (archiver, _stats) = start_archiver(&through_proxy, "third").await?;
+    let archived = wait_for_archive(&config, &kafka.brokers, Duration::from_secs(60)).await?;
+    archiver.stop().await?;
+    assert!(archived, "not archived up to the high watermark");
+    let (gaps, rows) = committed_gaps_and_rows(&config).await?;
+    assert_eq!(gaps, vec![]);
+    assert_eq!(rows, 200);
+    verify_exactly_once(&config, &kafka.brokers, &all_event_ids()).await?;
     Ok(())
 }

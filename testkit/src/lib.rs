@@ -7,6 +7,7 @@
 //! - [`process`]: the `chatvault` binary as child processes (configuration files, SIGTERM, exit timing);
 //! - [`proxy`]: a TCP proxy that freezes on demand, to make a real peer hang;
 //! - [`fault_proxy`]: an HTTP proxy injecting S3 errors, latency and lost answers in front of the S3 server;
+//! - [`kafka_proxy`]: a Kafka-protocol proxy that can answer fetches with a later record batch (a broker defect);
 //! - [`broker`]: a Kafka broker (the mock cluster) in its own process, restartable, or an external one;
 //! - [`python`]: the virtualenv with DuckDB and pyarrow installed by `scripts/setup-test-deps.sh`.
 
@@ -14,6 +15,7 @@ pub mod archive;
 pub mod broker;
 pub mod fault_proxy;
 pub mod kafka;
+pub mod kafka_proxy;
 pub mod otlp;
 pub mod pipeline;
 pub mod process;

@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::process::{Command, Stdio};
 
+use chatvault_core::config::Config;
 use chatvault_core::event::{EventLimits, validate_and_complete};
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender, Source};
 
@@ -220,4 +222,42 @@ pub fn model_messages(events: &[&ChatEvent]) -> HashMap<String, ModelMessage> {
         }
     }
     model
+}
+
+/// A `chatvault archiver` process with `config`'s Kafka, storage, keys and batching settings, aborting at
+/// `crash_at` (`CHATVAULT_CRASH_AT`, see `archiver/src/crash.rs`) when given.
+pub fn archiver_command(config: &Config, crash_at: Option<&str>) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chatvault"));
+    command
+        .arg("archiver")
+        .env("CHATVAULT__KAFKA__BROKERS", &config.kafka.brokers)
+        .env("CHATVAULT__KAFKA__TOPIC", &config.kafka.topic)
+        .env("CHATVAULT__STORAGE__URL", &config.storage.url)
+        .env("CHATVAULT__KEYS__KEYRING_PATH", &config.keys.keyring_path)
+        .env("CHATVAULT__ARCHIVER__GROUP_ID", &config.archiver.group_id)
+        .env(
+            "CHATVAULT__ARCHIVER__MAX_BATCH_AGE_MS",
+            config.archiver.max_batch_age_ms.to_string(),
+        )
+        .env(
+            "CHATVAULT__ARCHIVER__MAX_BATCH_EVENTS",
+            config.archiver.max_batch_events.to_string(),
+        )
+        .env("CHATVAULT__ARCHIVER__SESSION_TIMEOUT_MS", "6000")
+        // Several archivers run at once: each takes a free port for its metrics endpoint.
+        .env("CHATVAULT__TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn,chatvault_archiver=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (key, value) in &config.storage.options {
+        command.env(
+            format!("CHATVAULT__STORAGE__OPTIONS__{}", key.to_uppercase()),
+            value,
+        );
+    }
+    match crash_at {
+        Some(point) => command.env("CHATVAULT_CRASH_AT", point),
+        None => command.env_remove("CHATVAULT_CRASH_AT"),
+    };
+    command
 }
