@@ -16,7 +16,7 @@ pub mod layout;
 pub mod manifest;
 pub mod schema;
 
-use chatvault_core::error::Error;
+use chatvault_core::error::{Coded, Error, ErrorCode};
 use chatvault_proto::v1::ChatEvent;
 
 /// A failure of the Parquet or Arrow libraries, kept as the source of the chatvault error it becomes.
@@ -31,7 +31,14 @@ pub enum FormatError {
 /// A Parquet or Arrow failure as a chatvault error: internal (a bug, or a file that is not what its manifest
 /// says; the restorer checks every file's SHA-256 before decoding it).
 pub(crate) fn format_error(error: impl Into<FormatError>) -> Error {
-    Error::internal(error.into().to_string())
+    let error = error.into();
+    Error::caused_by(error.code(), error.to_string(), error)
+}
+
+impl Coded for FormatError {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::Internal
+    }
 }
 
 /// An event together with the Kafka record it was archived from.

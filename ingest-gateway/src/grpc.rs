@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::config::GatewayConfig;
-use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::error::Coded;
 use chatvault_core::event::validate_and_complete;
 use chatvault_core::metrics::{metrics, rejection_labels, source_label};
 use chatvault_core::telemetry::{grpc_server_span, record_span_error};
@@ -28,7 +28,10 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::error::IngestError;
 use crate::producer::{EventProducer, PendingDelivery, await_all};
+
+type Result<T, E = IngestError> = std::result::Result<T, E>;
 
 /// Acknowledgements a single stream may have outstanding before it waits for the oldest: bounds the memory a
 /// fast sender can pin.
@@ -52,10 +55,10 @@ struct Admitted {
 }
 
 impl Admission {
-    fn refuse(error: Error) -> Status {
+    fn refuse(error: IngestError) -> Status {
         metrics()
             .requests_rejected
-            .add(1, &rejection_labels("grpc", error.code().as_str()));
+            .add(1, &rejection_labels("grpc", error.reason()));
         error.into()
     }
 }
@@ -64,13 +67,10 @@ impl tonic::service::Interceptor for Admission {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let principal = authenticate(&self.authenticator, &request).map_err(Admission::refuse)?;
         let slot = self.calls.clone().try_acquire_owned().map_err(|_| {
-            Admission::refuse(Error::new(
-                ErrorCode::ResourceExhausted,
-                format!(
-                    "the gateway is serving its limit of {} calls (gateway.max_grpc_calls); retry after a short backoff",
-                    self.max_calls
-                ),
-            ))
+            Admission::refuse(IngestError::Overloaded(format!(
+                "the gateway is serving its limit of {} calls (gateway.max_grpc_calls); retry after a short backoff",
+                self.max_calls
+            )))
         })?;
         request.extensions_mut().insert(Admitted {
             principal,
@@ -85,7 +85,7 @@ fn authenticate<T>(authenticator: &Authenticator, request: &Request<T>) -> Resul
         .metadata()
         .get("authorization")
         .map(|value| value.to_str().unwrap_or_default());
-    authenticator.authenticate(header)
+    Ok(authenticator.authenticate(header)?)
 }
 
 #[derive(Debug, Clone)]
@@ -134,9 +134,9 @@ impl IngestGrpc {
                 principal: authenticate(&self.authenticator, request)?,
                 _slot: Arc::new(self.admission.calls.clone().try_acquire_owned().map_err(
                     |_| {
-                        Error::new(
-                            ErrorCode::ResourceExhausted,
-                            "the gateway is serving its limit of calls (gateway.max_grpc_calls)",
+                        IngestError::Overloaded(
+                            "the gateway is serving its limit of calls (gateway.max_grpc_calls)"
+                                .into(),
                         )
                     },
                 )?),
@@ -152,13 +152,9 @@ impl IngestGrpc {
         field_prefix: &str,
     ) -> Result<ChatEvent> {
         let mut event = event
-            .ok_or_else(|| Error::invalid_argument(format!("{field_prefix}event is required")))?;
+            .ok_or_else(|| IngestError::InvalidEvent(format!("{field_prefix}event is required")))?;
         validate_and_complete(&mut event, Source::Grpc, &self.config.limits).map_err(|error| {
-            if field_prefix.is_empty() {
-                error
-            } else {
-                Error::new(error.code(), format!("{field_prefix}{}", error.message()))
-            }
+            IngestError::InvalidEvent(format!("{field_prefix}{}", error.message()))
         })?;
         principal.require(&event.tenant_id, Role::Ingest)?;
         Ok(event)
@@ -168,7 +164,7 @@ impl IngestGrpc {
 const INGEST_SERVICE: &str = "chatvault.v1.IngestService";
 
 /// Records a call's outcome in its span and in the accepted/rejected counters.
-fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &Error>) {
+fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &IngestError>) {
     match result {
         Ok(events) => {
             span.record("events", events);
@@ -180,7 +176,7 @@ fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &Error>)
             record_span_error(span, error.code());
             metrics()
                 .requests_rejected
-                .add(1, &rejection_labels("grpc", error.code().as_str()));
+                .add(1, &rejection_labels("grpc", error.reason()));
         }
     }
 }
@@ -204,10 +200,10 @@ impl IngestGrpc {
         let principal = &caller.principal;
         let events = request.into_inner().events;
         if events.is_empty() {
-            return Err(Error::invalid_argument("events must not be empty"));
+            return Err(IngestError::malformed("events must not be empty"));
         }
         if events.len() > self.config.max_batch_events {
-            return Err(Error::invalid_argument(format!(
+            return Err(IngestError::malformed(format!(
                 "events has {} items, over the limit of {} per batch",
                 events.len(),
                 self.config.max_batch_events
@@ -238,7 +234,7 @@ impl IngestGrpc {
         let outcome: Result<()> = async {
             while let Some(message) = stream.next().await {
                 let message = message.map_err(|status| {
-                    Error::invalid_argument(format!("reading the stream: {}", status.message()))
+                    IngestError::malformed(format!("reading the stream: {}", status.message()))
                 })?;
                 let event = self.admit(principal, message.event, &format!("stream[{index}]."))?;
                 index += 1;
@@ -254,7 +250,7 @@ impl IngestGrpc {
         }
         .await;
         let acknowledged = await_all(in_flight).await;
-        let result = outcome.and(acknowledged);
+        let result = outcome.and(acknowledged.map_err(IngestError::from));
         produce.span.record("messaging.batch.message_count", index);
         produce.finish(&result);
         result?;

@@ -196,7 +196,7 @@ pub struct ProduceSpan {
 
 impl ProduceSpan {
     /// Records the produce latency and outcome, and ends the span.
-    pub fn finish<T>(self, result: &Result<T>) {
+    pub fn finish<T, E>(self, result: &std::result::Result<T, E>) {
         let outcome = match result {
             Ok(_) => "ok",
             Err(_) => "error",

@@ -14,9 +14,9 @@ use ring::signature::{ED25519, UnparsedPublicKey};
 use serde_json::{Value, json};
 
 use super::{
-    Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, check_signed_timestamp,
-    header,
+    Accepted, PlatformHandler, WebhookRequest, WebhookResponse, check_signed_timestamp, header,
 };
+use crate::error::IngestError;
 
 pub struct Discord {
     public_keys: Vec<Vec<u8>>,
@@ -36,14 +36,18 @@ impl Discord {
         Ok(Discord { public_keys })
     }
 
-    fn verify(&self, request: &WebhookRequest<'_>) -> Result<(), Rejection> {
+    fn verify(&self, request: &WebhookRequest<'_>) -> Result<(), IngestError> {
         let signature = header(request.headers, "x-signature-ed25519")
             .and_then(|value| hex::decode(value).ok())
             .ok_or_else(|| {
-                Rejection::unauthorized("signature", "missing or malformed X-Signature-Ed25519")
+                IngestError::unauthenticated(
+                    "signature",
+                    "missing or malformed X-Signature-Ed25519",
+                )
             })?;
-        let timestamp = header(request.headers, "x-signature-timestamp")
-            .ok_or_else(|| Rejection::unauthorized("signature", "missing X-Signature-Timestamp"))?;
+        let timestamp = header(request.headers, "x-signature-timestamp").ok_or_else(|| {
+            IngestError::unauthenticated("signature", "missing X-Signature-Timestamp")
+        })?;
         // The timestamp is signed with the body: a captured request must not replay forever.
         check_signed_timestamp(request, "X-Signature-Timestamp", timestamp)?;
         let mut signed = Vec::with_capacity(timestamp.len() + request.body.len());
@@ -57,7 +61,7 @@ impl Discord {
         if verified {
             Ok(())
         } else {
-            Err(Rejection::unauthorized(
+            Err(IngestError::unauthenticated(
                 "signature",
                 "X-Signature-Ed25519 does not verify",
             ))
@@ -66,19 +70,19 @@ impl Discord {
 }
 
 impl PlatformHandler for Discord {
-    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection> {
+    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, IngestError> {
         self.verify(request)?;
         parse_payload(tenant, request.body)
     }
 }
 
 /// Interprets a verified Discord body (public so the fuzz targets reach it without a signature).
-pub fn parse_payload(tenant: &str, body: &[u8]) -> Result<Accepted, Rejection> {
+pub fn parse_payload(tenant: &str, body: &[u8]) -> Result<Accepted, IngestError> {
     let payload: Value = serde_json::from_slice(body)
-        .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
+        .map_err(|error| IngestError::malformed(format!("body is not JSON: {error}")))?;
     let payload_type = payload["type"]
         .as_i64()
-        .ok_or_else(|| Rejection::malformed("type must be an integer"))?;
+        .ok_or_else(|| IngestError::malformed("type must be an integer"))?;
     if payload["event"].is_object() || (payload_type == 0 && payload["application_id"].is_string())
     {
         // Webhook events.
@@ -140,7 +144,7 @@ pub fn parse_payload(tenant: &str, body: &[u8]) -> Result<Accepted, Rejection> {
                 response: WebhookResponse::json(&json!({ "type": answer })),
             })
         }
-        other => Err(Rejection::malformed(format!(
+        other => Err(IngestError::malformed(format!(
             "unknown interaction type {other}"
         ))),
     }
@@ -153,16 +157,16 @@ fn message_event(
     kind: EventKind,
     raw: &[u8],
     event_time: &Value,
-) -> Result<ChatEvent, Rejection> {
+) -> Result<ChatEvent, IngestError> {
     if !message.is_object() {
-        return Err(Rejection::malformed("message payload is not an object"));
+        return Err(IngestError::malformed("message payload is not an object"));
     }
     let text = |value: &Value| value.as_str().unwrap_or_default().to_string();
     let conversation = match (&message["channel_id"], &message["lobby_id"]) {
         (Value::String(channel), _) => channel.clone(),
         (_, Value::String(lobby)) => format!("lobby:{lobby}"),
         _ => {
-            return Err(Rejection::malformed(
+            return Err(IngestError::malformed(
                 "message has neither channel_id nor lobby_id",
             ));
         }
@@ -176,7 +180,7 @@ fn message_event(
         .and_then(parse_rfc3339_micros)
         .or_else(|| message["timestamp"].as_str().and_then(parse_rfc3339_micros))
         .or_else(|| event_time.as_str().and_then(parse_rfc3339_micros))
-        .ok_or_else(|| Rejection::malformed("message.timestamp must be an RFC 3339 timestamp"))?;
+        .ok_or_else(|| IngestError::malformed("message.timestamp must be an RFC 3339 timestamp"))?;
     let author = &message["author"];
     let sender = author["id"].as_str().map(|id| Sender {
         id: id.to_string(),
@@ -251,7 +255,7 @@ mod tests {
             let headers = signed(&timestamp);
             let result = discord.handle("acme", &request(&headers, body.as_bytes()));
             match result {
-                Err(Rejection::Unauthorized {
+                Err(IngestError::Unauthenticated {
                     reason: "stale_timestamp",
                     message,
                 }) => assert!(

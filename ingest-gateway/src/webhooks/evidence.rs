@@ -21,7 +21,7 @@ use chatvault_proto::v1::ChatEvent;
 use ring::digest;
 use serde_json::value::RawValue;
 
-use super::Rejection;
+use crate::error::IngestError;
 
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -45,10 +45,10 @@ pub struct Item<'a> {
 
 impl<'a> Item<'a> {
     /// The item that serde_json borrowed from `body` as `raw`.
-    pub fn of(body: &'a [u8], raw: &'a RawValue) -> Result<Item<'a>, Rejection> {
+    pub fn of(body: &'a [u8], raw: &'a RawValue) -> Result<Item<'a>, IngestError> {
         let json = raw.get();
         let range = range_in(body, json).ok_or_else(|| {
-            Rejection::malformed("an item of the body could not be located in it")
+            IngestError::malformed("an item of the body could not be located in it")
         })?;
         Ok(Item {
             json,
@@ -62,9 +62,9 @@ impl<'a> Item<'a> {
         body: &'a [u8],
         raw: &'a RawValue,
         what: &str,
-    ) -> Result<Vec<Item<'a>>, Rejection> {
+    ) -> Result<Vec<Item<'a>>, IngestError> {
         let elements: Vec<&'a RawValue> = serde_json::from_str(raw.get())
-            .map_err(|_| Rejection::malformed(format!("{what} must be an array")))?;
+            .map_err(|_| IngestError::malformed(format!("{what} must be an array")))?;
         elements
             .into_iter()
             .map(|element| Item::of(body, element))

@@ -9,7 +9,8 @@ use chatvault_core::error::{Error, Result};
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender, Source};
 use serde_json::Value;
 
-use super::{Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, header};
+use super::{Accepted, PlatformHandler, WebhookRequest, WebhookResponse, header};
+use crate::error::IngestError;
 
 pub struct Mattermost {
     tokens: Vec<String>,
@@ -25,15 +26,15 @@ impl Mattermost {
 }
 
 impl PlatformHandler for Mattermost {
-    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection> {
+    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, IngestError> {
         let content_type =
             header(request.headers, "content-type").unwrap_or("application/x-www-form-urlencoded");
         let fields: HashMap<String, String> = if content_type.starts_with("application/json") {
             let value: Value = serde_json::from_slice(request.body)
-                .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
+                .map_err(|error| IngestError::malformed(format!("body is not JSON: {error}")))?;
             let object = value
                 .as_object()
-                .ok_or_else(|| Rejection::malformed("body must be a JSON object"))?;
+                .ok_or_else(|| IngestError::malformed("body must be a JSON object"))?;
             object
                 .iter()
                 .map(|(key, value)| {
@@ -46,11 +47,11 @@ impl PlatformHandler for Mattermost {
                 .collect()
         } else if content_type.starts_with("application/x-www-form-urlencoded") {
             if std::str::from_utf8(request.body).is_err() {
-                return Err(Rejection::malformed("form body is not UTF-8"));
+                return Err(IngestError::malformed("form body is not UTF-8"));
             }
             form_urlencoded::parse(request.body).into_owned().collect()
         } else {
-            return Err(Rejection::malformed(format!(
+            return Err(IngestError::malformed(format!(
                 "unsupported content type {content_type}"
             )));
         };
@@ -60,18 +61,21 @@ impl PlatformHandler for Mattermost {
             found | constant_time_eq(token.as_bytes(), presented.as_bytes())
         });
         if presented.is_empty() || !matched {
-            return Err(Rejection::unauthorized("token", "token does not match"));
+            return Err(IngestError::unauthenticated(
+                "token",
+                "token does not match",
+            ));
         }
-        let required = |name: &str| -> Result<String, Rejection> {
+        let required = |name: &str| -> Result<String, IngestError> {
             fields
                 .get(name)
                 .filter(|value| !value.is_empty())
                 .cloned()
-                .ok_or_else(|| Rejection::malformed(format!("{name} is required")))
+                .ok_or_else(|| IngestError::malformed(format!("{name} is required")))
         };
-        let timestamp_ms: i64 = required("timestamp")?
-            .parse()
-            .map_err(|_| Rejection::malformed("timestamp must be milliseconds since the epoch"))?;
+        let timestamp_ms: i64 = required("timestamp")?.parse().map_err(|_| {
+            IngestError::malformed("timestamp must be milliseconds since the epoch")
+        })?;
         let event = ChatEvent {
             tenant_id: tenant.to_string(),
             source: Source::Mattermost as i32,
@@ -85,7 +89,7 @@ impl PlatformHandler for Mattermost {
                 is_bot: false,
             }),
             occurred_at_micros: timestamp_ms.checked_mul(1000).ok_or_else(|| {
-                Rejection::malformed(
+                IngestError::malformed(
                     "timestamp is not a plausible time (milliseconds since the epoch)",
                 )
             })?,

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use chatvault_core::config::{WebhookConfig, WebhookPlatform};
 use chatvault_core::error::{Error, Result};
+
+use crate::error::IngestError;
 use chatvault_core::metrics::{metrics, rejection_labels, source_label};
 use chatvault_proto::v1::ChatEvent;
 use http::HeaderMap;
@@ -89,34 +91,9 @@ pub struct Accepted {
     pub response: WebhookResponse,
 }
 
-/// Why a request was refused; each maps to a status and a counter reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rejection {
-    /// 401: signature, token or timestamp did not verify.
-    Unauthorized {
-        reason: &'static str,
-        message: String,
-    },
-    /// 400: the body is not what the platform sends; the message names the problem.
-    Malformed(String),
-}
-
-impl Rejection {
-    pub fn unauthorized(reason: &'static str, message: impl Into<String>) -> Rejection {
-        Rejection::Unauthorized {
-            reason,
-            message: message.into(),
-        }
-    }
-
-    pub fn malformed(message: impl Into<String>) -> Rejection {
-        Rejection::Malformed(message.into())
-    }
-}
-
 /// A platform's verification and normalization.
 pub trait PlatformHandler: Send + Sync {
-    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection>;
+    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, IngestError>;
 }
 
 /// Counters of one integration: accepted events, answered redeliveries and rejected requests by reason. Each
@@ -280,9 +257,9 @@ pub(crate) fn check_signed_timestamp(
     request: &WebhookRequest<'_>,
     name: &str,
     value: &str,
-) -> Result<(), Rejection> {
+) -> Result<(), IngestError> {
     let seconds: i64 = value.trim().parse().map_err(|_| {
-        Rejection::unauthorized(
+        IngestError::unauthenticated(
             "signature",
             format!("{name} is not an integer number of seconds"),
         )
@@ -290,7 +267,7 @@ pub(crate) fn check_signed_timestamp(
     if within_replay_window(request.now_secs, seconds, request.replay_window_secs) {
         Ok(())
     } else {
-        Err(Rejection::unauthorized(
+        Err(IngestError::unauthenticated(
             "stale_timestamp",
             format!(
                 "{name} {seconds} is stale: outside the replay window of {} seconds around now ({})",
@@ -367,11 +344,12 @@ pub(crate) mod test_support {
     }
 
     /// The rejection reason, or `ok`.
-    pub fn outcome(result: Result<Accepted, Rejection>) -> String {
+    pub fn outcome(result: Result<Accepted, IngestError>) -> String {
         match result {
             Ok(_) => "ok".into(),
-            Err(Rejection::Unauthorized { reason, .. }) => reason.into(),
-            Err(Rejection::Malformed(message)) => format!("malformed: {message}"),
+            Err(IngestError::Unauthenticated { reason, .. }) => reason.into(),
+            Err(IngestError::Malformed(message)) => format!("malformed: {message}"),
+            Err(other) => format!("{}: {other}", other.reason()),
         }
     }
 }

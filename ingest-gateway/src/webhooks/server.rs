@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatvault_core::auth::{Authenticator, Role};
 use chatvault_core::config::GatewayConfig;
-use chatvault_core::error::{ErrorCode, Result};
+use chatvault_core::error::{Coded, ErrorCode, Result};
 use chatvault_core::event::{EventLimits, validate_and_complete};
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::telemetry::continue_remote_trace;
@@ -30,7 +30,8 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::evidence;
-use super::{Integration, Rejection, WebhookRequest};
+use super::{Integration, WebhookRequest};
+use crate::error::IngestError;
 use crate::producer::EventProducer;
 
 /// Seconds a platform is asked to wait before retrying when Kafka cannot take events.
@@ -246,8 +247,12 @@ impl WebhookService {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<usize>().ok());
         if declared.is_some_and(|length| length > self.max_body_bytes) {
-            integration.stats.reject("too_large");
-            return too_large(self.max_body_bytes);
+            return refuse(
+                &integration,
+                IngestError::TooLarge {
+                    limit: self.max_body_bytes,
+                },
+            );
         }
         let read = tokio::time::timeout(
             self.http_limits.body_read_timeout,
@@ -256,29 +261,22 @@ impl WebhookService {
         .await;
         let body = match read {
             Err(_elapsed) => {
-                integration.stats.reject("timeout");
-                return closing(plain(
-                    StatusCode::REQUEST_TIMEOUT,
-                    &format!(
-                        "the body was not received within {} ms",
-                        self.http_limits.body_read_timeout.as_millis()
-                    ),
-                ));
+                let millis = self.http_limits.body_read_timeout.as_millis();
+                return refuse(&integration, IngestError::BodyTimeout { millis });
             }
             Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(error)) => {
-                if error
+                let refusal = if error
                     .downcast_ref::<http_body_util::LengthLimitError>()
                     .is_some()
                 {
-                    integration.stats.reject("too_large");
-                    return too_large(self.max_body_bytes);
-                }
-                integration.stats.reject("malformed");
-                return closing(plain(
-                    StatusCode::BAD_REQUEST,
-                    "could not read the request body",
-                ));
+                    IngestError::TooLarge {
+                        limit: self.max_body_bytes,
+                    }
+                } else {
+                    IngestError::UnreadableBody(error)
+                };
+                return refuse(&integration, refusal);
             }
         };
         let now_secs = chatvault_core::time::now_micros() / 1_000_000;
@@ -294,15 +292,7 @@ impl WebhookService {
             .handle(&integration.tenant, &webhook_request)
         {
             Ok(accepted) => accepted,
-            Err(Rejection::Unauthorized { reason, message }) => {
-                integration.stats.reject(reason);
-                tracing::warn!(integration = %integration.name, reason, "webhook rejected: {message}");
-                return plain(StatusCode::UNAUTHORIZED, &message);
-            }
-            Err(Rejection::Malformed(message)) => {
-                integration.stats.reject("malformed");
-                return plain(StatusCode::BAD_REQUEST, &message);
-            }
+            Err(refusal) => return refuse(&integration, refusal),
         };
         if let Some(delivery) = &accepted.delivery_id
             && integration.recent.contains(delivery)
@@ -321,10 +311,11 @@ impl WebhookService {
         if let Err(why) = evidence::seal(&body, &mut events) {
             // A handler bug, not the sender's fault: 500, so the platform retries once it is fixed.
             tracing::error!(integration = %integration.name, "webhook evidence: {why}");
-            integration.stats.reject("internal");
-            return plain(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the gateway could not keep this delivery as evidence",
+            return refuse(
+                &integration,
+                IngestError::Internal(
+                    "the gateway could not keep this delivery as evidence".into(),
+                ),
             );
         }
         let envelope = events
@@ -332,26 +323,24 @@ impl WebhookService {
             .map(|event| event.delivery_envelope.len())
             .sum::<usize>();
         if envelope > self.limits.max_raw_payload_bytes {
-            integration.stats.reject("invalid_event");
-            return plain(
-                StatusCode::BAD_REQUEST,
-                &format!(
+            return refuse(
+                &integration,
+                IngestError::InvalidEvent(format!(
                     "the body outside its items is {envelope} bytes, over the limit of {} (gateway.limits.max_raw_payload_bytes)",
                     self.limits.max_raw_payload_bytes
-                ),
+                )),
             );
         }
         for (index, event) in events.iter_mut().enumerate() {
             if let Err(error) = validate_and_complete(event, source, &self.limits) {
-                integration.stats.reject("invalid_event");
                 let prefix = if index == 0 {
                     String::new()
                 } else {
                     format!("event {index}: ")
                 };
-                return plain(
-                    StatusCode::BAD_REQUEST,
-                    &format!("{prefix}{}", error.message()),
+                return refuse(
+                    &integration,
+                    IngestError::InvalidEvent(format!("{prefix}{}", error.message())),
                 );
             }
         }
@@ -364,23 +353,45 @@ impl WebhookService {
                 respond(&accepted.response)
             }
             Err(error) => {
-                integration.stats.reject("kafka_unavailable");
-                tracing::warn!(integration = %integration.name, %error, "webhook events not acknowledged by Kafka");
-                let mut response = plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the archive cannot take events right now; retry later",
-                );
-                response.headers_mut().insert(
-                    http::header::RETRY_AFTER,
-                    http::HeaderValue::from(RETRY_AFTER_SECS),
-                );
-                if error.code() == ErrorCode::InvalidArgument {
-                    return plain(StatusCode::BAD_REQUEST, error.message());
-                }
-                response
+                // A record Kafka refuses (too large) is the sender's; anything else is retried.
+                let refusal = match error.code() {
+                    ErrorCode::InvalidArgument => IngestError::InvalidEvent(error.message().into()),
+                    _ => IngestError::KafkaUnavailable(error),
+                };
+                refuse(&integration, refusal)
             }
         }
     }
+}
+
+/// The answer to a refused webhook request, from its error's code: the status, `Retry-After` when a retry
+/// can succeed, `Connection: close` when the body was left unread. Counts the refusal under its reason and
+/// logs those that are not the sender's fault or that concern authentication.
+fn refuse(integration: &Integration, error: IngestError) -> Response<Full<Bytes>> {
+    integration.stats.reject(error.reason());
+    let code = error.code();
+    match &error {
+        IngestError::Unauthenticated { reason, .. } => {
+            tracing::warn!(integration = %integration.name, reason, "webhook rejected: {error}");
+        }
+        IngestError::KafkaUnavailable(_) | IngestError::Internal(_) => {
+            tracing::warn!(integration = %integration.name, error = %error, "webhook not acknowledged");
+        }
+        _ => {}
+    }
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = plain(status, &error.to_string());
+    if code.is_retryable() {
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from(RETRY_AFTER_SECS),
+        );
+    }
+    if error.body_left_unread() {
+        response = closing(response);
+    }
+    response
 }
 
 fn plain(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
@@ -391,14 +402,6 @@ fn plain(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// Refused before the whole body was read: the connection is closed after the answer.
-fn too_large(limit: usize) -> Response<Full<Bytes>> {
-    closing(plain(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &format!("body is larger than {limit} bytes"),
-    ))
 }
 
 /// Marks an answer given before the request's body was read whole: the rest of the body is still on the

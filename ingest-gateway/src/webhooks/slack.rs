@@ -15,9 +15,10 @@ use ring::hmac;
 use serde_json::{Value, json};
 
 use super::{
-    Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, check_signed_timestamp,
-    header, slack_style_mentions,
+    Accepted, PlatformHandler, WebhookRequest, WebhookResponse, check_signed_timestamp, header,
+    slack_style_mentions,
 };
+use crate::error::IngestError;
 
 pub struct Slack {
     keys: Vec<hmac::Key>,
@@ -36,16 +37,16 @@ impl Slack {
         })
     }
 
-    fn verify(&self, request: &WebhookRequest<'_>) -> Result<(), Rejection> {
+    fn verify(&self, request: &WebhookRequest<'_>) -> Result<(), IngestError> {
         let timestamp = header(request.headers, "x-slack-request-timestamp").ok_or_else(|| {
-            Rejection::unauthorized("signature", "missing X-Slack-Request-Timestamp")
+            IngestError::unauthenticated("signature", "missing X-Slack-Request-Timestamp")
         })?;
         check_signed_timestamp(request, "X-Slack-Request-Timestamp", timestamp)?;
         let signature = header(request.headers, "x-slack-signature")
             .and_then(|value| value.strip_prefix("v0="))
             .and_then(|hex_signature| hex::decode(hex_signature).ok())
             .ok_or_else(|| {
-                Rejection::unauthorized("signature", "missing or malformed X-Slack-Signature")
+                IngestError::unauthenticated("signature", "missing or malformed X-Slack-Signature")
             })?;
         let mut signed = Vec::with_capacity(request.body.len() + timestamp.len() + 4);
         signed.extend_from_slice(b"v0:");
@@ -60,7 +61,7 @@ impl Slack {
         {
             Ok(())
         } else {
-            Err(Rejection::unauthorized(
+            Err(IngestError::unauthenticated(
                 "signature",
                 "X-Slack-Signature does not match",
             ))
@@ -69,16 +70,16 @@ impl Slack {
 }
 
 impl PlatformHandler for Slack {
-    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection> {
+    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, IngestError> {
         self.verify(request)?;
         let envelope: Value = serde_json::from_slice(request.body)
-            .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
+            .map_err(|error| IngestError::malformed(format!("body is not JSON: {error}")))?;
         let kind = envelope["type"].as_str().unwrap_or_default();
         match kind {
             "url_verification" => {
-                let challenge = envelope["challenge"]
-                    .as_str()
-                    .ok_or_else(|| Rejection::malformed("url_verification without a challenge"))?;
+                let challenge = envelope["challenge"].as_str().ok_or_else(|| {
+                    IngestError::malformed("url_verification without a challenge")
+                })?;
                 Ok(Accepted {
                     events: vec![],
                     delivery_id: None,
@@ -102,7 +103,7 @@ impl PlatformHandler for Slack {
                     .unwrap_or(request.now_secs);
                 let occurred_at_micros =
                     minute.checked_mul(MICROS_PER_SECOND).ok_or_else(|| {
-                        Rejection::malformed("minute_rate_limited is not a plausible time")
+                        IngestError::malformed("minute_rate_limited is not a plausible time")
                     })?;
                 let gap = ChatEvent {
                     tenant_id: tenant.to_string(),
@@ -122,7 +123,7 @@ impl PlatformHandler for Slack {
                     response: WebhookResponse::empty(200),
                 })
             }
-            "" => Err(Rejection::malformed("body has no type field")),
+            "" => Err(IngestError::malformed("body has no type field")),
             _ => Ok(Accepted {
                 events: vec![],
                 delivery_id: None,
@@ -136,14 +137,14 @@ fn text(value: &Value) -> String {
     value.as_str().unwrap_or_default().to_string()
 }
 
-fn slack_time(value: &Value, what: &str) -> Result<i64, Rejection> {
+fn slack_time(value: &Value, what: &str) -> Result<i64, IngestError> {
     let raw = match value {
         Value::String(ts) => ts.clone(),
         Value::Number(number) => number.to_string(),
-        _ => return Err(Rejection::malformed(format!("{what} is missing"))),
+        _ => return Err(IngestError::malformed(format!("{what} is missing"))),
     };
     parse_slack_ts(&raw)
-        .ok_or_else(|| Rejection::malformed(format!("{what} is not a Slack timestamp")))
+        .ok_or_else(|| IngestError::malformed(format!("{what} is not a Slack timestamp")))
 }
 
 fn sender(user: &Value, bot: bool) -> Option<Sender> {
@@ -188,10 +189,10 @@ pub fn normalize_event(
     tenant: &str,
     envelope: &Value,
     raw: &[u8],
-) -> Result<Vec<ChatEvent>, Rejection> {
+) -> Result<Vec<ChatEvent>, IngestError> {
     let event = &envelope["event"];
     if !event.is_object() {
-        return Err(Rejection::malformed(
+        return Err(IngestError::malformed(
             "event_callback without an event object",
         ));
     }
@@ -323,16 +324,16 @@ pub fn normalize_event(
 }
 
 /// `event.event_ts` when present, else the envelope's `event_time` (seconds).
-fn event_time(event: &Value, envelope: &Value) -> Result<i64, Rejection> {
+fn event_time(event: &Value, envelope: &Value) -> Result<i64, IngestError> {
     if !event["event_ts"].is_null() {
         return slack_time(&event["event_ts"], "event.event_ts");
     }
-    let seconds = envelope["event_time"]
-        .as_i64()
-        .ok_or_else(|| Rejection::malformed("neither event.event_ts nor event_time is present"))?;
+    let seconds = envelope["event_time"].as_i64().ok_or_else(|| {
+        IngestError::malformed("neither event.event_ts nor event_time is present")
+    })?;
     seconds
         .checked_mul(MICROS_PER_SECOND)
-        .ok_or_else(|| Rejection::malformed("event_time is not a plausible time"))
+        .ok_or_else(|| IngestError::malformed("event_time is not a plausible time"))
 }
 
 #[cfg(test)]

@@ -23,9 +23,9 @@ use serde_json::value::RawValue;
 
 use super::evidence::{Item, is_json_object};
 use super::{
-    Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse, check_signed_timestamp,
-    header,
+    Accepted, PlatformHandler, WebhookRequest, WebhookResponse, check_signed_timestamp, header,
 };
+use crate::error::IngestError;
 
 pub struct StandardWebhooks {
     integration: String,
@@ -57,15 +57,17 @@ impl StandardWebhooks {
         })
     }
 
-    fn verify(&self, request: &WebhookRequest<'_>) -> Result<String, Rejection> {
+    fn verify(&self, request: &WebhookRequest<'_>) -> Result<String, IngestError> {
         let id = header(request.headers, "webhook-id")
             .filter(|id| !id.is_empty())
-            .ok_or_else(|| Rejection::unauthorized("signature", "missing webhook-id"))?;
-        let timestamp = header(request.headers, "webhook-timestamp")
-            .ok_or_else(|| Rejection::unauthorized("signature", "missing webhook-timestamp"))?;
+            .ok_or_else(|| IngestError::unauthenticated("signature", "missing webhook-id"))?;
+        let timestamp = header(request.headers, "webhook-timestamp").ok_or_else(|| {
+            IngestError::unauthenticated("signature", "missing webhook-timestamp")
+        })?;
         check_signed_timestamp(request, "webhook-timestamp", timestamp)?;
-        let signatures = header(request.headers, "webhook-signature")
-            .ok_or_else(|| Rejection::unauthorized("signature", "missing webhook-signature"))?;
+        let signatures = header(request.headers, "webhook-signature").ok_or_else(|| {
+            IngestError::unauthenticated("signature", "missing webhook-signature")
+        })?;
         let mut signed = Vec::with_capacity(id.len() + timestamp.len() + request.body.len() + 2);
         signed.extend_from_slice(id.as_bytes());
         signed.push(b'.');
@@ -84,7 +86,7 @@ impl StandardWebhooks {
         if verified {
             Ok(id.to_string())
         } else {
-            Err(Rejection::unauthorized(
+            Err(IngestError::unauthenticated(
                 "signature",
                 "no webhook-signature matches",
             ))
@@ -93,7 +95,7 @@ impl StandardWebhooks {
 }
 
 impl PlatformHandler for StandardWebhooks {
-    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, Rejection> {
+    fn handle(&self, tenant: &str, request: &WebhookRequest<'_>) -> Result<Accepted, IngestError> {
         let webhook_id = self.verify(request)?;
         let events = self.parse_payload(tenant, &webhook_id, request.body)?;
         Ok(Accepted {
@@ -113,7 +115,7 @@ impl StandardWebhooks {
         tenant: &str,
         webhook_id: &str,
         body: &[u8],
-    ) -> Result<Vec<ChatEvent>, Rejection> {
+    ) -> Result<Vec<ChatEvent>, IngestError> {
         /// The envelope's two fields; `data` stays unparsed bytes of the body.
         #[derive(serde::Deserialize)]
         struct Payload<'a> {
@@ -123,10 +125,10 @@ impl StandardWebhooks {
             data: Option<&'a RawValue>,
         }
         if !is_json_object(body) {
-            return Err(Rejection::malformed("body is not a JSON object"));
+            return Err(IngestError::malformed("body is not a JSON object"));
         }
         let payload: Payload<'_> = serde_json::from_slice(body)
-            .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
+            .map_err(|error| IngestError::malformed(format!("body is not JSON: {error}")))?;
         let data = match payload.data {
             Some(raw) => Some((raw, Item::of(body, raw)?)),
             None => None,
@@ -137,19 +139,21 @@ impl StandardWebhooks {
                 Item::elements(body, raw, "data")?
             }
             (Some("chat.event" | "chat.events"), _) => {
-                return Err(Rejection::malformed(
+                return Err(IngestError::malformed(
                     "data must be an object (chat.event) or an array (chat.events)",
                 ));
             }
-            (Some(other), _) => return Err(Rejection::malformed(format!("unknown type {other}"))),
-            (None, _) => return Err(Rejection::malformed("type is required")),
+            (Some(other), _) => {
+                return Err(IngestError::malformed(format!("unknown type {other}")));
+            }
+            (None, _) => return Err(IngestError::malformed("type is required")),
         };
         items
             .into_iter()
             .enumerate()
             .map(|(index, item)| {
                 let value: Value = serde_json::from_str(item.json).map_err(|error| {
-                    Rejection::malformed(format!("data[{index}] is not JSON: {error}"))
+                    IngestError::malformed(format!("data[{index}] is not JSON: {error}"))
                 })?;
                 Ok(item.attach(self.event(tenant, webhook_id, index, &value)?))
             })
@@ -164,25 +168,25 @@ impl StandardWebhooks {
         webhook_id: &str,
         index: usize,
         item: &Value,
-    ) -> Result<ChatEvent, Rejection> {
-        let field = |name: &str| -> Result<String, Rejection> {
+    ) -> Result<ChatEvent, IngestError> {
+        let field = |name: &str| -> Result<String, IngestError> {
             match &item[name] {
                 Value::Null => Ok(String::new()),
                 Value::String(text) => Ok(text.clone()),
-                _ => Err(Rejection::malformed(format!(
+                _ => Err(IngestError::malformed(format!(
                     "data[{index}].{name} must be a string"
                 ))),
             }
         };
         let kind_text = field("kind")?;
         let kind = kind_from_name(&kind_text).ok_or_else(|| {
-            Rejection::malformed(format!(
+            IngestError::malformed(format!(
                 "data[{index}].kind {kind_text:?} is not a known event kind"
             ))
         })?;
         let occurred_text = field("occurred_at")?;
         let occurred_at_micros = parse_rfc3339_micros(&occurred_text).ok_or_else(|| {
-            Rejection::malformed(format!(
+            IngestError::malformed(format!(
                 "data[{index}].occurred_at must be an RFC 3339 timestamp"
             ))
         })?;
@@ -205,7 +209,7 @@ impl StandardWebhooks {
                     .unwrap_or(false),
             }),
             _ => {
-                return Err(Rejection::malformed(format!(
+                return Err(IngestError::malformed(format!(
                     "data[{index}].sender must be an object"
                 )));
             }
@@ -218,7 +222,7 @@ impl StandardWebhooks {
                 .map(str::to_string)
                 .collect(),
             _ => {
-                return Err(Rejection::malformed(format!(
+                return Err(IngestError::malformed(format!(
                     "data[{index}].mentions must be an array of user ids"
                 )));
             }
@@ -237,7 +241,7 @@ impl StandardWebhooks {
                 })
                 .collect(),
             _ => {
-                return Err(Rejection::malformed(format!(
+                return Err(IngestError::malformed(format!(
                     "data[{index}].attachments must be an array"
                 )));
             }

@@ -51,7 +51,8 @@ use serde_json::value::RawValue;
 use sha1::Sha1;
 
 use super::evidence::{Item, is_json_object};
-use super::{Accepted, PlatformHandler, Rejection, WebhookRequest, WebhookResponse};
+use super::{Accepted, PlatformHandler, WebhookRequest, WebhookResponse};
+use crate::error::IngestError;
 
 /// The app id of Microsoft Graph's change-notification publisher (`azp`/`appid` of its validation tokens).
 pub const GRAPH_NOTIFICATION_PUBLISHER: &str = "0bf30f3b-4a52-48df-9a82-234910c4a086";
@@ -296,24 +297,24 @@ impl Teams {
     }
 
     /// Verifies and decrypts one item's `encryptedContent` to the resource JSON.
-    fn decrypt(&self, index: usize, content: &Value) -> std::result::Result<Value, Rejection> {
-        let field = |name: &str| -> std::result::Result<Vec<u8>, Rejection> {
+    fn decrypt(&self, index: usize, content: &Value) -> std::result::Result<Value, IngestError> {
+        let field = |name: &str| -> std::result::Result<Vec<u8>, IngestError> {
             content[name]
                 .as_str()
                 .and_then(|text| BASE64.decode(text).ok())
                 .ok_or_else(|| {
-                    Rejection::malformed(format!(
+                    IngestError::malformed(format!(
                         "value[{index}].encryptedContent.{name} is missing or not base64"
                     ))
                 })
         };
         let certificate = content["encryptionCertificateId"].as_str().ok_or_else(|| {
-            Rejection::malformed(format!(
+            IngestError::malformed(format!(
                 "value[{index}].encryptedContent.encryptionCertificateId is missing"
             ))
         })?;
         let key = self.keys.get(certificate).ok_or_else(|| {
-            Rejection::malformed(format!(
+            IngestError::malformed(format!(
                 "value[{index}].encryptedContent.encryptionCertificateId {certificate:?} is not a configured certificate"
             ))
         })?;
@@ -321,13 +322,13 @@ impl Teams {
         let data = field("data")?;
         let data_signature = field("dataSignature")?;
         let symmetric = key.oaep_decrypt::<Sha1>(&wrapped).map_err(|_| {
-            Rejection::unauthorized(
+            IngestError::unauthenticated(
                 "signature",
                 format!("value[{index}].encryptedContent does not verify"),
             )
         })?;
         if symmetric.len() != 32 {
-            return Err(Rejection::unauthorized(
+            return Err(IngestError::unauthenticated(
                 "signature",
                 format!("value[{index}].encryptedContent does not verify"),
             ));
@@ -339,23 +340,23 @@ impl Teams {
             &data_signature,
         )
         .map_err(|_| {
-            Rejection::unauthorized(
+            IngestError::unauthenticated(
                 "signature",
                 format!("value[{index}].encryptedContent.dataSignature does not match"),
             )
         })?;
         let decryptor = cbc::Decryptor::<Aes256>::new_from_slices(&symmetric, &symmetric[..16])
-            .map_err(|_| Rejection::malformed("bad AES key length"))?;
+            .map_err(|_| IngestError::malformed("bad AES key length"))?;
         let mut buffer = data;
         let plain = decryptor
             .decrypt_padded::<Pkcs7>(&mut buffer)
             .map_err(|_| {
-                Rejection::malformed(format!(
+                IngestError::malformed(format!(
                     "value[{index}].encryptedContent.data is not AES-CBC/PKCS#7 under its dataKey"
                 ))
             })?;
         serde_json::from_slice(plain).map_err(|error| {
-            Rejection::malformed(format!(
+            IngestError::malformed(format!(
                 "value[{index}].encryptedContent.data is not JSON: {error}"
             ))
         })
@@ -372,13 +373,13 @@ fn private_key(id: &str, pem: &str) -> Result<rsa::PrivateKey> {
 }
 
 /// The `validationToken` query parameter, percent-decoded (`+` is kept: Graph percent-encodes).
-fn validation_token(query: Option<&str>) -> Option<std::result::Result<String, Rejection>> {
+fn validation_token(query: Option<&str>) -> Option<std::result::Result<String, IngestError>> {
     let value = query?
         .split('&')
         .find_map(|pair| pair.strip_prefix("validationToken="))?;
     Some(
         percent_decode(value)
-            .ok_or_else(|| Rejection::malformed("validationToken is not percent-encoded UTF-8")),
+            .ok_or_else(|| IngestError::malformed("validationToken is not percent-encoded UTF-8")),
     )
 }
 
@@ -433,11 +434,11 @@ fn timestamp(
     message: &Value,
     name: &str,
     index: usize,
-) -> std::result::Result<Option<i64>, Rejection> {
+) -> std::result::Result<Option<i64>, IngestError> {
     match non_empty(&message[name]) {
         None => Ok(None),
         Some(raw) => parse_rfc3339_micros(raw).map(Some).ok_or_else(|| {
-            Rejection::malformed(format!(
+            IngestError::malformed(format!(
                 "value[{index}] message {name} is not an RFC 3339 timestamp"
             ))
         }),
@@ -512,7 +513,7 @@ fn normalize(
     index: usize,
     item: &Value,
     message: Option<&Value>,
-) -> std::result::Result<Option<ChatEvent>, Rejection> {
+) -> std::result::Result<Option<ChatEvent>, IngestError> {
     let base = ChatEvent {
         tenant_id: tenant.to_string(),
         source: Source::Teams as i32,
@@ -545,7 +546,7 @@ fn normalize(
     let change = item["changeType"].as_str().unwrap_or_default();
     if !matches!(change, "created" | "updated" | "deleted") {
         if change.is_empty() {
-            return Err(Rejection::malformed(format!(
+            return Err(IngestError::malformed(format!(
                 "value[{index}] has neither changeType nor lifecycleEvent"
             )));
         }
@@ -561,7 +562,7 @@ fn normalize(
         .or_else(|| ids.get("replies").cloned())
         .or_else(|| ids.get("messages").cloned())
         .or_else(|| non_empty(&item["resourceData"]["id"]).map(str::to_string))
-        .ok_or_else(|| Rejection::malformed(format!("value[{index}] names no message")))?;
+        .ok_or_else(|| IngestError::malformed(format!("value[{index}] names no message")))?;
     let thread_id = match non_empty(&message_json["replyToId"]) {
         Some(root) => root.to_string(),
         None if ids.contains_key("replies") => from_resource("messages"),
@@ -574,7 +575,7 @@ fn normalize(
         .or_else(|| ids.get("chats").cloned())
         .or_else(|| ids.get("channels").cloned())
         .ok_or_else(|| {
-            Rejection::malformed(format!(
+            IngestError::malformed(format!(
                 "value[{index}] names no chat or channel (resource or chatMessage)"
             ))
         })?;
@@ -642,7 +643,7 @@ impl PlatformHandler for Teams {
         &self,
         tenant: &str,
         request: &WebhookRequest<'_>,
-    ) -> std::result::Result<Accepted, Rejection> {
+    ) -> std::result::Result<Accepted, IngestError> {
         if let Some(token) = validation_token(request.query) {
             return Ok(Accepted {
                 events: vec![],
@@ -674,37 +675,37 @@ impl PlatformHandler for Teams {
         }
         let body = request.body;
         if !is_json_object(body) {
-            return Err(Rejection::malformed("body is not JSON: not an object"));
+            return Err(IngestError::malformed("body is not JSON: not an object"));
         }
         let payload: Batch<'_> = serde_json::from_slice(body)
-            .map_err(|error| Rejection::malformed(format!("body is not JSON: {error}")))?;
+            .map_err(|error| IngestError::malformed(format!("body is not JSON: {error}")))?;
         let items = payload
             .value
             .filter(|value| value.get().starts_with('['))
-            .ok_or_else(|| Rejection::malformed("value must be an array of notifications"))?;
+            .ok_or_else(|| IngestError::malformed("value must be an array of notifications"))?;
         let items = Item::elements(body, items, "value")?;
         // Verification reads only clientState, tenantId and whether content is encrypted, borrowed from the
         // body, for every item before anything is decrypted or normalized.
         let mut rich = false;
         for (index, item) in items.iter().enumerate() {
             if !item.is_object() {
-                return Err(Rejection::malformed(format!(
+                return Err(IngestError::malformed(format!(
                     "value[{index}] must be an object"
                 )));
             }
             let credentials: Credentials<'_> =
                 serde_json::from_str(item.json).map_err(|error| {
-                    Rejection::malformed(format!("value[{index}] is not a notification: {error}"))
+                    IngestError::malformed(format!("value[{index}] is not a notification: {error}"))
                 })?;
             let presented = credentials.client_state.as_deref().unwrap_or_default();
             if !self.client_state_matches(presented) {
-                return Err(Rejection::unauthorized(
+                return Err(IngestError::unauthenticated(
                     "client_state",
                     format!("value[{index}].clientState does not match"),
                 ));
             }
             if !self.tenant_allowed(credentials.tenant_id.as_deref().unwrap_or_default()) {
-                return Err(Rejection::unauthorized(
+                return Err(IngestError::unauthenticated(
                     "tenant",
                     format!("value[{index}].tenantId is not an allowed tenant"),
                 ));
@@ -715,7 +716,7 @@ impl PlatformHandler for Teams {
         }
         let tokens = payload.validation_tokens.as_ref().and_then(Value::as_array);
         if rich && tokens.is_none_or(Vec::is_empty) {
-            return Err(Rejection::unauthorized(
+            return Err(IngestError::unauthenticated(
                 "jwt",
                 "rich notifications without validationTokens",
             ));
@@ -723,23 +724,23 @@ impl PlatformHandler for Teams {
         if rich || (tokens.is_some() && self.jwks.is_some()) {
             for token in tokens.into_iter().flatten() {
                 let token = token.as_str().ok_or_else(|| {
-                    Rejection::unauthorized("jwt", "a validation token is not a string")
+                    IngestError::unauthenticated("jwt", "a validation token is not a string")
                 })?;
                 self.verify_token(token, request.now_secs)
-                    .map_err(|why| Rejection::unauthorized("jwt", why))?;
+                    .map_err(|why| IngestError::unauthenticated("jwt", why))?;
             }
         }
         // One item parsed at a time: memory stays proportional to the body.
         let mut events = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
             let value: Value = serde_json::from_str(item.json).map_err(|error| {
-                Rejection::malformed(format!("value[{index}] is not JSON: {error}"))
+                IngestError::malformed(format!("value[{index}] is not JSON: {error}"))
             })?;
             let message = match &value["encryptedContent"] {
                 Value::Object(_) => Some(self.decrypt(index, &value["encryptedContent"])?),
                 Value::Null => None,
                 _ => {
-                    return Err(Rejection::malformed(format!(
+                    return Err(IngestError::malformed(format!(
                         "value[{index}].encryptedContent must be an object"
                     )));
                 }
@@ -873,7 +874,7 @@ mod tests {
         teams: &Teams,
         query: Option<&str>,
         body: &[u8],
-    ) -> std::result::Result<Accepted, Rejection> {
+    ) -> std::result::Result<Accepted, IngestError> {
         let headers = HeaderMap::new();
         teams.handle(
             "acme",
@@ -893,10 +894,11 @@ mod tests {
             .into_bytes()
     }
 
-    fn reason(result: std::result::Result<Accepted, Rejection>) -> String {
+    fn reason(result: std::result::Result<Accepted, IngestError>) -> String {
         match result {
-            Err(Rejection::Unauthorized { reason, .. }) => format!("401 {reason}"),
-            Err(Rejection::Malformed(message)) => format!("400 {message}"),
+            Err(IngestError::Unauthenticated { reason, .. }) => format!("401 {reason}"),
+            Err(IngestError::Malformed(message)) => format!("400 {message}"),
+            Err(other) => format!("{} {other}", other.reason()),
             Ok(accepted) => format!("ok {}", accepted.events.len()),
         }
     }
@@ -915,7 +917,7 @@ mod tests {
         assert_eq!(accepted.response.body, b"Validation: Testing+client/x");
         assert!(matches!(
             handle(&teams(), Some("validationToken=%ff"), b""),
-            Err(Rejection::Malformed(_))
+            Err(IngestError::Malformed(_))
         ));
     }
 
