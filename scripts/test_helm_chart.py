@@ -169,6 +169,16 @@ def volume_files(volume: dict) -> dict[str, tuple[str, str, str]]:
     return files
 
 
+def duration_seconds(text: str) -> float:
+    """A duration setting as the binary reads it ("500ms", "10s", "1m30s", "0")."""
+    if str(text) == "0":
+        return 0.0
+    parts = re.findall(r"(\d+)(ms|s|m|h)", str(text))
+    assert parts and "".join(n + u for n, u in parts) == str(text), f"not a duration: {text!r}"
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(int(number) * scale[unit] for number, unit in parts)
+
+
 def toml_paths(table: dict, prefix: str = "") -> set[str]:
     """Dotted paths of every key of a parsed TOML document; arrays of tables as `name[]`."""
     paths = set()
@@ -395,7 +405,7 @@ def main() -> int:
                         f"gateway: livenessProbe is not GET /healthz on the http port: {container.get('livenessProbe')}")
                     assert named.get("http") == values.get("gateway", {}).get("containerPorts", {}).get("http", 8080)
                 if component == "gateway":
-                    drain = values.get("config", {}).get("gateway", {}).get("drain_timeout_ms", 20000) / 1000
+                    drain = duration_seconds(values.get("config", {}).get("gateway", {}).get("drain_timeout", "20s"))
                     sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
                     assert sleep > 0, "gateway: no preStop sleep"
                     assert spec["terminationGracePeriodSeconds"] > sleep + drain, "gateway: grace period too short"
@@ -781,13 +791,13 @@ def main() -> int:
         "the metrics port on the standalone webhook port": ({"metrics": {"port": 8080}}, ["metrics.port", "8080"]),
         "an archiver grace period shorter than its shutdown": (
             with_distributed(archiver={"terminationGracePeriodSeconds": 30}),
-            ["archiver.terminationGracePeriodSeconds", "shutdown_timeout_ms"]),
+            ["archiver.terminationGracePeriodSeconds", "shutdown_timeout"]),
         "a standalone grace period shorter than its roles' deadlines in sequence": (
             {"standalone": {"terminationGracePeriodSeconds": 60}},
             ["standalone.terminationGracePeriodSeconds", "in sequence"]),
         "a restorer grace period shorter than its drain": (
             with_distributed(restorer={"terminationGracePeriodSeconds": 20}),
-            ["restorer.terminationGracePeriodSeconds", "drain_timeout_ms"]),
+            ["restorer.terminationGracePeriodSeconds", "drain_timeout"]),
         "Teams settings on a Slack webhook": (
             with_distributed(gateway={"webhooks": [
                 {"name": "w", "platform": "slack", "tenant": "demo", "secrets": ["x"], "appId": "a"}]}),

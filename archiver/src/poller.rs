@@ -814,7 +814,7 @@ impl<B: Broker> Poller<B> {
                 _ => {}
             }
         }
-        let max_age = self.config.max_batch_age();
+        let max_age = self.config.max_batch_age;
         for partition in &partitions {
             let due = self.partitions.get(partition).is_some_and(|owned| {
                 self.is_full(&owned.open)
@@ -845,7 +845,7 @@ impl<B: Broker> Poller<B> {
 
     /// Counts halted and stalled partitions for `/readyz` and the gauges; logs a partition once when it stalls.
     fn update_health(&mut self, now: Instant) {
-        let stall_after = self.config.stall_timeout();
+        let stall_after = self.config.stall_timeout;
         let (mut halted, mut stalled) = (0usize, 0usize);
         for (partition, owned) in self.partitions.iter_mut() {
             if owned.phase == Phase::Halted {
@@ -862,7 +862,7 @@ impl<B: Broker> Poller<B> {
                     archived_up_to = owned.head.end_offset,
                     stalled_for_ms = now.duration_since(owned.progress_at).as_millis() as u64,
                     failures = owned.failures,
-                    "this partition has records to archive and committed nothing for archiver.stall_timeout_ms; \
+                    "this partition has records to archive and committed nothing for archiver.stall_timeout; \
                      see the warnings before this line (storage, keys or the chain head)"
                 );
             } else if !is_stalled && owned.stalled {

@@ -297,9 +297,9 @@ fn event(partition: i32, offset: i64) -> ChatEvent {
 fn config() -> ArchiverConfig {
     ArchiverConfig {
         max_batch_events: 5,
-        max_batch_age_ms: 60_000,
+        max_batch_age: Duration::from_millis(60_000),
         max_pending_batches: 4,
-        stall_timeout_ms: 300,
+        stall_timeout: Duration::from_millis(300),
         ..ArchiverConfig::default()
     }
 }

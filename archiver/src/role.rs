@@ -3,9 +3,9 @@
 //!
 //! Shutdown ([`Archiver::run`]): the poll thread stops consuming ([`OnShutdown::StopConsuming`]) or first
 //! consumes up to the topic's end ([`OnShutdown::DrainTopic`]), the open batches are sealed, the commit lanes
-//! upload and commit them for up to `archiver.shutdown_timeout_ms` (then abandon the rest: it is still in
+//! upload and commit them for up to `archiver.shutdown_timeout` (then abandon the rest: it is still in
 //! Kafka), the Kafka offsets of the committed chain heads are committed synchronously, and the consumer leaves
-//! the group (bounded by `archiver.session_timeout_ms`).
+//! the group (bounded by `archiver.session_timeout`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -70,7 +70,7 @@ const ABANDON_GRACE: Duration = Duration::from_secs(1);
 impl Archiver {
     /// Runs until `shutdown`: consumes, batches, commits. At shutdown the open batches are sealed (after
     /// draining the topic with [`OnShutdown::DrainTopic`]) and committed for up to
-    /// `archiver.shutdown_timeout_ms`; what is not committed by then is abandoned, which loses nothing with
+    /// `archiver.shutdown_timeout`; what is not committed by then is abandoned, which loses nothing with
     /// [`OnShutdown::StopConsuming`] (the records are still in Kafka and the next owner resumes at the chain
     /// head). Then the Kafka offsets of the committed heads are committed and the consumer leaves the group.
     ///
@@ -98,11 +98,11 @@ impl Archiver {
             })??
         };
         let chain = ChainWriter::new(store.clone(), &topic);
-        // `abandon` fires `shutdown_timeout_ms` after shutdown was requested: uploads and retries stop there.
+        // `abandon` fires `shutdown_timeout` after shutdown was requested: uploads and retries stop there.
         let (abandon_trigger, abandon) = shutdown::channel();
         let deadline = {
             let shutdown = shutdown.clone();
-            let timeout = options.config.shutdown_timeout();
+            let timeout = options.config.shutdown_timeout;
             tokio::spawn(async move {
                 shutdown.deadline(timeout).await;
                 tracing::warn!(
@@ -202,13 +202,7 @@ impl Archiver {
         let durable = exit.as_ref().map(|e| e.durable.clone()).unwrap_or_default();
         match Arc::try_unwrap(consumer) {
             Ok(consumer) => {
-                kafka::leave_group(
-                    consumer,
-                    &topic,
-                    durable,
-                    Duration::from_millis(options.config.session_timeout_ms),
-                )
-                .await
+                kafka::leave_group(consumer, &topic, durable, options.config.session_timeout).await
             }
             Err(_) if exit.is_none() => {}
             Err(_) => tracing::warn!(
@@ -219,11 +213,11 @@ impl Archiver {
         match (options.on_shutdown, exit.map(|exit| exit.outcome)) {
             (OnShutdown::DrainTopic, Some(Err(shortfall))) => Err(Error::unavailable(format!(
                 "archiver shutdown: records acknowledged to senders were not archived before the deadline \
-                 (archiver.shutdown_timeout_ms) and Kafka does not outlive this process: {shortfall}"
+                 (archiver.shutdown_timeout) and Kafka does not outlive this process: {shortfall}"
             ))),
             (OnShutdown::DrainTopic, None) => Err(Error::unavailable(
                 "archiver shutdown: the poll thread did not finish draining the topic before the deadline \
-                 (archiver.shutdown_timeout_ms); records acknowledged to senders may not be archived",
+                 (archiver.shutdown_timeout); records acknowledged to senders may not be archived",
             )),
             _ => {
                 tracing::info!("archiver stopped");

@@ -24,7 +24,7 @@ pub struct ArchiverStats {
     pub halted_partitions: AtomicU64,
     /// Owned partitions halted right now.
     pub halted_now: AtomicU64,
-    /// Owned partitions with records to archive and no progress for `archiver.stall_timeout_ms`, right now.
+    /// Owned partitions with records to archive and no progress for `archiver.stall_timeout`, right now.
     pub stalled_now: AtomicU64,
     /// When the first record was consumed (microseconds since the epoch; 0 before), so throughput can be
     /// measured without the consumer-group join.
@@ -43,7 +43,7 @@ impl ArchiverStats {
             (0, 0) => None,
             _ => Some(format!(
                 "{halted} owned partition(s) halted and {stalled} stalled (records to archive, no commit \
-                 for archiver.stall_timeout_ms); see the archiver's error log"
+                 for archiver.stall_timeout); see the archiver's error log"
             )),
         }
     }

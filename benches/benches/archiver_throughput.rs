@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
             },
             config: ArchiverConfig {
                 group_id: format!("bench-{run}"),
-                max_batch_age_ms: 500,
+                max_batch_age: Duration::from_millis(500),
                 ..Default::default()
             },
             writer_id: "bench".into(),

@@ -135,6 +135,9 @@ async fn with_telemetry(
     role: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
     let telemetry = Arc::new(Telemetry::install(service, &config.telemetry)?);
+    for warning in &config.deprecated_settings {
+        tracing::warn!("{warning}");
+    }
     let ops_state = OpsState::new(telemetry.clone());
     if let Some(check) = health_check {
         ops_state.set_health_check(check);
@@ -362,10 +365,10 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         config.storage.url = format!("file://{}", data_dir.join("archive").display());
         config.keys.keyring_path = data_dir.join("keyring.json");
         // Senders wait for the archive (see AcknowledgeWhenArchived): seal batches quickly.
-        config.archiver.max_batch_age_ms = 500;
-        config.archiver.session_timeout_ms = 6_000;
+        config.archiver.max_batch_age = Duration::from_millis(500);
+        config.archiver.session_timeout = Duration::from_millis(6_000);
         // No load balancer to wait for.
-        config.gateway.shutdown_delay_ms = 0;
+        config.gateway.shutdown_delay = Duration::from_millis(0);
     }
     let token = standalone_token(&data_dir)?;
     if !config
@@ -460,7 +463,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         // gateway acknowledged must be archived before the process exits. On a termination signal, or when a
         // role fails (the others then stop too instead of running half a pipeline), the gateway stops and
         // drains first; then the archiver consumes the topic up to its end and commits it (failing if it
-        // cannot before archiver.shutdown_timeout_ms); then the restorer stops.
+        // cannot before archiver.shutdown_timeout); then the restorer stops.
         let (stop_gateway, gateway_shutdown) = shutdown::channel();
         let (stop_archiver, archiver_shutdown) = shutdown::channel();
         let (stop_restorer, restorer_shutdown) = shutdown::channel();

@@ -76,7 +76,7 @@ async fn killed_archivers_lose_and_duplicate_nothing() -> anyhow::Result<()> {
         s3.storage_config(),
         &keyring.path().join("keyring.json"),
     );
-    config.archiver.max_batch_age_ms = 300;
+    config.archiver.max_batch_age = Duration::from_millis(300);
     config.archiver.max_batch_events = 150;
     let gateway = start_gateway(&config).await?;
     let stop = Arc::new(Mutex::new(false));
@@ -146,7 +146,7 @@ async fn rebalances_and_a_zombie_writer_keep_the_archive_exactly_once() -> anyho
         &keyring.path().join("keyring.json"),
     );
     config.archiver.max_batch_events = 100;
-    config.archiver.max_batch_age_ms = 200;
+    config.archiver.max_batch_age = Duration::from_millis(200);
     let gateway = start_gateway(&config).await?;
     let stop = Arc::new(Mutex::new(false));
     let ingest = spawn_ingest(gateway.endpoint(), stop.clone(), 900);

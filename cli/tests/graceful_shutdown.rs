@@ -155,9 +155,9 @@ async fn sigterm_to_gateway_and_archivers_during_ingest_loses_no_acknowledged_ev
     );
     config.gateway.grpc_listen = free_address()?;
     config.gateway.http_listen = free_address()?;
-    config.gateway.shutdown_delay_ms = 1_500;
-    config.gateway.drain_timeout_ms = 10_000;
-    config.archiver.shutdown_timeout_ms = 15_000;
+    config.gateway.shutdown_delay = Duration::from_millis(1_500);
+    config.gateway.drain_timeout = Duration::from_millis(10_000);
+    config.archiver.shutdown_timeout = Duration::from_millis(15_000);
     // Several roles share the host: each takes a free port for its metrics endpoint.
     config.telemetry.metrics_listen = "127.0.0.1:0".into();
     let config_path = dir.path().join("chatvault.toml");
@@ -457,7 +457,7 @@ fn count_manifests(archive: &Path) -> usize {
 
 /// The restorer: SIGTERM while two GetConversation streams are in flight, one read to its end and one whose
 /// client stopped reading. New calls are refused, the first stream finishes completely, the stalled one is cut
-/// off at `restorer.drain_timeout_ms`, and the process exits 0.
+/// off at `restorer.drain_timeout`, and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_to_restorer_lets_the_in_flight_stream_finish() -> anyhow::Result<()> {
     let kafka = TestKafka::start(TOPIC, 1)?;
@@ -469,7 +469,7 @@ async fn sigterm_to_restorer_lets_the_in_flight_stream_finish() -> anyhow::Resul
         &dir.path().join("keyring.json"),
     );
     config.restorer.grpc_listen = free_address()?;
-    config.restorer.drain_timeout_ms = 4_000;
+    config.restorer.drain_timeout = Duration::from_millis(4_000);
     config.telemetry.metrics_listen = "127.0.0.1:0".into();
 
     // A conversation large enough that its restore stream outlasts HTTP/2 flow-control windows.
@@ -594,7 +594,7 @@ async fn sigterm_to_restorer_lets_the_in_flight_stream_finish() -> anyhow::Resul
         "the restorer must exit 0 after its drain, got {status:?}"
     );
     assert!(
-        took >= Duration::from_millis(config.restorer.drain_timeout_ms),
+        took >= config.restorer.drain_timeout,
         "the restorer exited before its drain deadline while a stream was in flight"
     );
     let mut stalled_items = 1;
@@ -633,8 +633,8 @@ async fn sigterm_to_archiver_with_hung_storage_exits_at_its_deadline() -> anyhow
         .storage
         .options
         .insert("aws_endpoint".into(), proxy.endpoint());
-    hung_config.archiver.shutdown_timeout_ms = 3_000;
-    hung_config.archiver.stall_timeout_ms = 1_000;
+    hung_config.archiver.shutdown_timeout = Duration::from_millis(3_000);
+    hung_config.archiver.stall_timeout = Duration::from_millis(1_000);
     let ops_address = free_address()?;
     hung_config.telemetry.metrics_listen = ops_address.clone();
     let config_path = dir.path().join("chatvault.toml");
@@ -681,7 +681,7 @@ async fn sigterm_to_archiver_with_hung_storage_exits_at_its_deadline() -> anyhow
     eprintln!("archiver with hung storage: {status} {took:?} after SIGTERM");
     assert!(status.success(), "the archiver exited with {status}");
     assert!(
-        took >= Duration::from_millis(hung_config.archiver.shutdown_timeout_ms),
+        took >= hung_config.archiver.shutdown_timeout,
         "the archiver gave up before its shutdown deadline"
     );
 

@@ -179,9 +179,9 @@ async fn unreachable_kafka_is_unavailable_and_a_full_queue_is_resource_exhausted
         s3.storage_config(),
         &keyring.path().join("keyring.json"),
     );
-    config.gateway.delivery_timeout_ms = 1_500;
+    config.gateway.delivery_timeout = Duration::from_millis(1_500);
     config.gateway.max_queued_events = 3;
-    config.gateway.drain_timeout_ms = 1_000;
+    config.gateway.drain_timeout = Duration::from_millis(1_000);
     let gateway = start_gateway(&config).await?;
     let mut client = ingest_client(&gateway.endpoint()).await?;
 

@@ -235,7 +235,7 @@ fn gap_test_config(
 ) -> Config {
     let mut config = test_config(brokers, storage, keyring);
     config.archiver.max_batch_events = 40;
-    config.archiver.max_batch_age_ms = 300;
+    config.archiver.max_batch_age = Duration::from_millis(300);
     config
 }
 

@@ -668,8 +668,8 @@ async fn webhooks_get_503_with_retry_after_when_kafka_is_unreachable() -> anyhow
         s3.storage_config(),
         &keyring.path().join("keyring.json"),
     );
-    config.gateway.delivery_timeout_ms = 1_500;
-    config.gateway.drain_timeout_ms = 1_000;
+    config.gateway.delivery_timeout = Duration::from_millis(1_500);
+    config.gateway.drain_timeout = Duration::from_millis(1_000);
     config.gateway.webhooks = vec![WebhookConfig {
         name: "slack".into(),
         platform: Some(WebhookPlatform::Slack),
@@ -839,8 +839,8 @@ async fn a_signed_2500_item_delivery_stays_within_a_memory_bound() -> anyhow::Re
 }
 
 /// The webhook listener bounds its connections and cuts off slow clients: a client that does not finish its
-/// headers is disconnected after `http_header_read_timeout_ms`, one that does not finish its body gets 408
-/// after `http_body_read_timeout_ms`, and a connection beyond `max_http_connections` gets 503 with
+/// headers is disconnected after `http_header_read_timeout`, one that does not finish its body gets 408
+/// after `http_body_read_timeout`, and a connection beyond `max_http_connections` gets 503 with
 /// Retry-After; once connections close, new ones are served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_listener_limits_connections_and_slow_clients() -> anyhow::Result<()> {
@@ -856,8 +856,8 @@ async fn webhook_listener_limits_connections_and_slow_clients() -> anyhow::Resul
         &dir.path().join("keyring.json"),
     );
     config.gateway.max_http_connections = 2;
-    config.gateway.http_header_read_timeout_ms = 1_000;
-    config.gateway.http_body_read_timeout_ms = 1_000;
+    config.gateway.http_header_read_timeout = Duration::from_millis(1_000);
+    config.gateway.http_body_read_timeout = Duration::from_millis(1_000);
     config.gateway.webhooks = vec![WebhookConfig {
         name: "slack".into(),
         platform: Some(WebhookPlatform::Slack),

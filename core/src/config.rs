@@ -44,6 +44,10 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Tenants and their bearer tokens.
     pub tenants: Vec<TenantConfig>,
+    /// Warnings about old setting names found while loading (see [`Config::load`]); roles log them once
+    /// their logging is up. Not a setting.
+    #[serde(skip)]
+    pub deprecated_settings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -119,19 +123,22 @@ pub struct GatewayConfig {
     /// gRPC listen address. Default `0.0.0.0:50051`.
     pub grpc_listen: String,
     /// How long an event may wait for Kafka's acknowledgement before the sender gets UNAVAILABLE
-    /// (librdkafka `message.timeout.ms`). Default 10000.
-    pub delivery_timeout_ms: u64,
+    /// (librdkafka `message.timeout.ms`). Default `10s`.
+    #[serde(with = "crate::duration")]
+    pub delivery_timeout: Duration,
     /// Most events waiting in the producer queue (`queue.buffering.max.messages`); beyond it senders get
     /// RESOURCE_EXHAUSTED. Default 100000.
     pub max_queued_events: u64,
-    /// Most events in one batch call. Default 10000.
+    /// Most events in one batch call. Default `10s`.
     pub max_batch_events: usize,
     /// At shutdown, how long the gateway keeps serving after it reported NOT_SERVING, so load balancers and
-    /// health-checking clients stop sending before it stops accepting. Default 2000.
-    pub shutdown_delay_ms: u64,
+    /// health-checking clients stop sending before it stops accepting. Default `2s`.
+    #[serde(with = "crate::duration")]
+    pub shutdown_delay: Duration,
     /// Grace period for in-flight requests once the gateway stopped accepting at shutdown; calls still running
-    /// after it are abandoned (their senders get no OK, so nothing acknowledged is lost). Default 20000.
-    pub drain_timeout_ms: u64,
+    /// after it are abandoned (their senders get no OK, so nothing acknowledged is lost). Default `20s`.
+    #[serde(with = "crate::duration")]
+    pub drain_timeout: Duration,
     pub limits: EventLimits,
     /// HTTP listen address of the webhook endpoints (`POST /webhooks/<integration>`). Default `0.0.0.0:8080`.
     pub http_listen: String,
@@ -152,19 +159,23 @@ pub struct GatewayConfig {
     pub grpc_max_concurrent_streams: u32,
     /// Calls of one gRPC connection served at once; the connection's further calls wait. Default 32.
     pub grpc_concurrency_limit_per_connection: usize,
-    /// Interval of HTTP/2 keep-alive PINGs on gRPC connections; 0 sends none. Default 30000.
-    pub grpc_keepalive_interval_ms: u64,
-    /// A gRPC connection whose keep-alive PING is not answered within this long is closed. Default 10000.
-    pub grpc_keepalive_timeout_ms: u64,
+    /// Interval of HTTP/2 keep-alive PINGs on gRPC connections; `0s` sends none. Default `30s`.
+    #[serde(with = "crate::duration")]
+    pub grpc_keepalive_interval: Duration,
+    /// A gRPC connection whose keep-alive PING is not answered within this long is closed. Default `10s`.
+    #[serde(with = "crate::duration")]
+    pub grpc_keepalive_timeout: Duration,
     /// Most open webhook (HTTP) connections; a connection beyond it is answered 503 with Retry-After and
     /// closed. Default 1024.
     pub max_http_connections: usize,
     /// How long a webhook client may take to send a request's headers (and how long an idle keep-alive
-    /// connection stays open); a slower client is disconnected. Default 10000.
-    pub http_header_read_timeout_ms: u64,
+    /// connection stays open); a slower client is disconnected. Default `10s`.
+    #[serde(with = "crate::duration")]
+    pub http_header_read_timeout: Duration,
     /// How long a webhook client may take to send a request's body; a slower client gets 408 and is
-    /// disconnected. Default 30000.
-    pub http_body_read_timeout_ms: u64,
+    /// disconnected. Default `30s`.
+    #[serde(with = "crate::duration")]
+    pub http_body_read_timeout: Duration,
     /// Webhook integrations, one endpoint each.
     pub webhooks: Vec<WebhookConfig>,
 }
@@ -262,11 +273,11 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             grpc_listen: "0.0.0.0:50051".into(),
-            delivery_timeout_ms: 10_000,
+            delivery_timeout: Duration::from_secs(10),
             max_queued_events: 100_000,
             max_batch_events: 10_000,
-            shutdown_delay_ms: 2_000,
-            drain_timeout_ms: 20_000,
+            shutdown_delay: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(20),
             limits: EventLimits::default(),
             http_listen: "0.0.0.0:8080".into(),
             max_webhook_body_bytes: 1024 * 1024,
@@ -275,11 +286,11 @@ impl Default for GatewayConfig {
             max_grpc_calls: 256,
             grpc_max_concurrent_streams: 100,
             grpc_concurrency_limit_per_connection: 32,
-            grpc_keepalive_interval_ms: 30_000,
-            grpc_keepalive_timeout_ms: 10_000,
+            grpc_keepalive_interval: Duration::from_secs(30),
+            grpc_keepalive_timeout: Duration::from_secs(10),
             max_http_connections: 1024,
-            http_header_read_timeout_ms: 10_000,
-            http_body_read_timeout_ms: 30_000,
+            http_header_read_timeout: Duration::from_secs(10),
+            http_body_read_timeout: Duration::from_secs(30),
             webhooks: Vec::new(),
         }
     }
@@ -294,8 +305,9 @@ pub struct ArchiverConfig {
     pub max_batch_events: usize,
     /// ... or at this many bytes of encoded events. Default 64 MiB.
     pub max_batch_bytes: usize,
-    /// ... or when its oldest event has waited this long. Default 10000.
-    pub max_batch_age_ms: u64,
+    /// ... or when its oldest event has waited this long. Default `10s`.
+    #[serde(with = "crate::duration")]
+    pub max_batch_age: Duration,
     /// Sealed batches waiting for upload; with the open batches this bounds memory at about
     /// `(partitions + max_pending_batches) * max_batch_bytes` plus librdkafka's fetch queue. Default 2.
     pub max_pending_batches: usize,
@@ -319,17 +331,20 @@ pub struct ArchiverConfig {
     /// broker's log-start offset shows deleted, refetching and then halting the partition otherwise; `allow`
     /// every gap, for compacted topics and transactional producers.
     pub offset_gaps: OffsetGapPolicy,
-    /// Kafka session timeout. Default 10000. Also bounds how long leaving the consumer group may take at
+    /// Kafka session timeout. Default `10s`. Also bounds how long leaving the consumer group may take at
     /// shutdown (the coordinator drops a member that did not leave after this long anyway).
-    pub session_timeout_ms: u64,
+    #[serde(with = "crate::duration")]
+    pub session_timeout: Duration,
     /// At shutdown, how long sealed batches may take to be uploaded and committed (retrying storage errors)
     /// before the rest is abandoned: uncommitted records stay in Kafka for the partition's next owner.
-    /// Default 30000.
-    pub shutdown_timeout_ms: u64,
+    /// Default `30s`.
+    #[serde(with = "crate::duration")]
+    pub shutdown_timeout: Duration,
     /// A partition with records to archive that commits nothing for this long is reported stalled
     /// (`chatvault_archiver_partitions_stalled`, and `/readyz` answers 503 naming it), usually because storage,
-    /// the key provider or the chain head cannot be reached. It keeps retrying. Default 60000.
-    pub stall_timeout_ms: u64,
+    /// the key provider or the chain head cannot be reached. It keeps retrying. Default `1m`.
+    #[serde(with = "crate::duration")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for ArchiverConfig {
@@ -338,7 +353,7 @@ impl Default for ArchiverConfig {
             group_id: "chatvault-archiver".into(),
             max_batch_events: 200_000,
             max_batch_bytes: 64 * 1024 * 1024,
-            max_batch_age_ms: 10_000,
+            max_batch_age: Duration::from_secs(10),
             max_pending_batches: 2,
             fetch_queue_kbytes: 32 * 1024,
             upload_concurrency: 8,
@@ -347,9 +362,9 @@ impl Default for ArchiverConfig {
             row_group_bytes: 16 * 1024 * 1024,
             offset_gaps: OffsetGapPolicy::Confirm,
             dead_letter_topic: String::new(),
-            session_timeout_ms: 10_000,
-            shutdown_timeout_ms: 30_000,
-            stall_timeout_ms: 60_000,
+            session_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -372,18 +387,6 @@ impl ArchiverConfig {
             self.dead_letter_topic.clone()
         }
     }
-
-    pub fn max_batch_age(&self) -> Duration {
-        Duration::from_millis(self.max_batch_age_ms)
-    }
-
-    pub fn shutdown_timeout(&self) -> Duration {
-        Duration::from_millis(self.shutdown_timeout_ms)
-    }
-
-    pub fn stall_timeout(&self) -> Duration {
-        Duration::from_millis(self.stall_timeout_ms)
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -402,8 +405,9 @@ pub struct RestorerConfig {
     /// Bytes of encoded events one streamed restore gathers at most. Default 16 MiB.
     pub max_buffered_bytes: usize,
     /// At shutdown, how long in-flight calls (restore streams) may run after the restorer stopped accepting;
-    /// calls still running after it are cut off. Default 20000.
-    pub drain_timeout_ms: u64,
+    /// calls still running after it are cut off. Default `20s`.
+    #[serde(with = "crate::duration")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for RestorerConfig {
@@ -414,7 +418,7 @@ impl Default for RestorerConfig {
             max_concurrent_requests: 16,
             max_buffered_events: 4_096,
             max_buffered_bytes: 16 * 1024 * 1024,
-            drain_timeout_ms: 20_000,
+            drain_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -499,13 +503,16 @@ impl Config {
             apply_env_override(&mut root, &key[ENV_PREFIX.len()..], value)
                 .map_err(|message| Error::invalid_argument(format!("{key}: {message}")))?;
         }
-        let config: Config =
+        let deprecated_settings =
+            rename_millisecond_settings(&mut root).map_err(Error::invalid_argument)?;
+        let mut config: Config =
             toml::Value::Table(root)
                 .try_into()
                 .map_err(|error: toml::de::Error| {
                     Error::invalid_argument(format!("config: {error}"))
                 })?;
         config.validate()?;
+        config.deprecated_settings = deprecated_settings;
         Ok(config)
     }
 
@@ -534,8 +541,8 @@ impl Config {
         {
             return invalid("storage.url", "must start with file://, s3:// or memory://");
         }
-        if self.gateway.delivery_timeout_ms == 0 {
-            return invalid("gateway.delivery_timeout_ms", "must be positive");
+        if self.gateway.delivery_timeout.is_zero() {
+            return invalid("gateway.delivery_timeout", "must be positive");
         }
         if self.gateway.max_batch_events == 0 {
             return invalid("gateway.max_batch_events", "must be positive");
@@ -567,8 +574,8 @@ impl Config {
         if self.archiver.upload_concurrency == 0 {
             return invalid("archiver.upload_concurrency", "must be positive");
         }
-        if self.archiver.stall_timeout_ms == 0 {
-            return invalid("archiver.stall_timeout_ms", "must be positive");
+        if self.archiver.stall_timeout.is_zero() {
+            return invalid("archiver.stall_timeout", "must be positive");
         }
         if self.restorer.read_concurrency == 0 {
             return invalid("restorer.read_concurrency", "must be positive");
@@ -628,20 +635,20 @@ impl Config {
                 self.gateway.grpc_concurrency_limit_per_connection as u64,
             ),
             (
-                "gateway.grpc_keepalive_timeout_ms",
-                self.gateway.grpc_keepalive_timeout_ms,
+                "gateway.grpc_keepalive_timeout",
+                self.gateway.grpc_keepalive_timeout.as_millis() as u64,
             ),
             (
                 "gateway.max_http_connections",
                 self.gateway.max_http_connections as u64,
             ),
             (
-                "gateway.http_header_read_timeout_ms",
-                self.gateway.http_header_read_timeout_ms,
+                "gateway.http_header_read_timeout",
+                self.gateway.http_header_read_timeout.as_millis() as u64,
             ),
             (
-                "gateway.http_body_read_timeout_ms",
-                self.gateway.http_body_read_timeout_ms,
+                "gateway.http_body_read_timeout",
+                self.gateway.http_body_read_timeout.as_millis() as u64,
             ),
         ] {
             if value == 0 {
@@ -809,6 +816,56 @@ where
         .collect()
 }
 
+/// Durations that were integer milliseconds under a `_ms` name in chatvault 0.1 (`archiver.max_batch_age_ms = 500`
+/// is now `archiver.max_batch_age = "500ms"`). The old names are still read, for one release.
+const MILLISECOND_SETTINGS: &[(&str, &str)] = &[
+    ("gateway", "delivery_timeout"),
+    ("gateway", "shutdown_delay"),
+    ("gateway", "drain_timeout"),
+    ("gateway", "grpc_keepalive_interval"),
+    ("gateway", "grpc_keepalive_timeout"),
+    ("gateway", "http_header_read_timeout"),
+    ("gateway", "http_body_read_timeout"),
+    ("archiver", "max_batch_age"),
+    ("archiver", "session_timeout"),
+    ("archiver", "shutdown_timeout"),
+    ("archiver", "stall_timeout"),
+    ("restorer", "drain_timeout"),
+];
+
+/// Rewrites each old `<name>_ms = <integer>` (from the file or the environment) as `<name> = "<n>ms"`, and
+/// returns a warning per rewrite, naming the new setting. Both names at once is an error.
+fn rename_millisecond_settings(root: &mut toml::Table) -> std::result::Result<Vec<String>, String> {
+    let mut warnings = Vec::new();
+    for (section, name) in MILLISECOND_SETTINGS {
+        let Some(table) = root.get_mut(*section).and_then(toml::Value::as_table_mut) else {
+            continue;
+        };
+        let old = format!("{name}_ms");
+        let Some(value) = table.remove(&old) else {
+            continue;
+        };
+        if table.contains_key(*name) {
+            return Err(format!(
+                "{section}.{old}: is the old name of {section}.{name}; set only one"
+            ));
+        }
+        let millis = value
+            .as_integer()
+            .filter(|millis| *millis >= 0)
+            .ok_or_else(|| format!("{section}.{old}: expected a whole number of milliseconds"))?;
+        let duration = crate::duration::format(Duration::from_millis(millis as u64));
+        warnings.push(format!(
+            "{section}.{old} is deprecated and will be removed in the next release: write {section}.{name} = \"{duration}\" \
+             (or CHATVAULT__{}__{}={duration})",
+            section.to_ascii_uppercase(),
+            name.to_ascii_uppercase()
+        ));
+        table.insert((*name).to_string(), toml::Value::String(duration));
+    }
+    Ok(warnings)
+}
+
 fn apply_env_override(
     root: &mut toml::Table,
     path: &str,
@@ -876,7 +933,16 @@ mod tests {
         let config = Config::from_toml_and_env(text, &env).expect("valid");
         assert_eq!(config.kafka.brokers, "env-broker:9092");
         assert_eq!(config.archiver.max_batch_events, 10);
-        assert_eq!(config.archiver.max_batch_age_ms, 2500);
+        assert_eq!(config.archiver.max_batch_age, Duration::from_millis(2500));
+        assert_eq!(
+            config.deprecated_settings,
+            vec![
+                "archiver.max_batch_age_ms is deprecated and will be removed in the next release: write \
+                 archiver.max_batch_age = \"2500ms\" (or CHATVAULT__ARCHIVER__MAX_BATCH_AGE=2500ms)"
+                    .to_string()
+            ],
+            "the old name still works, with a warning"
+        );
         assert_eq!(config.storage.options["aws_allow_http"], "true");
     }
 
@@ -900,8 +966,16 @@ mod tests {
                 "archiver.upload_concurrency",
             ),
             (
-                "[archiver]\nstall_timeout_ms = 0",
-                "archiver.stall_timeout_ms",
+                "[archiver]\nstall_timeout = \"0s\"",
+                "archiver.stall_timeout",
+            ),
+            (
+                "[archiver]\nmax_batch_age = 500",
+                "expected a duration with a unit, such as \"500ms\"",
+            ),
+            (
+                "[archiver]\nmax_batch_age_ms = 500\nmax_batch_age = \"1s\"",
+                "archiver.max_batch_age_ms: is the old name of archiver.max_batch_age; set only one",
             ),
             (
                 "[restorer]\nmax_concurrent_requests = 0",
@@ -946,6 +1020,98 @@ mod tests {
         // The example's token_file is not mounted here; the error names the token and the file.
         let error = config.authenticator().expect_err("file missing");
         assert!(error.message().contains("acme-legal") && error.message().contains("token_file"));
+    }
+
+    /// Every leaf setting of `table` as `(dotted path, value)`; arrays of tables (tenants, webhooks) left out.
+    fn leaf_settings(table: &toml::Table, prefix: &str, out: &mut BTreeMap<String, toml::Value>) {
+        for (key, value) in table {
+            let path = format!("{prefix}{key}");
+            match value {
+                toml::Value::Table(inner) => leaf_settings(inner, &format!("{path}."), out),
+                toml::Value::Array(items) if items.iter().any(toml::Value::is_table) => {}
+                toml::Value::Array(items) if items.is_empty() => {}
+                other => {
+                    out.insert(path, other.clone());
+                }
+            }
+        }
+    }
+
+    /// The defaults have one source, the `Default` impls. The example file, which documents every setting
+    /// with its default, must state exactly those values.
+    #[test]
+    fn the_example_file_states_the_defaults() {
+        let example: toml::Table =
+            toml::from_str(include_str!("../../config/chatvault.example.toml")).expect("TOML");
+        let defaults = toml::Table::try_from(Config::default()).expect("serializable");
+        let (mut stated, mut default) = (BTreeMap::new(), BTreeMap::new());
+        leaf_settings(&example, "", &mut stated);
+        leaf_settings(&defaults, "", &mut default);
+        let mut differences = Vec::new();
+        for (path, value) in &default {
+            match stated.get(path) {
+                Some(stated) if stated == value => {}
+                Some(stated) => {
+                    differences.push(format!("{path}: example {stated:?}, default {value:?}"))
+                }
+                None => differences.push(format!(
+                    "{path}: default {value:?}, missing from the example"
+                )),
+            }
+        }
+        for path in stated.keys().filter(|path| !default.contains_key(*path)) {
+            differences.push(format!("{path}: in the example, not a default"));
+        }
+        assert!(differences.is_empty(), "{differences:#?}");
+    }
+
+    /// The chart needs some defaults itself (to check that a pod's grace period covers its role's shutdown);
+    /// it must use the binary's.
+    #[test]
+    fn the_chart_assumes_the_binary_defaults() {
+        let helpers = include_str!("../../helm/chatvault/templates/_helpers.tpl");
+        let defaults = Config::default();
+        let millis = |section: &str, name: &str| -> u128 {
+            let table = toml::Table::try_from(&defaults).expect("serializable");
+            let text = table[section][name]
+                .as_str()
+                .expect("a duration")
+                .to_string();
+            crate::duration::parse(&text).expect("parses").as_millis()
+        };
+        let pattern = "include \"chatvault.durationMillis\" (list $v.config.";
+        let mut checked = 0;
+        for (at, _) in helpers.match_indices(pattern) {
+            let rest = &helpers[at + pattern.len()..];
+            let call = &rest[..rest.find(')').expect("closed")];
+            let parts: Vec<&str> = call.split_whitespace().collect();
+            let [section, name, assumed] = parts[..] else {
+                panic!("unexpected call {call:?}");
+            };
+            let name = name.trim_matches('"');
+            let assumed: u128 = assumed.parse().expect("millis");
+            assert_eq!(
+                assumed,
+                millis(section, name),
+                "{section}.{name} in _helpers.tpl"
+            );
+            checked += 1;
+        }
+        assert_eq!(
+            checked, 5,
+            "the grace-period checks of gateway, restorer and archiver"
+        );
+        let sequence = millis("gateway", "shutdown_delay")
+            + millis("gateway", "drain_timeout")
+            + millis("archiver", "shutdown_timeout")
+            + millis("archiver", "session_timeout")
+            + millis("restorer", "drain_timeout");
+        assert!(
+            helpers.contains(&format!(
+                "\"preStopSleepSeconds\" 0) {sequence} \"the gateway's, archiver's and restorer's default"
+            )),
+            "the standalone grace check assumes {sequence} ms of shutdown deadlines in sequence"
+        );
     }
 
     #[test]

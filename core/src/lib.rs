@@ -7,7 +7,8 @@
 //!
 //! - [`event`]: validation, stable event ids and Kafka keys of the canonical `ChatEvent`.
 //! - [`auth`]: per-tenant bearer tokens and roles.
-//! - [`config`]: the configuration file, environment overrides and validation.
+//! - [`config`]: the configuration file, environment overrides and validation; [`duration`]: durations with
+//!   units in it (`"10s"`).
 //! - [`grpc`]: health and reflection, served by every gRPC role.
 //! - [`shutdown`]: the shutdown signal and [`shutdown::drain`], the one way a role bounds its shutdown.
 //! - [`storage`]: object stores from URLs (`file://`, `s3://`, `memory://`).
@@ -15,6 +16,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod duration;
 pub mod error;
 pub mod event;
 pub mod grpc;

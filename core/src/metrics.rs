@@ -75,7 +75,7 @@ pub struct Metrics {
     /// offsets fell behind the archive (a recreated topic, or records lost by the cluster).
     halted_partitions: Arc<AtomicU64>,
     /// Source of `chatvault.archiver.partitions.stalled`: owned partitions with records to archive that made
-    /// no progress for `archiver.stall_timeout_ms` (storage, keys or the chain head unreachable, or retries
+    /// no progress for `archiver.stall_timeout` (storage, keys or the chain head unreachable, or retries
     /// failing).
     stalled_partitions: Arc<AtomicU64>,
 }
@@ -125,7 +125,7 @@ impl Metrics {
         meter
             .u64_observable_gauge("chatvault.archiver.partitions.stalled")
             .with_description(
-                "Owned partitions with records to archive and no commit for archiver.stall_timeout_ms",
+                "Owned partitions with records to archive and no commit for archiver.stall_timeout",
             )
             .with_callback(move |observer| observer.observe(observed.load(Ordering::Relaxed), &[]))
             .build();

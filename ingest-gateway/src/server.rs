@@ -1,9 +1,9 @@
 //! The gateway's gRPC server: IngestService, `grpc.health.v1` and server reflection, with graceful shutdown.
 //!
 //! Shutdown order ([`run`]): health flips to NOT_SERVING (the IngestService and the server, `""`), both
-//! listeners keep serving for `gateway.shutdown_delay_ms` so load balancers and health-checking clients move
+//! listeners keep serving for `gateway.shutdown_delay` so load balancers and health-checking clients move
 //! away, then they stop accepting and drain in-flight calls and webhooks (each waits for its Kafka
-//! acknowledgements) for up to `gateway.drain_timeout_ms`, then the producer is flushed. A call abandoned at the
+//! acknowledgements) for up to `gateway.drain_timeout`, then the producer is flushed. A call abandoned at the
 //! drain deadline never got its OK, so the sender retries it: nothing acknowledged is lost.
 
 use std::time::Duration;
@@ -62,7 +62,7 @@ fn not_serving_then_stop(
         if !delay.is_zero() {
             tracing::info!(
                 delay_ms = delay.as_millis() as u64,
-                "gateway shutting down: health reports NOT_SERVING; still serving for gateway.shutdown_delay_ms"
+                "gateway shutting down: health reports NOT_SERVING; still serving for gateway.shutdown_delay"
             );
             tokio::time::sleep(delay).await;
         }
@@ -88,15 +88,13 @@ async fn serve_grpc(
         IngestServiceServer::new(service).max_decoding_message_size(config.max_grpc_message_bytes),
         admission,
     );
-    let keepalive = (config.grpc_keepalive_interval_ms > 0)
-        .then(|| Duration::from_millis(config.grpc_keepalive_interval_ms));
+    let keepalive =
+        (!config.grpc_keepalive_interval.is_zero()).then_some(config.grpc_keepalive_interval);
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(config.grpc_max_concurrent_streams)
         .concurrency_limit_per_connection(config.grpc_concurrency_limit_per_connection)
         .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(Some(Duration::from_millis(
-            config.grpc_keepalive_timeout_ms,
-        )))
+        .http2_keepalive_timeout(Some(config.grpc_keepalive_timeout))
         .http2_max_header_list_size(MAX_GRPC_HEADER_LIST_BYTES)
         .add_service(common.health_service)
         .add_service(common.reflection)
@@ -156,7 +154,7 @@ pub async fn run(
         &config.gateway,
         config.authenticator()?,
     ));
-    let drain = Duration::from_millis(config.gateway.drain_timeout_ms);
+    let drain = config.gateway.drain_timeout;
     let service = IngestGrpc::new(
         producer.clone(),
         config.authenticator()?,
@@ -166,7 +164,7 @@ pub async fn run(
     let (stop_accepting, sequence) = not_serving_then_stop(
         shutdown,
         common.health.clone(),
-        Duration::from_millis(config.gateway.shutdown_delay_ms),
+        config.gateway.shutdown_delay,
     );
     let grpc = serve_grpc(
         grpc_listener,

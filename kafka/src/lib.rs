@@ -23,7 +23,7 @@ pub fn producer_config(kafka: &KafkaConfig, gateway: &GatewayConfig) -> ClientCo
         .set("acks", "all")
         .set(
             "message.timeout.ms",
-            gateway.delivery_timeout_ms.to_string(),
+            gateway.delivery_timeout.as_millis().to_string(),
         )
         .set(
             "queue.buffering.max.messages",
@@ -62,7 +62,7 @@ pub fn consumer_config(kafka: &KafkaConfig, archiver: &ArchiverConfig) -> Client
         .set("isolation.level", "read_committed")
         .set(
             "session.timeout.ms",
-            archiver.session_timeout_ms.to_string(),
+            archiver.session_timeout.as_millis().to_string(),
         )
         .set(
             "queued.max.messages.kbytes",

@@ -37,7 +37,7 @@ use chatvault_core::shutdown::Shutdown;
 use chatvault_core::storage::object_store_from_config;
 
 /// The restorer role as `config` describes it, serving on `listener` until `shutdown` (then draining for
-/// `restorer.drain_timeout_ms`). The one assembly of the role: the binary, the test kit and the benchmarks
+/// `restorer.drain_timeout`). The one assembly of the role: the binary, the test kit and the benchmarks
 /// all start it here.
 pub async fn run(
     config: &Config,
@@ -54,6 +54,6 @@ pub async fn run(
         });
     let api = RestoreApi::new(Arc::new(restorer), config.authenticator()?)
         .with_max_concurrent_requests(settings.max_concurrent_requests);
-    let drain = std::time::Duration::from_millis(settings.drain_timeout_ms);
+    let drain = settings.drain_timeout;
     serve(listener, api, shutdown, drain).await
 }

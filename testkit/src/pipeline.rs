@@ -38,13 +38,13 @@ pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -
     config.kafka.topic = TOPIC.to_string();
     config.storage = storage;
     config.keys.keyring_path = keyring_path.to_path_buf();
-    config.archiver.max_batch_age_ms = 500;
+    config.archiver.max_batch_age = Duration::from_millis(500);
     config.archiver.max_batch_events = 2_000;
-    config.archiver.session_timeout_ms = 6_000;
+    config.archiver.session_timeout = Duration::from_millis(6_000);
     config.archiver.group_id = "chatvault-archiver-test".into();
-    config.gateway.delivery_timeout_ms = 10_000;
+    config.gateway.delivery_timeout = Duration::from_millis(10_000);
     // No load balancer to wait for: in-process gateways stop accepting as soon as they are stopped.
-    config.gateway.shutdown_delay_ms = 0;
+    config.gateway.shutdown_delay = Duration::from_millis(0);
     config.tenants = TENANTS
         .iter()
         .map(|tenant| {

@@ -236,14 +236,14 @@ pub fn archiver_command(config: &Config, crash_at: Option<&str>) -> Command {
         .env("CHATVAULT__KEYS__KEYRING_PATH", &config.keys.keyring_path)
         .env("CHATVAULT__ARCHIVER__GROUP_ID", &config.archiver.group_id)
         .env(
-            "CHATVAULT__ARCHIVER__MAX_BATCH_AGE_MS",
-            config.archiver.max_batch_age_ms.to_string(),
+            "CHATVAULT__ARCHIVER__MAX_BATCH_AGE",
+            chatvault_core::duration::format(config.archiver.max_batch_age),
         )
         .env(
             "CHATVAULT__ARCHIVER__MAX_BATCH_EVENTS",
             config.archiver.max_batch_events.to_string(),
         )
-        .env("CHATVAULT__ARCHIVER__SESSION_TIMEOUT_MS", "6000")
+        .env("CHATVAULT__ARCHIVER__SESSION_TIMEOUT", "6s")
         // Several archivers run at once: each takes a free port for its metrics endpoint.
         .env("CHATVAULT__TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn,chatvault_archiver=info")

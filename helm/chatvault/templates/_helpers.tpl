@@ -297,10 +297,31 @@ arrive as float64), booleans as is. */}}
 {{- end -}}
 {{- end -}}
 
-{{/* A setting in milliseconds, (list <value or nil> <default>): the binary's default when unset (0 is a value). */}}
-{{- define "chatvault.millis" -}}
-{{- $value := index . 0 -}}
-{{- if kindIs "invalid" $value }}{{ index . 1 }}{{ else }}{{ int64 $value }}{{ end -}}
+{{/* A duration setting in milliseconds: (list $section "<name>" <default millis>). The binary's syntax: "500ms",
+"10s", "2m", "1h" or combined ("1m30s"), or 0. Until the old names are removed, an integer `<name>_ms` is read
+when `<name>` is unset; otherwise the binary's default. */}}
+{{- define "chatvault.durationMillis" -}}
+{{- $section := index . 0 | default dict -}}{{- $name := index . 1 -}}
+{{- $value := get $section $name -}}
+{{- $old := get $section (printf "%s_ms" $name) -}}
+{{- if and (kindIs "invalid" $value) (not (kindIs "invalid" $old)) -}}
+{{- int64 $old -}}
+{{- else if kindIs "invalid" $value -}}
+{{- index . 2 -}}
+{{- else if eq (toString $value) "0" -}}
+0
+{{- else if regexMatch "^([0-9]+(ms|s|m|h))+$" (toString $value) -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" (toString $value) -1 -}}
+{{- $number := int64 (regexFind "^[0-9]+" .) -}}
+{{- $unit := trimPrefix (regexFind "^[0-9]+" .) . -}}
+{{- $scale := get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit -}}
+{{- $total = add $total (mul $number $scale) -}}
+{{- end -}}
+{{- $total -}}
+{{- else -}}
+{{- fail (printf "%s = %v: expected a duration with a unit, such as \"500ms\", \"10s\", \"2m\" or \"1h\"" $name $value) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Fails unless terminationGracePeriodSeconds exceeds preStop plus what the role may spend shutting down:
@@ -435,16 +456,16 @@ restorer drains (20 s). */ -}}
 {{- end -}}
 {{- end -}}
 {{- if $v.gateway.enabled -}}
-{{- $shutdown := add (include "chatvault.millis" (list $v.config.gateway.shutdown_delay_ms 2000)) (include "chatvault.millis" (list $v.config.gateway.drain_timeout_ms 20000)) -}}
-{{- include "chatvault.validateGrace" (list "gateway" $v.gateway $shutdown "config.gateway.shutdown_delay_ms + drain_timeout_ms") -}}
+{{- $shutdown := add (include "chatvault.durationMillis" (list $v.config.gateway "shutdown_delay" 2000)) (include "chatvault.durationMillis" (list $v.config.gateway "drain_timeout" 20000)) -}}
+{{- include "chatvault.validateGrace" (list "gateway" $v.gateway $shutdown "config.gateway.shutdown_delay + drain_timeout") -}}
 {{- end -}}
 {{- if $v.restorer.enabled -}}
-{{- $shutdown := include "chatvault.millis" (list $v.config.restorer.drain_timeout_ms 20000) -}}
-{{- include "chatvault.validateGrace" (list "restorer" $v.restorer $shutdown "config.restorer.drain_timeout_ms") -}}
+{{- $shutdown := include "chatvault.durationMillis" (list $v.config.restorer "drain_timeout" 20000) -}}
+{{- include "chatvault.validateGrace" (list "restorer" $v.restorer $shutdown "config.restorer.drain_timeout") -}}
 {{- end -}}
 {{- if $v.archiver.enabled -}}
-{{- $shutdown := add (include "chatvault.millis" (list $v.config.archiver.shutdown_timeout_ms 30000)) (include "chatvault.millis" (list $v.config.archiver.session_timeout_ms 10000)) -}}
-{{- include "chatvault.validateGrace" (list "archiver" $v.archiver $shutdown "config.archiver.shutdown_timeout_ms + session_timeout_ms") -}}
+{{- $shutdown := add (include "chatvault.durationMillis" (list $v.config.archiver "shutdown_timeout" 30000)) (include "chatvault.durationMillis" (list $v.config.archiver "session_timeout" 10000)) -}}
+{{- include "chatvault.validateGrace" (list "archiver" $v.archiver $shutdown "config.archiver.shutdown_timeout + session_timeout") -}}
 {{- end -}}
 {{- $partitions := int64 $v.archiver.topicPartitions -}}
 {{- if and $v.archiver.enabled (gt $partitions 0) -}}

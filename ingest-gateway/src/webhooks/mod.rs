@@ -7,7 +7,7 @@
 //!
 //! Status contract: 401 failed verification (signature, token, stale timestamp), 400 malformed body (the
 //! message names the problem), 413 body over `gateway.max_webhook_body_bytes`, 404 unknown integration,
-//! 408 body not received within `gateway.http_body_read_timeout_ms`, 503 with `Retry-After` when Kafka cannot
+//! 408 body not received within `gateway.http_body_read_timeout`, 503 with `Retry-After` when Kafka cannot
 //! take the events (or the listener is at `gateway.max_http_connections`). Nothing is produced for a rejected
 //! request. The signed body is kept as evidence once per delivery: each event holds its own item's bytes, and
 //! one event the rest of the body ([`evidence`]).

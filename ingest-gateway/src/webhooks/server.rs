@@ -3,7 +3,7 @@
 //!
 //! Memory per request is bounded before anything is parsed: at most `max_http_connections` connections, each
 //! reading one body of at most `max_webhook_body_bytes` at a time (HTTP/1.1; HTTP/2 streams per connection are
-//! capped too), within `http_body_read_timeout_ms`; headers within `http_header_read_timeout_ms`. A
+//! capped too), within `http_body_read_timeout`; headers within `http_header_read_timeout`. A
 //! delivery's events then hold its body about once (see [`super::evidence`]).
 
 use std::collections::HashMap;
@@ -52,8 +52,8 @@ impl HttpLimits {
     pub fn from_config(config: &GatewayConfig) -> HttpLimits {
         HttpLimits {
             max_connections: config.max_http_connections,
-            header_read_timeout: Duration::from_millis(config.http_header_read_timeout_ms),
-            body_read_timeout: Duration::from_millis(config.http_body_read_timeout_ms),
+            header_read_timeout: config.http_header_read_timeout,
+            body_read_timeout: config.http_body_read_timeout,
         }
     }
 }
