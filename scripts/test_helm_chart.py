@@ -792,6 +792,15 @@ def main() -> int:
         "an archiver grace period shorter than its shutdown": (
             with_distributed(archiver={"terminationGracePeriodSeconds": 30}),
             ["archiver.terminationGracePeriodSeconds", "shutdown_timeout"]),
+        "an archiver shutdown written with units beyond its grace period": (
+            with_distributed(config={**distributed["config"], "archiver": {"shutdown_timeout": "2m"}}),
+            ["archiver.terminationGracePeriodSeconds", "shutdown_timeout", "130.0s"]),
+        "an archiver shutdown under its old millisecond name beyond its grace period": (
+            with_distributed(config={**distributed["config"], "archiver": {"shutdown_timeout_ms": 120000}}),
+            ["archiver.terminationGracePeriodSeconds", "130.0s"]),
+        "a duration without a unit": (
+            with_distributed(config={**distributed["config"], "archiver": {"shutdown_timeout": "30"}}),
+            ["shutdown_timeout"]),
         "a standalone grace period shorter than its roles' deadlines in sequence": (
             {"standalone": {"terminationGracePeriodSeconds": 60}},
             ["standalone.terminationGracePeriodSeconds", "in sequence"]),

@@ -330,7 +330,8 @@ async fn one_trace_follows_an_event_from_grpc_to_upload_and_metrics_are_served()
     assert!(
         metrics.lines().any(
             |line| line.starts_with("chatvault_ingest_requests_rejected_total")
-                && line.contains("reason=\"invalid_argument\"")
+                // The reason is the gateway's IngestError::reason, the same set for gRPC and webhooks.
+                && line.contains("reason=\"invalid_event\"")
                 && line.ends_with(" 1")
         ),
         "{metrics}"

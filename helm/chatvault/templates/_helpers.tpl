@@ -302,11 +302,11 @@ arrive as float64), booleans as is. */}}
 when `<name>` is unset; otherwise the binary's default. */}}
 {{- define "chatvault.durationMillis" -}}
 {{- $section := index . 0 | default dict -}}{{- $name := index . 1 -}}
+{{- $old := printf "%s_ms" $name -}}
 {{- $value := get $section $name -}}
-{{- $old := get $section (printf "%s_ms" $name) -}}
-{{- if and (kindIs "invalid" $value) (not (kindIs "invalid" $old)) -}}
-{{- int64 $old -}}
-{{- else if kindIs "invalid" $value -}}
+{{- if and (not (hasKey $section $name)) (hasKey $section $old) -}}
+{{- int64 (get $section $old) -}}
+{{- else if not (hasKey $section $name) -}}
 {{- index . 2 -}}
 {{- else if eq (toString $value) "0" -}}
 0
