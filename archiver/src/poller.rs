@@ -123,6 +123,8 @@ fn next_generation() -> u64 {
 /// First and largest pause of a partition after a transient failure.
 const FIRST_PARTITION_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_PARTITION_BACKOFF: Duration = Duration::from_secs(30);
+/// Seeks back to the chain head after records below it arrived, before the partition is halted.
+const MAX_POSITION_RESETS: u32 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -158,6 +160,9 @@ struct Owned {
     /// After a re-fetch from before the expected offset: records below this are skipped silently.
     skip_below: Option<i64>,
     gap_refetches: u32,
+    /// Times Kafka delivered a record below the chain head since it was loaded, each answered by seeking to
+    /// the head again (see [`Poller::behind_the_head`]).
+    position_resets: u32,
     /// Consecutive released batches (the partition's backoff grows with them).
     failures: u32,
     /// The last commit, or the last moment the partition had nothing to archive.
@@ -330,6 +335,7 @@ impl<B: Broker> Poller<B> {
                 paused: true,
                 skip_below: None,
                 gap_refetches: 0,
+                position_resets: 0,
                 failures: 0,
                 progress_at: now,
                 stalled: false,
@@ -375,6 +381,7 @@ impl<B: Broker> Poller<B> {
         owned.in_flight = 0;
         owned.skip_below = None;
         owned.gap_refetches = 0;
+        owned.position_resets = 0;
         owned.open = OpenBatch::new(partition, owned.generation, 0, 0);
         let generation = owned.generation;
         match backoff {
@@ -563,17 +570,7 @@ impl<B: Broker> Poller<B> {
             owned.skip_below = None;
         }
         if offset < owned.head.end_offset {
-            // Kafka delivers an offset the committed chain already covers: the consumer's position was reset
-            // below the chain's end, which only happens when the partition now ends before it (the topic was
-            // deleted and recreated, or a broker lost acknowledged records). Every new record would be skipped
-            // as archived, so stop consuming the partition instead: its records stay in Kafka.
-            self.halt(
-                partition,
-                offset,
-                "Kafka offsets are behind the archive: the topic was recreated or a broker lost records, and \
-                 archiving would skip them as already archived. Produce to a new topic name (kafka.topic) or \
-                 investigate the cluster",
-            );
+            self.behind_the_head(partition, offset);
             return false;
         }
         if offset < owned.open.end_offset {
@@ -626,6 +623,65 @@ impl<B: Broker> Poller<B> {
             ))),
         }
         true
+    }
+
+    /// Kafka delivered `offset`, which the committed chain already covers: the consumer's position is below
+    /// the chain's end. Either the partition now ends before the chain (the topic was deleted and recreated, or
+    /// a broker lost acknowledged records: every new record would be skipped as archived, so the partition is
+    /// halted and its records stay in Kafka), or the seek to the chain head did not hold. librdkafka can
+    /// start a freshly assigned partition from its committed offset (or `auto.offset.reset`) after the seek
+    /// returned, when the group has no offset stored past the head, as after an archiver was killed between
+    /// committing a manifest and storing its offset. Then the partition's high watermark is at or past the head:
+    /// the records below the head are skipped and the partition is sought to the head again, up to
+    /// [`MAX_POSITION_RESETS`] times before it is halted.
+    fn behind_the_head(&mut self, partition: i32, offset: i64) {
+        let Some(owned) = self.partitions.get(&partition) else {
+            return;
+        };
+        let head_end = owned.head.end_offset;
+        let resets = owned.position_resets;
+        let high = self
+            .broker
+            .end_offsets()
+            .map(|ends| ends.get(&partition).copied());
+        let recreated = matches!(high, Ok(Some(high)) if high < head_end);
+        if recreated || resets >= MAX_POSITION_RESETS {
+            let why = match high {
+                Ok(Some(high)) if high < head_end => {
+                    format!(
+                        "the partition now ends at offset {high}, before the archived end {head_end}"
+                    )
+                }
+                _ => format!(
+                    "Kafka kept delivering offsets below the archived end {head_end} after {resets} seeks to it"
+                ),
+            };
+            self.halt(
+                partition,
+                offset,
+                &format!(
+                    "Kafka offsets are behind the archive ({why}): the topic was recreated or a broker lost \
+                     records, and archiving would skip them as already archived. Produce to a new topic name \
+                     (kafka.topic) or investigate the cluster"
+                ),
+            );
+            return;
+        }
+        tracing::warn!(
+            partition,
+            kafka_offset = offset,
+            archived_up_to = head_end,
+            high_watermark = ?high,
+            "Kafka delivered a record the archive already holds (the consumer did not start at the chain head); \
+             seeking to the chain head again"
+        );
+        if let Some(owned) = self.partitions.get_mut(&partition) {
+            owned.position_resets += 1;
+            owned.skip_below = Some(owned.skip_below.unwrap_or(head_end).max(head_end));
+        }
+        if let Err(error) = self.broker.seek(partition, Some(head_end)) {
+            tracing::warn!(partition, %error, "seeking to the chain head failed; retried on the next record");
+        }
     }
 
     /// Kafka delivered `delivered` while `expected` was next: asks the broker whether the records between are

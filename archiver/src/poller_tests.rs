@@ -37,6 +37,7 @@ struct BrokerLog {
     seeks: Vec<(i32, Option<i64>)>,
     hints: BTreeMap<i32, i64>,
     log_start: i64,
+    high_watermarks: BTreeMap<i32, i64>,
 }
 
 #[derive(Clone, Default)]
@@ -65,7 +66,7 @@ impl Broker for FakeBroker {
         Ok(self.log().log_start)
     }
     fn end_offsets(&self) -> std::result::Result<BTreeMap<i32, i64>, String> {
-        Ok(BTreeMap::new())
+        Ok(self.log().high_watermarks.clone())
     }
     fn commit_offset_hint(&self, partition: i32, end_offset: i64) {
         self.log().hints.insert(partition, end_offset);
@@ -493,4 +494,41 @@ fn a_refetch_from_before_the_gap_skips_what_is_archived_instead_of_halting() {
     assert_eq!((open.start_offset, open.end_offset), (100, 151));
     assert_eq!(open.events.len(), 51);
     assert!(open.offset_gaps.is_empty());
+}
+
+/// A partition whose consumer starts below the chain head although Kafka holds the records past it (the seek
+/// to the head did not hold): the archived records are skipped and the partition sought to the head again. A
+/// partition that now ends before the chain (a recreated topic) is halted.
+#[test]
+fn records_below_the_head_are_skipped_unless_the_partition_ends_before_it() {
+    let mut fixture = Fixture::new(config());
+    fixture.assign(vec![0, 1]);
+    fixture.pump_until("both partitions consume", |f| {
+        f.phase(0) == Some(Phase::Consuming) && f.phase(1) == Some(Phase::Consuming)
+    });
+    fixture.feed(0, 0..10);
+    fixture.feed(1, 0..10);
+    fixture.pump_until("both are committed up to 10", |f| {
+        f.head(0).map(|h| h.end_offset) == Some(10) && f.head(1).map(|h| h.end_offset) == Some(10)
+    });
+    fixture.broker.log().high_watermarks = BTreeMap::from([(0, 20), (1, 3)]);
+
+    // Partition 0 still holds its records past the head: a position below it is a seek that did not hold.
+    fixture.feed(0, 0..4);
+    assert_eq!(fixture.phase(0), Some(Phase::Consuming));
+    assert_eq!(fixture.broker.log().seeks.last(), Some(&(0, Some(10))));
+    fixture.feed(0, 4..13);
+    let open = &fixture.poller.partitions[&0].open;
+    assert_eq!((open.start_offset, open.end_offset), (10, 13));
+    assert_eq!(
+        open.events.len(),
+        3,
+        "archived records skipped, the next ones taken"
+    );
+    assert!(open.offset_gaps.is_empty());
+
+    // Partition 1 now ends at 3, before the archived 10: the topic was recreated.
+    fixture.feed(1, 0..1);
+    assert_eq!(fixture.phase(1), Some(Phase::Halted));
+    assert_eq!(fixture.stats.halted_partitions.load(Ordering::Relaxed), 1);
 }
