@@ -176,6 +176,19 @@ pub struct GatewayConfig {
     /// disconnected. Default `30s`.
     #[serde(with = "crate::duration")]
     pub http_body_read_timeout: Duration,
+    /// Delivery ids (Slack `event_id`, Standard Webhooks `webhook-id`, ...) each webhook integration
+    /// remembers, to answer a platform's redelivery without producing again; beyond it the oldest are
+    /// forgotten (a forgotten redelivery is archived again, and readers collapse the copy). Default 100000.
+    pub webhook_redelivery_cache_size: usize,
+    /// How long a delivery id is remembered; longer than the platforms' retry schedules (Slack retries for
+    /// about 6 minutes, Graph for up to 4 hours). Default `1h`.
+    #[serde(with = "crate::duration")]
+    pub webhook_redelivery_window: Duration,
+    /// At shutdown, once both listeners are drained, how long the producer may take to deliver what is still
+    /// queued. Every acknowledged event was delivered already; what remains belongs to calls that failed or
+    /// were abandoned, whose senders retry. Default `5s`.
+    #[serde(with = "crate::duration")]
+    pub producer_flush_timeout: Duration,
     /// Webhook integrations, one endpoint each.
     pub webhooks: Vec<WebhookConfig>,
 }
@@ -291,6 +304,9 @@ impl Default for GatewayConfig {
             max_http_connections: 1024,
             http_header_read_timeout: Duration::from_secs(10),
             http_body_read_timeout: Duration::from_secs(30),
+            webhook_redelivery_cache_size: 100_000,
+            webhook_redelivery_window: Duration::from_secs(3600),
+            producer_flush_timeout: Duration::from_secs(5),
             webhooks: Vec::new(),
         }
     }
@@ -649,6 +665,14 @@ impl Config {
             (
                 "gateway.http_body_read_timeout",
                 self.gateway.http_body_read_timeout.as_millis() as u64,
+            ),
+            (
+                "gateway.webhook_redelivery_cache_size",
+                self.gateway.webhook_redelivery_cache_size as u64,
+            ),
+            (
+                "gateway.webhook_redelivery_window",
+                self.gateway.webhook_redelivery_window.as_millis() as u64,
             ),
         ] {
             if value == 0 {

@@ -66,6 +66,7 @@ pub struct EventProducer {
     producer: FutureProducer,
     topic: String,
     condition: Option<Arc<dyn AckCondition>>,
+    flush_timeout: Duration,
 }
 
 impl std::fmt::Debug for EventProducer {
@@ -85,6 +86,7 @@ impl EventProducer {
             producer,
             topic: kafka.topic.clone(),
             condition: None,
+            flush_timeout: gateway.producer_flush_timeout,
         })
     }
 
@@ -178,10 +180,10 @@ impl EventProducer {
         result
     }
 
-    /// Waits up to `timeout` for every queued event to be acknowledged (at shutdown).
-    pub fn flush(&self, timeout: Duration) -> Result<()> {
+    /// Waits up to `gateway.producer_flush_timeout` for every queued event to be acknowledged (at shutdown).
+    pub fn flush(&self) -> Result<()> {
         self.producer
-            .flush(timeout)
+            .flush(self.flush_timeout)
             .map_err(|error| map_kafka_error(&error))
     }
 }

@@ -25,9 +25,6 @@ use crate::producer::EventProducer;
 /// context and the usual gRPC headers fit many times over.
 const MAX_GRPC_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
-/// How long the producer may take, after the drain, to deliver what abandoned calls left queued.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The gRPC server alone, without a delay between NOT_SERVING and refusing new calls (benchmarks; the gateway
 /// is [`run`]): serves until `shutdown`, drains for up to `drain_timeout`, flushes the producer.
 pub async fn serve(
@@ -119,7 +116,7 @@ async fn serve_grpc(
 /// belongs to calls that failed or were abandoned.
 async fn flush(producer: &EventProducer) {
     let producer = producer.clone();
-    match tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT)).await {
+    match tokio::task::spawn_blocking(move || producer.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => {
             tracing::warn!(%error, "events still queued at shutdown were not acknowledged")
@@ -146,7 +143,14 @@ pub async fn run(
         .gateway
         .webhooks
         .iter()
-        .map(crate::webhooks::Integration::from_config)
+        .map(|webhook| {
+            crate::webhooks::Integration::from_config(webhook).map(|integration| {
+                integration.remembering(
+                    config.gateway.webhook_redelivery_cache_size,
+                    config.gateway.webhook_redelivery_window,
+                )
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let webhooks = std::sync::Arc::new(crate::webhooks::server::WebhookService::from_config(
         integrations,

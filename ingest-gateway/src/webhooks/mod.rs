@@ -239,8 +239,21 @@ impl Integration {
             platform,
             handler,
             stats: IntegrationStats::new(platform.as_str()),
-            recent: RecentDeliveries::new(100_000, Duration::from_secs(3600)),
+            recent: {
+                let defaults = chatvault_core::config::GatewayConfig::default();
+                RecentDeliveries::new(
+                    defaults.webhook_redelivery_cache_size,
+                    defaults.webhook_redelivery_window,
+                )
+            },
         })
+    }
+
+    /// Remembers up to `capacity` delivery ids for `window` (`gateway.webhook_redelivery_cache_size` and
+    /// `gateway.webhook_redelivery_window`) instead of the defaults.
+    pub fn remembering(mut self, capacity: usize, window: Duration) -> Integration {
+        self.recent = RecentDeliveries::new(capacity, window);
+        self
     }
 }
 
