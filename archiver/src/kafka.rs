@@ -162,10 +162,9 @@ impl Broker for KafkaBroker {
             .map_err(|error| error.to_string())
     }
 
-    fn log_start(&self, partition: i32) -> Result<i64, String> {
+    fn watermarks(&self, partition: i32) -> Result<(i64, i64), String> {
         self.consumer
             .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)
-            .map(|(low, _)| low)
             .map_err(|error| error.to_string())
     }
 

@@ -50,8 +50,8 @@ pub trait Broker {
     /// Moves the fetch position of `partition` to `offset` (`None`: the log's beginning). Records fetched
     /// from the old position are not delivered afterwards.
     fn seek(&self, partition: i32, offset: Option<i64>) -> std::result::Result<(), String>;
-    /// The partition's log-start offset (low watermark) as the broker reports it now.
-    fn log_start(&self, partition: i32) -> std::result::Result<i64, String>;
+    /// The partition's `(log-start offset, high watermark)` as the broker reports them now.
+    fn watermarks(&self, partition: i32) -> std::result::Result<(i64, i64), String>;
     /// The high watermark of every partition of the topic.
     fn end_offsets(&self) -> std::result::Result<BTreeMap<i32, i64>, String>;
     /// Stores `end_offset` as the group's committed offset of `partition`: a hint for lag monitoring and other
@@ -640,14 +640,11 @@ impl<B: Broker> Poller<B> {
         };
         let head_end = owned.head.end_offset;
         let resets = owned.position_resets;
-        let high = self
-            .broker
-            .end_offsets()
-            .map(|ends| ends.get(&partition).copied());
-        let recreated = matches!(high, Ok(Some(high)) if high < head_end);
+        let high = self.broker.watermarks(partition).map(|(_, high)| high);
+        let recreated = matches!(high, Ok(high) if high < head_end);
         if recreated || resets >= MAX_POSITION_RESETS {
             let why = match high {
-                Ok(Some(high)) if high < head_end => {
+                Ok(high) if high < head_end => {
                     format!(
                         "the partition now ends at offset {high}, before the archived end {head_end}"
                     )
@@ -696,7 +693,7 @@ impl<B: Broker> Poller<B> {
         let log_start = if self.config.offset_gaps == OffsetGapPolicy::Allow {
             Ok(0)
         } else {
-            self.broker.log_start(partition)
+            self.broker.watermarks(partition).map(|(low, _)| low)
         };
         let check = GapCheck {
             expected,

@@ -62,8 +62,14 @@ impl Broker for FakeBroker {
         self.log().seeks.push((partition, offset));
         Ok(())
     }
-    fn log_start(&self, _partition: i32) -> std::result::Result<i64, String> {
-        Ok(self.log().log_start)
+    fn watermarks(&self, partition: i32) -> std::result::Result<(i64, i64), String> {
+        let log = self.log();
+        let high = log
+            .high_watermarks
+            .get(&partition)
+            .copied()
+            .unwrap_or(i64::MAX);
+        Ok((log.log_start, high))
     }
     fn end_offsets(&self) -> std::result::Result<BTreeMap<i32, i64>, String> {
         Ok(self.log().high_watermarks.clone())

@@ -44,46 +44,12 @@ async fn records_deleted_by_the_broker_before_archiving_are_committed_as_a_gap()
     );
 
     // ~9 MB into one partition while no archiver runs: the broker drops the oldest records.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()?;
     let filler = "x".repeat(1_500);
-    let mut deliveries = Vec::new();
-    for index in 0..6_000 {
-        let event = ChatEvent {
-            event_id: format!("e{index}"),
-            tenant_id: "acme".into(),
-            conversation_id: "C1".into(),
-            message_id: format!("m{index}"),
-            kind: EventKind::MessageCreated as i32,
-            sender: Some(Sender {
-                id: "U1".into(),
-                ..Default::default()
-            }),
-            occurred_at_micros: 1_764_000_000_000_000 + index,
-            received_at_micros: 1_764_000_000_000_000 + index,
-            text: format!("{index} {filler}"),
-            ..Default::default()
-        };
-        let value = event.encode_to_vec();
-        let producer = producer.clone();
-        deliveries.push(async move {
-            producer
-                .send(
-                    FutureRecord::to(TOPIC).key("acme/C1").payload(&value),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|(error, _)| error)
-        });
-    }
-    for delivery in futures::future::join_all(deliveries).await {
-        delivery?;
-    }
+    let events = (0..6_000).map(|index| ChatEvent {
+        text: format!("{index} {filler}"),
+        ..numbered_event(index)
+    });
+    produce(&kafka.brokers, events, "5").await?;
     let inspector: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", "gap-inspector")
@@ -96,21 +62,13 @@ async fn records_deleted_by_the_broker_before_archiving_are_committed_as_a_gap()
     );
 
     let (archiver, _stats) = start_archiver(&config, "archiver").await?;
-    let store = object_store_from_config(&config.storage)?;
-    let chains = ChainReader::new(store, TOPIC);
     assert!(
         wait_for_archive(&config, &kafka.brokers, Duration::from_secs(60)).await?,
         "not archived up to the high watermark"
     );
     archiver.stop().await?;
 
-    let verified = chains.read_after(0, &ChainHead::empty()).await;
-    assert!(verified.error.is_none(), "{:?}", verified.error);
-    let gaps: Vec<OffsetGap> = verified
-        .manifests
-        .iter()
-        .flat_map(|(manifest, _)| manifest.offset_gaps.clone())
-        .collect();
+    let (gaps, archived) = committed_gaps_and_rows(&config).await?;
     assert_eq!(
         gaps,
         vec![OffsetGap {
@@ -119,11 +77,6 @@ async fn records_deleted_by_the_broker_before_archiving_are_committed_as_a_gap()
         }],
         "exactly the deleted records are a gap"
     );
-    let archived: u64 = verified
-        .manifests
-        .iter()
-        .flat_map(|(manifest, _)| manifest.files.iter().map(|file| file.rows))
-        .sum();
     assert_eq!(
         archived as i64,
         6_000 - log_start,
@@ -151,15 +104,21 @@ fn numbered_event(index: i64) -> ChatEvent {
     }
 }
 
-/// Produces events `range` to partition 0 as one Kafka record batch (all sent within the producer's linger).
-async fn produce_one_batch(brokers: &str, range: std::ops::Range<i64>) -> anyhow::Result<()> {
+/// Produces `events` to partition 0 at once, with the producer lingering `linger_ms` (long enough, and they
+/// form one Kafka record batch).
+async fn produce(
+    brokers: &str,
+    events: impl Iterator<Item = ChatEvent>,
+    linger_ms: &str,
+) -> anyhow::Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "500")
+        .set("acks", "all")
+        .set("linger.ms", linger_ms)
         .create()?;
-    let sends = range.map(|index| {
-        let (producer, value) = (producer.clone(), numbered_event(index).encode_to_vec());
+    let sends = events.map(|event| {
+        let (producer, value) = (producer.clone(), event.encode_to_vec());
         async move {
             producer
                 .send(
@@ -184,7 +143,7 @@ async fn produce_one_batch(brokers: &str, range: std::ops::Range<i64>) -> anyhow
 /// 40..79 and was killed, so the chain head (80) lies inside the first batch: the next owner fetches from
 /// there, as after any reassignment.
 async fn chain_head_inside_a_batch(config: &Config) -> anyhow::Result<()> {
-    produce_one_batch(&config.kafka.brokers, 0..100).await?;
+    produce(&config.kafka.brokers, (0..100).map(numbered_event), "500").await?;
     let mut first = archiver_command(config, Some("after_commit:2")).spawn()?;
     let status = wait_for_exit(&mut first, Duration::from_secs(60)).await;
     if status.is_none() {
@@ -198,7 +157,7 @@ async fn chain_head_inside_a_batch(config: &Config) -> anyhow::Result<()> {
         "the first archiver should have committed 0..79, committed up to {}",
         head.end_offset
     );
-    produce_one_batch(&config.kafka.brokers, 100..200).await?;
+    produce(&config.kafka.brokers, (100..200).map(numbered_event), "500").await?;
     Ok(())
 }
 
@@ -228,35 +187,55 @@ fn all_event_ids() -> BTreeSet<String> {
     (0..200).map(|index| format!("e{index}")).collect()
 }
 
-fn gap_test_config(
-    brokers: &str,
-    storage: chatvault_core::config::StorageConfig,
-    keyring: &std::path::Path,
-) -> Config {
-    let mut config = test_config(brokers, storage, keyring);
+/// [`chain_head_inside_a_batch`] on a fresh broker and bucket, then a Kafka proxy in front of the broker
+/// answering fetches with `fault`. `config` reaches the broker directly, `through_proxy` through the proxy.
+struct BehindAFaultyProxy {
+    kafka: TestKafka,
+    proxy: KafkaProxy,
+    config: Config,
+    through_proxy: Config,
+    _s3: S3Server,
+    _keyring: tempfile::TempDir,
+}
+
+async fn behind_a_faulty_proxy(fault: FetchFault) -> anyhow::Result<BehindAFaultyProxy> {
+    let kafka = TestKafka::start(TOPIC, 1)?;
+    let s3 = S3Server::start("archive").await?;
+    let keyring = tempfile::tempdir()?;
+    let mut config = test_config(
+        &kafka.brokers,
+        s3.storage_config(),
+        &keyring.path().join("keyring.json"),
+    );
     config.archiver.max_batch_events = 40;
     config.archiver.max_batch_age = Duration::from_millis(300);
-    config
+    chain_head_inside_a_batch(&config).await?;
+    let proxy = KafkaProxy::start(&kafka.brokers).await?;
+    proxy.set_fault(fault);
+    let mut through_proxy = config.clone();
+    through_proxy.kafka.brokers = proxy.brokers.clone();
+    Ok(BehindAFaultyProxy {
+        kafka,
+        proxy,
+        config,
+        through_proxy,
+        _s3: s3,
+        _keyring: keyring,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_a_broker_skipped_but_still_holds_are_fetched_again_not_committed_as_a_gap()
 -> anyhow::Result<()> {
-    let kafka = TestKafka::start(TOPIC, 1)?;
-    let s3 = S3Server::start("archive").await?;
-    let keyring = tempfile::tempdir()?;
-    let config = gap_test_config(
-        &kafka.brokers,
-        s3.storage_config(),
-        &keyring.path().join("keyring.json"),
-    );
-    chain_head_inside_a_batch(&config).await?;
-
     // The next owner reaches Kafka through a proxy that answers the fetch from offset 80 with offsets 100..199.
-    let proxy = KafkaProxy::start(&kafka.brokers).await?;
-    proxy.set_fault(FetchFault::SkipFromInsideBatch);
-    let mut through_proxy = config.clone();
-    through_proxy.kafka.brokers = proxy.brokers.clone();
+    let BehindAFaultyProxy {
+        kafka,
+        proxy,
+        config,
+        through_proxy,
+        _s3,
+        _keyring,
+    } = behind_a_faulty_proxy(FetchFault::SkipFromInsideBatch).await?;
     let (archiver, _stats) = start_archiver(&through_proxy, "second").await?;
     let archived = wait_for_archive(&config, &kafka.brokers, Duration::from_secs(60)).await?;
     archiver.stop().await?;
@@ -280,21 +259,15 @@ async fn offsets_a_broker_skipped_but_still_holds_are_fetched_again_not_committe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_keeps_skipping_held_offsets_halts_the_partition_instead_of_losing_them()
 -> anyhow::Result<()> {
-    let kafka = TestKafka::start(TOPIC, 1)?;
-    let s3 = S3Server::start("archive").await?;
-    let keyring = tempfile::tempdir()?;
-    let config = gap_test_config(
-        &kafka.brokers,
-        s3.storage_config(),
-        &keyring.path().join("keyring.json"),
-    );
-    chain_head_inside_a_batch(&config).await?;
-
     // Through a proxy that never serves the batch holding the fetched offset, however far back it is asked.
-    let proxy = KafkaProxy::start(&kafka.brokers).await?;
-    proxy.set_fault(FetchFault::SkipHoldingBatch);
-    let mut through_proxy = config.clone();
-    through_proxy.kafka.brokers = proxy.brokers.clone();
+    let BehindAFaultyProxy {
+        kafka,
+        proxy,
+        config,
+        through_proxy,
+        _s3,
+        _keyring,
+    } = behind_a_faulty_proxy(FetchFault::SkipHoldingBatch).await?;
     let (archiver, stats) = start_archiver(&through_proxy, "second").await?;
     let halted = wait_until(Duration::from_secs(60), || {
         stats.halted_now.load(std::sync::atomic::Ordering::Relaxed) == 1

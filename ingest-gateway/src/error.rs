@@ -109,10 +109,9 @@ impl From<CoreError> for IngestError {
                 IngestError::unauthenticated("unauthenticated", error.message())
             }
             ErrorCode::PermissionDenied => IngestError::PermissionDenied(error.message().into()),
-            ErrorCode::InvalidArgument | ErrorCode::NotFound => {
+            ErrorCode::InvalidArgument | ErrorCode::NotFound | ErrorCode::TooLarge => {
                 IngestError::InvalidEvent(error.message().into())
             }
-            ErrorCode::TooLarge => IngestError::InvalidEvent(error.message().into()),
             ErrorCode::ResourceExhausted => IngestError::Overloaded(error.message().into()),
             ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Conflict => {
                 IngestError::KafkaUnavailable(error)

@@ -370,9 +370,7 @@ fn rewrite_metadata(body: &[u8], version: i16, shared: &Shared) -> Option<Vec<u8
         let (host, port) = route(shared, &host, port);
         put_string(&mut out, &host);
         put_i32(&mut out, port);
-        let rack_at = reader.position;
-        reader.nullable_string()?;
-        out.extend_from_slice(&body[rack_at..reader.position]);
+        out.extend_from_slice(reader.nullable_string()?); // rack
     }
     out.extend_from_slice(reader.rest());
     Some(out)
@@ -387,9 +385,7 @@ fn rewrite_coordinator(body: &[u8], version: i16, shared: &Shared) -> Option<Vec
     }
     out.extend_from_slice(reader.take(2)?); // error code
     if version >= 1 {
-        let message_at = reader.position;
-        reader.nullable_string()?;
-        out.extend_from_slice(&body[message_at..reader.position]);
+        out.extend_from_slice(reader.nullable_string()?); // error message
     }
     out.extend_from_slice(reader.take(4)?); // node id
     let host = reader.string()?;
@@ -547,12 +543,14 @@ impl<'a> Reader<'a> {
         Some(String::from_utf8_lossy(self.take(length)?).into_owned())
     }
 
-    fn nullable_string(&mut self) -> Option<()> {
+    /// A nullable string, skipped: its bytes as they were encoded (length prefix included), to copy.
+    fn nullable_string(&mut self) -> Option<&'a [u8]> {
+        let start = self.position;
         let length = self.i16()?;
         if length > 0 {
             self.take(usize::try_from(length).ok()?)?;
         }
-        Some(())
+        Some(&self.bytes[start..self.position])
     }
 
     fn uvarint(&mut self) -> Option<u64> {

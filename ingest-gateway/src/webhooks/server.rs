@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatvault_core::auth::{Authenticator, Role};
 use chatvault_core::config::GatewayConfig;
-use chatvault_core::error::{Coded, ErrorCode, Result};
+use chatvault_core::error::{Coded, Result};
 use chatvault_core::event::{EventLimits, validate_and_complete};
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::telemetry::continue_remote_trace;
@@ -352,14 +352,7 @@ impl WebhookService {
                 }
                 respond(&accepted.response)
             }
-            Err(error) => {
-                // A record Kafka refuses (too large) is the sender's; anything else is retried.
-                let refusal = match error.code() {
-                    ErrorCode::InvalidArgument => IngestError::InvalidEvent(error.message().into()),
-                    _ => IngestError::KafkaUnavailable(error),
-                };
-                refuse(&integration, refusal)
-            }
+            Err(error) => refuse(&integration, IngestError::from(error)),
         }
     }
 }
