@@ -18,10 +18,10 @@
   (enabled, timing, custom*Probe), the OTEL_* environment (or OTEL_SDK_DISABLED=true), the OTLP egress rule, and
   the ServiceMonitor as rendered on a cluster that serves monitoring.coreos.com/v1;
 - completeness: every key of config/chatvault.example.toml (its commented Teams example included) and every
-  field of core/src/config.rs's Config can be produced by the chart (ci/all-settings-values.yaml renders them
+  field of config/src/lib.rs's Config (and the sections it holds) can be produced by the chart (ci/all-settings-values.yaml renders them
   all), and README.md's values table lists every value of values.yaml;
 - the rendered chatvault.toml parsed and validated by the chatvault binary itself when one is built
-  (target/debug or target/release), so the chart cannot drift from core/src/config.rs unnoticed.
+  (target/debug or target/release), so the chart cannot drift from the configuration's structs unnoticed.
 
 Run: .venv/bin/python scripts/test_helm_chart.py  (scripts/setup-test-deps.sh installs the packages)
 """
@@ -198,7 +198,7 @@ EXAMPLE_CONFIG = ROOT / "config" / "chatvault.example.toml"
 
 def example_config_text() -> str:
     """config/chatvault.example.toml with its commented Microsoft Teams example uncommented (as
-    core/src/config.rs's test commented_teams_example_is_valid does)."""
+    config/src/lib.rs's test commented_teams_example_is_valid does)."""
     text = EXAMPLE_CONFIG.read_text()
     start = text.find("# [[gateway.webhooks]]")
     assert start >= 0, f"{EXAMPLE_CONFIG.relative_to(ROOT)}: no commented Teams example '# [[gateway.webhooks]]'"
@@ -210,13 +210,26 @@ def example_config_text() -> str:
     return text + "\n" + "\n".join(block) + "\n"
 
 
+# Where the configuration's structs are defined: the whole file (config/src/lib.rs), the shared sections and
+# the loader (core), and each service's section next to its service.
+CONFIG_SOURCES = [
+    "config/src/lib.rs",
+    "core/src/config.rs",
+    "core/src/event.rs",
+    "ingest-gateway/src/config.rs",
+    "archiver/src/config.rs",
+    "restorer/src/config.rs",
+]
+
+
 def config_struct_paths() -> set[str]:
-    """Dotted paths of every field of `Config` (core/src/config.rs, EventLimits from core/src/event.rs), following
-    nested structs, `Vec<Struct>` as `name[]`; honours #[serde(rename = ...)] and #[serde(skip...)] on fields."""
-    source = "\n".join((ROOT / "core" / "src" / name).read_text() for name in ("config.rs", "event.rs"))
-    structs: dict[str, list[tuple[str, str]]] = {}
+    """Dotted paths of every field of `Config` (config/src/lib.rs, following its structs into CONFIG_SOURCES),
+    nested structs followed, `Vec<Struct>` as `name[]`; honours #[serde(rename = ...)], #[serde(skip...)] and
+    #[serde(flatten)] on fields."""
+    source = "\n".join((ROOT / name).read_text() for name in CONFIG_SOURCES)
+    structs: dict[str, list[tuple[str, str, bool]]] = {}
     for match in re.finditer(r"^pub struct (\w+)\s*\{(.*?)^\}", source, re.S | re.M):
-        fields, rename, skip = [], None, False
+        fields, rename, skip, flatten = [], None, False, False
         for line in match.group(2).splitlines():
             line = line.strip()
             attribute = re.match(r"#\[serde\((.*)\)\]", line)
@@ -224,18 +237,22 @@ def config_struct_paths() -> set[str]:
                 renamed = re.search(r'\brename\s*=\s*"([^"]+)"', attribute.group(1))
                 rename = renamed.group(1) if renamed else rename
                 skip = skip or re.search(r"\bskip(_deserializing)?\b(?!_)", attribute.group(1)) is not None
+                flatten = flatten or re.search(r"\bflatten\b", attribute.group(1)) is not None
                 continue
             field = re.match(r"pub (\w+)\s*:\s*(.+?),?$", line)
             if field:
                 if not skip:
-                    fields.append((rename or field.group(1), field.group(2).strip()))
-                rename, skip = None, False
+                    fields.append((rename or field.group(1), field.group(2).strip(), flatten))
+                rename, skip, flatten = None, False, False
         structs[match.group(1)] = fields
-    assert "Config" in structs, "core/src/config.rs: no `pub struct Config`"
+    assert "Config" in structs, "config/src/lib.rs: no `pub struct Config`"
 
     def walk(name: str, prefix: str) -> set[str]:
         paths = set()
-        for field, type_ in structs[name]:
+        for field, type_, flatten in structs[name]:
+            if flatten:
+                paths |= walk(type_, prefix)
+                continue
             inner, array = type_, False
             while True:
                 wrapped = re.fullmatch(r"(Option|Vec|Box)<(.+)>", inner)
@@ -618,12 +635,12 @@ def main() -> int:
         assert not missing, (f"the chart cannot produce (or {all_settings} does not set) these settings of "
                              f"{EXAMPLE_CONFIG.relative_to(ROOT)}: {missing}")
 
-    @check(f"every field of Config (core/src/config.rs) is rendered from {all_settings}; clear secrets never")
+    @check(f"every field of Config (config/src/lib.rs) is rendered from {all_settings}; clear secrets never")
     def _config_fields_rendered():
         fields = config_struct_paths()
         for expected in ("kafka.brokers", "gateway.limits.max_text_bytes", "gateway.webhooks[].certificates[].id",
                          "telemetry.log_format", "tenants[].tokens[].roles"):
-            assert expected in fields, f"core/src/config.rs parsing lost {expected}: {sorted(fields)}"
+            assert expected in fields, f"config struct parsing lost {expected}: {sorted(fields)}"
         stale = sorted(set(NOT_RENDERED) - fields)
         assert not stale, f"NOT_RENDERED names fields Config no longer has: {stale}"
         rendered_paths = toml_paths(chatvault_toml(rendered[all_settings]))

@@ -10,7 +10,7 @@
 //! Topics where gaps are normal (compacted topics, transactional producers whose commit markers take an
 //! offset each) set `archiver.offset_gaps = "allow"`, which commits every gap as Kafka delivered it.
 
-use chatvault_core::config::OffsetGapPolicy;
+use crate::config::OffsetGapPolicy;
 
 /// Fetches of the same gap before the partition is halted.
 pub const MAX_REFETCHES: u32 = 3;

@@ -17,6 +17,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use crate::error::BrokerError;
 use crate::poller::{Broker, OwnedView, Poller, Rebalance, Record};
 
 pub(crate) type ArchiverConsumer = BaseConsumer<ArchiverContext>;
@@ -143,43 +144,43 @@ impl KafkaBroker {
 }
 
 impl Broker for KafkaBroker {
-    fn pause(&self, partition: i32) -> Result<(), String> {
+    fn pause(&self, partition: i32) -> Result<(), BrokerError> {
         self.consumer
             .pause(&self.one(partition))
-            .map_err(|error| error.to_string())
+            .map_err(|error| BrokerError::new("pause", partition, error))
     }
 
-    fn resume(&self, partition: i32) -> Result<(), String> {
+    fn resume(&self, partition: i32) -> Result<(), BrokerError> {
         self.consumer
             .resume(&self.one(partition))
-            .map_err(|error| error.to_string())
+            .map_err(|error| BrokerError::new("resume", partition, error))
     }
 
-    fn seek(&self, partition: i32, offset: Option<i64>) -> Result<(), String> {
+    fn seek(&self, partition: i32, offset: Option<i64>) -> Result<(), BrokerError> {
         let offset = offset.map_or(Offset::Beginning, Offset::Offset);
         self.consumer
             .seek(&self.topic, partition, offset, BROKER_TIMEOUT)
-            .map_err(|error| error.to_string())
+            .map_err(|error| BrokerError::new("seek", partition, error))
     }
 
-    fn watermarks(&self, partition: i32) -> Result<(i64, i64), String> {
+    fn watermarks(&self, partition: i32) -> Result<(i64, i64), BrokerError> {
         self.consumer
             .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)
-            .map_err(|error| error.to_string())
+            .map_err(|error| BrokerError::new("watermarks", partition, error))
     }
 
-    fn end_offsets(&self) -> Result<BTreeMap<i32, i64>, String> {
+    fn end_offsets(&self) -> Result<BTreeMap<i32, i64>, BrokerError> {
         let metadata = self
             .consumer
             .fetch_metadata(Some(&self.topic), BROKER_TIMEOUT)
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| BrokerError::new("metadata", -1, error))?;
         let mut ends = BTreeMap::new();
         for topic in metadata.topics().iter().filter(|t| t.name() == self.topic) {
             for partition in topic.partitions() {
                 let (_, high) = self
                     .consumer
                     .fetch_watermarks(&self.topic, partition.id(), BROKER_TIMEOUT)
-                    .map_err(|error| error.to_string())?;
+                    .map_err(|error| BrokerError::new("watermarks", partition.id(), error))?;
                 ends.insert(partition.id(), high);
             }
         }

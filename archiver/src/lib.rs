@@ -27,9 +27,11 @@
 
 pub mod batch;
 pub mod commit;
+pub mod config;
 pub mod crash;
 pub mod dead_letter;
 pub mod encode;
+pub mod error;
 pub mod gaps;
 pub(crate) mod kafka;
 pub mod lane;

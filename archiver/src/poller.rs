@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::{ArchiverConfig, OffsetGapPolicy};
 use chatvault_archive::ArchivedEvent;
 use chatvault_archive::chain::ChainWriter;
 use chatvault_archive::manifest::ChainHead;
-use chatvault_core::config::{ArchiverConfig, OffsetGapPolicy};
 use chatvault_core::error::{ErrorCode, Result};
 use chatvault_core::event::is_valid_tenant_id;
 use chatvault_core::metrics::metrics;
@@ -38,6 +38,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::batch::{MAX_TRACED_RECORDS, OpenBatch, Rejected, SealedBatch};
 use crate::crash::crash_point;
+use crate::error::BrokerError;
 use crate::gaps::{self, GapCheck, GapVerdict};
 use crate::lane::{BatchOutcome, CommitStages, Lane, LaneReport};
 use crate::stats::ArchiverStats;
@@ -45,15 +46,15 @@ use crate::stats::ArchiverStats;
 /// What the poll thread asks of Kafka besides polling. Implemented over librdkafka in `kafka.rs`.
 pub trait Broker {
     /// Stops fetching `partition` (records already fetched may still arrive).
-    fn pause(&self, partition: i32) -> std::result::Result<(), String>;
-    fn resume(&self, partition: i32) -> std::result::Result<(), String>;
+    fn pause(&self, partition: i32) -> std::result::Result<(), BrokerError>;
+    fn resume(&self, partition: i32) -> std::result::Result<(), BrokerError>;
     /// Moves the fetch position of `partition` to `offset` (`None`: the log's beginning). Records fetched
     /// from the old position are not delivered afterwards.
-    fn seek(&self, partition: i32, offset: Option<i64>) -> std::result::Result<(), String>;
+    fn seek(&self, partition: i32, offset: Option<i64>) -> std::result::Result<(), BrokerError>;
     /// The partition's `(log-start offset, high watermark)` as the broker reports them now.
-    fn watermarks(&self, partition: i32) -> std::result::Result<(i64, i64), String>;
+    fn watermarks(&self, partition: i32) -> std::result::Result<(i64, i64), BrokerError>;
     /// The high watermark of every partition of the topic.
-    fn end_offsets(&self) -> std::result::Result<BTreeMap<i32, i64>, String>;
+    fn end_offsets(&self) -> std::result::Result<BTreeMap<i32, i64>, BrokerError>;
     /// Stores `end_offset` as the group's committed offset of `partition`: a hint for lag monitoring and other
     /// consumers only (the manifest chain is authoritative), so failures are not reported.
     fn commit_offset_hint(&self, partition: i32, end_offset: i64);
@@ -693,7 +694,10 @@ impl<B: Broker> Poller<B> {
         let log_start = if self.config.offset_gaps == OffsetGapPolicy::Allow {
             Ok(0)
         } else {
-            self.broker.watermarks(partition).map(|(low, _)| low)
+            self.broker
+                .watermarks(partition)
+                .map(|(low, _)| low)
+                .map_err(|error| error.to_string())
         };
         let check = GapCheck {
             expected,

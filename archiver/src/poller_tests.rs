@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::ArchiverConfig;
+use crate::error::BrokerError;
 use async_trait::async_trait;
 use chatvault_archive::chain::{ChainWriter, Commit};
 use chatvault_archive::file::FileOptions;
 use chatvault_archive::keys::{DataKeys, LocalKeyring};
 use chatvault_archive::manifest::{ChainHead, DeadLetter, MANIFEST_FORMAT, Manifest};
-use chatvault_core::config::ArchiverConfig;
 use chatvault_core::error::Result;
 use chatvault_core::shutdown::{self, ShutdownTrigger};
 use chatvault_proto::v1::ChatEvent;
@@ -50,19 +51,19 @@ impl FakeBroker {
 }
 
 impl Broker for FakeBroker {
-    fn pause(&self, partition: i32) -> std::result::Result<(), String> {
+    fn pause(&self, partition: i32) -> std::result::Result<(), BrokerError> {
         self.log().paused.insert(partition);
         Ok(())
     }
-    fn resume(&self, partition: i32) -> std::result::Result<(), String> {
+    fn resume(&self, partition: i32) -> std::result::Result<(), BrokerError> {
         self.log().paused.remove(&partition);
         Ok(())
     }
-    fn seek(&self, partition: i32, offset: Option<i64>) -> std::result::Result<(), String> {
+    fn seek(&self, partition: i32, offset: Option<i64>) -> std::result::Result<(), BrokerError> {
         self.log().seeks.push((partition, offset));
         Ok(())
     }
-    fn watermarks(&self, partition: i32) -> std::result::Result<(i64, i64), String> {
+    fn watermarks(&self, partition: i32) -> std::result::Result<(i64, i64), BrokerError> {
         let log = self.log();
         let high = log
             .high_watermarks
@@ -71,7 +72,7 @@ impl Broker for FakeBroker {
             .unwrap_or(i64::MAX);
         Ok((log.log_start, high))
     }
-    fn end_offsets(&self) -> std::result::Result<BTreeMap<i32, i64>, String> {
+    fn end_offsets(&self) -> std::result::Result<BTreeMap<i32, i64>, BrokerError> {
         Ok(self.log().high_watermarks.clone())
     }
     fn commit_offset_hint(&self, partition: i32, end_offset: i64) {

@@ -13,11 +13,13 @@ use std::time::Duration;
 use chatvault_archive::chain::ChainWriter;
 use chatvault_archive::file::FileOptions;
 use chatvault_archive::keys::DataKeys;
-use chatvault_core::config::{ArchiverConfig, Config, KafkaConfig};
+use chatvault_core::config::{KafkaConfig, SharedConfig};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::shutdown::{self, Shutdown};
 use chatvault_core::storage::object_store_from_config;
-use chatvault_kafka::consumer_config;
+use chatvault_kafka::{ConsumerSettings, consumer_config};
+
+use crate::config::ArchiverConfig;
 use object_store::ObjectStore;
 use rdkafka::consumer::Consumer;
 use tokio::runtime::Handle;
@@ -39,21 +41,22 @@ pub struct ArchiverOptions {
     pub on_shutdown: OnShutdown,
 }
 
-/// The archiver role as `config` describes it (its storage, keys, Kafka and `[archiver]` settings), until
+/// The archiver role on the shared settings (storage, keys, Kafka) and its `[archiver]` section, until
 /// `shutdown`. The one assembly of the role: the binary, the test kit and the benchmarks all start it here
 /// (or through [`Archiver::run`] with a store of their own). `stats` lets the caller watch it.
 pub async fn run(
-    config: &Config,
+    shared: &SharedConfig,
+    config: &ArchiverConfig,
     writer_id: &str,
     on_shutdown: OnShutdown,
     stats: Arc<ArchiverStats>,
     shutdown: Shutdown,
 ) -> Result<()> {
-    let store = object_store_from_config(&config.storage)?;
-    let keys = DataKeys::from_config(store.clone(), &config.keys)?;
+    let store = object_store_from_config(&shared.storage)?;
+    let keys = DataKeys::from_config(store.clone(), &shared.keys)?;
     let options = ArchiverOptions {
-        kafka: config.kafka.clone(),
-        config: config.archiver.clone(),
+        kafka: shared.kafka.clone(),
+        config: config.clone(),
         writer_id: writer_id.to_string(),
         on_shutdown,
     };
@@ -119,9 +122,16 @@ impl Archiver {
             view: view.clone(),
         };
         let consumer: Arc<ArchiverConsumer> = Arc::new(
-            consumer_config(&options.kafka, &options.config)
-                .create_with_context(context)
-                .map_err(|error| Error::invalid_argument(format!("kafka consumer: {error}")))?,
+            consumer_config(
+                &options.kafka,
+                ConsumerSettings {
+                    group_id: &options.config.group_id,
+                    session_timeout: options.config.session_timeout,
+                    fetch_queue_kbytes: options.config.fetch_queue_kbytes,
+                },
+            )
+            .create_with_context(context)
+            .map_err(|error| Error::invalid_argument(format!("kafka consumer: {error}")))?,
         );
         consumer
             .subscribe(&[&topic])

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use chatvault_archive::keys::DataKeys;
 use chatvault_archiver::ArchiverStats;
+use chatvault_archiver::config::ArchiverConfig;
 use chatvault_archiver::{Archiver, ArchiverOptions};
 use chatvault_benches::{chat_message, machine, median, process_cpu_seconds};
-use chatvault_core::config::{ArchiverConfig, KafkaConfig, StorageConfig};
+use chatvault_core::config::{KafkaConfig, StorageConfig};
 use chatvault_core::event::kafka_key;
 use chatvault_core::shutdown;
 use chatvault_core::storage::object_store_from_config;

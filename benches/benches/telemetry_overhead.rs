@@ -34,7 +34,7 @@ fn child(mode: &str) -> anyhow::Result<()> {
         .build()?;
     let cluster = MockCluster::new(1)?;
     let mut config = mock_cluster_config(&cluster, "bench-telemetry")?;
-    config.telemetry.metrics_listen = String::new();
+    config.shared.telemetry.metrics_listen = String::new();
     runtime.block_on(async move {
         // The parent chose the collector's address and gave it to the exporter as OTEL_EXPORTER_OTLP_ENDPOINT.
         let collector = match std::env::var(COLLECTOR_VARIABLE) {
@@ -43,7 +43,10 @@ fn child(mode: &str) -> anyhow::Result<()> {
         };
         let telemetry = match mode {
             "none" => None,
-            _ => Some(Telemetry::install("chatvault-bench", &config.telemetry)?),
+            _ => Some(Telemetry::install(
+                "chatvault-bench",
+                &config.shared.telemetry,
+            )?),
         };
         let gateway = BenchGateway::start(&config).await?;
         let client = gateway.client.clone();

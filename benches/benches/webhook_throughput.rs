@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatvault_benches::{machine, median, mock_cluster_config};
-use chatvault_core::config::{WebhookConfig, WebhookPlatform};
 use chatvault_core::shutdown;
 use chatvault_core::time::now_micros;
 use chatvault_ingest_gateway::EventProducer;
+use chatvault_ingest_gateway::config::{WebhookConfig, WebhookPlatform};
 use chatvault_ingest_gateway::webhooks::Integration;
 use chatvault_ingest_gateway::webhooks::server::{WebhookService, serve_http};
 use rdkafka::mocking::MockCluster;
@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
-        let producer = EventProducer::new(&config.kafka, &config.gateway)?;
+        let producer = EventProducer::new(&config.shared.kafka, &config.gateway)?;
         let service = Arc::new(WebhookService::new(
             vec![Integration::from_config(&webhook)?],
             producer,

@@ -81,15 +81,16 @@ pub const INGEST_TOKEN: &str = "bench-token";
 pub fn mock_cluster_config(
     cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     topic: &str,
-) -> anyhow::Result<chatvault_core::config::Config> {
+) -> anyhow::Result<chatvault_config::Config> {
+    use chatvault_config::Config;
     use chatvault_core::auth::Role;
-    use chatvault_core::config::{Config, TenantConfig, TokenConfig};
+    use chatvault_core::config::{TenantConfig, TokenConfig};
     cluster.create_topic(topic, 4, 1)?;
     let mut config = Config::default();
-    config.kafka.brokers = cluster.bootstrap_servers();
-    config.kafka.topic = topic.into();
+    config.shared.kafka.brokers = cluster.bootstrap_servers();
+    config.shared.kafka.topic = topic.into();
     config.gateway.max_queued_events = 1_000_000;
-    config.tenants = vec![TenantConfig {
+    config.shared.tenants = vec![TenantConfig {
         id: "acme".into(),
         tokens: vec![TokenConfig {
             name: "bench".into(),
@@ -119,13 +120,13 @@ pub struct BenchGateway {
 }
 
 impl BenchGateway {
-    pub async fn start(config: &chatvault_core::config::Config) -> anyhow::Result<BenchGateway> {
+    pub async fn start(config: &chatvault_config::Config) -> anyhow::Result<BenchGateway> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
-        let producer = EventProducer::new(&config.kafka, &config.gateway)?;
+        let producer = EventProducer::new(&config.shared.kafka, &config.gateway)?;
         let service = IngestGrpc::new(
             producer.clone(),
-            config.authenticator()?,
+            config.shared.authenticator()?,
             config.gateway.clone(),
         );
         let (trigger, shutdown) = chatvault_core::shutdown::channel();

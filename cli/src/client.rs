@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use base64::Engine;
 use chatvault_archive::keys::DataKeys;
-use chatvault_core::config::Config;
+use chatvault_config::Config;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
 use chatvault_proto::v1::restore_item::Item;
@@ -303,11 +303,11 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                 let dir = dir
                     .canonicalize()
                     .with_context(|| format!("{}", dir.display()))?;
-                loaded.storage.url = format!("file://{}", dir.join("archive").display());
-                loaded.keys.keyring_path = dir.join("keyring.json");
+                loaded.shared.storage.url = format!("file://{}", dir.join("archive").display());
+                loaded.shared.keys.keyring_path = dir.join("keyring.json");
             }
-            let store = object_store_from_config(&loaded.storage)?;
-            let keys = DataKeys::from_config(store, &loaded.keys)?;
+            let store = object_store_from_config(&loaded.shared.storage)?;
+            let keys = DataKeys::from_config(store, &loaded.shared.keys)?;
             let key = keys.get(&tenant, &period).await?;
             tracing::warn!(tenant = %tenant, period = %period, dek_id = %key.dek_id, "data key exported");
             println!(

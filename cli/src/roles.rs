@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::OnShutdown;
+use chatvault_config::Config;
 use chatvault_core::auth::{Role, token_digest};
-use chatvault_core::config::{Config, TenantConfig, TokenConfig};
+use chatvault_core::config::{TenantConfig, TokenConfig};
 use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_core::telemetry::Telemetry;
@@ -62,7 +63,8 @@ pub async fn gateway_task(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     chatvault_ingest_gateway::run(
-        config,
+        &config.shared,
+        &config.gateway,
         grpc_listener,
         http_listener,
         ack_condition,
@@ -111,7 +113,15 @@ async fn archiver_task(
     on_shutdown: OnShutdown,
     stats: Arc<ArchiverStats>,
 ) -> anyhow::Result<()> {
-    chatvault_archiver::run(config, &writer_id(), on_shutdown, stats, shutdown).await?;
+    chatvault_archiver::run(
+        &config.shared,
+        &config.archiver,
+        &writer_id(),
+        on_shutdown,
+        stats,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 
@@ -120,7 +130,7 @@ pub async fn restorer_task(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    chatvault_restorer::run(config, listener, shutdown).await?;
+    chatvault_restorer::run(&config.shared, &config.restorer, listener, shutdown).await?;
     Ok(())
 }
 
@@ -134,7 +144,7 @@ async fn with_telemetry(
     health_check: Option<HealthCheck>,
     role: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let telemetry = Arc::new(Telemetry::install(service, &config.telemetry)?);
+    let telemetry = Arc::new(Telemetry::install(service, &config.shared.telemetry)?);
     for warning in &config.deprecated_settings {
         tracing::warn!("{warning}");
     }
@@ -143,7 +153,7 @@ async fn with_telemetry(
         ops_state.set_health_check(check);
     }
     let (ops_trigger, ops_shutdown) = shutdown::channel();
-    let ops_server = match config.telemetry.metrics_listen.as_str() {
+    let ops_server = match config.shared.telemetry.metrics_listen.as_str() {
         "" => None,
         address => {
             let listener = bind(address, "telemetry.metrics_listen").await?;
@@ -262,8 +272,8 @@ const PLACEHOLDER_KEY: &str = "chatvault-standalone-placeholder";
 /// this run's first events would be silently skipped. Fills each partition with placeholder records (no value)
 /// up to its chain head first, so that this run's events get offsets the chain has not covered yet.
 async fn continue_offsets_from_archive(config: &Config, partitions: i32) -> anyhow::Result<()> {
-    let store = object_store_from_config(&config.storage)?;
-    let chains = chatvault_archive::chain::ChainReader::new(store, &config.kafka.topic);
+    let store = object_store_from_config(&config.shared.storage)?;
+    let chains = chatvault_archive::chain::ChainReader::new(store, &config.shared.kafka.topic);
     let mut heads = Vec::new();
     for partition in 0..partitions {
         let end_offset = chains
@@ -282,8 +292,8 @@ async fn continue_offsets_from_archive(config: &Config, partitions: i32) -> anyh
         ?heads,
         "continuing Kafka offsets after the archive's chain heads"
     );
-    let brokers = config.kafka.brokers.clone();
-    let topic = config.kafka.topic.clone();
+    let brokers = config.shared.kafka.brokers.clone();
+    let topic = config.shared.kafka.topic.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let producer: BaseProducer = rdkafka::ClientConfig::new()
@@ -362,8 +372,8 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         None => Config::load(None)?,
     };
     if args.config.is_none() {
-        config.storage.url = format!("file://{}", data_dir.join("archive").display());
-        config.keys.keyring_path = data_dir.join("keyring.json");
+        config.shared.storage.url = format!("file://{}", data_dir.join("archive").display());
+        config.shared.keys.keyring_path = data_dir.join("keyring.json");
         // Senders wait for the archive (see AcknowledgeWhenArchived): seal batches quickly.
         config.archiver.max_batch_age = Duration::from_millis(500);
         config.archiver.session_timeout = Duration::from_millis(6_000);
@@ -372,11 +382,12 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     }
     let token = standalone_token(&data_dir)?;
     if !config
+        .shared
         .tenants
         .iter()
         .any(|tenant| tenant.id == STANDALONE_TENANT)
     {
-        config.tenants.push(TenantConfig {
+        config.shared.tenants.push(TenantConfig {
             id: STANDALONE_TENANT.into(),
             tokens: vec![TokenConfig {
                 name: "standalone".into(),
@@ -387,12 +398,12 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         });
     }
     if let Some(address) = &args.metrics_listen {
-        config.telemetry.metrics_listen = address.clone();
+        config.shared.telemetry.metrics_listen = address.clone();
     } else if args.config.is_none()
         && std::env::var_os("CHATVAULT__TELEMETRY__METRICS_LISTEN").is_none()
     {
         // Embedded defaults stay on loopback, like the other standalone listeners.
-        config.telemetry.metrics_listen = "127.0.0.1:9464".into();
+        config.shared.telemetry.metrics_listen = "127.0.0.1:9464".into();
     }
     let (trigger, shutdown) = shutdown_on_signal();
     let telemetry_config = config.clone();
@@ -405,12 +416,12 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         // The mock cluster lives as long as this function: it is the Kafka of the whole process.
         let mock_cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
         mock_cluster
-            .create_topic(&config.kafka.topic, args.partitions, 1)
+            .create_topic(&config.shared.kafka.topic, args.partitions, 1)
             .context("creating the topic on the mock cluster")?;
         mock_cluster
-            .create_topic(&config.archiver.dead_letter_topic(&config.kafka), 1, 1)
+            .create_topic(&config.archiver.dead_letter_topic(&config.shared.kafka), 1, 1)
             .context("creating the dead-letter topic on the mock cluster")?;
-        config.kafka.brokers = mock_cluster.bootstrap_servers();
+        config.shared.kafka.brokers = mock_cluster.bootstrap_servers();
         config.validate()?;
         continue_offsets_from_archive(&config, args.partitions).await?;
 
@@ -438,10 +449,10 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         );
         println!(
             "  kafka (mock)  : {}  topic {} ({} partitions)",
-            config.kafka.brokers, config.kafka.topic, args.partitions
+            config.shared.kafka.brokers, config.shared.kafka.topic, args.partitions
         );
-        println!("  archive       : {}", config.storage.url);
-        println!("  keyring       : {}", config.keys.keyring_path.display());
+        println!("  archive       : {}", config.shared.storage.url);
+        println!("  keyring       : {}", config.shared.keys.keyring_path.display());
         println!(
             "  tenant        : {STANDALONE_TENANT}, bearer token in {}",
             data_dir.join("standalone-token").display()

@@ -567,7 +567,7 @@ async fn every_acknowledged_event_is_archived_exactly_once_under_chaos() -> anyh
     let dir = tempfile::tempdir()?;
     let keyring = dir.path().join("keyring.json");
     let mut config = test_config(&brokers, s3.storage_config_at(&proxy.endpoint()), &keyring);
-    config.kafka.topic = topic.clone();
+    config.shared.kafka.topic = topic.clone();
     config.archiver.group_id = format!("chatvault-chaos-{}", profile.seed);
     config.archiver.session_timeout = Duration::from_millis(6_000);
     // Batches of a few seconds: each partition sees a few dozen events per second, and batches sealed every
@@ -576,9 +576,9 @@ async fn every_acknowledged_event_is_archived_exactly_once_under_chaos() -> anyh
     config.archiver.shutdown_timeout = Duration::from_millis(20_000);
     config.gateway.drain_timeout = Duration::from_millis(10_000);
     // Several roles share the host: each takes a free port for its metrics endpoint.
-    config.telemetry.metrics_listen = "127.0.0.1:0".into();
+    config.shared.telemetry.metrics_listen = "127.0.0.1:0".into();
     let mut direct = config.clone();
-    direct.storage = s3.storage_config();
+    direct.shared.storage = s3.storage_config();
 
     let mut roles = Vec::new();
     let mut endpoints = Vec::new();
@@ -684,7 +684,7 @@ async fn every_acknowledged_event_is_archived_exactly_once_under_chaos() -> anyh
     if !caught_up {
         let mut heads = Vec::new();
         let chains = chatvault_archive::chain::ChainReader::new(
-            object_store_from_config(&direct.storage)?,
+            object_store_from_config(&direct.shared.storage)?,
             &topic,
         );
         for (partition, high) in high_watermarks(&brokers, &topic)? {
@@ -726,14 +726,14 @@ async fn every_acknowledged_event_is_archived_exactly_once_under_chaos() -> anyh
     // The S3 server's bucket directory holds the very bytes it serves; reading them from disk is ten times
     // faster than through s3s-fs in a debug build. The bucket is listed through S3 below.
     let mut on_disk = direct.clone();
-    on_disk.storage = StorageConfig {
+    on_disk.shared.storage = StorageConfig {
         url: format!("file://{}", s3.bucket_dir().display()),
         ..Default::default()
     };
     let audit = audit_archive(&on_disk, &partitions)
         .await
         .context("the archive's manifest chains do not verify")?;
-    let listed: Vec<String> = object_store_from_config(&direct.storage)?
+    let listed: Vec<String> = object_store_from_config(&direct.shared.storage)?
         .list(Some(&"events".into()))
         .map_ok(|meta| meta.location.to_string())
         .try_collect()

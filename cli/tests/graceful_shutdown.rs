@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatvault_archive::chain::ChainReader;
-use chatvault_core::config::{Config, KeysConfig, StorageConfig};
+use chatvault_config::Config;
+use chatvault_core::config::{KeysConfig, SharedConfig, StorageConfig};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::restore_item::Item;
 use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
@@ -159,7 +160,7 @@ async fn sigterm_to_gateway_and_archivers_during_ingest_loses_no_acknowledged_ev
     config.gateway.drain_timeout = Duration::from_millis(10_000);
     config.archiver.shutdown_timeout = Duration::from_millis(15_000);
     // Several roles share the host: each takes a free port for its metrics endpoint.
-    config.telemetry.metrics_listen = "127.0.0.1:0".into();
+    config.shared.telemetry.metrics_listen = "127.0.0.1:0".into();
     let config_path = dir.path().join("chatvault.toml");
     write_config(&config, &config_path)?;
     let gateway_endpoint = format!("http://{}", config.gateway.grpc_listen);
@@ -178,7 +179,7 @@ async fn sigterm_to_gateway_and_archivers_during_ingest_loses_no_acknowledged_ev
         log.clone(),
         stop.clone(),
     );
-    let store = object_store_from_config(&config.storage)?;
+    let store = object_store_from_config(&config.shared.storage)?;
     let manifests = ChainReader::new(store, TOPIC);
     // Let the first archiver join and commit a few batches under load.
     let committing = async {
@@ -304,12 +305,15 @@ async fn sigterm_to_standalone_during_ingest_archives_every_acknowledged_event()
     let data_dir = dir.path().join("data");
     // Kafka died with the process: the archive alone must hold every acknowledged event, once.
     let config = Config {
-        storage: StorageConfig {
-            url: format!("file://{}", data_dir.join("archive").display()),
-            ..Default::default()
-        },
-        keys: KeysConfig {
-            keyring_path: data_dir.join("keyring.json"),
+        shared: SharedConfig {
+            storage: StorageConfig {
+                url: format!("file://{}", data_dir.join("archive").display()),
+                ..Default::default()
+            },
+            keys: KeysConfig {
+                keyring_path: data_dir.join("keyring.json"),
+                ..Default::default()
+            },
             ..Default::default()
         },
         ..Default::default()
@@ -470,7 +474,7 @@ async fn sigterm_to_restorer_lets_the_in_flight_stream_finish() -> anyhow::Resul
     );
     config.restorer.grpc_listen = free_address()?;
     config.restorer.drain_timeout = Duration::from_millis(4_000);
-    config.telemetry.metrics_listen = "127.0.0.1:0".into();
+    config.shared.telemetry.metrics_listen = "127.0.0.1:0".into();
 
     // A conversation large enough that its restore stream outlasts HTTP/2 flow-control windows.
     const MESSAGES: usize = 1_500;
@@ -630,13 +634,14 @@ async fn sigterm_to_archiver_with_hung_storage_exits_at_its_deadline() -> anyhow
     // The archiver process reaches storage through the proxy.
     let mut hung_config = config.clone();
     hung_config
+        .shared
         .storage
         .options
         .insert("aws_endpoint".into(), proxy.endpoint());
     hung_config.archiver.shutdown_timeout = Duration::from_millis(3_000);
     hung_config.archiver.stall_timeout = Duration::from_millis(1_000);
     let ops_address = free_address()?;
-    hung_config.telemetry.metrics_listen = ops_address.clone();
+    hung_config.shared.telemetry.metrics_listen = ops_address.clone();
     let config_path = dir.path().join("chatvault.toml");
     write_config(&hung_config, &config_path)?;
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chatvault_archive::chain::ChainReader;
 use chatvault_archive::manifest::{ChainHead, OffsetGap};
-use chatvault_core::config::Config;
+use chatvault_config::Config;
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender};
 use chatvault_testkit::archive::{verify_exactly_once, wait_for_archive};
@@ -143,27 +143,37 @@ async fn produce(
 /// 40..79 and was killed, so the chain head (80) lies inside the first batch: the next owner fetches from
 /// there, as after any reassignment.
 async fn chain_head_inside_a_batch(config: &Config) -> anyhow::Result<()> {
-    produce(&config.kafka.brokers, (0..100).map(numbered_event), "500").await?;
+    produce(
+        &config.shared.kafka.brokers,
+        (0..100).map(numbered_event),
+        "500",
+    )
+    .await?;
     let mut first = archiver_command(config, Some("after_commit:2")).spawn()?;
     let status = wait_for_exit(&mut first, Duration::from_secs(60)).await;
     if status.is_none() {
         first.kill()?;
         anyhow::bail!("the first archiver never committed its second batch");
     }
-    let store = object_store_from_config(&config.storage)?;
+    let store = object_store_from_config(&config.shared.storage)?;
     let head = ChainReader::new(store, TOPIC).head(0).await?;
     anyhow::ensure!(
         head.end_offset == 80,
         "the first archiver should have committed 0..79, committed up to {}",
         head.end_offset
     );
-    produce(&config.kafka.brokers, (100..200).map(numbered_event), "500").await?;
+    produce(
+        &config.shared.kafka.brokers,
+        (100..200).map(numbered_event),
+        "500",
+    )
+    .await?;
     Ok(())
 }
 
 /// Every manifest of partition 0, checked as a chain: `(gaps, archived rows)`.
 async fn committed_gaps_and_rows(config: &Config) -> anyhow::Result<(Vec<OffsetGap>, u64)> {
-    let store = object_store_from_config(&config.storage)?;
+    let store = object_store_from_config(&config.shared.storage)?;
     let verified = ChainReader::new(store, TOPIC)
         .read_after(0, &ChainHead::empty())
         .await;
@@ -213,7 +223,7 @@ async fn behind_a_faulty_proxy(fault: FetchFault) -> anyhow::Result<BehindAFault
     let proxy = KafkaProxy::start(&kafka.brokers).await?;
     proxy.set_fault(fault);
     let mut through_proxy = config.clone();
-    through_proxy.kafka.brokers = proxy.brokers.clone();
+    through_proxy.shared.kafka.brokers = proxy.brokers.clone();
     Ok(BehindAFaultyProxy {
         kafka,
         proxy,

@@ -67,7 +67,7 @@ async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
     );
     archiver.stop().await?;
     gateway.stop().await?;
-    let log = ChainReader::new(object_store_from_config(&config.storage)?, TOPIC);
+    let log = ChainReader::new(object_store_from_config(&config.shared.storage)?, TOPIC);
     let head_before = log.head(0).await?;
     assert_eq!(head_before.end_offset, 50);
 

@@ -52,11 +52,11 @@ async fn unarchivable_records_go_to_the_dead_letter_topic_and_the_rest_is_archiv
         &keyring.path().join("keyring.json"),
     );
     // The keyring knows acme only (created by a writable instance), then is mounted read-only.
-    let store = object_store_from_config(&config.storage)?;
-    DataKeys::with_local_keyring(store.clone(), &config.keys.keyring_path)?
+    let store = object_store_from_config(&config.shared.storage)?;
+    DataKeys::with_local_keyring(store.clone(), &config.shared.keys.keyring_path)?
         .get_or_create("acme", "2025-11")
         .await?;
-    config.keys.keyring_read_only = true;
+    config.shared.keys.keyring_read_only = true;
 
     // What goes to the topic, in offset order: Some(expected rejection reason) for the unarchivable ones.
     let mut records: Vec<(Vec<u8>, Vec<u8>, Option<&str>)> = Vec::new();

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatvault_core::config::{Config, KeysConfig, StorageConfig};
+use chatvault_config::Config;
+use chatvault_core::config::{KeysConfig, SharedConfig, StorageConfig};
 use chatvault_proto::v1::{ChatEvent, EventKind, IngestBatchRequest, Sender};
 use chatvault_testkit::archive::verify_archive;
 use chatvault_testkit::pipeline::{authorized, ingest_client};
@@ -71,12 +72,15 @@ async fn start_standalone(data_dir: &Path) -> anyhow::Result<Standalone> {
 /// The archive of a standalone data directory, read the documented way.
 fn archive_config(data_dir: &Path) -> Config {
     Config {
-        storage: StorageConfig {
-            url: format!("file://{}", data_dir.join("archive").display()),
-            ..Default::default()
-        },
-        keys: KeysConfig {
-            keyring_path: data_dir.join("keyring.json"),
+        shared: SharedConfig {
+            storage: StorageConfig {
+                url: format!("file://{}", data_dir.join("archive").display()),
+                ..Default::default()
+            },
+            keys: KeysConfig {
+                keyring_path: data_dir.join("keyring.json"),
+                ..Default::default()
+            },
             ..Default::default()
         },
         ..Default::default()

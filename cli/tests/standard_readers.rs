@@ -362,7 +362,7 @@ async fn standard_readers_read_every_column_of_files_of_realistic_size() -> anyh
         s3.storage_config(),
         &keyring.path().join("keyring.json"),
     );
-    let store = object_store_from_config(&config.storage)?;
+    let store = object_store_from_config(&config.shared.storage)?;
     let mut fixture = Fixture::over(store, data_keys(&config)?, TOPIC);
     fixture.file_options = FileOptions {
         zstd_level: config.archiver.zstd_level,

@@ -251,12 +251,18 @@ async fn one_trace_follows_an_event_from_grpc_to_upload_and_metrics_are_served()
             .into_iter()
             .filter(|span| span.trace_id() == CALLER_TRACE_ID)
             .collect();
-        if wanted.iter().all(|name| find(&trace, name).is_some()) {
+        // Restorer calls have spans of their own, in their own trace; the exporter sends them in
+        // batches, so they are waited for like the rest.
+        let restorer_span = collector
+            .spans()
+            .iter()
+            .any(|span| span.span.name == "chatvault.v1.RestoreService/GetConversation");
+        if restorer_span && wanted.iter().all(|name| find(&trace, name).is_some()) {
             break trace;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "trace incomplete; spans of the caller's trace: {:?}",
+            "trace incomplete (restorer span seen: {restorer_span}); spans of the caller's trace: {:?}",
             trace.iter().map(|span| &span.span.name).collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -291,14 +297,6 @@ async fn one_trace_follows_an_event_from_grpc_to_upload_and_metrics_are_served()
     for span in [ingest, produce, batch, upload, commit] {
         assert_eq!(span.service, "chatvault-standalone");
     }
-    // Restorer calls have spans of their own.
-    assert!(
-        collector
-            .spans()
-            .iter()
-            .any(|span| span.span.name == "chatvault.v1.RestoreService/GetConversation"),
-        "no restorer span"
-    );
 
     // /metrics: every documented name, with the counts this test caused. The consumer lag comes from
     // librdkafka's statistics every 5 s.

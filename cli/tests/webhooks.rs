@@ -10,7 +10,8 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chatvault_core::auth::Role;
-use chatvault_core::config::{StorageConfig, TokenConfig, WebhookConfig, WebhookPlatform};
+use chatvault_core::config::{StorageConfig, TokenConfig};
+use chatvault_ingest_gateway::config::{WebhookConfig, WebhookPlatform};
 use chatvault_proto::v1::GetConversationRequest;
 use chatvault_proto::v1::restore_item::Item;
 use chatvault_testkit::kafka::{TestKafka, record_count};
@@ -34,8 +35,8 @@ const AUDIT_TOKEN: &str = "test-audit-all";
 const GLOBEX_AUDIT_TOKEN: &str = "test-audit-globex";
 
 /// Gives every tenant of `config` the [`AUDIT_TOKEN`], and `globex` the [`GLOBEX_AUDIT_TOKEN`].
-fn add_audit_token(config: &mut chatvault_core::config::Config) {
-    for tenant in &mut config.tenants {
+fn add_audit_token(config: &mut chatvault_config::Config) {
+    for tenant in &mut config.shared.tenants {
         tenant.tokens.push(TokenConfig {
             name: "audit-all".into(),
             token: Some(AUDIT_TOKEN.into()),
@@ -756,7 +757,7 @@ async fn a_signed_2500_item_delivery_stays_within_a_memory_bound() -> anyhow::Re
     );
     config.gateway.grpc_listen = free_address()?;
     config.gateway.http_listen = free_address()?;
-    config.telemetry.metrics_listen = "127.0.0.1:0".into();
+    config.shared.telemetry.metrics_listen = "127.0.0.1:0".into();
     let secret = format!("whsec_{}", BASE64.encode([5u8; 32]));
     config.gateway.webhooks = vec![WebhookConfig {
         name: "generic".into(),

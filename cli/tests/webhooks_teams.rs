@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
 use cbc::cipher::block_padding::Pkcs7;
 use cbc::cipher::{BlockModeEncrypt, KeyIvInit};
-use chatvault_core::config::{TeamsCertificate, WebhookConfig, WebhookPlatform};
+use chatvault_ingest_gateway::config::{TeamsCertificate, WebhookConfig, WebhookPlatform};
 use chatvault_proto::v1::GetConversationRequest;
 use chatvault_proto::v1::restore_item::Item;
 use chatvault_testkit::kafka::{TestKafka, record_count};

@@ -4,7 +4,7 @@
 //! byte for byte. Also: `reassemble` never panics on arbitrary pieces.
 #![no_main]
 
-use chatvault_core::config::{WebhookConfig, WebhookPlatform};
+use chatvault_ingest_gateway::config::{WebhookConfig, WebhookPlatform};
 use chatvault_ingest_gateway::webhooks::evidence::{reassemble, seal, sha256_hex};
 use chatvault_ingest_gateway::webhooks::standard::StandardWebhooks;
 use chatvault_ingest_gateway::webhooks::teams::Teams;

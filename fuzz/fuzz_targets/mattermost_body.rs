@@ -1,7 +1,7 @@
 //! Mattermost form and JSON bodies behind a correct token.
 #![no_main]
 
-use chatvault_core::config::{WebhookConfig, WebhookPlatform};
+use chatvault_ingest_gateway::config::{WebhookConfig, WebhookPlatform};
 use chatvault_ingest_gateway::webhooks::{Integration, WebhookRequest};
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;

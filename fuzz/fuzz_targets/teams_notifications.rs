@@ -2,7 +2,7 @@
 //! notifications, and the refusal of rich notifications without valid validation tokens.
 #![no_main]
 
-use chatvault_core::config::{WebhookConfig, WebhookPlatform};
+use chatvault_ingest_gateway::config::{WebhookConfig, WebhookPlatform};
 use chatvault_ingest_gateway::webhooks::teams::Teams;
 use chatvault_ingest_gateway::webhooks::{PlatformHandler, WebhookRequest};
 use http::HeaderMap;

@@ -1,7 +1,7 @@
 //! Every platform's verifier with arbitrary headers and body: never panics, and accepts nothing unsigned.
 #![no_main]
 
-use chatvault_core::config::{WebhookConfig, WebhookPlatform};
+use chatvault_ingest_gateway::config::{WebhookConfig, WebhookPlatform};
 use chatvault_ingest_gateway::webhooks::{Integration, WebhookRequest};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::GatewayConfig;
 use chatvault_core::auth::{Authenticator, Principal, Role};
-use chatvault_core::config::GatewayConfig;
 use chatvault_core::error::Coded;
 use chatvault_core::event::validate_and_complete;
 use chatvault_core::metrics::{metrics, rejection_labels, source_label};

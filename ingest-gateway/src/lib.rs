@@ -7,6 +7,7 @@
 //! - [`server`]: the gRPC server with health, reflection and graceful shutdown.
 //! - [`webhooks`]: the HTTP webhook endpoints (Slack, Standard Webhooks, Mattermost, Discord).
 
+pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod producer;

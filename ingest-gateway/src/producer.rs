@@ -8,12 +8,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatvault_core::config::{GatewayConfig, KafkaConfig};
+use chatvault_core::config::KafkaConfig;
+
+use crate::config::GatewayConfig;
 use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::event::kafka_key;
 use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::telemetry::propagation_headers;
-use chatvault_kafka::producer_config;
+use chatvault_kafka::{ProducerSettings, producer_config};
 use chatvault_proto::v1::ChatEvent;
 use prost::Message;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -79,9 +81,15 @@ impl std::fmt::Debug for EventProducer {
 
 impl EventProducer {
     pub fn new(kafka: &KafkaConfig, gateway: &GatewayConfig) -> Result<EventProducer> {
-        let producer: FutureProducer = producer_config(kafka, gateway)
-            .create()
-            .map_err(|error| Error::invalid_argument(format!("kafka producer: {error}")))?;
+        let producer: FutureProducer = producer_config(
+            kafka,
+            ProducerSettings {
+                delivery_timeout: gateway.delivery_timeout,
+                max_queued_events: gateway.max_queued_events,
+            },
+        )
+        .create()
+        .map_err(|error| Error::invalid_argument(format!("kafka producer: {error}")))?;
         Ok(EventProducer {
             producer,
             topic: kafka.topic.clone(),

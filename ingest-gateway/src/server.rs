@@ -125,29 +125,29 @@ async fn flush(producer: &EventProducer) {
     }
 }
 
-/// The whole gateway from its configuration: gRPC on `grpc_listener`, webhooks and `/healthz` on
+/// The whole gateway from the shared settings and its `[gateway]` section: gRPC on `grpc_listener`, webhooks and `/healthz` on
 /// `http_listener`, one producer and one shutdown sequence for both (see the module documentation). Events
 /// are acknowledged once Kafka acknowledged them and, when given, `ack_condition` holds (standalone: archived).
 pub async fn run(
-    config: &chatvault_core::config::Config,
+    shared: &chatvault_core::config::SharedConfig,
+    config: &crate::config::GatewayConfig,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
     ack_condition: Option<std::sync::Arc<dyn crate::producer::AckCondition>>,
     shutdown: Shutdown,
 ) -> Result<()> {
-    let mut producer = EventProducer::new(&config.kafka, &config.gateway)?;
+    let mut producer = EventProducer::new(&shared.kafka, config)?;
     if let Some(condition) = ack_condition {
         producer = producer.with_ack_condition(condition);
     }
     let integrations = config
-        .gateway
         .webhooks
         .iter()
         .map(|webhook| {
             crate::webhooks::Integration::from_config(webhook).map(|integration| {
                 integration.remembering(
-                    config.gateway.webhook_redelivery_cache_size,
-                    config.gateway.webhook_redelivery_window,
+                    config.webhook_redelivery_cache_size,
+                    config.webhook_redelivery_window,
                 )
             })
         })
@@ -155,21 +155,14 @@ pub async fn run(
     let webhooks = std::sync::Arc::new(crate::webhooks::server::WebhookService::from_config(
         integrations,
         producer.clone(),
-        &config.gateway,
-        config.authenticator()?,
+        config,
+        shared.authenticator()?,
     ));
-    let drain = config.gateway.drain_timeout;
-    let service = IngestGrpc::new(
-        producer.clone(),
-        config.authenticator()?,
-        config.gateway.clone(),
-    );
+    let drain = config.drain_timeout;
+    let service = IngestGrpc::new(producer.clone(), shared.authenticator()?, config.clone());
     let common = serve_health::<IngestServiceServer<IngestGrpc>>().await?;
-    let (stop_accepting, sequence) = not_serving_then_stop(
-        shutdown,
-        common.health.clone(),
-        config.gateway.shutdown_delay,
-    );
+    let (stop_accepting, sequence) =
+        not_serving_then_stop(shutdown, common.health.clone(), config.shutdown_delay);
     let grpc = serve_grpc(
         grpc_listener,
         service,

@@ -2,9 +2,27 @@
 //! explicitly, and cannot be overridden from configuration
 //! ([`chatvault_core::config::PROTECTED_KAFKA_PROPERTIES`], checked when the configuration is loaded).
 
+use std::time::Duration;
+
 use rdkafka::ClientConfig;
 
-use chatvault_core::config::{ArchiverConfig, GatewayConfig, KafkaConfig};
+use chatvault_core::config::KafkaConfig;
+
+/// The gateway settings its producer is built from (`gateway.delivery_timeout`, `gateway.max_queued_events`).
+#[derive(Debug, Clone, Copy)]
+pub struct ProducerSettings {
+    pub delivery_timeout: Duration,
+    pub max_queued_events: u64,
+}
+
+/// The archiver settings its consumer is built from (`archiver.group_id`, `archiver.session_timeout`,
+/// `archiver.fetch_queue_kbytes`).
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings<'a> {
+    pub group_id: &'a str,
+    pub session_timeout: Duration,
+    pub fetch_queue_kbytes: u64,
+}
 
 fn base(kafka: &KafkaConfig) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -16,7 +34,7 @@ fn base(kafka: &KafkaConfig) -> ClientConfig {
 }
 
 /// The gateway's producer: idempotent, acknowledged by all in-sync replicas, bounded queue, bounded wait.
-pub fn producer_config(kafka: &KafkaConfig, gateway: &GatewayConfig) -> ClientConfig {
+pub fn producer_config(kafka: &KafkaConfig, gateway: ProducerSettings) -> ClientConfig {
     let mut config = base(kafka);
     config
         .set("enable.idempotence", "true")
@@ -52,10 +70,10 @@ pub fn dead_letter_producer_config(kafka: &KafkaConfig) -> ClientConfig {
 
 /// The archiver's consumer: offsets are stored and committed only after the manifest commit, and the manifest,
 /// not Kafka, is the source of truth on assignment.
-pub fn consumer_config(kafka: &KafkaConfig, archiver: &ArchiverConfig) -> ClientConfig {
+pub fn consumer_config(kafka: &KafkaConfig, archiver: ConsumerSettings<'_>) -> ClientConfig {
     let mut config = base(kafka);
     config
-        .set("group.id", &archiver.group_id)
+        .set("group.id", archiver.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -92,8 +110,14 @@ mod tests {
         ] {
             kafka.properties.insert(key.into(), value.into());
         }
-        let producer: Result<BaseProducer, _> =
-            producer_config(&kafka, &GatewayConfig::default()).create();
+        let producer: Result<BaseProducer, _> = producer_config(
+            &kafka,
+            ProducerSettings {
+                delivery_timeout: Duration::from_secs(10),
+                max_queued_events: 1000,
+            },
+        )
+        .create();
         assert!(producer.is_ok(), "{:?}", producer.err());
     }
 }

@@ -9,6 +9,7 @@
 //! - [`service`]: the `chatvault.v1.RestoreService` gRPC API with health and reflection, and the
 //!   [`AccessRecorder`] seam of the audit trail.
 
+pub mod config;
 pub mod index;
 pub mod reader;
 pub mod rehydrate;
@@ -32,27 +33,29 @@ pub use stream::{BufferLimits, ConversationPlan};
 use std::sync::Arc;
 
 use chatvault_archive::keys::DataKeys;
-use chatvault_core::config::Config;
+use chatvault_core::config::SharedConfig;
+
+use crate::config::RestorerConfig;
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::storage::object_store_from_config;
 
-/// The restorer role as `config` describes it, serving on `listener` until `shutdown` (then draining for
+/// The restorer role on the shared settings and its `[restorer]` section, serving on `listener` until `shutdown` (then draining for
 /// `restorer.drain_timeout`). The one assembly of the role: the binary, the test kit and the benchmarks
 /// all start it here.
 pub async fn run(
-    config: &Config,
+    shared: &SharedConfig,
+    settings: &RestorerConfig,
     listener: tokio::net::TcpListener,
     shutdown: Shutdown,
 ) -> chatvault_core::Result<()> {
-    let store = object_store_from_config(&config.storage)?;
-    let keys = DataKeys::from_config(store.clone(), &config.keys)?;
-    let settings = &config.restorer;
-    let restorer = Restorer::new(store, keys, &config.kafka.topic, settings.read_concurrency)
+    let store = object_store_from_config(&shared.storage)?;
+    let keys = DataKeys::from_config(store.clone(), &shared.keys)?;
+    let restorer = Restorer::new(store, keys, &shared.kafka.topic, settings.read_concurrency)
         .with_buffer_limits(BufferLimits {
             events: settings.max_buffered_events,
             bytes: settings.max_buffered_bytes,
         });
-    let api = RestoreApi::new(Arc::new(restorer), config.authenticator()?)
+    let api = RestoreApi::new(Arc::new(restorer), shared.authenticator()?)
         .with_max_concurrent_requests(settings.max_concurrent_requests);
     let drain = settings.drain_timeout;
     serve(listener, api, shutdown, drain).await

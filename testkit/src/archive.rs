@@ -9,7 +9,7 @@ use anyhow::{Context, ensure};
 use chatvault_archive::chain::ChainReader;
 use chatvault_archive::file::{decode_file, sha256_hex};
 use chatvault_archive::manifest::ChainHead;
-use chatvault_core::config::Config;
+use chatvault_config::Config;
 use chatvault_core::storage::object_store_from_config;
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
@@ -91,15 +91,15 @@ pub struct ArchiveAudit {
     pub orphans: Vec<String>,
 }
 
-/// Reads `partitions`' manifest chains of `config.kafka.topic` from `config.storage` the way an auditor would.
+/// Reads `partitions`' manifest chains of `config.shared.kafka.topic` from `config.shared.storage` the way an auditor would.
 /// Fails on what can never be right: a chain that does not verify (sequence numbers without gaps, contiguous
 /// offsets from 0, `prev_sha256` links), a file whose bytes differ from its manifest's SHA-256 or that cannot be
 /// decrypted and decoded, a row of another partition or outside its manifest's offset range. Collects the rest
 /// (see [`ArchiveAudit`]); the bucket is listed directly for orphans.
 pub async fn audit_archive(config: &Config, partitions: &[i32]) -> anyhow::Result<ArchiveAudit> {
-    let store = object_store_from_config(&config.storage)?;
+    let store = object_store_from_config(&config.shared.storage)?;
     let keys = data_keys(config)?;
-    let chains = ChainReader::new(store.clone(), &config.kafka.topic);
+    let chains = ChainReader::new(store.clone(), &config.shared.kafka.topic);
     let mut audit = ArchiveAudit::default();
     let mut named_files = HashSet::new();
     for &partition in partitions {
@@ -237,7 +237,7 @@ pub async fn verify_exactly_once(
     brokers: &str,
     acknowledged: &BTreeSet<String>,
 ) -> anyhow::Result<ArchiveReport> {
-    let watermarks = high_watermarks(brokers, &config.kafka.topic)?;
+    let watermarks = high_watermarks(brokers, &config.shared.kafka.topic)?;
     let partitions: Vec<i32> = watermarks.iter().map(|(partition, _)| *partition).collect();
     let report = verify_archive(config, &partitions).await?;
     for (partition, high_watermark) in &watermarks {
@@ -267,12 +267,12 @@ pub async fn wait_for_archive(
     brokers: &str,
     timeout: Duration,
 ) -> anyhow::Result<bool> {
-    let store = object_store_from_config(&config.storage)?;
-    let chains = ChainReader::new(store, &config.kafka.topic);
+    let store = object_store_from_config(&config.shared.storage)?;
+    let chains = ChainReader::new(store, &config.shared.kafka.topic);
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         let mut complete = true;
-        for (partition, high) in high_watermarks(brokers, &config.kafka.topic)? {
+        for (partition, high) in high_watermarks(brokers, &config.shared.kafka.topic)? {
             let head = chains.head(partition).await?;
             complete &= head.end_offset == high;
         }

@@ -9,8 +9,9 @@ use std::time::Duration;
 use chatvault_archive::keys::DataKeys;
 use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::OnShutdown;
+use chatvault_config::Config;
 use chatvault_core::auth::Role;
-use chatvault_core::config::{Config, StorageConfig, TenantConfig, TokenConfig};
+use chatvault_core::config::{StorageConfig, TenantConfig, TokenConfig};
 use chatvault_core::shutdown::{self, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
@@ -34,10 +35,10 @@ pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -
     // Logs go to the test's captured output (shown on failure); RUST_LOG selects levels.
     chatvault_core::telemetry::init_logging();
     let mut config = Config::default();
-    config.kafka.brokers = brokers.to_string();
-    config.kafka.topic = TOPIC.to_string();
-    config.storage = storage;
-    config.keys.keyring_path = keyring_path.to_path_buf();
+    config.shared.kafka.brokers = brokers.to_string();
+    config.shared.kafka.topic = TOPIC.to_string();
+    config.shared.storage = storage;
+    config.shared.keys.keyring_path = keyring_path.to_path_buf();
     config.archiver.max_batch_age = Duration::from_millis(500);
     config.archiver.max_batch_events = 2_000;
     config.archiver.session_timeout = Duration::from_millis(6_000);
@@ -45,7 +46,7 @@ pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -
     config.gateway.delivery_timeout = Duration::from_millis(10_000);
     // No load balancer to wait for: in-process gateways stop accepting as soon as they are stopped.
     config.gateway.shutdown_delay = Duration::from_millis(0);
-    config.tenants = TENANTS
+    config.shared.tenants = TENANTS
         .iter()
         .map(|tenant| {
             let mut tokens = vec![
@@ -121,7 +122,15 @@ pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
     let (trigger, shutdown) = shutdown::channel();
     let config = config.clone();
     let task = tokio::spawn(async move {
-        chatvault_ingest_gateway::run(&config, listener, http_listener, None, shutdown).await?;
+        chatvault_ingest_gateway::run(
+            &config.shared,
+            &config.gateway,
+            listener,
+            http_listener,
+            None,
+            shutdown,
+        )
+        .await?;
         Ok(())
     });
     Ok(RunningRole {
@@ -133,8 +142,8 @@ pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
 }
 
 pub fn data_keys(config: &Config) -> anyhow::Result<DataKeys> {
-    let store = object_store_from_config(&config.storage)?;
-    Ok(DataKeys::from_config(store, &config.keys)?)
+    let store = object_store_from_config(&config.shared.storage)?;
+    Ok(DataKeys::from_config(store, &config.shared.keys)?)
 }
 
 pub async fn start_archiver(
@@ -146,7 +155,8 @@ pub async fn start_archiver(
     let (config, writer_id, task_stats) = (config.clone(), writer_id.to_string(), stats.clone());
     let task = tokio::spawn(async move {
         chatvault_archiver::run(
-            &config,
+            &config.shared,
+            &config.archiver,
             &writer_id,
             OnShutdown::StopConsuming,
             task_stats,
@@ -172,7 +182,7 @@ pub async fn start_restorer(config: &Config) -> anyhow::Result<RunningRole> {
     let (trigger, shutdown) = shutdown::channel();
     let config = config.clone();
     let task = tokio::spawn(async move {
-        chatvault_restorer::run(&config, listener, shutdown).await?;
+        chatvault_restorer::run(&config.shared, &config.restorer, listener, shutdown).await?;
         Ok(())
     });
     Ok(RunningRole {

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 
-use chatvault_core::config::Config;
+use chatvault_config::Config;
 use chatvault_core::event::{EventLimits, validate_and_complete};
 use chatvault_proto::v1::{ChatEvent, EventKind, Sender, Source};
 
@@ -230,10 +230,13 @@ pub fn archiver_command(config: &Config, crash_at: Option<&str>) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_chatvault"));
     command
         .arg("archiver")
-        .env("CHATVAULT__KAFKA__BROKERS", &config.kafka.brokers)
-        .env("CHATVAULT__KAFKA__TOPIC", &config.kafka.topic)
-        .env("CHATVAULT__STORAGE__URL", &config.storage.url)
-        .env("CHATVAULT__KEYS__KEYRING_PATH", &config.keys.keyring_path)
+        .env("CHATVAULT__KAFKA__BROKERS", &config.shared.kafka.brokers)
+        .env("CHATVAULT__KAFKA__TOPIC", &config.shared.kafka.topic)
+        .env("CHATVAULT__STORAGE__URL", &config.shared.storage.url)
+        .env(
+            "CHATVAULT__KEYS__KEYRING_PATH",
+            &config.shared.keys.keyring_path,
+        )
         .env("CHATVAULT__ARCHIVER__GROUP_ID", &config.archiver.group_id)
         .env(
             "CHATVAULT__ARCHIVER__MAX_BATCH_AGE",
@@ -249,7 +252,7 @@ pub fn archiver_command(config: &Config, crash_at: Option<&str>) -> Command {
         .env("RUST_LOG", "warn,chatvault_archiver=info")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    for (key, value) in &config.storage.options {
+    for (key, value) in &config.shared.storage.options {
         command.env(
             format!("CHATVAULT__STORAGE__OPTIONS__{}", key.to_uppercase()),
             value,

@@ -92,11 +92,23 @@ pub fn is_json_object(body: &[u8]) -> bool {
         .is_some_and(|byte| *byte == b'{')
 }
 
+/// A platform handler's event whose `raw_payload` is not the body's bytes at its `raw_payload_offset`, or
+/// overlaps another event's: a bug of the handler, never the sender's fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "event {event}: raw_payload is not the body's bytes at raw_payload_offset {raw_payload_offset} (or overlaps another event's)"
+)]
+pub struct SealError {
+    /// The event's index in the delivery.
+    pub event: usize,
+    pub raw_payload_offset: u64,
+}
+
 /// Completes the evidence of one delivery's events: each event's `raw_payload` must be the slice of `body` at
 /// its `raw_payload_offset` (platform handlers set both), and the slices must not overlap. Sets every event's
 /// `delivery_sha256` and gives the envelope to the event with the smallest offset. The error names the event
 /// whose slice is not the body's (a bug of the platform handler, never the sender's fault).
-pub fn seal(body: &[u8], events: &mut [ChatEvent]) -> Result<(), String> {
+pub fn seal(body: &[u8], events: &mut [ChatEvent]) -> Result<(), SealError> {
     if events.is_empty() {
         return Ok(());
     }
@@ -118,10 +130,10 @@ pub fn seal(body: &[u8], events: &mut [ChatEvent]) -> Result<(), String> {
                 position = range.end;
             }
             _ => {
-                return Err(format!(
-                    "event {index}: raw_payload is not the body's bytes at raw_payload_offset {} (or overlaps another event's)",
-                    event.raw_payload_offset
-                ));
+                return Err(SealError {
+                    event: index,
+                    raw_payload_offset: event.raw_payload_offset,
+                });
             }
         }
     }

@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chatvault_core::config::{WebhookConfig, WebhookPlatform};
+use crate::config::{WebhookConfig, WebhookPlatform};
 use chatvault_core::error::{Error, Result};
 
 use crate::error::IngestError;
@@ -240,7 +240,7 @@ impl Integration {
             handler,
             stats: IntegrationStats::new(platform.as_str()),
             recent: {
-                let defaults = chatvault_core::config::GatewayConfig::default();
+                let defaults = crate::config::GatewayConfig::default();
                 RecentDeliveries::new(
                     defaults.webhook_redelivery_cache_size,
                     defaults.webhook_redelivery_window,

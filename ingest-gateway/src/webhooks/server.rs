@@ -11,9 +11,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::GatewayConfig;
 use bytes::Bytes;
 use chatvault_core::auth::{Authenticator, Role};
-use chatvault_core::config::GatewayConfig;
 use chatvault_core::error::{Coded, Result};
 use chatvault_core::event::{EventLimits, validate_and_complete};
 use chatvault_core::shutdown::Shutdown;
@@ -236,7 +236,7 @@ impl WebhookService {
         };
         // Microsoft Graph may validate a notification URL with a GET carrying `?validationToken=`.
         let teams_get = request.method() == Method::GET
-            && integration.platform == chatvault_core::config::WebhookPlatform::Teams;
+            && integration.platform == crate::config::WebhookPlatform::Teams;
         if request.method() != Method::POST && !teams_get {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "webhooks are POST requests");
         }
@@ -301,11 +301,11 @@ impl WebhookService {
             return respond(&accepted.response);
         }
         let source = match integration.platform {
-            chatvault_core::config::WebhookPlatform::Slack => Source::Slack,
-            chatvault_core::config::WebhookPlatform::StandardWebhooks => Source::StandardWebhooks,
-            chatvault_core::config::WebhookPlatform::Mattermost => Source::Mattermost,
-            chatvault_core::config::WebhookPlatform::Discord => Source::Discord,
-            chatvault_core::config::WebhookPlatform::Teams => Source::Teams,
+            crate::config::WebhookPlatform::Slack => Source::Slack,
+            crate::config::WebhookPlatform::StandardWebhooks => Source::StandardWebhooks,
+            crate::config::WebhookPlatform::Mattermost => Source::Mattermost,
+            crate::config::WebhookPlatform::Discord => Source::Discord,
+            crate::config::WebhookPlatform::Teams => Source::Teams,
         };
         let mut events = accepted.events;
         if let Err(why) = evidence::seal(&body, &mut events) {

@@ -34,13 +34,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use crate::config::WebhookConfig;
 use aes::Aes256;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
 use cbc::cipher::block_padding::Pkcs7;
 use cbc::cipher::{BlockModeDecrypt, KeyIvInit};
 use chatvault_core::auth::constant_time_eq;
-use chatvault_core::config::WebhookConfig;
 use chatvault_core::error::{Error, Result};
 use chatvault_core::time::{now_micros, parse_rfc3339_micros};
 use chatvault_proto::v1::{Attachment, ChatEvent, EventKind, Sender, Source};
@@ -219,31 +219,37 @@ impl Teams {
         })
     }
 
-    /// Checks one validation token; the error says why, for the log.
-    fn verify_token(&self, token: &str, now_secs: i64) -> std::result::Result<(), String> {
+    /// Checks one validation token; the refusal says why.
+    fn verify_token(&self, token: &str, now_secs: i64) -> std::result::Result<(), IngestError> {
+        fn refused(why: impl Into<String>) -> IngestError {
+            IngestError::unauthenticated("jwt", why)
+        }
         let (Some(app_id), Some(jwks)) = (&self.app_id, &self.jwks) else {
-            return Err("no app_id and jwks_file configured for validation tokens".into());
+            return Err(refused(
+                "no app_id and jwks_file configured for validation tokens",
+            ));
         };
         let mut parts = token.split('.');
         let (Some(header), Some(claims), Some(sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err("a validation token is not a JWT".into());
+            return Err(refused("a validation token is not a JWT"));
         };
         let decode_json =
             |part: &str| -> Option<Value> { serde_json::from_slice(&base64url(part)?).ok() };
-        let header_json = decode_json(header).ok_or("a validation token header is not JSON")?;
+        let header_json =
+            decode_json(header).ok_or_else(|| refused("a validation token header is not JSON"))?;
         if header_json["alg"].as_str() != Some("RS256") {
-            return Err("a validation token is not RS256".into());
+            return Err(refused("a validation token is not RS256"));
         }
         let kid = header_json["kid"]
             .as_str()
-            .ok_or("a validation token has no kid")?;
+            .ok_or_else(|| refused("a validation token has no kid"))?;
         let key = jwks
             .key(kid)
-            .ok_or_else(|| format!("validation token key {kid:?} is not in the JWKS"))?;
-        let signature_bytes =
-            base64url(sig).ok_or("a validation token signature is not base64url")?;
+            .ok_or_else(|| refused(format!("validation token key {kid:?} is not in the JWKS")))?;
+        let signature_bytes = base64url(sig)
+            .ok_or_else(|| refused("a validation token signature is not base64url"))?;
         let signed = &token[..header.len() + 1 + claims.len()];
         signature::RsaPublicKeyComponents {
             n: &key.n,
@@ -254,15 +260,16 @@ impl Teams {
             signed.as_bytes(),
             &signature_bytes,
         )
-        .map_err(|_| "a validation token signature does not verify".to_string())?;
-        let claims = decode_json(claims).ok_or("validation token claims are not JSON")?;
+        .map_err(|_| refused("a validation token signature does not verify"))?;
+        let claims =
+            decode_json(claims).ok_or_else(|| refused("validation token claims are not JSON"))?;
         let seconds = |name: &str| claims[name].as_f64().map(|value| value as i64);
-        let exp = seconds("exp").ok_or("a validation token has no exp")?;
+        let exp = seconds("exp").ok_or_else(|| refused("a validation token has no exp"))?;
         if exp.saturating_add(JWT_SKEW_SECS) < now_secs {
-            return Err("a validation token has expired".into());
+            return Err(refused("a validation token has expired"));
         }
         if seconds("nbf").is_some_and(|nbf| nbf.saturating_sub(JWT_SKEW_SECS) > now_secs) {
-            return Err("a validation token is not valid yet".into());
+            return Err(refused("a validation token is not valid yet"));
         }
         let audience_matches = match &claims["aud"] {
             Value::String(aud) => aud == app_id,
@@ -270,20 +277,20 @@ impl Teams {
             _ => false,
         };
         if !audience_matches {
-            return Err("a validation token is for another audience".into());
+            return Err(refused("a validation token is for another audience"));
         }
         let publisher = claims["azp"].as_str().or_else(|| claims["appid"].as_str());
         if publisher != Some(GRAPH_NOTIFICATION_PUBLISHER) {
-            return Err(
-                "a validation token was not issued to Graph's notification publisher".into(),
-            );
+            return Err(refused(
+                "a validation token was not issued to Graph's notification publisher",
+            ));
         }
         if let Some(tid) = claims["tid"].as_str()
             && !self.tenant_allowed(tid)
         {
-            return Err(format!(
+            return Err(refused(format!(
                 "a validation token is for tenant {tid}, not allowed"
-            ));
+            )));
         }
         Ok(())
     }
@@ -726,8 +733,7 @@ impl PlatformHandler for Teams {
                 let token = token.as_str().ok_or_else(|| {
                     IngestError::unauthenticated("jwt", "a validation token is not a string")
                 })?;
-                self.verify_token(token, request.now_secs)
-                    .map_err(|why| IngestError::unauthenticated("jwt", why))?;
+                self.verify_token(token, request.now_secs)?;
             }
         }
         // One item parsed at a time: memory stays proportional to the body.
