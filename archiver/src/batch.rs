@@ -117,8 +117,10 @@ impl OpenBatch {
     }
 }
 
-/// A batch handed to the writer.
+/// A batch handed to the writer. Moved from the poll thread to its lane, never copied (tests keep copies to
+/// compare against).
 #[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
 pub struct SealedBatch {
     pub partition: i32,
     pub generation: u64,

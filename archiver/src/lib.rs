@@ -37,7 +37,11 @@ pub(crate) mod kafka;
 pub mod lane;
 pub mod poller;
 pub mod role;
+#[cfg(test)]
+mod stage_tests;
 pub mod stats;
+#[cfg(test)]
+mod test_support;
 pub mod upload;
 
 pub use poller::OnShutdown;

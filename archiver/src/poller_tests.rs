@@ -1,36 +1,19 @@
-//! The poll thread's state machine and the commit lanes, against a fake [`Broker`], an in-memory store and a
-//! dead-letter recorder: no librdkafka.
+//! The poll thread's state machine and the commit lanes, against a fake [`Broker`] and the stages of
+//! [`crate::test_support`] (an in-memory store and a dead-letter recorder): no librdkafka.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::ArchiverConfig;
-use crate::error::BrokerError;
-use async_trait::async_trait;
 use chatvault_archive::chain::{ChainWriter, Commit};
-use chatvault_archive::file::FileOptions;
-use chatvault_archive::keys::{DataKeys, LocalKeyring};
-use chatvault_archive::manifest::{ChainHead, DeadLetter, MANIFEST_FORMAT, Manifest};
-use chatvault_core::error::Result;
-use chatvault_core::shutdown::{self, ShutdownTrigger};
+use chatvault_archive::manifest::{ChainHead, MANIFEST_FORMAT, Manifest};
 use chatvault_proto::v1::ChatEvent;
-use futures::future::BoxFuture;
-use futures::stream::BoxStream;
-use object_store::memory::InMemory;
-use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult,
-};
 use prost::Message as _;
 
 use super::*;
-use crate::batch::Rejected;
-use crate::dead_letter::DeadLetterSink;
-use crate::lane::CommitStages;
-
-const TOPIC: &str = "chat";
+use crate::config::ArchiverConfig;
+use crate::error::BrokerError;
+use crate::test_support::{TOPIC, TestStages};
 
 #[derive(Debug, Default)]
 struct BrokerLog {
@@ -80,107 +63,11 @@ impl Broker for FakeBroker {
     }
 }
 
-/// An in-memory store whose uploads fail for paths containing a given text, while it is set.
-#[derive(Debug, Default)]
-struct FailingStore {
-    inner: InMemory,
-    fail_puts_containing: Mutex<Option<String>>,
-}
-
-impl std::fmt::Display for FailingStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FailingStore")
-    }
-}
-
-#[async_trait]
-impl ObjectStore for FailingStore {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<PutResult> {
-        let failing = self.fail_puts_containing.lock().expect("flag").clone();
-        if let Some(text) = failing
-            && location.as_ref().contains(&text)
-        {
-            return Err(object_store::Error::Generic {
-                store: "FailingStore",
-                source: "injected upload failure".into(),
-            });
-        }
-        self.inner.put_opts(location, payload, opts).await
-    }
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-    async fn get_opts(
-        &self,
-        location: &Path,
-        options: GetOptions,
-    ) -> object_store::Result<GetResult> {
-        self.inner.get_opts(location, options).await
-    }
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, object_store::Result<Path>>,
-    ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.inner.delete_stream(locations)
-    }
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-    async fn copy_opts(
-        &self,
-        from: &Path,
-        to: &Path,
-        options: CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-}
-
-/// Records dead-letter copies instead of producing them.
-#[derive(Default)]
-struct DeadLetterRecorder(Mutex<Vec<Rejected>>);
-
-impl DeadLetterSink for DeadLetterRecorder {
-    fn produce<'a>(
-        &'a self,
-        _source_topic: &'a str,
-        _partition: i32,
-        rejected: &'a Rejected,
-    ) -> BoxFuture<'a, Result<DeadLetter>> {
-        Box::pin(async move {
-            let mut copies = self.0.lock().expect("copies");
-            copies.push(rejected.clone());
-            Ok(DeadLetter {
-                topic: "chat.dead-letter".into(),
-                partition: 0,
-                offset: copies.len() as i64 - 1,
-            })
-        })
-    }
-}
-
 struct Fixture {
     runtime: tokio::runtime::Runtime,
-    store: Arc<FailingStore>,
     broker: FakeBroker,
-    stats: Arc<ArchiverStats>,
-    dead_letters: Arc<DeadLetterRecorder>,
     poller: Poller<FakeBroker>,
-    _shutdown: ShutdownTrigger,
-    _abandon: ShutdownTrigger,
-    _keyring: tempfile::TempDir,
+    harness: TestStages,
 }
 
 impl Fixture {
@@ -190,29 +77,8 @@ impl Fixture {
             .enable_all()
             .build()
             .expect("runtime");
-        let keyring_dir = tempfile::tempdir().expect("keyring dir");
-        let keyring =
-            LocalKeyring::open(&keyring_dir.path().join("keyring.json")).expect("keyring");
-        let store = Arc::new(FailingStore::default());
-        let object_store: Arc<dyn ObjectStore> = store.clone();
-        let chain = ChainWriter::new(object_store.clone(), TOPIC);
-        let (shutdown_trigger, shutdown) = shutdown::channel();
-        let (abandon_trigger, abandon) = shutdown::channel();
-        let stats = Arc::new(ArchiverStats::default());
-        let dead_letters = Arc::new(DeadLetterRecorder::default());
-        let stages = Arc::new(CommitStages {
-            store: object_store.clone(),
-            chain: chain.clone(),
-            data_keys: DataKeys::new(object_store, Arc::new(keyring)),
-            topic: TOPIC.into(),
-            writer_id: "test-writer".into(),
-            file_options: FileOptions::default(),
-            dead_letters: dead_letters.clone(),
-            upload_concurrency: 8,
-            stats: stats.clone(),
-            shutdown: shutdown.clone(),
-            abandon: abandon.clone(),
-        });
+        let harness = TestStages::new();
+        let stages = harness.stages.clone();
         let broker = FakeBroker::default();
         let (alive, _) = tokio::sync::mpsc::channel(1);
         let poller = Poller::new(PollerParts {
@@ -220,24 +86,19 @@ impl Fixture {
             runtime: runtime.handle().clone(),
             config,
             on_shutdown: OnShutdown::StopConsuming,
-            chain,
+            chain: stages.chain.clone(),
+            shutdown: stages.shutdown.clone(),
+            abandon: stages.abandon.clone(),
+            stats: harness.stats.clone(),
             stages,
-            stats: stats.clone(),
             alive,
             view: Arc::default(),
-            shutdown,
-            abandon,
         });
         Fixture {
             runtime,
-            store,
             broker,
-            stats,
-            dead_letters,
             poller,
-            _shutdown: shutdown_trigger,
-            _abandon: abandon_trigger,
-            _keyring: keyring_dir,
+            harness,
         }
     }
 
@@ -285,7 +146,7 @@ impl Fixture {
     }
 
     fn stored_head(&self, partition: i32) -> ChainHead {
-        let store: Arc<dyn ObjectStore> = self.store.clone();
+        let store = self.harness.object_store();
         self.runtime
             .block_on(ChainWriter::new(store, TOPIC).reader().head(partition))
             .expect("chain head")
@@ -342,15 +203,22 @@ fn assigned_partitions_load_their_heads_off_the_poll_thread_and_commit_in_order(
         fixture.broker.log().hints,
         BTreeMap::from([(0, 10), (1, 5)])
     );
-    assert_eq!(fixture.stats.committed_events.load(Ordering::Relaxed), 15);
-    assert!(fixture.stats.heads.is_archived(0, 9));
-    assert!(fixture.dead_letters.0.lock().expect("copies").is_empty());
+    assert_eq!(
+        fixture
+            .harness
+            .stats
+            .committed_events
+            .load(Ordering::Relaxed),
+        15
+    );
+    assert!(fixture.harness.stats.heads.is_archived(0, 9));
+    assert!(fixture.harness.dead_letters.copies().is_empty());
 }
 
 #[test]
 fn a_failing_partition_backs_off_and_stalls_while_the_others_commit_then_recovers() {
     let mut fixture = Fixture::new(config());
-    *fixture.store.fail_puts_containing.lock().expect("flag") = Some("/p00000-".into());
+    fixture.harness.store.fail_puts_containing(Some("/p00000-"));
     fixture.assign(vec![0, 1]);
     fixture.pump_until("both partitions consume", |f| {
         f.phase(0) == Some(Phase::Consuming) && f.phase(1) == Some(Phase::Consuming)
@@ -363,11 +231,19 @@ fn a_failing_partition_backs_off_and_stalls_while_the_others_commit_then_recover
     fixture.pump_until("partition 0 backs off, paused", |f| {
         matches!(f.phase(0), Some(Phase::BackingOff { .. })) && f.broker.log().paused.contains(&0)
     });
-    assert!(fixture.stats.released_batches.load(Ordering::Relaxed) >= 1);
+    assert!(
+        fixture
+            .harness
+            .stats
+            .released_batches
+            .load(Ordering::Relaxed)
+            >= 1
+    );
     fixture.pump_until("partition 0 is reported stalled", |f| {
-        f.stats.stalled_now.load(Ordering::Relaxed) == 1
+        f.harness.stats.stalled_now.load(Ordering::Relaxed) == 1
     });
     let reason = fixture
+        .harness
         .stats
         .unready_reason()
         .expect("not ready while stalled");
@@ -379,7 +255,7 @@ fn a_failing_partition_backs_off_and_stalls_while_the_others_commit_then_recover
     );
 
     // Storage heals: after its backoff the partition is loaded again, sought to its head, and consumed.
-    *fixture.store.fail_puts_containing.lock().expect("flag") = None;
+    fixture.harness.store.fail_puts_containing(None);
     let seeks_before = fixture.broker.log().seeks.len();
     fixture.pump_until("partition 0 consumes again", |f| {
         f.phase(0) == Some(Phase::Consuming) && f.broker.log().seeks.len() > seeks_before
@@ -388,16 +264,16 @@ fn a_failing_partition_backs_off_and_stalls_while_the_others_commit_then_recover
     fixture.feed(0, 0..5);
     fixture.pump_until("partition 0 is committed and no longer stalled", |f| {
         f.head(0).map(|h| h.end_offset) == Some(5)
-            && f.stats.stalled_now.load(Ordering::Relaxed) == 0
+            && f.harness.stats.stalled_now.load(Ordering::Relaxed) == 0
     });
-    assert_eq!(fixture.stats.unready_reason(), None);
+    assert_eq!(fixture.harness.stats.unready_reason(), None);
 }
 
 #[test]
 fn a_broken_chain_halts_its_partition_instead_of_retrying_forever() {
     let mut fixture = Fixture::new(config());
     // Manifest 1 without manifest 0: the chain cannot be trusted.
-    let store: Arc<dyn ObjectStore> = fixture.store.clone();
+    let store = fixture.harness.object_store();
     let bogus = Manifest {
         format: MANIFEST_FORMAT.into(),
         topic: TOPIC.into(),
@@ -424,9 +300,16 @@ fn a_broken_chain_halts_its_partition_instead_of_retrying_forever() {
     });
     fixture.poller.housekeeping();
     assert!(fixture.broker.log().paused.contains(&0));
-    assert_eq!(fixture.stats.halted_now.load(Ordering::Relaxed), 1);
-    assert_eq!(fixture.stats.halted_partitions.load(Ordering::Relaxed), 1);
-    assert!(fixture.stats.unready_reason().is_some());
+    assert_eq!(fixture.harness.stats.halted_now.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        fixture
+            .harness
+            .stats
+            .halted_partitions
+            .load(Ordering::Relaxed),
+        1
+    );
+    assert!(fixture.harness.stats.unready_reason().is_some());
     // Records of the halted partition are not archived.
     fixture.feed(0, 0..5);
     fixture.poller.housekeeping();
@@ -441,7 +324,7 @@ fn a_fenced_batch_rereads_the_head_and_continues_after_the_winner() {
         f.phase(0) == Some(Phase::Consuming)
     });
     // Another writer (a zombie owner) commits sequence number 0 for offsets 0..3 first.
-    let store: Arc<dyn ObjectStore> = fixture.store.clone();
+    let store = fixture.harness.object_store();
     let winner = Manifest {
         format: MANIFEST_FORMAT.into(),
         topic: TOPIC.into(),
@@ -465,7 +348,10 @@ fn a_fenced_batch_rereads_the_head_and_continues_after_the_winner() {
     fixture.pump_until("partition 0 is sought to the winner's end", |f| {
         f.broker.log().seeks.contains(&(0, Some(3))) && f.phase(0) == Some(Phase::Consuming)
     });
-    assert_eq!(fixture.stats.fenced_batches.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        fixture.harness.stats.fenced_batches.load(Ordering::Relaxed),
+        1
+    );
     fixture.feed(0, 3..8);
     fixture.pump_until("the next batch continues the winner's chain", |f| {
         f.head(0).map(|h| h.end_offset) == Some(8)
@@ -537,5 +423,12 @@ fn records_below_the_head_are_skipped_unless_the_partition_ends_before_it() {
     // Partition 1 now ends at 3, before the archived 10: the topic was recreated.
     fixture.feed(1, 0..1);
     assert_eq!(fixture.phase(1), Some(Phase::Halted));
-    assert_eq!(fixture.stats.halted_partitions.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        fixture
+            .harness
+            .stats
+            .halted_partitions
+            .load(Ordering::Relaxed),
+        1
+    );
 }
