@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond Rust: a Python virtualenv in .venv with DuckDB and pyarrow (the
-# standard readers our encrypted Parquet files are checked against). Idempotent; safe to run on every test run.
+# standard readers our encrypted Parquet files are checked against) and a real OpenID provider from npm in
+# testkit/oidc/node_modules. Idempotent; safe to run on every test run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +26,14 @@ then
 fi
 if ! command -v cargo-nextest >/dev/null; then
     cargo install --locked cargo-nextest
+fi
+# A real OpenID provider (node-oidc-provider, from the npm registry) for the sign-in tests, pinned by
+# testkit/oidc/package-lock.json. Needs Node.js 20+ and npm (Debian: apt-get install nodejs npm).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "setup-test-deps: node and npm not found; install Node.js 20+ (Debian: apt-get install nodejs npm)" >&2
+    exit 1
+fi
+if ! cmp -s testkit/oidc/package-lock.json testkit/oidc/node_modules/.installed-lock.json 2>/dev/null; then
+    npm ci --prefix testkit/oidc --no-audit --no-fund --loglevel=error
+    cp testkit/oidc/package-lock.json testkit/oidc/node_modules/.installed-lock.json
 fi

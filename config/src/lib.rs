@@ -294,4 +294,25 @@ mod tests {
         assert_eq!(teams.platform, Some(WebhookPlatform::Teams));
         assert_eq!(teams.certificates[0].id, "cert-2026");
     }
+
+    #[test]
+    fn commented_oidc_example_is_valid() {
+        let text = include_str!("../chatvault.example.toml");
+        let start = text.find("# [[oidc]]").expect("OIDC example");
+        let block: String = text[start..]
+            .lines()
+            .take_while(|line| line.starts_with('#'))
+            .map(|line| format!("{}\n", line.trim_start_matches('#').trim_start()))
+            .collect();
+        let config = Config::from_toml_and_env(&format!("{text}\n{block}"), &HashMap::new())
+            .expect("OIDC example is valid");
+        let issuer = &config.shared.oidc[0];
+        assert_eq!(issuer.audience, "urn:chatvault");
+        assert_eq!(issuer.roles[0].tenant, "acme");
+        assert_eq!(
+            issuer.jwks_min_refresh_interval,
+            Duration::from_secs(30),
+            "the example states the defaults"
+        );
+    }
 }

@@ -49,10 +49,13 @@ pub struct SharedConfig {
     pub telemetry: TelemetryConfig,
     /// Tenants and their bearer tokens.
     pub tenants: Vec<TenantConfig>,
+    /// OpenID Connect issuers whose JWT access tokens are accepted besides the static tokens, and the roles
+    /// their claims grant.
+    pub oidc: Vec<OidcIssuerConfig>,
 }
 
 /// The top-level keys [`SharedConfig`] reads; every other top-level key must be some service's section.
-const SHARED_KEYS: &[&str] = &["kafka", "storage", "keys", "telemetry", "tenants"];
+const SHARED_KEYS: &[&str] = &["kafka", "storage", "keys", "telemetry", "tenants", "oidc"];
 
 /// One service's section of the configuration file (`[gateway]`, `[archiver]`, `[restorer]`), defined in the
 /// service's crate and read by [`ConfigSource::section`].
@@ -148,8 +151,8 @@ impl ConfigSource {
     pub fn finish(self) -> Result<Vec<String>> {
         if let Some(key) = self.root.keys().next() {
             return Err(Error::invalid_argument(format!(
-                "config: unknown section `{key}` (expected kafka, storage, keys, telemetry, tenants, gateway, \
-                 archiver or restorer)"
+                "config: unknown section `{key}` (expected kafka, storage, keys, telemetry, tenants, oidc, \
+                 gateway, archiver or restorer)"
             )));
         }
         Ok(self.deprecated_settings)
@@ -260,6 +263,69 @@ pub enum LogFormat {
     Json,
 }
 
+/// One OpenID Connect issuer (see `chatvault_core::auth::oidc`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OidcIssuerConfig {
+    /// The issuer identifier, exactly as the provider writes it in `iss` and in its discovery document
+    /// (`https://login.example.com/realms/acme`).
+    pub issuer: String,
+    /// The audience (`aud`) access tokens for chatvault carry: the resource or API identifier registered at
+    /// the provider.
+    pub audience: String,
+    /// Signature algorithms accepted, pinned here (never taken from a token). Default `["RS256", "ES256"]`.
+    pub algorithms: Vec<crate::auth::jwt::Algorithm>,
+    /// The `typ` header required (`at+jwt` per RFC 9068, which keeps ID tokens out; Keycloak writes `JWT`);
+    /// empty accepts any. Default `at+jwt`.
+    pub token_type: String,
+    /// How far `exp`, `nbf` and `iat` may be off. Default `60s`.
+    #[serde(with = "crate::duration")]
+    pub clock_skew: Duration,
+    /// The key set's address; empty (the default) reads it from the discovery document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// How often the issuer's keys are read again. Default `5m`.
+    #[serde(with = "crate::duration")]
+    pub jwks_refresh_interval: Duration,
+    /// The shortest time between two reads of the keys, however many tokens with unknown key ids arrive.
+    /// Default `30s`.
+    #[serde(with = "crate::duration")]
+    pub jwks_min_refresh_interval: Duration,
+    /// Allows `http://` for the discovery document and key set: only for a local test provider. Default
+    /// false.
+    pub allow_http: bool,
+    /// Which claim values grant which roles on which tenant; a token matching none is allowed nothing.
+    pub roles: Vec<OidcRoleRule>,
+}
+
+impl Default for OidcIssuerConfig {
+    fn default() -> Self {
+        OidcIssuerConfig {
+            issuer: String::new(),
+            audience: String::new(),
+            algorithms: crate::auth::oidc::default_algorithms(),
+            token_type: "at+jwt".into(),
+            clock_skew: Duration::from_secs(60),
+            jwks_uri: None,
+            jwks_refresh_interval: Duration::from_secs(300),
+            jwks_min_refresh_interval: Duration::from_secs(30),
+            allow_http: false,
+            roles: Vec::new(),
+        }
+    }
+}
+
+/// Grants `roles` on `tenant` to tokens whose `claim` (a dotted path such as `groups` or
+/// `realm_access.roles`; a string or an array of strings) holds `value`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OidcRoleRule {
+    pub claim: String,
+    pub value: String,
+    pub tenant: String,
+    pub roles: Vec<Role>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -346,6 +412,68 @@ impl SharedConfig {
                 }
             }
         }
+        for (index, issuer) in self.oidc.iter().enumerate() {
+            let setting = format!("oidc[{index}]");
+            if !(issuer.issuer.starts_with("https://")
+                || (issuer.allow_http && issuer.issuer.starts_with("http://")))
+            {
+                return invalid(
+                    &format!("{setting}.issuer"),
+                    "must be an https:// URL (http:// only with allow_http, for a local test provider)",
+                );
+            }
+            if self.oidc[..index]
+                .iter()
+                .any(|other| other.issuer == issuer.issuer)
+            {
+                return invalid(&format!("{setting}.issuer"), "is configured twice");
+            }
+            if issuer.audience.trim().is_empty() {
+                return invalid(&format!("{setting}.audience"), "must not be empty");
+            }
+            if issuer.algorithms.is_empty() {
+                return invalid(
+                    &format!("{setting}.algorithms"),
+                    "must name at least one algorithm",
+                );
+            }
+            if issuer.jwks_min_refresh_interval.is_zero() {
+                return invalid(
+                    &format!("{setting}.jwks_min_refresh_interval"),
+                    "must be positive",
+                );
+            }
+            if issuer.jwks_refresh_interval < issuer.jwks_min_refresh_interval {
+                return invalid(
+                    &format!("{setting}.jwks_refresh_interval"),
+                    "must be at least jwks_min_refresh_interval",
+                );
+            }
+            for (rule_index, rule) in issuer.roles.iter().enumerate() {
+                let rule_setting = format!("{setting}.roles[{rule_index}]");
+                if rule.claim.is_empty() || rule.claim.split('.').any(str::is_empty) {
+                    return invalid(
+                        &format!("{rule_setting}.claim"),
+                        "must be a claim name or dotted path",
+                    );
+                }
+                if rule.value.is_empty() {
+                    return invalid(&format!("{rule_setting}.value"), "must not be empty");
+                }
+                if !is_valid_tenant_id(&rule.tenant) {
+                    return invalid(
+                        &format!("{rule_setting}.tenant"),
+                        "must be a valid tenant id",
+                    );
+                }
+                if rule.roles.is_empty() {
+                    return invalid(
+                        &format!("{rule_setting}.roles"),
+                        "must name at least one role",
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
@@ -377,6 +505,9 @@ impl SharedConfig {
                 };
                 authenticator.add_token_digest(digest, &token.name, &tenant.id, &token.roles);
             }
+        }
+        for issuer in &self.oidc {
+            authenticator.add_issuer(crate::auth::oidc::OidcIssuer::new(issuer.clone())?);
         }
         Ok(authenticator)
     }

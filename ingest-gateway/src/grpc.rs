@@ -5,9 +5,10 @@
 //! arrive and stops at the first invalid one (events before it may be archived, and a retry of the whole stream
 //! collapses onto them through their event ids).
 //!
-//! Admission comes first ([`Admission`], a tonic interceptor that sees only the headers): a call without a
-//! known bearer token, or beyond `gateway.max_grpc_calls` in flight, is refused before its message is read or
-//! decoded, and a message is decoded only up to `gateway.max_grpc_message_bytes`.
+//! Admission comes first ([`Admitting`], a layer around the service that sees only the headers): a call
+//! without a valid bearer token (static, or a JWT of a configured OIDC issuer), or beyond
+//! `gateway.max_grpc_calls` in flight, is refused before its message is read or decoded, and a message is
+//! decoded only up to `gateway.max_grpc_message_bytes`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -39,7 +40,7 @@ const MAX_IN_FLIGHT_PER_STREAM: usize = 10_000;
 
 /// Admits gRPC calls from their headers alone, before the message is read: authenticates the bearer token
 /// (UNAUTHENTICATED) and takes one of `gateway.max_grpc_calls` in-flight slots (RESOURCE_EXHAUSTED when none
-/// is free), held until the call ends. Installed with `InterceptedService` around the IngestService.
+/// is free), held until the call ends. Installed with [`Admitting`] around the IngestService.
 #[derive(Debug, Clone)]
 pub struct Admission {
     authenticator: Arc<Authenticator>,
@@ -61,37 +62,91 @@ impl Admission {
             .add(1, &rejection_labels("grpc", error.reason()));
         error.into()
     }
-}
 
-impl tonic::service::Interceptor for Admission {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let principal = authenticate(&self.authenticator, &request).map_err(Admission::refuse)?;
+    /// Authenticates `authorization` (which may wait for an OIDC issuer's keys, never for the message) and
+    /// takes an in-flight slot.
+    async fn admit(&self, authorization: Option<&str>) -> Result<Admitted> {
+        let principal = self.authenticator.authenticate(authorization).await?;
         let slot = self.calls.clone().try_acquire_owned().map_err(|_| {
-            Admission::refuse(IngestError::Overloaded(format!(
+            IngestError::Overloaded(format!(
                 "the gateway is serving its limit of {} calls (gateway.max_grpc_calls); retry after a short backoff",
                 self.max_calls
-            )))
+            ))
         })?;
-        request.extensions_mut().insert(Admitted {
+        Ok(Admitted {
             principal,
             _slot: Arc::new(slot),
-        });
-        Ok(request)
+        })
     }
 }
 
-fn authenticate<T>(authenticator: &Authenticator, request: &Request<T>) -> Result<Principal> {
-    let header = request
-        .metadata()
-        .get("authorization")
-        .map(|value| value.to_str().unwrap_or_default());
-    Ok(authenticator.authenticate(header)?)
+/// The IngestService behind [`Admission`]: each call is admitted from its headers, then handed on with its
+/// [`Admitted`] caller in the request's extensions; a refused call is answered with its status and its body
+/// is never read.
+#[derive(Debug, Clone)]
+pub struct Admitting<S> {
+    inner: S,
+    admission: Admission,
+}
+
+impl<S> Admitting<S> {
+    pub fn new(inner: S, admission: Admission) -> Admitting<S> {
+        Admitting { inner, admission }
+    }
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for Admitting<S>
+where
+    S: tower_service::Service<
+            http::Request<B>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        futures::future::BoxFuture<'static, std::result::Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The service that was polled ready serves this call; a fresh clone waits for the next one.
+        let fresh = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, fresh);
+        let admission = self.admission.clone();
+        Box::pin(async move {
+            let authorization = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|value| value.to_str().unwrap_or_default().to_string());
+            match admission.admit(authorization.as_deref()).await {
+                Ok(admitted) => {
+                    request.extensions_mut().insert(admitted);
+                    ready.call(request).await
+                }
+                Err(error) => Ok(Admission::refuse(error).into_http()),
+            }
+        })
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Admitting<S> {
+    const NAME: &'static str = S::NAME;
 }
 
 #[derive(Debug, Clone)]
 pub struct IngestGrpc {
     producer: EventProducer,
-    authenticator: Arc<Authenticator>,
     config: Arc<GatewayConfig>,
     admission: Admission,
 }
@@ -102,21 +157,19 @@ impl IngestGrpc {
         authenticator: Authenticator,
         config: GatewayConfig,
     ) -> Self {
-        let authenticator = Arc::new(authenticator);
         let admission = Admission {
-            authenticator: authenticator.clone(),
+            authenticator: Arc::new(authenticator),
             calls: Arc::new(Semaphore::new(config.max_grpc_calls)),
             max_calls: config.max_grpc_calls,
         };
         IngestGrpc {
             producer,
-            authenticator,
             config: Arc::new(config),
             admission,
         }
     }
 
-    /// The interceptor that admits this service's calls (see [`Admission`]).
+    /// What admits this service's calls (see [`Admission`], installed with [`Admitting`]).
     pub fn admission(&self) -> Admission {
         self.admission.clone()
     }
@@ -126,21 +179,17 @@ impl IngestGrpc {
     }
 
     /// The caller admitted by [`Admission`], with its in-flight slot (keep it for the call's duration); served
-    /// without the interceptor, the token is checked here instead.
-    fn caller<T>(&self, request: &mut Request<T>) -> Result<Admitted> {
+    /// without [`Admitting`], the call is admitted here instead.
+    async fn caller<T>(&self, request: &mut Request<T>) -> Result<Admitted> {
         match request.extensions_mut().remove::<Admitted>() {
             Some(admitted) => Ok(admitted),
-            None => Ok(Admitted {
-                principal: authenticate(&self.authenticator, request)?,
-                _slot: Arc::new(self.admission.calls.clone().try_acquire_owned().map_err(
-                    |_| {
-                        IngestError::Overloaded(
-                            "the gateway is serving its limit of calls (gateway.max_grpc_calls)"
-                                .into(),
-                        )
-                    },
-                )?),
-            }),
+            None => {
+                let authorization = request
+                    .metadata()
+                    .get("authorization")
+                    .map(|value| value.to_str().unwrap_or_default().to_string());
+                self.admission.admit(authorization.as_deref()).await
+            }
         }
     }
 
@@ -183,7 +232,7 @@ fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &IngestE
 
 impl IngestGrpc {
     async fn ingest_one(&self, mut request: Request<IngestRequest>) -> Result<IngestResponse> {
-        let caller = self.caller(&mut request)?;
+        let caller = self.caller(&mut request).await?;
         let principal = &caller.principal;
         let event = self.admit(principal, request.into_inner().event, "")?;
         self.producer.produce(&event).await?;
@@ -196,7 +245,7 @@ impl IngestGrpc {
         &self,
         mut request: Request<IngestBatchRequest>,
     ) -> Result<IngestBatchResponse> {
-        let caller = self.caller(&mut request)?;
+        let caller = self.caller(&mut request).await?;
         let principal = &caller.principal;
         let events = request.into_inner().events;
         if events.is_empty() {
@@ -224,7 +273,7 @@ impl IngestGrpc {
         &self,
         mut request: Request<Streaming<IngestRequest>>,
     ) -> Result<IngestBatchResponse> {
-        let caller = self.caller(&mut request)?;
+        let caller = self.caller(&mut request).await?;
         let principal = &caller.principal;
         let mut stream = request.into_inner();
         let produce = self.producer.start_produce(0);

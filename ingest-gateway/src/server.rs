@@ -79,9 +79,9 @@ async fn serve_grpc(
 ) -> Result<()> {
     let config = service.config().clone();
     let admission = service.admission();
-    // The interceptor sees the headers before the message is read: an unauthenticated call, or one beyond
+    // Admission sees the headers before the message is read: an unauthenticated call, or one beyond
     // gateway.max_grpc_calls, never gets its message decoded.
-    let ingest = tonic::service::interceptor::InterceptedService::new(
+    let ingest = crate::grpc::Admitting::new(
         IngestServiceServer::new(service).max_decoding_message_size(config.max_grpc_message_bytes),
         admission,
     );

@@ -194,13 +194,13 @@ impl RestoreApi {
 
     /// Authenticates the caller and checks the `restore` role on `tenant`. `principal` is filled in as soon as
     /// the caller is known, so refusals are recorded under the caller's name.
-    fn authorize(
+    async fn authorize(
         &self,
         authorization: Option<&str>,
         tenant: &str,
         principal: &mut Option<String>,
     ) -> Result<Principal> {
-        let caller = self.authenticator.authenticate(authorization)?;
+        let caller = self.authenticator.authenticate(authorization).await?;
         *principal = Some(caller.name.clone());
         if !is_valid_tenant_id(tenant) {
             return Err(Error::invalid_argument(if tenant.is_empty() {
@@ -230,7 +230,8 @@ impl RestoreApi {
         request: &GetConversationRequest,
         principal: &mut Option<String>,
     ) -> Result<(ConversationPlan, tokio::sync::OwnedSemaphorePermit)> {
-        self.authorize(authorization, &request.tenant_id, principal)?;
+        self.authorize(authorization, &request.tenant_id, principal)
+            .await?;
         validate_conversation_request(request)?;
         let permit = self.admit()?;
         let plan = self
@@ -251,7 +252,8 @@ impl RestoreApi {
         request: &ListConversationsRequest,
         principal: &mut Option<String>,
     ) -> Result<ListConversationsResponse> {
-        self.authorize(authorization, &request.tenant_id, principal)?;
+        self.authorize(authorization, &request.tenant_id, principal)
+            .await?;
         let _permit = self.admit()?;
         let conversations = self.restorer.list_conversations(&request.tenant_id).await?;
         Ok(ListConversationsResponse { conversations })

@@ -9,6 +9,7 @@
 //! - [`fault_proxy`]: an HTTP proxy injecting S3 errors, latency and lost answers in front of the S3 server;
 //! - [`kafka_proxy`]: a Kafka-protocol proxy that can answer fetches with a later record batch (a broker defect);
 //! - [`broker`]: a Kafka broker (the mock cluster) in its own process, restartable, or an external one;
+//! - [`oidc`]: a real OpenID provider (node-oidc-provider on Node.js) issuing JWT access tokens;
 //! - [`python`]: the virtualenv with DuckDB and pyarrow installed by `scripts/setup-test-deps.sh`.
 
 pub mod archive;
@@ -16,6 +17,7 @@ pub mod broker;
 pub mod fault_proxy;
 pub mod kafka;
 pub mod kafka_proxy;
+pub mod oidc;
 pub mod otlp;
 pub mod pipeline;
 pub mod process;

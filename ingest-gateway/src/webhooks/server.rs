@@ -136,11 +136,11 @@ impl WebhookService {
     /// reason, as JSON. Counts only: no secrets, no content. The listener faces the internet, so the request
     /// needs `authorization: Bearer <token>` of a token holding `audit` or `admin` (401 without a known token,
     /// 403 when it holds neither for any tenant), and it sees only its tenants' integrations.
-    fn stats_response(&self, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
+    async fn stats_response(&self, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
         let authorization = headers
             .get(http::header::AUTHORIZATION)
             .map(|value| value.to_str().unwrap_or_default());
-        let principal = match self.stats_readers.authenticate(authorization) {
+        let principal = match self.stats_readers.authenticate(authorization).await {
             Ok(principal) => principal,
             Err(error) => {
                 let mut response = plain(StatusCode::UNAUTHORIZED, error.message());
@@ -223,7 +223,7 @@ impl WebhookService {
             return plain(StatusCode::OK, "ok");
         }
         if request.method() == Method::GET && path == "/webhooks/stats" {
-            return self.stats_response(request.headers());
+            return self.stats_response(request.headers()).await;
         }
         let Some(name) = path.strip_prefix("/webhooks/") else {
             return plain(

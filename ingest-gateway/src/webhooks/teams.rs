@@ -37,14 +37,15 @@ use std::time::SystemTime;
 use crate::config::WebhookConfig;
 use aes::Aes256;
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
+use base64::engine::general_purpose::STANDARD as BASE64;
 use cbc::cipher::block_padding::Pkcs7;
 use cbc::cipher::{BlockModeDecrypt, KeyIvInit};
 use chatvault_core::auth::constant_time_eq;
+use chatvault_core::auth::jwt::{Algorithm, JwkSet, UnverifiedToken};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::time::{now_micros, parse_rfc3339_micros};
 use chatvault_proto::v1::{Attachment, ChatEvent, EventKind, Sender, Source};
-use ring::{hmac, signature};
+use ring::hmac;
 use rsa::pkcs8::DecodePrivateKey;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -61,18 +62,11 @@ pub const JWT_SKEW_SECS: i64 = 300;
 /// Graph's limit on `clientState`.
 const MAX_CLIENT_STATE_CHARS: usize = 255;
 
-/// An RSA public key from a JWKS: big-endian modulus and exponent.
-#[derive(Debug, Clone)]
-struct JwkRsa {
-    n: Vec<u8>,
-    e: Vec<u8>,
-}
-
 /// The signing keys of validation tokens, read from a JSON Web Key Set file and re-read when the file's
 /// modification time changes (the deployment refreshes it from Microsoft's `keys` endpoint).
 struct Jwks {
     path: Option<PathBuf>,
-    state: Mutex<(Option<SystemTime>, HashMap<String, JwkRsa>)>,
+    state: Mutex<(Option<SystemTime>, JwkSet)>,
 }
 
 impl Jwks {
@@ -88,13 +82,13 @@ impl Jwks {
     fn from_json(text: &str) -> Result<Jwks> {
         Ok(Jwks {
             path: None,
-            state: Mutex::new((None, parse_jwks(text)?)),
+            state: Mutex::new((None, JwkSet::parse(text.as_bytes())?)),
         })
     }
 
-    /// The key with id `kid`, after re-reading the file if it changed. A file that no longer parses keeps the
-    /// previous keys (and is logged), so a half-written refresh does not stop ingest.
-    fn key(&self, kid: &str) -> Option<JwkRsa> {
+    /// The keys, after re-reading the file if it changed. A file that no longer parses keeps the previous
+    /// keys (and is logged), so a half-written refresh does not stop ingest.
+    fn keys(&self) -> Option<JwkSet> {
         let mut state = self.state.lock().ok()?;
         if let Some(path) = &self.path {
             let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
@@ -108,48 +102,18 @@ impl Jwks {
                 }
             }
         }
-        state.1.get(kid).cloned()
+        Some(state.1.clone())
     }
 }
 
-fn read_jwks_file(path: &Path) -> Result<(Option<SystemTime>, HashMap<String, JwkRsa>)> {
+fn read_jwks_file(path: &Path) -> Result<(Option<SystemTime>, JwkSet)> {
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let text = std::fs::read_to_string(path).map_err(|error| {
+    let bytes = std::fs::read(path).map_err(|error| {
         Error::invalid_argument(format!("reading jwks_file {}: {error}", path.display()))
     })?;
-    let keys = parse_jwks(&text)
+    let keys = JwkSet::parse(&bytes)
         .map_err(|error| error.context(format!("jwks_file {}", path.display())))?;
     Ok((modified, keys))
-}
-
-/// RSA keys of a JWKS (`{"keys": [{"kty": "RSA", "kid": .., "n": .., "e": ..}]}`); other key types are skipped.
-fn parse_jwks(text: &str) -> Result<HashMap<String, JwkRsa>> {
-    let document: Value = serde_json::from_str(text)
-        .map_err(|error| Error::invalid_argument(format!("not a JSON Web Key Set: {error}")))?;
-    let keys = document["keys"]
-        .as_array()
-        .ok_or_else(|| Error::invalid_argument("a JSON Web Key Set needs a keys array"))?;
-    let mut out = HashMap::new();
-    for key in keys {
-        if key["kty"].as_str() != Some("RSA") {
-            continue;
-        }
-        let (Some(kid), Some(n), Some(e)) = (
-            key["kid"].as_str(),
-            key["n"].as_str().and_then(base64url),
-            key["e"].as_str().and_then(base64url),
-        ) else {
-            return Err(Error::invalid_argument(
-                "an RSA key of the JSON Web Key Set lacks kid, n or e (base64url)",
-            ));
-        };
-        out.insert(kid.to_string(), JwkRsa { n, e });
-    }
-    Ok(out)
-}
-
-fn base64url(text: &str) -> Option<Vec<u8>> {
-    BASE64URL.decode(text.trim_end_matches('=')).ok()
 }
 
 pub struct Teams {
@@ -229,63 +193,34 @@ impl Teams {
                 "no app_id and jwks_file configured for validation tokens",
             ));
         };
-        let mut parts = token.split('.');
-        let (Some(header), Some(claims), Some(sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(refused("a validation token is not a JWT"));
-        };
-        let decode_json =
-            |part: &str| -> Option<Value> { serde_json::from_slice(&base64url(part)?).ok() };
-        let header_json =
-            decode_json(header).ok_or_else(|| refused("a validation token header is not JSON"))?;
-        if header_json["alg"].as_str() != Some("RS256") {
-            return Err(refused("a validation token is not RS256"));
-        }
-        let kid = header_json["kid"]
-            .as_str()
-            .ok_or_else(|| refused("a validation token has no kid"))?;
-        let key = jwks
-            .key(kid)
-            .ok_or_else(|| refused(format!("validation token key {kid:?} is not in the JWKS")))?;
-        let signature_bytes = base64url(sig)
-            .ok_or_else(|| refused("a validation token signature is not base64url"))?;
-        let signed = &token[..header.len() + 1 + claims.len()];
-        signature::RsaPublicKeyComponents {
-            n: &key.n,
-            e: &key.e,
-        }
-        .verify(
-            &signature::RSA_PKCS1_2048_8192_SHA256,
-            signed.as_bytes(),
-            &signature_bytes,
-        )
-        .map_err(|_| refused("a validation token signature does not verify"))?;
-        let claims =
-            decode_json(claims).ok_or_else(|| refused("validation token claims are not JSON"))?;
-        let seconds = |name: &str| claims[name].as_f64().map(|value| value as i64);
-        let exp = seconds("exp").ok_or_else(|| refused("a validation token has no exp"))?;
-        if exp.saturating_add(JWT_SKEW_SECS) < now_secs {
-            return Err(refused("a validation token has expired"));
-        }
-        if seconds("nbf").is_some_and(|nbf| nbf.saturating_sub(JWT_SKEW_SECS) > now_secs) {
-            return Err(refused("a validation token is not valid yet"));
-        }
-        let audience_matches = match &claims["aud"] {
-            Value::String(aud) => aud == app_id,
-            Value::Array(auds) => auds.iter().any(|aud| aud.as_str() == Some(app_id)),
-            _ => false,
-        };
-        if !audience_matches {
+        // Graph signs validation tokens RS256 with the Microsoft identity platform's keys.
+        let parsed = UnverifiedToken::parse(token)
+            .map_err(|error| refused(format!("a validation token: {}", error.message())))?;
+        let keys = jwks
+            .keys()
+            .ok_or_else(|| refused("the validation token keys are unavailable"))?;
+        parsed.verify(&[Algorithm::RS256], &keys).map_err(|error| {
+            refused(format!(
+                "a validation token: {}",
+                error.into_error().message()
+            ))
+        })?;
+        parsed
+            .check_times(now_secs, JWT_SKEW_SECS)
+            .map_err(|error| refused(format!("a validation token: {}", error.message())))?;
+        if !parsed.has_audience(app_id) {
             return Err(refused("a validation token is for another audience"));
         }
-        let publisher = claims["azp"].as_str().or_else(|| claims["appid"].as_str());
+        let claims = &parsed.claims;
+        let publisher = parsed
+            .claim_str("azp")
+            .or_else(|| parsed.claim_str("appid"));
         if publisher != Some(GRAPH_NOTIFICATION_PUBLISHER) {
             return Err(refused(
                 "a validation token was not issued to Graph's notification publisher",
             ));
         }
-        if let Some(tid) = claims["tid"].as_str()
+        if let Some(tid) = claims.get("tid").and_then(Value::as_str)
             && !self.tenant_allowed(tid)
         {
             return Err(refused(format!(
@@ -766,9 +701,11 @@ impl PlatformHandler for Teams {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
     use cbc::cipher::BlockModeEncrypt;
     use http::HeaderMap;
     use ring::rand::{SecureRandom, SystemRandom};
+    use ring::signature;
     use serde_json::json;
 
     const ENCRYPTION_KEY: &str =
