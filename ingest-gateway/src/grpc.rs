@@ -81,7 +81,7 @@ impl Admission {
 }
 
 /// The IngestService behind [`Admission`]: each call is admitted from its headers, then handed on with its
-/// [`Admitted`] caller in the request's extensions; a refused call is answered with its status and its body
+/// admitted caller in the request's extensions; a refused call is answered with its status and its body
 /// is never read.
 #[derive(Debug, Clone)]
 pub struct Admitting<S> {
