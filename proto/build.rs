@@ -9,6 +9,7 @@ const PROTO_FILES: &[&str] = &[
     "chatvault/v1/event.proto",
     "chatvault/v1/ingest.proto",
     "chatvault/v1/restore.proto",
+    "chatvault/v1/audit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

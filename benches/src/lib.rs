@@ -124,10 +124,15 @@ impl BenchGateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let producer = EventProducer::new(&config.shared.kafka, &config.gateway)?;
+        // Calls are audited as in production: one record per call on the Kafka audit topic.
+        let audit = std::sync::Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(
+            &config.shared.kafka,
+        )?);
         let service = IngestGrpc::new(
             producer.clone(),
             config.shared.authenticator()?,
             config.gateway.clone(),
+            chatvault_core::audit::Auditor::new("gateway", audit),
         );
         let (trigger, shutdown) = chatvault_core::shutdown::channel();
         let server = tokio::spawn(chatvault_ingest_gateway::serve(

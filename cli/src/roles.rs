@@ -130,7 +130,18 @@ pub async fn restorer_task(
     listener: TcpListener,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    chatvault_restorer::run(&config.shared, &config.restorer, listener, shutdown).await?;
+    let audit = Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(
+        &config.shared.kafka,
+    )?);
+    chatvault_restorer::run(
+        &config.shared,
+        &config.restorer,
+        listener,
+        audit.clone(),
+        shutdown,
+    )
+    .await?;
+    audit.flush(Duration::from_secs(5));
     Ok(())
 }
 
@@ -420,6 +431,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             .context("creating the topic on the mock cluster")?;
         mock_cluster
             .create_topic(&config.archiver.dead_letter_topic(&config.shared.kafka), 1, 1)
+            .and_then(|()| mock_cluster.create_topic(&config.shared.kafka.audit_topic(), 1, 1))
             .context("creating the dead-letter topic on the mock cluster")?;
         config.shared.kafka.brokers = mock_cluster.bootstrap_servers();
         config.validate()?;

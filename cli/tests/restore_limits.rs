@@ -110,7 +110,15 @@ async fn restores_over_s3_read_only_footers_and_stream_within_the_buffer_limits(
     let (trigger, shutdown) = chatvault_core::shutdown::channel();
     let server = tokio::spawn(serve_api(
         listener,
-        RestoreApi::new(restorer.clone(), authenticator),
+        // Audit records are not this test's subject: they are kept in memory.
+        RestoreApi::new(
+            restorer.clone(),
+            authenticator,
+            chatvault_core::audit::Auditor::new(
+                "restorer",
+                Arc::new(chatvault_core::audit::MemorySink::default()),
+            ),
+        ),
         shutdown,
     ));
     let mut client = restore_client(address).await?;

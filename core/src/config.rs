@@ -178,6 +178,10 @@ pub struct KafkaConfig {
     /// `enable.auto.offset.store`, `isolation.level`) cannot be overridden here.
     #[serde(deserialize_with = "string_values")]
     pub properties: BTreeMap<String, String>,
+    /// The topic of the audit trail: one record per call of the gateway and the restorer, kept apart from
+    /// chat events. Must exist (replicated like `topic`, with retention long enough for the archiver). Empty
+    /// (the default) means `<topic>.audit`.
+    pub audit_topic: String,
 }
 
 impl Default for KafkaConfig {
@@ -186,6 +190,18 @@ impl Default for KafkaConfig {
             brokers: "localhost:9092".into(),
             topic: "chatvault.events".into(),
             properties: BTreeMap::new(),
+            audit_topic: String::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// [`Self::audit_topic`], or its default for [`Self::topic`].
+    pub fn audit_topic(&self) -> String {
+        if self.audit_topic.is_empty() {
+            format!("{}.audit", self.topic)
+        } else {
+            self.audit_topic.clone()
         }
     }
 }

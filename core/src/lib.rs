@@ -14,6 +14,7 @@
 //! - [`storage`]: object stores from URLs (`file://`, `s3://`, `memory://`).
 //! - [`telemetry`], [`metrics`]: logs, OpenTelemetry traces, and the fixed metric names (OTLP and Prometheus).
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod duration;

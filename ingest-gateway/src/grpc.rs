@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::GatewayConfig;
+use chatvault_core::audit::{AuditCall, Auditor, CallSource};
 use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::error::Coded;
 use chatvault_core::event::validate_and_complete;
@@ -46,6 +47,8 @@ pub struct Admission {
     authenticator: Arc<Authenticator>,
     calls: Arc<Semaphore>,
     max_calls: usize,
+    /// Records the calls refused here; the service records the others.
+    auditor: Auditor,
 }
 
 /// What [`Admission`] hands to the call: who it is, and its in-flight slot.
@@ -64,9 +67,10 @@ impl Admission {
     }
 
     /// Authenticates `authorization` (which may wait for an OIDC issuer's keys, never for the message) and
-    /// takes an in-flight slot.
-    async fn admit(&self, authorization: Option<&str>) -> Result<Admitted> {
+    /// takes an in-flight slot. The caller goes into `audit` as soon as it is known.
+    async fn admit(&self, authorization: Option<&str>, audit: &mut AuditCall) -> Result<Admitted> {
         let principal = self.authenticator.authenticate(authorization).await?;
+        audit.principal(&principal);
         let slot = self.calls.clone().try_acquire_owned().map_err(|_| {
             IngestError::Overloaded(format!(
                 "the gateway is serving its limit of {} calls (gateway.max_grpc_calls); retry after a short backoff",
@@ -129,12 +133,20 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|value| value.to_str().unwrap_or_default().to_string());
-            match admission.admit(authorization.as_deref()).await {
+            let action = request.uri().path().trim_start_matches('/').to_string();
+            let mut audit = admission
+                .auditor
+                .call(&action, &CallSource::of_http(&request));
+            audit.roles(&[Role::Ingest]);
+            match admission.admit(authorization.as_deref(), &mut audit).await {
                 Ok(admitted) => {
                     request.extensions_mut().insert(admitted);
                     ready.call(request).await
                 }
-                Err(error) => Ok(Admission::refuse(error).into_http()),
+                Err(error) => {
+                    audit.refused(&error).await;
+                    Ok(Admission::refuse(error).into_http())
+                }
             }
         })
     }
@@ -149,23 +161,29 @@ pub struct IngestGrpc {
     producer: EventProducer,
     config: Arc<GatewayConfig>,
     admission: Admission,
+    auditor: Auditor,
 }
 
 impl IngestGrpc {
+    /// The service producing with `producer`, authenticating with `authenticator` and recording every call
+    /// with `auditor`.
     pub fn new(
         producer: EventProducer,
         authenticator: Authenticator,
         config: GatewayConfig,
+        auditor: Auditor,
     ) -> Self {
         let admission = Admission {
             authenticator: Arc::new(authenticator),
             calls: Arc::new(Semaphore::new(config.max_grpc_calls)),
             max_calls: config.max_grpc_calls,
+            auditor: auditor.clone(),
         };
         IngestGrpc {
             producer,
             config: Arc::new(config),
             admission,
+            auditor,
         }
     }
 
@@ -180,15 +198,50 @@ impl IngestGrpc {
 
     /// The caller admitted by [`Admission`], with its in-flight slot (keep it for the call's duration); served
     /// without [`Admitting`], the call is admitted here instead.
-    async fn caller<T>(&self, request: &mut Request<T>) -> Result<Admitted> {
+    async fn caller<T>(&self, request: &mut Request<T>, audit: &mut AuditCall) -> Result<Admitted> {
         match request.extensions_mut().remove::<Admitted>() {
-            Some(admitted) => Ok(admitted),
+            Some(admitted) => {
+                audit.principal(&admitted.principal);
+                Ok(admitted)
+            }
             None => {
                 let authorization = request
                     .metadata()
                     .get("authorization")
                     .map(|value| value.to_str().unwrap_or_default().to_string());
-                self.admission.admit(authorization.as_deref()).await
+                self.admission.admit(authorization.as_deref(), audit).await
+            }
+        }
+    }
+
+    /// Starts the record of a call of `method`.
+    fn audit<T>(&self, method: &str, request: &Request<T>) -> AuditCall {
+        let mut audit = self.auditor.call(
+            &format!("{INGEST_SERVICE}/{method}"),
+            &CallSource::of_grpc(request),
+        );
+        audit.roles(&[Role::Ingest]);
+        audit
+    }
+
+    /// Finishes `audit` with the call's outcome. A served call whose record cannot be made durable fails
+    /// (UNAVAILABLE: its events are in Kafka, and the sender's retry collapses onto them by event id).
+    async fn recorded<T>(
+        audit: AuditCall,
+        result: Result<T>,
+        events: impl FnOnce(&T) -> usize,
+    ) -> Result<T> {
+        match result {
+            Ok(value) => {
+                audit
+                    .allowed(events(&value) as u64, 0)
+                    .await
+                    .map_err(IngestError::from)?;
+                Ok(value)
+            }
+            Err(error) => {
+                audit.refused(&error).await;
+                Err(error)
             }
         }
     }
@@ -212,6 +265,15 @@ impl IngestGrpc {
 
 const INGEST_SERVICE: &str = "chatvault.v1.IngestService";
 
+/// The tenant every event names, when they all name the same one (the record's `tenant_id`).
+fn single_tenant(events: &[ChatEvent]) -> Option<&str> {
+    let first = events.first()?.tenant_id.as_str();
+    events
+        .iter()
+        .all(|event| event.tenant_id == first)
+        .then_some(first)
+}
+
 /// Records a call's outcome in its span and in the accepted/rejected counters.
 fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &IngestError>) {
     match result {
@@ -231,10 +293,18 @@ fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &IngestE
 }
 
 impl IngestGrpc {
-    async fn ingest_one(&self, mut request: Request<IngestRequest>) -> Result<IngestResponse> {
-        let caller = self.caller(&mut request).await?;
+    async fn ingest_one(
+        &self,
+        mut request: Request<IngestRequest>,
+        audit: &mut AuditCall,
+    ) -> Result<IngestResponse> {
+        let caller = self.caller(&mut request, audit).await?;
         let principal = &caller.principal;
-        let event = self.admit(principal, request.into_inner().event, "")?;
+        let event = request.into_inner().event;
+        if let Some(event) = &event {
+            audit.tenant(&event.tenant_id);
+        }
+        let event = self.admit(principal, event, "")?;
         self.producer.produce(&event).await?;
         Ok(IngestResponse {
             event_id: event.event_id,
@@ -244,10 +314,14 @@ impl IngestGrpc {
     async fn ingest_many(
         &self,
         mut request: Request<IngestBatchRequest>,
+        audit: &mut AuditCall,
     ) -> Result<IngestBatchResponse> {
-        let caller = self.caller(&mut request).await?;
+        let caller = self.caller(&mut request, audit).await?;
         let principal = &caller.principal;
         let events = request.into_inner().events;
+        if let Some(tenant) = single_tenant(&events) {
+            audit.tenant(tenant);
+        }
         if events.is_empty() {
             return Err(IngestError::malformed("events must not be empty"));
         }
@@ -272,8 +346,9 @@ impl IngestGrpc {
     async fn ingest_streamed(
         &self,
         mut request: Request<Streaming<IngestRequest>>,
+        audit: &mut AuditCall,
     ) -> Result<IngestBatchResponse> {
-        let caller = self.caller(&mut request).await?;
+        let caller = self.caller(&mut request, audit).await?;
         let principal = &caller.principal;
         let mut stream = request.into_inner();
         let produce = self.producer.start_produce(0);
@@ -314,7 +389,12 @@ impl IngestService for IngestGrpc {
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
         let span = grpc_server_span(INGEST_SERVICE, "Ingest", request.metadata());
-        let result = self.ingest_one(request).instrument(span.clone()).await;
+        let mut audit = self.audit("Ingest", &request);
+        let result = self
+            .ingest_one(request, &mut audit)
+            .instrument(span.clone())
+            .await;
+        let result = Self::recorded(audit, result, |_| 1).await;
         finish_call(&span, result.as_ref().map(|_| 1));
         Ok(Response::new(result?))
     }
@@ -324,7 +404,12 @@ impl IngestService for IngestGrpc {
         request: Request<IngestBatchRequest>,
     ) -> Result<Response<IngestBatchResponse>, Status> {
         let span = grpc_server_span(INGEST_SERVICE, "IngestBatch", request.metadata());
-        let result = self.ingest_many(request).instrument(span.clone()).await;
+        let mut audit = self.audit("IngestBatch", &request);
+        let result = self
+            .ingest_many(request, &mut audit)
+            .instrument(span.clone())
+            .await;
+        let result = Self::recorded(audit, result, |response| response.event_ids.len()).await;
         finish_call(
             &span,
             result.as_ref().map(|response| response.event_ids.len()),
@@ -337,7 +422,12 @@ impl IngestService for IngestGrpc {
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestBatchResponse>, Status> {
         let span = grpc_server_span(INGEST_SERVICE, "IngestStream", request.metadata());
-        let result = self.ingest_streamed(request).instrument(span.clone()).await;
+        let mut audit = self.audit("IngestStream", &request);
+        let result = self
+            .ingest_streamed(request, &mut audit)
+            .instrument(span.clone())
+            .await;
+        let result = Self::recorded(audit, result, |response| response.event_ids.len()).await;
         finish_call(
             &span,
             result.as_ref().map(|response| response.event_ids.len()),

@@ -159,7 +159,16 @@ pub async fn run(
         shared.authenticator()?,
     ));
     let drain = config.drain_timeout;
-    let service = IngestGrpc::new(producer.clone(), shared.authenticator()?, config.clone());
+    // Every gRPC call leaves one audit record on the audit topic (fail closed: see chatvault_core::audit).
+    let audit_sink = std::sync::Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(
+        &shared.kafka,
+    )?);
+    let service = IngestGrpc::new(
+        producer.clone(),
+        shared.authenticator()?,
+        config.clone(),
+        chatvault_core::audit::Auditor::new("gateway", audit_sink.clone()),
+    );
     let common = serve_health::<IngestServiceServer<IngestGrpc>>().await?;
     let (stop_accepting, sequence) =
         not_serving_then_stop(shutdown, common.health.clone(), config.shutdown_delay);
@@ -175,6 +184,7 @@ pub async fn run(
     sequence.abort();
     // Both listeners are drained: nothing can enqueue any more.
     flush(&producer).await;
+    audit_sink.flush(config.producer_flush_timeout);
     tracing::info!("gateway stopped");
     grpc?;
     http

@@ -2,6 +2,8 @@
 //! explicitly, and cannot be overridden from configuration
 //! ([`chatvault_core::config::PROTECTED_KAFKA_PROPERTIES`], checked when the configuration is loaded).
 
+pub mod audit;
+
 use std::time::Duration;
 
 use rdkafka::ClientConfig;

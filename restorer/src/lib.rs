@@ -6,8 +6,8 @@
 //! - [`rehydrate`](mod@rehydrate): from events to the conversation as people saw it (pure).
 //! - [`render`]: a plain-text transcript of restored items.
 //! - [`stream`]: the streaming restore of one conversation with bounded memory (plan, then emit).
-//! - [`service`]: the `chatvault.v1.RestoreService` gRPC API with health and reflection, and the
-//!   [`AccessRecorder`] seam of the audit trail.
+//! - [`service`]: the `chatvault.v1.RestoreService` gRPC API with health and reflection; every call is
+//!   recorded in the audit trail (`chatvault_core::audit`).
 
 pub mod config;
 pub mod index;
@@ -24,28 +24,28 @@ pub use index::{ArchiveIndex, TimeRange};
 pub use reader::Restorer;
 pub use rehydrate::{rehydrate, restore_items};
 pub use render::render_text;
-pub use service::{
-    AccessOutcome, AccessRecord, AccessRecorder, RestoreApi, TracingAccessRecorder, serve,
-    serve_api,
-};
+pub use service::{RestoreApi, serve, serve_api};
 pub use stream::{BufferLimits, ConversationPlan};
 
 use std::sync::Arc;
 
 use chatvault_archive::keys::DataKeys;
+use chatvault_core::audit::{AuditSink, Auditor};
 use chatvault_core::config::SharedConfig;
 
 use crate::config::RestorerConfig;
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::storage::object_store_from_config;
 
-/// The restorer role on the shared settings and its `[restorer]` section, serving on `listener` until `shutdown` (then draining for
-/// `restorer.drain_timeout`). The one assembly of the role: the binary, the test kit and the benchmarks
-/// all start it here.
+/// The restorer role on the shared settings and its `[restorer]` section, serving on `listener` until
+/// `shutdown` (then draining for `restorer.drain_timeout`), recording every call in `audit` (the Kafka audit
+/// topic in production: the caller provides the sink, so this crate does not link a Kafka client). The one
+/// assembly of the role: the binary, the test kit and the benchmarks all start it here.
 pub async fn run(
     shared: &SharedConfig,
     settings: &RestorerConfig,
     listener: tokio::net::TcpListener,
+    audit: Arc<dyn AuditSink>,
     shutdown: Shutdown,
 ) -> chatvault_core::Result<()> {
     let store = object_store_from_config(&shared.storage)?;
@@ -55,8 +55,12 @@ pub async fn run(
             events: settings.max_buffered_events,
             bytes: settings.max_buffered_bytes,
         });
-    let api = RestoreApi::new(Arc::new(restorer), shared.authenticator()?)
-        .with_max_concurrent_requests(settings.max_concurrent_requests);
+    let api = RestoreApi::new(
+        Arc::new(restorer),
+        shared.authenticator()?,
+        Auditor::new("restorer", audit),
+    )
+    .with_max_concurrent_requests(settings.max_concurrent_requests);
     let drain = settings.drain_timeout;
     serve(listener, api, shutdown, drain).await
 }

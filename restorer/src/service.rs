@@ -1,14 +1,16 @@
 //! The `chatvault.v1.RestoreService` gRPC API, with health checking and server reflection.
 //!
-//! Every call is authenticated (`authorization: Bearer <token>`), authorized (the `restore` role for the
-//! requested tenant) and recorded through an [`AccessRecorder`], whatever its outcome. The recorder is the seam
-//! for the archived, tamper-evident audit trail; until it exists, [`TracingAccessRecorder`] logs each access.
+//! Every call is authenticated (`authorization: Bearer <token>`, a static token or an OIDC access token),
+//! authorized (the `restore` role for the requested tenant) and recorded in the audit trail
+//! ([`chatvault_core::audit`]), whatever its outcome. A call is served only once its record is durable (for a
+//! streamed conversation: before its first item, with the number of items it will have); a stream that fails
+//! after it started is recorded once more, as an error, since it served less than its record says.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use chatvault_core::audit::{AuditCall, Auditor, CallSource, LogSafe};
 use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::event::is_valid_tenant_id;
 use chatvault_core::grpc::serve_health;
@@ -39,125 +41,12 @@ const STREAM_QUEUE_ITEMS: usize = 16;
 /// RESOURCE_EXHAUSTED (retryable).
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 16;
 
-/// One access to the archive, as the audit trail records it: who, what, from where, and the outcome. It never
-/// holds message content or credentials.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AccessRecord {
-    /// The gRPC method, for example `GetConversation`.
-    pub method: &'static str,
-    /// The authenticated principal's name; `None` when authentication failed.
-    pub principal: Option<String>,
-    pub remote_addr: Option<SocketAddr>,
-    pub tenant_id: String,
-    /// Empty for tenant-wide calls.
-    pub conversation_id: String,
-    pub from_micros: i64,
-    pub to_micros: i64,
-    pub include_events: bool,
-    pub outcome: AccessOutcome,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum AccessOutcome {
-    /// Served: how many items (GetConversation) or conversations (ListConversations).
-    Served { items: u64 },
-    /// Refused or failed, with the status returned to the caller.
-    Failed { code: ErrorCode, message: String },
-}
-
-/// Where accesses are recorded. Called once per request, on success and on failure, before the response is
-/// sent (for a streamed conversation: before its first item, with the number of items it will have), and
-/// once more, as failed, if a stream that had started fails. The archived audit trail implements this later.
-pub trait AccessRecorder: Send + Sync + 'static {
-    fn record(&self, access: &AccessRecord);
-}
-
-/// Logs each access as a structured `tracing` event (target `chatvault::audit`). Every value a caller or the
-/// archive could have chosen (tenant, conversation, principal, error message) is written through [`LogSafe`],
-/// so no value can end the record's line and forge another one.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TracingAccessRecorder;
-
-/// Text from outside (a request field, an error naming one) as it may appear in a log line: control characters
-/// (C0, DEL, C1: newlines, carriage returns, escape sequences), the Unicode line and paragraph separators and
-/// the bidirectional formatting characters are written as `\u{..}` escapes, and a backslash as `\\`, so the
-/// escaping cannot be imitated and nothing can start a new line or make one read differently than it is.
-#[derive(Debug, Clone, Copy)]
-pub struct LogSafe<'a>(pub &'a str);
-
-impl std::fmt::Display for LogSafe<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut rest = self.0;
-        while let Some(at) = rest.find(needs_escape) {
-            f.write_str(&rest[..at])?;
-            let c = rest[at..].chars().next().unwrap_or_default();
-            if c == '\\' {
-                f.write_str("\\\\")?;
-            } else {
-                write!(f, "\\u{{{:x}}}", c as u32)?;
-            }
-            rest = &rest[at + c.len_utf8()..];
-        }
-        f.write_str(rest)
-    }
-}
-
-fn needs_escape(c: char) -> bool {
-    c == '\\'
-        || c.is_control()
-        || matches!(
-            c,
-            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
-        )
-        || ('\u{202a}'..='\u{202e}').contains(&c)
-        || ('\u{2066}'..='\u{2069}').contains(&c)
-}
-
-impl AccessRecorder for TracingAccessRecorder {
-    fn record(&self, access: &AccessRecord) {
-        let principal = LogSafe(access.principal.as_deref().unwrap_or("<unauthenticated>"));
-        let remote = access
-            .remote_addr
-            .map(|addr| addr.to_string())
-            .unwrap_or_default();
-        match &access.outcome {
-            AccessOutcome::Served { items } => tracing::info!(
-                target: "chatvault::audit",
-                method = access.method,
-                %principal,
-                remote,
-                tenant = %LogSafe(&access.tenant_id),
-                conversation = %LogSafe(&access.conversation_id),
-                from_micros = access.from_micros,
-                to_micros = access.to_micros,
-                include_events = access.include_events,
-                items,
-                "archive access served"
-            ),
-            AccessOutcome::Failed { code, message } => tracing::warn!(
-                target: "chatvault::audit",
-                method = access.method,
-                %principal,
-                remote,
-                tenant = %LogSafe(&access.tenant_id),
-                conversation = %LogSafe(&access.conversation_id),
-                from_micros = access.from_micros,
-                to_micros = access.to_micros,
-                include_events = access.include_events,
-                code = ?code,
-                error = %LogSafe(message),
-                "archive access refused or failed"
-            ),
-        }
-    }
-}
-
 /// The RestoreService implementation.
 #[derive(Clone)]
 pub struct RestoreApi {
     restorer: Arc<Restorer>,
     authenticator: Authenticator,
-    recorder: Arc<dyn AccessRecorder>,
+    auditor: Auditor,
     in_flight: Arc<Semaphore>,
 }
 
@@ -173,18 +62,18 @@ pub type RestoreItemStream =
     Pin<Box<dyn Stream<Item = Result<RestoreItem, Status>> + Send + 'static>>;
 
 impl RestoreApi {
-    pub fn new(restorer: Arc<Restorer>, authenticator: Authenticator) -> RestoreApi {
+    /// The API over `restorer`, authenticating with `authenticator` and recording every call with `auditor`.
+    pub fn new(
+        restorer: Arc<Restorer>,
+        authenticator: Authenticator,
+        auditor: Auditor,
+    ) -> RestoreApi {
         RestoreApi {
             restorer,
             authenticator,
-            recorder: Arc::new(TracingAccessRecorder),
+            auditor,
             in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_CONCURRENT_REQUESTS)),
         }
-    }
-
-    pub fn with_access_recorder(mut self, recorder: Arc<dyn AccessRecorder>) -> RestoreApi {
-        self.recorder = recorder;
-        self
     }
 
     pub fn with_max_concurrent_requests(mut self, requests: usize) -> RestoreApi {
@@ -192,16 +81,16 @@ impl RestoreApi {
         self
     }
 
-    /// Authenticates the caller and checks the `restore` role on `tenant`. `principal` is filled in as soon as
-    /// the caller is known, so refusals are recorded under the caller's name.
+    /// Authenticates the caller and checks the `restore` role on `tenant`. The caller goes into `audit` as
+    /// soon as it is known, so refusals are recorded under its name.
     async fn authorize(
         &self,
         authorization: Option<&str>,
         tenant: &str,
-        principal: &mut Option<String>,
+        audit: &mut AuditCall,
     ) -> Result<Principal> {
         let caller = self.authenticator.authenticate(authorization).await?;
-        *principal = Some(caller.name.clone());
+        audit.principal(&caller);
         if !is_valid_tenant_id(tenant) {
             return Err(Error::invalid_argument(if tenant.is_empty() {
                 "tenant_id is required".to_string()
@@ -228,9 +117,9 @@ impl RestoreApi {
         &self,
         authorization: Option<&str>,
         request: &GetConversationRequest,
-        principal: &mut Option<String>,
+        audit: &mut AuditCall,
     ) -> Result<(ConversationPlan, tokio::sync::OwnedSemaphorePermit)> {
-        self.authorize(authorization, &request.tenant_id, principal)
+        self.authorize(authorization, &request.tenant_id, audit)
             .await?;
         validate_conversation_request(request)?;
         let permit = self.admit()?;
@@ -250,9 +139,9 @@ impl RestoreApi {
         &self,
         authorization: Option<&str>,
         request: &ListConversationsRequest,
-        principal: &mut Option<String>,
+        audit: &mut AuditCall,
     ) -> Result<ListConversationsResponse> {
-        self.authorize(authorization, &request.tenant_id, principal)
+        self.authorize(authorization, &request.tenant_id, audit)
             .await?;
         let _permit = self.admit()?;
         let conversations = self.restorer.list_conversations(&request.tenant_id).await?;
@@ -317,49 +206,45 @@ impl RestoreService for RestoreApi {
         &self,
         request: Request<GetConversationRequest>,
     ) -> Result<Response<Self::GetConversationStream>, Status> {
-        let remote_addr = request.remote_addr();
-        let mut principal = None;
         let call = CallTelemetry::start(&request, "GetConversation");
-        let result = self
-            .plan_conversation(
-                authorization_of(&request),
-                request.get_ref(),
-                &mut principal,
-            )
+        let body = request.get_ref();
+        let mut audit = self.auditor.call(
+            "chatvault.v1.RestoreService/GetConversation",
+            &CallSource::of_grpc(&request),
+        );
+        audit
+            .tenant(&body.tenant_id)
+            .conversation(&body.conversation_id)
+            .time_range(body.from_micros, body.to_micros)
+            .roles(&[Role::Restore]);
+        let planned = self
+            .plan_conversation(authorization_of(&request), body, &mut audit)
             .instrument(call.span.clone())
             .await;
+        // The stream's own failure is recorded as a second record with the same call details.
+        let failure_record = audit.copy();
+        let result = match planned {
+            Ok((plan, permit)) => audit
+                .allowed(plan.item_count(), 0)
+                .await
+                .map(|()| (plan, permit)),
+            Err(error) => {
+                audit.refused(&error).await;
+                Err(error)
+            }
+        };
         let span = call.span.clone();
         call.finish(&result);
-        let body = request.get_ref();
-        let access = AccessRecord {
-            method: "GetConversation",
-            principal,
-            remote_addr,
-            tenant_id: body.tenant_id.clone(),
-            conversation_id: body.conversation_id.clone(),
-            from_micros: body.from_micros,
-            to_micros: body.to_micros,
-            include_events: body.include_events,
-            outcome: outcome(&result, |(plan, _)| plan.item_count()),
-        };
-        self.recorder.record(&access);
         let (plan, permit) = result?;
         let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_QUEUE_ITEMS);
         let restorer = self.restorer.clone();
-        let recorder = self.recorder.clone();
         tokio::spawn(
             async move {
                 // The request keeps its slot until its last item is sent.
                 let _permit = permit;
                 if let Err(error) = plan.emit(&restorer, &sender).await {
                     tracing::error!(error = %LogSafe(error.message()), "restore stream failed");
-                    recorder.record(&AccessRecord {
-                        outcome: AccessOutcome::Failed {
-                            code: error.code(),
-                            message: error.message().to_string(),
-                        },
-                        ..access
-                    });
+                    failure_record.refused(&error).await;
                     let _ = sender.send(Err(error)).await;
                 }
             }
@@ -379,29 +264,29 @@ impl RestoreService for RestoreApi {
         &self,
         request: Request<ListConversationsRequest>,
     ) -> Result<Response<ListConversationsResponse>, Status> {
-        let remote_addr = request.remote_addr();
-        let mut principal = None;
         let call = CallTelemetry::start(&request, "ListConversations");
-        let result = self
-            .list_conversations_response(
-                authorization_of(&request),
-                request.get_ref(),
-                &mut principal,
-            )
+        let mut audit = self.auditor.call(
+            "chatvault.v1.RestoreService/ListConversations",
+            &CallSource::of_grpc(&request),
+        );
+        audit
+            .tenant(&request.get_ref().tenant_id)
+            .roles(&[Role::Restore]);
+        let listed = self
+            .list_conversations_response(authorization_of(&request), request.get_ref(), &mut audit)
             .instrument(call.span.clone())
             .await;
+        let result = match listed {
+            Ok(response) => audit
+                .allowed(response.conversations.len() as u64, 0)
+                .await
+                .map(|()| response),
+            Err(error) => {
+                audit.refused(&error).await;
+                Err(error)
+            }
+        };
         call.finish(&result);
-        self.recorder.record(&AccessRecord {
-            method: "ListConversations",
-            principal,
-            remote_addr,
-            tenant_id: request.get_ref().tenant_id.clone(),
-            conversation_id: String::new(),
-            from_micros: 0,
-            to_micros: 0,
-            include_events: false,
-            outcome: outcome(&result, |response| response.conversations.len() as u64),
-        });
         Ok(Response::new(result?))
     }
 }
@@ -441,18 +326,6 @@ impl CallTelemetry {
     }
 }
 
-fn outcome<T>(result: &Result<T>, count: impl FnOnce(&T) -> u64) -> AccessOutcome {
-    match result {
-        Ok(value) => AccessOutcome::Served {
-            items: count(value),
-        },
-        Err(error) => AccessOutcome::Failed {
-            code: error.code(),
-            message: error.message().to_string(),
-        },
-    }
-}
-
 /// Serves the RestoreService, gRPC health (`grpc.health.v1`, the RestoreService reported SERVING until shutdown
 /// begins) and server reflection (v1) on `listener` until `shutdown`, then drains in-flight calls for up to
 /// `drain_timeout` and cuts off the ones still running (a restore is a read: the caller can retry it).
@@ -480,7 +353,7 @@ pub async fn serve(
     }
 }
 
-/// [`serve`] with a configured [`RestoreApi`] (access recorder, concurrency limit).
+/// [`serve`] with a configured [`RestoreApi`] (auditor, concurrency limit).
 pub async fn serve_api(
     listener: tokio::net::TcpListener,
     api: RestoreApi,
@@ -525,24 +398,15 @@ mod tests {
     use tonic_health::pb::health_check_response::ServingStatus as HealthStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    #[derive(Default)]
-    struct MemoryRecorder(Mutex<Vec<AccessRecord>>);
+    use chatvault_core::audit::{AuditOutcome, MemorySink};
 
-    impl AccessRecorder for MemoryRecorder {
-        fn record(&self, access: &AccessRecord) {
-            self.0.lock().expect("lock").push(access.clone());
-        }
-    }
-
-    impl MemoryRecorder {
-        fn take(&self) -> Vec<AccessRecord> {
-            std::mem::take(&mut *self.0.lock().expect("lock"))
-        }
+    fn outcome(record: &chatvault_core::audit::AuditRecord) -> AuditOutcome {
+        AuditOutcome::try_from(record.outcome).expect("known outcome")
     }
 
     struct Server {
         channel: Channel,
-        recorder: Arc<MemoryRecorder>,
+        recorder: Arc<MemorySink>,
         trigger: chatvault_core::shutdown::ShutdownTrigger,
         task: tokio::task::JoinHandle<Result<()>>,
         _fixture: Fixture,
@@ -581,8 +445,12 @@ mod tests {
             "acme",
             &[Role::Ingest],
         );
-        let recorder = Arc::new(MemoryRecorder::default());
-        let api = RestoreApi::new(restorer, authenticator).with_access_recorder(recorder.clone());
+        let recorder = Arc::new(MemorySink::default());
+        let api = RestoreApi::new(
+            restorer,
+            authenticator,
+            Auditor::new("restorer", recorder.clone()),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -667,8 +535,13 @@ mod tests {
 
         let records = server.recorder.take();
         assert_eq!(records.len(), 2);
-        assert_eq!(records[0].method, "GetConversation");
-        assert_eq!(records[0].principal.as_deref(), Some("legal-team"));
+        assert_eq!(
+            records[0].action,
+            "chatvault.v1.RestoreService/GetConversation"
+        );
+        assert_eq!(records[0].subject, "legal-team");
+        assert_eq!(records[0].service, "restorer");
+        assert_eq!(records[0].roles_used, ["restore"]);
         assert_eq!(
             (
                 records[0].tenant_id.as_str(),
@@ -676,9 +549,18 @@ mod tests {
             ),
             ("acme", "C1")
         );
-        assert_eq!(records[0].outcome, AccessOutcome::Served { items: 4 });
-        assert!(records[0].remote_addr.is_some());
-        assert_eq!(records[1].outcome, AccessOutcome::Served { items: 2 });
+        assert_eq!(outcome(&records[0]), AuditOutcome::Allowed);
+        assert_eq!(records[0].item_count, 4);
+        assert!(!records[0].peer_address.is_empty());
+        assert_eq!(records[0].record_id.len(), 32);
+        assert!(records[0].time_micros > 0);
+        assert_eq!(
+            records[1].action,
+            "chatvault.v1.RestoreService/ListConversations"
+        );
+        assert_eq!(outcome(&records[1]), AuditOutcome::Allowed);
+        assert_eq!(records[1].item_count, 2);
+        assert_ne!(records[0].record_id, records[1].record_id);
         assert!(!format!("{records:?}").contains("secret launch"));
     }
 
@@ -726,30 +608,22 @@ mod tests {
 
         let records = server.recorder.take();
         assert_eq!(records.len(), 7);
-        assert_eq!(records[0].principal, None);
-        assert!(matches!(
-            records[0].outcome,
-            AccessOutcome::Failed {
-                code: ErrorCode::Unauthenticated,
-                ..
-            }
-        ));
-        assert_eq!(records[1].principal.as_deref(), Some("slack-bridge"));
-        assert!(matches!(
-            records[1].outcome,
-            AccessOutcome::Failed {
-                code: ErrorCode::PermissionDenied,
-                ..
-            }
-        ));
+        assert_eq!(records[0].subject, "");
+        assert_eq!(outcome(&records[0]), AuditOutcome::Denied);
+        assert!(
+            records[0].reason.contains("missing authorization"),
+            "{records:?}"
+        );
+        assert_eq!(records[1].subject, "slack-bridge");
+        assert_eq!(outcome(&records[1]), AuditOutcome::Denied);
+        assert!(records[1].reason.contains("does not hold the restore role"));
         assert_eq!(records[2].tenant_id, "globex");
-        assert!(records[3..].iter().all(|r| matches!(
-            r.outcome,
-            AccessOutcome::Failed {
-                code: ErrorCode::InvalidArgument,
-                ..
-            }
-        )));
+        assert_eq!(outcome(&records[2]), AuditOutcome::Denied);
+        assert!(
+            records[3..]
+                .iter()
+                .all(|r| outcome(r) == AuditOutcome::Error && r.subject == "legal-team")
+        );
         assert!(!format!("{records:?}").contains("-token"));
     }
 
@@ -777,7 +651,7 @@ mod tests {
                           method=\"GetConversation\" principal=legal-team tenant=acme conversation=C9 items=0";
 
     #[test]
-    fn control_characters_in_ids_cannot_forge_audit_log_lines() {
+    fn control_characters_in_logged_text_cannot_forge_log_lines() {
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -785,38 +659,28 @@ mod tests {
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            for outcome in [
-                AccessOutcome::Served { items: 3 },
-                AccessOutcome::Failed {
-                    code: ErrorCode::InvalidArgument,
-                    message: format!("bad request{FORGED}"),
-                },
-            ] {
-                TracingAccessRecorder.record(&AccessRecord {
-                    method: "GetConversation",
-                    principal: Some("intruder\r\u{2028}x".into()),
-                    remote_addr: None,
-                    tenant_id: format!("acme\r{FORGED}"),
-                    conversation_id: format!("C1{FORGED}\u{1b}[2K\u{202e}"),
-                    from_micros: 0,
-                    to_micros: 0,
-                    include_events: false,
-                    outcome,
-                });
-            }
+            let tenant = format!("acme\r{FORGED}");
+            let conversation = format!("C1{FORGED}\u{1b}[2K\u{202e}");
+            let error = format!("bad request{FORGED}");
+            tracing::warn!(
+                target: "chatvault::audit",
+                tenant = %LogSafe(&tenant),
+                conversation = %LogSafe(&conversation),
+                principal = %LogSafe("intruder\r\u{2028}x"),
+                error = %LogSafe(&error),
+                "restore stream failed"
+            );
         });
         let text = captured.text();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "one line per record: {text}");
+        assert_eq!(lines.len(), 1, "one line: {text}");
         assert!(!text.contains('\r') && !text.contains('\u{1b}') && !text.contains('\u{2028}'));
         assert!(!text.contains('\u{202e}'), "{text}");
-        assert!(lines[0].contains("archive access served"), "{text}");
-        assert!(lines[1].contains("refused or failed"), "{text}");
         assert!(
             lines[0].contains("conversation=C1\\u{a}2026-12-01T17:00:00.000000Z"),
             "{text}"
         );
-        assert!(lines[1].contains("bad request\\u{a}2026"), "{text}");
+        assert!(lines[0].contains("bad request\\u{a}2026"), "{text}");
         // The escaping cannot be imitated: a literal backslash is doubled.
         assert_eq!(LogSafe("a\\u{a}b").to_string(), "a\\\\u{a}b");
         assert_eq!(LogSafe("plain C1 日本").to_string(), "plain C1 日本");
@@ -935,20 +799,22 @@ mod tests {
         );
         let mut authenticator = Authenticator::default();
         authenticator.add_token_digest(token_digest("t"), "legal", "acme", &[Role::Restore]);
-        let recorder = Arc::new(MemoryRecorder::default());
-        let api = RestoreApi::new(restorer, authenticator)
-            .with_access_recorder(recorder.clone())
-            .with_max_concurrent_requests(1);
+        let recorder = Arc::new(MemorySink::default());
+        let api = RestoreApi::new(
+            restorer,
+            authenticator,
+            Auditor::new("restorer", recorder.clone()),
+        )
+        .with_max_concurrent_requests(1);
         let mut stream = api
             .get_conversation(with_token(conversation("acme", "C1"), "t"))
             .await
             .expect("planned")
             .into_inner();
         // Recorded before the first item, with the number of items the stream will have.
-        assert_eq!(
-            recorder.take()[0].outcome,
-            AccessOutcome::Served { items: 100 }
-        );
+        let planned = recorder.take();
+        assert_eq!(outcome(&planned[0]), AuditOutcome::Allowed);
+        assert_eq!(planned[0].item_count, 100);
         // The stream holds its request slot while it runs.
         let shed = api
             .get_conversation(with_token(conversation("acme", "C1"), "t"))
@@ -977,13 +843,8 @@ mod tests {
         assert!(stream.next().await.is_none());
         let records = recorder.take();
         assert_eq!(records.len(), 1);
-        assert!(matches!(
-            records[0].outcome,
-            AccessOutcome::Failed {
-                code: ErrorCode::Internal,
-                ..
-            }
-        ));
+        assert_eq!(outcome(&records[0]), AuditOutcome::Error);
+        assert_eq!(records[0].conversation_id, "C1", "the same call's details");
         drop(stream);
         // The slot is free again once the stream ended.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -1005,7 +866,13 @@ mod tests {
         ));
         let mut authenticator = Authenticator::default();
         authenticator.add_token_digest(token_digest("t"), "legal", "acme", &[Role::Restore]);
-        let api = RestoreApi::new(restorer, authenticator).with_max_concurrent_requests(1);
+        let sink = Arc::new(MemorySink::default());
+        let api = RestoreApi::new(
+            restorer,
+            authenticator,
+            Auditor::new("restorer", sink.clone()),
+        )
+        .with_max_concurrent_requests(1);
         let held = api.admit().expect("first admitted");
         let status = api
             .get_conversation(with_token(conversation("acme", "C1"), "t"))
@@ -1019,5 +886,46 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    /// Fail closed: a call whose record cannot be made durable is not served, and says why.
+    #[tokio::test]
+    async fn nothing_is_served_when_the_access_cannot_be_recorded() {
+        let server = start().await;
+        server.recorder.set_failing(true);
+        let mut client = RestoreServiceClient::new(server.channel.clone());
+        let status = client
+            .get_conversation(with_token(conversation("acme", "C1"), "restore-token"))
+            .await
+            .expect_err("not served");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("audit trail"), "{status:?}");
+        let status = client
+            .list_conversations(with_token(
+                ListConversationsRequest {
+                    tenant_id: "acme".into(),
+                },
+                "restore-token",
+            ))
+            .await
+            .expect_err("not served");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        // A refusal stays a refusal.
+        let status = client
+            .get_conversation(with_token(conversation("acme", "C1"), "ingest-token"))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        server.recorder.set_failing(false);
+        client
+            .list_conversations(with_token(
+                ListConversationsRequest {
+                    tenant_id: "acme".into(),
+                },
+                "restore-token",
+            ))
+            .await
+            .expect("served again");
+        assert_eq!(server.recorder.take().len(), 1, "only the recorded call");
     }
 }

@@ -173,7 +173,8 @@ impl Drop for BrokerProcess {
     }
 }
 
-/// Creates `topic` (`partitions` partitions) and `<topic>.dead-letter` (one partition) on an external broker
+/// Creates `topic` (`partitions` partitions), `<topic>.dead-letter` and `<topic>.audit` (one partition each)
+/// on an external broker
 /// through the Admin API, unless they exist. Replication factor 1 (enough for a test broker).
 pub async fn ensure_topics(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
     let existing: Vec<String> = {
@@ -195,6 +196,10 @@ pub async fn ensure_topics(brokers: &str, topic: &str, partitions: i32) -> anyho
     }
     if !existing.contains(&dead_letter) {
         wanted.push(NewTopic::new(&dead_letter, 1, TopicReplication::Fixed(1)));
+    }
+    let audit = format!("{topic}.audit");
+    if !existing.contains(&audit) {
+        wanted.push(NewTopic::new(&audit, 1, TopicReplication::Fixed(1)));
     }
     if wanted.is_empty() {
         return Ok(());

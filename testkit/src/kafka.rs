@@ -16,8 +16,8 @@ pub struct TestKafka {
 }
 
 impl TestKafka {
-    /// A mock cluster of 3 brokers with `topic` of `partitions` partitions and its dead-letter topic
-    /// (`<topic>.dead-letter`, one partition).
+    /// A mock cluster of 3 brokers with `topic` of `partitions` partitions, its dead-letter topic
+    /// (`<topic>.dead-letter`) and its audit topic (`<topic>.audit`), one partition each.
     pub fn start(topic: &str, partitions: i32) -> anyhow::Result<TestKafka> {
         if let Ok(brokers) = std::env::var("CHATVAULT_TEST_KAFKA_BROKERS") {
             return Ok(TestKafka {
@@ -28,6 +28,7 @@ impl TestKafka {
         let cluster = MockCluster::new(3)?;
         cluster.create_topic(topic, partitions, 3)?;
         cluster.create_topic(&format!("{topic}.dead-letter"), 1, 3)?;
+        cluster.create_topic(&format!("{topic}.audit"), 1, 3)?;
         Ok(TestKafka {
             brokers: cluster.bootstrap_servers(),
             _cluster: Some(cluster),
@@ -86,4 +87,42 @@ pub fn committed_offsets(
         .collect();
     out.sort_unstable();
     Ok(out)
+}
+
+/// The payloads of every record of `topic` produced so far (up to the high watermarks when called), partition
+/// by partition in offset order. Reads by assignment, so it joins no group and commits nothing.
+pub fn read_topic(brokers: &str, topic: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let ends = high_watermarks(brokers, topic)?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "chatvault-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut payloads = Vec::new();
+    for (partition, end) in ends {
+        if end == 0 {
+            continue;
+        }
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)?;
+        consumer.assign(&assignment)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut next = 0;
+        while next < end {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{topic}[{partition}]: read {next} of {end} records in 30 s"
+            );
+            if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+                let message = message?;
+                next = rdkafka::Message::offset(&message) + 1;
+                payloads.push(
+                    rdkafka::Message::payload(&message)
+                        .unwrap_or_default()
+                        .to_vec(),
+                );
+            }
+        }
+    }
+    Ok(payloads)
 }

@@ -182,7 +182,11 @@ pub async fn start_restorer(config: &Config) -> anyhow::Result<RunningRole> {
     let (trigger, shutdown) = shutdown::channel();
     let config = config.clone();
     let task = tokio::spawn(async move {
-        chatvault_restorer::run(&config.shared, &config.restorer, listener, shutdown).await?;
+        let audit = Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(
+            &config.shared.kafka,
+        )?);
+        chatvault_restorer::run(&config.shared, &config.restorer, listener, audit, shutdown)
+            .await?;
         Ok(())
     });
     Ok(RunningRole {

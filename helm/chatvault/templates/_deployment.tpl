@@ -7,7 +7,8 @@ restorer: storage credentials, keyring, tokens.   Each pod gets only the secrets
 {{- $ := index . 0 -}}
 {{- $role := index . 1 -}}
 {{- $v := index $.Values $role -}}
-{{- $kafka := has $role (list "gateway" "archiver") -}}
+{{- /* The restorer produces its audit records to Kafka too. */ -}}
+{{- $kafka := has $role (list "gateway" "archiver" "restorer") -}}
 {{- $storage := has $role (list "archiver" "restorer") -}}
 {{- $tokens := and (has $role (list "gateway" "restorer")) (include "chatvault.hasTokens" $) -}}
 {{- $grpc := has $role (list "gateway" "restorer") -}}

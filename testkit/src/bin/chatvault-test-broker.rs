@@ -6,7 +6,7 @@
 //! chatvault-test-broker --topic NAME [--partitions N] [--brokers N]
 //! ```
 //!
-//! Creates `NAME` with `N` partitions (12 by default) and its dead-letter topic `NAME.dead-letter` (one
+//! Creates `NAME` with `N` partitions (12 by default), its audit topic `NAME.audit` and its dead-letter topic `NAME.dead-letter` (one
 //! partition) on a cluster of `--brokers` brokers (3), replicated on all of them, then prints one line
 //! `bootstrap <host:port,...>` on stdout. It then reads commands on stdin, one per line, and answers each with
 //! one line, `ok <command>` or `error <command>: <reason>`:
@@ -73,6 +73,10 @@ fn main() -> anyhow::Result<()> {
     cluster
         .create_topic(&dead_letter, 1, arguments.brokers)
         .with_context(|| format!("creating topic {dead_letter}"))?;
+    let audit = format!("{}.audit", arguments.topic);
+    cluster
+        .create_topic(&audit, 1, arguments.brokers)
+        .with_context(|| format!("creating topic {audit}"))?;
 
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "bootstrap {}", cluster.bootstrap_servers())?;
