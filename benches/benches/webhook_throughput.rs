@@ -67,6 +67,11 @@ fn main() -> anyhow::Result<()> {
             config.gateway.limits.clone(),
             config.gateway.max_webhook_body_bytes,
             config.gateway.webhook_replay_window_secs,
+            // Deliveries are audited as in production: one record per request on the Kafka audit topic.
+            chatvault_core::audit::Auditor::new(
+                "gateway",
+                Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(&config.shared.kafka)?),
+            ),
         ));
         let (trigger, shutdown_signal) = shutdown::channel();
         let server = tokio::spawn(serve_http(listener, service, shutdown_signal, Duration::from_secs(5)));

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use chatvault_core::audit::{AuditOutcome, AuditRecord};
+use chatvault_ingest_gateway::config::{WebhookConfig, WebhookPlatform};
 use chatvault_proto::v1::{
     ChatEvent, EventKind, GetConversationRequest, IngestBatchRequest, IngestRequest,
     ListConversationsRequest, Sender,
@@ -34,6 +35,35 @@ fn event(tenant: &str, message: &str) -> ChatEvent {
     }
 }
 
+const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+
+/// A signed Slack Events API delivery of one message (the Slack signing scheme: HMAC-SHA256 of
+/// `v0:<timestamp>:<body>`).
+fn slack_delivery(secret: &str) -> (String, Vec<(&'static str, String)>) {
+    let body = serde_json::json!({
+        "type": "event_callback", "team_id": "T061EG9R6", "event_id": "Ev0AUDIT1", "event_time": 1_764_000_000,
+        "event": {"type": "message", "channel": "C1", "user": "U1", "text": "the quarterly numbers",
+                  "ts": "1764000000.000200", "event_ts": "1764000000.000200", "channel_type": "channel"}
+    })
+    .to_string();
+    let timestamp = chatvault_core::time::now_micros() / 1_000_000;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let signature = ring::hmac::sign(&key, format!("v0:{timestamp}:{body}").as_bytes());
+    let headers = vec![
+        ("x-slack-request-timestamp", timestamp.to_string()),
+        (
+            "x-slack-signature",
+            format!("v0={}", hex::encode(signature.as_ref())),
+        ),
+        ("content-type", "application/json".into()),
+        (
+            "user-agent",
+            "Slackbot 1.0 (+https://api.slack.com/robots)".into(),
+        ),
+    ];
+    (body, headers)
+}
+
 fn audit_records(brokers: &str) -> anyhow::Result<Vec<AuditRecord>> {
     read_topic(brokers, &format!("{TOPIC}.audit"))?
         .iter()
@@ -47,11 +77,18 @@ async fn every_call_allowed_or_refused_leaves_exactly_one_record_on_the_audit_to
     let kafka = TestKafka::start(TOPIC, 2)?;
     let s3 = S3Server::start("archive").await?;
     let keyring = tempfile::tempdir()?;
-    let config = test_config(
+    let mut config = test_config(
         &kafka.brokers,
         s3.storage_config(),
         &keyring.path().join("keyring.json"),
     );
+    config.gateway.webhooks = vec![WebhookConfig {
+        name: "acme-slack".into(),
+        platform: Some(WebhookPlatform::Slack),
+        tenant: "acme".into(),
+        secrets: vec![SLACK_SECRET.into()],
+        ..Default::default()
+    }];
     let gateway = start_gateway(&config).await?;
     let restorer = start_restorer(&config).await?;
     let mut ingest = ingest_client(&gateway.endpoint()).await?;
@@ -172,6 +209,52 @@ async fn every_call_allowed_or_refused_leaves_exactly_one_record_on_the_audit_to
         AuditOutcome::Denied,
     ));
 
+    // Webhooks: a signed delivery, a forged one, and the stats endpoint without and with the wrong role.
+    let http = reqwest::Client::new();
+    let post = |body: String, headers: Vec<(&'static str, String)>| {
+        let mut request = http
+            .post(format!("{}/webhooks/acme-slack", gateway.http_endpoint()))
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let (body, headers) = slack_delivery(SLACK_SECRET);
+    let delivered = post(body, headers).await?;
+    assert_eq!(delivered.status(), 200, "{:?}", delivered.text().await);
+    expected.push((
+        "POST /webhooks/acme-slack",
+        "acme",
+        "",
+        AuditOutcome::Allowed,
+    ));
+    let (body, headers) = slack_delivery("not-the-secret");
+    assert_eq!(post(body, headers).await?.status(), 401);
+    expected.push((
+        "POST /webhooks/acme-slack",
+        "acme",
+        "",
+        AuditOutcome::Denied,
+    ));
+    let stats = format!("{}/webhooks/stats", gateway.http_endpoint());
+    assert_eq!(http.get(&stats).send().await?.status(), 401);
+    expected.push(("GET /webhooks/stats", "", "", AuditOutcome::Denied));
+    assert_eq!(
+        http.get(&stats)
+            .bearer_auth(INGEST_TOKEN)
+            .send()
+            .await?
+            .status(),
+        403
+    );
+    expected.push((
+        "GET /webhooks/stats",
+        "",
+        "ingest-all",
+        AuditOutcome::Denied,
+    ));
+
     let records = audit_records(&kafka.brokers)?;
     assert_eq!(
         records.len(),
@@ -181,7 +264,12 @@ async fn every_call_allowed_or_refused_leaves_exactly_one_record_on_the_audit_to
     let mut ids = HashMap::new();
     for (record, (action, tenant, subject, outcome)) in records.iter().zip(&expected) {
         let what = format!("{action} {tenant} {subject}");
-        assert_eq!(record.action, format!("chatvault.v1.{action}"), "{what}");
+        let full_action = if action.contains(' ') {
+            action.to_string()
+        } else {
+            format!("chatvault.v1.{action}")
+        };
+        assert_eq!(record.action, full_action, "{what}");
         assert_eq!(record.tenant_id, *tenant, "{what}");
         assert_eq!(record.subject, *subject, "{what}");
         assert_eq!(
@@ -215,6 +303,13 @@ async fn every_call_allowed_or_refused_leaves_exactly_one_record_on_the_audit_to
     assert_eq!(records[0].roles_used, ["ingest"]);
     assert_eq!(records[5].service, "restorer");
     assert!(records[6].reason.contains("does not hold the restore role"));
+    assert_eq!(records[7].item_count, 1, "the delivery's one event");
+    assert!(records[7].user_agent.starts_with("Slackbot"));
+    assert!(
+        records[8].reason.contains("Signature does not match"),
+        "{:?}",
+        records[8].reason
+    );
     // Records hold who did what, never what was said or the credentials used.
     let everything = format!("{records:?}");
     assert!(!everything.contains("quarterly numbers"));

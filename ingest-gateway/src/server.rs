@@ -152,22 +152,25 @@ pub async fn run(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // Every gRPC call and webhook request leaves one audit record on the audit topic (fail closed: see
+    // chatvault_core::audit).
+    let audit_sink = std::sync::Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(
+        &shared.kafka,
+    )?);
+    let auditor = chatvault_core::audit::Auditor::new("gateway", audit_sink.clone());
     let webhooks = std::sync::Arc::new(crate::webhooks::server::WebhookService::from_config(
         integrations,
         producer.clone(),
         config,
         shared.authenticator()?,
+        auditor.clone(),
     ));
     let drain = config.drain_timeout;
-    // Every gRPC call leaves one audit record on the audit topic (fail closed: see chatvault_core::audit).
-    let audit_sink = std::sync::Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(
-        &shared.kafka,
-    )?);
     let service = IngestGrpc::new(
         producer.clone(),
         shared.authenticator()?,
         config.clone(),
-        chatvault_core::audit::Auditor::new("gateway", audit_sink.clone()),
+        auditor,
     );
     let common = serve_health::<IngestServiceServer<IngestGrpc>>().await?;
     let (stop_accepting, sequence) =

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use crate::config::GatewayConfig;
 use bytes::Bytes;
-use chatvault_core::auth::{Authenticator, Role};
+use chatvault_core::audit::{Auditor, CallSource};
+use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::error::{Coded, Result};
 use chatvault_core::event::{EventLimits, validate_and_complete};
 use chatvault_core::shutdown::Shutdown;
@@ -74,6 +75,8 @@ pub struct WebhookService {
     http_limits: HttpLimits,
     /// Who may read `GET /webhooks/stats` (tokens holding `audit` or `admin` for a tenant); none by default.
     stats_readers: Arc<Authenticator>,
+    /// Records every delivery to an integration and every stats request (fail closed, as for gRPC).
+    auditor: Auditor,
 }
 
 impl WebhookService {
@@ -83,6 +86,7 @@ impl WebhookService {
         limits: EventLimits,
         max_body_bytes: usize,
         replay_window_secs: u64,
+        auditor: Auditor,
     ) -> WebhookService {
         WebhookService {
             integrations: integrations
@@ -95,6 +99,7 @@ impl WebhookService {
             replay_window_secs: i64::try_from(replay_window_secs).unwrap_or(i64::MAX),
             http_limits: HttpLimits::default(),
             stats_readers: Arc::new(Authenticator::default()),
+            auditor,
         }
     }
 
@@ -104,6 +109,7 @@ impl WebhookService {
         producer: EventProducer,
         config: &GatewayConfig,
         authenticator: Authenticator,
+        auditor: Auditor,
     ) -> WebhookService {
         WebhookService::new(
             integrations,
@@ -111,6 +117,7 @@ impl WebhookService {
             config.limits.clone(),
             config.max_webhook_body_bytes,
             config.webhook_replay_window_secs,
+            auditor,
         )
         .with_http_limits(HttpLimits::from_config(config))
         .with_stats_readers(authenticator)
@@ -136,7 +143,7 @@ impl WebhookService {
     /// reason, as JSON. Counts only: no secrets, no content. The listener faces the internet, so the request
     /// needs `authorization: Bearer <token>` of a token holding `audit` or `admin` (401 without a known token,
     /// 403 when it holds neither for any tenant), and it sees only its tenants' integrations.
-    async fn stats_response(&self, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
+    async fn stats_response(&self, headers: &http::HeaderMap) -> Routed {
         let authorization = headers
             .get(http::header::AUTHORIZATION)
             .map(|value| value.to_str().unwrap_or_default());
@@ -148,18 +155,26 @@ impl WebhookService {
                     http::header::WWW_AUTHENTICATE,
                     http::HeaderValue::from_static("Bearer"),
                 );
-                return response;
+                return Routed {
+                    response,
+                    verdict: Verdict::Refused(IngestError::from(error)),
+                    tenant: None,
+                    principal: None,
+                };
             }
         };
         let readable = |tenant: &str| principal.require(tenant, Role::Audit).is_ok();
         if !principal.grants.keys().any(|tenant| readable(tenant)) {
-            return plain(
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "{} holds neither the audit nor the admin role for any tenant",
-                    principal.name
-                ),
+            let message = format!(
+                "{} holds neither the audit nor the admin role for any tenant",
+                principal.name
             );
+            return Routed {
+                response: plain(StatusCode::FORBIDDEN, &message),
+                verdict: Verdict::Refused(IngestError::PermissionDenied(message)),
+                tenant: None,
+                principal: Some(principal),
+            };
         }
         let mut integrations = serde_json::Map::new();
         let mut names: Vec<&String> = self.integrations.keys().collect();
@@ -183,6 +198,7 @@ impl WebhookService {
                 }),
             );
         }
+        let listed = integrations.len();
         let mut response = Response::new(Full::new(Bytes::from(
             serde_json::json!({ "integrations": integrations }).to_string(),
         )));
@@ -190,14 +206,26 @@ impl WebhookService {
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
-        response
+        Routed {
+            response,
+            verdict: Verdict::Served(listed),
+            tenant: None,
+            principal: Some(principal),
+        }
     }
 
-    /// Answers one HTTP request inside a server span that continues the sender's trace, if it sent one.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Answers one HTTP request from `peer` inside a server span that continues the sender's trace, if it
+    /// sent one, and records it in the audit trail when it concerns an integration or the stats: a served
+    /// request only once its record is durable (else 503, and the platform's retry collapses onto the events
+    /// already produced).
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Response<Full<Bytes>> {
         if request.uri().path() == "/healthz" {
-            // Probes are not worth a trace each.
-            return self.route(request).await;
+            // Probes are not worth a trace or a record each.
+            return self.route(request).await.response;
         }
         let span = tracing::info_span!(
             "webhook",
@@ -209,7 +237,13 @@ impl WebhookService {
             otel.status_code = tracing::field::Empty,
         );
         continue_remote_trace(&span, request.headers());
-        let response = self.route(request).instrument(span.clone()).await;
+        let action = format!("{} {}", request.method(), request.uri().path());
+        let source = CallSource {
+            peer_address: peer,
+            user_agent: CallSource::of_http(&request).user_agent,
+        };
+        let routed = self.route(request).instrument(span.clone()).await;
+        let response = self.recorded(routed, &action, &source).await;
         span.record("http.response.status_code", response.status().as_u16());
         if response.status().is_server_error() {
             span.record("otel.status_code", "ERROR");
@@ -217,28 +251,64 @@ impl WebhookService {
         response
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Records a routed request in the audit trail and gives its answer.
+    async fn recorded(
+        &self,
+        routed: Routed,
+        action: &str,
+        source: &CallSource,
+    ) -> Response<Full<Bytes>> {
+        let Routed {
+            response,
+            verdict,
+            tenant,
+            principal,
+        } = routed;
+        let mut audit = self.auditor.call(action, source);
+        if let Some(tenant) = &tenant {
+            audit.tenant(tenant);
+        }
+        if let Some(principal) = &principal {
+            audit.principal(principal);
+        }
+        match verdict {
+            Verdict::Unaudited => response,
+            Verdict::Served(items) => match audit.allowed(items as u64, 0).await {
+                Ok(()) => response,
+                Err(error) => error_response(&IngestError::from(error)),
+            },
+            Verdict::Refused(error) => {
+                audit.refused(&error).await;
+                response
+            }
+        }
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Routed {
         let path = request.uri().path().to_string();
         if request.method() == Method::GET && path == "/healthz" {
-            return plain(StatusCode::OK, "ok");
+            return Routed::unaudited(plain(StatusCode::OK, "ok"));
         }
         if request.method() == Method::GET && path == "/webhooks/stats" {
             return self.stats_response(request.headers()).await;
         }
         let Some(name) = path.strip_prefix("/webhooks/") else {
-            return plain(
+            return Routed::unaudited(plain(
                 StatusCode::NOT_FOUND,
                 "no such endpoint; webhooks are POST /webhooks/<integration>",
-            );
+            ));
         };
         let Some(integration) = self.integrations.get(name).cloned() else {
-            return plain(StatusCode::NOT_FOUND, "unknown integration");
+            return Routed::unaudited(plain(StatusCode::NOT_FOUND, "unknown integration"));
         };
         // Microsoft Graph may validate a notification URL with a GET carrying `?validationToken=`.
         let teams_get = request.method() == Method::GET
             && integration.platform == crate::config::WebhookPlatform::Teams;
         if request.method() != Method::POST && !teams_get {
-            return plain(StatusCode::METHOD_NOT_ALLOWED, "webhooks are POST requests");
+            return Routed::unaudited(plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "webhooks are POST requests",
+            ));
         }
         let (parts, body) = request.into_parts();
         let declared = parts
@@ -247,7 +317,7 @@ impl WebhookService {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<usize>().ok());
         if declared.is_some_and(|length| length > self.max_body_bytes) {
-            return refuse(
+            return refused(
                 &integration,
                 IngestError::TooLarge {
                     limit: self.max_body_bytes,
@@ -262,7 +332,7 @@ impl WebhookService {
         let body = match read {
             Err(_elapsed) => {
                 let millis = self.http_limits.body_read_timeout.as_millis();
-                return refuse(&integration, IngestError::BodyTimeout { millis });
+                return refused(&integration, IngestError::BodyTimeout { millis });
             }
             Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(error)) => {
@@ -276,7 +346,7 @@ impl WebhookService {
                 } else {
                     IngestError::UnreadableBody(error)
                 };
-                return refuse(&integration, refusal);
+                return refused(&integration, refusal);
             }
         };
         let now_secs = chatvault_core::time::now_micros() / 1_000_000;
@@ -292,13 +362,13 @@ impl WebhookService {
             .handle(&integration.tenant, &webhook_request)
         {
             Ok(accepted) => accepted,
-            Err(refusal) => return refuse(&integration, refusal),
+            Err(refusal) => return refused(&integration, refusal),
         };
         if let Some(delivery) = &accepted.delivery_id
             && integration.recent.contains(delivery)
         {
             integration.stats.redelivered();
-            return respond(&accepted.response);
+            return Routed::served(&integration, respond(&accepted.response), 0);
         }
         let source = match integration.platform {
             crate::config::WebhookPlatform::Slack => Source::Slack,
@@ -311,7 +381,7 @@ impl WebhookService {
         if let Err(why) = evidence::seal(&body, &mut events) {
             // A handler bug, not the sender's fault: 500, so the platform retries once it is fixed.
             tracing::error!(integration = %integration.name, "webhook evidence: {why}");
-            return refuse(
+            return refused(
                 &integration,
                 IngestError::Internal(
                     "the gateway could not keep this delivery as evidence".into(),
@@ -323,7 +393,7 @@ impl WebhookService {
             .map(|event| event.delivery_envelope.len())
             .sum::<usize>();
         if envelope > self.limits.max_raw_payload_bytes {
-            return refuse(
+            return refused(
                 &integration,
                 IngestError::InvalidEvent(format!(
                     "the body outside its items is {envelope} bytes, over the limit of {} (gateway.limits.max_raw_payload_bytes)",
@@ -338,7 +408,7 @@ impl WebhookService {
                 } else {
                     format!("event {index}: ")
                 };
-                return refuse(
+                return refused(
                     &integration,
                     IngestError::InvalidEvent(format!("{prefix}{}", error.message())),
                 );
@@ -350,20 +420,67 @@ impl WebhookService {
                 if let Some(delivery) = accepted.delivery_id {
                     integration.recent.insert(delivery);
                 }
-                respond(&accepted.response)
+                Routed::served(&integration, respond(&accepted.response), events.len())
             }
-            Err(error) => refuse(&integration, IngestError::from(error)),
+            Err(error) => refused(&integration, IngestError::from(error)),
         }
     }
 }
 
-/// The answer to a refused webhook request, from its error's code: the status, `Retry-After` when a retry
-/// can succeed, `Connection: close` when the body was left unread. Counts the refusal under its reason and
-/// logs those that are not the sender's fault or that concern authentication.
-fn refuse(integration: &Integration, error: IngestError) -> Response<Full<Bytes>> {
+/// What routing a request came to: the answer, and what the audit trail records about it.
+struct Routed {
+    response: Response<Full<Bytes>>,
+    verdict: Verdict,
+    /// The integration's tenant.
+    tenant: Option<String>,
+    /// The caller of `/webhooks/stats`, once authenticated (webhook senders are platforms, known by their
+    /// signature, not principals).
+    principal: Option<Principal>,
+}
+
+enum Verdict {
+    /// Not a call of the service (health probes, unknown paths): no record.
+    Unaudited,
+    /// Served: the events accepted (or the integrations listed).
+    Served(usize),
+    Refused(IngestError),
+}
+
+impl Routed {
+    fn unaudited(response: Response<Full<Bytes>>) -> Routed {
+        Routed {
+            response,
+            verdict: Verdict::Unaudited,
+            tenant: None,
+            principal: None,
+        }
+    }
+
+    fn served(integration: &Integration, response: Response<Full<Bytes>>, events: usize) -> Routed {
+        Routed {
+            response,
+            verdict: Verdict::Served(events),
+            tenant: Some(integration.tenant.clone()),
+            principal: None,
+        }
+    }
+}
+
+/// A refused delivery to `integration`: its answer ([`refuse`]) and its record.
+fn refused(integration: &Integration, error: IngestError) -> Routed {
+    Routed {
+        response: refuse(integration, &error),
+        verdict: Verdict::Refused(error),
+        tenant: Some(integration.tenant.clone()),
+        principal: None,
+    }
+}
+
+/// The answer to a refused webhook request, from its error's code (see [`error_response`]). Counts the
+/// refusal under its reason and logs those that are not the sender's fault or that concern authentication.
+fn refuse(integration: &Integration, error: &IngestError) -> Response<Full<Bytes>> {
     integration.stats.reject(error.reason());
-    let code = error.code();
-    match &error {
+    match error {
         IngestError::Unauthenticated { reason, .. } => {
             tracing::warn!(integration = %integration.name, reason, "webhook rejected: {error}");
         }
@@ -372,6 +489,13 @@ fn refuse(integration: &Integration, error: IngestError) -> Response<Full<Bytes>
         }
         _ => {}
     }
+    error_response(error)
+}
+
+/// The answer for `error`: the status of its code, `Retry-After` when a retry can succeed, `Connection:
+/// close` when the body was left unread.
+fn error_response(error: &IngestError) -> Response<Full<Bytes>> {
+    let code = error.code();
     let status =
         StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = plain(status, &error.to_string());
@@ -444,7 +568,7 @@ pub async fn serve_http(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stop = shutdown.clone().wait();
     tokio::pin!(stop);
-    while let Some((socket, _)) =
+    while let Some((socket, peer)) =
         chatvault_core::shutdown::accept_until(&listener, &mut stop, "webhooks").await
     {
         let Ok(permit) = open.clone().try_acquire_owned() else {
@@ -454,7 +578,7 @@ pub async fn serve_http(
         let service = service.clone();
         let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
             let service = service.clone();
-            async move { Ok::<_, Infallible>(service.handle(request).await) }
+            async move { Ok::<_, Infallible>(service.handle(request, Some(peer)).await) }
         });
         let connection = connections
             .serve_connection(TokioIo::new(socket), handler)
