@@ -86,6 +86,7 @@ pub fn mock_cluster_config(
     use chatvault_core::auth::Role;
     use chatvault_core::config::{TenantConfig, TokenConfig};
     cluster.create_topic(topic, 4, 1)?;
+    cluster.create_topic(&format!("{topic}.audit"), 1, 1)?;
     let mut config = Config::default();
     config.shared.kafka.brokers = cluster.bootstrap_servers();
     config.shared.kafka.topic = topic.into();

@@ -33,15 +33,18 @@ impl std::fmt::Debug for KafkaAuditSink {
 impl KafkaAuditSink {
     /// A producer for `kafka`'s audit topic.
     pub fn connect(kafka: &KafkaConfig) -> Result<KafkaAuditSink> {
-        let producer: FutureProducer = producer_config(
+        let mut config = producer_config(
             kafka,
             ProducerSettings {
                 delivery_timeout: AUDIT_DELIVERY_TIMEOUT,
                 max_queued_events: 100_000,
             },
-        )
-        .create()
-        .map_err(|error| {
+        );
+        // Each call waits for its record: a short linger keeps that wait close to the broker's round trip
+        // (the events' producer lingers 5 ms to batch; concurrent calls still share requests).
+        config.set("linger.ms", "1");
+        config.set("socket.nagle.disable", "true");
+        let producer: FutureProducer = config.create().map_err(|error| {
             Error::caused_by(ErrorCode::InvalidArgument, "kafka audit producer", error)
         })?;
         Ok(KafkaAuditSink {
