@@ -355,10 +355,12 @@ async fn standard_readers_read_every_column_of_files_of_realistic_size() -> anyh
     venv_python();
     let s3 = S3Server::start("archive").await?;
     let keyring = tempfile::tempdir()?;
-    // No Kafka here: the archive is written with the archiver's file options and committed through the
-    // manifest log, as the archiver does, so files reach 50,000+ rows without a broker backlog.
+    // The archive is written with the archiver's file options and committed through the manifest log, as
+    // the archiver does, so files reach 50,000+ rows without a broker backlog. Kafka only carries the
+    // restorer's audit records (a restore is served once its record is acknowledged).
+    let kafka = TestKafka::start(TOPIC, 1)?;
     let config = test_config(
-        "127.0.0.1:9",
+        &kafka.brokers,
         s3.storage_config(),
         &keyring.path().join("keyring.json"),
     );

@@ -19,6 +19,9 @@ use futures::future::BoxFuture;
 use crate::auth::{Credential, Principal, Role};
 use crate::error::{Coded, Error, ErrorCode, Result};
 
+/// The longest a refusal waits for its record (see [`AuditCall::refused`]).
+const REFUSAL_RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where records go. `record` returns once the record is durable (for the Kafka sink: acknowledged by the
 /// in-sync replicas); an error means it is not.
 pub trait AuditSink: Send + Sync + 'static {
@@ -206,8 +209,17 @@ impl AuditCall {
         record.reason = error.to_string();
         async move {
             let action = record.action.clone();
-            if let Err(failure) = finish(sink.as_ref(), record).await {
-                tracing::error!(action = %LogSafe(&action), error = %failure, "a refused call could not be recorded in the audit trail");
+            // A refusal serves nothing, so it need not wait for durability as long as a served call does:
+            // while the sink is slow (Kafka down), refusals are answered after REFUSAL_RECORD_WAIT instead of
+            // holding their callers for the sink's whole timeout. A record still queued then is delivered later.
+            match tokio::time::timeout(REFUSAL_RECORD_WAIT, finish(sink.as_ref(), record)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(failure)) => {
+                    tracing::error!(action = %LogSafe(&action), error = %failure, "a refused call could not be recorded in the audit trail");
+                }
+                Err(_) => {
+                    tracing::warn!(action = %LogSafe(&action), "the record of a refused call is not acknowledged yet; answering the refusal");
+                }
             }
         }
     }
