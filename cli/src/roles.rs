@@ -24,11 +24,6 @@ pub fn load_config(path: &Option<PathBuf>) -> anyhow::Result<Config> {
     Ok(Config::load(path.as_deref())?)
 }
 
-fn writer_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "chatvault".into());
-    format!("{host}-{}", std::process::id())
-}
-
 /// Triggers shutdown on SIGTERM/SIGINT. A second signal exits at once (status 1), abandoning the graceful
 /// shutdown: for an operator who would rather not wait.
 fn shutdown_on_signal() -> (Arc<ShutdownTrigger>, Shutdown) {
@@ -116,7 +111,7 @@ async fn archiver_task(
     chatvault_archiver::run(
         &config.shared,
         &config.archiver,
-        &writer_id(),
+        &chatvault_core::instance_name(),
         on_shutdown,
         stats,
         shutdown,

@@ -2,13 +2,14 @@
 //! on the Kafka audit topic (through a real broker: librdkafka's mock cluster over TCP), with who, what, from
 //! where and the outcome; and a call whose record cannot be made durable is not served.
 
+mod common;
+
 use std::collections::HashMap;
 
 use chatvault_core::audit::{AuditOutcome, AuditRecord};
 use chatvault_ingest_gateway::config::{WebhookConfig, WebhookPlatform};
 use chatvault_proto::v1::{
-    ChatEvent, EventKind, GetConversationRequest, IngestBatchRequest, IngestRequest,
-    ListConversationsRequest, Sender,
+    ChatEvent, GetConversationRequest, IngestBatchRequest, IngestRequest, ListConversationsRequest,
 };
 use chatvault_testkit::kafka::{TestKafka, read_topic};
 use chatvault_testkit::pipeline::{
@@ -20,19 +21,7 @@ use prost::Message as _;
 use tonic::Code;
 
 fn event(tenant: &str, message: &str) -> ChatEvent {
-    ChatEvent {
-        tenant_id: tenant.into(),
-        conversation_id: "C1".into(),
-        message_id: message.into(),
-        kind: EventKind::MessageCreated as i32,
-        sender: Some(Sender {
-            id: "U1".into(),
-            ..Default::default()
-        }),
-        occurred_at_micros: 1_764_000_000_000_000,
-        text: "the quarterly numbers".into(),
-        ..Default::default()
-    }
+    common::message_event(tenant, message, "the quarterly numbers")
 }
 
 const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
@@ -47,20 +36,11 @@ fn slack_delivery(secret: &str) -> (String, Vec<(&'static str, String)>) {
     })
     .to_string();
     let timestamp = chatvault_core::time::now_micros() / 1_000_000;
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-    let signature = ring::hmac::sign(&key, format!("v0:{timestamp}:{body}").as_bytes());
-    let headers = vec![
-        ("x-slack-request-timestamp", timestamp.to_string()),
-        (
-            "x-slack-signature",
-            format!("v0={}", hex::encode(signature.as_ref())),
-        ),
-        ("content-type", "application/json".into()),
-        (
-            "user-agent",
-            "Slackbot 1.0 (+https://api.slack.com/robots)".into(),
-        ),
-    ];
+    let mut headers = common::slack_headers(&body, timestamp, secret);
+    headers.push((
+        "user-agent",
+        "Slackbot 1.0 (+https://api.slack.com/robots)".into(),
+    ));
     (body, headers)
 }
 

@@ -1,9 +1,11 @@
 //! Bad input and unavailable Kafka at the gRPC gateway: every rejection has its code and a message naming the
 //! problem, and nothing reaches Kafka for a rejected request.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use chatvault_proto::v1::{ChatEvent, EventKind, IngestBatchRequest, IngestRequest, Sender};
+use chatvault_proto::v1::{ChatEvent, EventKind, IngestBatchRequest, IngestRequest};
 use chatvault_testkit::kafka::{TestKafka, record_count};
 use chatvault_testkit::pipeline::{
     ACME_INGEST_TOKEN, INGEST_TOKEN, TOPIC, authorized, ingest_client, start_gateway, test_config,
@@ -12,19 +14,7 @@ use chatvault_testkit::s3::S3Server;
 use tonic::Code;
 
 fn valid_event() -> ChatEvent {
-    ChatEvent {
-        tenant_id: "acme".into(),
-        conversation_id: "C1".into(),
-        message_id: "m1".into(),
-        kind: EventKind::MessageCreated as i32,
-        sender: Some(Sender {
-            id: "U1".into(),
-            ..Default::default()
-        }),
-        occurred_at_micros: 1_764_000_000_000_000,
-        text: "hello".into(),
-        ..Default::default()
-    }
+    common::message_event("acme", "m1", "hello")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,15 +2,15 @@
 //! configured OIDC issuer, checked against a real OpenID provider (node-oidc-provider, started by the test),
 //! and map the token's claims to roles per tenant.
 
+mod common;
+
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chatvault_core::auth::Role;
 use chatvault_core::config::{OidcIssuerConfig, OidcRoleRule};
-use chatvault_proto::v1::{
-    ChatEvent, EventKind, IngestBatchRequest, ListConversationsRequest, Sender,
-};
+use chatvault_proto::v1::{ChatEvent, IngestBatchRequest, ListConversationsRequest};
 use chatvault_testkit::kafka::TestKafka;
 use chatvault_testkit::oidc::{OidcClient, OidcProvider, SigningKey};
 use chatvault_testkit::pipeline::{
@@ -23,19 +23,7 @@ use tonic::Code;
 const AUDIENCE: &str = "urn:chatvault";
 
 fn event(tenant: &str) -> ChatEvent {
-    ChatEvent {
-        tenant_id: tenant.into(),
-        conversation_id: "C1".into(),
-        message_id: "m1".into(),
-        kind: EventKind::MessageCreated as i32,
-        sender: Some(Sender {
-            id: "U1".into(),
-            ..Default::default()
-        }),
-        occurred_at_micros: 1_764_000_000_000_000,
-        text: "hello".into(),
-        ..Default::default()
-    }
+    common::message_event(tenant, "m1", "hello")
 }
 
 fn claims_of(token: &str) -> anyhow::Result<Value> {

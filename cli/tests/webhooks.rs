@@ -5,6 +5,9 @@
 //! stated memory bound; the listener's connection limit and header/body read timeouts; the stats endpoint
 //! behind an audit token.
 
+mod common;
+
+use common::slack_headers;
 use std::time::Duration;
 
 use base64::Engine;
@@ -81,19 +84,6 @@ fn sign_standard(
 
 fn now() -> i64 {
     chatvault_core::time::now_micros() / 1_000_000
-}
-
-fn slack_headers(body: &str, timestamp: i64, secret: &str) -> Vec<(&'static str, String)> {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
-    let signature = hmac::sign(&key, format!("v0:{timestamp}:{body}").as_bytes());
-    vec![
-        ("x-slack-request-timestamp", timestamp.to_string()),
-        (
-            "x-slack-signature",
-            format!("v0={}", hex::encode(signature.as_ref())),
-        ),
-        ("content-type", "application/json".into()),
-    ]
 }
 
 fn slack_event(event_id: &str, event: serde_json::Value) -> String {

@@ -279,17 +279,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn commented_teams_example_is_valid() {
+    /// The example file with its commented-out block starting at `marker` uncommented and appended, loaded.
+    fn example_with_commented_block(marker: &str) -> Config {
         let text = include_str!("../chatvault.example.toml");
-        let start = text.find("# [[gateway.webhooks]]").expect("Teams example");
+        let start = text.find(marker).expect(marker);
         let block: String = text[start..]
             .lines()
             .take_while(|line| line.starts_with('#'))
             .map(|line| format!("{}\n", line.trim_start_matches('#').trim_start()))
             .collect();
-        let config = Config::from_toml_and_env(&format!("{text}\n{block}"), &HashMap::new())
-            .expect("Teams example is valid");
+        Config::from_toml_and_env(&format!("{text}\n{block}"), &HashMap::new())
+            .unwrap_or_else(|error| panic!("the example at {marker:?} is invalid: {error}"))
+    }
+
+    #[test]
+    fn commented_teams_example_is_valid() {
+        let config = example_with_commented_block("# [[gateway.webhooks]]");
         let teams = &config.gateway.webhooks[1];
         assert_eq!(teams.platform, Some(WebhookPlatform::Teams));
         assert_eq!(teams.certificates[0].id, "cert-2026");
@@ -297,15 +302,7 @@ mod tests {
 
     #[test]
     fn commented_oidc_example_is_valid() {
-        let text = include_str!("../chatvault.example.toml");
-        let start = text.find("# [[oidc]]").expect("OIDC example");
-        let block: String = text[start..]
-            .lines()
-            .take_while(|line| line.starts_with('#'))
-            .map(|line| format!("{}\n", line.trim_start_matches('#').trim_start()))
-            .collect();
-        let config = Config::from_toml_and_env(&format!("{text}\n{block}"), &HashMap::new())
-            .expect("OIDC example is valid");
+        let config = example_with_commented_block("# [[oidc]]");
         let issuer = &config.shared.oidc[0];
         assert_eq!(issuer.audience, "urn:chatvault");
         assert_eq!(issuer.roles[0].tenant, "acme");

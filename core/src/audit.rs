@@ -45,18 +45,12 @@ impl std::fmt::Debug for Auditor {
     }
 }
 
-/// Names this process in records: `<HOSTNAME>-<pid>` (the pod name on Kubernetes).
-pub fn instance_name() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "chatvault".into());
-    format!("{host}-{}", std::process::id())
-}
-
 impl Auditor {
     /// Records of `service` (`gateway`, `restorer`) go to `sink`.
     pub fn new(service: &'static str, sink: Arc<dyn AuditSink>) -> Auditor {
         Auditor {
             service,
-            instance: instance_name(),
+            instance: crate::instance_name(),
             sink,
         }
     }
@@ -95,11 +89,12 @@ impl CallSource {
                 .extensions()
                 .get::<tonic::transport::server::TcpConnectInfo>()
                 .and_then(|info| info.remote_addr()),
-            user_agent: request
-                .headers()
-                .get(http::header::USER_AGENT)
-                .and_then(|value| value.to_str().ok())
-                .map(|agent| agent.chars().take(512).collect()),
+            user_agent: bounded_user_agent(
+                request
+                    .headers()
+                    .get(http::header::USER_AGENT)
+                    .and_then(|value| value.to_str().ok()),
+            ),
         }
     }
 
@@ -107,13 +102,19 @@ impl CallSource {
     pub fn of_grpc<T>(request: &tonic::Request<T>) -> CallSource {
         CallSource {
             peer_address: request.remote_addr(),
-            user_agent: request
-                .metadata()
-                .get("user-agent")
-                .and_then(|value| value.to_str().ok())
-                .map(|agent| agent.chars().take(512).collect()),
+            user_agent: bounded_user_agent(
+                request
+                    .metadata()
+                    .get("user-agent")
+                    .and_then(|value| value.to_str().ok()),
+            ),
         }
     }
+}
+
+/// A user agent (visible ASCII, as the header's `to_str` gives it) as records keep it: at most 512 characters.
+fn bounded_user_agent(agent: Option<&str>) -> Option<String> {
+    agent.map(|agent| agent.chars().take(512).collect())
 }
 
 /// The record of one call, filled in as the call learns who is calling and what it asks for, then finished

@@ -28,3 +28,9 @@ pub mod telemetry;
 pub mod time;
 
 pub use error::{Error, ErrorCode, Result};
+
+/// Names this process in manifests and audit records: `<HOSTNAME>-<pid>` (the pod name on Kubernetes).
+pub fn instance_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "chatvault".into());
+    format!("{host}-{}", std::process::id())
+}

@@ -1,5 +1,5 @@
 //! Shared pieces of the end-to-end tests: a deterministic chat workload and an independent model of what a
-//! restored conversation must look like.
+//! restored conversation must look like, single test events, and signed webhook requests.
 
 #![allow(dead_code)]
 
@@ -263,4 +263,36 @@ pub fn archiver_command(config: &Config, crash_at: Option<&str>) -> Command {
         None => command.env_remove("CHATVAULT_CRASH_AT"),
     };
     command
+}
+
+/// A message `message_id` with `text` in conversation `C1` of `tenant`, sent by `U1`.
+pub fn message_event(tenant: &str, message_id: &str, text: &str) -> ChatEvent {
+    ChatEvent {
+        tenant_id: tenant.into(),
+        conversation_id: "C1".into(),
+        message_id: message_id.into(),
+        kind: EventKind::MessageCreated as i32,
+        sender: Some(Sender {
+            id: "U1".into(),
+            ..Default::default()
+        }),
+        occurred_at_micros: 1_764_000_000_000_000,
+        text: text.into(),
+        ..Default::default()
+    }
+}
+
+/// The headers of a Slack Events API request of `body` signed with `secret` at `timestamp` (HMAC-SHA256 of
+/// `v0:<timestamp>:<body>`).
+pub fn slack_headers(body: &str, timestamp: i64, secret: &str) -> Vec<(&'static str, String)> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let signature = ring::hmac::sign(&key, format!("v0:{timestamp}:{body}").as_bytes());
+    vec![
+        ("x-slack-request-timestamp", timestamp.to_string()),
+        (
+            "x-slack-signature",
+            format!("v0={}", hex::encode(signature.as_ref())),
+        ),
+        ("content-type", "application/json".into()),
+    ]
 }

@@ -206,7 +206,7 @@ impl<'a> UnverifiedToken<'a> {
     /// JSON objects.
     pub fn parse(token: &'a str) -> Result<UnverifiedToken<'a>> {
         let mut parts = token.split('.');
-        let (Some(header), Some(claims), Some(signature), None) =
+        let (Some(header), Some(claims_part), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(refused(
@@ -219,7 +219,7 @@ impl<'a> UnverifiedToken<'a> {
                 .ok_or_else(|| refused(format!("the token's {what} is not base64url JSON")))
         };
         let header_json = object(header, "header")?;
-        let claims = object(claims, "claims")?;
+        let claims = object(claims_part, "claims")?;
         let signature = decode_base64url(signature)
             .ok_or_else(|| refused("the token's signature is not base64url"))?;
         let text = |name: &str| {
@@ -229,7 +229,7 @@ impl<'a> UnverifiedToken<'a> {
                 .map(str::to_string)
         };
         Ok(UnverifiedToken {
-            signing_input: &token[..header.len() + 1 + claims_len(token, header)],
+            signing_input: &token[..header.len() + 1 + claims_part.len()],
             signature,
             alg: text("alg").unwrap_or_default(),
             kid: text("kid"),
@@ -370,11 +370,6 @@ impl<'a> UnverifiedToken<'a> {
         }
         Ok(())
     }
-}
-
-/// Length of the claims part of `token`, which starts after `header` and a dot.
-fn claims_len(token: &str, header: &str) -> usize {
-    token[header.len() + 1..].find('.').unwrap_or_default()
 }
 
 fn wrong_key(kid: &str, algorithm: Algorithm) -> VerifyError {

@@ -181,7 +181,8 @@ impl Authenticator {
             ));
         }
         let parsed = jwt::UnverifiedToken::parse(token)?;
-        let named = oidc::unverified_issuer(&parsed).unwrap_or_default();
+        // Read before anything is verified, only to choose the configured issuer that verifies the token.
+        let named = parsed.claim_str("iss").unwrap_or_default();
         let issuer = self
             .issuers
             .iter()

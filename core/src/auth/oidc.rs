@@ -100,34 +100,28 @@ impl OidcIssuer {
             }
         }
         self.ensure_keys().await?;
-        let verified = {
+        let verify_with_cached_keys = || -> Result<std::result::Result<(), VerifyError>> {
             let keys = self
                 .keys
                 .read()
                 .map_err(|_| Error::internal("oidc key cache poisoned"))?;
-            token.verify(&self.config.algorithms, &keys)
+            Ok(token.verify(&self.config.algorithms, &keys))
         };
-        match verified {
-            Ok(()) => {}
-            Err(VerifyError::UnknownKey(kid)) => {
-                // The issuer may have rotated its keys: read them again (rate-limited) and retry once.
+        let verified = match verify_with_cached_keys()? {
+            // The issuer may have rotated its keys: read them again (rate-limited) and retry once.
+            Err(VerifyError::UnknownKey(_)) => {
                 self.refresh_if_due().await;
-                let keys = self
-                    .keys
-                    .read()
-                    .map_err(|_| Error::internal("oidc key cache poisoned"))?;
-                token
-                    .verify(&self.config.algorithms, &keys)
-                    .map_err(|error| match error {
-                        VerifyError::UnknownKey(_) => refused(format!(
-                            "the token's signing key {kid:?} is not among the keys of issuer {}",
-                            self.config.issuer
-                        )),
-                        VerifyError::Refused(error) => error,
-                    })?;
+                verify_with_cached_keys()?
             }
-            Err(VerifyError::Refused(error)) => return Err(error),
-        }
+            other => other,
+        };
+        verified.map_err(|error| match error {
+            VerifyError::UnknownKey(kid) => refused(format!(
+                "the token's signing key {kid:?} is not among the keys of issuer {}",
+                self.config.issuer
+            )),
+            VerifyError::Refused(error) => error,
+        })?;
         if token.claim_str("iss") != Some(self.config.issuer.as_str()) {
             return Err(refused("the token's iss is not the issuer"));
         }
@@ -166,21 +160,19 @@ impl OidcIssuer {
         grants
     }
 
-    /// Fetches the keys when none were fetched yet, or when they are older than `jwks_refresh_interval`.
+    /// Fetches the keys when none are cached (waiting for them, since no token can verify without them, and
+    /// failing with the fetch's error), or when they are older than `jwks_refresh_interval`.
     async fn ensure_keys(&self) -> Result<()> {
-        let stale = {
-            let last = self
-                .last_fetch
-                .lock()
-                .map_err(|_| Error::internal("oidc clock poisoned"))?;
-            last.is_none_or(|at| at.elapsed() >= self.config.jwks_refresh_interval)
-        };
         let empty = self.keys.read().map(|keys| keys.is_empty()).unwrap_or(true);
-        if stale || empty {
-            if empty {
-                // Without keys no token can verify: wait for the fetch, and say why it failed.
-                return self.refresh_if_due().await.map_or(Ok(()), Err);
-            }
+        if empty {
+            return self.refresh_if_due().await.map_or(Ok(()), Err);
+        }
+        let stale = self
+            .last_fetch
+            .lock()
+            .map_err(|_| Error::internal("oidc clock poisoned"))?
+            .is_none_or(|at| at.elapsed() >= self.config.jwks_refresh_interval);
+        if stale {
             self.refresh_if_due().await;
         }
         Ok(())
@@ -210,20 +202,6 @@ impl OidcIssuer {
                 Some(error)
             }
         }
-    }
-
-    /// Reads the key set now (start-up checks, tests).
-    pub async fn refresh(&self) -> Result<()> {
-        let keys = self.fetch_keys().await?;
-        *self
-            .last_fetch
-            .lock()
-            .map_err(|_| Error::internal("oidc clock poisoned"))? = Some(Instant::now());
-        *self
-            .keys
-            .write()
-            .map_err(|_| Error::internal("oidc key cache poisoned"))? = keys;
-        Ok(())
     }
 
     async fn fetch_keys(&self) -> Result<JwkSet> {
@@ -304,12 +282,6 @@ fn claim_values<'a>(
         _ => Vec::new(),
     };
     values.into_iter()
-}
-
-/// The issuer a token names, read before anything is verified, only to choose which configured issuer
-/// verifies it.
-pub fn unverified_issuer<'a>(token: &'a UnverifiedToken<'_>) -> Option<&'a str> {
-    token.claim_str("iss")
 }
 
 /// Default algorithms of an issuer: the asymmetric ones providers sign access tokens with.
