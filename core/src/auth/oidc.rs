@@ -51,7 +51,7 @@ impl std::fmt::Debug for OidcIssuer {
 }
 
 impl OidcIssuer {
-    /// An issuer as configured; its keys are fetched on first use (or by [`OidcIssuer::refresh`]).
+    /// An issuer as configured; its keys are fetched on first use.
     pub fn new(config: OidcIssuerConfig) -> Result<OidcIssuer> {
         crate::storage::install_crypto_provider();
         let http = reqwest::Client::builder()
