@@ -20,6 +20,7 @@ use std::collections::BTreeSet;
 
 use arrow_array::RecordBatch;
 use arrow_array::cast::AsArray;
+use arrow_schema::{Schema, SchemaRef};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
@@ -101,7 +102,12 @@ const DICTIONARY_COLUMNS: &[&str] = &[
 ];
 
 impl PageLayout {
-    fn apply(self, builder: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
+    /// Applies the layout; `dictionary_columns` are the columns of the schema worth a dictionary.
+    fn apply(
+        self,
+        builder: WriterPropertiesBuilder,
+        dictionary_columns: &[&str],
+    ) -> WriterPropertiesBuilder {
         match self {
             PageLayout::WriterDefaultPages => builder,
             PageLayout::OnePagePerColumnChunk => {
@@ -113,7 +119,7 @@ impl PageLayout {
                     .set_data_page_row_count_limit(usize::MAX)
                     .set_dictionary_enabled(false)
                     .set_dictionary_page_size_limit(usize::MAX);
-                for column in DICTIONARY_COLUMNS {
+                for column in dictionary_columns {
                     builder =
                         builder.set_column_dictionary_enabled(ColumnPath::from(*column), true);
                 }
@@ -199,13 +205,13 @@ impl FileConversation {
 /// when it has none (such events never collapse). Collisions only merge two events in a count.
 pub fn event_identity_hash(event: &ArchivedEvent) -> u64 {
     let mut context = digest::Context::new(&digest::SHA256);
-    if event.event.event_id.is_empty() {
+    if event.record.event_id.is_empty() {
         context.update(b"r");
         context.update(&event.kafka_partition.to_be_bytes());
         context.update(&event.kafka_offset.to_be_bytes());
     } else {
         context.update(b"e");
-        context.update(event.event.event_id.as_bytes());
+        context.update(event.record.event_id.as_bytes());
     }
     let mut hash = [0u8; 8];
     hash.copy_from_slice(&context.finish().as_ref()[..8]);
@@ -226,7 +232,7 @@ fn summarize_conversations(rows: &[&ArchivedEvent]) -> FileConversations {
     };
     let mut current: Option<FileConversation> = None;
     for row in rows {
-        let event = &row.event;
+        let event = &row.record;
         if current
             .as_ref()
             .is_some_and(|summary| summary.conversation_id != event.conversation_id)
@@ -334,14 +340,14 @@ pub fn encode_file(
     }
     rows.sort_by(|a, b| {
         (
-            a.event.conversation_id.as_str(),
-            a.event.occurred_at_micros,
+            a.record.conversation_id.as_str(),
+            a.record.occurred_at_micros,
             a.kafka_partition,
             a.kafka_offset,
         )
             .cmp(&(
-                b.event.conversation_id.as_str(),
-                b.event.occurred_at_micros,
+                b.record.conversation_id.as_str(),
+                b.record.occurred_at_micros,
                 b.kafka_partition,
                 b.kafka_offset,
             ))
@@ -350,24 +356,73 @@ pub fn encode_file(
     let mut min_occurred = i64::MAX;
     let mut max_occurred = i64::MIN;
     for row in rows.iter() {
-        if row.event.tenant_id != key.tenant_id {
+        if row.record.tenant_id != key.tenant_id {
             return Err(Error::internal("archive file rows span tenants"));
         }
         digests.insert(conversation_digest(
-            &row.event.tenant_id,
-            &row.event.conversation_id,
+            &row.record.tenant_id,
+            &row.record.conversation_id,
         ));
-        min_occurred = min_occurred.min(row.event.occurred_at_micros);
-        max_occurred = max_occurred.max(row.event.occurred_at_micros);
+        min_occurred = min_occurred.min(row.record.occurred_at_micros);
+        max_occurred = max_occurred.max(row.record.occurred_at_micros);
     }
+    let metadata = options
+        .conversation_summaries
+        .then(|| -> Result<Vec<KeyValue>> {
+            Ok(vec![KeyValue::new(
+                CONVERSATIONS_METADATA_KEY.to_string(),
+                serde_json::to_string(&summarize_conversations(rows))?,
+            )])
+        })
+        .transpose()?;
     let schema = archive_schema();
+    let properties = writer_properties(
+        &schema,
+        key,
+        options,
+        &[COL_CONVERSATION_ID, COL_OCCURRED_AT],
+        DICTIONARY_COLUMNS,
+        metadata,
+    )?;
+    let bytes = write_parquet(schema, properties, rows, options, |chunk| {
+        to_record_batch(chunk)
+    })?;
+    Ok(EncodedFile {
+        sha256_hex: sha256_hex(&bytes),
+        bytes: Bytes::from(bytes),
+        rows: rows.len(),
+        min_occurred_micros: min_occurred,
+        max_occurred_micros: max_occurred,
+        conversation_digests: digests.into_iter().collect(),
+    })
+}
+
+/// The writer properties of every archive file, whatever its stream: the encryption profile and page layout
+/// of the module documentation, zstd, page statistics, rows sorted by `sorted_by` (ascending), and the
+/// footer's key-value `metadata`.
+pub(crate) fn writer_properties(
+    schema: &Schema,
+    key: &DataKey,
+    options: &FileOptions,
+    sorted_by: &[&str],
+    dictionary_columns: &[&str],
+    metadata: Option<Vec<KeyValue>>,
+) -> Result<WriterProperties> {
     let key_metadata = serde_json::to_vec(&key.file_key_metadata())?;
     let encryption = FileEncryptionProperties::builder(key.key.to_vec())
         .with_footer_key_metadata(key_metadata)
         .build()
         .map_err(format_error)?;
-    let conversation_index = schema.index_of(COL_CONVERSATION_ID).map_err(format_error)?;
-    let occurred_index = schema.index_of(COL_OCCURRED_AT).map_err(format_error)?;
+    let sorting = sorted_by
+        .iter()
+        .map(|column| {
+            Ok(SortingColumn {
+                column_idx: schema.index_of(column).map_err(format_error)? as i32,
+                descending: false,
+                nulls_first: false,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let builder = WriterProperties::builder()
         .set_writer_version(WriterVersion::PARQUET_1_0)
         .set_compression(Compression::ZSTD(
@@ -382,47 +437,33 @@ pub fn encode_file(
         // per-file conversation digests in the manifest (an index that needs no decryption), the sort order,
         // and row-group and page statistics with the page index.
         .set_bloom_filter_enabled(false)
-        .set_sorting_columns(Some(vec![
-            SortingColumn {
-                column_idx: conversation_index as i32,
-                descending: false,
-                nulls_first: false,
-            },
-            SortingColumn {
-                column_idx: occurred_index as i32,
-                descending: false,
-                nulls_first: false,
-            },
-        ]))
+        .set_sorting_columns(Some(sorting))
+        .set_key_value_metadata(metadata)
         .with_file_encryption_properties(encryption);
-    let builder = if options.conversation_summaries {
-        builder.set_key_value_metadata(Some(vec![KeyValue::new(
-            CONVERSATIONS_METADATA_KEY.to_string(),
-            serde_json::to_string(&summarize_conversations(rows))?,
-        )]))
-    } else {
-        builder
-    };
-    let properties = options.page_layout.apply(builder).build();
-    let mut writer = ArrowWriter::try_new(Vec::with_capacity(1 << 20), schema, Some(properties))
-        .map_err(format_error)?;
-    // Small record batches, so the byte bound of a row group is checked often enough to hold.
-    for chunk in rows.chunks(options.row_group_rows.min(1024)) {
-        let batch = to_record_batch(chunk)?;
-        writer.write(&batch).map_err(format_error)?;
-    }
-    let bytes = writer.into_inner().map_err(format_error)?;
-    Ok(EncodedFile {
-        sha256_hex: sha256_hex(&bytes),
-        bytes: Bytes::from(bytes),
-        rows: rows.len(),
-        min_occurred_micros: min_occurred,
-        max_occurred_micros: max_occurred,
-        conversation_digests: digests.into_iter().collect(),
-    })
+    Ok(options
+        .page_layout
+        .apply(builder, dictionary_columns)
+        .build())
 }
 
-fn reader_options(key: &DataKey) -> Result<ArrowReaderOptions> {
+/// Writes `rows` (already sorted) as one Parquet file of `schema`, converting small chunks at a time with
+/// `to_batch` so that the byte bound of a row group is checked often enough to hold.
+pub(crate) fn write_parquet<T>(
+    schema: SchemaRef,
+    properties: WriterProperties,
+    rows: &[T],
+    options: &FileOptions,
+    to_batch: impl Fn(&[T]) -> Result<RecordBatch>,
+) -> Result<Vec<u8>> {
+    let mut writer = ArrowWriter::try_new(Vec::with_capacity(1 << 20), schema, Some(properties))
+        .map_err(format_error)?;
+    for chunk in rows.chunks(options.row_group_rows.min(1024)) {
+        writer.write(&to_batch(chunk)?).map_err(format_error)?;
+    }
+    writer.into_inner().map_err(format_error)
+}
+
+pub(crate) fn reader_options(key: &DataKey) -> Result<ArrowReaderOptions> {
     let decryption = FileDecryptionProperties::builder(key.key.to_vec())
         .build()
         .map_err(format_error)?;
@@ -431,7 +472,7 @@ fn reader_options(key: &DataKey) -> Result<ArrowReaderOptions> {
         .with_file_decryption_properties(decryption))
 }
 
-fn decryption_error(error: parquet::errors::ParquetError) -> Error {
+pub(crate) fn decryption_error(error: parquet::errors::ParquetError) -> Error {
     Error::new(
         ErrorCode::Internal,
         format!("opening an archive file failed (wrong data key or corrupt file): {error}"),
@@ -550,7 +591,7 @@ mod tests {
     fn rows() -> Vec<ArchivedEvent> {
         (0..500)
             .map(|i| ArchivedEvent {
-                event: ChatEvent {
+                record: ChatEvent {
                     event_id: format!("e{i:04}"),
                     tenant_id: "acme".into(),
                     source: 1,
@@ -638,13 +679,13 @@ mod tests {
         let mut expected: Vec<&ArchivedEvent> = original.iter().collect();
         expected.sort_by(|a, b| {
             (
-                &a.event.conversation_id,
-                a.event.occurred_at_micros,
+                &a.record.conversation_id,
+                a.record.occurred_at_micros,
                 a.kafka_offset,
             )
                 .cmp(&(
-                    &b.event.conversation_id,
-                    b.event.occurred_at_micros,
+                    &b.record.conversation_id,
+                    b.record.occurred_at_micros,
                     b.kafka_offset,
                 ))
         });
@@ -655,7 +696,7 @@ mod tests {
         );
 
         let one = decode_file(encoded.bytes.clone(), &key(1), Some("C3")).expect("decode one");
-        assert!(!one.is_empty() && one.iter().all(|row| row.event.conversation_id == "C3"));
+        assert!(!one.is_empty() && one.iter().all(|row| row.record.conversation_id == "C3"));
         assert!(
             decode_file(encoded.bytes.clone(), &key(1), Some("C-none"))
                 .expect("decode none")
@@ -695,15 +736,15 @@ mod tests {
         for summary in &summaries.conversations {
             let expected: Vec<&ArchivedEvent> = original
                 .iter()
-                .filter(|row| row.event.conversation_id == summary.conversation_id)
+                .filter(|row| row.record.conversation_id == summary.conversation_id)
                 .collect();
             assert_eq!(summary.rows, expected.len() as u64);
             assert_eq!(
                 summary.identity_hashes().expect("hashes").len(),
                 expected.len()
             );
-            let first = expected.iter().map(|r| r.event.occurred_at_micros).min();
-            let last = expected.iter().map(|r| r.event.occurred_at_micros).max();
+            let first = expected.iter().map(|r| r.record.occurred_at_micros).min();
+            let last = expected.iter().map(|r| r.record.occurred_at_micros).max();
             assert_eq!(Some(summary.first_event_micros), first);
             assert_eq!(Some(summary.last_event_micros), last);
             assert_eq!(summary.workspace_id, "W1");
@@ -748,7 +789,7 @@ mod tests {
                     .map(|_| char::from(b'a' + (next() % 26) as u8))
                     .collect();
                 ArchivedEvent {
-                    event: ChatEvent {
+                    record: ChatEvent {
                         event_id: format!("e{i}"),
                         tenant_id: "acme".into(),
                         source: 1,
@@ -813,8 +854,8 @@ mod tests {
         assert_eq!(decoded.len(), original.len());
         let mut expected: Vec<&ArchivedEvent> = original.iter().collect();
         expected.sort_by(|a, b| {
-            (&a.event.conversation_id, a.event.occurred_at_micros)
-                .cmp(&(&b.event.conversation_id, b.event.occurred_at_micros))
+            (&a.record.conversation_id, a.record.occurred_at_micros)
+                .cmp(&(&b.record.conversation_id, b.record.occurred_at_micros))
         });
         assert!(decoded.iter().zip(expected).all(|(a, b)| a == b));
     }

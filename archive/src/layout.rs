@@ -2,20 +2,25 @@
 //!
 //! ```text
 //! events/tenant=<tenant>/date=<yyyy-mm-dd>/p<partition>-o<first offset>-<batch id>-<n>.parquet
+//! audit/date=<yyyy-mm-dd>/p<partition>-o<first offset>-<batch id>-<n>.parquet   the audit trail
 //! keys/tenant=<tenant>/period=<yyyy-mm>.json                       wrapped data key of a tenant's month
 //! manifests/topic=<topic>/partition=<p>/<seq, 20 digits>.json       committed batches, a hash chain
 //! manifests/topic=<topic>/partition=<p>/pending/<batch id>.json     upload intents, for orphan cleanup
 //! ```
 //!
 //! The `events/` tree is Hive-partitioned so DuckDB, Spark and pyarrow discover `tenant` and `date` on their
-//! own. Only files named by a committed manifest belong to the archive; anything else under `events/` is an
-//! orphan of a crashed or fenced writer and is removed by the partition's next owner.
+//! own. Only files named by a committed manifest belong to the archive; anything else under `events/` (or
+//! `audit/`) is an orphan of a crashed or fenced writer and is removed by the partition's next owner. The
+//! audit trail's files are committed by the manifest chains of the audit topic
+//! (`manifests/topic=<audit topic>/...`) and encrypted under the reserved key scope `_audit`
+//! (`keys/tenant=_audit/...`; see [`crate::kind::AUDIT_KEY_SCOPE`]).
 
 use object_store::path::Path;
 
 pub const EVENTS_ROOT: &str = "events";
 pub const MANIFESTS_ROOT: &str = "manifests";
 pub const KEYS_ROOT: &str = "keys";
+pub const AUDIT_ROOT: &str = "audit";
 
 pub fn tenant_events_prefix(tenant: &str) -> Path {
     Path::from(format!("{EVENTS_ROOT}/tenant={tenant}"))
@@ -31,6 +36,18 @@ pub fn event_file_path(
 ) -> Path {
     Path::from(format!(
         "{EVENTS_ROOT}/tenant={tenant}/date={date_iso}/p{partition:05}-o{first_offset:020}-{batch_id}-{index:03}.parquet"
+    ))
+}
+
+pub fn audit_file_path(
+    date_iso: &str,
+    partition: i32,
+    first_offset: i64,
+    batch_id: &str,
+    index: usize,
+) -> Path {
+    Path::from(format!(
+        "{AUDIT_ROOT}/date={date_iso}/p{partition:05}-o{first_offset:020}-{batch_id}-{index:03}.parquet"
     ))
 }
 

@@ -8,10 +8,15 @@
 //! - [`manifest`]: what a committed batch records, per Kafka partition.
 //! - [`chain`]: the commit protocol: [`chain::ChainWriter`] commits manifests exactly once,
 //!   [`chain::ChainReader`] reads chains and verifies their links.
+//! - [`kind`]: the streams the archive holds ([`kind::ChatEvents`], [`kind::AuditTrail`]): what differs
+//!   between them (decoding, key scope, paths, file schema); the commit protocol is the same for both.
+//! - [`audit`]: the audit trail's Parquet schema and files.
 
+pub mod audit;
 pub mod chain;
 pub mod file;
 pub mod keys;
+pub mod kind;
 pub mod layout;
 pub mod manifest;
 pub mod schema;
@@ -41,10 +46,13 @@ impl Coded for FormatError {
     }
 }
 
-/// An event together with the Kafka record it was archived from.
+/// A record (a chat event, an audit record) together with the Kafka record it was archived from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ArchivedEvent {
-    pub event: ChatEvent,
+pub struct Archived<R> {
+    pub record: R,
     pub kafka_partition: i32,
     pub kafka_offset: i64,
 }
+
+/// A chat event together with the Kafka record it was archived from.
+pub type ArchivedEvent = Archived<ChatEvent>;

@@ -31,7 +31,7 @@ pub const COL_DELIVERY_SHA256: &str = "delivery_sha256";
 pub const COL_RAW_PAYLOAD_OFFSET: &str = "raw_payload_offset";
 pub const COL_DELIVERY_ENVELOPE: &str = "delivery_envelope";
 
-fn utc_micros() -> DataType {
+pub(crate) fn utc_micros() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
@@ -71,7 +71,7 @@ pub fn archive_schema() -> SchemaRef {
     SCHEMA.clone()
 }
 
-fn optional(builder: &mut StringBuilder, value: &str) {
+pub(crate) fn optional(builder: &mut StringBuilder, value: &str) {
     if value.is_empty() {
         builder.append_null();
     } else {
@@ -108,7 +108,7 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
     let mut delivery_envelope = BinaryBuilder::new();
 
     for row in rows {
-        let event = &row.event;
+        let event = &row.record;
         let sender = event.sender.clone().unwrap_or_default();
         event_id.append_value(&event.event_id);
         tenant_id.append_value(&event.tenant_id);
@@ -194,19 +194,22 @@ pub fn to_record_batch(rows: &[&ArchivedEvent]) -> Result<RecordBatch> {
     RecordBatch::try_new(archive_schema(), columns).map_err(format_error)
 }
 
-fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
+pub(crate) fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef> {
     batch
         .column_by_name(name)
         .ok_or_else(|| Error::internal(format!("archive file lacks column {name}")))
 }
 
-fn strings<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a arrow_array::StringArray> {
+pub(crate) fn strings<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> Result<&'a arrow_array::StringArray> {
     column(batch, name)?
         .as_string_opt::<i32>()
         .ok_or_else(|| Error::internal(format!("column {name} is not utf8")))
 }
 
-fn string_at(array: &arrow_array::StringArray, row: usize) -> String {
+pub(crate) fn string_at(array: &arrow_array::StringArray, row: usize) -> String {
     if array.is_null(row) {
         String::new()
     } else {
@@ -342,7 +345,7 @@ pub fn from_record_batch(
                 .unwrap_or_default(),
         };
         out.push(ArchivedEvent {
-            event,
+            record: event,
             kafka_partition: kafka_partition.value(row),
             kafka_offset: kafka_offset.value(row),
         });
@@ -417,7 +420,7 @@ mod tests {
             event.delivery_envelope = b"{\"type\":\"chat.events\",\"data\":[]}".to_vec();
         }
         ArchivedEvent {
-            event,
+            record: event,
             kafka_partition: 3,
             kafka_offset: 42,
         }

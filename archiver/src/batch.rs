@@ -7,20 +7,21 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use chatvault_archive::ArchivedEvent;
+use chatvault_archive::Archived;
+use chatvault_archive::kind::{ChatEvents, RecordKind};
 use chatvault_archive::manifest::OffsetGap;
 use chatvault_core::time::Date;
 
-/// The batch a partition is filling.
+/// The batch a partition is filling, of records of kind `K`.
 #[derive(Debug)]
-pub struct OpenBatch {
+pub struct OpenBatch<K: RecordKind = ChatEvents> {
     pub partition: i32,
     pub generation: u64,
     pub seq: u64,
     pub start_offset: i64,
     /// Offset after the last record added.
     pub end_offset: i64,
-    pub events: Vec<ArchivedEvent>,
+    pub events: Vec<Archived<K::Record>>,
     pub rejected: Vec<Rejected>,
     /// Offsets of the range that Kafka did not deliver (see [`OffsetGap`]).
     pub offset_gaps: Vec<OffsetGap>,
@@ -44,8 +45,8 @@ pub struct Rejected {
 /// events without holding a header per record.
 pub const MAX_TRACED_RECORDS: usize = 32;
 
-impl OpenBatch {
-    pub fn new(partition: i32, generation: u64, seq: u64, start_offset: i64) -> OpenBatch {
+impl<K: RecordKind> OpenBatch<K> {
+    pub fn new(partition: i32, generation: u64, seq: u64, start_offset: i64) -> OpenBatch<K> {
         OpenBatch {
             partition,
             generation,
@@ -86,7 +87,7 @@ impl OpenBatch {
         }
     }
 
-    pub fn push_event(&mut self, event: ArchivedEvent, encoded_len: usize) {
+    pub fn push_event(&mut self, event: Archived<K::Record>, encoded_len: usize) {
         self.note_gap(event.kafka_offset);
         self.end_offset = event.kafka_offset + 1;
         self.bytes += encoded_len;
@@ -101,7 +102,7 @@ impl OpenBatch {
     }
 
     /// Closes the batch; the next one starts at `end_offset` with sequence number `seq + 1`.
-    pub fn seal(self) -> SealedBatch {
+    pub fn seal(self) -> SealedBatch<K> {
         SealedBatch {
             partition: self.partition,
             generation: self.generation,
@@ -121,13 +122,13 @@ impl OpenBatch {
 /// compare against).
 #[derive(Debug)]
 #[cfg_attr(test, derive(Clone))]
-pub struct SealedBatch {
+pub struct SealedBatch<K: RecordKind = ChatEvents> {
     pub partition: i32,
     pub generation: u64,
     pub seq: u64,
     pub start_offset: i64,
     pub end_offset: i64,
-    pub events: Vec<ArchivedEvent>,
+    pub events: Vec<Archived<K::Record>>,
     pub rejected: Vec<Rejected>,
     pub offset_gaps: Vec<OffsetGap>,
     pub bytes: usize,
@@ -135,41 +136,34 @@ pub struct SealedBatch {
     pub traces: Vec<String>,
 }
 
-/// Rows of one future file: a tenant's events of one UTC date.
+/// Rows of one future file: the records of one key scope (a tenant's events) of one UTC date.
 #[derive(Debug)]
-pub struct FileGroup<'a> {
-    pub tenant_id: &'a str,
+pub struct FileGroup<'a, K: RecordKind = ChatEvents> {
+    pub key_scope: &'a str,
     pub date: Date,
-    pub rows: Vec<&'a ArchivedEvent>,
+    pub rows: Vec<&'a Archived<K::Record>>,
 }
 
-/// Groups a batch's events by (tenant, UTC date of the event time), collapsing copies of one event within the
-/// batch (a retried send produced twice). An event's identity is `(tenant_id, conversation_id, event_id)`:
-/// senders number events per conversation, so the same `event_id` in another conversation or tenant is another
-/// event. Copies across batches are collapsed by readers, under the same identity.
-pub fn group_into_files(events: &[ArchivedEvent]) -> Vec<FileGroup<'_>> {
-    let mut groups: BTreeMap<(&str, Date), Vec<&ArchivedEvent>> = BTreeMap::new();
+/// Groups a batch's records by (key scope, UTC date of the record's time), collapsing copies of one record
+/// within the batch (a retried send produced twice). A chat event's identity is `(tenant_id,
+/// conversation_id, event_id)`: senders number events per conversation, so the same `event_id` in another
+/// conversation or tenant is another event. Copies across batches are collapsed by readers, under the same
+/// identity.
+pub fn group_into_files<K: RecordKind>(events: &[Archived<K::Record>]) -> Vec<FileGroup<'_, K>> {
+    let mut groups: BTreeMap<(&str, Date), Vec<&Archived<K::Record>>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::with_capacity(events.len());
     for archived in events {
-        let event = &archived.event;
-        let identity = (
-            event.tenant_id.as_str(),
-            event.conversation_id.as_str(),
-            event.event_id.as_str(),
-        );
-        if !seen.insert(identity) {
+        let scope = K::key_scope(&archived.record);
+        if !seen.insert((scope, K::identity(&archived.record))) {
             continue;
         }
-        let date = Date::from_micros(archived.event.occurred_at_micros);
-        groups
-            .entry((archived.event.tenant_id.as_str(), date))
-            .or_default()
-            .push(archived);
+        let date = Date::from_micros(K::time_micros(&archived.record));
+        groups.entry((scope, date)).or_default().push(archived);
     }
     groups
         .into_iter()
-        .map(|((tenant_id, date), rows)| FileGroup {
-            tenant_id,
+        .map(|((key_scope, date), rows)| FileGroup {
+            key_scope,
             date,
             rows,
         })
@@ -179,11 +173,12 @@ pub fn group_into_files(events: &[ArchivedEvent]) -> Vec<FileGroup<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chatvault_archive::ArchivedEvent;
     use chatvault_proto::v1::ChatEvent;
 
     fn event(tenant: &str, id: &str, micros: i64, offset: i64) -> ArchivedEvent {
         ArchivedEvent {
-            event: ChatEvent {
+            record: ChatEvent {
                 event_id: id.into(),
                 tenant_id: tenant.into(),
                 conversation_id: "c".into(),
@@ -198,7 +193,7 @@ mod tests {
     #[test]
     fn batches_tile_offsets_and_groups_split_by_tenant_and_date() {
         let day = chatvault_core::time::MICROS_PER_DAY;
-        let mut batch = OpenBatch::new(0, 1, 7, 100);
+        let mut batch = OpenBatch::<ChatEvents>::new(0, 1, 7, 100);
         assert!(batch.is_empty());
         batch.push_event(event("a", "e1", day, 103), 10);
         assert_eq!(batch.offset_gaps, vec![OffsetGap { from: 100, to: 103 }]);
@@ -216,10 +211,10 @@ mod tests {
             (sealed.start_offset, sealed.end_offset, sealed.seq),
             (100, 108, 7)
         );
-        let groups = group_into_files(&sealed.events);
+        let groups = group_into_files::<ChatEvents>(&sealed.events);
         let shape: Vec<(&str, String, usize)> = groups
             .iter()
-            .map(|g| (g.tenant_id, g.date.iso(), g.rows.len()))
+            .map(|g| (g.key_scope, g.date.iso(), g.rows.len()))
             .collect();
         assert_eq!(
             shape,
@@ -234,14 +229,14 @@ mod tests {
     #[test]
     fn only_copies_of_one_identity_collapse() {
         // Per-conversation sequence numbers: ids "1".."5" in 8 conversations of t1 and 1 of t2, all sent twice.
-        let mut batch = OpenBatch::new(0, 1, 0, 0);
+        let mut batch = OpenBatch::<ChatEvents>::new(0, 1, 0, 0);
         let mut offset = 0;
         for _copy in 0..2 {
             for (tenant, conversations) in [("t1", 8), ("t2", 1)] {
                 for conversation in 0..conversations {
                     for id in 1..=5 {
                         let mut archived = event(tenant, &id.to_string(), 1, offset);
-                        archived.event.conversation_id = format!("c{conversation}");
+                        archived.record.conversation_id = format!("c{conversation}");
                         batch.push_event(archived, 10);
                         offset += 1;
                     }
@@ -249,7 +244,7 @@ mod tests {
             }
         }
         let sealed = batch.seal();
-        let groups = group_into_files(&sealed.events);
+        let groups = group_into_files::<ChatEvents>(&sealed.events);
         let kept: usize = groups.iter().map(|group| group.rows.len()).sum();
         assert_eq!(kept, 45, "one row per (tenant, conversation, event id)");
         assert!(
@@ -295,14 +290,14 @@ mod tests {
             records in proptest::collection::vec(delivered(), 1..200),
         ) {
             let mut sealed = Vec::new();
-            let mut open = OpenBatch::new(3, 1, 0, start);
+            let mut open = OpenBatch::<ChatEvents>::new(3, 1, 0, start);
             let mut offset = start;
             for record in &records {
                 offset += record.skip;
                 match record.identity {
                     Some((tenant, conversation, id)) => {
                         let mut archived = event(&format!("t{tenant}"), &format!("e{id}"), 1, offset);
-                        archived.event.conversation_id = format!("c{conversation}");
+                        archived.record.conversation_id = format!("c{conversation}");
                         open.push_event(archived, 10);
                     }
                     None => open.push_rejected(Rejected {
@@ -314,7 +309,7 @@ mod tests {
                 }
                 offset += 1;
                 if record.seal_after {
-                    let next = OpenBatch::new(3, 1, open.seq + 1, open.end_offset);
+                    let next = OpenBatch::<ChatEvents>::new(3, 1, open.seq + 1, open.end_offset);
                     sealed.push(std::mem::replace(&mut open, next).seal());
                 }
             }
@@ -350,12 +345,12 @@ mod tests {
                 let distinct: std::collections::HashSet<(String, String, String)> = batch
                     .events
                     .iter()
-                    .map(|a| (a.event.tenant_id.clone(), a.event.conversation_id.clone(), a.event.event_id.clone()))
+                    .map(|a| (a.record.tenant_id.clone(), a.record.conversation_id.clone(), a.record.event_id.clone()))
                     .collect();
-                let rows: Vec<(String, String, String)> = group_into_files(&batch.events)
+                let rows: Vec<(String, String, String)> = group_into_files::<ChatEvents>(&batch.events)
                     .iter()
                     .flat_map(|group| group.rows.iter())
-                    .map(|a| (a.event.tenant_id.clone(), a.event.conversation_id.clone(), a.event.event_id.clone()))
+                    .map(|a| (a.record.tenant_id.clone(), a.record.conversation_id.clone(), a.record.event_id.clone()))
                     .collect();
                 proptest::prop_assert_eq!(rows.len(), distinct.len(), "one row per identity");
                 let kept: std::collections::HashSet<_> = rows.into_iter().collect();

@@ -11,18 +11,20 @@ use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::time::now_micros;
 use tracing::Instrument;
 
+use chatvault_archive::kind::RecordKind;
+
 use crate::batch::SealedBatch;
 use crate::crash::crash_point;
 use crate::encode::Prepared;
 use crate::lane::CommitStages;
 
-impl CommitStages {
+impl<K: RecordKind> CommitStages<K> {
     /// The commit stage: the manifest's conditional create, continuing the chain at `head`. `Err` leaves the
     /// outcome open (an unanswered create may have landed): a retry resolves it (the create then finds its own
     /// manifest), and so does giving the batch up.
     pub(crate) async fn commit_manifest(
         &self,
-        batch: &SealedBatch,
+        batch: &SealedBatch<K>,
         head: &ChainHead,
         prepared: &Prepared,
     ) -> Result<Commit> {
@@ -74,7 +76,7 @@ impl CommitStages {
     /// that lost earlier sequence numbers (they become provably dead once a later one is committed).
     pub(crate) async fn after_commit(
         &self,
-        batch: &SealedBatch,
+        batch: &SealedBatch<K>,
         prepared: &Prepared,
         head: &ChainHead,
     ) {
@@ -97,7 +99,10 @@ impl CommitStages {
             Ordering::Relaxed,
         );
         let metrics = metrics();
-        metrics.events_archived.add(batch.events.len() as u64, &[]);
+        metrics.events_archived.add(
+            batch.events.len() as u64,
+            &[KeyValue::new("topic", self.topic.clone())],
+        );
         metrics
             .batch_events
             .record((batch.end_offset - batch.start_offset) as u64, &[]);

@@ -1,16 +1,16 @@
-//! The encode stage: a sealed batch's events become encrypted Parquet files in memory, one per (tenant, UTC
-//! date), each under the data key of its tenant and month. Events of a tenant that can never get a key here
-//! become rejected records instead (they go to the dead-letter topic).
+//! The encode stage: a sealed batch's records become encrypted Parquet files in memory, one per (key scope,
+//! UTC date), each under the data key of its scope and month (a chat event's scope is its tenant; the audit
+//! trail has one scope). Records of a scope that can never get a key here become rejected records instead
+//! (they go to the dead-letter topic).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chatvault_archive::file::{EncodedFile, encode_file};
+use chatvault_archive::file::EncodedFile;
 use chatvault_archive::keys::DataKey;
-use chatvault_archive::layout;
+use chatvault_archive::kind::RecordKind;
 use chatvault_archive::manifest::{DeadLetter, ManifestFile};
 use chatvault_core::error::{Error, ErrorCode, Result};
-use chatvault_core::event::kafka_key;
 use chatvault_core::time::Date;
 use object_store::path::Path;
 use prost::Message as _;
@@ -18,17 +18,17 @@ use prost::Message as _;
 use crate::batch::{Rejected, SealedBatch, group_into_files};
 use crate::lane::CommitStages;
 
-impl CommitStages {
-    /// Fetches data keys and encodes the batch's files (CPU-bound, on the blocking pool). The events of a
-    /// (tenant, month) whose data key can never be had here (no key-encryption key, and the key provider
+impl<K: RecordKind> CommitStages<K> {
+    /// Fetches data keys and encodes the batch's files (CPU-bound, on the blocking pool). The records of a
+    /// (key scope, month) whose data key can never be had here (no key-encryption key, and the key provider
     /// refuses to create one) become rejected records for the dead-letter topic; any other key failure is
     /// transient and fails the whole stage, to be retried.
-    pub(crate) async fn encode(&self, batch: &Arc<SealedBatch>) -> Result<Prepared> {
+    pub(crate) async fn encode(&self, batch: &Arc<SealedBatch<K>>) -> Result<Prepared> {
         let mut keys: HashMap<(String, String), DataKey> = HashMap::new();
         let mut refused: HashMap<(String, String), String> = HashMap::new();
         for archived in &batch.events {
-            let period = Date::from_micros(archived.event.occurred_at_micros).month_period();
-            let id = (archived.event.tenant_id.clone(), period);
+            let period = Date::from_micros(K::time_micros(&archived.record)).month_period();
+            let id = (K::key_scope(&archived.record).to_string(), period);
             if keys.contains_key(&id) || refused.contains_key(&id) {
                 continue;
             }
@@ -37,8 +37,8 @@ impl CommitStages {
                     keys.insert(id, key);
                 }
                 Err(error) if is_permanent_key_failure(&error) => {
-                    tracing::error!(partition = batch.partition, tenant = %id.0, period = %id.1, %error,
-                        "no data key can be had for this tenant's events: they go to the dead-letter topic");
+                    tracing::error!(partition = batch.partition, key_scope = %id.0, period = %id.1, %error,
+                        "no data key can be had for these records: they go to the dead-letter topic");
                     refused.insert(id, error.message().to_string());
                 }
                 Err(error) => return Err(error),
@@ -46,14 +46,14 @@ impl CommitStages {
         }
         let mut rejected = batch.rejected.clone();
         for archived in &batch.events {
-            let event = &archived.event;
-            let period = Date::from_micros(event.occurred_at_micros).month_period();
-            if let Some(reason) = refused.get(&(event.tenant_id.clone(), period)) {
+            let record = &archived.record;
+            let period = Date::from_micros(K::time_micros(record)).month_period();
+            if let Some(reason) = refused.get(&(K::key_scope(record).to_string(), period)) {
                 rejected.push(Rejected {
                     offset: archived.kafka_offset,
                     reason: reason.clone(),
-                    key: Some(kafka_key(&event.tenant_id, &event.conversation_id)),
-                    value: event.encode_to_vec(),
+                    key: Some(K::kafka_key(record)),
+                    value: record.encode_to_vec(),
                 });
             }
         }
@@ -64,20 +64,20 @@ impl CommitStages {
         let encode_batch_id = batch_id.clone();
         let files = tokio::task::spawn_blocking(move || -> Result<Vec<PreparedFile>> {
             let mut prepared = Vec::new();
-            let groups = group_into_files(&encode_batch.events)
+            let groups = group_into_files::<K>(&encode_batch.events)
                 .into_iter()
                 .filter(|group| {
-                    keys.contains_key(&(group.tenant_id.to_string(), group.date.month_period()))
+                    keys.contains_key(&(group.key_scope.to_string(), group.date.month_period()))
                 });
             for (index, mut group) in groups.enumerate() {
                 let period = group.date.month_period();
                 let key = keys
-                    .get(&(group.tenant_id.to_string(), period.clone()))
+                    .get(&(group.key_scope.to_string(), period.clone()))
                     .ok_or_else(|| Error::internal("data key missing for a file group"))?;
-                let encoded: EncodedFile = encode_file(&mut group.rows, key, &options)?;
-                let path = layout::event_file_path(
-                    group.tenant_id,
-                    &group.date.iso(),
+                let encoded: EncodedFile = K::encode_file(&mut group.rows, key, &options)?;
+                let path = K::file_path(
+                    group.key_scope,
+                    group.date,
                     encode_batch.partition,
                     encode_batch.start_offset,
                     &encode_batch_id,
@@ -86,7 +86,7 @@ impl CommitStages {
                 prepared.push(PreparedFile {
                     manifest_entry: ManifestFile::describe(
                         &path,
-                        group.tenant_id,
+                        group.key_scope,
                         &group.date.iso(),
                         key,
                         &encoded,
@@ -137,7 +137,7 @@ pub(crate) struct PreparedFile {
 pub(crate) struct Prepared {
     pub(crate) batch_id: String,
     pub(crate) files: Vec<PreparedFile>,
-    /// The batch's undecodable records plus the events of tenants that can never be archived here.
+    /// The batch's undecodable records plus the records of key scopes that can never be archived here.
     pub(crate) rejected: Vec<Rejected>,
     /// Each rejected record's copy in the dead-letter topic, once produced (kept across commit retries).
     pub(crate) dead_letters: Option<Vec<DeadLetter>>,

@@ -17,12 +17,16 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
+use chatvault_archive::kind::RecordKind;
+
 use crate::error::BrokerError;
 use crate::poller::{Broker, OwnedView, Poller, Rebalance, Record};
 
 pub(crate) type ArchiverConsumer = BaseConsumer<ArchiverContext>;
 
 pub(crate) struct ArchiverContext {
+    /// The consumed topic (the lag gauge is per topic).
+    pub topic: String,
     pub rebalances: Arc<Mutex<Vec<Rebalance>>>,
     pub view: Arc<Mutex<OwnedView>>,
 }
@@ -64,7 +68,7 @@ impl ClientContext for ArchiverContext {
                 }
             }
         }
-        chatvault_core::metrics::metrics().replace_consumer_lag(lag);
+        chatvault_core::metrics::metrics().replace_consumer_lag(&self.topic, lag);
     }
 }
 
@@ -209,8 +213,8 @@ pub(crate) struct PollExit {
 
 /// The poll loop: polls Kafka, applies queued rebalances and reports, feeds records, does housekeeping, and
 /// steps through shutdown once it is requested.
-pub(crate) fn poll_loop(
-    mut poller: Poller<KafkaBroker>,
+pub(crate) fn poll_loop<K: RecordKind>(
+    mut poller: Poller<KafkaBroker, K>,
     rebalances: Arc<Mutex<Vec<Rebalance>>>,
 ) -> PollExit {
     let poll_timeout = Duration::from_millis(50);
@@ -219,7 +223,7 @@ pub(crate) fn poll_loop(
     let housekeeping_interval = Duration::from_millis(50);
     let mut last_housekeeping = Instant::now();
     let consumer = poller.broker().consumer.clone();
-    let take_rebalances = |poller: &mut Poller<KafkaBroker>| {
+    let take_rebalances = |poller: &mut Poller<KafkaBroker, K>| {
         let queued = std::mem::take(&mut *rebalances.lock().unwrap_or_else(|p| p.into_inner()));
         for rebalance in queued {
             poller.on_rebalance(rebalance);

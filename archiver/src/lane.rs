@@ -37,6 +37,8 @@ use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
 
+use chatvault_archive::kind::{ChatEvents, RecordKind};
+
 use crate::batch::SealedBatch;
 use crate::dead_letter::DeadLetterSink;
 use crate::encode::Prepared;
@@ -73,7 +75,7 @@ pub struct LaneReport {
 }
 
 /// Everything the stages need, shared by every lane of the worker.
-pub struct CommitStages {
+pub struct CommitStages<K: RecordKind = ChatEvents> {
     pub store: Arc<dyn ObjectStore>,
     pub chain: ChainWriter,
     pub data_keys: DataKeys,
@@ -88,6 +90,7 @@ pub struct CommitStages {
     pub shutdown: Shutdown,
     /// The shutdown deadline: retries stop and batches not committed yet are abandoned.
     pub abandon: Shutdown,
+    pub kind: std::marker::PhantomData<K>,
 }
 
 /// A lane's task ended before it was given a batch.
@@ -96,17 +99,17 @@ pub struct LaneGone;
 
 /// The poll thread's end of a lane. Dropping it without [`Lane::cancel`] (the poll thread finishing at
 /// shutdown) lets the task commit what it was given and then end.
-pub struct Lane {
-    batches: mpsc::UnboundedSender<(SealedBatch, OwnedSemaphorePermit)>,
+pub struct Lane<K: RecordKind = ChatEvents> {
+    batches: mpsc::UnboundedSender<(SealedBatch<K>, OwnedSemaphorePermit)>,
     cancelled: Arc<AtomicBool>,
 }
 
-impl Lane {
+impl<K: RecordKind> Lane<K> {
     /// Queues a batch; its permit (a pending-batch slot) is released once the lane is done with it. Fails
     /// only when the lane's task is gone (the batch is then dropped: it is still in Kafka).
     pub fn send(
         &self,
-        batch: SealedBatch,
+        batch: SealedBatch<K>,
         permit: OwnedSemaphorePermit,
     ) -> std::result::Result<(), LaneGone> {
         self.batches.send((batch, permit)).map_err(|_| LaneGone)
@@ -119,7 +122,7 @@ impl Lane {
     }
 }
 
-impl CommitStages {
+impl<K: RecordKind> CommitStages<K> {
     /// Starts the lane of `partition` for `generation`, continuing the chain at `head`. Each batch's report
     /// goes to `reports` (false: nobody listens any more, the lane ends); `alive` is held by the task until it
     /// ends (the role waits for every clone to drop).
@@ -131,7 +134,7 @@ impl CommitStages {
         head: ChainHead,
         reports: impl Fn(LaneReport) -> bool + Send + 'static,
         alive: mpsc::Sender<()>,
-    ) -> Lane {
+    ) -> Lane<K> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
         let stages = self.clone();
@@ -160,7 +163,7 @@ impl CommitStages {
         partition: i32,
         generation: u64,
         mut head: ChainHead,
-        mut batches: mpsc::UnboundedReceiver<(SealedBatch, OwnedSemaphorePermit)>,
+        mut batches: mpsc::UnboundedReceiver<(SealedBatch<K>, OwnedSemaphorePermit)>,
         cancelled: Arc<AtomicBool>,
         reports: impl Fn(LaneReport) -> bool,
     ) {
@@ -196,7 +199,7 @@ impl CommitStages {
     /// Runs one batch through the stages. `head` is the chain as this lane last committed it.
     pub async fn archive(
         &self,
-        batch: SealedBatch,
+        batch: SealedBatch<K>,
         head: &ChainHead,
         cancelled: &AtomicBool,
     ) -> BatchOutcome {
@@ -307,7 +310,7 @@ impl CommitStages {
     /// The upload stage, then the commit stage.
     async fn upload_and_commit(
         &self,
-        batch: &SealedBatch,
+        batch: &SealedBatch<K>,
         head: &ChainHead,
         prepared: &mut Prepared,
     ) -> Result<Commit> {
@@ -320,7 +323,7 @@ impl CommitStages {
     /// so (whatever `outcome` was meant).
     async fn give_up(
         &self,
-        batch: &SealedBatch,
+        batch: &SealedBatch<K>,
         prepared: &Prepared,
         outcome: BatchOutcome,
     ) -> BatchOutcome {
@@ -368,7 +371,7 @@ enum NextAttempt {
 
 /// The span of one batch's way to the archive (keys, encoding, upload, commit). It continues the trace of
 /// the batch's first traced record and links to the others, so an event's trace reaches its archive file.
-fn batch_span(batch: &SealedBatch) -> tracing::Span {
+fn batch_span<K: RecordKind>(batch: &SealedBatch<K>) -> tracing::Span {
     let span = tracing::info_span!(
         "archive.batch",
         otel.kind = "consumer",

@@ -1,5 +1,7 @@
-//! The archiver: a Kafka consumer-group worker that batches chat events into encrypted Parquet files on object
-//! storage and commits them exactly once through the manifest chain (`chatvault_archive::chain`).
+//! The archiver: a Kafka consumer-group worker that batches chat events (and, beside them, the audit trail's
+//! records) into encrypted Parquet files on object storage and commits them exactly once through the
+//! manifest chain (`chatvault_archive::chain`). Everything below is generic over the stream's
+//! [`RecordKind`](chatvault_archive::kind::RecordKind).
 //!
 //! Stages, each in its own module:
 //! - [`role`]: the lifecycle ([`Archiver::run`]): start-up checks, the poll thread, the shutdown deadline,
@@ -45,5 +47,5 @@ mod test_support;
 pub mod upload;
 
 pub use poller::OnShutdown;
-pub use role::{Archiver, ArchiverOptions, run};
+pub use role::{Archiver, ArchiverOptions, RoleStats, run};
 pub use stats::{ArchiverStats, CommittedHeads};

@@ -24,15 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{ArchiverConfig, OffsetGapPolicy};
-use chatvault_archive::ArchivedEvent;
+use chatvault_archive::Archived;
 use chatvault_archive::chain::ChainWriter;
+use chatvault_archive::kind::{ChatEvents, RecordKind};
 use chatvault_archive::manifest::ChainHead;
 use chatvault_core::error::{ErrorCode, Result};
-use chatvault_core::event::is_valid_tenant_id;
 use chatvault_core::metrics::metrics;
 use chatvault_core::shutdown::Shutdown;
-use chatvault_proto::v1::ChatEvent;
-use prost::Message as _;
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -142,7 +140,7 @@ enum Phase {
     Halted,
 }
 
-struct Owned {
+struct Owned<K: RecordKind> {
     /// Changes whenever the partition's position is re-read from storage; reports of older generations are
     /// ignored.
     generation: u64,
@@ -150,10 +148,10 @@ struct Owned {
     /// The committed chain head, as loaded or advanced by this worker's own commits.
     head: ChainHead,
     /// The batch being filled (meaningful while consuming).
-    open: OpenBatch,
+    open: OpenBatch<K>,
     /// Sealed batches waiting for a pending-batch slot; the partition is paused while any wait.
-    waiting: VecDeque<SealedBatch>,
-    lane: Option<Lane>,
+    waiting: VecDeque<SealedBatch<K>>,
+    lane: Option<Lane<K>>,
     /// Batches handed to the current lane and not reported yet.
     in_flight: usize,
     /// Whether Kafka was told to pause the partition.
@@ -171,7 +169,7 @@ struct Owned {
     stalled: bool,
 }
 
-impl Owned {
+impl<K: RecordKind> Owned<K> {
     fn has_pending_work(&self) -> bool {
         match self.phase {
             Phase::Halted => false,
@@ -183,16 +181,17 @@ impl Owned {
     }
 }
 
-/// The poll thread's state and reactions (see the module documentation).
-pub struct Poller<B: Broker> {
+/// The poll thread's state and reactions (see the module documentation), for a stream of records of kind
+/// `K`.
+pub struct Poller<B: Broker, K: RecordKind = ChatEvents> {
     broker: B,
     runtime: Handle,
     config: ArchiverConfig,
     on_shutdown: OnShutdown,
     chain: ChainWriter,
-    stages: Arc<CommitStages>,
+    stages: Arc<CommitStages<K>>,
     stats: Arc<ArchiverStats>,
-    partitions: HashMap<i32, Owned>,
+    partitions: HashMap<i32, Owned<K>>,
     /// Sealed batches handed to lanes and not finished, across partitions (`archiver.max_pending_batches`).
     pending_slots: Arc<Semaphore>,
     feedback: std::sync::mpsc::Sender<Feedback>,
@@ -208,13 +207,13 @@ pub struct Poller<B: Broker> {
 }
 
 /// How a [`Poller`] is put together.
-pub struct PollerParts<B: Broker> {
+pub struct PollerParts<B: Broker, K: RecordKind = ChatEvents> {
     pub broker: B,
     pub runtime: Handle,
     pub config: ArchiverConfig,
     pub on_shutdown: OnShutdown,
     pub chain: ChainWriter,
-    pub stages: Arc<CommitStages>,
+    pub stages: Arc<CommitStages<K>>,
     pub stats: Arc<ArchiverStats>,
     pub alive: mpsc::Sender<()>,
     pub view: Arc<Mutex<OwnedView>>,
@@ -222,8 +221,8 @@ pub struct PollerParts<B: Broker> {
     pub abandon: Shutdown,
 }
 
-impl<B: Broker> Poller<B> {
-    pub fn new(parts: PollerParts<B>) -> Poller<B> {
+impl<B: Broker, K: RecordKind> Poller<B, K> {
+    pub fn new(parts: PollerParts<B, K>) -> Poller<B, K> {
         let (feedback, reports) = std::sync::mpsc::channel();
         Poller {
             pending_slots: Arc::new(Semaphore::new(parts.config.max_pending_batches.max(1))),
@@ -600,28 +599,21 @@ impl<B: Broker> Poller<B> {
             value: payload.to_vec(),
         };
         let open = &mut owned.open;
-        match ChatEvent::decode(payload) {
-            Ok(event) if event.tenant_id.is_empty() || event.event_id.is_empty() => {
-                open.push_rejected(reject("record lacks tenant_id or event_id".into()))
+        match <K::Record as prost::Message>::decode(payload) {
+            Ok(record) => match K::refusal(&record) {
+                Some(reason) => open.push_rejected(reject(reason)),
+                None => open.push_event(
+                    Archived {
+                        record,
+                        kafka_partition: partition,
+                        kafka_offset: offset,
+                    },
+                    payload.len(),
+                ),
+            },
+            Err(error) => {
+                open.push_rejected(reject(format!("record is not a {}: {error}", K::MESSAGE)))
             }
-            // A tenant id names storage paths and keys: one the gateway would refuse is never archived.
-            Ok(event) if !is_valid_tenant_id(&event.tenant_id) => {
-                open.push_rejected(reject(format!(
-                    "tenant_id {:?} is not a valid tenant id ([a-z0-9][a-z0-9_-]{{0,63}})",
-                    event.tenant_id.chars().take(80).collect::<String>()
-                )))
-            }
-            Ok(event) => open.push_event(
-                ArchivedEvent {
-                    event,
-                    kafka_partition: partition,
-                    kafka_offset: offset,
-                },
-                payload.len(),
-            ),
-            Err(error) => open.push_rejected(reject(format!(
-                "record is not a chatvault.v1.ChatEvent: {error}"
-            ))),
         }
         true
     }
@@ -756,7 +748,7 @@ impl<B: Broker> Poller<B> {
 
     // ----- sealing and handing over -----------------------------------------------------------------------
 
-    fn is_full(&self, open: &OpenBatch) -> bool {
+    fn is_full(&self, open: &OpenBatch<K>) -> bool {
         open.events.len() + open.rejected.len() >= self.config.max_batch_events
             || open.bytes >= self.config.max_batch_bytes
     }
@@ -934,8 +926,8 @@ impl<B: Broker> Poller<B> {
         self.stats
             .stalled_now
             .store(stalled as u64, Ordering::Relaxed);
-        metrics().set_halted_partitions(halted);
-        metrics().set_stalled_partitions(stalled);
+        metrics().set_halted_partitions(&self.stages.topic, halted);
+        metrics().set_stalled_partitions(&self.stages.topic, stalled);
     }
 
     fn publish(&self) {

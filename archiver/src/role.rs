@@ -1,6 +1,11 @@
 //! The archiver role's lifecycle: start-up checks, the poll thread, shutdown with its deadline, leaving the
 //! consumer group.
 //!
+//! The role archives two streams, each an [`Archiver`] of its own with its own consumer group, poll thread
+//! and manifest chains: the chat events (`kafka.topic`, group `archiver.group_id`) and the audit trail
+//! (`kafka.audit_topic`, group `<archiver.group_id>.audit`). Both dead-letter into `archiver.dead_letter_topic`
+//! (the copies' headers name their source topic).
+//!
 //! Shutdown ([`Archiver::run`]): the poll thread stops consuming ([`OnShutdown::StopConsuming`]) or first
 //! consumes up to the topic's end ([`OnShutdown::DrainTopic`]), the open batches are sealed, the commit lanes
 //! upload and commit them for up to `archiver.shutdown_timeout` (then abandon the rest: it is still in
@@ -13,6 +18,7 @@ use std::time::Duration;
 use chatvault_archive::chain::ChainWriter;
 use chatvault_archive::file::FileOptions;
 use chatvault_archive::keys::DataKeys;
+use chatvault_archive::kind::{AuditTrail, ChatEvents, RecordKind};
 use chatvault_core::config::{KafkaConfig, SharedConfig};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::shutdown::{self, Shutdown};
@@ -34,22 +40,64 @@ use crate::stats::ArchiverStats;
 /// Everything an archiver needs besides storage and keys.
 #[derive(Debug, Clone)]
 pub struct ArchiverOptions {
+    /// The cluster; its `topic` is the one consumed.
     pub kafka: KafkaConfig,
+    /// The archiver's settings; `group_id` and `dead_letter_topic` are this stream's.
     pub config: ArchiverConfig,
     /// Names this worker in manifests and logs (for example `<pod>-<pid>`).
     pub writer_id: String,
     pub on_shutdown: OnShutdown,
 }
 
+impl ArchiverOptions {
+    /// The options of the audit trail's archiver beside this chat events' one: the audit topic, its own
+    /// consumer group, and the same dead-letter topic.
+    pub fn for_audit_trail(&self) -> ArchiverOptions {
+        let mut audit = self.clone();
+        audit.config.dead_letter_topic = self.config.dead_letter_topic(&self.kafka);
+        audit.config.group_id = format!("{}.audit", self.config.group_id);
+        audit.kafka.topic = self.kafka.audit_topic();
+        audit
+    }
+}
+
+/// What the role's two archivers tell the rest of the process while they run.
+#[derive(Debug, Clone, Default)]
+pub struct RoleStats {
+    pub events: Arc<ArchiverStats>,
+    pub audit: Arc<ArchiverStats>,
+}
+
+impl RoleStats {
+    /// Why the role is not ready, if it is not (see [`ArchiverStats::unready_reason`]).
+    pub fn unready_reason(&self) -> Option<String> {
+        let events = self
+            .events
+            .unready_reason()
+            .map(|why| format!("chat events: {why}"));
+        let audit = self
+            .audit
+            .unready_reason()
+            .map(|why| format!("audit trail: {why}"));
+        match (events, audit) {
+            (None, None) => None,
+            (Some(why), None) | (None, Some(why)) => Some(why),
+            (Some(events), Some(audit)) => Some(format!("{events}; {audit}")),
+        }
+    }
+}
+
 /// The archiver role on the shared settings (storage, keys, Kafka) and its `[archiver]` section, until
-/// `shutdown`. The one assembly of the role: the binary, the test kit and the benchmarks all start it here
-/// (or through [`Archiver::run`] with a store of their own). `stats` lets the caller watch it.
+/// `shutdown`: the chat events' archiver and the audit trail's, side by side. The one assembly of the role:
+/// the binary, the test kit and the benchmarks all start it here (or through [`Archiver::run`] with a store
+/// of their own). `stats` lets the caller watch it. Fails as soon as either archiver fails (the other is
+/// shut down first).
 pub async fn run(
     shared: &SharedConfig,
     config: &ArchiverConfig,
     writer_id: &str,
     on_shutdown: OnShutdown,
-    stats: Arc<ArchiverStats>,
+    stats: RoleStats,
     shutdown: Shutdown,
 ) -> Result<()> {
     let store = object_store_from_config(&shared.storage)?;
@@ -60,7 +108,51 @@ pub async fn run(
         writer_id: writer_id.to_string(),
         on_shutdown,
     };
-    Archiver::run(options, store, keys, stats, shutdown).await
+    let audit_options = options.for_audit_trail();
+    // Either archiver failing stops the other: the role is one unit to its orchestrator.
+    let (stop_trigger, stop) = shutdown::channel();
+    let stop_trigger = Arc::new(stop_trigger);
+    let stop_both = {
+        let (shutdown, stop_trigger) = (shutdown.clone(), stop_trigger.clone());
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            stop_trigger.trigger();
+        })
+    };
+    let stopping = |result: Result<()>| {
+        if result.is_err() {
+            stop_trigger.trigger();
+        }
+        result
+    };
+    let (events, audit) = tokio::join!(
+        async {
+            stopping(
+                Archiver::run::<ChatEvents>(
+                    options,
+                    store.clone(),
+                    keys.clone(),
+                    stats.events,
+                    stop.clone(),
+                )
+                .await,
+            )
+        },
+        async {
+            stopping(
+                Archiver::run::<AuditTrail>(
+                    audit_options,
+                    store.clone(),
+                    keys.clone(),
+                    stats.audit,
+                    stop.clone(),
+                )
+                .await,
+            )
+        },
+    );
+    stop_both.abort();
+    events.and(audit)
 }
 
 /// A running archiver.
@@ -79,7 +171,7 @@ impl Archiver {
     ///
     /// Fails on start-up errors and, with [`OnShutdown::DrainTopic`], when records up to the topic's end could
     /// not all be committed before the deadline.
-    pub async fn run(
+    pub async fn run<K: RecordKind>(
         options: ArchiverOptions,
         store: Arc<dyn ObjectStore>,
         data_keys: DataKeys,
@@ -118,6 +210,7 @@ impl Archiver {
         let rebalances = Arc::new(Mutex::new(Vec::new()));
         let view = Arc::new(Mutex::new(OwnedView::default()));
         let context = ArchiverContext {
+            topic: topic.clone(),
             rebalances: rebalances.clone(),
             view: view.clone(),
         };
@@ -153,10 +246,11 @@ impl Archiver {
             stats: stats.clone(),
             shutdown: shutdown.clone(),
             abandon: abandon.clone(),
+            kind: std::marker::PhantomData,
         });
         // Every lane task holds a clone of `alive`; `recv` returns `None` once all are gone.
         let (alive, mut lanes_done) = mpsc::channel::<()>(1);
-        let poller = Poller::new(PollerParts {
+        let poller = Poller::<KafkaBroker, K>::new(PollerParts {
             broker: KafkaBroker {
                 consumer: consumer.clone(),
                 topic: topic.clone(),

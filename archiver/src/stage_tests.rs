@@ -10,6 +10,7 @@ use std::time::Duration;
 use chatvault_archive::ArchivedEvent;
 use chatvault_archive::chain::Commit;
 use chatvault_archive::file::{decode_file, sha256_hex};
+use chatvault_archive::kind::ChatEvents;
 use chatvault_archive::layout;
 use chatvault_archive::manifest::{ChainHead, DeadLetter, PendingIntent, RejectedRecord};
 use chatvault_core::event::kafka_key;
@@ -45,7 +46,7 @@ enum Record {
 fn event(tenant: &str, conversation: &str, date: &str, offset: i64) -> Record {
     let noon = Date::parse_iso(date).expect("date").start_micros() + 12 * 3600 * MICROS_PER_SECOND;
     Record::Event(Box::new(ArchivedEvent {
-        event: ChatEvent {
+        record: ChatEvent {
             event_id: format!("e{offset}"),
             tenant_id: tenant.into(),
             conversation_id: conversation.into(),
@@ -62,7 +63,7 @@ fn event(tenant: &str, conversation: &str, date: &str, offset: i64) -> Record {
 /// A batch as the poller seals it: `records`, in offset order, pushed into the partition's open batch of
 /// sequence number `seq` starting at `start_offset`.
 fn seal(seq: u64, start_offset: i64, records: Vec<Record>) -> SealedBatch {
-    let mut batch = OpenBatch::new(PARTITION, 1, seq, start_offset);
+    let mut batch = OpenBatch::<ChatEvents>::new(PARTITION, 1, seq, start_offset);
     for record in records {
         match record {
             Record::Event(archived) => batch.push_event(*archived, 100),
@@ -109,8 +110,8 @@ fn events_of(batch: &SealedBatch, tenant: &str, date: &str) -> Vec<ArchivedEvent
         .events
         .iter()
         .filter(|archived| {
-            archived.event.tenant_id == tenant
-                && Date::from_micros(archived.event.occurred_at_micros).iso() == date
+            archived.record.tenant_id == tenant
+                && Date::from_micros(archived.record.occurred_at_micros).iso() == date
         })
         .cloned()
         .collect()
@@ -279,7 +280,7 @@ async fn a_tenant_without_a_key_becomes_rejected_records_while_the_others_get_fi
         assert_eq!(record.key, Some(kafka_key("globex", "c9")));
         assert_eq!(
             ChatEvent::decode(record.value.as_slice()).expect("an event"),
-            original.event
+            original.record
         );
         assert!(record.reason.contains("globex"), "{}", record.reason);
     }

@@ -212,6 +212,7 @@ impl TestStages {
             stats: stats.clone(),
             shutdown,
             abandon,
+            kind: std::marker::PhantomData,
         });
         TestStages {
             stages,

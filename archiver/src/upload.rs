@@ -12,14 +12,16 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use tracing::Instrument;
 
+use chatvault_archive::kind::RecordKind;
+
 use crate::batch::SealedBatch;
 use crate::crash::crash_point;
 use crate::encode::Prepared;
 use crate::lane::CommitStages;
 
-impl CommitStages {
+impl<K: RecordKind> CommitStages<K> {
     /// Produces the batch's rejected records to the dead-letter topic (once; kept across commit retries).
-    async fn dead_letter(&self, batch: &SealedBatch, prepared: &mut Prepared) -> Result<()> {
+    async fn dead_letter(&self, batch: &SealedBatch<K>, prepared: &mut Prepared) -> Result<()> {
         if prepared.dead_letters.is_some() {
             return Ok(());
         }
@@ -45,7 +47,11 @@ impl CommitStages {
     /// The upload stage: the dead-letter copies of rejected records (a rejected record is committed only with
     /// its copy), the upload intent (so the files of a batch that never commits are found and removed), then
     /// the files. Repeating it after a failure is harmless: every write is idempotent.
-    pub(crate) async fn upload(&self, batch: &SealedBatch, prepared: &mut Prepared) -> Result<()> {
+    pub(crate) async fn upload(
+        &self,
+        batch: &SealedBatch<K>,
+        prepared: &mut Prepared,
+    ) -> Result<()> {
         self.dead_letter(batch, prepared).await?;
         let (batch_id, files) = (prepared.batch_id.as_str(), &prepared.files);
         self.chain

@@ -95,7 +95,7 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let task_stats = stats.clone();
         let store_for_check = store.clone();
-        let task = runtime.spawn(Archiver::run(
+        let task = runtime.spawn(Archiver::run::<chatvault_archive::kind::ChatEvents>(
             options,
             store,
             keys,

@@ -97,7 +97,7 @@ fn repetitive_rows() -> Vec<ArchivedEvent> {
 
 fn archived(event: ChatEvent, index: usize) -> ArchivedEvent {
     ArchivedEvent {
-        event,
+        record: event,
         kafka_partition: 0,
         kafka_offset: index as i64,
     }
@@ -134,7 +134,7 @@ fn measure(name: &str, rows: &[ArchivedEvent], options: &FileOptions) {
         full_ms.push(started.elapsed().as_secs_f64() * 1e3);
         assert_eq!(all.len(), rows.len());
         for lookup in 0..LOOKUPS {
-            let conversation = &rows[(lookup * 7_919) % rows.len()].event.conversation_id;
+            let conversation = &rows[(lookup * 7_919) % rows.len()].record.conversation_id;
             let started = Instant::now();
             let found = decode_file(file.bytes.clone(), &key, Some(conversation)).expect("decode");
             lookup_ms.push(started.elapsed().as_secs_f64() * 1e3);
@@ -166,7 +166,7 @@ fn main() {
         ("300-2,000-byte random words", realistic_rows()),
         ("~500-byte repetitive messages", repetitive_rows()),
     ] {
-        let text_mb = rows.iter().map(|r| r.event.text.len()).sum::<usize>() as f64 / 1e6;
+        let text_mb = rows.iter().map(|r| r.record.text.len()).sum::<usize>() as f64 / 1e6;
         println!("{workload} ({text_mb:.1} MB of text):");
         println!(
             "  {:<44} {:>11} {:>19} {:>12} {:>12} {:>6}",

@@ -32,7 +32,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn token(&self) -> anyhow::Result<String> {
+    pub fn token(&self) -> anyhow::Result<String> {
         if let Some(token) = &self.token {
             return Ok(token.clone());
         }
@@ -104,7 +104,7 @@ pub enum KeysCommand {
     },
 }
 
-fn authorized<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
+pub fn authorized<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
     let mut request = Request::new(message);
     let value: MetadataValue<_> = format!("Bearer {token}")
         .parse()
@@ -113,7 +113,7 @@ fn authorized<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
     Ok(request)
 }
 
-async fn channel(address: &str) -> anyhow::Result<Channel> {
+pub async fn channel(address: &str) -> anyhow::Result<Channel> {
     Channel::from_shared(address.to_string())
         .with_context(|| format!("bad address {address}"))?
         .connect_timeout(Duration::from_secs(5))

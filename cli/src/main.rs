@@ -1,6 +1,8 @@
 //! `chatvault`: one binary, a subcommand per role (`gateway`, `archiver`, `restorer`), `standalone` (all three
-//! in one process on embedded defaults), and client commands (`demo`, `restore`, `conversations`, `keys`).
+//! in one process on embedded defaults), and client commands (`demo`, `restore`, `conversations`, `keys`,
+//! `audit`).
 
+mod audit;
 mod client;
 mod ops;
 mod roles;
@@ -47,6 +49,8 @@ enum Command {
     Conversations(client::ConversationsArgs),
     /// Data-key operations for standard readers (DuckDB, pyarrow).
     Keys(client::KeysArgs),
+    /// Read a tenant's audit trail (who did what, when, from where, with what outcome).
+    Audit(audit::AuditArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +85,7 @@ fn main() -> std::process::ExitCode {
             Command::Restore(args) => client::restore(args).await,
             Command::Conversations(args) => client::conversations(args).await,
             Command::Keys(args) => client::keys(args).await,
+            Command::Audit(args) => audit::audit(args).await,
         }
     });
     match result {

@@ -5,15 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chatvault_archiver::ArchiverStats;
-use chatvault_archiver::OnShutdown;
+use chatvault_archiver::{ArchiverStats, OnShutdown, RoleStats};
 use chatvault_config::Config;
 use chatvault_core::auth::{Role, token_digest};
 use chatvault_core::config::{TenantConfig, TokenConfig};
 use chatvault_core::shutdown::{self, Shutdown, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
 use chatvault_core::telemetry::Telemetry;
-use chatvault_ingest_gateway::AckCondition;
+use chatvault_kafka::{AckCondition, AckConditions};
 use clap::Args;
 use rdkafka::mocking::MockCluster;
 use tokio::net::TcpListener;
@@ -54,7 +53,7 @@ pub async fn gateway_task(
     config: &Config,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
-    ack_condition: Option<Arc<dyn AckCondition>>,
+    ack_conditions: Option<AckConditions>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     chatvault_ingest_gateway::run(
@@ -62,7 +61,7 @@ pub async fn gateway_task(
         &config.gateway,
         grpc_listener,
         http_listener,
-        ack_condition,
+        ack_conditions,
         shutdown,
     )
     .await?;
@@ -72,7 +71,9 @@ pub async fn gateway_task(
 /// Standalone's acknowledgement rule: its Kafka is librdkafka's in-process mock cluster, which dies with the
 /// process (and keeps only about 5 MB per partition), so an event is acknowledged to its sender only once the
 /// archiver committed it to the archive. A `kill -9` then loses nothing acknowledged, and a burst the archiver
-/// cannot keep up with is slowed down (or refused with a retryable error) instead of being lost.
+/// cannot keep up with is slowed down (or refused with a retryable error) instead of being lost. Audit records
+/// follow the same rule against the audit trail's archiver: a call is served only once its record is
+/// archived.
 struct AcknowledgeWhenArchived {
     stats: Arc<ArchiverStats>,
     timeout: Duration,
@@ -81,22 +82,41 @@ struct AcknowledgeWhenArchived {
 /// How long a standalone acknowledgement may wait for the archive before the sender is told to retry.
 const STANDALONE_ARCHIVE_WAIT: Duration = Duration::from_secs(30);
 
-#[tonic::async_trait]
 impl AckCondition for AcknowledgeWhenArchived {
-    async fn wait(&self, partition: i32, offset: i64) -> chatvault_core::Result<()> {
-        if self
-            .stats
-            .heads
-            .wait_archived(partition, offset, self.timeout)
-            .await
-        {
-            Ok(())
-        } else {
-            Err(chatvault_core::Error::unavailable(format!(
-                "the event reached Kafka but was not archived within {} s; retry (copies collapse by event id)",
-                self.timeout.as_secs()
-            )))
-        }
+    fn wait(
+        &self,
+        partition: i32,
+        offset: i64,
+    ) -> futures::future::BoxFuture<'_, chatvault_core::Result<()>> {
+        Box::pin(async move {
+            if self
+                .stats
+                .heads
+                .wait_archived(partition, offset, self.timeout)
+                .await
+            {
+                Ok(())
+            } else {
+                Err(chatvault_core::Error::unavailable(format!(
+                    "the record reached Kafka but was not archived within {} s; retry (copies collapse by id)",
+                    self.timeout.as_secs()
+                )))
+            }
+        })
+    }
+}
+
+/// Standalone's conditions: events and audit records wait for their own stream's archiver.
+fn acknowledge_when_archived(stats: &RoleStats) -> AckConditions {
+    AckConditions {
+        events: Arc::new(AcknowledgeWhenArchived {
+            stats: stats.events.clone(),
+            timeout: STANDALONE_ARCHIVE_WAIT,
+        }),
+        audit: Arc::new(AcknowledgeWhenArchived {
+            stats: stats.audit.clone(),
+            timeout: STANDALONE_ARCHIVE_WAIT,
+        }),
     }
 }
 
@@ -106,7 +126,7 @@ async fn archiver_task(
     config: &Config,
     shutdown: Shutdown,
     on_shutdown: OnShutdown,
-    stats: Arc<ArchiverStats>,
+    stats: RoleStats,
 ) -> anyhow::Result<()> {
     chatvault_archiver::run(
         &config.shared,
@@ -123,11 +143,14 @@ async fn archiver_task(
 pub async fn restorer_task(
     config: &Config,
     listener: TcpListener,
+    audit_condition: Option<Arc<dyn AckCondition>>,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let audit = Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(
-        &config.shared.kafka,
-    )?);
+    let mut audit = chatvault_kafka::audit::KafkaAuditSink::connect(&config.shared.kafka)?;
+    if let Some(condition) = audit_condition {
+        audit = audit.with_ack_condition(condition);
+    }
+    let audit = Arc::new(audit);
     chatvault_restorer::run(
         &config.shared,
         &config.restorer,
@@ -207,7 +230,7 @@ pub async fn run_gateway(config: Config) -> anyhow::Result<()> {
 
 pub async fn run_archiver(config: Config) -> anyhow::Result<()> {
     let (_trigger, shutdown) = shutdown_on_signal();
-    let stats = Arc::new(ArchiverStats::default());
+    let stats = RoleStats::default();
     let health = {
         let stats = stats.clone();
         Box::new(move || stats.unready_reason()) as HealthCheck
@@ -232,7 +255,7 @@ pub async fn run_restorer(config: Config) -> anyhow::Result<()> {
         async {
             let listener = bind(&config.restorer.grpc_listen, "restorer.grpc_listen").await?;
             tracing::info!(address = %config.restorer.grpc_listen, "restorer listening");
-            restorer_task(&config, listener, shutdown.clone()).await
+            restorer_task(&config, listener, None, shutdown.clone()).await
         },
     )
     .await
@@ -413,7 +436,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     }
     let (trigger, shutdown) = shutdown_on_signal();
     let telemetry_config = config.clone();
-    let archiver_stats = Arc::new(ArchiverStats::default());
+    let archiver_stats = RoleStats::default();
     let health = {
         let stats = archiver_stats.clone();
         Box::new(move || stats.unready_reason()) as HealthCheck
@@ -479,13 +502,15 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
 
         // Shutdown order: Kafka is the in-process mock cluster and dies with the process, so everything the
         // gateway acknowledged must be archived before the process exits. On a termination signal, or when a
-        // role fails (the others then stop too instead of running half a pipeline), the gateway stops and
-        // drains first; then the archiver consumes the topic up to its end and commits it (failing if it
-        // cannot before archiver.shutdown_timeout); then the restorer stops.
+        // role fails (the others then stop too instead of running half a pipeline), the gateway and the
+        // restorer stop and drain first (their last calls' audit records wait for the archive); then the
+        // archiver consumes both topics up to their ends and commits them (failing if it cannot before
+        // archiver.shutdown_timeout).
         let (stop_gateway, gateway_shutdown) = shutdown::channel();
         let (stop_archiver, archiver_shutdown) = shutdown::channel();
         let (stop_restorer, restorer_shutdown) = shutdown::channel();
         let (gateway_done, gateway_finished) = shutdown::channel();
+        let (restorer_done, restorer_finished) = shutdown::channel();
         let (archiver_done, archiver_finished) = shutdown::channel();
         let stop_all_on_error = |result: anyhow::Result<()>| {
             if result.is_err() {
@@ -493,17 +518,14 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             }
             result
         };
-        let acknowledge_when_archived: Arc<dyn AckCondition> = Arc::new(AcknowledgeWhenArchived {
-            stats: archiver_stats.clone(),
-            timeout: STANDALONE_ARCHIVE_WAIT,
-        });
+        let conditions = acknowledge_when_archived(&archiver_stats);
         let gateway = async {
             let result = stop_all_on_error(
                 gateway_task(
                     &config,
                     gateway_listener,
                     http_listener,
-                    Some(acknowledge_when_archived),
+                    Some(conditions.clone()),
                     gateway_shutdown,
                 )
                 .await,
@@ -525,16 +547,29 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             result
         };
         let restorer = async {
-            stop_all_on_error(restorer_task(&config, restorer_listener, restorer_shutdown).await)
+            let result = stop_all_on_error(
+                restorer_task(
+                    &config,
+                    restorer_listener,
+                    Some(conditions.audit.clone()),
+                    restorer_shutdown,
+                )
+                .await,
+            );
+            restorer_done.trigger();
+            result
         };
         let in_order = async {
             shutdown.clone().wait().await;
             stop_gateway.trigger();
+            stop_restorer.trigger();
             gateway_finished.wait().await;
-            tracing::info!("gateway stopped; archiving everything it acknowledged");
+            restorer_finished.wait().await;
+            tracing::info!(
+                "gateway and restorer stopped; archiving everything they acknowledged and recorded"
+            );
             stop_archiver.trigger();
             archiver_finished.wait().await;
-            stop_restorer.trigger();
         };
         let demo = {
             let gateway = format!("http://{}", args.gateway_listen);

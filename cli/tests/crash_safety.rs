@@ -178,6 +178,7 @@ async fn rebalances_and_a_zombie_writer_keep_the_archive_exactly_once() -> anyho
     second.stop().await?;
     third.stop().await?;
     let fenced = zombie_stats
+        .events
         .fenced_batches
         .load(std::sync::atomic::Ordering::Relaxed);
     eprintln!("zombie batches fenced: {fenced}");

@@ -510,7 +510,7 @@ async fn sigterm_to_restorer_lets_the_in_flight_stream_finish() -> anyhow::Resul
             .await?;
     }
     let archived = wait_until(SHUTDOWN_BOUND, || {
-        stats.committed_events.load(Ordering::Relaxed) as usize >= MESSAGES
+        stats.events.committed_events.load(Ordering::Relaxed) as usize >= MESSAGES
     })
     .await;
     assert!(archived, "the conversation was not archived");

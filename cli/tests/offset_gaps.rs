@@ -280,7 +280,11 @@ async fn a_broker_that_keeps_skipping_held_offsets_halts_the_partition_instead_o
     } = behind_a_faulty_proxy(FetchFault::SkipHoldingBatch).await?;
     let (archiver, stats) = start_archiver(&through_proxy, "second").await?;
     let halted = wait_until(Duration::from_secs(60), || {
-        stats.halted_now.load(std::sync::atomic::Ordering::Relaxed) == 1
+        stats
+            .events
+            .halted_now
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
     })
     .await;
     assert!(halted, "the partition was not halted");

@@ -59,6 +59,7 @@ async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
     let (archiver, stats) = start_archiver(&config, "first").await?;
     assert!(
         wait_until(Duration::from_secs(30), || stats
+            .events
             .committed_records
             .load(Ordering::Relaxed)
             == 50)
@@ -83,6 +84,7 @@ async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
     let (archiver, stats) = start_archiver(&config, "second").await?;
     assert!(
         wait_until(Duration::from_secs(30), || stats
+            .events
             .halted_partitions
             .load(Ordering::Relaxed)
             == 1)
@@ -93,7 +95,7 @@ async fn a_recreated_topic_halts_the_partition_instead_of_skipping_its_records()
     ingest(&gateway.endpoint(), events(70, 40)).await?;
     // Nothing is committed (the partition is paused), and every record is still in Kafka.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(stats.committed_records.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.events.committed_records.load(Ordering::Relaxed), 0);
     let head_after = log.head(0).await?;
     assert_eq!(head_after.next_seq, head_before.next_seq);
     assert_eq!(head_after.end_offset, 50);

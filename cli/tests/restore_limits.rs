@@ -119,6 +119,7 @@ async fn restores_over_s3_read_only_footers_and_stream_within_the_buffer_limits(
                 Arc::new(chatvault_core::audit::MemorySink::default()),
             ),
         ),
+        None,
         shutdown,
     ));
     let mut client = restore_client(address).await?;
@@ -181,7 +182,7 @@ async fn restores_over_s3_read_only_footers_and_stream_within_the_buffer_limits(
         .conversation_events("acme", "C1", 0, 0)
         .await?
         .into_iter()
-        .map(|archived| archived.event)
+        .map(|archived| archived.record)
         .collect();
     assert_eq!(in_memory.len(), c1_events);
     assert!(

@@ -91,9 +91,11 @@ async fn every_conversation_restores_exactly_what_was_sent() -> anyhow::Result<(
     );
     let archived_everything = wait_until(Duration::from_secs(20), || {
         let committed = stats_a
+            .events
             .committed_records
             .load(std::sync::atomic::Ordering::Relaxed)
             + stats_b
+                .events
                 .committed_records
                 .load(std::sync::atomic::Ordering::Relaxed);
         committed as i64 >= produced
@@ -273,6 +275,7 @@ async fn event_ids_repeated_across_conversations_and_tenants_are_all_kept() -> a
     assert!(
         wait_until(Duration::from_secs(60), || {
             stats
+                .events
                 .committed_records
                 .load(std::sync::atomic::Ordering::Relaxed) as i64
                 >= produced

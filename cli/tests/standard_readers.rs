@@ -107,6 +107,7 @@ async fn duckdb_and_pyarrow_read_a_tenants_month_with_its_data_key() -> anyhow::
     assert!(
         wait_until(Duration::from_secs(60), || {
             stats
+                .events
                 .committed_records
                 .load(std::sync::atomic::Ordering::Relaxed) as i64
                 >= produced

@@ -572,6 +572,7 @@ async fn webhooks_verify_normalize_and_archive() -> anyhow::Result<()> {
     let restorer = start_restorer(&config).await?;
     assert!(
         wait_until(Duration::from_secs(60), || stats
+            .events
             .committed_records
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 12)

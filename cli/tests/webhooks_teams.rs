@@ -388,6 +388,7 @@ async fn teams_notifications_verify_decrypt_and_archive() -> anyhow::Result<()> 
     let restorer = start_restorer(&config).await?;
     assert!(
         wait_until(Duration::from_secs(60), || stats
+            .events
             .committed_records
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 7)
@@ -542,6 +543,7 @@ async fn a_900_kib_graph_batch_is_archived_and_its_items_restore() -> anyhow::Re
     let restorer = start_restorer(&config).await?;
     assert!(
         wait_until(Duration::from_secs(60), || stats
+            .events
             .committed_records
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 15)

@@ -8,7 +8,6 @@
 //! is appended (`_seconds`, `_bytes`) and counters end in `_total`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use opentelemetry::KeyValue;
@@ -68,16 +67,17 @@ pub struct Metrics {
     /// `chatvault.restorer.request.duration` (s) {method, outcome}: from the request until the response is
     /// ready (the conversation read, decrypted and rehydrated); streaming it out is not included.
     pub restore_duration: Histogram<f64>,
-    /// Source of `chatvault.archiver.consumer.lag` {partition}: records of each partition this process owns
-    /// that are not yet durably archived (an observable gauge reads it).
-    consumer_lag: Arc<Mutex<BTreeMap<i32, i64>>>,
-    /// Source of `chatvault.archiver.partitions.halted`: owned partitions not consumed because Kafka's
-    /// offsets fell behind the archive (a recreated topic, or records lost by the cluster).
-    halted_partitions: Arc<AtomicU64>,
-    /// Source of `chatvault.archiver.partitions.stalled`: owned partitions with records to archive that made
-    /// no progress for `archiver.stall_timeout` (storage, keys or the chain head unreachable, or retries
-    /// failing).
-    stalled_partitions: Arc<AtomicU64>,
+    /// Source of `chatvault.archiver.consumer.lag` {topic, partition}: records of each partition this process
+    /// owns that are not yet durably archived (an observable gauge reads it). Per topic: the archiver role
+    /// consumes the chat events' topic and the audit topic, each with its own consumer.
+    consumer_lag: Arc<Mutex<BTreeMap<String, BTreeMap<i32, i64>>>>,
+    /// Source of `chatvault.archiver.partitions.halted` {topic}: owned partitions not consumed because
+    /// Kafka's offsets fell behind the archive (a recreated topic, or records lost by the cluster).
+    halted_partitions: PerTopic,
+    /// Source of `chatvault.archiver.partitions.stalled` {topic}: owned partitions with records to archive
+    /// that made no progress for `archiver.stall_timeout` (storage, keys or the chain head unreachable, or
+    /// retries failing).
+    stalled_partitions: PerTopic,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -97,7 +97,7 @@ impl Metrics {
                 .with_boundaries(LATENCY_BUCKETS.to_vec())
                 .build()
         };
-        let consumer_lag: Arc<Mutex<BTreeMap<i32, i64>>> = Arc::default();
+        let consumer_lag: Arc<Mutex<BTreeMap<String, BTreeMap<i32, i64>>>> = Arc::default();
         let observed = consumer_lag.clone();
         meter
             .i64_observable_gauge("chatvault.archiver.consumer.lag")
@@ -106,28 +106,36 @@ impl Metrics {
             )
             .with_callback(move |observer| {
                 let lag = observed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                for (partition, records) in lag.iter() {
-                    observer.observe(*records, &[KeyValue::new("partition", *partition as i64)]);
+                for (topic, partitions) in lag.iter() {
+                    for (partition, records) in partitions {
+                        observer.observe(
+                            *records,
+                            &[
+                                KeyValue::new("topic", topic.clone()),
+                                KeyValue::new("partition", *partition as i64),
+                            ],
+                        );
+                    }
                 }
             })
             .build();
-        let halted_partitions = Arc::new(AtomicU64::new(0));
+        let halted_partitions = PerTopic::default();
         let observed = halted_partitions.clone();
         meter
             .u64_observable_gauge("chatvault.archiver.partitions.halted")
             .with_description(
                 "Owned partitions not consumed because Kafka's offsets fell behind the archive",
             )
-            .with_callback(move |observer| observer.observe(observed.load(Ordering::Relaxed), &[]))
+            .with_callback(move |observer| observed.observe_into(observer))
             .build();
-        let stalled_partitions = Arc::new(AtomicU64::new(0));
+        let stalled_partitions = PerTopic::default();
         let observed = stalled_partitions.clone();
         meter
             .u64_observable_gauge("chatvault.archiver.partitions.stalled")
             .with_description(
                 "Owned partitions with records to archive and no commit for archiver.stall_timeout",
             )
-            .with_callback(move |observer| observer.observe(observed.load(Ordering::Relaxed), &[]))
+            .with_callback(move |observer| observed.observe_into(observer))
             .build();
         Metrics {
             events_accepted: meter
@@ -191,27 +199,50 @@ impl Metrics {
         }
     }
 
-    pub fn set_stalled_partitions(&self, count: usize) {
-        self.stalled_partitions
-            .store(count as u64, Ordering::Relaxed);
+    pub fn set_stalled_partitions(&self, topic: &str, count: usize) {
+        self.stalled_partitions.set(topic, count as u64);
     }
 
-    pub fn set_halted_partitions(&self, count: usize) {
-        self.halted_partitions
-            .store(count as u64, Ordering::Relaxed);
+    pub fn set_halted_partitions(&self, topic: &str, count: usize) {
+        self.halted_partitions.set(topic, count as u64);
     }
 
-    /// Replaces the lag of the partitions this process owns (partition → records); partitions no longer
-    /// owned disappear, since another process reports them now.
-    pub fn replace_consumer_lag(&self, lag: BTreeMap<i32, i64>) {
+    /// Replaces the lag of the partitions of `topic` this process owns (partition → records); partitions no
+    /// longer owned disappear, since another process reports them now.
+    pub fn replace_consumer_lag(&self, topic: &str, lag: BTreeMap<i32, i64>) {
         let mut current = self
             .consumer_lag
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *current = lag
-            .into_iter()
-            .map(|(partition, records)| (partition, records.max(0)))
-            .collect();
+        current.insert(
+            topic.to_string(),
+            lag.into_iter()
+                .map(|(partition, records)| (partition, records.max(0)))
+                .collect(),
+        );
+    }
+}
+
+/// A gauge's current value per Kafka topic.
+#[derive(Debug, Clone, Default)]
+struct PerTopic(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl PerTopic {
+    fn set(&self, topic: &str, value: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(topic.to_string(), value);
+    }
+
+    fn observe_into(&self, observer: &dyn opentelemetry::metrics::AsyncInstrument<u64>) {
+        let values = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (topic, value) in values.iter() {
+            observer.observe(*value, &[KeyValue::new("topic", topic.clone())]);
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::event::kafka_key;
 use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::telemetry::propagation_headers;
+pub use chatvault_kafka::AckCondition;
 use chatvault_kafka::{ProducerSettings, producer_config};
 use chatvault_proto::v1::ChatEvent;
 use prost::Message;
@@ -26,16 +27,6 @@ use tracing::Instrument;
 /// Kafka header naming the record's value schema, so foreign consumers know what they read.
 pub const SCHEMA_HEADER: &str = "chatvault-schema";
 pub const SCHEMA_NAME: &str = "chatvault.v1.ChatEvent";
-
-/// What must hold for a record, beyond Kafka's acknowledgement, before its event is acknowledged to the
-/// sender. Standalone's Kafka lives in the process and dies with it, so there an event is acknowledged only
-/// once the archive holds it; a Kafka cluster that outlives the gateway needs no condition.
-#[tonic::async_trait]
-pub trait AckCondition: Send + Sync {
-    /// Waits until the record at `offset` of `partition` may be acknowledged; an error (retryable, so the
-    /// sender retries and the event id collapses the copies) when it cannot be in time.
-    async fn wait(&self, partition: i32, offset: i64) -> Result<()>;
-}
 
 /// A produce that was accepted into librdkafka's queue and now waits for the broker's acknowledgement.
 pub struct PendingDelivery {

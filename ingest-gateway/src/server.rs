@@ -127,18 +127,21 @@ async fn flush(producer: &EventProducer) {
 
 /// The whole gateway from the shared settings and its `[gateway]` section: gRPC on `grpc_listener`, webhooks and `/healthz` on
 /// `http_listener`, one producer and one shutdown sequence for both (see the module documentation). Events
-/// are acknowledged once Kafka acknowledged them and, when given, `ack_condition` holds (standalone: archived).
+/// are acknowledged once Kafka acknowledged them and, when given, `ack_conditions.events` holds (standalone:
+/// archived); audit records count as durable likewise, with `ack_conditions.audit`.
 pub async fn run(
     shared: &chatvault_core::config::SharedConfig,
     config: &crate::config::GatewayConfig,
     grpc_listener: TcpListener,
     http_listener: TcpListener,
-    ack_condition: Option<std::sync::Arc<dyn crate::producer::AckCondition>>,
+    ack_conditions: Option<chatvault_kafka::AckConditions>,
     shutdown: Shutdown,
 ) -> Result<()> {
     let mut producer = EventProducer::new(&shared.kafka, config)?;
-    if let Some(condition) = ack_condition {
-        producer = producer.with_ack_condition(condition);
+    let mut audit_sink = chatvault_kafka::audit::KafkaAuditSink::connect(&shared.kafka)?;
+    if let Some(conditions) = ack_conditions {
+        producer = producer.with_ack_condition(conditions.events);
+        audit_sink = audit_sink.with_ack_condition(conditions.audit);
     }
     let integrations = config
         .webhooks
@@ -154,9 +157,7 @@ pub async fn run(
         .collect::<Result<Vec<_>>>()?;
     // Every gRPC call and webhook request leaves one audit record on the audit topic (fail closed: see
     // chatvault_core::audit).
-    let audit_sink = std::sync::Arc::new(chatvault_kafka::audit::KafkaAuditSink::connect(
-        &shared.kafka,
-    )?);
+    let audit_sink = std::sync::Arc::new(audit_sink);
     let auditor = chatvault_core::audit::Auditor::new("gateway", audit_sink.clone());
     let webhooks = std::sync::Arc::new(crate::webhooks::server::WebhookService::from_config(
         integrations,

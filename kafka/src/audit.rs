@@ -1,7 +1,9 @@
 //! The audit trail's Kafka sink: each record is produced to `kafka.audit_topic`, keyed by tenant, by an
 //! idempotent producer acknowledged by all in-sync replicas, and [`AuditSink::record`] returns only once the
-//! broker acknowledged it. Records never share the chat events' topic.
+//! broker acknowledged it (and, in standalone, once the audit trail's archiver committed it: see
+//! [`KafkaAuditSink::with_ack_condition`]). Records never share the chat events' topic.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -12,7 +14,7 @@ use chatvault_core::audit::{AuditRecord, AuditSink};
 use chatvault_core::config::KafkaConfig;
 use chatvault_core::error::{Error, ErrorCode, Result};
 
-use crate::{ProducerSettings, producer_config};
+use crate::{AckCondition, ProducerSettings, producer_config};
 
 /// How long a record may wait for the broker before the call it describes fails.
 const AUDIT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,6 +22,8 @@ const AUDIT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct KafkaAuditSink {
     producer: FutureProducer,
     topic: String,
+    /// Holds before a record counts as durable (standalone: once archived).
+    condition: Option<Arc<dyn AckCondition>>,
 }
 
 impl std::fmt::Debug for KafkaAuditSink {
@@ -50,7 +54,15 @@ impl KafkaAuditSink {
         Ok(KafkaAuditSink {
             producer,
             topic: kafka.audit_topic(),
+            condition: None,
         })
+    }
+
+    /// A record counts as durable only once `condition` holds for it too (standalone, whose Kafka dies with
+    /// the process: once the audit trail's archiver committed it).
+    pub fn with_ack_condition(mut self, condition: Arc<dyn AckCondition>) -> KafkaAuditSink {
+        self.condition = Some(condition);
+        self
     }
 
     /// Waits up to `timeout` for records still queued (at shutdown).
@@ -74,13 +86,19 @@ impl AuditSink for KafkaAuditSink {
                     AUDIT_DELIVERY_TIMEOUT,
                 )
                 .await;
-            match delivery {
-                Ok(_) => Ok(()),
-                Err((error, _)) => Err(Error::caused_by(
-                    ErrorCode::Unavailable,
-                    format!("producing an audit record to {}", self.topic),
-                    error,
-                )),
+            let (partition, offset) = match delivery {
+                Ok(delivery) => (delivery.partition, delivery.offset),
+                Err((error, _)) => {
+                    return Err(Error::caused_by(
+                        ErrorCode::Unavailable,
+                        format!("producing an audit record to {}", self.topic),
+                        error,
+                    ));
+                }
+            };
+            match &self.condition {
+                Some(condition) => condition.wait(partition, offset).await,
+                None => Ok(()),
             }
         })
     }

@@ -6,9 +6,29 @@ pub mod audit;
 
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use rdkafka::ClientConfig;
 
 use chatvault_core::config::KafkaConfig;
+use chatvault_core::error::Result;
+
+/// What must hold for a produced record, beyond Kafka's acknowledgement, before what it carries is
+/// acknowledged: an event to its sender, an audit record to the call it describes. Standalone's Kafka lives in
+/// the process and dies with it, so there a record counts only once the archive holds it; a Kafka cluster
+/// that outlives the process needs no condition.
+pub trait AckCondition: Send + Sync {
+    /// Waits until the record at `offset` of `partition` may be acknowledged; an error (retryable: the
+    /// sender retries, and ids collapse the copies) when it cannot be in time.
+    fn wait(&self, partition: i32, offset: i64) -> BoxFuture<'_, Result<()>>;
+}
+
+/// The conditions of a process whose Kafka does not outlive it: one for the chat events' topic, one for
+/// the audit topic (each waits for its own stream's archiver).
+#[derive(Clone)]
+pub struct AckConditions {
+    pub events: std::sync::Arc<dyn AckCondition>,
+    pub audit: std::sync::Arc<dyn AckCondition>,
+}
 
 /// The gateway settings its producer is built from (`gateway.delivery_timeout`, `gateway.max_queued_events`).
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,9 @@
 //! - [`stream`]: the streaming restore of one conversation with bounded memory (plan, then emit).
 //! - [`service`]: the `chatvault.v1.RestoreService` gRPC API with health and reflection; every call is
 //!   recorded in the audit trail (`chatvault_core::audit`).
+//! - [`audit_trail`]: the `chatvault.v1.AuditService`: the archived audit trail, verified and queried.
 
+pub mod audit_trail;
 pub mod config;
 pub mod index;
 pub mod reader;
@@ -20,6 +22,7 @@ pub mod stream;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use audit_trail::{AuditApi, AuditTrailReader};
 pub use index::{ArchiveIndex, TimeRange};
 pub use reader::Restorer;
 pub use rehydrate::{rehydrate, restore_items};
@@ -37,7 +40,8 @@ use crate::config::RestorerConfig;
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::storage::object_store_from_config;
 
-/// The restorer role on the shared settings and its `[restorer]` section, serving on `listener` until
+/// The restorer role on the shared settings and its `[restorer]` section, serving the RestoreService and the
+/// AuditService on `listener` until
 /// `shutdown` (then draining for `restorer.drain_timeout`), recording every call in `audit` (the Kafka audit
 /// topic in production: the caller provides the sink, so this crate does not link a Kafka client). The one
 /// assembly of the role: the binary, the test kit and the benchmarks all start it here.
@@ -50,17 +54,17 @@ pub async fn run(
 ) -> chatvault_core::Result<()> {
     let store = object_store_from_config(&shared.storage)?;
     let keys = DataKeys::from_config(store.clone(), &shared.keys)?;
+    let audit_trail =
+        AuditTrailReader::new(store.clone(), keys.clone(), &shared.kafka.audit_topic());
     let restorer = Restorer::new(store, keys, &shared.kafka.topic, settings.read_concurrency)
         .with_buffer_limits(BufferLimits {
             events: settings.max_buffered_events,
             bytes: settings.max_buffered_bytes,
         });
-    let api = RestoreApi::new(
-        Arc::new(restorer),
-        shared.authenticator()?,
-        Auditor::new("restorer", audit),
-    )
-    .with_max_concurrent_requests(settings.max_concurrent_requests);
+    let auditor = Auditor::new("restorer", audit);
+    let api = RestoreApi::new(Arc::new(restorer), shared.authenticator()?, auditor.clone())
+        .with_max_concurrent_requests(settings.max_concurrent_requests);
+    let audit_api = AuditApi::new(Arc::new(audit_trail), shared.authenticator()?, auditor);
     let drain = settings.drain_timeout;
-    serve(listener, api, shutdown, drain).await
+    serve(listener, api, Some(audit_api), shutdown, drain).await
 }

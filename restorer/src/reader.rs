@@ -65,13 +65,13 @@ enum EventIdentity {
 
 impl EventIdentity {
     fn of(event: &ArchivedEvent) -> EventIdentity {
-        if event.event.event_id.is_empty() {
+        if event.record.event_id.is_empty() {
             EventIdentity::Record(event.kafka_partition, event.kafka_offset)
         } else {
             EventIdentity::Id {
-                tenant_id: event.event.tenant_id.clone(),
-                conversation_id: event.event.conversation_id.clone(),
-                event_id: event.event.event_id.clone(),
+                tenant_id: event.record.tenant_id.clone(),
+                conversation_id: event.record.conversation_id.clone(),
+                event_id: event.record.event_id.clone(),
             }
         }
     }
@@ -180,7 +180,7 @@ impl Restorer {
         // The first error ends the request; dropping the stream cancels the reads still in flight.
         while let Some(events) = decoded.next().await {
             for event in events? {
-                if !range.contains(event.event.occurred_at_micros) {
+                if !range.contains(event.record.occurred_at_micros) {
                     continue;
                 }
                 match unique.entry(EventIdentity::of(&event)) {
@@ -201,7 +201,7 @@ impl Restorer {
         let mut events: Vec<ArchivedEvent> = unique.into_values().collect();
         events.sort_by_key(|e| {
             (
-                e.event.occurred_at_micros,
+                e.record.occurred_at_micros,
                 e.kafka_partition,
                 e.kafka_offset,
             )
@@ -281,7 +281,7 @@ impl Restorer {
                 let events = self.read_file(file, tenant, None).await?;
                 let mut listings: BTreeMap<String, FileListing> = BTreeMap::new();
                 for archived in &events {
-                    let event = &archived.event;
+                    let event = &archived.record;
                     let listing = listings
                         .entry(event.conversation_id.clone())
                         .or_insert_with(|| FileListing {
@@ -409,19 +409,13 @@ impl Restorer {
         let conversation = conversation.map(str::to_string);
         // Hashing and decrypting a file are CPU-bound: keep them off the async workers.
         tokio::task::spawn_blocking(move || {
-            let actual = sha256_hex(&bytes);
-            if actual != file.sha256 {
-                return Err(Error::internal(format!(
-                    "archive file {} was altered: its SHA-256 is {actual}, the manifest committed {}",
-                    file.path, file.sha256
-                )));
-            }
+            check_committed(&file, &bytes)?;
             let events = decode_file(bytes, &key, conversation.as_deref())
                 .map_err(|error| error.context(format!("decoding archive file {}", file.path)))?;
-            if let Some(stranger) = events.iter().find(|e| e.event.tenant_id != tenant) {
+            if let Some(stranger) = events.iter().find(|e| e.record.tenant_id != tenant) {
                 return Err(Error::internal(format!(
                     "archive file {} of tenant {tenant} holds an event of tenant {}",
-                    file.path, stranger.event.tenant_id
+                    file.path, stranger.record.tenant_id
                 )));
             }
             Ok(events)
@@ -431,16 +425,32 @@ impl Restorer {
     }
 
     async fn fetch(&self, path: &str) -> Result<Bytes> {
-        let location = Path::from(path);
-        let fetched = match self.store.get(&location).await {
-            Ok(result) => result.bytes().await,
-            Err(error) => Err(error),
-        };
-        let bytes = fetched.map_err(|error| fetch_error(path, error))?;
+        let bytes = fetch_committed(self.store.as_ref(), path).await?;
         self.bytes_fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(bytes)
     }
+}
+
+/// Fails unless `bytes` are the file `file`'s manifest committed (its SHA-256), naming the file. CPU-bound.
+pub(crate) fn check_committed(file: &ManifestFile, bytes: &[u8]) -> Result<()> {
+    let actual = sha256_hex(bytes);
+    if actual != file.sha256 {
+        return Err(Error::internal(format!(
+            "archive file {} was altered: its SHA-256 is {actual}, the manifest committed {}",
+            file.path, file.sha256
+        )));
+    }
+    Ok(())
+}
+
+/// Fetches the committed file at `path` (not yet checked: see [`check_committed`]); its absence is damage.
+pub(crate) async fn fetch_committed(store: &dyn ObjectStore, path: &str) -> Result<Bytes> {
+    let fetched = match store.get(&Path::from(path)).await {
+        Ok(result) => result.bytes().await,
+        Err(error) => Err(error),
+    };
+    fetched.map_err(|error| fetch_error(path, error))
 }
 
 fn fetch_error(path: &str, error: object_store::Error) -> Error {
@@ -472,7 +482,10 @@ mod tests {
     }
 
     fn ids(events: &[ArchivedEvent]) -> Vec<&str> {
-        events.iter().map(|e| e.event.message_id.as_str()).collect()
+        events
+            .iter()
+            .map(|e| e.record.message_id.as_str())
+            .collect()
     }
 
     #[tokio::test]
@@ -501,7 +514,7 @@ mod tests {
             .expect("events");
         assert_eq!(ids(&events), ["m1", "m3", "m2"]);
         assert_eq!((events[0].kafka_partition, events[0].kafka_offset), (0, 0));
-        assert_eq!(events[0].event.text, "text of m1");
+        assert_eq!(events[0].record.text, "text of m1");
         assert_eq!(restorer.files_read(), 3);
     }
 

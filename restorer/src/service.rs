@@ -18,6 +18,7 @@ use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::telemetry::{grpc_server_span, record_span_error};
 use chatvault_core::{Error, ErrorCode, Result};
+use chatvault_proto::v1::audit_service_server::AuditServiceServer;
 use chatvault_proto::v1::restore_service_server::{RestoreService, RestoreServiceServer};
 use chatvault_proto::v1::{
     GetConversationRequest, ListConversationsRequest, ListConversationsResponse, RestoreItem,
@@ -28,6 +29,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::audit_trail::AuditApi;
 use crate::index::TimeRange;
 use crate::reader::Restorer;
 use crate::stream::ConversationPlan;
@@ -332,13 +334,14 @@ impl CallTelemetry {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     api: RestoreApi,
+    audit_api: Option<AuditApi>,
     shutdown: Shutdown,
     drain_timeout: std::time::Duration,
 ) -> Result<()> {
     match chatvault_core::shutdown::drain(
         shutdown.clone(),
         drain_timeout,
-        serve_api(listener, api, shutdown),
+        serve_api(listener, api, audit_api, shutdown),
     )
     .await
     {
@@ -353,10 +356,12 @@ pub async fn serve(
     }
 }
 
-/// [`serve`] with a configured [`RestoreApi`] (auditor, concurrency limit).
+/// [`serve`] with a configured [`RestoreApi`] (auditor, concurrency limit) and, when given, the
+/// `chatvault.v1.AuditService` beside it.
 pub async fn serve_api(
     listener: tokio::net::TcpListener,
     api: RestoreApi,
+    audit_api: Option<AuditApi>,
     shutdown: Shutdown,
 ) -> Result<()> {
     let common = serve_health::<RestoreServiceServer<RestoreApi>>().await?;
@@ -378,6 +383,7 @@ pub async fn serve_api(
         .add_service(common.health_service)
         .add_service(common.reflection)
         .add_service(RestoreServiceServer::new(api))
+        .add_optional_service(audit_api.map(AuditServiceServer::new))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
         .map_err(|error| {
@@ -456,7 +462,7 @@ mod tests {
             .expect("bind");
         let address = listener.local_addr().expect("address");
         let (trigger, shutdown) = chatvault_core::shutdown::channel();
-        let task = tokio::spawn(serve_api(listener, api, shutdown));
+        let task = tokio::spawn(serve_api(listener, api, None, shutdown));
         let channel = Channel::from_shared(format!("http://{address}"))
             .expect("uri")
             .connect()

@@ -366,12 +366,12 @@ impl Emission<'_> {
                     states
                         .entry(slot.message)
                         .or_insert_with(|| {
-                            MessageState::first_seen(&archived.event, *position as usize)
+                            MessageState::first_seen(&archived.record, *position as usize)
                         })
-                        .apply(kind, &archived.event);
+                        .apply(kind, &archived.record);
                 } else {
                     held.add(1);
-                    events.insert(*position as usize, archived.event);
+                    events.insert(*position as usize, archived.record);
                 }
             }
         }
@@ -407,7 +407,7 @@ impl Emission<'_> {
             let (fetched, _held) = self.fetch(&positions[chunk]).await?;
             for archived in fetched {
                 let item = RestoreItem {
-                    item: Some(Item::ArchivedEvent(archived.event)),
+                    item: Some(Item::ArchivedEvent(archived.record)),
                 };
                 if self.items.send(Ok(item)).await.is_err() {
                     return Ok(());
@@ -530,7 +530,7 @@ impl Restorer {
         while let Some((file, result)) = decoded.next().await {
             let (events, _decoded_held) = result?;
             for archived in events {
-                let event = &archived.event;
+                let event = &archived.record;
                 if !range.contains(event.occurred_at_micros) {
                     continue;
                 }
@@ -579,7 +579,7 @@ impl Restorer {
                     .map(|archived| {
                         (
                             (archived.kafka_partition, archived.kafka_offset),
-                            archived.event,
+                            archived.record,
                         )
                     })
                     .collect();
@@ -708,7 +708,7 @@ mod tests {
             .await
             .expect("events")
             .into_iter()
-            .map(|archived| archived.event)
+            .map(|archived| archived.record)
             .collect();
         restore_items(&events, true)
     }

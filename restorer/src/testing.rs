@@ -109,16 +109,16 @@ impl Fixture {
             .iter()
             .enumerate()
             .map(|(index, event)| ArchivedEvent {
-                event: event.clone(),
+                record: event.clone(),
                 kafka_partition: partition,
                 kafka_offset: head.end_offset + index as i64,
             })
             .collect();
         let mut groups: BTreeMap<(String, String), Vec<&ArchivedEvent>> = BTreeMap::new();
         for row in &archived {
-            let date = Date::from_micros(row.event.occurred_at_micros).iso();
+            let date = Date::from_micros(row.record.occurred_at_micros).iso();
             groups
-                .entry((row.event.tenant_id.clone(), date))
+                .entry((row.record.tenant_id.clone(), date))
                 .or_default()
                 .push(row);
         }

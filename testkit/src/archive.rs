@@ -160,7 +160,7 @@ pub async fn audit_archive(config: &Config, partitions: &[i32]) -> anyhow::Resul
                             .push((partition, row.kafka_offset));
                     }
                     audit.rows += 1;
-                    let event = row.event;
+                    let event = row.record;
                     *audit
                         .rows_per_event_id
                         .entry(event.event_id.clone())

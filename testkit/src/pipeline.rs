@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatvault_archive::keys::DataKeys;
-use chatvault_archiver::ArchiverStats;
 use chatvault_archiver::OnShutdown;
+use chatvault_archiver::RoleStats;
 use chatvault_config::Config;
 use chatvault_core::auth::Role;
 use chatvault_core::config::{StorageConfig, TenantConfig, TokenConfig};
 use chatvault_core::shutdown::{self, ShutdownTrigger};
 use chatvault_core::storage::object_store_from_config;
+use chatvault_proto::v1::audit_service_client::AuditServiceClient;
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
 use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
 use tokio::net::TcpListener;
@@ -29,6 +30,8 @@ pub const INGEST_TOKEN: &str = "test-ingest-all";
 pub const RESTORE_TOKEN: &str = "test-restore-all";
 /// Holds `ingest` for `acme` only.
 pub const ACME_INGEST_TOKEN: &str = "test-ingest-acme";
+/// Holds `audit` for `acme` only.
+pub const ACME_AUDIT_TOKEN: &str = "test-audit-acme";
 
 /// A configuration for the test tenants, pointing at `brokers` and `storage`, with fast batching.
 pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -> Config {
@@ -68,6 +71,12 @@ pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -
                     name: "ingest-acme".into(),
                     token: Some(ACME_INGEST_TOKEN.into()),
                     roles: vec![Role::Ingest],
+                    ..Default::default()
+                });
+                tokens.push(TokenConfig {
+                    name: "audit-acme".into(),
+                    token: Some(ACME_AUDIT_TOKEN.into()),
+                    roles: vec![Role::Audit],
                     ..Default::default()
                 });
             }
@@ -146,11 +155,12 @@ pub fn data_keys(config: &Config) -> anyhow::Result<DataKeys> {
     Ok(DataKeys::from_config(store, &config.shared.keys)?)
 }
 
+/// The archiver role (the chat events' archiver and the audit trail's) on `config`.
 pub async fn start_archiver(
     config: &Config,
     writer_id: &str,
-) -> anyhow::Result<(RunningRole, Arc<ArchiverStats>)> {
-    let stats = Arc::new(ArchiverStats::default());
+) -> anyhow::Result<(RunningRole, RoleStats)> {
+    let stats = RoleStats::default();
     let (trigger, shutdown) = shutdown::channel();
     let (config, writer_id, task_stats) = (config.clone(), writer_id.to_string(), stats.clone());
     let task = tokio::spawn(async move {
@@ -206,6 +216,10 @@ pub async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
 
 pub async fn ingest_client(endpoint: &str) -> anyhow::Result<IngestServiceClient<Channel>> {
     Ok(IngestServiceClient::new(channel(endpoint).await?).max_encoding_message_size(64 << 20))
+}
+
+pub async fn audit_client(endpoint: &str) -> anyhow::Result<AuditServiceClient<Channel>> {
+    Ok(AuditServiceClient::new(channel(endpoint).await?))
 }
 
 pub async fn restore_client(endpoint: &str) -> anyhow::Result<RestoreServiceClient<Channel>> {
