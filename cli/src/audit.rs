@@ -63,7 +63,7 @@ fn parse_outcome(text: &str) -> Result<String, String> {
 const PAGE_SIZE: u32 = 500;
 
 pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
-    let token = args.connection.token()?;
+    let token = args.connection.token().await?;
     let mut client = AuditServiceClient::new(channel(&args.restorer).await?);
     let mut request = QueryAuditTrailRequest {
         tenant_id: args.tenant.clone(),

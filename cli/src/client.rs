@@ -21,9 +21,10 @@ use tonic::transport::Channel;
 
 use crate::sample::{DEMO_CONVERSATION, sample_conversation};
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Clone)]
 pub struct Connection {
-    /// Bearer token. Defaults to the standalone token in --data-dir.
+    /// Bearer token. Defaults to the sign-in of `chatvault login`, then to the standalone token in
+    /// --data-dir.
     #[arg(long, env = "CHATVAULT_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Data directory of a standalone instance (to find its token).
@@ -31,15 +32,34 @@ pub struct Connection {
     data_dir: PathBuf,
 }
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("data_dir", &self.data_dir)
+            .finish()
+    }
+}
+
 impl Connection {
-    pub fn token(&self) -> anyhow::Result<String> {
+    /// The bearer token, the first of: `--token` (or `CHATVAULT_TOKEN`); the sign-in of `chatvault login`
+    /// (renewed when it is about to expire); the standalone token in `--data-dir`.
+    pub async fn token(&self) -> anyhow::Result<String> {
         if let Some(token) = &self.token {
             return Ok(token.clone());
+        }
+        if let Some(token) = crate::login::signed_in_token().await? {
+            return Ok(token.expose().to_string());
         }
         let path = self.data_dir.join("standalone-token");
         std::fs::read_to_string(&path)
             .map(|token| token.trim().to_string())
-            .with_context(|| format!("no --token given and {} is not readable", path.display()))
+            .with_context(|| {
+                format!(
+                    "no --token given, not signed in (`chatvault login`), and {} is not readable",
+                    path.display()
+                )
+            })
     }
 }
 
@@ -210,7 +230,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     run_demo(
         &args.gateway,
         &args.restorer,
-        &args.connection.token()?,
+        &args.connection.token().await?,
         &args.tenant,
     )
     .await
@@ -219,7 +239,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let items = fetch_conversation(
         &args.restorer,
-        &args.connection.token()?,
+        &args.connection.token().await?,
         &args.tenant,
         &args.conversation,
     )
@@ -267,7 +287,7 @@ pub async fn conversations(args: ConversationsArgs) -> anyhow::Result<()> {
             ListConversationsRequest {
                 tenant_id: args.tenant.clone(),
             },
-            &args.connection.token()?,
+            &args.connection.token().await?,
         )?)
         .await
         .map_err(|status| {

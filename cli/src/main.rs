@@ -1,9 +1,11 @@
 //! `chatvault`: one binary, a subcommand per role (`gateway`, `archiver`, `restorer`), `standalone` (all three
-//! in one process on embedded defaults), and client commands (`demo`, `restore`, `conversations`, `keys`,
-//! `audit`).
+//! in one process on embedded defaults), and client commands (`login`, `logout`, `demo`, `restore`,
+//! `conversations`, `keys`, `audit`).
 
 mod audit;
 mod client;
+mod credentials;
+mod login;
 mod ops;
 mod roles;
 mod sample;
@@ -41,6 +43,11 @@ enum Command {
     /// Run gateway, archiver and restorer in one process on embedded defaults: librdkafka's in-process mock
     /// Kafka cluster (NOT durable), a local archive directory and a local keyring.
     Standalone(roles::StandaloneArgs),
+    /// Sign in at the company's OpenID provider (OAuth 2.0 device authorization grant) for the client
+    /// commands; the sign-in is kept in the user's configuration directory.
+    Login(login::LoginArgs),
+    /// Forget the sign-in of `chatvault login`.
+    Logout,
     /// Send a sample conversation (thread, edit, deletion, reactions, membership) and print it restored.
     Demo(client::DemoArgs),
     /// Restore a conversation and print it as readable text (or JSON).
@@ -81,6 +88,8 @@ fn main() -> std::process::ExitCode {
             Command::Archiver(args) => roles::run_archiver(roles::load_config(&args.config)?).await,
             Command::Restorer(args) => roles::run_restorer(roles::load_config(&args.config)?).await,
             Command::Standalone(args) => roles::run_standalone(args).await,
+            Command::Login(args) => login::login(args).await,
+            Command::Logout => login::logout().await,
             Command::Demo(args) => client::demo(args).await,
             Command::Restore(args) => client::restore(args).await,
             Command::Conversations(args) => client::conversations(args).await,

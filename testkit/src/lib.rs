@@ -9,7 +9,8 @@
 //! - [`fault_proxy`]: an HTTP proxy injecting S3 errors, latency and lost answers in front of the S3 server;
 //! - [`kafka_proxy`]: a Kafka-protocol proxy that can answer fetches with a later record batch (a broker defect);
 //! - [`broker`]: a Kafka broker (the mock cluster) in its own process, restartable, or an external one;
-//! - [`oidc`]: a real OpenID provider (node-oidc-provider on Node.js) issuing JWT access tokens;
+//! - [`oidc`]: a real OpenID provider (node-oidc-provider on Node.js) issuing JWT access tokens, and a person
+//!   completing a device sign-in (RFC 8628) at it;
 //! - [`python`]: the virtualenv with DuckDB and pyarrow installed by `scripts/setup-test-deps.sh`.
 
 pub mod archive;

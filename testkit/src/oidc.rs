@@ -1,6 +1,8 @@
 //! A real OpenID provider for sign-in tests: node-oidc-provider (OpenID-certified), run by Node.js from
 //! `testkit/oidc/` (installed by `scripts/setup-test-deps.sh`). It serves discovery and JWKS and issues RFC 9068
-//! JWT access tokens through the client-credentials grant, each client's `groups` as a claim.
+//! JWT access tokens through the client-credentials grant, each client's `groups` as a claim, and, when
+//! started with a [`DeviceFlow`], signs people in through the device authorization grant (RFC 8628):
+//! [`complete_device_sign_in`] plays the person at the browser.
 //!
 //! Tests hold the provider's private signing keys ([`SigningKey`]), so they can also forge tokens the provider
 //! would never issue (expired, for another audience, another algorithm) that are otherwise correctly signed.
@@ -112,12 +114,48 @@ impl OidcClient {
     }
 }
 
+/// A public client for the device authorization grant (a command line such as `chatvault login`), and the
+/// people who can sign in through it.
+#[derive(Debug, Clone)]
+pub struct DeviceFlow {
+    pub client_id: String,
+    /// Login name → the `groups` claim of their access tokens. The provider's development login form takes
+    /// any login name (and any password); a name not listed here gets no groups.
+    pub accounts: Vec<(String, Vec<String>)>,
+    /// The polling interval the provider tells devices (node-oidc-provider says none, which means 5 s).
+    pub interval: Option<Duration>,
+    /// The lifetime of access tokens (for every client); the provider's default (1 hour, 10 minutes for
+    /// client credentials) when `None`.
+    pub access_token_ttl: Option<Duration>,
+}
+
+impl DeviceFlow {
+    /// The public client `client_id` with `accounts` (login name, groups), polled every second.
+    pub fn new(client_id: &str, accounts: &[(&str, &[&str])]) -> DeviceFlow {
+        DeviceFlow {
+            client_id: client_id.to_string(),
+            accounts: accounts
+                .iter()
+                .map(|(login, groups)| {
+                    (
+                        login.to_string(),
+                        groups.iter().map(|group| group.to_string()).collect(),
+                    )
+                })
+                .collect(),
+            interval: Some(Duration::from_secs(1)),
+            access_token_ttl: None,
+        }
+    }
+}
+
 /// The running provider, stopped when dropped.
 pub struct OidcProvider {
     child: Option<Child>,
     port: u16,
     audience: String,
     clients: Vec<OidcClient>,
+    device_flow: Option<DeviceFlow>,
     dir: tempfile::TempDir,
     http: reqwest::Client,
 }
@@ -130,6 +168,25 @@ impl OidcProvider {
         audience: &str,
         clients: &[OidcClient],
     ) -> anyhow::Result<OidcProvider> {
+        OidcProvider::start_with(keys, audience, clients, None)
+    }
+
+    /// [`OidcProvider::start`], plus the device authorization grant for `device_flow`'s public client.
+    pub fn start_with_device_flow(
+        keys: &[&SigningKey],
+        audience: &str,
+        clients: &[OidcClient],
+        device_flow: DeviceFlow,
+    ) -> anyhow::Result<OidcProvider> {
+        OidcProvider::start_with(keys, audience, clients, Some(device_flow))
+    }
+
+    fn start_with(
+        keys: &[&SigningKey],
+        audience: &str,
+        clients: &[OidcClient],
+        device_flow: Option<DeviceFlow>,
+    ) -> anyhow::Result<OidcProvider> {
         anyhow::ensure!(
             provider_dir().join("node_modules/oidc-provider").exists(),
             "the OIDC test provider is not installed: run scripts/setup-test-deps.sh"
@@ -140,6 +197,7 @@ impl OidcProvider {
             port: free_port()?,
             audience: audience.to_string(),
             clients: clients.to_vec(),
+            device_flow,
             dir: tempfile::tempdir()?,
             http: reqwest::Client::new(),
         };
@@ -182,7 +240,7 @@ impl OidcProvider {
     }
 
     fn spawn(&mut self, keys: &[&SigningKey]) -> anyhow::Result<()> {
-        let config = json!({
+        let mut config = json!({
             "issuer": self.issuer(),
             "port": self.port,
             "audience": self.audience,
@@ -193,6 +251,21 @@ impl OidcProvider {
                 "groups": client.groups,
             })).collect::<Vec<_>>(),
         });
+        if let Some(device_flow) = &self.device_flow {
+            config["device_clients"] = json!([{"client_id": device_flow.client_id}]);
+            config["accounts"] = device_flow
+                .accounts
+                .iter()
+                .map(|(login, groups)| (login.clone(), json!(groups)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+            if let Some(interval) = device_flow.interval {
+                config["device_interval"] = json!(interval.as_secs());
+            }
+            if let Some(ttl) = device_flow.access_token_ttl {
+                config["access_token_ttl"] = json!(ttl.as_secs());
+            }
+        }
         let path = self.dir.path().join("provider.json");
         std::fs::write(&path, config.to_string())?;
         let mut child = Command::new("node")
@@ -241,5 +314,232 @@ impl OidcProvider {
 impl Drop for OidcProvider {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// What the person at the browser does with a device sign-in.
+#[derive(Debug, Clone)]
+pub enum DeviceDecision {
+    /// Confirms the code, signs in as `login` (the development login form takes any password) and consents.
+    Approve { login: String },
+    /// Presses "Abort" on the page that asks to confirm the code: the device is denied (`access_denied`).
+    Abort,
+}
+
+/// Plays the person who opens `verification_uri` in a browser, enters `user_code` and decides: reads the
+/// provider's own pages (node-oidc-provider's device pages and its development login and consent forms)
+/// and posts their forms, carrying the cookies they set, until the provider shows its result.
+pub async fn complete_device_sign_in(
+    verification_uri: &str,
+    user_code: &str,
+    decision: &DeviceDecision,
+) -> anyhow::Result<()> {
+    let mut browser = Browser::new()?;
+    let page = browser.get(verification_uri).await?;
+    let xsrf = page.input_value("xsrf")?;
+    let page = browser
+        .post(
+            &page.form_action()?,
+            &[("xsrf", &xsrf), ("user_code", user_code)],
+        )
+        .await?;
+    anyhow::ensure!(
+        page.body.contains("name=\"confirm\""),
+        "the provider did not ask to confirm code {user_code}: {}",
+        page.text()
+    );
+    let confirmation = page.form_action()?;
+    let xsrf = page.input_value("xsrf")?;
+    let login = match decision {
+        DeviceDecision::Abort => {
+            let page = browser
+                .post(
+                    &confirmation,
+                    &[("xsrf", &xsrf), ("user_code", user_code), ("abort", "yes")],
+                )
+                .await?;
+            anyhow::ensure!(
+                page.body.contains("interrupted"),
+                "the provider did not confirm the abort: {}",
+                page.text()
+            );
+            return Ok(());
+        }
+        DeviceDecision::Approve { login } => login,
+    };
+    let mut page = browser
+        .post(
+            &confirmation,
+            &[
+                ("xsrf", &xsrf),
+                ("user_code", user_code),
+                ("confirm", "yes"),
+            ],
+        )
+        .await?;
+    // The provider asks for a login, then for consent (the order its interaction policy gives), then
+    // shows its success page.
+    for _ in 0..4 {
+        if page.body.contains("Sign-in Success") {
+            return Ok(());
+        }
+        let action = page.form_action()?;
+        page = if page.body.contains("name=\"prompt\" value=\"login\"") {
+            browser
+                .post(
+                    &action,
+                    &[("prompt", "login"), ("login", login), ("password", "any")],
+                )
+                .await?
+        } else if page.body.contains("name=\"prompt\" value=\"consent\"") {
+            browser.post(&action, &[("prompt", "consent")]).await?
+        } else {
+            anyhow::bail!("unexpected page at {}: {}", page.url, page.text());
+        };
+    }
+    anyhow::bail!("the sign-in did not finish: {}", page.text())
+}
+
+/// Just enough of a browser for the provider's pages: follows redirects and keeps cookies. Cookies are kept
+/// by name, ignoring their paths: the provider's cookies have distinct names, and the latest value of a name
+/// is the one its next page expects.
+struct Browser {
+    http: reqwest::Client,
+    cookies: std::collections::BTreeMap<String, String>,
+}
+
+/// A page the browser ended up at.
+struct Page {
+    url: reqwest::Url,
+    body: String,
+}
+
+impl Browser {
+    fn new() -> anyhow::Result<Browser> {
+        Ok(Browser {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            cookies: Default::default(),
+        })
+    }
+
+    async fn get(&mut self, url: &str) -> anyhow::Result<Page> {
+        self.open(reqwest::Url::parse(url)?, None).await
+    }
+
+    async fn post(&mut self, url: &str, form: &[(&str, &str)]) -> anyhow::Result<Page> {
+        self.open(reqwest::Url::parse(url)?, Some(form)).await
+    }
+
+    async fn open(
+        &mut self,
+        mut url: reqwest::Url,
+        mut form: Option<&[(&str, &str)]>,
+    ) -> anyhow::Result<Page> {
+        for _ in 0..10 {
+            let request = match form {
+                Some(form) => self.http.post(url.clone()).form(form),
+                None => self.http.get(url.clone()),
+            };
+            let cookies = self
+                .cookies
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let request = if cookies.is_empty() {
+                request
+            } else {
+                request.header(http::header::COOKIE, cookies)
+            };
+            let response = request.send().await?;
+            for set_cookie in response.headers().get_all(http::header::SET_COOKIE) {
+                let pair = set_cookie.to_str()?.split(';').next().unwrap_or_default();
+                if let Some((name, value)) = pair.split_once('=') {
+                    // A cookie is deleted by setting it empty (and expired).
+                    if value.is_empty() {
+                        self.cookies.remove(name.trim());
+                    } else {
+                        self.cookies.insert(name.trim().into(), value.into());
+                    }
+                }
+            }
+            let status = response.status();
+            if status.is_redirection() {
+                let location = response
+                    .headers()
+                    .get(http::header::LOCATION)
+                    .context("a redirect without Location")?
+                    .to_str()?;
+                // 302 and 303 after a form post both continue with a GET, as browsers do.
+                url = url.join(location)?;
+                form = None;
+                continue;
+            }
+            let page = Page {
+                url: url.clone(),
+                body: response.text().await?,
+            };
+            anyhow::ensure!(
+                status.is_success(),
+                "{url} answered {status}: {}",
+                page.text()
+            );
+            return Ok(page);
+        }
+        anyhow::bail!("more than 10 redirects from {url}")
+    }
+}
+
+impl Page {
+    /// The `value` of the input named `name`.
+    fn input_value(&self, name: &str) -> anyhow::Result<String> {
+        let marker = format!("name=\"{name}\" value=\"");
+        let start = self
+            .body
+            .find(&marker)
+            .with_context(|| format!("no input {name} at {}: {}", self.url, self.text()))?
+            + marker.len();
+        let value = &self.body[start..];
+        Ok(value[..value.find('"').unwrap_or(value.len())].to_string())
+    }
+
+    /// Where the page's (first) form posts to.
+    fn form_action(&self) -> anyhow::Result<String> {
+        let start = self
+            .body
+            .find("action=\"")
+            .with_context(|| format!("no form at {}: {}", self.url, self.text()))?
+            + "action=\"".len();
+        let action = &self.body[start..];
+        let action = action[..action.find('"').unwrap_or(action.len())].replace("&amp;", "&");
+        Ok(self.url.join(&action)?.to_string())
+    }
+
+    /// The page's visible text, shortened, for error messages.
+    fn text(&self) -> String {
+        let body = match (self.body.find("<style"), self.body.find("</style>")) {
+            (Some(start), Some(end)) if start < end => {
+                format!("{}{}", &self.body[..start], &self.body[end..])
+            }
+            _ => self.body.clone(),
+        };
+        let mut text = String::new();
+        let mut in_tag = false;
+        for c in body.chars() {
+            match c {
+                '<' => in_tag = true,
+                '>' => {
+                    in_tag = false;
+                    text.push(' ');
+                }
+                _ if !in_tag => text.push(c),
+                _ => {}
+            }
+        }
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        text.chars().take(400).collect()
     }
 }
