@@ -10,6 +10,7 @@ const PROTO_FILES: &[&str] = &[
     "chatvault/v1/ingest.proto",
     "chatvault/v1/restore.proto",
     "chatvault/v1/audit.proto",
+    "chatvault/v1/keys.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

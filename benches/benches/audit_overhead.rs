@@ -50,7 +50,12 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (trigger, shutdown) = chatvault_core::shutdown::channel();
-    tokio::spawn(serve_api(listener, api, None, shutdown));
+    tokio::spawn(serve_api(
+        listener,
+        api,
+        chatvault_restorer::MoreApis::default(),
+        shutdown,
+    ));
     // The server lives as long as the benchmark.
     std::mem::forget(trigger);
     let channel = Channel::from_shared(format!("http://{address}"))?

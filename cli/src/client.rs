@@ -4,17 +4,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use base64::Engine;
-use chatvault_archive::keys::DataKeys;
-use chatvault_config::Config;
-use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::ingest_service_client::IngestServiceClient;
 use chatvault_proto::v1::restore_item::Item;
 use chatvault_proto::v1::restore_service_client::RestoreServiceClient;
 use chatvault_proto::v1::{
     GetConversationRequest, IngestBatchRequest, ListConversationsRequest, RestoreItem,
 };
-use clap::{Args, Subcommand};
+use clap::Args;
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -98,30 +94,6 @@ pub struct ConversationsArgs {
     restorer: String,
     #[arg(long)]
     tenant: String,
-}
-
-#[derive(Args, Debug)]
-pub struct KeysArgs {
-    #[command(subcommand)]
-    command: KeysCommand,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum KeysCommand {
-    /// Print the data key of a tenant's month (for DuckDB's PRAGMA add_parquet_key or pyarrow). Reads the
-    /// keyring directly, so it needs the same access as an archiver; treat the output as a secret.
-    Export {
-        #[arg(long, short = 'c', env = "CHATVAULT_CONFIG")]
-        config: Option<PathBuf>,
-        /// Use a standalone data directory instead of a configuration file.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        #[arg(long)]
-        tenant: String,
-        /// The month, `yyyy-mm`.
-        #[arg(long)]
-        period: String,
-    },
 }
 
 pub fn authorized<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
@@ -308,39 +280,4 @@ pub async fn conversations(args: ConversationsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
-    match args.command {
-        KeysCommand::Export {
-            config,
-            data_dir,
-            tenant,
-            period,
-        } => {
-            let mut loaded = Config::load(config.as_deref())?;
-            if let Some(dir) = data_dir {
-                let dir = dir
-                    .canonicalize()
-                    .with_context(|| format!("{}", dir.display()))?;
-                loaded.shared.storage.url = format!("file://{}", dir.join("archive").display());
-                loaded.shared.keys.keyring_path = dir.join("keyring.json");
-            }
-            let store = object_store_from_config(&loaded.shared.storage)?;
-            let keys = DataKeys::from_config(store, &loaded.shared.keys)?;
-            let key = keys.get(&tenant, &period).await?;
-            tracing::warn!(tenant = %tenant, period = %period, dek_id = %key.dek_id, "data key exported");
-            println!(
-                "{}",
-                serde_json::json!({
-                    "tenant_id": key.tenant_id,
-                    "period": key.period,
-                    "dek_id": key.dek_id,
-                    "key_base64": base64::engine::general_purpose::STANDARD.encode(key.key),
-                    "key_hex": hex::encode(key.key),
-                })
-            );
-            Ok(())
-        }
-    }
 }

@@ -5,6 +5,7 @@
 mod audit;
 mod client;
 mod credentials;
+mod keys;
 mod login;
 mod ops;
 mod roles;
@@ -55,9 +56,19 @@ enum Command {
     /// List a tenant's archived conversations.
     Conversations(client::ConversationsArgs),
     /// Data-key operations for standard readers (DuckDB, pyarrow).
-    Keys(client::KeysArgs),
+    Keys(keys::KeysArgs),
     /// Read a tenant's audit trail (who did what, when, from where, with what outcome).
     Audit(audit::AuditArgs),
+    /// Configuration operations.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Load and validate a configuration (the file and CHATVAULT__ variables) without starting anything:
+    /// unknown settings and invalid values are errors naming the setting.
+    Check(ConfigArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,8 +104,16 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => client::demo(args).await,
             Command::Restore(args) => client::restore(args).await,
             Command::Conversations(args) => client::conversations(args).await,
-            Command::Keys(args) => client::keys(args).await,
+            Command::Keys(args) => keys::keys(args).await,
             Command::Audit(args) => audit::audit(args).await,
+            Command::Config(ConfigCommand::Check(args)) => {
+                let config = roles::load_config(&args.config)?;
+                for warning in &config.deprecated_settings {
+                    eprintln!("warning: {warning}");
+                }
+                println!("configuration valid");
+                Ok(())
+            }
         }
     });
     match result {

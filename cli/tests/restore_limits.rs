@@ -119,7 +119,7 @@ async fn restores_over_s3_read_only_footers_and_stream_within_the_buffer_limits(
                 Arc::new(chatvault_core::audit::MemorySink::default()),
             ),
         ),
-        None,
+        chatvault_restorer::MoreApis::default(),
         shutdown,
     ));
     let mut client = restore_client(address).await?;

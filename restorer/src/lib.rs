@@ -9,10 +9,12 @@
 //! - [`service`]: the `chatvault.v1.RestoreService` gRPC API with health and reflection; every call is
 //!   recorded in the audit trail (`chatvault_core::audit`).
 //! - [`audit_trail`]: the `chatvault.v1.AuditService`: the archived audit trail, verified and queried.
+//! - [`key_export`]: the `chatvault.v1.KeyService`: data keys for standard readers, authorized and recorded.
 
 pub mod audit_trail;
 pub mod config;
 pub mod index;
+pub mod key_export;
 pub mod reader;
 pub mod rehydrate;
 pub mod render;
@@ -24,10 +26,11 @@ pub mod testing;
 
 pub use audit_trail::{AuditApi, AuditTrailReader};
 pub use index::{ArchiveIndex, TimeRange};
+pub use key_export::KeyExportApi;
 pub use reader::Restorer;
 pub use rehydrate::{rehydrate, restore_items};
 pub use render::render_text;
-pub use service::{RestoreApi, serve, serve_api};
+pub use service::{MoreApis, RestoreApi, serve, serve_api};
 pub use stream::{BufferLimits, ConversationPlan};
 
 use std::sync::Arc;
@@ -40,8 +43,8 @@ use crate::config::RestorerConfig;
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::storage::object_store_from_config;
 
-/// The restorer role on the shared settings and its `[restorer]` section, serving the RestoreService and the
-/// AuditService on `listener` until
+/// The restorer role on the shared settings and its `[restorer]` section, serving the RestoreService, the
+/// AuditService and the KeyService on `listener` until
 /// `shutdown` (then draining for `restorer.drain_timeout`), recording every call in `audit` (the Kafka audit
 /// topic in production: the caller provides the sink, so this crate does not link a Kafka client). The one
 /// assembly of the role: the binary, the test kit and the benchmarks all start it here.
@@ -56,15 +59,22 @@ pub async fn run(
     let keys = DataKeys::from_config(store.clone(), &shared.keys)?;
     let audit_trail =
         AuditTrailReader::new(store.clone(), keys.clone(), &shared.kafka.audit_topic());
+    let auditor = Auditor::new("restorer", audit);
+    let key_export = KeyExportApi::new(keys.clone(), shared.authenticator()?, auditor.clone());
     let restorer = Restorer::new(store, keys, &shared.kafka.topic, settings.read_concurrency)
         .with_buffer_limits(BufferLimits {
             events: settings.max_buffered_events,
             bytes: settings.max_buffered_bytes,
         });
-    let auditor = Auditor::new("restorer", audit);
     let api = RestoreApi::new(Arc::new(restorer), shared.authenticator()?, auditor.clone())
         .with_max_concurrent_requests(settings.max_concurrent_requests);
-    let audit_api = AuditApi::new(Arc::new(audit_trail), shared.authenticator()?, auditor);
-    let drain = settings.drain_timeout;
-    serve(listener, api, Some(audit_api), shutdown, drain).await
+    let more = MoreApis {
+        audit_trail: Some(AuditApi::new(
+            Arc::new(audit_trail),
+            shared.authenticator()?,
+            auditor,
+        )),
+        key_export: Some(key_export),
+    };
+    serve(listener, api, more, shutdown, settings.drain_timeout).await
 }

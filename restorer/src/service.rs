@@ -19,6 +19,7 @@ use chatvault_core::shutdown::Shutdown;
 use chatvault_core::telemetry::{grpc_server_span, record_span_error};
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::audit_service_server::AuditServiceServer;
+use chatvault_proto::v1::key_service_server::KeyServiceServer;
 use chatvault_proto::v1::restore_service_server::{RestoreService, RestoreServiceServer};
 use chatvault_proto::v1::{
     GetConversationRequest, ListConversationsRequest, ListConversationsResponse, RestoreItem,
@@ -31,6 +32,7 @@ use tracing::Instrument;
 
 use crate::audit_trail::AuditApi;
 use crate::index::TimeRange;
+use crate::key_export::KeyExportApi;
 use crate::reader::Restorer;
 use crate::stream::ConversationPlan;
 
@@ -334,14 +336,14 @@ impl CallTelemetry {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     api: RestoreApi,
-    audit_api: Option<AuditApi>,
+    more: MoreApis,
     shutdown: Shutdown,
     drain_timeout: std::time::Duration,
 ) -> Result<()> {
     match chatvault_core::shutdown::drain(
         shutdown.clone(),
         drain_timeout,
-        serve_api(listener, api, audit_api, shutdown),
+        serve_api(listener, api, more, shutdown),
     )
     .await
     {
@@ -356,12 +358,20 @@ pub async fn serve(
     }
 }
 
-/// [`serve`] with a configured [`RestoreApi`] (auditor, concurrency limit) and, when given, the
-/// `chatvault.v1.AuditService` beside it.
+/// The restorer's services besides the RestoreService; the role serves both, tests may serve neither.
+#[derive(Debug, Clone, Default)]
+pub struct MoreApis {
+    /// `chatvault.v1.AuditService`.
+    pub audit_trail: Option<AuditApi>,
+    /// `chatvault.v1.KeyService`.
+    pub key_export: Option<KeyExportApi>,
+}
+
+/// [`serve`] with a configured [`RestoreApi`] (auditor, concurrency limit) and the services of `more` beside it.
 pub async fn serve_api(
     listener: tokio::net::TcpListener,
     api: RestoreApi,
-    audit_api: Option<AuditApi>,
+    more: MoreApis,
     shutdown: Shutdown,
 ) -> Result<()> {
     let common = serve_health::<RestoreServiceServer<RestoreApi>>().await?;
@@ -383,7 +393,8 @@ pub async fn serve_api(
         .add_service(common.health_service)
         .add_service(common.reflection)
         .add_service(RestoreServiceServer::new(api))
-        .add_optional_service(audit_api.map(AuditServiceServer::new))
+        .add_optional_service(more.audit_trail.map(AuditServiceServer::new))
+        .add_optional_service(more.key_export.map(KeyServiceServer::new))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
         .map_err(|error| {
@@ -462,7 +473,7 @@ mod tests {
             .expect("bind");
         let address = listener.local_addr().expect("address");
         let (trigger, shutdown) = chatvault_core::shutdown::channel();
-        let task = tokio::spawn(serve_api(listener, api, None, shutdown));
+        let task = tokio::spawn(serve_api(listener, api, MoreApis::default(), shutdown));
         let channel = Channel::from_shared(format!("http://{address}"))
             .expect("uri")
             .connect()

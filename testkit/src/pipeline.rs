@@ -32,6 +32,8 @@ pub const RESTORE_TOKEN: &str = "test-restore-all";
 pub const ACME_INGEST_TOKEN: &str = "test-ingest-acme";
 /// Holds `audit` for `acme` only.
 pub const ACME_AUDIT_TOKEN: &str = "test-audit-acme";
+/// Holds `key_export` for `acme` only.
+pub const ACME_KEY_EXPORT_TOKEN: &str = "test-key-export-acme";
 
 /// A configuration for the test tenants, pointing at `brokers` and `storage`, with fast batching.
 pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -> Config {
@@ -71,6 +73,12 @@ pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -
                     name: "ingest-acme".into(),
                     token: Some(ACME_INGEST_TOKEN.into()),
                     roles: vec![Role::Ingest],
+                    ..Default::default()
+                });
+                tokens.push(TokenConfig {
+                    name: "key-export-acme".into(),
+                    token: Some(ACME_KEY_EXPORT_TOKEN.into()),
+                    roles: vec![Role::KeyExport],
                     ..Default::default()
                 });
                 tokens.push(TokenConfig {

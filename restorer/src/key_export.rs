@@ -1,0 +1,230 @@
+//! `chatvault.v1.KeyService`: data keys for standard readers, handed out only to holders of the `key_export`
+//! role for the tenant, and only once the handout is recorded in the audit trail (with how many keys): the
+//! recorded alternative to reading the keyring directly.
+//!
+//! Only tenants' keys are handed out: the audit trail's key scope (`_audit`) is not a tenant id, so no request
+//! can name it.
+
+use chatvault_archive::keys::DataKeys;
+use chatvault_core::audit::{AuditCall, Auditor, CallSource};
+use chatvault_core::auth::{Authenticator, Role};
+use chatvault_core::event::is_valid_tenant_id;
+use chatvault_core::time::Date;
+use chatvault_core::{Error, ErrorCode, Result};
+use chatvault_proto::v1::key_service_server::KeyService;
+use chatvault_proto::v1::{ExportDataKeysRequest, ExportDataKeysResponse, ExportedDataKey};
+use tonic::{Request, Response, Status};
+
+/// The most months one request may name.
+pub const MAX_PERIODS: usize = 120;
+
+/// The KeyService implementation.
+#[derive(Clone)]
+pub struct KeyExportApi {
+    data_keys: DataKeys,
+    authenticator: Authenticator,
+    auditor: Auditor,
+}
+
+impl std::fmt::Debug for KeyExportApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyExportApi").finish_non_exhaustive()
+    }
+}
+
+/// A month, `yyyy-mm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Period {
+    year: i32,
+    month: u32,
+}
+
+impl Period {
+    fn parse(field: &str, text: &str) -> Result<Period> {
+        let invalid =
+            || Error::invalid_argument(format!("{field} {text:?} is not a month (yyyy-mm)"));
+        if text.len() != 7 || text.as_bytes()[4] != b'-' {
+            return Err(invalid());
+        }
+        let date = Date::parse_iso(&format!("{text}-01")).ok_or_else(invalid)?;
+        let (year, month) = date
+            .month_period()
+            .split_once('-')
+            .and_then(|(y, m)| Some((y.parse().ok()?, m.parse().ok()?)))
+            .ok_or_else(invalid)?;
+        Ok(Period { year, month })
+    }
+
+    fn next(self) -> Period {
+        if self.month == 12 {
+            Period {
+                year: self.year + 1,
+                month: 1,
+            }
+        } else {
+            Period {
+                month: self.month + 1,
+                ..self
+            }
+        }
+    }
+
+    fn name(self) -> String {
+        format!("{:04}-{:02}", self.year, self.month)
+    }
+
+    fn start_micros(self) -> i64 {
+        Date::parse_iso(&format!("{}-01", self.name())).map_or(0, |date| date.start_micros())
+    }
+}
+
+/// The months of a request, checked.
+fn periods(request: &ExportDataKeysRequest) -> Result<Vec<Period>> {
+    let from = Period::parse("from_period", &request.from_period)?;
+    let to = if request.to_period.is_empty() {
+        from
+    } else {
+        Period::parse("to_period", &request.to_period)?
+    };
+    if from > to {
+        return Err(Error::invalid_argument(format!(
+            "from_period {} is after to_period {}",
+            from.name(),
+            to.name()
+        )));
+    }
+    let mut months = vec![from];
+    while *months.last().expect("one month") < to {
+        if months.len() == MAX_PERIODS {
+            return Err(Error::invalid_argument(format!(
+                "the range names more than {MAX_PERIODS} months; ask for fewer at a time"
+            )));
+        }
+        months.push(months.last().expect("one month").next());
+    }
+    Ok(months)
+}
+
+impl KeyExportApi {
+    pub fn new(data_keys: DataKeys, authenticator: Authenticator, auditor: Auditor) -> Self {
+        KeyExportApi {
+            data_keys,
+            authenticator,
+            auditor,
+        }
+    }
+
+    async fn keys(
+        &self,
+        authorization: Option<&str>,
+        request: &ExportDataKeysRequest,
+        audit: &mut AuditCall,
+    ) -> Result<ExportDataKeysResponse> {
+        let caller = self.authenticator.authenticate(authorization).await?;
+        audit.principal(&caller);
+        if !is_valid_tenant_id(&request.tenant_id) {
+            return Err(Error::invalid_argument(if request.tenant_id.is_empty() {
+                "tenant_id is required".to_string()
+            } else {
+                "tenant_id must be 1 to 64 characters of a-z, 0-9, '-' and '_' starting with a letter or digit"
+                    .to_string()
+            }));
+        }
+        let months = periods(request)?;
+        caller.require(&request.tenant_id, Role::KeyExport)?;
+        let mut keys = Vec::new();
+        for month in months {
+            match self.data_keys.get(&request.tenant_id, &month.name()).await {
+                Ok(key) => keys.push(ExportedDataKey {
+                    tenant_id: key.tenant_id.clone(),
+                    period: key.period.clone(),
+                    dek_id: key.dek_id.clone(),
+                    key: key.key.to_vec(),
+                }),
+                // Nothing of the tenant was archived in that month.
+                Err(error) if error.code() == ErrorCode::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(ExportDataKeysResponse { keys })
+    }
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyExportApi {
+    async fn export_data_keys(
+        &self,
+        request: Request<ExportDataKeysRequest>,
+    ) -> Result<Response<ExportDataKeysResponse>, Status> {
+        let body = request.get_ref();
+        let mut audit = self.auditor.call(
+            "chatvault.v1.KeyService/ExportDataKeys",
+            &CallSource::of_grpc(&request),
+        );
+        audit.tenant(&body.tenant_id).roles(&[Role::KeyExport]);
+        if let Ok(months) = periods(body) {
+            let end = months.last().map_or(0, |last| last.next().start_micros());
+            audit.time_range(months[0].start_micros(), end);
+        }
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.to_str().unwrap_or(""));
+        let result = match self.keys(authorization, body, &mut audit).await {
+            // The handout is recorded (and durable) before any key leaves the process.
+            Ok(response) => audit
+                .allowed(response.keys.len() as u64, 0)
+                .await
+                .map(|()| response),
+            Err(error) => {
+                audit.refused(&error).await;
+                Err(error)
+            }
+        };
+        Ok(Response::new(result?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(from: &str, to: &str) -> ExportDataKeysRequest {
+        ExportDataKeysRequest {
+            tenant_id: "acme".into(),
+            from_period: from.into(),
+            to_period: to.into(),
+        }
+    }
+
+    #[test]
+    fn ranges_cover_their_months_across_years_and_bad_ones_name_the_field() {
+        let names = |from, to| -> Vec<String> {
+            periods(&request(from, to))
+                .expect("valid")
+                .into_iter()
+                .map(Period::name)
+                .collect()
+        };
+        assert_eq!(names("2025-11", ""), ["2025-11"]);
+        assert_eq!(
+            names("2025-11", "2026-02"),
+            ["2025-11", "2025-12", "2026-01", "2026-02"]
+        );
+        assert_eq!(
+            Period::parse("p", "2026-03").expect("valid").start_micros(),
+            1_772_323_200_000_000
+        );
+        for (from, to, field) in [
+            ("2025-13", "", "from_period"),
+            ("2025-1", "", "from_period"),
+            ("2025-11", "2025-1x", "to_period"),
+            ("2026-01", "2025-12", "after"),
+            ("2000-01", "2026-01", "more than 120"),
+        ] {
+            let error = periods(&request(from, to)).expect_err(from);
+            assert_eq!(error.code(), ErrorCode::InvalidArgument);
+            assert!(error.message().contains(field), "{error}");
+        }
+    }
+}
