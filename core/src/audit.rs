@@ -195,6 +195,21 @@ impl AuditCall {
         })
     }
 
+    /// Finishes the record with the call's `result`: allowed with `count(&value)` items, the value returned
+    /// only once the record is durable (UNAVAILABLE otherwise), or refused with the error.
+    pub async fn conclude<T>(self, result: Result<T>, count: impl FnOnce(&T) -> u64) -> Result<T> {
+        match result {
+            Ok(value) => {
+                let items = count(&value);
+                self.allowed(items, 0).await.map(|()| value)
+            }
+            Err(error) => {
+                self.refused(&error).await;
+                Err(error)
+            }
+        }
+    }
+
     /// The call is refused or failed with `error` (any crate's error, by its code and message): DENIED for
     /// an authentication or authorization refusal, ERROR otherwise. A record that cannot be made durable is
     /// logged; the refusal stands either way.

@@ -51,7 +51,8 @@ pub fn is_valid_tenant_id(tenant: &str) -> bool {
         && tenant.as_bytes()[0].is_ascii_alphanumeric()
 }
 
-fn check_tenant(field: &str, tenant: &str) -> Result<()> {
+/// INVALID_ARGUMENT naming `field` unless `tenant` is a valid tenant id ([`is_valid_tenant_id`]).
+pub fn check_tenant(field: &str, tenant: &str) -> Result<()> {
     if tenant.is_empty() {
         return Err(Error::invalid_argument(format!("{field} is required")));
     }

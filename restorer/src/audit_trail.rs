@@ -20,7 +20,7 @@ use chatvault_archive::kind::AUDIT_KEY_SCOPE;
 use chatvault_archive::manifest::ManifestFile;
 use chatvault_core::audit::{AuditCall, AuditOutcome, AuditRecord, Auditor, CallSource};
 use chatvault_core::auth::{Authenticator, Role};
-use chatvault_core::event::is_valid_tenant_id;
+use chatvault_core::event::check_tenant;
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::audit_service_server::AuditService;
 use chatvault_proto::v1::{QueryAuditTrailRequest, QueryAuditTrailResponse};
@@ -30,6 +30,7 @@ use tonic::{Request, Response, Status};
 
 use crate::index::{ArchiveIndex, TimeRange};
 use crate::reader::{check_committed, fetch_committed};
+use crate::service::authorization_of;
 
 /// Records per page unless the request asks for fewer (or more, up to [`MAX_PAGE_SIZE`]).
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -257,14 +258,7 @@ const MAX_FILTER_BYTES: usize = 512;
 fn parse_request(
     request: &QueryAuditTrailRequest,
 ) -> Result<(AuditFilter, Option<PageCursor>, usize)> {
-    if !is_valid_tenant_id(&request.tenant_id) {
-        return Err(Error::invalid_argument(if request.tenant_id.is_empty() {
-            "tenant_id is required".to_string()
-        } else {
-            "tenant_id must be 1 to 64 characters of a-z, 0-9, '-' and '_' starting with a letter or digit"
-                .to_string()
-        }));
-    }
+    check_tenant("tenant_id", &request.tenant_id)?;
     let text = |name: &str, value: &str| -> Result<Option<String>> {
         if value.len() > MAX_FILTER_BYTES {
             return Err(Error::invalid_argument(format!(
@@ -356,21 +350,13 @@ impl AuditService for AuditApi {
             .time_range(body.from_micros, body.to_micros)
             .query(&describe_filters(body))
             .roles(&[Role::Audit]);
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.to_str().unwrap_or(""));
-        let result = match self.page(authorization, body, &mut audit).await {
-            Ok(response) => audit
-                .allowed(response.records.len() as u64, 0)
-                .await
-                .map(|()| response),
-            Err(error) => {
-                audit.refused(&error).await;
-                Err(error)
-            }
-        };
-        Ok(Response::new(result?))
+        let result = self
+            .page(authorization_of(&request), body, &mut audit)
+            .await;
+        let response = audit
+            .conclude(result, |response| response.records.len() as u64)
+            .await?;
+        Ok(Response::new(response))
     }
 }
 

@@ -8,12 +8,14 @@
 use chatvault_archive::keys::DataKeys;
 use chatvault_core::audit::{AuditCall, Auditor, CallSource};
 use chatvault_core::auth::{Authenticator, Role};
-use chatvault_core::event::is_valid_tenant_id;
+use chatvault_core::event::check_tenant;
 use chatvault_core::time::Date;
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::key_service_server::KeyService;
 use chatvault_proto::v1::{ExportDataKeysRequest, ExportDataKeysResponse, ExportedDataKey};
 use tonic::{Request, Response, Status};
+
+use crate::service::authorization_of;
 
 /// The most months one request may name.
 pub const MAX_PERIODS: usize = 120;
@@ -122,14 +124,7 @@ impl KeyExportApi {
     ) -> Result<ExportDataKeysResponse> {
         let caller = self.authenticator.authenticate(authorization).await?;
         audit.principal(&caller);
-        if !is_valid_tenant_id(&request.tenant_id) {
-            return Err(Error::invalid_argument(if request.tenant_id.is_empty() {
-                "tenant_id is required".to_string()
-            } else {
-                "tenant_id must be 1 to 64 characters of a-z, 0-9, '-' and '_' starting with a letter or digit"
-                    .to_string()
-            }));
-        }
+        check_tenant("tenant_id", &request.tenant_id)?;
         let months = periods(request)?;
         caller.require(&request.tenant_id, Role::KeyExport)?;
         let mut keys = Vec::new();
@@ -166,22 +161,14 @@ impl KeyService for KeyExportApi {
             let end = months.last().map_or(0, |last| last.next().start_micros());
             audit.time_range(months[0].start_micros(), end);
         }
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.to_str().unwrap_or(""));
-        let result = match self.keys(authorization, body, &mut audit).await {
-            // The handout is recorded (and durable) before any key leaves the process.
-            Ok(response) => audit
-                .allowed(response.keys.len() as u64, 0)
-                .await
-                .map(|()| response),
-            Err(error) => {
-                audit.refused(&error).await;
-                Err(error)
-            }
-        };
-        Ok(Response::new(result?))
+        let result = self
+            .keys(authorization_of(&request), body, &mut audit)
+            .await;
+        // The handout is recorded (and durable) before any key leaves the process.
+        let response = audit
+            .conclude(result, |response| response.keys.len() as u64)
+            .await?;
+        Ok(Response::new(response))
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use chatvault_core::audit::{AuditCall, Auditor, CallSource, LogSafe};
 use chatvault_core::auth::{Authenticator, Principal, Role};
-use chatvault_core::event::is_valid_tenant_id;
+use chatvault_core::event::check_tenant;
 use chatvault_core::grpc::serve_health;
 use chatvault_core::metrics::{KeyValue, metrics};
 use chatvault_core::shutdown::Shutdown;
@@ -95,14 +95,7 @@ impl RestoreApi {
     ) -> Result<Principal> {
         let caller = self.authenticator.authenticate(authorization).await?;
         audit.principal(&caller);
-        if !is_valid_tenant_id(tenant) {
-            return Err(Error::invalid_argument(if tenant.is_empty() {
-                "tenant_id is required".to_string()
-            } else {
-                "tenant_id must be 1 to 64 characters of a-z, 0-9, '-' and '_' starting with a letter or digit"
-                    .to_string()
-            }));
-        }
+        check_tenant("tenant_id", tenant)?;
         caller.require(tenant, Role::Restore)?;
         Ok(caller)
     }
@@ -195,7 +188,7 @@ fn validate_conversation_request(request: &GetConversationRequest) -> Result<()>
 
 /// The value of the `authorization` metadata. A value that is not visible ASCII is passed on as malformed so
 /// the caller learns that rather than "missing".
-fn authorization_of<T>(request: &Request<T>) -> Option<&str> {
+pub(crate) fn authorization_of<T>(request: &Request<T>) -> Option<&str> {
     request
         .metadata()
         .get("authorization")
@@ -280,16 +273,9 @@ impl RestoreService for RestoreApi {
             .list_conversations_response(authorization_of(&request), request.get_ref(), &mut audit)
             .instrument(call.span.clone())
             .await;
-        let result = match listed {
-            Ok(response) => audit
-                .allowed(response.conversations.len() as u64, 0)
-                .await
-                .map(|()| response),
-            Err(error) => {
-                audit.refused(&error).await;
-                Err(error)
-            }
-        };
+        let result = audit
+            .conclude(listed, |response| response.conversations.len() as u64)
+            .await;
         call.finish(&result);
         Ok(Response::new(result?))
     }
