@@ -293,16 +293,25 @@ pub struct StandaloneArgs {
 
 pub const STANDALONE_TENANT: &str = "demo";
 
+/// Partitions of standalone's audit topic.
+const AUDIT_PARTITIONS: i32 = 1;
+
 /// Key of the placeholder records [`continue_offsets_from_archive`] produces.
 const PLACEHOLDER_KEY: &str = "chatvault-standalone-placeholder";
 
 /// The mock cluster starts empty, at offset 0, but the archive on the data directory continues from earlier
 /// runs: an archiver resumes each partition at its manifest chain head and skips every record below it, so
-/// this run's first events would be silently skipped. Fills each partition with placeholder records (no value)
-/// up to its chain head first, so that this run's events get offsets the chain has not covered yet.
-async fn continue_offsets_from_archive(config: &Config, partitions: i32) -> anyhow::Result<()> {
+/// this run's first records would be silently skipped (and, worse, counted as archived by the acknowledgement
+/// rule). Fills each partition of `topic` (the events' topic, and the audit topic: both are archived) with
+/// placeholder records (no value) up to its chain head first, so that this run's records get offsets the
+/// chain has not covered yet.
+async fn continue_offsets_from_archive(
+    config: &Config,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
     let store = object_store_from_config(&config.shared.storage)?;
-    let chains = chatvault_archive::chain::ChainReader::new(store, &config.shared.kafka.topic);
+    let chains = chatvault_archive::chain::ChainReader::new(store, topic);
     let mut heads = Vec::new();
     for partition in 0..partitions {
         let end_offset = chains
@@ -318,11 +327,12 @@ async fn continue_offsets_from_archive(config: &Config, partitions: i32) -> anyh
         return Ok(());
     }
     tracing::info!(
+        topic,
         ?heads,
         "continuing Kafka offsets after the archive's chain heads"
     );
     let brokers = config.shared.kafka.brokers.clone();
-    let topic = config.shared.kafka.topic.clone();
+    let topic = topic.to_string();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let producer: BaseProducer = rdkafka::ClientConfig::new()
@@ -449,11 +459,15 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             .context("creating the topic on the mock cluster")?;
         mock_cluster
             .create_topic(&config.archiver.dead_letter_topic(&config.shared.kafka), 1, 1)
-            .and_then(|()| mock_cluster.create_topic(&config.shared.kafka.audit_topic(), 1, 1))
+            .and_then(|()| {
+                mock_cluster.create_topic(&config.shared.kafka.audit_topic(), AUDIT_PARTITIONS, 1)
+            })
             .context("creating the dead-letter topic on the mock cluster")?;
         config.shared.kafka.brokers = mock_cluster.bootstrap_servers();
         config.validate()?;
-        continue_offsets_from_archive(&config, args.partitions).await?;
+        continue_offsets_from_archive(&config, &config.shared.kafka.topic, args.partitions).await?;
+        continue_offsets_from_archive(&config, &config.shared.kafka.audit_topic(), AUDIT_PARTITIONS)
+            .await?;
 
         let gateway_listener = bind(&args.gateway_listen, "--gateway-listen").await?;
         let http_listener = bind(&args.http_listen, "--http-listen").await?;

@@ -5,6 +5,9 @@
 //! - a burst faster than the archiver: the mock dropped records before they were archived;
 //! - `kill -9` of the process: acknowledged but unarchived events died with the in-process Kafka.
 //!
+//! The same holds for the audit trail: every acknowledged call's audit record is in the archive, across the
+//! kill and the restarts (whose new in-process Kafka starts the audit topic at offset 0 again).
+//!
 //! The CI profile sends `CHATVAULT_STANDALONE_BURST_EVENTS` events (default 120,000 of ~500 bytes, 24 times
 //! what the mock keeps of one partition); the full profile is 1,000,000 (README, "Tests").
 
@@ -242,6 +245,7 @@ async fn a_burst_is_archived_whole_and_kill_9_loses_nothing_acknowledged() -> an
         killed_run.len() >= 2 * BATCH,
         "too little was acknowledged before the kill to mean anything"
     );
+    let restarted_at = chatvault_core::time::now_micros();
     let mut restarted = start_standalone(&data_dir).await?;
     let (after_restart, _) = send(
         (&restarted.endpoint, &restarted.token),
@@ -260,5 +264,38 @@ async fn a_burst_is_archived_whole_and_kill_9_loses_nothing_acknowledged() -> an
 
     let report = verify_archive(&config, PARTITIONS).await?;
     report.ensure_each_once(burst.iter().chain(&killed_run).chain(&after_restart))?;
+
+    // Every acknowledged call was served only once its audit record was archived: the allowed ingest records
+    // of the archived trail count at least every acknowledged event (more when an answer was lost in a kill).
+    let store = chatvault_core::storage::object_store_from_config(&config.shared.storage)?;
+    let keys = chatvault_archive::keys::DataKeys::from_config(store.clone(), &config.shared.keys)?;
+    let trail = chatvault_restorer::AuditTrailReader::new(store, keys, "chatvault.events.audit");
+    let filter = chatvault_restorer::audit_trail::AuditFilter {
+        tenant_id: "demo".into(),
+        action: Some("chatvault.v1.IngestService/IngestBatch".into()),
+        outcome: Some(chatvault_core::audit::AuditOutcome::Allowed),
+        ..Default::default()
+    };
+    let (mut recorded, mut after_the_restart, mut cursor) = (0i64, 0i64, None);
+    loop {
+        let page = trail.query(&filter, cursor.as_ref(), 1_000).await?;
+        for record in &page.records {
+            recorded += record.item_count;
+            if record.time_micros >= restarted_at {
+                after_the_restart += record.item_count;
+            }
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let acknowledged = (burst.len() + killed_run.len() + after_restart.len()) as i64;
+    assert!(
+        recorded >= acknowledged && after_the_restart >= after_restart.len() as i64,
+        "audit records of {recorded} events ({after_the_restart} after the restart) for {acknowledged} \
+         acknowledged ({} after the restart)",
+        after_restart.len()
+    );
     Ok(())
 }
