@@ -293,29 +293,27 @@ fn finish_call(span: &tracing::Span, result: std::result::Result<usize, &IngestE
 }
 
 impl IngestGrpc {
-    async fn ingest_one(
+    /// Authenticates, validates and authorizes the event of an `Ingest` call (nothing is produced yet).
+    async fn admit_one(
         &self,
         mut request: Request<IngestRequest>,
         audit: &mut AuditCall,
-    ) -> Result<IngestResponse> {
+    ) -> Result<(Admitted, Vec<ChatEvent>)> {
         let caller = self.caller(&mut request, audit).await?;
-        let principal = &caller.principal;
         let event = request.into_inner().event;
         if let Some(event) = &event {
             audit.tenant(&event.tenant_id);
         }
-        let event = self.admit(principal, event, "")?;
-        self.producer.produce(&event).await?;
-        Ok(IngestResponse {
-            event_id: event.event_id,
-        })
+        let event = self.admit(&caller.principal, event, "")?;
+        Ok((caller, vec![event]))
     }
 
-    async fn ingest_many(
+    /// Authenticates, validates and authorizes the events of an `IngestBatch` call (nothing is produced yet).
+    async fn admit_many(
         &self,
         mut request: Request<IngestBatchRequest>,
         audit: &mut AuditCall,
-    ) -> Result<IngestBatchResponse> {
+    ) -> Result<(Admitted, Vec<ChatEvent>)> {
         let caller = self.caller(&mut request, audit).await?;
         let principal = &caller.principal;
         let events = request.into_inner().events;
@@ -337,10 +335,40 @@ impl IngestGrpc {
             .enumerate()
             .map(|(index, event)| self.admit(principal, Some(event), &format!("events[{index}].")))
             .collect::<Result<Vec<_>>>()?;
-        self.producer.produce_all(&admitted).await?;
-        Ok(IngestBatchResponse {
-            event_ids: admitted.into_iter().map(|event| event.event_id).collect(),
-        })
+        Ok((caller, admitted))
+    }
+
+    /// Produces the admitted events of a call and, at the same time, its audit record: the call is answered
+    /// once both are durable, so the record costs no round trip of its own. When the events then fail, the
+    /// call gets a second record, as an error (the first says it was allowed); when only the record fails,
+    /// the call fails with UNAVAILABLE (its events are in Kafka, and the sender's retry collapses onto them
+    /// by event id). A call refused before producing is recorded as refused.
+    async fn produce_recorded(
+        &self,
+        audit: AuditCall,
+        admitted: Result<(Admitted, Vec<ChatEvent>)>,
+    ) -> Result<Vec<String>> {
+        let (caller, events) = match admitted {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                audit.refused(&error).await;
+                return Err(error);
+            }
+        };
+        let failure_record = audit.copy();
+        let (produced, recorded) = tokio::join!(
+            self.producer.produce_all(&events),
+            audit.allowed(events.len() as u64, 0)
+        );
+        // The in-flight slot is held until the events are acknowledged.
+        drop(caller);
+        if let Err(error) = produced {
+            let error = IngestError::from(error);
+            failure_record.refused(&error).await;
+            return Err(error);
+        }
+        recorded.map_err(IngestError::from)?;
+        Ok(events.into_iter().map(|event| event.event_id).collect())
     }
 
     async fn ingest_streamed(
@@ -390,11 +418,15 @@ impl IngestService for IngestGrpc {
     ) -> Result<Response<IngestResponse>, Status> {
         let span = grpc_server_span(INGEST_SERVICE, "Ingest", request.metadata());
         let mut audit = self.audit("Ingest", &request);
-        let result = self
-            .ingest_one(request, &mut audit)
-            .instrument(span.clone())
-            .await;
-        let result = Self::recorded(audit, result, |_| 1).await;
+        let result = async {
+            let admitted = self.admit_one(request, &mut audit).await;
+            self.produce_recorded(audit, admitted).await
+        }
+        .instrument(span.clone())
+        .await
+        .map(|mut ids| IngestResponse {
+            event_id: ids.pop().unwrap_or_default(),
+        });
         finish_call(&span, result.as_ref().map(|_| 1));
         Ok(Response::new(result?))
     }
@@ -405,11 +437,13 @@ impl IngestService for IngestGrpc {
     ) -> Result<Response<IngestBatchResponse>, Status> {
         let span = grpc_server_span(INGEST_SERVICE, "IngestBatch", request.metadata());
         let mut audit = self.audit("IngestBatch", &request);
-        let result = self
-            .ingest_many(request, &mut audit)
-            .instrument(span.clone())
-            .await;
-        let result = Self::recorded(audit, result, |response| response.event_ids.len()).await;
+        let result = async {
+            let admitted = self.admit_many(request, &mut audit).await;
+            self.produce_recorded(audit, admitted).await
+        }
+        .instrument(span.clone())
+        .await
+        .map(|event_ids| IngestBatchResponse { event_ids });
         finish_call(
             &span,
             result.as_ref().map(|response| response.event_ids.len()),
