@@ -11,6 +11,7 @@
 //! - [`kind`]: the streams the archive holds ([`kind::ChatEvents`], [`kind::AuditTrail`]): what differs
 //!   between them (decoding, key scope, paths, file schema); the commit protocol is the same for both.
 //! - [`audit`]: the audit trail's Parquet schema and files.
+//! - [`verify`]: offline verification of a whole archive (chains, files, key records) from the bucket alone.
 
 pub mod audit;
 pub mod chain;
@@ -20,6 +21,7 @@ pub mod kind;
 pub mod layout;
 pub mod manifest;
 pub mod schema;
+pub mod verify;
 
 use chatvault_core::error::{Coded, Error, ErrorCode};
 use chatvault_proto::v1::ChatEvent;

@@ -1,6 +1,6 @@
 //! `chatvault`: one binary, a subcommand per role (`gateway`, `archiver`, `restorer`), `standalone` (all three
 //! in one process on embedded defaults), and client commands (`login`, `logout`, `demo`, `restore`,
-//! `conversations`, `keys`, `audit`).
+//! `conversations`, `keys`, `audit`, `verify`, `config check`).
 
 mod audit;
 mod client;
@@ -10,6 +10,7 @@ mod login;
 mod ops;
 mod roles;
 mod sample;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -59,6 +60,8 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Read a tenant's audit trail (who did what, when, from where, with what outcome).
     Audit(audit::AuditArgs),
+    /// Verify a whole archive from the bucket alone: chains, files, key records.
+    Verify(verify::VerifyArgs),
     /// Configuration operations.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -106,6 +109,7 @@ fn main() -> std::process::ExitCode {
             Command::Conversations(args) => client::conversations(args).await,
             Command::Keys(args) => keys::keys(args).await,
             Command::Audit(args) => audit::audit(args).await,
+            Command::Verify(args) => verify::verify(args).await,
             Command::Config(ConfigCommand::Check(args)) => {
                 let config = roles::load_config(&args.config)?;
                 for warning in &config.deprecated_settings {

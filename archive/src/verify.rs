@@ -1,0 +1,317 @@
+//! Offline verification of a whole archive, needing read access to the bucket and nothing else (no keys, no
+//! Kafka, no running service): every stream's manifest chains (`manifests/topic=*/`: the chat events and the
+//! audit trail alike), link by link, and every file they commit, by size and SHA-256, plus the data key record
+//! each file needs. What no manifest names is listed too, as a warning: an upload in flight or the orphan of a
+//! crashed writer (named by an upload intent), or a file nobody can account for.
+//!
+//! What this cannot see yet: a chain's newest manifest replaced or removed along with everything after it
+//! (the signed checkpoints of the transparency log will close that).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use serde::Serialize;
+
+use crate::chain::ChainReader;
+use crate::file::sha256_hex;
+use crate::layout;
+use crate::manifest::{ChainHead, PendingIntent};
+use chatvault_core::error::{Error, Result};
+
+/// Files fetched and hashed at once.
+const FILES_AT_ONCE: usize = 8;
+
+/// What is wrong with the archive: each makes the verification fail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Problem {
+    /// A chain cannot be verified past `verified_manifests` manifests.
+    BrokenChain {
+        topic: String,
+        partition: i32,
+        verified_manifests: u64,
+        detail: String,
+    },
+    /// A committed file is not in the bucket.
+    MissingFile { path: String, manifest: String },
+    /// A committed file's bytes differ from what its manifest committed.
+    AlteredFile {
+        path: String,
+        manifest: String,
+        detail: String,
+    },
+    /// The data key record a committed file needs is not in the bucket.
+    MissingKeyRecord { path: String, needed_by: String },
+    /// Storage failed while reading `path` (not a verdict about the archive; run again).
+    Unreadable { path: String, detail: String },
+}
+
+/// A file under `events/` or `audit/` that no committed manifest names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unreferenced {
+    pub path: String,
+    /// Whether an upload intent names it (an upload in flight, or the orphan of a writer that crashed or was
+    /// fenced, removed by the partition's next owner); otherwise nothing accounts for it.
+    pub named_by_intent: bool,
+}
+
+/// The outcome of [`verify_archive`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Verified manifests per topic.
+    pub manifests: BTreeMap<String, u64>,
+    pub files_checked: u64,
+    pub bytes_checked: u64,
+    pub key_records_checked: u64,
+    pub problems: Vec<Problem>,
+    pub unreferenced: Vec<Unreferenced>,
+}
+
+impl VerifyReport {
+    pub fn is_intact(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Where a verification is, for a progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub files_checked: u64,
+    pub files_total: u64,
+    pub bytes_checked: u64,
+}
+
+/// A committed file and the manifest that commits it.
+struct Committed {
+    path: String,
+    bytes: u64,
+    sha256: String,
+    manifest: String,
+}
+
+/// Verifies everything under the archive root of `store` (see the module documentation), calling `progress`
+/// after each file. Fails only when the bucket cannot be listed; everything else is a [`Problem`].
+pub async fn verify_archive(
+    store: Arc<dyn ObjectStore>,
+    mut progress: impl FnMut(Progress),
+) -> Result<VerifyReport> {
+    let mut report = VerifyReport::default();
+    let mut committed = Vec::new();
+    let mut intents: BTreeSet<String> = BTreeSet::new();
+    for topic in topics(store.as_ref()).await? {
+        let chains = ChainReader::new(store.clone(), &topic);
+        let mut count = 0u64;
+        for partition in chains.partitions().await? {
+            let verified = chains.read_after(partition, &ChainHead::empty()).await;
+            let verified_here = verified.manifests.len() as u64;
+            for (manifest, _) in verified.manifests {
+                let name = layout::manifest_path(&topic, partition, manifest.seq).to_string();
+                committed.extend(manifest.files.into_iter().map(|file| Committed {
+                    path: file.path.clone(),
+                    bytes: file.bytes,
+                    sha256: file.sha256,
+                    manifest: name.clone(),
+                }));
+            }
+            count += verified_here;
+            if let Some(error) = verified.error {
+                report.problems.push(Problem::BrokenChain {
+                    topic: topic.clone(),
+                    partition,
+                    verified_manifests: verified_here,
+                    detail: error.message().to_string(),
+                });
+            }
+            intents.extend(pending_files(store.as_ref(), &topic, partition).await?);
+        }
+        report.manifests.insert(topic, count);
+    }
+    let key_records: BTreeMap<String, String> = committed
+        .iter()
+        .filter_map(|file| key_record_of(&file.path).map(|key| (key, file.path.clone())))
+        .collect();
+    let total = committed.len() as u64;
+    let referenced: BTreeSet<String> = committed.iter().map(|file| file.path.clone()).collect();
+    let mut checks = futures::stream::iter(committed)
+        .map(|file| {
+            let store = store.clone();
+            async move { check_file(store.as_ref(), file).await }
+        })
+        .buffer_unordered(FILES_AT_ONCE);
+    while let Some((bytes, problem)) = checks.next().await {
+        report.files_checked += 1;
+        report.bytes_checked += bytes;
+        report.problems.extend(problem);
+        progress(Progress {
+            files_checked: report.files_checked,
+            files_total: total,
+            bytes_checked: report.bytes_checked,
+        });
+    }
+    for (path, needed_by) in key_records {
+        report.key_records_checked += 1;
+        match store.head(&Path::from(path.as_str())).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => report
+                .problems
+                .push(Problem::MissingKeyRecord { path, needed_by }),
+            Err(error) => report.problems.push(Problem::Unreadable {
+                path,
+                detail: error.to_string(),
+            }),
+        }
+    }
+    for root in [layout::EVENTS_ROOT, layout::AUDIT_ROOT] {
+        let mut listing = store.list(Some(&Path::from(root)));
+        while let Some(object) = listing.try_next().await.map_err(Error::from)? {
+            let path = object.location.to_string();
+            if !referenced.contains(&path) {
+                report.unreferenced.push(Unreferenced {
+                    named_by_intent: intents.contains(&path),
+                    path,
+                });
+            }
+        }
+    }
+    report.unreferenced.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(report)
+}
+
+/// The topics with manifest chains (`manifests/topic=<topic>/`).
+async fn topics(store: &dyn ObjectStore) -> Result<Vec<String>> {
+    let listing = store
+        .list_with_delimiter(Some(&Path::from(layout::MANIFESTS_ROOT)))
+        .await
+        .map_err(Error::from)?;
+    let mut topics: Vec<String> = listing
+        .common_prefixes
+        .iter()
+        .filter_map(|prefix| {
+            prefix
+                .filename()
+                .and_then(|name| name.strip_prefix("topic="))
+                .map(str::to_string)
+        })
+        .collect();
+    topics.sort();
+    Ok(topics)
+}
+
+/// The files the upload intents of a partition name.
+async fn pending_files(
+    store: &dyn ObjectStore,
+    topic: &str,
+    partition: i32,
+) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    let mut listing = store.list(Some(&layout::pending_prefix(topic, partition)));
+    while let Some(object) = listing.try_next().await.map_err(Error::from)? {
+        let Ok(got) = store.get(&object.location).await else {
+            continue; // removed since listed: its batch committed or was cleaned up
+        };
+        let Ok(bytes) = got.bytes().await else {
+            continue;
+        };
+        if let Ok(intent) = serde_json::from_slice::<PendingIntent>(&bytes) {
+            files.extend(intent.files);
+        }
+    }
+    Ok(files)
+}
+
+/// The data key record a file needs, from its path: `events/tenant=<t>/date=<yyyy-mm-dd>/...` needs
+/// `keys/tenant=<t>/period=<yyyy-mm>.json`, `audit/date=<yyyy-mm-dd>/...` the `_audit` scope's.
+fn key_record_of(path: &str) -> Option<String> {
+    let mut parts = path.split('/');
+    let (scope, date) = match parts.next()? {
+        layout::EVENTS_ROOT => (
+            parts.next()?.strip_prefix("tenant=")?.to_string(),
+            parts.next()?.strip_prefix("date=")?,
+        ),
+        layout::AUDIT_ROOT => (
+            crate::kind::AUDIT_KEY_SCOPE.to_string(),
+            parts.next()?.strip_prefix("date=")?,
+        ),
+        _ => return None,
+    };
+    Some(layout::data_key_path(&scope, date.get(..7)?).to_string())
+}
+
+/// Fetches and hashes one committed file: its size and what is wrong with it, if anything.
+async fn check_file(store: &dyn ObjectStore, file: Committed) -> (u64, Option<Problem>) {
+    let fetched = match store.get(&Path::from(file.path.as_str())).await {
+        Ok(result) => result.bytes().await,
+        Err(error) => Err(error),
+    };
+    let bytes = match fetched {
+        Ok(bytes) => bytes,
+        Err(object_store::Error::NotFound { .. }) => {
+            return (
+                0,
+                Some(Problem::MissingFile {
+                    path: file.path,
+                    manifest: file.manifest,
+                }),
+            );
+        }
+        Err(error) => {
+            return (
+                0,
+                Some(Problem::Unreadable {
+                    path: file.path,
+                    detail: error.to_string(),
+                }),
+            );
+        }
+    };
+    let size = bytes.len() as u64;
+    let sha256 = tokio::task::spawn_blocking(move || sha256_hex(&bytes))
+        .await
+        .unwrap_or_default();
+    let problem = if size != file.bytes {
+        Some(format!(
+            "{size} bytes, the manifest committed {}",
+            file.bytes
+        ))
+    } else if sha256 != file.sha256 {
+        Some(format!(
+            "SHA-256 {sha256}, the manifest committed {}",
+            file.sha256
+        ))
+    } else {
+        None
+    };
+    (
+        size,
+        problem.map(|detail| Problem::AlteredFile {
+            path: file.path,
+            manifest: file.manifest,
+            detail,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_name_the_key_record_they_need() {
+        assert_eq!(
+            key_record_of(
+                "events/tenant=acme/date=2026-11-30/p00000-o00000000000000000000-ab-000.parquet"
+            )
+            .as_deref(),
+            Some("keys/tenant=acme/period=2026-11.json")
+        );
+        assert_eq!(
+            key_record_of("audit/date=2026-12-01/p00000-o00000000000000000000-ab-000.parquet")
+                .as_deref(),
+            Some("keys/tenant=_audit/period=2026-12.json")
+        );
+        assert_eq!(key_record_of("elsewhere/x.parquet"), None);
+    }
+}
