@@ -338,14 +338,9 @@ fn acme(request: QueryAuditTrailRequest) -> QueryAuditTrailRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_archived_trail_survives_restarts_is_queried_exactly_and_shows_tampering()
 -> anyhow::Result<()> {
-    let kafka = TestKafka::start(TOPIC, 2)?;
-    let s3 = S3Server::start("archive").await?;
-    let keyring = tempfile::tempdir()?;
-    let config = test_config(
-        &kafka.brokers,
-        s3.storage_config(),
-        &keyring.path().join("keyring.json"),
-    );
+    // Kept whole until the end: dropping it stops the broker, the S3 server and the keyring directory.
+    let peers = common::start_peers(2).await?;
+    let (s3, config) = (&peers.s3, peers.config.clone());
     let gateway = start_gateway(&config).await?;
     let (archiver, stats) = start_archiver(&config, "archiver").await?;
     let restorer = start_restorer(&config).await?;

@@ -12,13 +12,12 @@ use std::time::Duration;
 use base64::Engine;
 use chatvault_core::audit::{AuditOutcome, AuditRecord};
 use chatvault_proto::v1::{ChatEvent, IngestBatchRequest};
-use chatvault_testkit::kafka::{TestKafka, read_topic};
+use chatvault_testkit::kafka::read_topic;
 use chatvault_testkit::pipeline::{
     ACME_KEY_EXPORT_TOKEN, INGEST_TOKEN, RESTORE_TOKEN, TOPIC, authorized, data_keys,
-    ingest_client, start_archiver, start_gateway, start_restorer, test_config, wait_until,
+    ingest_client, start_archiver, start_gateway, start_restorer, wait_until,
 };
 use chatvault_testkit::python::venv_python;
-use chatvault_testkit::s3::S3Server;
 use prost::Message as _;
 
 fn event(tenant: &str, conversation: &str, message: &str, minute: i64) -> ChatEvent {
@@ -42,14 +41,9 @@ fn export(restorer: &str, token: &str, args: &[&str]) -> anyhow::Result<std::pro
 async fn keys_are_handed_out_only_with_the_role_recorded_and_open_the_month_in_duckdb()
 -> anyhow::Result<()> {
     let python = venv_python();
-    let kafka = TestKafka::start(TOPIC, 2)?;
-    let s3 = S3Server::start("archive").await?;
-    let keyring = tempfile::tempdir()?;
-    let config = test_config(
-        &kafka.brokers,
-        s3.storage_config(),
-        &keyring.path().join("keyring.json"),
-    );
+    // Kept whole until the end: dropping it stops the broker, the S3 server and the keyring directory.
+    let peers = common::start_peers(2).await?;
+    let (kafka, s3, config) = (&peers.kafka, &peers.s3, peers.config.clone());
     let gateway = start_gateway(&config).await?;
     let (archiver, stats) = start_archiver(&config, "archiver").await?;
     let restorer = start_restorer(&config).await?;

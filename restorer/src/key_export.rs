@@ -34,12 +34,9 @@ impl std::fmt::Debug for KeyExportApi {
     }
 }
 
-/// A month, `yyyy-mm`.
+/// A month, `yyyy-mm`: the date of its first day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Period {
-    year: i32,
-    month: u32,
-}
+struct Period(Date);
 
 impl Period {
     fn parse(field: &str, text: &str) -> Result<Period> {
@@ -48,35 +45,32 @@ impl Period {
         if text.len() != 7 || text.as_bytes()[4] != b'-' {
             return Err(invalid());
         }
-        let date = Date::parse_iso(&format!("{text}-01")).ok_or_else(invalid)?;
-        let (year, month) = date
-            .month_period()
-            .split_once('-')
-            .and_then(|(y, m)| Some((y.parse().ok()?, m.parse().ok()?)))
-            .ok_or_else(invalid)?;
-        Ok(Period { year, month })
+        Date::parse_iso(&format!("{text}-01"))
+            .map(Period)
+            .ok_or_else(invalid)
     }
 
     fn next(self) -> Period {
-        if self.month == 12 {
-            Period {
-                year: self.year + 1,
+        let Date { year, month, .. } = self.0;
+        Period(match month {
+            12 => Date {
+                year: year + 1,
                 month: 1,
-            }
-        } else {
-            Period {
-                month: self.month + 1,
-                ..self
-            }
-        }
+                day: 1,
+            },
+            _ => Date {
+                month: month + 1,
+                ..self.0
+            },
+        })
     }
 
     fn name(self) -> String {
-        format!("{:04}-{:02}", self.year, self.month)
+        self.0.month_period()
     }
 
     fn start_micros(self) -> i64 {
-        Date::parse_iso(&format!("{}-01", self.name())).map_or(0, |date| date.start_micros())
+        self.0.start_micros()
     }
 }
 

@@ -296,3 +296,31 @@ pub fn slack_headers(body: &str, timestamp: i64, secret: &str) -> Vec<(&'static 
         ("content-type", "application/json".into()),
     ]
 }
+
+/// The real peers of an end-to-end test: a broker (librdkafka's mock cluster over TCP, with `partitions` for
+/// the events' topic), an S3 server and a keyring directory, and the test configuration pointing at them.
+/// Dropping it stops them.
+pub struct Peers {
+    pub kafka: chatvault_testkit::kafka::TestKafka,
+    pub s3: chatvault_testkit::s3::S3Server,
+    pub keyring: tempfile::TempDir,
+    pub config: Config,
+}
+
+pub async fn start_peers(partitions: i32) -> anyhow::Result<Peers> {
+    let kafka =
+        chatvault_testkit::kafka::TestKafka::start(chatvault_testkit::pipeline::TOPIC, partitions)?;
+    let s3 = chatvault_testkit::s3::S3Server::start("archive").await?;
+    let keyring = tempfile::tempdir()?;
+    let config = chatvault_testkit::pipeline::test_config(
+        &kafka.brokers,
+        s3.storage_config(),
+        &keyring.path().join("keyring.json"),
+    );
+    Ok(Peers {
+        kafka,
+        s3,
+        keyring,
+        config,
+    })
+}
