@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond Rust: a Python virtualenv in .venv with DuckDB and pyarrow (the
-# standard readers our encrypted Parquet files are checked against) and a real OpenID provider from npm in
+# standard readers our encrypted Parquet files are checked against) and moto (an AWS KMS server), and a real OpenID provider from npm in
 # testkit/oidc/node_modules. Idempotent; safe to run on every test run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ fi
 if ! .venv/bin/python - <<'PY' 2>/dev/null
 import importlib.metadata as m, sys
 wanted = dict(line.strip().split("==") for line in open("scripts/requirements-test.txt") if "==" in line and not line.startswith("#"))
-sys.exit(0 if all(m.version(name) == version for name, version in wanted.items()) else 1)
+sys.exit(0 if all(m.version(name.split("[")[0]) == version for name, version in wanted.items()) else 1)
 PY
 then
     .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt

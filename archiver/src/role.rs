@@ -101,7 +101,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<()> {
     let store = object_store_from_config(&shared.storage)?;
-    let keys = DataKeys::from_config(store.clone(), &shared.keys)?;
+    let keys = DataKeys::from_config(store.clone(), &shared.keys).await?;
     let options = ArchiverOptions {
         kafka: shared.kafka.clone(),
         config: config.clone(),

@@ -177,13 +177,10 @@ impl TestStages {
     pub(crate) async fn with_read_only_keyring(tenants: &[&str]) -> TestStages {
         let keyring_dir = tempfile::tempdir().expect("keyring dir");
         let keyring_path = keyring_dir.path().join("keyring.json");
-        // A writable keyring creates a tenant's key-encryption key when it first wraps a key for it.
+        // A writable keyring creates a tenant's key-encryption key when it is first asked for it.
         let writable = LocalKeyring::open(&keyring_path).expect("keyring");
         for tenant in tenants {
-            writable
-                .wrap(tenant, &[0; 32], b"creates the tenant's KEK")
-                .await
-                .expect("KEK created");
+            writable.current_kek_id(tenant).await.expect("KEK created");
         }
         let keyring = LocalKeyring::open_read_only(&keyring_path).expect("read-only keyring");
         TestStages::build(keyring_dir, keyring_path, keyring)

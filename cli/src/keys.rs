@@ -1,11 +1,25 @@
+//! `chatvault keys rotate` and `chatvault keys rewrap`: operator commands run with the deployment's
+//! configuration (its bucket and key providers), each recorded in the audit trail (on the configured Kafka)
+//! before it acts. `rotate` makes a new key-encryption key current for a tenant (keyring; a KMS rotates in the
+//! KMS); `rewrap` moves every data key record to its tenant's current KEK (see
+//! `chatvault_archive::keys::DataKeys::rewrap`).
+//!
 //! `chatvault keys export`: a tenant's data keys for standard readers, from the restorer's
 //! `chatvault.v1.KeyService` (the `key_export` role; every handout is recorded in the audit trail). Output:
 //! one JSON object per month (`--format json`, for pyarrow's `create_decryption_properties(footer_key=...)`
 //! and scripts), or a DuckDB SQL script (`--format duckdb`) that registers the keys and defines the view
 //! `events` over the months' files under `--archive`, with the setting filtered queries need.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use anyhow::Context;
 use base64::Engine;
+use chatvault_archive::keys::{DataKeys, Providers, RewrapOutcome};
+use chatvault_config::Config;
+use chatvault_core::audit::{Auditor, CallSource};
+use chatvault_core::storage::object_store_from_config;
 use chatvault_proto::v1::key_service_client::KeyServiceClient;
 use chatvault_proto::v1::{ExportDataKeysRequest, ExportedDataKey};
 use clap::{Args, Subcommand, ValueEnum};
@@ -23,6 +37,40 @@ pub enum KeysCommand {
     /// Print the data keys of a tenant's months (for DuckDB or pyarrow). Asks the restorer, which needs the
     /// `key_export` role and records the handout; treat the output as a secret.
     Export(ExportArgs),
+    /// Make a new key-encryption key current for a tenant (keyring provider). New data keys are wrapped
+    /// under it; existing ones stay readable under the old one until `keys rewrap`.
+    Rotate(RotateArgs),
+    /// Wrap every data key record again under its tenant's current key-encryption key (after a rotation, a
+    /// new KMS key, or a move from the keyring to a KMS). Data files are not rewritten.
+    Rewrap(RewrapArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct OperatorArgs {
+    /// The deployment's configuration (storage, keys, kafka for the audit record); CHATVAULT__* variables
+    /// override it.
+    #[arg(long, short = 'c', env = "CHATVAULT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    operator: OperatorArgs,
+    #[arg(long)]
+    tenant: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RewrapArgs {
+    #[command(flatten)]
+    operator: OperatorArgs,
+    /// Only this tenant's records (default: every tenant's, the audit trail's included).
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -56,7 +104,149 @@ pub enum Format {
 }
 
 pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
-    let KeysCommand::Export(args) = args.command;
+    match args.command {
+        KeysCommand::Export(args) => export(args).await,
+        KeysCommand::Rotate(args) => rotate(args).await,
+        KeysCommand::Rewrap(args) => rewrap(args).await,
+    }
+}
+
+fn check_tenant(tenant: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        chatvault_core::event::is_valid_tenant_id(tenant)
+            || tenant == chatvault_archive::kind::AUDIT_KEY_SCOPE,
+        "--tenant {tenant:?} is not a tenant id (1 to 64 characters of a-z, 0-9, '-' and '_')"
+    );
+    Ok(())
+}
+
+/// The local user and host, for the audit record of an operator command.
+fn operator_name() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown-host".into());
+    format!("operator:{user}@{host}")
+}
+
+/// Records that `action` is about to run (durably, on the configured audit topic); the command does not
+/// act unless this succeeds.
+async fn record_operator_action(
+    config: &Config,
+    action: &str,
+    tenant: &str,
+    items: u64,
+) -> anyhow::Result<()> {
+    let sink = chatvault_kafka::audit::KafkaAuditSink::connect(&config.shared.kafka)?;
+    let mut call = Auditor::new("cli", Arc::new(sink)).call(action, &CallSource::default());
+    call.tenant(tenant).operator(&operator_name());
+    call.allowed(items, 0).await.with_context(|| {
+        format!(
+            "recording {action} in the audit trail (Kafka {}); nothing was done",
+            config.shared.kafka.brokers
+        )
+    })
+}
+
+async fn rotate(args: RotateArgs) -> anyhow::Result<()> {
+    check_tenant(&args.tenant)?;
+    let config = Config::load(args.operator.config.as_deref())?;
+    let providers = Providers::from_config(&config.shared.keys).await?;
+    let provider = providers.of(&args.tenant).clone();
+    let previous = provider.current_kek_id(&args.tenant).await?;
+    record_operator_action(&config, "keys.rotate", &args.tenant, 1).await?;
+    let current = provider.rotate(&args.tenant).await?;
+    if args.operator.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "tenant_id": args.tenant,
+                "provider": provider.kind(),
+                "previous_kek_id": previous,
+                "current_kek_id": current,
+            })
+        );
+    } else {
+        println!(
+            "tenant {}: key-encryption key {current} is now current ({} provider; was {previous}).\n\
+             New data keys are wrapped under it. Run `chatvault keys rewrap --tenant {}` to move existing \
+             data key records to it before retiring {previous}.",
+            args.tenant,
+            provider.kind(),
+            args.tenant
+        );
+    }
+    Ok(())
+}
+
+async fn rewrap(args: RewrapArgs) -> anyhow::Result<()> {
+    if let Some(tenant) = &args.tenant {
+        check_tenant(tenant)?;
+    }
+    let config = Config::load(args.operator.config.as_deref())?;
+    let store = object_store_from_config(&config.shared.storage)?;
+    let keys = DataKeys::from_config(store, &config.shared.keys).await?;
+    record_operator_action(
+        &config,
+        "keys.rewrap",
+        args.tenant.as_deref().unwrap_or_default(),
+        0,
+    )
+    .await?;
+    let show_progress = std::io::stderr().is_terminal() && !args.operator.json;
+    let mut seen = 0usize;
+    let report = keys
+        .rewrap(args.tenant.as_deref(), |entry| {
+            seen += 1;
+            if show_progress {
+                eprint!(
+                    "\rrewrapping: {seen} key record(s) examined ({})",
+                    entry.record
+                );
+            }
+        })
+        .await?;
+    if show_progress {
+        eprintln!();
+    }
+    if args.operator.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for entry in &report.records {
+            match &entry.outcome {
+                RewrapOutcome::Rewrapped {
+                    from_provider,
+                    from_kek,
+                    to_provider,
+                    to_kek,
+                } => println!(
+                    "  rewrapped {}: {from_provider} {from_kek} -> {to_provider} {to_kek}",
+                    entry.record
+                ),
+                RewrapOutcome::Failed { error } => {
+                    println!("  FAILED    {}: {error}", entry.record)
+                }
+                RewrapOutcome::Current => {}
+            }
+        }
+        println!(
+            "{} key record(s): {} rewrapped, {} already current, {} failed",
+            report.records.len(),
+            report.rewrapped,
+            report.current,
+            report.failed
+        );
+    }
+    anyhow::ensure!(
+        report.failed == 0,
+        "{} key record(s) could not be rewrapped (they still open under their old key); fix the cause and run \
+         rewrap again",
+        report.failed
+    );
+    Ok(())
+}
+
+async fn export(args: ExportArgs) -> anyhow::Result<()> {
     if args.format == Format::Duckdb && args.archive.is_none() {
         anyhow::bail!("--format duckdb needs --archive <archive root> for the script's file paths");
     }

@@ -587,7 +587,7 @@ async fn the_archived_trail_survives_restarts_is_queried_exactly_and_shows_tampe
     files.sort();
     let first = files.first().expect("an audit file").clone();
     let original = std::fs::read(&first)?;
-    let keys = chatvault_testkit::pipeline::data_keys(&config)?;
+    let keys = chatvault_testkit::pipeline::data_keys(&config).await?;
     let period = chatvault_core::time::Date::from_micros(all[0].time_micros).month_period();
     let key = keys
         .get(chatvault_archive::kind::AUDIT_KEY_SCOPE, &period)

@@ -787,7 +787,7 @@ async fn every_acknowledged_event_is_archived_exactly_once_under_chaos() -> anyh
 
     let audit_took = check_started.elapsed();
     // 2. The rows, as a user reads them: scripts/read_archive.py (DuckDB) over the bucket's files, per tenant.
-    let keys = data_keys(&direct)?;
+    let keys = data_keys(&direct).await?;
     let mut rows = Vec::new();
     for tenant in TENANTS {
         let key = match keys.get(tenant, PERIOD).await {

@@ -74,7 +74,7 @@ async fn keys_are_handed_out_only_with_the_role_recorded_and_open_the_month_in_d
     )?;
     assert!(json.status.success(), "{json:?}");
     let exported: serde_json::Value = serde_json::from_slice(&json.stdout)?;
-    let key = data_keys(&config)?.get("acme", "2025-11").await?;
+    let key = data_keys(&config).await?.get("acme", "2025-11").await?;
     let key_base64 = base64::engine::general_purpose::STANDARD.encode(key.key);
     assert_eq!(exported["key_base64"], key_base64.as_str());
     assert_eq!(exported["dek_id"], key.dek_id.as_str());

@@ -268,7 +268,8 @@ async fn a_burst_is_archived_whole_and_kill_9_loses_nothing_acknowledged() -> an
     // Every acknowledged call was served only once its audit record was archived: the allowed ingest records
     // of the archived trail count at least every acknowledged event (more when an answer was lost in a kill).
     let store = chatvault_core::storage::object_store_from_config(&config.shared.storage)?;
-    let keys = chatvault_archive::keys::DataKeys::from_config(store.clone(), &config.shared.keys)?;
+    let keys =
+        chatvault_archive::keys::DataKeys::from_config(store.clone(), &config.shared.keys).await?;
     let trail = chatvault_restorer::AuditTrailReader::new(store, keys, "chatvault.events.audit");
     let filter = chatvault_restorer::audit_trail::AuditFilter {
         tenant_id: "demo".into(),

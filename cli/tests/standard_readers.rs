@@ -163,7 +163,7 @@ async fn duckdb_and_pyarrow_read_a_tenants_month_with_its_data_key() -> anyhow::
         restored.len()
     );
 
-    let key = data_keys(&config)?.get("acme", "2025-11").await?;
+    let key = data_keys(&config).await?.get("acme", "2025-11").await?;
     let key_base64 = base64::engine::general_purpose::STANDARD.encode(key.key);
     let root = s3.bucket_dir();
     for reader in ["duckdb", "pyarrow"] {
@@ -180,7 +180,10 @@ async fn duckdb_and_pyarrow_read_a_tenants_month_with_its_data_key() -> anyhow::
     }
 
     // Another month's key (a different data key) opens nothing.
-    let wrong = data_keys(&config)?.get_or_create("acme", "2025-10").await?;
+    let wrong = data_keys(&config)
+        .await?
+        .get_or_create("acme", "2025-10")
+        .await?;
     let wrong_base64 = base64::engine::general_purpose::STANDARD.encode(wrong.key);
     for reader in ["duckdb", "pyarrow"] {
         let output = read_with(reader, &root, &[("2025-11", &wrong_base64)], &[]);
@@ -366,7 +369,7 @@ async fn standard_readers_read_every_column_of_files_of_realistic_size() -> anyh
         &keyring.path().join("keyring.json"),
     );
     let store = object_store_from_config(&config.shared.storage)?;
-    let mut fixture = Fixture::over(store, data_keys(&config)?, TOPIC);
+    let mut fixture = Fixture::over(store, data_keys(&config).await?, TOPIC);
     fixture.file_options = FileOptions {
         zstd_level: config.archiver.zstd_level,
         row_group_rows: config.archiver.row_group_rows,
@@ -524,8 +527,9 @@ async fn standard_readers_read_every_column_of_files_of_realistic_size() -> anyh
         "the restorer returns what was archived"
     );
 
+    let keys = data_keys(&config).await?;
     let key = |period: &str| {
-        let keys = data_keys(&config).expect("keys");
+        let keys = keys.clone();
         let period = period.to_string();
         async move {
             let key = keys.get("acme", &period).await.expect("data key");

@@ -164,6 +164,13 @@ impl AuditCall {
         self
     }
 
+    /// Who runs an operator command (`chatvault keys rotate`, ...) that acts with the deployment's own
+    /// credentials rather than a caller's token: the local user and host, as the command found them.
+    pub fn operator(&mut self, name: &str) -> &mut AuditCall {
+        self.record.subject = name.to_string();
+        self
+    }
+
     /// The roles the call needs.
     pub fn roles(&mut self, roles: &[Role]) -> &mut AuditCall {
         self.record.roles_used = roles.iter().map(|role| role.name().to_string()).collect();

@@ -231,6 +231,12 @@ impl Default for StorageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
+    /// Which key provider holds the tenants' key-encryption keys: `local` (the keyring file, default) or
+    /// `aws_kms` (see `keys.aws_kms`). `keys.tenant_providers` overrides it per tenant.
+    pub provider: KeyProviderKind,
+    /// Tenant id → provider, for tenants whose keys live elsewhere than `keys.provider` says. The reserved
+    /// `_audit` (the audit trail's keys) can be named too.
+    pub tenant_providers: BTreeMap<String, KeyProviderKind>,
     /// The local keyring holding each tenant's key-encryption key; created on first use with mode 0600.
     /// Default `./chatvault-data/keyring.json`.
     pub keyring_path: PathBuf,
@@ -238,13 +244,140 @@ pub struct KeysConfig {
     /// a tenant it holds no key for are rejected to the dead-letter topic. Default false; the Helm chart sets
     /// it.
     pub keyring_read_only: bool,
+    /// How long an unwrapped data key stays in memory after it was last fetched from the provider; after
+    /// that it is wiped and unwrapped again. Bounds how long a shredded key survives in another process.
+    /// Default 5m.
+    #[serde(with = "crate::duration")]
+    pub cache_ttl: Duration,
+    pub aws_kms: AwsKmsConfig,
 }
 
 impl Default for KeysConfig {
     fn default() -> Self {
         KeysConfig {
+            provider: KeyProviderKind::Local,
+            tenant_providers: BTreeMap::new(),
             keyring_path: PathBuf::from("./chatvault-data/keyring.json"),
             keyring_read_only: false,
+            cache_ttl: Duration::from_secs(300),
+            aws_kms: AwsKmsConfig::default(),
+        }
+    }
+}
+
+impl KeysConfig {
+    /// The provider that holds `tenant`'s key-encryption keys.
+    pub fn provider_of(&self, tenant: &str) -> KeyProviderKind {
+        self.tenant_providers
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.provider)
+    }
+
+    /// Every provider some tenant uses.
+    pub fn providers_in_use(&self) -> Vec<KeyProviderKind> {
+        let mut kinds: Vec<KeyProviderKind> = std::iter::once(self.provider)
+            .chain(self.tenant_providers.values().copied())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        kinds
+    }
+
+    fn validate(&self) -> Result<()> {
+        let invalid = |setting: &str, message: &str| {
+            Err(Error::invalid_argument(format!("{setting}: {message}")))
+        };
+        if self.cache_ttl.is_zero() {
+            return invalid("keys.cache_ttl", "must be positive");
+        }
+        for tenant in self.tenant_providers.keys() {
+            if !is_valid_tenant_id(tenant) && tenant != "_audit" {
+                return invalid(
+                    &format!("keys.tenant_providers.{tenant}"),
+                    "is not a valid tenant id",
+                );
+            }
+        }
+        let kinds = self.providers_in_use();
+        if kinds.contains(&KeyProviderKind::AwsKms) {
+            if self.aws_kms.key_id.trim().is_empty() {
+                let uncovered = self.provider == KeyProviderKind::AwsKms
+                    || self.tenant_providers.iter().any(|(tenant, kind)| {
+                        *kind == KeyProviderKind::AwsKms
+                            && !self.aws_kms.tenant_key_ids.contains_key(tenant)
+                    });
+                if uncovered {
+                    return invalid(
+                        "keys.aws_kms.key_id",
+                        "must name the KMS key (id, ARN or alias/...) when keys.provider is aws_kms, unless \
+                         keys.aws_kms.tenant_key_ids names a key for every tenant using it",
+                    );
+                }
+            }
+            if self.aws_kms.timeout.is_zero() {
+                return invalid("keys.aws_kms.timeout", "must be positive");
+            }
+            let endpoint = &self.aws_kms.endpoint_url;
+            let is_http_url = endpoint.starts_with("https://") || endpoint.starts_with("http://");
+            if !endpoint.is_empty() && !is_http_url {
+                return invalid("keys.aws_kms.endpoint_url", "must be an http(s):// URL");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where key-encryption keys are held.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyProviderKind {
+    /// The keyring file (`keys.keyring_path`).
+    #[default]
+    Local,
+    /// AWS KMS (`keys.aws_kms`): data keys come from GenerateDataKey and are unwrapped with Decrypt, bound to
+    /// tenant, scope and period by the encryption context.
+    AwsKms,
+}
+
+impl KeyProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyProviderKind::Local => "local",
+            KeyProviderKind::AwsKms => "aws_kms",
+        }
+    }
+}
+
+/// AWS KMS. Credentials come from the standard AWS chain (environment, web identity / IRSA, ECS and
+/// instance metadata); the region from `region` or `AWS_REGION`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsKmsConfig {
+    /// Empty: `AWS_REGION` / the AWS profile.
+    pub region: String,
+    /// A KMS endpoint other than AWS's own (a VPC endpoint, or a test server). Empty: AWS's.
+    pub endpoint_url: String,
+    /// The symmetric KMS key (id, ARN or `alias/...`) that wraps every tenant's data keys, unless
+    /// `tenant_key_ids` names another for the tenant. Changing it rotates: new data keys are wrapped under
+    /// the new key, old ones still unwrap under the key they name until `chatvault keys rewrap`.
+    pub key_id: String,
+    /// Tenant id → KMS key, for tenants with a key of their own (which `chatvault keys shred --tenant` can
+    /// then schedule for deletion).
+    pub tenant_key_ids: BTreeMap<String, String>,
+    /// Per-call timeout. Default 5s.
+    #[serde(with = "crate::duration")]
+    pub timeout: Duration,
+}
+
+impl Default for AwsKmsConfig {
+    fn default() -> Self {
+        AwsKmsConfig {
+            region: String::new(),
+            endpoint_url: String::new(),
+            key_id: String::new(),
+            tenant_key_ids: BTreeMap::new(),
+            timeout: Duration::from_secs(5),
         }
     }
 }
@@ -428,6 +561,7 @@ impl SharedConfig {
                 }
             }
         }
+        self.keys.validate()?;
         for (index, issuer) in self.oidc.iter().enumerate() {
             let setting = format!("oidc[{index}]");
             if !(issuer.issuer.starts_with("https://")

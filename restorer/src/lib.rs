@@ -56,7 +56,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> chatvault_core::Result<()> {
     let store = object_store_from_config(&shared.storage)?;
-    let keys = DataKeys::from_config(store.clone(), &shared.keys)?;
+    let keys = DataKeys::from_config(store.clone(), &shared.keys).await?;
     let audit_trail =
         AuditTrailReader::new(store.clone(), keys.clone(), &shared.kafka.audit_topic());
     let auditor = Auditor::new("restorer", audit);

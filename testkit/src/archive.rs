@@ -98,7 +98,7 @@ pub struct ArchiveAudit {
 /// (see [`ArchiveAudit`]); the bucket is listed directly for orphans.
 pub async fn audit_archive(config: &Config, partitions: &[i32]) -> anyhow::Result<ArchiveAudit> {
     let store = object_store_from_config(&config.shared.storage)?;
-    let keys = data_keys(config)?;
+    let keys = data_keys(config).await?;
     let chains = ChainReader::new(store.clone(), &config.shared.kafka.topic);
     let mut audit = ArchiveAudit::default();
     let mut named_files = HashSet::new();

@@ -158,9 +158,9 @@ pub async fn start_gateway(config: &Config) -> anyhow::Result<RunningRole> {
     })
 }
 
-pub fn data_keys(config: &Config) -> anyhow::Result<DataKeys> {
+pub async fn data_keys(config: &Config) -> anyhow::Result<DataKeys> {
     let store = object_store_from_config(&config.shared.storage)?;
-    Ok(DataKeys::from_config(store, &config.shared.keys)?)
+    Ok(DataKeys::from_config(store, &config.shared.keys).await?)
 }
 
 /// The archiver role (the chat events' archiver and the audit trail's) on `config`.

@@ -84,8 +84,19 @@ pub struct ChildRole {
 impl ChildRole {
     /// Starts `binary` with `args` (for example `["archiver", "-c", path]`); stderr goes to the test's output.
     pub fn spawn(name: &str, binary: &Path, args: &[&str]) -> anyhow::Result<ChildRole> {
+        ChildRole::spawn_with_env(name, binary, args, &[])
+    }
+
+    /// [`ChildRole::spawn`] with extra environment variables (for example [`crate::kms::CREDENTIAL_ENV`]).
+    pub fn spawn_with_env(
+        name: &str,
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<ChildRole> {
         let child = Command::new(binary)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", CHILD_LOG)
             .env_remove("CHATVAULT_CRASH_AT")
             .stdout(Stdio::null())

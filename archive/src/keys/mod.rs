@@ -1,10 +1,13 @@
 //! Envelope encryption.
 //!
 //! - A **key-encryption key** (KEK) per tenant is held by a [`KeyEncryptionProvider`]: the local keyring file
-//!   by default ([`LocalKeyring`]), a KMS in production (same trait).
+//!   by default ([`LocalKeyring`]), AWS KMS in production ([`AwsKms`]); `keys.provider` and
+//!   `keys.tenant_providers` choose, per tenant ([`Providers`]).
 //! - A **data key** (DEK, 256-bit) per tenant and month encrypts that month's Parquet files, so DuckDB can scan
 //!   a tenant's month with one key. It is stored wrapped by the tenant's KEK in the archive itself, at
-//!   `keys/tenant=<t>/period=<yyyy-mm>.json` ([`DataKeyRecord`]), next to the data it opens.
+//!   `keys/tenant=<t>/period=<yyyy-mm>.json` ([`DataKeyRecord`]), next to the data it opens. The record names
+//!   the provider and the KEK (version) that wrapped it, so records wrapped before a rotation or a move to
+//!   another provider still open, and [`DataKeys::rewrap`] can move them to the current KEK.
 //! - Each Parquet file's footer key metadata names the data key ([`FileKeyMetadata`]), so an authorized reader
 //!   can find the key of any file.
 //!
@@ -13,362 +16,42 @@
 //! Key material never reaches a log: every type that holds a key ([`DataKey`], [`LocalKeyring`], [`DataKeys`])
 //! has a `Debug` that leaves the key bytes out. Keys held here are wiped (`zeroize`) when dropped: data keys,
 //! key-encryption keys in the keyring's memory, and the buffers they pass through (unwrapped plaintext, the
-//! keyring file's bytes). What this cannot reach: copies made by libraries we hand a key to (the Parquet
-//! crate's encryption properties keep their own `Vec`), by serde_json while parsing, or left in freed memory by
-//! the allocator before this crate saw the bytes.
+//! keyring file's bytes); unwrapped data keys are also forgotten `keys.cache_ttl` after they were fetched.
+//! What this cannot reach: copies made by libraries we hand a key to (the Parquet crate's encryption
+//! properties keep their own `Vec`, the AWS SDK's response buffers), by serde_json while parsing, or left in
+//! freed memory by the allocator before this crate saw the bytes.
+
+mod aws_kms;
+mod local;
+mod provider;
+mod rewrap;
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 use crate::layout;
 use chatvault_core::config::KeysConfig;
 use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::time::now_micros;
 
+pub use aws_kms::AwsKms;
+pub use local::LocalKeyring;
+pub use provider::{KeyContext, KeyEncryptionProvider, Providers, WrappedKey};
+pub use rewrap::{RewrapOutcome, RewrapReport};
+
 pub const DATA_KEY_BYTES: usize = 32;
 
-/// A key wrapped by a key-encryption key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WrappedKey {
-    pub kek_id: String,
-    pub ciphertext: Vec<u8>,
-}
-
-/// Holds tenants' key-encryption keys. Implementations: [`LocalKeyring`]; a KMS client later.
-#[async_trait]
-pub trait KeyEncryptionProvider: Send + Sync + std::fmt::Debug {
-    /// Wraps `plaintext` under the tenant's current KEK (creating it when the provider can). `aad` binds the
-    /// wrapped key to its context and must be presented again to unwrap.
-    async fn wrap(&self, tenant: &str, plaintext: &[u8], aad: &[u8]) -> Result<WrappedKey>;
-    /// The unwrapped plaintext, wiped when dropped.
-    async fn unwrap(
-        &self,
-        tenant: &str,
-        wrapped: &WrappedKey,
-        aad: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>>;
-}
-
-#[derive(Default, Serialize, Deserialize)]
-struct KeyringFile {
-    version: u32,
-    tenants: HashMap<String, TenantKeys>,
-}
-
-/// Lists tenants and key ids, never keys.
-impl std::fmt::Debug for KeyringFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyringFile")
-            .field("version", &self.version)
-            .field("tenants", &self.tenants)
-            .finish()
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct TenantKeys {
-    current: String,
-    /// kek id → base64 key
-    keys: HashMap<String, String>,
-}
-
-impl std::fmt::Debug for TenantKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut ids: Vec<&String> = self.keys.keys().collect();
-        ids.sort();
-        f.debug_struct("TenantKeys")
-            .field("current", &self.current)
-            .field("kek_ids", &ids)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for TenantKeys {
-    fn drop(&mut self) {
-        for key in self.keys.values_mut() {
-            key.zeroize();
-        }
-    }
-}
-
-/// A keyring file with one AES-256 KEK per tenant, created on first use with mode 0600. Suitable for a single
-/// node (standalone, evaluation); production deployments use a KMS behind the same trait. `Debug` shows the
-/// path and mode, never keys.
-pub struct LocalKeyring {
-    path: PathBuf,
-    state: Mutex<KeyringFile>,
-    rng: SystemRandom,
-    /// Never written: a tenant without a key-encryption key cannot get one here (see
-    /// [`LocalKeyring::open_read_only`]).
-    read_only: bool,
-}
-
-impl std::fmt::Debug for LocalKeyring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalKeyring")
-            .field("path", &self.path)
-            .field("read_only", &self.read_only)
-            .finish_non_exhaustive()
-    }
-}
-
-impl LocalKeyring {
-    /// The keyring at `path`, which creates a tenant's key-encryption key on first use.
-    pub fn open(path: &Path) -> Result<LocalKeyring> {
-        Self::open_with(path, false)
-    }
-
-    /// The keyring at `path`, never written (a mounted Secret shared by several pods: if each created keys, they
-    /// would diverge). A tenant it holds no key for is refused with PERMISSION_DENIED, a permanent condition
-    /// for the archiver: such records are rejected to the dead-letter topic instead of retried forever.
-    pub fn open_read_only(path: &Path) -> Result<LocalKeyring> {
-        Self::open_with(path, true)
-    }
-
-    fn open_with(path: &Path, read_only: bool) -> Result<LocalKeyring> {
-        let keyring = LocalKeyring {
-            path: path.to_path_buf(),
-            state: Mutex::new(KeyringFile::default()),
-            rng: SystemRandom::new(),
-            read_only,
-        };
-        let state = keyring.read_file()?;
-        *keyring
-            .state
-            .lock()
-            .map_err(|_| Error::internal("keyring lock poisoned"))? = state;
-        Ok(keyring)
-    }
-
-    fn read_file(&self) -> Result<KeyringFile> {
-        match std::fs::read(&self.path).map(Zeroizing::new) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| {
-                Error::internal(format!(
-                    "keyring {} is corrupt: {error}",
-                    self.path.display()
-                ))
-            }),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(KeyringFile {
-                version: 1,
-                tenants: HashMap::new(),
-            }),
-            Err(error) => Err(Error::unavailable(format!(
-                "reading keyring {}: {error}",
-                self.path.display()
-            ))),
-        }
-    }
-
-    /// Writes the keyring atomically: a uniquely named temporary file with mode 0600, synced, then renamed.
-    fn persist(&self, state: &KeyringFile) -> Result<()> {
-        let bytes = Zeroizing::new(serde_json::to_vec_pretty(state)?);
-        let temporary = self.path.with_extension(format!(
-            "tmp-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let write = || -> std::io::Result<()> {
-            let mut file = options.open(&temporary)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &self.path)
-        };
-        write().map_err(|error| {
-            Error::unavailable(format!("writing keyring {}: {error}", self.path.display()))
-        })
-    }
-
-    /// Creates the tenant's KEK unless another process or instance sharing the file already did. Serialized
-    /// across processes by an exclusive lock on `<keyring>.lock`, and decided on the file's current content.
-    fn create_kek(&self, tenant: &str) -> Result<KeyringFile> {
-        let cannot_create = |why: String| {
-            Error::new(
-                ErrorCode::PermissionDenied,
-                format!(
-                    "keyring {} holds no key-encryption key for tenant {tenant} and cannot create one: {why}",
-                    self.path.display()
-                ),
-            )
-        };
-        if self.read_only {
-            return Err(cannot_create(
-                "it is read-only (keys.keyring_read_only); add the tenant's key to it".into(),
-            ));
-        }
-        let not_writable = |error: &std::io::Error| {
-            matches!(
-                error.kind(),
-                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
-            )
-        };
-        if let Some(parent) = self.path.parent() {
-            std::fs::create_dir_all(parent).map_err(|error| {
-                Error::unavailable(format!("creating {}: {error}", parent.display()))
-            })?;
-        }
-        let lock_path = self.path.with_extension("lock");
-        let lock_file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|error| {
-                if not_writable(&error) {
-                    cannot_create(format!("{} is not writable ({error})", lock_path.display()))
-                } else {
-                    Error::unavailable(format!("opening {}: {error}", lock_path.display()))
-                }
-            })?;
-        lock_file.lock().map_err(|error| {
-            Error::unavailable(format!("locking {}: {error}", lock_path.display()))
-        })?;
-        let mut current = self.read_file()?;
-        if !current.tenants.contains_key(tenant) {
-            let mut key = Zeroizing::new([0u8; 32]);
-            self.rng
-                .fill(key.as_mut())
-                .map_err(|_| Error::internal("system random generator failed"))?;
-            let id = format!("{tenant}-kek-1");
-            current.tenants.insert(
-                tenant.to_string(),
-                TenantKeys {
-                    current: id.clone(),
-                    keys: HashMap::from([(id, BASE64.encode(key.as_ref()))]),
-                },
-            );
-            self.persist(&current)?;
-        }
-        let _ = lock_file.unlock();
-        Ok(current)
-    }
-
-    fn kek(
-        &self,
-        tenant: &str,
-        kek_id: Option<&str>,
-        create: bool,
-    ) -> Result<(String, Zeroizing<Vec<u8>>)> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| Error::internal("keyring lock poisoned"))?;
-        let known = |state: &KeyringFile| {
-            state
-                .tenants
-                .get(tenant)
-                .is_some_and(|keys| kek_id.is_none_or(|id| keys.keys.contains_key(id)))
-        };
-        if !known(&state) {
-            // Another process sharing the keyring may have added it since we read the file.
-            *state = self.read_file()?;
-        }
-        if !state.tenants.contains_key(tenant) {
-            if !create {
-                return Err(Error::new(
-                    ErrorCode::NotFound,
-                    format!("no key-encryption key for tenant {tenant}"),
-                ));
-            }
-            *state = self.create_kek(tenant)?;
-        }
-        let tenant_keys = state
-            .tenants
-            .get(tenant)
-            .ok_or_else(|| Error::internal("keyring lost a tenant it just created"))?;
-        let id = kek_id.unwrap_or(&tenant_keys.current);
-        let encoded = tenant_keys.keys.get(id).ok_or_else(|| {
-            Error::new(
-                ErrorCode::NotFound,
-                format!("key-encryption key {id} of tenant {tenant} is not in the keyring"),
-            )
-        })?;
-        let key = BASE64
-            .decode(encoded)
-            .map(Zeroizing::new)
-            .map_err(|_| Error::internal(format!("keyring entry {id} is not base64")))?;
-        Ok((id.to_string(), key))
-    }
-}
-
-#[async_trait]
-impl KeyEncryptionProvider for LocalKeyring {
-    async fn wrap(&self, tenant: &str, plaintext: &[u8], aad: &[u8]) -> Result<WrappedKey> {
-        let (kek_id, kek) = self.kek(tenant, None, true)?;
-        let ciphertext = seal(&self.rng, &kek, plaintext, aad)?;
-        Ok(WrappedKey { kek_id, ciphertext })
-    }
-
-    async fn unwrap(
-        &self,
-        tenant: &str,
-        wrapped: &WrappedKey,
-        aad: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>> {
-        let (_, kek) = self.kek(tenant, Some(&wrapped.kek_id), false)?;
-        open(&kek, &wrapped.ciphertext, aad)
-    }
-}
-
-/// AES-256-GCM: `nonce(12) | ciphertext | tag(16)`.
-fn seal(rng: &SystemRandom, key: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>> {
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, key).map_err(|_| Error::internal("bad key length"))?,
-    );
-    let mut nonce = [0u8; NONCE_LEN];
-    rng.fill(&mut nonce)
-        .map_err(|_| Error::internal("system random generator failed"))?;
-    // Encrypted in place: once sealed it holds no plaintext, but it is wiped anyway if sealing fails.
-    let mut buffer = Zeroizing::new(plaintext.to_vec());
-    key.seal_in_place_append_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(aad),
-        &mut *buffer,
-    )
-    .map_err(|_| Error::internal("key wrapping failed"))?;
-    let mut out = nonce.to_vec();
-    out.extend_from_slice(&buffer);
-    Ok(out)
-}
-
-fn open(key: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
-    if sealed.len() < NONCE_LEN + 16 {
-        return Err(Error::internal("wrapped key is truncated"));
-    }
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, key).map_err(|_| Error::internal("bad key length"))?,
-    );
-    let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-    let nonce =
-        Nonce::try_assume_unique_for_key(nonce).map_err(|_| Error::internal("bad nonce"))?;
-    let mut buffer = Zeroizing::new(ciphertext.to_vec());
-    let plaintext = key
-        .open_in_place(nonce, Aad::from(aad), &mut buffer)
-        .map_err(|_| {
-            Error::new(
-                ErrorCode::PermissionDenied,
-                "unwrapping a data key failed: wrong key-encryption key or tampered key record",
-            )
-        })?;
-    Ok(Zeroizing::new(plaintext.to_vec()))
-}
+/// The key scope of a tenant's default data keys (the only scope until per-conversation scopes exist).
+pub const DEFAULT_SCOPE: &str = "";
 
 /// The stored form of a data key: `keys/tenant=<t>/period=<yyyy-mm>.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -379,11 +62,27 @@ pub struct DataKeyRecord {
     /// `yyyy-mm`.
     pub period: String,
     pub dek_id: String,
+    /// The provider that wrapped it (`local`, `aws_kms`); records written before providers existed have none
+    /// and are the keyring's.
+    #[serde(default = "local_provider")]
+    pub provider: String,
+    /// The KEK (version) that wrapped it: a keyring entry (`<tenant>-kek-<n>`) or a KMS key ARN.
     pub kek_id: String,
-    /// base64 of AES-256-GCM `nonce | ciphertext | tag` of the 32-byte data key under the KEK, with the AAD
+    /// base64 of the wrapped key. The keyring's form is AES-256-GCM `nonce | ciphertext | tag` of the 32-byte data key under the KEK, with the AAD
     /// `chatvault-dek-v1|<tenant>|<period>|<dek_id>`.
     pub wrapped_key: String,
     pub created_at_micros: i64,
+    /// When [`DataKeys::rewrap`] last wrapped it again (0: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rewrapped_at_micros: i64,
+}
+
+fn local_provider() -> String {
+    "local".into()
+}
+
+fn is_zero(value: &i64) -> bool {
+    *value == 0
 }
 
 /// What each Parquet file's footer `key_metadata` holds (JSON): enough to find and unwrap its data key.
@@ -435,41 +134,44 @@ impl DataKey {
     }
 }
 
-fn dek_aad(tenant: &str, period: &str, dek_id: &str) -> Vec<u8> {
-    format!("chatvault-dek-v1|{tenant}|{period}|{dek_id}").into_bytes()
-}
-
 const CACHE_CAPACITY: usize = 4096;
 
-/// Finds or creates the data key of a tenant's period, through the archive's object store and a KEK provider.
-/// Plaintext keys are cached in memory (bounded). `Debug` names the provider and how many keys are cached.
+/// Finds or creates the data key of a tenant's period, through the archive's object store and the tenant's
+/// key provider. Plaintext keys are cached in memory, bounded in number and in time (`keys.cache_ttl`: a key
+/// destroyed or disabled in the provider stops being usable here within that time). `Debug` names the
+/// providers and how many keys are cached.
 #[derive(Clone)]
 pub struct DataKeys {
     store: Arc<dyn ObjectStore>,
-    provider: Arc<dyn KeyEncryptionProvider>,
-    cache: Arc<Mutex<HashMap<(String, String), DataKey>>>,
+    providers: Arc<Providers>,
+    cache: Arc<Mutex<HashMap<(String, String), CachedKey>>>,
+    cache_ttl: Duration,
     rng: SystemRandom,
+}
+
+struct CachedKey {
+    key: DataKey,
+    fetched: Instant,
 }
 
 impl std::fmt::Debug for DataKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let cached = self.cache.lock().map(|cache| cache.len()).unwrap_or(0);
         f.debug_struct("DataKeys")
-            .field("provider", &self.provider)
+            .field("providers", &self.providers)
             .field("cached_keys", &cached)
             .finish_non_exhaustive()
     }
 }
 
 impl DataKeys {
-    /// Data keys wrapped by the local keyring that `keys` configures (the default key provider).
-    pub fn from_config(store: Arc<dyn ObjectStore>, keys: &KeysConfig) -> Result<DataKeys> {
-        let keyring = if keys.keyring_read_only {
-            LocalKeyring::open_read_only(&keys.keyring_path)?
-        } else {
-            LocalKeyring::open(&keys.keyring_path)?
-        };
-        Ok(DataKeys::new(store, Arc::new(keyring)))
+    /// Data keys wrapped by the providers `keys` configures, after checking that each is reachable and its
+    /// keys usable (so a misconfigured KMS key fails start-up, naming the setting, instead of the first
+    /// commit).
+    pub async fn from_config(store: Arc<dyn ObjectStore>, keys: &KeysConfig) -> Result<DataKeys> {
+        let providers = Providers::from_config(keys).await?;
+        providers.check().await?;
+        Ok(DataKeys::with_providers(store, providers, keys.cache_ttl))
     }
 
     /// Data keys wrapped by the (writable) local keyring at `keyring_path`.
@@ -483,29 +185,67 @@ impl DataKeys {
         ))
     }
 
+    /// Every tenant's data keys wrapped by `provider`.
     pub fn new(store: Arc<dyn ObjectStore>, provider: Arc<dyn KeyEncryptionProvider>) -> DataKeys {
+        DataKeys::with_providers(
+            store,
+            Providers::single(provider),
+            KeysConfig::default().cache_ttl,
+        )
+    }
+
+    pub fn with_providers(
+        store: Arc<dyn ObjectStore>,
+        providers: Providers,
+        cache_ttl: Duration,
+    ) -> DataKeys {
         DataKeys {
             store,
-            provider,
+            providers: Arc::new(providers),
             cache: Arc::new(Mutex::new(HashMap::new())),
+            cache_ttl,
             rng: SystemRandom::new(),
         }
     }
 
+    pub fn providers(&self) -> &Providers {
+        &self.providers
+    }
+
+    /// Forgets every cached plaintext key (wiping it).
+    pub fn forget_all(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+    }
+
     fn cached(&self, tenant: &str, period: &str) -> Option<DataKey> {
-        self.cache
-            .lock()
-            .ok()?
-            .get(&(tenant.to_string(), period.to_string()))
-            .cloned()
+        let mut cache = self.cache.lock().ok()?;
+        let id = (tenant.to_string(), period.to_string());
+        let entry = cache.get(&id)?;
+        if entry.fetched.elapsed() < self.cache_ttl {
+            return Some(entry.key.clone());
+        }
+        cache.remove(&id);
+        None
     }
 
     fn remember(&self, key: &DataKey) {
         if let Ok(mut cache) = self.cache.lock() {
             if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
+                let ttl = self.cache_ttl;
+                cache.retain(|_, entry| entry.fetched.elapsed() < ttl);
+                if cache.len() >= CACHE_CAPACITY {
+                    cache.clear();
+                }
             }
-            cache.insert((key.tenant_id.clone(), key.period.clone()), key.clone());
+            cache.insert(
+                (key.tenant_id.clone(), key.period.clone()),
+                CachedKey {
+                    key: key.clone(),
+                    fetched: Instant::now(),
+                },
+            );
         }
     }
 
@@ -518,16 +258,7 @@ impl DataKeys {
             return Ok(key);
         }
         let path = layout::data_key_path(tenant, period);
-        let bytes = self
-            .store
-            .get(&path)
-            .await
-            .map_err(|error| Error::from(error).context(format!("data key {path}")))?
-            .bytes()
-            .await?;
-        let record: DataKeyRecord = serde_json::from_slice(&bytes).map_err(|error| {
-            Error::internal(format!("data key record {path} is corrupt: {error}"))
-        })?;
+        let (record, _) = self.read_record(&path).await?;
         if record.tenant_id != tenant || record.period != period {
             return Err(Error::internal(format!(
                 "data key record {path} names tenant {} period {} but was read for tenant {tenant} period \
@@ -548,27 +279,29 @@ impl DataKeys {
             Err(error) if error.code() == ErrorCode::NotFound => {}
             Err(error) => return Err(error),
         }
-        let mut key = Zeroizing::new([0u8; DATA_KEY_BYTES]);
         let mut id_bytes = [0u8; 8];
         self.rng
-            .fill(key.as_mut())
-            .and_then(|_| self.rng.fill(&mut id_bytes))
+            .fill(&mut id_bytes)
             .map_err(|_| Error::internal("system random generator failed"))?;
         let dek_id = format!("{tenant}/{period}/{}", hex::encode(id_bytes));
-        let wrapped = timed_provider_call(
-            "wrap",
-            self.provider
-                .wrap(tenant, key.as_ref(), &dek_aad(tenant, period, &dek_id)),
-        )
-        .await?;
+        let provider = self.providers.of(tenant);
+        let context = KeyContext {
+            tenant,
+            scope: DEFAULT_SCOPE,
+            period,
+            dek_id: &dek_id,
+        };
+        let (key, wrapped) = timed_provider_call("generate", provider.generate(&context)).await?;
         let record = DataKeyRecord {
             format: "chatvault-dek-v1".into(),
             tenant_id: tenant.to_string(),
             period: period.to_string(),
             dek_id: dek_id.clone(),
+            provider: provider.kind().to_string(),
             kek_id: wrapped.kek_id,
             wrapped_key: BASE64.encode(&wrapped.ciphertext),
             created_at_micros: now_micros(),
+            rewrapped_at_micros: 0,
         };
         let path = layout::data_key_path(tenant, period);
         let put = self
@@ -596,6 +329,27 @@ impl DataKeys {
         }
     }
 
+    /// A key record and its version (for a conditional rewrite).
+    async fn read_record(
+        &self,
+        path: &object_store::path::Path,
+    ) -> Result<(DataKeyRecord, object_store::UpdateVersion)> {
+        let fetched = self
+            .store
+            .get(path)
+            .await
+            .map_err(|error| Error::from(error).context(format!("data key {path}")))?;
+        let version = object_store::UpdateVersion {
+            e_tag: fetched.meta.e_tag.clone(),
+            version: fetched.meta.version.clone(),
+        };
+        let bytes = fetched.bytes().await?;
+        let record: DataKeyRecord = serde_json::from_slice(&bytes).map_err(|error| {
+            Error::internal(format!("data key record {path} is corrupt: {error}"))
+        })?;
+        Ok((record, version))
+    }
+
     async fn unwrap_record(&self, record: &DataKeyRecord) -> Result<DataKey> {
         if record.format != "chatvault-dek-v1" {
             return Err(Error::internal(format!(
@@ -610,15 +364,16 @@ impl DataKeys {
             kek_id: record.kek_id.clone(),
             ciphertext,
         };
-        let plaintext = timed_provider_call(
-            "unwrap",
-            self.provider.unwrap(
-                &record.tenant_id,
-                &wrapped,
-                &dek_aad(&record.tenant_id, &record.period, &record.dek_id),
-            ),
-        )
-        .await?;
+        let provider = self.providers.by_kind(&record.provider).ok_or_else(|| {
+            Error::unavailable(format!(
+                "data key record of {}/{} was wrapped by key provider {}, which is not configured here \
+                 (keys.provider / keys.tenant_providers)",
+                record.tenant_id, record.period, record.provider
+            ))
+        })?;
+        let plaintext =
+            timed_provider_call("unwrap", provider.unwrap(&record_context(record), &wrapped))
+                .await?;
         let key: [u8; DATA_KEY_BYTES] = plaintext
             .as_slice()
             .try_into()
@@ -629,6 +384,16 @@ impl DataKeys {
             dek_id: record.dek_id.clone(),
             key,
         })
+    }
+}
+
+/// The context a record's wrapped key is bound to.
+fn record_context(record: &DataKeyRecord) -> KeyContext<'_> {
+    KeyContext {
+        tenant: &record.tenant_id,
+        scope: DEFAULT_SCOPE,
+        period: &record.period,
+        dek_id: &record.dek_id,
     }
 }
 
@@ -742,7 +507,7 @@ mod tests {
             format!("{keys:?}"),
             format!("{keys:#?}"),
             format!("{keyring:?}"),
-            format!("{:?}", keyring.state.lock().expect("state")),
+            keyring.debug_state(),
         ];
         for text in &printed {
             for secret in encodings(&data_key.key)
@@ -824,6 +589,120 @@ mod tests {
             assert!(reader.get_or_create(tenant, period).await.is_err());
         }
         assert!(reader.get("acme", "2026-11").await.is_ok());
+    }
+
+    async fn stored_record(
+        store: &Arc<dyn ObjectStore>,
+        tenant: &str,
+        period: &str,
+    ) -> DataKeyRecord {
+        let bytes = store
+            .get(&layout::data_key_path(tenant, period))
+            .await
+            .expect("record")
+            .bytes()
+            .await
+            .expect("bytes");
+        serde_json::from_slice(&bytes).expect("json")
+    }
+
+    /// Over a store with conditional updates (memory) and one without (the local file system, where rewrap
+    /// overwrites).
+    async fn rotate_then_rewrap(store: Arc<dyn ObjectStore>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keyring_path = dir.path().join("keyring.json");
+        let keyring = Arc::new(LocalKeyring::open(&keyring_path).expect("open"));
+        let keys = DataKeys::new(store.clone(), keyring.clone());
+        let november = keys.get_or_create("acme", "2026-11").await.expect("nov");
+        keys.get_or_create("globex", "2026-11")
+            .await
+            .expect("globex");
+        assert_eq!(keyring.rotate("acme").await.expect("rotate"), "acme-kek-2");
+        // Another instance sharing the keyring wraps new keys under the new KEK without a restart.
+        let other = DataKeys::new(
+            store.clone(),
+            Arc::new(LocalKeyring::open(&keyring_path).expect("reopen")),
+        );
+        other.get_or_create("acme", "2026-12").await.expect("dec");
+        assert_eq!(
+            stored_record(&store, "acme", "2026-12").await.kek_id,
+            "acme-kek-2"
+        );
+        assert_eq!(
+            stored_record(&store, "acme", "2026-11").await.kek_id,
+            "acme-kek-1"
+        );
+
+        let mut seen = Vec::new();
+        let report = keys
+            .rewrap(Some("acme"), |entry| seen.push(entry.record.clone()))
+            .await
+            .expect("rewrap");
+        assert_eq!(
+            (report.rewrapped, report.current, report.failed),
+            (1, 1, 0),
+            "{report:?}"
+        );
+        assert_eq!(seen.len(), 2);
+        let rewrapped = stored_record(&store, "acme", "2026-11").await;
+        assert_eq!(rewrapped.kek_id, "acme-kek-2");
+        assert_eq!(rewrapped.dek_id, november.dek_id);
+        assert!(rewrapped.rewrapped_at_micros > 0);
+
+        // The old KEK is no longer needed: removed from the keyring, every record still opens.
+        let mut file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&keyring_path).expect("read")).expect("json");
+        file["tenants"]["acme"]["keys"]
+            .as_object_mut()
+            .expect("keys")
+            .remove("acme-kek-1");
+        std::fs::write(&keyring_path, serde_json::to_vec(&file).expect("json")).expect("write");
+        let retired = DataKeys::new(
+            store.clone(),
+            Arc::new(LocalKeyring::open(&keyring_path).expect("reopen")),
+        );
+        assert_eq!(
+            retired.get("acme", "2026-11").await.expect("nov").key,
+            november.key
+        );
+        retired.get("acme", "2026-12").await.expect("dec");
+
+        // Everything is current now; a tampered record is reported and left as it was.
+        let mut tampered = stored_record(&store, "globex", "2026-11").await;
+        tampered.kek_id = "globex-kek-9".into();
+        store
+            .put(
+                &layout::data_key_path("globex", "2026-11"),
+                PutPayload::from(serde_json::to_vec(&tampered).expect("json")),
+            )
+            .await
+            .expect("tamper");
+        let report = retired.rewrap(None, |_| {}).await.expect("rewrap all");
+        assert_eq!(
+            (report.rewrapped, report.current, report.failed),
+            (0, 2, 1),
+            "{report:?}"
+        );
+        let failed = report
+            .records
+            .iter()
+            .find(|entry| matches!(entry.outcome, RewrapOutcome::Failed { .. }))
+            .expect("failed entry");
+        assert_eq!(failed.tenant_id, "globex");
+        assert_eq!(
+            stored_record(&store, "globex", "2026-11").await.kek_id,
+            "globex-kek-9"
+        );
+    }
+
+    #[tokio::test]
+    async fn rotation_wraps_new_keys_under_the_new_kek_and_rewrap_moves_the_old_ones() {
+        rotate_then_rewrap(Arc::new(InMemory::new())).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        rotate_then_rewrap(Arc::new(
+            object_store::local::LocalFileSystem::new_with_prefix(dir.path()).expect("fs"),
+        ))
+        .await;
     }
 
     #[tokio::test]
