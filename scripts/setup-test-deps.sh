@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond Rust: a Python virtualenv in .venv with DuckDB and pyarrow (the
-# standard readers our encrypted Parquet files are checked against) and moto (an AWS KMS server), and a real OpenID provider from npm in
-# testkit/oidc/node_modules. Idempotent; safe to run on every test run.
+# standard readers our encrypted Parquet files are checked against) and moto (an AWS KMS server), SoftHSM2 (a
+# PKCS#11 token, from Debian), and a real OpenID provider from npm in testkit/oidc/node_modules. Idempotent; safe to run on every test run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,19 @@ sys.exit(0 if all(m.version(name.split("[")[0]) == version for name, version in 
 PY
 then
     .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+fi
+# SoftHSM2, a PKCS#11 token, for the HSM key-provider tests (cli/tests/hsm_keys.rs).
+if [ ! -e /usr/lib/softhsm/libsofthsm2.so ] || ! command -v softhsm2-util >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q softhsm2 >/dev/null || {
+            apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q softhsm2 >/dev/null
+        }
+    elif command -v sudo >/dev/null; then
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q softhsm2 >/dev/null
+    else
+        echo "setup-test-deps: softhsm2 is missing; install it (Debian: apt-get install softhsm2)" >&2
+        exit 1
+    fi
 fi
 if ! command -v cargo-nextest >/dev/null; then
     cargo install --locked cargo-nextest

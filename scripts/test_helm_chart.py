@@ -274,6 +274,7 @@ def config_struct_paths() -> set[str]:
 NOT_RENDERED = {
     "gateway.webhooks[].secrets": "clear webhook secrets (the chart renders secret_files)",
     "tenants[].tokens[].token": "clear tokens (the chart renders token_file or token_sha256)",
+    "keys.pkcs11.pin": "the clear HSM PIN (the chart renders pin_file from hsm.existingSecret)",
 }
 
 
@@ -771,6 +772,21 @@ def main() -> int:
 
     refused = {
         "distributed without a keyring": (with_distributed(keyring={"json": ""}), ["keyring"]),
+        "keys in AWS KMS without a key": (
+            with_distributed(config={**distributed["config"], "keys": {"provider": "aws_kms"}}),
+            ["config.keys.aws_kms.key_id"]),
+        "keys in an HSM without the PIN Secret": (
+            with_distributed(config={**distributed["config"], "keys": {
+                "provider": "pkcs11", "pkcs11": {"module": "/m.so", "token_label": "t"}}}),
+            ["hsm.existingSecret"]),
+        "keys in an HSM without a module": (
+            with_distributed(hsm={"existingSecret": "pin"}, config={**distributed["config"], "keys": {
+                "provider": "pkcs11", "pkcs11": {"token_label": "t"}}}),
+            ["config.keys.pkcs11.module"]),
+        "a tenant on the keyring without one": (
+            with_distributed(keyring={"json": ""}, config={**distributed["config"], "keys": {
+                "provider": "aws_kms", "tenant_providers": {"demo": "local"}, "aws_kms": {"key_id": "alias/k"}}}),
+            ["keyring"]),
         "distributed on a file:// archive": (
             with_distributed(config={**distributed["config"], "storage": {"url": "file:///data"}}),
             ["config.storage.url"]),
@@ -985,6 +1001,19 @@ def main() -> int:
         assert not kind(documents, "Secret"), "production values must create no Secret (existingSecret only)"
         sa = kind(documents, "ServiceAccount")[0]
         assert "eks.amazonaws.com/role-arn" in sa["metadata"].get("annotations", {}), "workload identity"
+
+    @check("keys in AWS KMS: no keyring needed or mounted; the provider and key reach chatvault.toml")
+    def _kms_keys():
+        values = with_distributed(keyring={"json": ""}, config={**distributed["config"], "keys": {
+            "provider": "aws_kms", "aws_kms": {"region": "eu-west-1", "key_id": "alias/chatvault"}}})
+        documents = render(chart, values)
+        for deployment in kind(documents, "Deployment"):
+            volumes = {v["name"] for v in pod_spec(deployment).get("volumes", [])}
+            assert "keyring" not in volumes, f"{component(deployment)} mounts a keyring it does not use"
+        assert not [s for s in kind(documents, "Secret") if s["metadata"]["name"].endswith("-keyring")]
+        keys = chatvault_toml(documents)["keys"]
+        assert keys["provider"] == "aws_kms" and keys["aws_kms"]["key_id"] == "alias/chatvault", keys
+        assert keys["aws_kms"]["region"] == "eu-west-1", keys
 
     @check("ServiceMonitor only when the cluster serves monitoring.coreos.com/v1")
     def _service_monitor():

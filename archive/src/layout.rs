@@ -4,6 +4,8 @@
 //! events/tenant=<tenant>/date=<yyyy-mm-dd>/p<partition>-o<first offset>-<batch id>-<n>.parquet
 //! audit/date=<yyyy-mm-dd>/p<partition>-o<first offset>-<batch id>-<n>.parquet   the audit trail
 //! keys/tenant=<tenant>/period=<yyyy-mm>.json                       wrapped data key of a tenant's month
+//! erasures/tenant=<tenant>/period=<yyyy-mm>/<dek>.json              a destroyed data key (crypto-shred)
+//! holds/tenant=<tenant>/<hold id>.json                              legal holds (refuse a shred)
 //! manifests/topic=<topic>/partition=<p>/<seq, 20 digits>.json       committed batches, a hash chain
 //! manifests/topic=<topic>/partition=<p>/pending/<batch id>.json     upload intents, for orphan cleanup
 //! ```
@@ -21,6 +23,8 @@ pub const EVENTS_ROOT: &str = "events";
 pub const MANIFESTS_ROOT: &str = "manifests";
 pub const KEYS_ROOT: &str = "keys";
 pub const AUDIT_ROOT: &str = "audit";
+pub const ERASURES_ROOT: &str = "erasures";
+pub const HOLDS_ROOT: &str = "holds";
 
 pub fn tenant_events_prefix(tenant: &str) -> Path {
     Path::from(format!("{EVENTS_ROOT}/tenant={tenant}"))
@@ -53,6 +57,23 @@ pub fn audit_file_path(
 
 pub fn data_key_path(tenant: &str, period: &str) -> Path {
     Path::from(format!("{KEYS_ROOT}/tenant={tenant}/period={period}.json"))
+}
+
+/// Where the erasure records of a tenant's month are (one per destroyed data key of the month).
+pub fn erasures_prefix(tenant: &str, period: &str) -> Path {
+    Path::from(format!("{ERASURES_ROOT}/tenant={tenant}/period={period}"))
+}
+
+/// The erasure record of data key `dek_id` (`<tenant>/<period>/<hex>`: its last segment names the file).
+pub fn erasure_path(tenant: &str, period: &str, dek_id: &str) -> Path {
+    let name = dek_id.rsplit('/').next().unwrap_or(dek_id);
+    Path::from(format!(
+        "{ERASURES_ROOT}/tenant={tenant}/period={period}/{name}.json"
+    ))
+}
+
+pub fn holds_prefix(tenant: &str) -> Path {
+    Path::from(format!("{HOLDS_ROOT}/tenant={tenant}"))
 }
 
 pub fn manifests_root(topic: &str) -> Path {

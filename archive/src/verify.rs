@@ -43,8 +43,17 @@ pub enum Problem {
         manifest: String,
         detail: String,
     },
-    /// The data key record a committed file needs is not in the bucket.
+    /// The data key record a committed file needs is not in the bucket, and no erasure explains it.
     MissingKeyRecord { path: String, needed_by: String },
+    /// The key record holds another data key than the files name, and no erasure explains it.
+    KeyMismatch {
+        path: String,
+        needed_by: String,
+        detail: String,
+    },
+    /// A data key recorded as erased is still in its key record: a shred that stopped half-way (run it
+    /// again).
+    IncompleteErasure { path: String, erasure: String },
     /// Storage failed while reading `path` (not a verdict about the archive; run again).
     Unreadable { path: String, detail: String },
 }
@@ -66,6 +75,9 @@ pub struct VerifyReport {
     pub files_checked: u64,
     pub bytes_checked: u64,
     pub key_records_checked: u64,
+    /// Committed files whose data key was erased (crypto-shredded): present, intact, and unreadable by
+    /// design.
+    pub erased_files: u64,
     pub problems: Vec<Problem>,
     pub unreferenced: Vec<Unreferenced>,
 }
@@ -87,6 +99,10 @@ pub struct Progress {
 /// A committed file and the manifest that commits it.
 struct Committed {
     path: String,
+    /// The key scope (tenant, or `_audit`), month and data key the manifest says the file is encrypted under.
+    key_scope: String,
+    key_period: String,
+    dek_id: String,
     bytes: u64,
     sha256: String,
     manifest: String,
@@ -111,6 +127,9 @@ pub async fn verify_archive(
                 let name = layout::manifest_path(&topic, partition, manifest.seq).to_string();
                 committed.extend(manifest.files.into_iter().map(|file| Committed {
                     path: file.path.clone(),
+                    key_scope: file.tenant_id.clone(),
+                    key_period: file.key_period.clone(),
+                    dek_id: file.dek_id.clone(),
                     bytes: file.bytes,
                     sha256: file.sha256,
                     manifest: name.clone(),
@@ -129,10 +148,23 @@ pub async fn verify_archive(
         }
         report.manifests.insert(topic, count);
     }
-    let key_records: BTreeMap<String, String> = committed
-        .iter()
-        .filter_map(|file| key_record_of(&file.path).map(|key| (key, file.path.clone())))
-        .collect();
+    // Key record → the data keys its files name → (scope, period, first file, files).
+    let mut key_records: BTreeMap<String, BTreeMap<String, NeededKey>> = BTreeMap::new();
+    for file in &committed {
+        if let Some(record) = key_record_of(&file.path) {
+            key_records
+                .entry(record)
+                .or_default()
+                .entry(file.dek_id.clone())
+                .or_insert_with(|| NeededKey {
+                    scope: file.key_scope.clone(),
+                    period: file.key_period.clone(),
+                    needed_by: file.path.clone(),
+                    files: 0,
+                })
+                .files += 1;
+        }
+    }
     let total = committed.len() as u64;
     let referenced: BTreeSet<String> = committed.iter().map(|file| file.path.clone()).collect();
     let mut checks = futures::stream::iter(committed)
@@ -151,18 +183,9 @@ pub async fn verify_archive(
             bytes_checked: report.bytes_checked,
         });
     }
-    for (path, needed_by) in key_records {
+    for (path, needed) in key_records {
         report.key_records_checked += 1;
-        match store.head(&Path::from(path.as_str())).await {
-            Ok(_) => {}
-            Err(object_store::Error::NotFound { .. }) => report
-                .problems
-                .push(Problem::MissingKeyRecord { path, needed_by }),
-            Err(error) => report.problems.push(Problem::Unreadable {
-                path,
-                detail: error.to_string(),
-            }),
-        }
+        check_key_record(store.as_ref(), path, needed, &mut report).await;
     }
     for root in [layout::EVENTS_ROOT, layout::AUDIT_ROOT] {
         let mut listing = store.list(Some(&Path::from(root)));
@@ -220,6 +243,81 @@ async fn pending_files(
         }
     }
     Ok(files)
+}
+
+/// A data key that committed files name.
+struct NeededKey {
+    scope: String,
+    period: String,
+    /// The first file that needs it (to name in a problem).
+    needed_by: String,
+    files: u64,
+}
+
+/// Checks a key record against the data keys its files name: each must be the record's key, or erased.
+async fn check_key_record(
+    store: &dyn ObjectStore,
+    path: String,
+    needed: BTreeMap<String, NeededKey>,
+    report: &mut VerifyReport,
+) {
+    let record_dek = match store.get(&Path::from(path.as_str())).await {
+        Ok(fetched) => match fetched
+            .bytes()
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|bytes| {
+                serde_json::from_slice::<crate::keys::DataKeyRecord>(&bytes)
+                    .map_err(|error| error.to_string())
+            }) {
+            Ok(record) => Some(record.dek_id),
+            Err(detail) => {
+                report.problems.push(Problem::Unreadable { path, detail });
+                return;
+            }
+        },
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(error) => {
+            report.problems.push(Problem::Unreadable {
+                path,
+                detail: error.to_string(),
+            });
+            return;
+        }
+    };
+    for (dek_id, key) in needed {
+        let erasure = layout::erasure_path(&key.scope, &key.period, &dek_id);
+        let erased = match store.head(&erasure).await {
+            Ok(_) => true,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(error) => {
+                report.problems.push(Problem::Unreadable {
+                    path: erasure.to_string(),
+                    detail: error.to_string(),
+                });
+                continue;
+            }
+        };
+        match (&record_dek, erased) {
+            (Some(current), true) if *current == dek_id => {
+                report.problems.push(Problem::IncompleteErasure {
+                    path: path.clone(),
+                    erasure: erasure.to_string(),
+                })
+            }
+            (Some(current), false) if *current == dek_id => {}
+            (_, true) => report.erased_files += key.files,
+            (None, false) => report.problems.push(Problem::MissingKeyRecord {
+                path: path.clone(),
+                needed_by: key.needed_by,
+            }),
+            (Some(current), false) => report.problems.push(Problem::KeyMismatch {
+                path: path.clone(),
+                needed_by: key.needed_by,
+                detail: format!("the files name data key {dek_id}, the record holds {current}"),
+            }),
+        }
+    }
 }
 
 /// The data key record a file needs, from its path: `events/tenant=<t>/date=<yyyy-mm-dd>/...` needs

@@ -43,6 +43,31 @@ pub enum KeysCommand {
     /// Wrap every data key record again under its tenant's current key-encryption key (after a rotation, a
     /// new KMS key, or a move from the keyring to a KMS). Data files are not rewritten.
     Rewrap(RewrapArgs),
+    /// Erase a tenant's data, or one month of it, by destroying its data keys (crypto-shredding): every copy
+    /// of the files, backups included, becomes unreadable. Refused while a legal hold covers the data.
+    /// `--dry-run` lists what would become unreadable; otherwise asks for the tenant id as confirmation on a
+    /// terminal, or needs `--yes`.
+    Shred(ShredArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ShredArgs {
+    #[command(flatten)]
+    operator: OperatorArgs,
+    #[arg(long)]
+    tenant: String,
+    /// Only this month (`yyyy-mm`); default: all of the tenant's data, and its key-encryption keys.
+    #[arg(long)]
+    period: Option<String>,
+    /// Why (recorded in the erasure records and the audit trail), e.g. a ticket or request id.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Show what would be erased and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Args, Debug)]
@@ -108,6 +133,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
         KeysCommand::Export(args) => export(args).await,
         KeysCommand::Rotate(args) => rotate(args).await,
         KeysCommand::Rewrap(args) => rewrap(args).await,
+        KeysCommand::Shred(args) => shred(args).await,
     }
 }
 
@@ -137,9 +163,20 @@ async fn record_operator_action(
     tenant: &str,
     items: u64,
 ) -> anyhow::Result<()> {
+    record_operator_action_with(config, action, tenant, items, "").await
+}
+
+/// [`record_operator_action`] with what it acts on (`query` of the audit record).
+async fn record_operator_action_with(
+    config: &Config,
+    action: &str,
+    tenant: &str,
+    items: u64,
+    query: &str,
+) -> anyhow::Result<()> {
     let sink = chatvault_kafka::audit::KafkaAuditSink::connect(&config.shared.kafka)?;
     let mut call = Auditor::new("cli", Arc::new(sink)).call(action, &CallSource::default());
-    call.tenant(tenant).operator(&operator_name());
+    call.tenant(tenant).operator(&operator_name()).query(query);
     call.allowed(items, 0).await.with_context(|| {
         format!(
             "recording {action} in the audit trail (Kafka {}); nothing was done",
@@ -243,6 +280,125 @@ async fn rewrap(args: RewrapArgs) -> anyhow::Result<()> {
          rewrap again",
         report.failed
     );
+    Ok(())
+}
+
+async fn shred(args: ShredArgs) -> anyhow::Result<()> {
+    check_tenant(&args.tenant)?;
+    if let Some(period) = &args.period {
+        anyhow::ensure!(
+            chatvault_core::time::Date::parse_iso(&format!("{period}-01")).is_some(),
+            "--period {period:?} is not a month (yyyy-mm)"
+        );
+    }
+    let config = Config::load(args.operator.config.as_deref())?;
+    let store = object_store_from_config(&config.shared.storage)?;
+    let keys = DataKeys::from_config(store, &config.shared.keys).await?;
+    let plan = keys
+        .plan_shred(&args.tenant, args.period.as_deref())
+        .await?;
+    let what = match &plan.period {
+        Some(period) => format!("tenant {} for {period}", plan.tenant_id),
+        None => format!("all data of tenant {}", plan.tenant_id),
+    };
+    if args.dry_run || !args.operator.json {
+        let out = &mut std::io::stdout();
+        use std::io::Write as _;
+        writeln!(
+            out,
+            "shred {what}{}:",
+            if args.dry_run { " (dry run)" } else { "" }
+        )?;
+        for target in &plan.targets {
+            writeln!(
+                out,
+                "  {}: data key {} ({}): {} file(s), {:.1} MB become unreadable",
+                target.period,
+                target.dek_id,
+                target.key_record,
+                target.files,
+                target.bytes as f64 / 1e6
+            )?;
+        }
+        writeln!(out, "  key-encryption keys: {}", plan.key_encryption_keys)?;
+        for hold in &plan.holds {
+            writeln!(
+                out,
+                "  REFUSED: legal hold {} ({}) covers this data",
+                hold.hold_id, hold.matter
+            )?;
+        }
+    }
+    if args.dry_run {
+        if args.operator.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(
+        !plan.targets.is_empty(),
+        "nothing to shred: {what} has no data key"
+    );
+    if let Some(hold) = plan.holds.first() {
+        anyhow::bail!(
+            "refused: legal hold {} ({}) covers {what}; release it before erasing",
+            hold.hold_id,
+            hold.matter
+        );
+    }
+    let reason = args
+        .reason
+        .clone()
+        .context("--reason is required: say why (a ticket or request id); it is recorded")?;
+    if !args.yes {
+        anyhow::ensure!(
+            std::io::stdin().is_terminal(),
+            "not a terminal: pass --yes to confirm the erasure of {what}"
+        );
+        eprint!(
+            "This destroys the data keys above: {what} can never be read again, from any copy.\n\
+             Type the tenant id ({}) to confirm: ",
+            plan.tenant_id
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        anyhow::ensure!(
+            answer.trim() == plan.tenant_id,
+            "not confirmed; nothing was erased"
+        );
+    }
+    let acts_on = format!(
+        "{} reason={reason}",
+        plan.period
+            .as_deref()
+            .map(|period| format!("period={period}"))
+            .unwrap_or_else(|| "all periods".into())
+    );
+    record_operator_action_with(
+        &config,
+        "keys.shred",
+        &plan.tenant_id,
+        plan.targets.len() as u64,
+        &acts_on,
+    )
+    .await?;
+    let show_progress = std::io::stderr().is_terminal() && !args.operator.json;
+    let report = keys
+        .shred(&plan, &operator_name(), &reason, |erased| {
+            if show_progress {
+                eprintln!("  erased {} ({})", erased.period, erased.dek_id);
+            }
+        })
+        .await?;
+    if args.operator.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "erased {what}: {} data key(s) destroyed; key-encryption keys: {}",
+            report.erased.len(),
+            report.key_encryption_keys
+        );
+    }
     Ok(())
 }
 

@@ -77,6 +77,12 @@ fn summary(url: &str, report: &VerifyReport) -> String {
         report.bytes_checked as f64 / 1e6,
         report.key_records_checked
     ));
+    if report.erased_files > 0 {
+        out.push_str(&format!(
+            "  {} file(s) erased (their data keys were shredded; intact but unreadable by design)\n",
+            report.erased_files
+        ));
+    }
     let (in_flight, unexplained): (Vec<_>, Vec<_>) = report
         .unreferenced
         .iter()
@@ -127,6 +133,17 @@ fn describe(problem: &Problem) -> String {
                 "data key record {path} is missing (needed by {needed_by} and every file of its month)"
             )
         }
+        Problem::KeyMismatch {
+            path,
+            needed_by,
+            detail,
+        } => format!(
+            "data key record {path} does not open {needed_by}: {detail}, and no erasure explains it"
+        ),
+        Problem::IncompleteErasure { path, erasure } => format!(
+            "data key record {path} is still present although {erasure} records its erasure: a shred stopped \
+             half-way; run `chatvault keys shred` again"
+        ),
         Problem::Unreadable { path, detail } => format!("{path} could not be read: {detail}"),
     }
 }

@@ -231,8 +231,9 @@ impl Default for StorageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
-    /// Which key provider holds the tenants' key-encryption keys: `local` (the keyring file, default) or
-    /// `aws_kms` (see `keys.aws_kms`). `keys.tenant_providers` overrides it per tenant.
+    /// Which key provider holds the tenants' key-encryption keys: `local` (the keyring file, default),
+    /// `aws_kms` (see `keys.aws_kms`) or `pkcs11` (an HSM, see `keys.pkcs11`). `keys.tenant_providers`
+    /// overrides it per tenant.
     pub provider: KeyProviderKind,
     /// Tenant id → provider, for tenants whose keys live elsewhere than `keys.provider` says. The reserved
     /// `_audit` (the audit trail's keys) can be named too.
@@ -250,6 +251,7 @@ pub struct KeysConfig {
     #[serde(with = "crate::duration")]
     pub cache_ttl: Duration,
     pub aws_kms: AwsKmsConfig,
+    pub pkcs11: Pkcs11Config,
 }
 
 impl Default for KeysConfig {
@@ -261,6 +263,7 @@ impl Default for KeysConfig {
             keyring_read_only: false,
             cache_ttl: Duration::from_secs(300),
             aws_kms: AwsKmsConfig::default(),
+            pkcs11: Pkcs11Config::default(),
         }
     }
 }
@@ -324,6 +327,23 @@ impl KeysConfig {
                 return invalid("keys.aws_kms.endpoint_url", "must be an http(s):// URL");
             }
         }
+        if kinds.contains(&KeyProviderKind::Pkcs11) {
+            if self.pkcs11.module.as_os_str().is_empty() {
+                return invalid(
+                    "keys.pkcs11.module",
+                    "must name the PKCS#11 library when a tenant's keys are in an HSM",
+                );
+            }
+            if self.pkcs11.token_label.trim().is_empty() {
+                return invalid("keys.pkcs11.token_label", "must name the token");
+            }
+            if self.pkcs11.pin.is_some() == self.pkcs11.pin_file.is_some() {
+                return invalid("keys.pkcs11.pin", "set exactly one of pin and pin_file");
+            }
+            if self.pkcs11.key_label_prefix.is_empty() {
+                return invalid("keys.pkcs11.key_label_prefix", "must not be empty");
+            }
+        }
         Ok(())
     }
 }
@@ -338,6 +358,9 @@ pub enum KeyProviderKind {
     /// AWS KMS (`keys.aws_kms`): data keys come from GenerateDataKey and are unwrapped with Decrypt, bound to
     /// tenant, scope and period by the encryption context.
     AwsKms,
+    /// A PKCS#11 HSM (`keys.pkcs11`): data keys are encrypted (AES-GCM) under a non-extractable AES key on
+    /// the token.
+    Pkcs11,
 }
 
 impl KeyProviderKind {
@@ -345,6 +368,7 @@ impl KeyProviderKind {
         match self {
             KeyProviderKind::Local => "local",
             KeyProviderKind::AwsKms => "aws_kms",
+            KeyProviderKind::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -368,6 +392,49 @@ pub struct AwsKmsConfig {
     /// Per-call timeout. Default 5s.
     #[serde(with = "crate::duration")]
     pub timeout: Duration,
+}
+
+/// A PKCS#11 token (an HSM, or SoftHSM2 for tests). Each tenant's key-encryption key is an AES-256 secret key
+/// object labelled `<key_label_prefix><tenant>-v<version>`, generated on the token sensitive and
+/// non-extractable.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pkcs11Config {
+    /// The PKCS#11 module (shared library), e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The label of the token holding the keys (found in whichever slot it is in).
+    pub token_label: String,
+    /// The user PIN; prefer `pin_file` (a mounted Secret) or the `CHATVAULT__KEYS__PKCS11__PIN` variable.
+    pub pin: Option<String>,
+    /// A file whose content (trailing newline ignored) is the user PIN.
+    pub pin_file: Option<PathBuf>,
+    /// Default `chatvault-kek-`.
+    pub key_label_prefix: String,
+}
+
+impl Default for Pkcs11Config {
+    fn default() -> Self {
+        Pkcs11Config {
+            module: PathBuf::new(),
+            token_label: String::new(),
+            pin: None,
+            pin_file: None,
+            key_label_prefix: "chatvault-kek-".into(),
+        }
+    }
+}
+
+/// Leaves the PIN out.
+impl std::fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &self.pin.as_ref().map(|_| "<redacted>"))
+            .field("pin_file", &self.pin_file)
+            .field("key_label_prefix", &self.key_label_prefix)
+            .finish()
+    }
 }
 
 impl Default for AwsKmsConfig {

@@ -42,6 +42,8 @@ pub enum ErrorCode {
     Unavailable,
     /// The operation conflicts with the current state (for example a manifest sequence already committed).
     Conflict,
+    /// The data was erased (crypto-shredded: its data key destroyed) and can never be read again.
+    Erased,
     /// A bug or a corrupt archive.
     Internal,
 }
@@ -59,6 +61,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Erased => "erased",
             ErrorCode::Internal => "internal",
         }
     }
@@ -76,6 +79,9 @@ impl ErrorCode {
             ErrorCode::Timeout => tonic::Code::DeadlineExceeded,
             ErrorCode::Unavailable => tonic::Code::Unavailable,
             ErrorCode::Conflict => tonic::Code::Aborted,
+            // Not NOT_FOUND: the data existed and its erasure is a state of the archive the caller must be
+            // told about; not retryable either.
+            ErrorCode::Erased => tonic::Code::FailedPrecondition,
             ErrorCode::Internal => tonic::Code::Internal,
         }
     }
@@ -90,6 +96,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::Timeout => 408,
             ErrorCode::Conflict => 409,
+            ErrorCode::Erased => 410,
             ErrorCode::TooLarge => 413,
             ErrorCode::Internal => 500,
             ErrorCode::ResourceExhausted | ErrorCode::Unavailable => 503,

@@ -116,7 +116,9 @@ impl From<CoreError> for IngestError {
             ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Conflict => {
                 IngestError::KafkaUnavailable(error)
             }
-            ErrorCode::Internal => IngestError::Internal(error.message().into()),
+            ErrorCode::Internal | ErrorCode::Erased => {
+                IngestError::Internal(error.message().into())
+            }
         }
     }
 }

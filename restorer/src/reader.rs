@@ -216,7 +216,7 @@ impl Restorer {
     /// `chatvault_archive::file::FileConversations`), checked against the manifest entry; files without a
     /// summary, or whose summary disagrees with the manifest, are fetched and decoded whole as before. Files
     /// are read `read_concurrency` at a time, in chain order, so memory holds the summaries, one 8-byte hash
-    /// per distinct event, and at most `read_concurrency` footers or files.
+    /// per distinct event, and at most `read_concurrency` footers or files. Erased files are left out.
     pub async fn list_conversations(&self, tenant: &str) -> Result<Vec<ConversationSummary>> {
         let files = self.index.tenant_files(tenant).await?;
         let mut listed = futures::stream::iter(files)
@@ -224,7 +224,13 @@ impl Restorer {
             .buffered(self.read_concurrency);
         let mut summaries: BTreeMap<String, (ConversationSummary, HashSet<u64>)> = BTreeMap::new();
         while let Some(listings) = listed.next().await {
-            for listing in listings? {
+            // Erased (crypto-shredded) files are not listed: their conversations are gone unless other files
+            // hold them. Restoring a conversation that spans them fails with the erased error instead.
+            let listings = match listings {
+                Err(error) if error.code() == ErrorCode::Erased => continue,
+                other => other?,
+            };
+            for listing in listings {
                 let (summary, seen) = summaries
                     .entry(listing.conversation_id.clone())
                     .or_insert_with(|| {
@@ -305,10 +311,11 @@ impl Restorer {
         }
     }
 
-    /// The data key of `file`'s period, with the file named when it cannot be had.
+    /// The data key `file` is encrypted under, with the file named when it cannot be had (ERASED when that key
+    /// was shredded).
     async fn file_key(&self, file: &ManifestFile, tenant: &str) -> Result<DataKey> {
         self.data_keys
-            .get(tenant, &file.key_period)
+            .get_for_file(tenant, &file.key_period, &file.dek_id)
             .await
             .map_err(|error| {
                 error.context(format!(

@@ -310,6 +310,25 @@ impl KeyEncryptionProvider for AwsKms {
         )))
     }
 
+    /// Never done here: a KMS key is deleted in the KMS, by its administrators, after a waiting period.
+    async fn describe_destroy(&self, tenant: &str) -> Result<String> {
+        Err(unsupported(match self.config.tenant_key_ids.get(tenant) {
+            Some(key) => format!(
+                "KMS key {key} is tenant {tenant}'s own: to make copies of the deleted key records useless too, \
+                 point keys.aws_kms.tenant_key_ids.{tenant} at a new key and schedule {key} for deletion in \
+                 the KMS (chatvault does not delete KMS keys: archiving under a key pending deletion would stop)"
+            ),
+            None => format!(
+                "KMS key {} is shared with other tenants; the tenant's data key records are deleted",
+                self.config.key_id
+            ),
+        }))
+    }
+
+    async fn destroy(&self, tenant: &str) -> Result<String> {
+        self.describe_destroy(tenant).await
+    }
+
     /// Every configured key exists, is enabled, and is a symmetric encryption key the credentials can
     /// describe. Errors name the setting.
     async fn check(&self) -> Result<()> {

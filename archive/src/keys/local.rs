@@ -15,7 +15,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::provider::{KeyContext, KeyEncryptionProvider, WrappedKey};
+use super::provider::{KeyContext, KeyEncryptionProvider, WrappedKey, unsupported};
 use chatvault_core::error::{Error, ErrorCode, Result};
 
 #[derive(Default, Serialize, Deserialize)]
@@ -36,9 +36,19 @@ impl std::fmt::Debug for KeyringFile {
 
 #[derive(Serialize, Deserialize)]
 struct TenantKeys {
+    /// Empty after the tenant's keys were destroyed (the next use creates a new one).
     current: String,
     /// kek id → base64 key
     keys: HashMap<String, String>,
+    /// Ids of destroyed keys (`chatvault keys shred`), so that version numbers are never reused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    destroyed: Vec<String>,
+}
+
+impl TenantKeys {
+    fn has_current(&self) -> bool {
+        self.keys.contains_key(&self.current)
+    }
 }
 
 impl std::fmt::Debug for TenantKeys {
@@ -48,6 +58,7 @@ impl std::fmt::Debug for TenantKeys {
         f.debug_struct("TenantKeys")
             .field("current", &self.current)
             .field("kek_ids", &ids)
+            .field("destroyed", &self.destroyed)
             .finish_non_exhaustive()
     }
 }
@@ -160,23 +171,26 @@ impl LocalKeyring {
         })
     }
 
-    /// Adds a KEK version for `tenant` under an exclusive lock on `<keyring>.lock` (serializing processes and
-    /// instances sharing the file), deciding on the file's current content: with [`AddKek::IfMissing`] only
-    /// when the tenant has none (two instances racing agree on one), with [`AddKek::Rotate`] always, making
-    /// the new version current. Versions are `<tenant>-kek-<n>`, numbered on from the highest ever held.
-    fn add_kek(&self, tenant: &str, mode: AddKek) -> Result<KeyringFile> {
-        let cannot_create = |why: String| {
+    /// Changes the keyring file for `tenant` under an exclusive lock on `<keyring>.lock` (serializing
+    /// processes and instances sharing the file): `change` sees the file's current content and says whether it
+    /// changed it (then the file is written). Returns the content after the change.
+    fn update_file(
+        &self,
+        tenant: &str,
+        change: impl FnOnce(&mut KeyringFile) -> Result<bool>,
+    ) -> Result<KeyringFile> {
+        let cannot_change = |why: String| {
             Error::new(
                 ErrorCode::PermissionDenied,
                 format!(
-                    "keyring {} cannot add a key-encryption key for tenant {tenant}: {why}",
+                    "keyring {} cannot change the key-encryption keys of tenant {tenant}: {why}",
                     self.path.display()
                 ),
             )
         };
         if self.read_only {
-            return Err(cannot_create(
-                "it is read-only (keys.keyring_read_only); add the tenant's key to it".into(),
+            return Err(cannot_change(
+                "it is read-only (keys.keyring_read_only); change the keyring Secret itself".into(),
             ));
         }
         let not_writable = |error: &std::io::Error| {
@@ -198,7 +212,7 @@ impl LocalKeyring {
             .open(&lock_path)
             .map_err(|error| {
                 if not_writable(&error) {
-                    cannot_create(format!("{} is not writable ({error})", lock_path.display()))
+                    cannot_change(format!("{} is not writable ({error})", lock_path.display()))
                 } else {
                     Error::unavailable(format!("opening {}: {error}", lock_path.display()))
                 }
@@ -207,12 +221,28 @@ impl LocalKeyring {
             Error::unavailable(format!("locking {}: {error}", lock_path.display()))
         })?;
         let mut current = self.read_file()?;
-        let existing = current.tenants.get(tenant);
-        if mode == AddKek::Rotate || existing.is_none() {
+        if change(&mut current)? {
+            self.persist(&current)?;
+        }
+        let _ = lock_file.unlock();
+        Ok(current)
+    }
+
+    /// Adds a KEK version for `tenant`, deciding on the file's current content: with [`AddKek::IfMissing`]
+    /// only when the tenant has no current one (two instances racing agree on one), with [`AddKek::Rotate`]
+    /// always, making the new version current. Versions are `<tenant>-kek-<n>`, numbered on from the highest
+    /// ever held (destroyed ones included, so an id never names two keys).
+    fn add_kek(&self, tenant: &str, mode: AddKek) -> Result<KeyringFile> {
+        self.update_file(tenant, |current| {
+            let existing = current.tenants.get(tenant);
+            if mode == AddKek::IfMissing && existing.is_some_and(TenantKeys::has_current) {
+                return Ok(false);
+            }
             let next = existing
                 .map(|keys| {
                     keys.keys
                         .keys()
+                        .chain(&keys.destroyed)
                         .filter_map(|id| kek_version(tenant, id))
                         .max()
                         .unwrap_or(0)
@@ -230,13 +260,23 @@ impl LocalKeyring {
                 .or_insert_with(|| TenantKeys {
                     current: String::new(),
                     keys: HashMap::new(),
+                    destroyed: Vec::new(),
                 });
             entry.keys.insert(id.clone(), BASE64.encode(key.as_ref()));
             entry.current = id;
-            self.persist(&current)?;
-        }
-        let _ = lock_file.unlock();
-        Ok(current)
+            Ok(true)
+        })
+    }
+
+    fn kek_ids(&self, tenant: &str) -> Result<Vec<String>> {
+        let file = self.read_file()?;
+        let mut ids: Vec<String> = file
+            .tenants
+            .get(tenant)
+            .map(|keys| keys.keys.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort();
+        Ok(ids)
     }
 
     fn kek(
@@ -261,8 +301,12 @@ impl LocalKeyring {
             // always taken from the file.
             *state = self.read_file()?;
         }
-        if !state.tenants.contains_key(tenant) {
-            if !create {
+        let usable = state.tenants.get(tenant).is_some_and(|keys| match kek_id {
+            None => keys.has_current(),
+            Some(_) => true,
+        });
+        if !usable {
+            if !create || kek_id.is_some() {
                 return Err(Error::new(
                     ErrorCode::NotFound,
                     format!("no key-encryption key for tenant {tenant}"),
@@ -337,6 +381,43 @@ impl KeyEncryptionProvider for LocalKeyring {
             .lock()
             .map_err(|_| Error::internal("keyring lock poisoned"))? = updated;
         Ok(current)
+    }
+
+    async fn describe_destroy(&self, tenant: &str) -> Result<String> {
+        if self.read_only {
+            return Err(unsupported(format!(
+                "keyring {} is read-only: remove tenant {tenant}'s keys from the keyring Secret yourself",
+                self.path.display()
+            )));
+        }
+        Ok(format!(
+            "deleted from keyring {}: {}",
+            self.path.display(),
+            self.kek_ids(tenant)?.join(", ")
+        ))
+    }
+
+    async fn destroy(&self, tenant: &str) -> Result<String> {
+        let description = self.describe_destroy(tenant).await?;
+        let updated = self.update_file(tenant, |current| {
+            let Some(keys) = current.tenants.get_mut(tenant) else {
+                return Ok(false);
+            };
+            let mut ids: Vec<String> = keys.keys.keys().cloned().collect();
+            ids.sort();
+            for key in keys.keys.values_mut() {
+                key.zeroize();
+            }
+            keys.keys.clear();
+            keys.destroyed.extend(ids);
+            keys.current.clear();
+            Ok(true)
+        })?;
+        *self
+            .state
+            .lock()
+            .map_err(|_| Error::internal("keyring lock poisoned"))? = updated;
+        Ok(description)
     }
 
     async fn check(&self) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Envelope encryption.
 //!
 //! - A **key-encryption key** (KEK) per tenant is held by a [`KeyEncryptionProvider`]: the local keyring file
-//!   by default ([`LocalKeyring`]), AWS KMS in production ([`AwsKms`]); `keys.provider` and
+//!   by default ([`LocalKeyring`]), AWS KMS ([`AwsKms`]) or a PKCS#11 HSM ([`Pkcs11Hsm`]); `keys.provider` and
 //!   `keys.tenant_providers` choose, per tenant ([`Providers`]).
 //! - A **data key** (DEK, 256-bit) per tenant and month encrypts that month's Parquet files, so DuckDB can scan
 //!   a tenant's month with one key. It is stored wrapped by the tenant's KEK in the archive itself, at
@@ -22,7 +22,9 @@
 //! freed memory by the allocator before this crate saw the bytes.
 
 mod aws_kms;
+mod erasure;
 mod local;
+mod pkcs11;
 mod provider;
 mod rewrap;
 
@@ -44,7 +46,9 @@ use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::time::now_micros;
 
 pub use aws_kms::AwsKms;
+pub use erasure::{ErasureRecord, ShredPlan, ShredReport, ShredTarget};
 pub use local::LocalKeyring;
+pub use pkcs11::Pkcs11Hsm;
 pub use provider::{KeyContext, KeyEncryptionProvider, Providers, WrappedKey};
 pub use rewrap::{RewrapOutcome, RewrapReport};
 
@@ -212,6 +216,13 @@ impl DataKeys {
         &self.providers
     }
 
+    /// Forgets (wipes) the cached plaintext key of `tenant`'s `period`.
+    pub fn forget(&self, tenant: &str, period: &str) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(&(tenant.to_string(), period.to_string()));
+        }
+    }
+
     /// Forgets every cached plaintext key (wiping it).
     pub fn forget_all(&self) {
         if let Ok(mut cache) = self.cache.lock() {
@@ -249,7 +260,8 @@ impl DataKeys {
         }
     }
 
-    /// The data key of `tenant`'s `period`; NOT_FOUND when none was ever created. A record whose own tenant or
+    /// The data key of `tenant`'s `period`; ERASED when it was shredded (and no new one created since),
+    /// NOT_FOUND when none was ever created. A record whose own tenant or
     /// period differs from the ones its path names (copied or swapped in storage) is refused with INTERNAL
     /// before it is unwrapped: the AAD binds the wrapped key to the record's fields, not to the path, so a
     /// valid record of another tenant or month would otherwise unwrap and be used here.
@@ -258,7 +270,16 @@ impl DataKeys {
             return Ok(key);
         }
         let path = layout::data_key_path(tenant, period);
-        let (record, _) = self.read_record(&path).await?;
+        let (record, _) = match self.read_record(&path).await {
+            Err(error) if error.code() == ErrorCode::NotFound => {
+                // Erased data is not missing data: say so, with the date.
+                return Err(match self.latest_erasure(tenant, period).await? {
+                    Some(erasure) => erasure.error(),
+                    None => error,
+                });
+            }
+            other => other?,
+        };
         if record.tenant_id != tenant || record.period != period {
             return Err(Error::internal(format!(
                 "data key record {path} names tenant {} period {} but was read for tenant {tenant} period \
@@ -272,11 +293,12 @@ impl DataKeys {
     }
 
     /// The data key of `tenant`'s `period`, created (and stored with a conditional create, so concurrent
-    /// archivers agree on one key) when missing.
+    /// archivers agree on one key) when missing, or when the period's key was erased (new data of an erased
+    /// month gets a fresh key; the erased files stay unreadable).
     pub async fn get_or_create(&self, tenant: &str, period: &str) -> Result<DataKey> {
         match self.get(tenant, period).await {
             Ok(key) => return Ok(key),
-            Err(error) if error.code() == ErrorCode::NotFound => {}
+            Err(error) if matches!(error.code(), ErrorCode::NotFound | ErrorCode::Erased) => {}
             Err(error) => return Err(error),
         }
         let mut id_bytes = [0u8; 8];

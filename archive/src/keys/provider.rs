@@ -1,5 +1,5 @@
-//! The seam between data keys and whoever holds the key-encryption keys (KEKs): the local keyring file or AWS
-//! KMS (a PKCS#11 HSM is the next implementation). A provider wraps (and generates) data keys under a tenant's current KEK and unwraps
+//! The seam between data keys and whoever holds the key-encryption keys (KEKs): the local keyring file, AWS
+//! KMS, or a PKCS#11 HSM. A provider wraps (and generates) data keys under a tenant's current KEK and unwraps
 //! them under the KEK version they name, always bound to a [`KeyContext`] (tenant, scope, period, data key
 //! id) that must be presented again to unwrap. [`Providers`] routes each tenant to its configured provider.
 
@@ -15,7 +15,7 @@ use chatvault_core::config::{KeyProviderKind, KeysConfig};
 use chatvault_core::error::{Error, ErrorCode, Result};
 
 /// A key wrapped by a key-encryption key. `kek_id` names the KEK (and its version) that wrapped it: a keyring
-/// entry or a KMS key ARN.
+/// entry, a KMS key ARN, an HSM key label.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrappedKey {
     pub kek_id: String,
@@ -37,7 +37,7 @@ pub struct KeyContext<'a> {
 
 impl KeyContext<'_> {
     /// Authenticated data binding a wrapped key to its context, for providers that wrap with AES-GCM (the
-    /// keyring). The default scope keeps the form used before scopes existed, so those records
+    /// keyring, the HSM). The default scope keeps the form used before scopes existed, so those records
     /// still unwrap.
     pub fn aad(&self) -> Vec<u8> {
         if self.scope.is_empty() {
@@ -73,15 +73,15 @@ impl KeyContext<'_> {
     }
 }
 
-/// Holds tenants' key-encryption keys. Implementations: [`super::LocalKeyring`] and [`super::AwsKms`];
-/// [`Providers`] routes between them by tenant.
+/// Holds tenants' key-encryption keys. Implementations: [`super::LocalKeyring`], [`super::AwsKms`] and
+/// [`super::Pkcs11Hsm`]; [`Providers`] routes between them by tenant.
 ///
 /// Errors follow one rule the archiver relies on: PERMISSION_DENIED or INVALID_ARGUMENT means this tenant can
 /// never get a key here as configured (its records go to the dead-letter topic); UNAVAILABLE means try again
 /// later (the archiver stops committing and retries, losing nothing).
 #[async_trait]
 pub trait KeyEncryptionProvider: Send + Sync + std::fmt::Debug {
-    /// `local` or `aws_kms`: for records and logs.
+    /// `local`, `aws_kms` or `pkcs11`: for records and logs.
     fn kind(&self) -> &'static str;
 
     /// Wraps `plaintext` under the tenant's current KEK (creating it when the provider can).
@@ -122,6 +122,16 @@ pub trait KeyEncryptionProvider: Send + Sync + std::fmt::Debug {
     /// (a KMS) refuse with INVALID_ARGUMENT saying how to rotate there.
     async fn rotate(&self, tenant: &str) -> Result<String>;
 
+    /// What destroying every KEK of `tenant` would do, without doing it (for a shred's dry run); an error
+    /// (INVALID_ARGUMENT) says why it will not be done (a read-only keyring, a KMS key shared with other
+    /// tenants).
+    async fn describe_destroy(&self, tenant: &str) -> Result<String>;
+
+    /// Destroys every KEK of `tenant`, so that no copy of its wrapped data keys (backups included) can be
+    /// unwrapped again; new data of the tenant gets a new KEK. Returns what was done, for the shred's report.
+    /// INVALID_ARGUMENT when the provider will not (see [`KeyEncryptionProvider::describe_destroy`]).
+    async fn destroy(&self, tenant: &str) -> Result<String>;
+
     /// Start-up check that the provider is reachable and its configured keys are usable. Errors name the
     /// setting to fix.
     async fn check(&self) -> Result<()>;
@@ -137,8 +147,8 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// Opens every provider the configuration uses. Opening checks only what needs no network (the keyring
-    /// file); [`KeyEncryptionProvider::check`] does the rest.
+    /// Opens every provider the configuration uses. Opening checks what needs no KMS call (the keyring file;
+    /// the HSM's module, token and PIN); [`KeyEncryptionProvider::check`] does the rest.
     pub async fn from_config(keys: &KeysConfig) -> Result<Providers> {
         let mut opened: BTreeMap<KeyProviderKind, Arc<dyn KeyEncryptionProvider>> = BTreeMap::new();
         for kind in keys.providers_in_use() {
@@ -149,6 +159,16 @@ impl Providers {
                     super::LocalKeyring::open(&keys.keyring_path)?
                 }),
                 KeyProviderKind::AwsKms => Arc::new(super::AwsKms::connect(&keys.aws_kms).await?),
+                KeyProviderKind::Pkcs11 => {
+                    let config = keys.pkcs11.clone();
+                    Arc::new(
+                        tokio::task::spawn_blocking(move || super::Pkcs11Hsm::open(&config))
+                            .await
+                            .map_err(|error| {
+                                Error::internal(format!("opening the HSM failed: {error}"))
+                            })??,
+                    )
+                }
             };
             opened.insert(kind, provider);
         }

@@ -190,9 +190,14 @@ spec:
               mountPath: /etc/chatvault/tokens
               readOnly: true
             {{- end }}
-            {{- if $storage }}
+            {{- if and $storage (include "chatvault.hasKeyring" $) }}
             - name: keyring
               mountPath: /etc/chatvault/keyring
+              readOnly: true
+            {{- end }}
+            {{- if and $storage $.Values.hsm.existingSecret }}
+            - name: hsm-pin
+              mountPath: /etc/chatvault/hsm
               readOnly: true
             {{- end }}
             {{- if and $kafka $.Values.kafkaTls.existingSecret }}
@@ -227,7 +232,16 @@ spec:
             secretName: {{ include "chatvault.tokensSecretName" $ }}
             defaultMode: 0440
         {{- end }}
-        {{- if $storage }}
+        {{- if and $storage $.Values.hsm.existingSecret }}
+        - name: hsm-pin
+          secret:
+            secretName: {{ $.Values.hsm.existingSecret }}
+            defaultMode: 0440
+            items:
+              - key: {{ $.Values.hsm.existingSecretKey }}
+                path: {{ $.Values.hsm.existingSecretKey }}
+        {{- end }}
+        {{- if and $storage (include "chatvault.hasKeyring" $) }}
         - name: keyring
           secret:
             secretName: {{ include "chatvault.keyringSecretName" $ }}

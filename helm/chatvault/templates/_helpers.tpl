@@ -116,6 +116,15 @@ imagePullSecrets:
 {{- define "chatvault.hasTokens" -}}
 {{- if or .Values.auth.existingSecret .Values.auth.tokens }}true{{ end -}}
 {{- end -}}
+{{/* Whether some tenant's keys are in the keyring ("true" or empty): the default provider, or a tenant's. */}}
+{{- define "chatvault.usesKeyring" -}}
+{{- $keys := .Values.config.keys | default dict -}}
+{{- if or (eq (default "local" $keys.provider) "local") (has "local" (values ($keys.tenant_providers | default dict))) }}true{{ end -}}
+{{- end -}}
+{{- define "chatvault.usesKms" -}}
+{{- $keys := .Values.config.keys | default dict -}}
+{{- if or (eq (default "local" $keys.provider) "aws_kms") (has "aws_kms" (values ($keys.tenant_providers | default dict))) }}true{{ end -}}
+{{- end -}}
 {{- define "chatvault.hasKeyring" -}}
 {{- if or .Values.keyring.existingSecret .Values.keyring.json }}true{{ end -}}
 {{- end -}}
@@ -370,8 +379,24 @@ restorer drains (20 s). */ -}}
 {{- fail "config.storage.url: mode distributed needs shared object storage (s3://bucket[/prefix]); file:// and memory:// would be per pod" -}}
 {{- end -}}
 {{- end -}}
-{{- if and (or $v.archiver.enabled $v.restorer.enabled) (not (include "chatvault.hasKeyring" .)) -}}
-{{- fail "keyring: archiver and restorer need the shared keyring: set keyring.existingSecret (or keyring.json for evaluation)" -}}
+{{- $keys := $v.config.keys | default dict -}}
+{{- if and (or $v.archiver.enabled $v.restorer.enabled) (include "chatvault.usesKeyring" .) (not (include "chatvault.hasKeyring" .)) -}}
+{{- fail "keyring: archiver and restorer need the shared keyring: set keyring.existingSecret (or keyring.json for evaluation), or hold the keys in a KMS (config.keys.provider: aws_kms)" -}}
+{{- end -}}
+{{- $pkcs11InUse := or (eq (default "local" $keys.provider) "pkcs11") (has "pkcs11" (values ($keys.tenant_providers | default dict))) -}}
+{{- if and $pkcs11InUse (or $v.archiver.enabled $v.restorer.enabled) (not $v.existingConfigmap) -}}
+{{- if not (($keys.pkcs11 | default dict).module) -}}
+{{- fail "config.keys.pkcs11.module: a tenant's keys are in an HSM (pkcs11): name the token's PKCS#11 library in the container" -}}
+{{- end -}}
+{{- if not (($keys.pkcs11 | default dict).token_label) -}}
+{{- fail "config.keys.pkcs11.token_label: name the HSM token that holds the keys" -}}
+{{- end -}}
+{{- if not $v.hsm.existingSecret -}}
+{{- fail "hsm.existingSecret: a tenant's keys are in an HSM (pkcs11): name the Secret holding the PIN" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq (default "local" $keys.provider) "aws_kms") (not (($keys.aws_kms | default dict).key_id)) (not $v.existingConfigmap) -}}
+{{- fail "config.keys.aws_kms.key_id: keys.provider aws_kms needs the KMS key (id, ARN or alias/...) that wraps data keys" -}}
 {{- end -}}
 {{- if and (or $v.gateway.enabled $v.restorer.enabled) (not $v.tenants) (not $v.existingConfigmap) -}}
 {{- fail "tenants: gateway and restorer accept no request without tenants and tokens" -}}

@@ -1,0 +1,341 @@
+//! Tenants' key-encryption keys in a PKCS#11 token (SoftHSM2 through cryptoki), with the archiver, the restorer
+//! and the key commands as `chatvault` processes over a real broker and S3 server:
+//! - a wrong module, token label or PIN fails start-up naming the setting;
+//! - events are archived and restored with data keys wrapped on the token;
+//! - `chatvault keys rotate` makes a new token key current (new months are wrapped under it), `keys rewrap`
+//!   moves the older records to it, and everything still restores;
+//! - a whole-tenant shred destroys the tenant's keys on the token.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chatvault_config::Config;
+use chatvault_core::config::KeyProviderKind;
+use chatvault_proto::v1::restore_item::Item;
+use chatvault_proto::v1::{
+    ChatEvent, GetConversationRequest, IngestBatchRequest, ListConversationsRequest,
+};
+use chatvault_testkit::pipeline::{
+    INGEST_TOKEN, RESTORE_TOKEN, authorized, ingest_client, restore_client, start_gateway,
+};
+use chatvault_testkit::process::{ChildRole, free_address, wait_until_serving, write_config};
+use chatvault_testkit::softhsm::SoftHsm;
+
+const RESTORE_SERVICE: &str = "chatvault.v1.RestoreService";
+const DAY_MICROS: i64 = 86_400_000_000;
+
+fn event(tenant: &str, conversation: &str, id: &str, at_micros: i64) -> ChatEvent {
+    ChatEvent {
+        conversation_id: conversation.into(),
+        occurred_at_micros: at_micros,
+        ..common::message_event(tenant, id, &format!("text of {id}"))
+    }
+}
+
+fn env(hsm: &SoftHsm) -> Vec<(&'static str, String)> {
+    let mut env: Vec<(&'static str, String)> = hsm.env().into_iter().collect();
+    env.push(("RUST_LOG", "warn".into()));
+    env
+}
+
+/// `chatvault <args>` with the token's environment; its output once it exits (killed after 60 s).
+async fn run(hsm: &SoftHsm, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
+        .args(args)
+        .envs(env(hsm))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            child.kill()?;
+            anyhow::bail!("chatvault {args:?} did not exit within 60s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+async fn restore_all(endpoint: &str, tenant: &str) -> anyhow::Result<BTreeSet<String>> {
+    let mut client = restore_client(endpoint).await?;
+    let mut restored = BTreeSet::new();
+    let conversations = client
+        .list_conversations(authorized(
+            ListConversationsRequest {
+                tenant_id: tenant.into(),
+            },
+            RESTORE_TOKEN,
+        ))
+        .await?
+        .into_inner()
+        .conversations;
+    for summary in conversations {
+        let mut stream = client
+            .get_conversation(authorized(
+                GetConversationRequest {
+                    tenant_id: tenant.into(),
+                    conversation_id: summary.conversation_id,
+                    include_events: true,
+                    ..Default::default()
+                },
+                RESTORE_TOKEN,
+            ))
+            .await?
+            .into_inner();
+        while let Some(item) = stream.message().await? {
+            if let Some(Item::ArchivedEvent(event)) = item.item {
+                restored.insert(event.text);
+            }
+        }
+    }
+    Ok(restored)
+}
+
+async fn wait_for_restored(
+    endpoint: &str,
+    tenant: &str,
+    expected: &BTreeSet<String>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let answer = restore_all(endpoint, tenant).await;
+        if answer.as_ref().is_ok_and(|restored| restored == expected) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{tenant}: the restorer did not return the {} expected events; last answer: {answer:?}",
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn key_record(bucket: &Path, tenant: &str, period: &str) -> anyhow::Result<serde_json::Value> {
+    let path = bucket.join(format!("keys/tenant={tenant}/period={period}.json"));
+    Ok(serde_json::from_slice(&std::fs::read(&path).map_err(
+        |error| anyhow::anyhow!("{}: {error}", path.display()),
+    )?)?)
+}
+
+fn spawn_role(role: &str, config: &Config, dir: &Path, hsm: &SoftHsm) -> anyhow::Result<ChildRole> {
+    let path = dir.join(format!("{role}.toml"));
+    write_config(config, &path)?;
+    let path = path.to_string_lossy().to_string();
+    let env = env(hsm);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    ChildRole::spawn_with_env(
+        role,
+        Path::new(env!("CARGO_BIN_EXE_chatvault")),
+        &[role, "-c", &path],
+        &env,
+    )
+}
+
+/// `chatvault archiver` with `config` must fail at start-up naming `setting`.
+async fn refused_at_start_up(
+    hsm: &SoftHsm,
+    config: &Config,
+    dir: &Path,
+    setting: &str,
+) -> anyhow::Result<()> {
+    let path: PathBuf = dir.join("bad.toml");
+    write_config(config, &path)?;
+    let output = run(hsm, &["archiver", "-c", &path.to_string_lossy()]).await?;
+    let text = output_text(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains(setting), "expected {setting}: {text}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() -> anyhow::Result<()>
+{
+    let peers = common::start_peers(2).await?;
+    let hsm = SoftHsm::start("chatvault-test")?;
+    let dir = tempfile::tempdir()?;
+    let bucket = peers.s3.bucket_dir();
+    let mut config = peers.config.clone();
+    config.shared.keys.provider = KeyProviderKind::Pkcs11;
+    config.shared.keys.pkcs11 = hsm.config();
+    config.shared.keys.cache_ttl = Duration::from_secs(1);
+    config.shared.telemetry.metrics_listen = "127.0.0.1:0".into();
+    config.restorer.grpc_listen = free_address()?;
+
+    // Misconfiguration fails start-up, naming the setting.
+    let mut bad = config.clone();
+    bad.shared.keys.pkcs11.pin = Some("wrong-pin".into());
+    refused_at_start_up(&hsm, &bad, dir.path(), "keys.pkcs11.pin").await?;
+    let mut bad = config.clone();
+    bad.shared.keys.pkcs11.token_label = "no-such-token".into();
+    refused_at_start_up(&hsm, &bad, dir.path(), "keys.pkcs11.token_label").await?;
+    let mut bad = config.clone();
+    bad.shared.keys.pkcs11.module = "/usr/lib/no-such-pkcs11.so".into();
+    refused_at_start_up(&hsm, &bad, dir.path(), "keys.pkcs11.module").await?;
+
+    let gateway = start_gateway(&config).await?;
+    let mut ingest = ingest_client(&gateway.endpoint()).await?;
+    let _archiver = spawn_role("archiver", &config, dir.path(), &hsm)?;
+    let endpoint = format!("http://{}", config.restorer.grpc_listen);
+    let _restorer = spawn_role("restorer", &config, dir.path(), &hsm)?;
+    wait_until_serving(&endpoint, RESTORE_SERVICE, Duration::from_secs(60)).await?;
+
+    let november = common::BASE_MICROS;
+    let first: Vec<ChatEvent> = vec![
+        event("acme", "C1", "nov-1", november),
+        event("acme", "C2", "nov-2", november + 60_000_000),
+        event("globex", "C1", "globex-nov-1", november),
+    ];
+    ingest
+        .ingest_batch(authorized(
+            IngestBatchRequest {
+                events: first.clone(),
+            },
+            INGEST_TOKEN,
+        ))
+        .await?;
+    let mut acme: BTreeSet<String> =
+        BTreeSet::from(["text of nov-1".into(), "text of nov-2".into()]);
+    wait_for_restored(&endpoint, "acme", &acme).await?;
+    wait_for_restored(
+        &endpoint,
+        "globex",
+        &BTreeSet::from(["text of globex-nov-1".to_string()]),
+    )
+    .await?;
+    let record = key_record(&bucket, "acme", "2025-11")?;
+    assert_eq!(record["provider"], "pkcs11", "{record}");
+    assert_eq!(record["kek_id"], "chatvault-kek-acme-v1", "{record}");
+
+    // Rotate on the token; a new month is wrapped under the new version; rewrap moves November.
+    let config_path = dir
+        .path()
+        .join("archiver.toml")
+        .to_string_lossy()
+        .to_string();
+    let rotated = run(
+        &hsm,
+        &[
+            "keys",
+            "rotate",
+            "--tenant",
+            "acme",
+            "-c",
+            &config_path,
+            "--json",
+        ],
+    )
+    .await?;
+    assert!(rotated.status.success(), "{}", output_text(&rotated));
+    let rotation: serde_json::Value = serde_json::from_slice(&rotated.stdout)?;
+    assert_eq!(
+        rotation["previous_kek_id"], "chatvault-kek-acme-v1",
+        "{rotation}"
+    );
+    assert_eq!(
+        rotation["current_kek_id"], "chatvault-kek-acme-v2",
+        "{rotation}"
+    );
+    ingest
+        .ingest_batch(authorized(
+            IngestBatchRequest {
+                events: vec![event("acme", "C3", "dec-1", november + 10 * DAY_MICROS)],
+            },
+            INGEST_TOKEN,
+        ))
+        .await?;
+    acme.insert("text of dec-1".into());
+    wait_for_restored(&endpoint, "acme", &acme).await?;
+    assert_eq!(
+        key_record(&bucket, "acme", "2025-12")?["kek_id"],
+        "chatvault-kek-acme-v2"
+    );
+    let rewrap = run(
+        &hsm,
+        &[
+            "keys",
+            "rewrap",
+            "--tenant",
+            "acme",
+            "-c",
+            &config_path,
+            "--json",
+        ],
+    )
+    .await?;
+    assert!(rewrap.status.success(), "{}", output_text(&rewrap));
+    let report: serde_json::Value = serde_json::from_slice(&rewrap.stdout)?;
+    assert_eq!(
+        (&report["rewrapped"], &report["current"], &report["failed"]),
+        (&1.into(), &1.into(), &0.into()),
+        "{report}"
+    );
+    assert_eq!(
+        key_record(&bucket, "acme", "2025-11")?["kek_id"],
+        "chatvault-kek-acme-v2"
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    wait_for_restored(&endpoint, "acme", &acme).await?;
+
+    // A whole-tenant shred destroys globex's key on the token.
+    let shred = run(
+        &hsm,
+        &[
+            "keys",
+            "shred",
+            "--tenant",
+            "globex",
+            "--reason",
+            "offboarding",
+            "--yes",
+            "--json",
+            "-c",
+            &config_path,
+        ],
+    )
+    .await?;
+    assert!(shred.status.success(), "{}", output_text(&shred));
+    let report: serde_json::Value = serde_json::from_slice(&shred.stdout)?;
+    assert!(
+        report["key_encryption_keys"]
+            .as_str()
+            .is_some_and(|done| done.contains("chatvault-kek-globex-v1")),
+        "{report}"
+    );
+    let again = run(
+        &hsm,
+        &[
+            "keys",
+            "shred",
+            "--tenant",
+            "globex",
+            "--dry-run",
+            "-c",
+            &config_path,
+        ],
+    )
+    .await?;
+    let text = output_text(&again);
+    assert!(again.status.success(), "{text}");
+    assert!(
+        !text.contains("chatvault-kek-globex-v1") && !text.contains("data key globex/"),
+        "globex's keys are gone from the token and the archive: {text}"
+    );
+    // acme is untouched.
+    wait_for_restored(&endpoint, "acme", &acme).await?;
+    gateway.stop().await?;
+    Ok(())
+}
