@@ -1,6 +1,6 @@
 //! Tenants' data keys held by AWS KMS (moto's KMS server over HTTP, a real broker, the S3 server), with the
 //! archiver and restorer as `chatvault` processes finding credentials through the standard AWS chain:
-//! - a misconfigured key fails start-up with an error naming the setting;
+//! - a misconfigured key, or a KMS that cannot be reached, fails start-up with an error naming the setting;
 //! - events are archived and restored through KMS-generated data keys, bound to their tenant and month by the
 //!   encryption context;
 //! - while the KMS hangs, acknowledged events of a new month are not committed (no key), and once it answers
@@ -236,6 +236,23 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
     assert!(!started.status.success(), "{stderr}");
     assert!(
         stderr.contains("keys.aws_kms.key_id") && stderr.contains("NotFoundException"),
+        "{stderr}"
+    );
+
+    // A KMS nobody answers at (a closed port).
+    let mut unreachable = config.clone();
+    unreachable.shared.keys.aws_kms.endpoint_url = format!("http://{}", free_address()?);
+    write_config(&unreachable, &dir.path().join("unreachable.toml"))?;
+    let started = run(&[
+        "archiver",
+        "-c",
+        &dir.path().join("unreachable.toml").to_string_lossy(),
+    ])
+    .await?;
+    let stderr = String::from_utf8_lossy(&started.stderr);
+    assert!(!started.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("keys.aws_kms.endpoint_url") && stderr.contains("could not be reached"),
         "{stderr}"
     );
 

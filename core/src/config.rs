@@ -166,7 +166,7 @@ fn deserialize<T: serde::de::DeserializeOwned>(table: toml::Table, context: &str
         .map_err(|error: toml::de::Error| Error::invalid_argument(format!("{context}: {error}")))
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`. Default `localhost:9092`.
@@ -206,7 +206,7 @@ impl KafkaConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Where the archive lives: `file:///path`, `s3://bucket[/prefix]`, or `memory://` (tests).
@@ -430,7 +430,7 @@ impl std::fmt::Debug for Pkcs11Config {
         f.debug_struct("Pkcs11Config")
             .field("module", &self.module)
             .field("token_label", &self.token_label)
-            .field("pin", &self.pin.as_ref().map(|_| "<redacted>"))
+            .field("pin", &self.pin.as_ref().map(|_| REDACTED))
             .field("pin_file", &self.pin_file)
             .field("key_label_prefix", &self.key_label_prefix)
             .finish()
@@ -551,7 +551,7 @@ pub struct TenantConfig {
     pub tokens: Vec<TokenConfig>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// A name for logs and audit records (never the token itself).
@@ -564,6 +564,65 @@ pub struct TokenConfig {
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     pub roles: Vec<Role>,
+}
+
+/// Shows the token's name, roles and where its value comes from, never a clear token.
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .field("token_sha256", &self.token_sha256)
+            .field("token_file", &self.token_file)
+            .field("roles", &self.roles)
+            .finish()
+    }
+}
+
+/// What `Debug` prints instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// `Debug` of settings whose values may be credentials (librdkafka properties such as `sasl.password`,
+/// object_store options such as `aws_secret_access_key`): every key, and the values of keys that name a
+/// password, secret, token, key or credential replaced by [`REDACTED`].
+pub struct RedactedSettings<'a>(pub &'a BTreeMap<String, String>);
+
+impl std::fmt::Debug for RedactedSettings<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SECRET_WORDS: [&str; 6] =
+            ["password", "secret", "token", "key", "credential", "jaas"];
+        f.debug_map()
+            .entries(self.0.iter().map(|(name, value)| {
+                let lower = name.to_ascii_lowercase();
+                let shown = if SECRET_WORDS.iter().any(|word| lower.contains(word)) {
+                    REDACTED
+                } else {
+                    value.as_str()
+                };
+                (name, shown)
+            }))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("properties", &RedactedSettings(&self.properties))
+            .field("audit_topic", &self.audit_topic)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageConfig")
+            .field("url", &self.url)
+            .field("options", &RedactedSettings(&self.options))
+            .finish()
+    }
 }
 
 impl SharedConfig {
@@ -831,6 +890,50 @@ fn parse_scalar(value: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_of_the_configuration_shows_no_secret() {
+        let mut shared = SharedConfig::default();
+        shared
+            .kafka
+            .properties
+            .insert("sasl.password".into(), "kafka-secret-1".into());
+        shared
+            .kafka
+            .properties
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        shared
+            .storage
+            .options
+            .insert("aws_secret_access_key".into(), "s3-secret-2".into());
+        shared.keys.pkcs11.pin = Some("hsm-pin-3".into());
+        shared.tenants.push(TenantConfig {
+            id: "acme".into(),
+            tokens: vec![TokenConfig {
+                name: "bridge".into(),
+                token: Some("bearer-token-4".into()),
+                ..Default::default()
+            }],
+        });
+        let printed = format!("{shared:?} {shared:#?}");
+        for secret in [
+            "kafka-secret-1",
+            "s3-secret-2",
+            "hsm-pin-3",
+            "bearer-token-4",
+        ] {
+            assert!(!printed.contains(secret), "Debug shows {secret}: {printed}");
+        }
+        // What is not secret is still shown.
+        for shown in [
+            "sasl.password",
+            "SASL_SSL",
+            "aws_secret_access_key",
+            "bridge",
+        ] {
+            assert!(printed.contains(shown), "Debug lost {shown}");
+        }
+    }
 
     /// A section as a service defines one.
     #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]

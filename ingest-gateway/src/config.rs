@@ -128,7 +128,7 @@ pub struct TeamsCertificate {
 
 /// One webhook integration: `POST /webhooks/<name>` binds a platform, a tenant and its secrets. Several
 /// secrets may be valid at once (rotation): a request verified by any of them is accepted.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Path segment of the endpoint: 1 to 64 characters of a-z, 0-9, '-' and '_'.
@@ -155,6 +155,26 @@ pub struct WebhookConfig {
     /// Teams only: Azure tenant ids whose notifications are accepted; empty accepts any tenant.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tenant_ids: Vec<String>,
+}
+
+/// Shows how many clear secrets there are, never the secrets.
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("name", &self.name)
+            .field("platform", &self.platform)
+            .field("tenant", &self.tenant)
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.secrets.len()),
+            )
+            .field("secret_files", &self.secret_files)
+            .field("certificates", &self.certificates)
+            .field("app_id", &self.app_id)
+            .field("jwks_file", &self.jwks_file)
+            .field("tenant_ids", &self.tenant_ids)
+            .finish()
+    }
 }
 
 impl WebhookConfig {
@@ -368,5 +388,26 @@ impl Section for GatewayConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_of_a_webhook_shows_no_secret() {
+        let webhook = WebhookConfig {
+            name: "acme-slack".into(),
+            tenant: "acme".into(),
+            secrets: vec!["slack-signing-secret".into(), "previous-secret".into()],
+            ..Default::default()
+        };
+        let printed = format!("{webhook:?}");
+        assert!(!printed.contains("slack-signing-secret") && !printed.contains("previous-secret"));
+        assert!(
+            printed.contains("acme-slack") && printed.contains("[2 redacted]"),
+            "{printed}"
+        );
     }
 }

@@ -104,18 +104,23 @@ impl AwsKms {
         Ok(key)
     }
 
-    /// The key's ARN, after checking it can wrap data keys: enabled, symmetric, for encryption.
-    async fn describe_usable(&self, key: &str) -> Result<String> {
-        let described = self
-            .client
-            .describe_key()
-            .key_id(key)
-            .send()
-            .await
-            .map_err(|error| kms_error("DescribeKey", key, error))?;
-        let metadata = described
-            .key_metadata()
-            .ok_or_else(|| Error::unavailable(format!("KMS DescribeKey of {key}: no metadata")))?;
+    /// The key's ARN, after checking it can wrap data keys: enabled, symmetric, for encryption. Failures say
+    /// whether the KMS answered ([`Described::Refused`]) or not ([`Described::Unreachable`]).
+    async fn describe_usable(&self, key: &str) -> std::result::Result<String, Described> {
+        let described = match self.client.describe_key().key_id(key).send().await {
+            Ok(described) => described,
+            Err(error @ SdkError::ServiceError(_)) => {
+                return Err(Described::Refused(kms_error("DescribeKey", key, error)));
+            }
+            Err(error) => {
+                return Err(Described::Unreachable(kms_error("DescribeKey", key, error)));
+            }
+        };
+        let metadata = described.key_metadata().ok_or_else(|| {
+            Described::Refused(Error::unavailable(format!(
+                "KMS DescribeKey of {key}: no metadata"
+            )))
+        })?;
         let problem = if metadata.key_state() != Some(&KeyState::Enabled) {
             Some(format!(
                 "is {}",
@@ -136,11 +141,27 @@ impl AwsKms {
             None
         };
         if let Some(problem) = problem {
-            return Err(Error::invalid_argument(format!(
+            return Err(Described::Refused(Error::invalid_argument(format!(
                 "KMS key {key} {problem}: it cannot wrap data keys"
-            )));
+            ))));
         }
         Ok(metadata.arn().unwrap_or(key).to_string())
+    }
+}
+
+/// Why [`AwsKms::describe_usable`] failed.
+enum Described {
+    /// The KMS did not answer (network, TLS, timeout, credentials not found).
+    Unreachable(Error),
+    /// The KMS answered: no such key, access denied, or a key that cannot wrap data keys.
+    Refused(Error),
+}
+
+impl From<Described> for Error {
+    fn from(described: Described) -> Error {
+        match described {
+            Described::Unreachable(error) | Described::Refused(error) => error,
+        }
     }
 }
 
@@ -275,7 +296,7 @@ impl KeyEncryptionProvider for AwsKms {
     }
 
     async fn current_kek_id(&self, tenant: &str) -> Result<String> {
-        self.describe_usable(self.key_of(tenant)?).await
+        Ok(self.describe_usable(self.key_of(tenant)?).await?)
     }
 
     async fn rewrap(&self, context: &KeyContext<'_>, wrapped: &WrappedKey) -> Result<WrappedKey> {
@@ -341,10 +362,28 @@ impl KeyEncryptionProvider for AwsKms {
                     .iter()
                     .map(|(tenant, key)| (format!("keys.aws_kms.tenant_key_ids.{tenant}"), key)),
             );
+        let endpoint = if self.config.endpoint_url.is_empty() {
+            "AWS's endpoint".to_string()
+        } else {
+            self.config.endpoint_url.clone()
+        };
         for (setting, key) in configured {
-            self.describe_usable(key).await.map_err(|error| {
-                Error::new(error.code(), format!("{setting}: {}", error.message()))
-            })?;
+            match self.describe_usable(key).await {
+                Ok(_) => {}
+                Err(Described::Refused(error)) => {
+                    return Err(Error::new(
+                        error.code(),
+                        format!("{setting}: {}", error.message()),
+                    ));
+                }
+                Err(Described::Unreachable(error)) => {
+                    return Err(Error::unavailable(format!(
+                        "keys.aws_kms.endpoint_url / keys.aws_kms.region: the KMS ({endpoint}) could not be \
+                         reached, or no AWS credentials were found: {}",
+                        error.message()
+                    )));
+                }
+            }
         }
         Ok(())
     }
