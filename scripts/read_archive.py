@@ -32,7 +32,9 @@ TIMESTAMP_COLUMNS = ("occurred_at", "received_at")
 
 
 def month_glob(root, tenant, month):
-    return os.path.join(root, "events", f"tenant={tenant}", f"date={month}-*", "*.parquet")
+    """The files of a tenant's month under its default data key. Files of a key scope (`keys.scopes`) are named
+    `s-<scope>-...` and need that scope's key; default ones start with `p`."""
+    return os.path.join(root, "events", f"tenant={tenant}", f"date={month}-*", "p*.parquet")
 
 
 def duckdb_events_view(con, root, tenant, month_keys):

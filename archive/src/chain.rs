@@ -629,6 +629,7 @@ mod tests {
             tenant_id: "acme".into(),
             date: "2026-11-25".into(),
             key_period: "2026-11".into(),
+            key_scope: String::new(),
             dek_id: "k".into(),
             rows: 1,
             bytes: 1,

@@ -582,6 +582,7 @@ mod tests {
     fn key(byte: u8) -> DataKey {
         DataKey {
             tenant_id: "acme".into(),
+            scope: String::new(),
             period: "2026-11".into(),
             dek_id: "acme/2026-11/test".into(),
             key: [byte; 32],

@@ -17,7 +17,7 @@ use object_store::path::Path;
 
 use crate::Archived;
 use crate::file::{EncodedFile, FileOptions};
-use crate::keys::DataKey;
+use crate::keys::{DataKey, KeyScopes};
 use crate::layout;
 use chatvault_core::error::Result;
 
@@ -39,8 +39,12 @@ pub trait RecordKind: Send + Sync + 'static {
     /// Why a decoded record can never be archived, if it cannot (it is then dead-lettered).
     fn refusal(record: &Self::Record) -> Option<String>;
 
-    /// The key scope whose data keys encrypt the record: its tenant, for chat events.
-    fn key_scope(record: &Self::Record) -> &str;
+    /// Who owns the data keys that encrypt the record: its tenant, for chat events ([`AUDIT_KEY_SCOPE`] for
+    /// the audit trail).
+    fn key_owner(record: &Self::Record) -> &str;
+
+    /// The key scope within the owner (`keys.scopes`; empty: the owner's default scope).
+    fn key_scope<'a>(record: &'a Self::Record, scopes: &'a KeyScopes) -> &'a str;
 
     /// The record's time: it picks the file's date and the data key's month.
     fn time_micros(record: &Self::Record) -> i64;
@@ -52,8 +56,9 @@ pub trait RecordKind: Send + Sync + 'static {
     /// The Kafka key a dead-lettered copy of the record is produced with.
     fn kafka_key(record: &Self::Record) -> Vec<u8>;
 
-    /// The path of a batch's `index`th file, holding records of `key_scope` on `date`.
+    /// The path of a batch's `index`th file, holding records of `key_owner`'s `key_scope` on `date`.
     fn file_path(
+        key_owner: &str,
         key_scope: &str,
         date: Date,
         partition: i32,
@@ -92,8 +97,16 @@ impl RecordKind for ChatEvents {
         None
     }
 
-    fn key_scope(event: &ChatEvent) -> &str {
+    fn key_owner(event: &ChatEvent) -> &str {
         &event.tenant_id
+    }
+
+    fn key_scope<'a>(event: &'a ChatEvent, scopes: &'a KeyScopes) -> &'a str {
+        scopes.scope_of(
+            &event.tenant_id,
+            &event.conversation_id,
+            &event.workspace_id,
+        )
     }
 
     fn time_micros(event: &ChatEvent) -> i64 {
@@ -112,6 +125,7 @@ impl RecordKind for ChatEvents {
 
     fn file_path(
         tenant: &str,
+        scope: &str,
         date: Date,
         partition: i32,
         first_offset: i64,
@@ -120,6 +134,7 @@ impl RecordKind for ChatEvents {
     ) -> Path {
         layout::event_file_path(
             tenant,
+            scope,
             &date.iso(),
             partition,
             first_offset,
@@ -163,8 +178,12 @@ impl RecordKind for AuditTrail {
         None
     }
 
-    fn key_scope(_: &AuditRecord) -> &str {
+    fn key_owner(_: &AuditRecord) -> &str {
         AUDIT_KEY_SCOPE
+    }
+
+    fn key_scope<'a>(_: &'a AuditRecord, _: &'a KeyScopes) -> &'a str {
+        crate::keys::DEFAULT_SCOPE
     }
 
     fn time_micros(record: &AuditRecord) -> i64 {
@@ -180,6 +199,7 @@ impl RecordKind for AuditTrail {
     }
 
     fn file_path(
+        _: &str,
         _: &str,
         date: Date,
         partition: i32,

@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! events/tenant=<tenant>/date=<yyyy-mm-dd>/p<partition>-o<first offset>-<batch id>-<n>.parquet
+//! events/tenant=<tenant>/date=<yyyy-mm-dd>/s-<scope>-p<partition>-...parquet  a key scope's events
 //! audit/date=<yyyy-mm-dd>/p<partition>-o<first offset>-<batch id>-<n>.parquet   the audit trail
 //! keys/tenant=<tenant>/period=<yyyy-mm>.json                       wrapped data key of a tenant's month
-//! erasures/tenant=<tenant>/period=<yyyy-mm>/<dek>.json              a destroyed data key (crypto-shred)
+//! keys/tenant=<tenant>/scope=<scope>/period=<yyyy-mm>.json         ... of a key scope's month
+//! erasures/tenant=<tenant>/[scope=<scope>/]period=<yyyy-mm>/<dek>.json   a destroyed data key (crypto-shred)
 //! holds/tenant=<tenant>/<hold id>.json                              legal holds (refuse a shred)
 //! manifests/topic=<topic>/partition=<p>/<seq, 20 digits>.json       committed batches, a hash chain
 //! manifests/topic=<topic>/partition=<p>/pending/<batch id>.json     upload intents, for orphan cleanup
@@ -30,16 +32,25 @@ pub fn tenant_events_prefix(tenant: &str) -> Path {
     Path::from(format!("{EVENTS_ROOT}/tenant={tenant}"))
 }
 
+/// A batch's file of `tenant`'s events of `date_iso` in key scope `scope` (empty: the default scope). Scoped
+/// files start with `s-<scope>-`, default ones with `p`, so a reader's glob (`p*.parquet`) picks one key's
+/// files.
 pub fn event_file_path(
     tenant: &str,
+    scope: &str,
     date_iso: &str,
     partition: i32,
     first_offset: i64,
     batch_id: &str,
     index: usize,
 ) -> Path {
+    let scope_prefix = if scope.is_empty() {
+        String::new()
+    } else {
+        format!("s-{scope}-")
+    };
     Path::from(format!(
-        "{EVENTS_ROOT}/tenant={tenant}/date={date_iso}/p{partition:05}-o{first_offset:020}-{batch_id}-{index:03}.parquet"
+        "{EVENTS_ROOT}/tenant={tenant}/date={date_iso}/{scope_prefix}p{partition:05}-o{first_offset:020}-{batch_id}-{index:03}.parquet"
     ))
 }
 
@@ -55,20 +66,59 @@ pub fn audit_file_path(
     ))
 }
 
+/// The key scope of an events file, from its name (`s-<scope>-...`; empty: the default scope).
+pub fn scope_of_file_name(name: &str) -> &str {
+    let Some(rest) = name.strip_prefix("s-") else {
+        return "";
+    };
+    // The scope ends where `-p<5 digits>-o` begins (scope names may contain `-p` themselves).
+    rest.match_indices("-p")
+        .find(|(at, _)| {
+            let tail = &rest.as_bytes()[at + 2..];
+            tail.len() > 7 && tail[..5].iter().all(u8::is_ascii_digit) && &tail[5..7] == b"-o"
+        })
+        .map(|(at, _)| &rest[..at])
+        .unwrap_or("")
+}
+
+/// The data key record of `tenant`'s default scope for `period`.
 pub fn data_key_path(tenant: &str, period: &str) -> Path {
-    Path::from(format!("{KEYS_ROOT}/tenant={tenant}/period={period}.json"))
+    data_key_path_in(tenant, "", period)
 }
 
-/// Where the erasure records of a tenant's month are (one per destroyed data key of the month).
-pub fn erasures_prefix(tenant: &str, period: &str) -> Path {
-    Path::from(format!("{ERASURES_ROOT}/tenant={tenant}/period={period}"))
+/// The data key record of `tenant`'s key scope `scope` (empty: the default scope) for `period`.
+pub fn data_key_path_in(tenant: &str, scope: &str, period: &str) -> Path {
+    if scope.is_empty() {
+        Path::from(format!("{KEYS_ROOT}/tenant={tenant}/period={period}.json"))
+    } else {
+        Path::from(format!(
+            "{KEYS_ROOT}/tenant={tenant}/scope={scope}/period={period}.json"
+        ))
+    }
 }
 
-/// The erasure record of data key `dek_id` (`<tenant>/<period>/<hex>`: its last segment names the file).
-pub fn erasure_path(tenant: &str, period: &str, dek_id: &str) -> Path {
+fn scope_segment(scope: &str) -> String {
+    if scope.is_empty() {
+        String::new()
+    } else {
+        format!("scope={scope}/")
+    }
+}
+
+/// Where the erasure records of a key scope's month are (one per destroyed data key of the month).
+pub fn erasures_prefix(tenant: &str, scope: &str, period: &str) -> Path {
+    Path::from(format!(
+        "{ERASURES_ROOT}/tenant={tenant}/{}period={period}",
+        scope_segment(scope)
+    ))
+}
+
+/// The erasure record of data key `dek_id` (its last `/` segment names the file).
+pub fn erasure_path(tenant: &str, scope: &str, period: &str, dek_id: &str) -> Path {
     let name = dek_id.rsplit('/').next().unwrap_or(dek_id);
     Path::from(format!(
-        "{ERASURES_ROOT}/tenant={tenant}/period={period}/{name}.json"
+        "{ERASURES_ROOT}/tenant={tenant}/{}period={period}/{name}.json",
+        scope_segment(scope)
     ))
 }
 

@@ -54,6 +54,9 @@ pub struct ManifestFile {
     pub date: String,
     /// `yyyy-mm`: the data key period.
     pub key_period: String,
+    /// The key scope within the tenant (empty: the default scope; absent in older manifests).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_scope: String,
     pub dek_id: String,
     pub rows: u64,
     pub bytes: u64,
@@ -80,6 +83,7 @@ impl ManifestFile {
             tenant_id: tenant.to_string(),
             date: date.to_string(),
             key_period: key.period.clone(),
+            key_scope: key.scope.clone(),
             dek_id: key.dek_id.clone(),
             rows: encoded.rows as u64,
             bytes: encoded.bytes.len() as u64,

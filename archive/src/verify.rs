@@ -99,7 +99,9 @@ pub struct Progress {
 /// A committed file and the manifest that commits it.
 struct Committed {
     path: String,
-    /// The key scope (tenant, or `_audit`), month and data key the manifest says the file is encrypted under.
+    /// The key owner (tenant, or `_audit`), key scope, month and data key the manifest says the file is
+    /// encrypted under.
+    key_owner: String,
     key_scope: String,
     key_period: String,
     dek_id: String,
@@ -127,7 +129,8 @@ pub async fn verify_archive(
                 let name = layout::manifest_path(&topic, partition, manifest.seq).to_string();
                 committed.extend(manifest.files.into_iter().map(|file| Committed {
                     path: file.path.clone(),
-                    key_scope: file.tenant_id.clone(),
+                    key_owner: file.tenant_id.clone(),
+                    key_scope: file.key_scope.clone(),
                     key_period: file.key_period.clone(),
                     dek_id: file.dek_id.clone(),
                     bytes: file.bytes,
@@ -151,19 +154,20 @@ pub async fn verify_archive(
     // Key record → the data keys its files name → (scope, period, first file, files).
     let mut key_records: BTreeMap<String, BTreeMap<String, NeededKey>> = BTreeMap::new();
     for file in &committed {
-        if let Some(record) = key_record_of(&file.path) {
-            key_records
-                .entry(record)
-                .or_default()
-                .entry(file.dek_id.clone())
-                .or_insert_with(|| NeededKey {
-                    scope: file.key_scope.clone(),
-                    period: file.key_period.clone(),
-                    needed_by: file.path.clone(),
-                    files: 0,
-                })
-                .files += 1;
-        }
+        let record = layout::data_key_path_in(&file.key_owner, &file.key_scope, &file.key_period)
+            .to_string();
+        key_records
+            .entry(record)
+            .or_default()
+            .entry(file.dek_id.clone())
+            .or_insert_with(|| NeededKey {
+                owner: file.key_owner.clone(),
+                scope: file.key_scope.clone(),
+                period: file.key_period.clone(),
+                needed_by: file.path.clone(),
+                files: 0,
+            })
+            .files += 1;
     }
     let total = committed.len() as u64;
     let referenced: BTreeSet<String> = committed.iter().map(|file| file.path.clone()).collect();
@@ -247,6 +251,7 @@ async fn pending_files(
 
 /// A data key that committed files name.
 struct NeededKey {
+    owner: String,
     scope: String,
     period: String,
     /// The first file that needs it (to name in a problem).
@@ -286,7 +291,7 @@ async fn check_key_record(
         }
     };
     for (dek_id, key) in needed {
-        let erasure = layout::erasure_path(&key.scope, &key.period, &dek_id);
+        let erasure = layout::erasure_path(&key.owner, &key.scope, &key.period, &dek_id);
         let erased = match store.head(&erasure).await {
             Ok(_) => true,
             Err(object_store::Error::NotFound { .. }) => false,
@@ -318,24 +323,6 @@ async fn check_key_record(
             }),
         }
     }
-}
-
-/// The data key record a file needs, from its path: `events/tenant=<t>/date=<yyyy-mm-dd>/...` needs
-/// `keys/tenant=<t>/period=<yyyy-mm>.json`, `audit/date=<yyyy-mm-dd>/...` the `_audit` scope's.
-fn key_record_of(path: &str) -> Option<String> {
-    let mut parts = path.split('/');
-    let (scope, date) = match parts.next()? {
-        layout::EVENTS_ROOT => (
-            parts.next()?.strip_prefix("tenant=")?.to_string(),
-            parts.next()?.strip_prefix("date=")?,
-        ),
-        layout::AUDIT_ROOT => (
-            crate::kind::AUDIT_KEY_SCOPE.to_string(),
-            parts.next()?.strip_prefix("date=")?,
-        ),
-        _ => return None,
-    };
-    Some(layout::data_key_path(&scope, date.get(..7)?).to_string())
 }
 
 /// Fetches and hashes one committed file: its size and what is wrong with it, if anything.
@@ -397,19 +384,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn files_name_the_key_record_they_need() {
+    fn files_and_key_records_name_their_scope() {
+        let scoped = layout::event_file_path("acme", "hr-people", "2026-11-30", 0, 0, "ab", 0);
+        let default = layout::event_file_path("acme", "", "2026-11-30", 0, 0, "ab", 0);
         assert_eq!(
-            key_record_of(
-                "events/tenant=acme/date=2026-11-30/p00000-o00000000000000000000-ab-000.parquet"
-            )
-            .as_deref(),
-            Some("keys/tenant=acme/period=2026-11.json")
+            scoped.as_ref(),
+            "events/tenant=acme/date=2026-11-30/s-hr-people-p00000-o00000000000000000000-ab-000.parquet"
+        );
+        let name = |path: &Path| {
+            path.as_ref()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(layout::scope_of_file_name(&name(&scoped)), "hr-people");
+        assert_eq!(layout::scope_of_file_name(&name(&default)), "");
+        assert_eq!(
+            layout::data_key_path_in("acme", "legal", "2026-11").as_ref(),
+            "keys/tenant=acme/scope=legal/period=2026-11.json"
         );
         assert_eq!(
-            key_record_of("audit/date=2026-12-01/p00000-o00000000000000000000-ab-000.parquet")
-                .as_deref(),
-            Some("keys/tenant=_audit/period=2026-12.json")
+            layout::data_key_path_in("acme", "", "2026-11").as_ref(),
+            "keys/tenant=acme/period=2026-11.json"
         );
-        assert_eq!(key_record_of("elsewhere/x.parquet"), None);
     }
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use chatvault_archive::Archived;
+use chatvault_archive::keys::KeyScopes;
 use chatvault_archive::kind::{ChatEvents, RecordKind};
 use chatvault_archive::manifest::OffsetGap;
 use chatvault_core::time::Date;
@@ -136,9 +137,11 @@ pub struct SealedBatch<K: RecordKind = ChatEvents> {
     pub traces: Vec<String>,
 }
 
-/// Rows of one future file: the records of one key scope (a tenant's events) of one UTC date.
+/// Rows of one future file: the records of one key owner's key scope (a tenant's events, or those of one of
+/// its `keys.scopes`) of one UTC date.
 #[derive(Debug)]
 pub struct FileGroup<'a, K: RecordKind = ChatEvents> {
+    pub key_owner: &'a str,
     pub key_scope: &'a str,
     pub date: Date,
     pub rows: Vec<&'a Archived<K::Record>>,
@@ -149,20 +152,30 @@ pub struct FileGroup<'a, K: RecordKind = ChatEvents> {
 /// conversation_id, event_id)`: senders number events per conversation, so the same `event_id` in another
 /// conversation or tenant is another event. Copies across batches are collapsed by readers, under the same
 /// identity.
-pub fn group_into_files<K: RecordKind>(events: &[Archived<K::Record>]) -> Vec<FileGroup<'_, K>> {
-    let mut groups: BTreeMap<(&str, Date), Vec<&Archived<K::Record>>> = BTreeMap::new();
+pub fn group_into_files<'a, K: RecordKind>(
+    events: &'a [Archived<K::Record>],
+    scopes: &'a KeyScopes,
+) -> Vec<FileGroup<'a, K>> {
+    // (key owner, key scope, date) → rows.
+    type Groups<'r, R> = BTreeMap<(&'r str, &'r str, Date), Vec<&'r Archived<R>>>;
+    let mut groups: Groups<'a, K::Record> = BTreeMap::new();
     let mut seen = std::collections::HashSet::with_capacity(events.len());
     for archived in events {
-        let scope = K::key_scope(&archived.record);
-        if !seen.insert((scope, K::identity(&archived.record))) {
+        let owner = K::key_owner(&archived.record);
+        if !seen.insert((owner, K::identity(&archived.record))) {
             continue;
         }
+        let scope = K::key_scope(&archived.record, scopes);
         let date = Date::from_micros(K::time_micros(&archived.record));
-        groups.entry((scope, date)).or_default().push(archived);
+        groups
+            .entry((owner, scope, date))
+            .or_default()
+            .push(archived);
     }
     groups
         .into_iter()
-        .map(|((key_scope, date), rows)| FileGroup {
+        .map(|((key_owner, key_scope, date), rows)| FileGroup {
+            key_owner,
             key_scope,
             date,
             rows,
@@ -211,10 +224,11 @@ mod tests {
             (sealed.start_offset, sealed.end_offset, sealed.seq),
             (100, 108, 7)
         );
-        let groups = group_into_files::<ChatEvents>(&sealed.events);
+        let scopes = KeyScopes::default();
+        let groups = group_into_files::<ChatEvents>(&sealed.events, &scopes);
         let shape: Vec<(&str, String, usize)> = groups
             .iter()
-            .map(|g| (g.key_scope, g.date.iso(), g.rows.len()))
+            .map(|g| (g.key_owner, g.date.iso(), g.rows.len()))
             .collect();
         assert_eq!(
             shape,
@@ -244,7 +258,8 @@ mod tests {
             }
         }
         let sealed = batch.seal();
-        let groups = group_into_files::<ChatEvents>(&sealed.events);
+        let scopes = KeyScopes::default();
+        let groups = group_into_files::<ChatEvents>(&sealed.events, &scopes);
         let kept: usize = groups.iter().map(|group| group.rows.len()).sum();
         assert_eq!(kept, 45, "one row per (tenant, conversation, event id)");
         assert!(
@@ -347,7 +362,8 @@ mod tests {
                     .iter()
                     .map(|a| (a.record.tenant_id.clone(), a.record.conversation_id.clone(), a.record.event_id.clone()))
                     .collect();
-                let rows: Vec<(String, String, String)> = group_into_files::<ChatEvents>(&batch.events)
+                let scopes = KeyScopes::default();
+                let rows: Vec<(String, String, String)> = group_into_files::<ChatEvents>(&batch.events, &scopes)
                     .iter()
                     .flat_map(|group| group.rows.iter())
                     .map(|a| (a.record.tenant_id.clone(), a.record.conversation_id.clone(), a.record.event_id.clone()))

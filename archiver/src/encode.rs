@@ -24,20 +24,29 @@ impl<K: RecordKind> CommitStages<K> {
     /// refuses to create one) become rejected records for the dead-letter topic; any other key failure is
     /// transient and fails the whole stage, to be retried.
     pub(crate) async fn encode(&self, batch: &Arc<SealedBatch<K>>) -> Result<Prepared> {
-        let mut keys: HashMap<(String, String), DataKey> = HashMap::new();
-        let mut refused: HashMap<(String, String), String> = HashMap::new();
+        // (key owner, key scope, month) → its data key.
+        let mut keys: HashMap<(String, String, String), DataKey> = HashMap::new();
+        let mut refused: HashMap<(String, String, String), String> = HashMap::new();
+        let scopes = self.data_keys.scopes();
+        let key_id = |record: &K::Record| {
+            (
+                K::key_owner(record).to_string(),
+                K::key_scope(record, scopes).to_string(),
+                Date::from_micros(K::time_micros(record)).month_period(),
+            )
+        };
         for archived in &batch.events {
-            let period = Date::from_micros(K::time_micros(&archived.record)).month_period();
-            let id = (K::key_scope(&archived.record).to_string(), period);
+            let id = key_id(&archived.record);
             if keys.contains_key(&id) || refused.contains_key(&id) {
                 continue;
             }
-            match self.data_keys.get_or_create(&id.0, &id.1).await {
+            match self.data_keys.get_or_create_in(&id.0, &id.1, &id.2).await {
                 Ok(key) => {
                     keys.insert(id, key);
                 }
                 Err(error) if is_permanent_key_failure(&error) => {
-                    tracing::error!(partition = batch.partition, key_scope = %id.0, period = %id.1, %error,
+                    tracing::error!(partition = batch.partition, key_owner = %id.0, key_scope = %id.1,
+                        period = %id.2, %error,
                         "no data key can be had for these records: they go to the dead-letter topic");
                     refused.insert(id, error.message().to_string());
                 }
@@ -47,8 +56,7 @@ impl<K: RecordKind> CommitStages<K> {
         let mut rejected = batch.rejected.clone();
         for archived in &batch.events {
             let record = &archived.record;
-            let period = Date::from_micros(K::time_micros(record)).month_period();
-            if let Some(reason) = refused.get(&(K::key_scope(record).to_string(), period)) {
+            if let Some(reason) = refused.get(&key_id(record)) {
                 rejected.push(Rejected {
                     offset: archived.kafka_offset,
                     reason: reason.clone(),
@@ -62,20 +70,26 @@ impl<K: RecordKind> CommitStages<K> {
         let encode_batch = batch.clone();
         let options = self.file_options.clone();
         let encode_batch_id = batch_id.clone();
+        let scopes = scopes.clone();
         let files = tokio::task::spawn_blocking(move || -> Result<Vec<PreparedFile>> {
             let mut prepared = Vec::new();
-            let groups = group_into_files::<K>(&encode_batch.events)
+            let group_key = |group: &crate::batch::FileGroup<'_, K>| {
+                (
+                    group.key_owner.to_string(),
+                    group.key_scope.to_string(),
+                    group.date.month_period(),
+                )
+            };
+            let groups = group_into_files::<K>(&encode_batch.events, &scopes)
                 .into_iter()
-                .filter(|group| {
-                    keys.contains_key(&(group.key_scope.to_string(), group.date.month_period()))
-                });
+                .filter(|group| keys.contains_key(&group_key(group)));
             for (index, mut group) in groups.enumerate() {
-                let period = group.date.month_period();
                 let key = keys
-                    .get(&(group.key_scope.to_string(), period.clone()))
+                    .get(&group_key(&group))
                     .ok_or_else(|| Error::internal("data key missing for a file group"))?;
                 let encoded: EncodedFile = K::encode_file(&mut group.rows, key, &options)?;
                 let path = K::file_path(
+                    group.key_owner,
                     group.key_scope,
                     group.date,
                     encode_batch.partition,
@@ -86,7 +100,7 @@ impl<K: RecordKind> CommitStages<K> {
                 prepared.push(PreparedFile {
                     manifest_entry: ManifestFile::describe(
                         &path,
-                        group.key_scope,
+                        group.key_owner,
                         &group.date.iso(),
                         key,
                         &encoded,

@@ -198,7 +198,7 @@ async fn encode_writes_one_file_per_tenant_and_date_that_decodes_to_exactly_its_
         .iter()
         .enumerate()
         .map(|(index, (tenant, date))| {
-            layout::event_file_path(tenant, date, PARTITION, 40, &prepared.batch_id, index)
+            layout::event_file_path(tenant, "", date, PARTITION, 40, &prepared.batch_id, index)
         })
         .collect();
     assert_eq!(paths, expected_paths);
@@ -290,7 +290,7 @@ async fn a_tenant_without_a_key_becomes_rejected_records_while_the_others_get_fi
     let file = &prepared.files[0];
     assert_eq!(
         file.path,
-        layout::event_file_path("acme", NOV_30, PARTITION, 10, &prepared.batch_id, 0)
+        layout::event_file_path("acme", "", NOV_30, PARTITION, 10, &prepared.batch_id, 0)
     );
     let key = harness
         .reader_data_keys()

@@ -24,6 +24,7 @@ const LOOKUPS: usize = 15;
 fn key() -> DataKey {
     DataKey {
         tenant_id: "acme".into(),
+        scope: String::new(),
         period: "2026-11".into(),
         dek_id: "acme/2026-11/bench".into(),
         key: [7; 32],

@@ -56,9 +56,13 @@ pub struct ShredArgs {
     operator: OperatorArgs,
     #[arg(long)]
     tenant: String,
-    /// Only this month (`yyyy-mm`); default: all of the tenant's data, and its key-encryption keys.
+    /// Only this month (`yyyy-mm`). Without --period and --scope: all of the tenant's data, and its
+    /// key-encryption keys.
     #[arg(long)]
     period: Option<String>,
+    /// Only this key scope (`keys.scopes`).
+    #[arg(long)]
+    scope: Option<String>,
     /// Why (recorded in the erasure records and the audit trail), e.g. a ticket or request id.
     #[arg(long)]
     reason: Option<String>,
@@ -112,6 +116,9 @@ pub struct ExportArgs {
     /// The last month, `yyyy-mm` (default: --period).
     #[arg(long)]
     to_period: Option<String>,
+    /// A key scope (`keys.scopes`) instead of the tenant's default scope.
+    #[arg(long)]
+    scope: Option<String>,
     #[arg(long, value_enum, default_value_t = Format::Json)]
     format: Format,
     /// With `--format duckdb`: the archive root the script reads (a directory, or an `s3://` URL with
@@ -294,12 +301,25 @@ async fn shred(args: ShredArgs) -> anyhow::Result<()> {
     let config = Config::load(args.operator.config.as_deref())?;
     let store = object_store_from_config(&config.shared.storage)?;
     let keys = DataKeys::from_config(store, &config.shared.keys).await?;
+    if let Some(scope) = &args.scope {
+        anyhow::ensure!(
+            chatvault_core::event::is_valid_tenant_id(scope),
+            "--scope {scope:?} is not a key scope name (1 to 64 characters of a-z, 0-9, '-' and '_')"
+        );
+    }
     let plan = keys
-        .plan_shred(&args.tenant, args.period.as_deref())
+        .plan_shred(&args.tenant, args.scope.as_deref(), args.period.as_deref())
         .await?;
-    let what = match &plan.period {
-        Some(period) => format!("tenant {} for {period}", plan.tenant_id),
-        None => format!("all data of tenant {}", plan.tenant_id),
+    let what = match (&plan.scope, &plan.period) {
+        (Some(scope), Some(period)) => {
+            format!(
+                "key scope {scope} of tenant {} for {period}",
+                plan.tenant_id
+            )
+        }
+        (Some(scope), None) => format!("key scope {scope} of tenant {}", plan.tenant_id),
+        (None, Some(period)) => format!("tenant {} for {period}", plan.tenant_id),
+        (None, None) => format!("all data of tenant {}", plan.tenant_id),
     };
     if args.dry_run || !args.operator.json {
         let out = &mut std::io::stdout();
@@ -312,7 +332,12 @@ async fn shred(args: ShredArgs) -> anyhow::Result<()> {
         for target in &plan.targets {
             writeln!(
                 out,
-                "  {}: data key {} ({}): {} file(s), {:.1} MB become unreadable",
+                "  {}{}: data key {} ({}): {} file(s), {:.1} MB become unreadable",
+                if target.scope.is_empty() {
+                    String::new()
+                } else {
+                    format!("scope {} ", target.scope)
+                },
                 target.period,
                 target.dek_id,
                 target.key_record,
@@ -368,7 +393,11 @@ async fn shred(args: ShredArgs) -> anyhow::Result<()> {
         );
     }
     let acts_on = format!(
-        "{} reason={reason}",
+        "{}{} reason={reason}",
+        plan.scope
+            .as_deref()
+            .map(|scope| format!("scope={scope} "))
+            .unwrap_or_default(),
         plan.period
             .as_deref()
             .map(|period| format!("period={period}"))
@@ -414,6 +443,7 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
                 tenant_id: args.tenant.clone(),
                 from_period: args.period.clone(),
                 to_period: args.to_period.clone().unwrap_or_default(),
+                key_scope: args.scope.clone().unwrap_or_default(),
             },
             &token,
         )?)
@@ -443,6 +473,7 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
                     "{}",
                     serde_json::json!({
                         "tenant_id": key.tenant_id,
+                        "key_scope": key.key_scope,
                         "period": key.period,
                         "dek_id": key.dek_id,
                         "key_base64": base64::engine::general_purpose::STANDARD.encode(&key.key),
@@ -475,13 +506,27 @@ fn duckdb_script(root: &str, keys: &[ExportedDataKey]) -> String {
     let mut selects = Vec::new();
     for key in keys {
         // Tenant ids and periods are checked by the service ([a-z0-9_-], yyyy-mm): safe in a key name.
-        let name = format!("chatvault_{}_{}", key.tenant_id, key.period).replace('-', "_");
+        let name = if key.key_scope.is_empty() {
+            format!("chatvault_{}_{}", key.tenant_id, key.period)
+        } else {
+            format!(
+                "chatvault_{}_{}_{}",
+                key.tenant_id, key.key_scope, key.period
+            )
+        }
+        .replace('-', "_");
+        // Each scope's files carry its name (`s-<scope>-`); the default scope's start with `p`.
+        let files = if key.key_scope.is_empty() {
+            "p*.parquet".to_string()
+        } else {
+            format!("s-{}-p*.parquet", key.key_scope)
+        };
         script.push_str(&format!(
             "PRAGMA add_parquet_key('{name}', '{}');\n",
             base64::engine::general_purpose::STANDARD.encode(&key.key)
         ));
         let pattern = format!(
-            "{root}/events/tenant={}/date={}-*/*.parquet",
+            "{root}/events/tenant={}/date={}-*/{files}",
             key.tenant_id, key.period
         );
         selects.push(format!(

@@ -272,6 +272,7 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
                 tenant_id: "acme".into(),
                 from_period: period.into(),
                 to_period: String::new(),
+                key_scope: String::new(),
             },
             ACME_KEY_EXPORT_TOKEN,
         )
@@ -398,6 +399,178 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
             ("globex", "all periods reason=offboarding"),
         ]
     );
+    archiver.stop().await?;
+    restorer.stop().await?;
+    gateway.stop().await?;
+    Ok(())
+}
+
+/// DuckDB's answer to `sql` over the view the export script `script` defines.
+fn duckdb(script: &str, sql: &str) -> anyhow::Result<String> {
+    let query = format!(
+        "import duckdb, sys\ncon = duckdb.connect()\ncon.execute(sys.stdin.read())\nprint(con.execute({sql:?}).fetchone()[0])"
+    );
+    let mut child = std::process::Command::new(chatvault_testkit::python::venv_python())
+        .args(["-c", &query])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes())?;
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "duckdb: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_scope_is_encrypted_exported_and_shredded_on_its_own() -> anyhow::Result<()> {
+    let peers = common::start_peers(2).await?;
+    let mut config = peers.config.clone();
+    config.shared.keys.cache_ttl = Duration::from_secs(1);
+    config.shared.keys.scopes = vec![chatvault_core::config::KeyScopeConfig {
+        tenant: "acme".into(),
+        name: "legal".into(),
+        conversations: vec!["C-legal".into()],
+        workspaces: vec![],
+    }];
+    let dir = tempfile::tempdir()?;
+    let config_path: PathBuf = dir.path().join("chatvault.toml");
+    write_config(&config, &config_path)?;
+    let config_arg = config_path.to_string_lossy().to_string();
+    let bucket = peers.s3.bucket_dir();
+
+    let gateway = start_gateway(&config).await?;
+    let (archiver, stats) = start_archiver(&config, "archiver").await?;
+    let restorer = start_restorer(&config).await?;
+    let endpoint = restorer.endpoint();
+    let november = common::BASE_MICROS;
+    let events = vec![
+        event("acme", "C1", "open-1", november),
+        event("acme", "C1", "open-2", november + 60_000_000),
+        event("acme", "C-legal", "legal-1", november + 30_000_000),
+        event("acme", "C-legal", "legal-2", november + 90_000_000),
+    ];
+    ingest_client(&gateway.endpoint())
+        .await?
+        .ingest_batch(authorized(IngestBatchRequest { events }, INGEST_TOKEN))
+        .await?;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            stats.events.committed_events.load(Ordering::Relaxed) >= 4
+        })
+        .await
+    );
+
+    // Two data keys for acme's November: the default scope's and legal's, each with its own files.
+    let record = |path: &str| -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(bucket.join(path))?)?)
+    };
+    let default_key = record("keys/tenant=acme/period=2025-11.json")?;
+    let legal_key = record("keys/tenant=acme/scope=legal/period=2025-11.json")?;
+    assert_eq!(legal_key["scope"], "legal", "{legal_key}");
+    assert_ne!(default_key["dek_id"], legal_key["dek_id"]);
+    let names: BTreeSet<String> =
+        std::fs::read_dir(bucket.join("events/tenant=acme/date=2025-11-24"))?
+            .map(|entry| Ok(entry?.file_name().to_string_lossy().to_string()))
+            .collect::<anyhow::Result<_>>()?;
+    assert!(
+        names.iter().any(|name| name.starts_with("s-legal-p")),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|name| name.starts_with('p')), "{names:?}");
+    assert_eq!(restore(&endpoint, "acme", "C-legal").await??.len(), 2);
+    assert_eq!(restore(&endpoint, "acme", "C1").await??.len(), 2);
+
+    // DuckDB with handed-out keys: the default scope's script reads only the default files (a filtered
+    // query), the scope's script only the scope's.
+    let archive = bucket.to_string_lossy().to_string();
+    let script = |extra: &[&str]| -> anyhow::Result<String> {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
+            .args([
+                "keys",
+                "export",
+                "--restorer",
+                &endpoint,
+                "--tenant",
+                "acme",
+            ])
+            .args([
+                "--period",
+                "2025-11",
+                "--format",
+                "duckdb",
+                "--archive",
+                &archive,
+            ])
+            .args(extra)
+            .env("CHATVAULT_TOKEN", ACME_KEY_EXPORT_TOKEN)
+            .env("XDG_CONFIG_HOME", "/nonexistent-chatvault-test")
+            .output()?;
+        anyhow::ensure!(output.status.success(), "{}", text(&output));
+        Ok(String::from_utf8(output.stdout)?)
+    };
+    let default_script = script(&[])?;
+    assert_eq!(
+        duckdb(
+            &default_script,
+            "SELECT string_agg(DISTINCT conversation_id, ',') FROM events WHERE message_id LIKE '%-1' OR message_id LIKE '%-2'"
+        )?,
+        "C1"
+    );
+    let legal_script = script(&["--scope", "legal"])?;
+    assert_eq!(
+        duckdb(
+            &legal_script,
+            "SELECT count(*) FROM events WHERE conversation_id = 'C-legal'"
+        )?,
+        "2"
+    );
+
+    // Shredding the scope erases the legal conversation only.
+    let shred = chatvault(&[
+        "keys",
+        "shred",
+        "--tenant",
+        "acme",
+        "--scope",
+        "legal",
+        "--reason",
+        "matter closed",
+        "--yes",
+        "-c",
+        &config_arg,
+    ])?;
+    assert!(shred.status.success(), "{}", text(&shred));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let status = restore(&endpoint, "acme", "C-legal")
+        .await?
+        .expect_err("the erased scope");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("key scope legal"), "{status:?}");
+    assert_eq!(restore(&endpoint, "acme", "C1").await??.len(), 2);
+    assert_eq!(
+        conversations(&endpoint, "acme").await?,
+        BTreeSet::from(["C1".to_string()])
+    );
+    assert!(
+        script(&["--scope", "legal"]).is_err(),
+        "no key of the erased scope"
+    );
+    assert_eq!(
+        duckdb(
+            &script(&[])?,
+            "SELECT count(*) FROM events WHERE conversation_id = 'C1'"
+        )?,
+        "2"
+    );
+    let verified = chatvault(&["verify", "-c", &config_arg, "--json"])?;
+    assert!(verified.status.success(), "{}", text(&verified));
+    let report: serde_json::Value = serde_json::from_slice(&verified.stdout)?;
+    assert!(report["erased_files"].as_u64() >= Some(1), "{report}");
     archiver.stop().await?;
     restorer.stop().await?;
     gateway.stop().await?;

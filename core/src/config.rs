@@ -252,6 +252,10 @@ pub struct KeysConfig {
     pub cache_ttl: Duration,
     pub aws_kms: AwsKmsConfig,
     pub pkcs11: Pkcs11Config,
+    /// Conversations or workspaces whose events get data keys of their own (a legal or HR channel), so that
+    /// they can be shredded on their own (`chatvault keys shred --scope`). Adding a conversation to a scope
+    /// applies to events archived from then on.
+    pub scopes: Vec<KeyScopeConfig>,
 }
 
 impl Default for KeysConfig {
@@ -264,6 +268,7 @@ impl Default for KeysConfig {
             cache_ttl: Duration::from_secs(300),
             aws_kms: AwsKmsConfig::default(),
             pkcs11: Pkcs11Config::default(),
+            scopes: Vec::new(),
         }
     }
 }
@@ -344,6 +349,40 @@ impl KeysConfig {
                 return invalid("keys.pkcs11.key_label_prefix", "must not be empty");
             }
         }
+        let mut claimed: HashMap<(&str, &str, &str), &str> = HashMap::new();
+        for (index, scope) in self.scopes.iter().enumerate() {
+            let setting = format!("keys.scopes[{index}]");
+            if !is_valid_tenant_id(&scope.tenant) {
+                return invalid(&format!("{setting}.tenant"), "is not a valid tenant id");
+            }
+            if !is_valid_tenant_id(&scope.name) || scope.name == "default" {
+                return invalid(
+                    &format!("{setting}.name"),
+                    "must be 1 to 64 characters of a-z, 0-9, '-' and '_', and not `default`",
+                );
+            }
+            if scope.conversations.is_empty() && scope.workspaces.is_empty() {
+                return invalid(&setting, "must name at least one conversation or workspace");
+            }
+            let members = scope
+                .conversations
+                .iter()
+                .map(|id| ("conversation", id.as_str()))
+                .chain(scope.workspaces.iter().map(|id| ("workspace", id.as_str())));
+            for (kind, id) in members {
+                if let Some(other) = claimed.insert((&scope.tenant, kind, id), &scope.name)
+                    && other != scope.name
+                {
+                    return invalid(
+                        &setting,
+                        &format!(
+                            "{kind} {id} of tenant {} is in scopes {other} and {}; it can be in one only",
+                            scope.tenant, scope.name
+                        ),
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -392,6 +431,21 @@ pub struct AwsKmsConfig {
     /// Per-call timeout. Default 5s.
     #[serde(with = "crate::duration")]
     pub timeout: Duration,
+}
+
+/// A key scope of its own within a tenant: the events of the named conversations and workspaces are
+/// encrypted under data keys of this scope (one per month, `keys/tenant=<t>/scope=<name>/...`), apart from the
+/// tenant's default scope. A conversation's own entry wins over its workspace's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyScopeConfig {
+    pub tenant: String,
+    /// 1 to 64 characters of a-z, 0-9, '-' and '_'; not `default`.
+    pub name: String,
+    #[serde(default)]
+    pub conversations: Vec<String>,
+    #[serde(default)]
+    pub workspaces: Vec<String>,
 }
 
 /// A PKCS#11 token (an HSM, or SoftHSM2 for tests). Each tenant's key-encryption key is an AES-256 secret key
@@ -890,6 +944,56 @@ fn parse_scalar(value: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_settings_are_checked_and_errors_name_the_setting() {
+        let error_of = |change: &dyn Fn(&mut KeysConfig)| {
+            let mut keys = KeysConfig::default();
+            change(&mut keys);
+            keys.validate().expect_err("invalid").message().to_string()
+        };
+        assert!(
+            error_of(&|keys| keys.provider = KeyProviderKind::AwsKms)
+                .starts_with("keys.aws_kms.key_id:")
+        );
+        assert!(
+            error_of(&|keys| {
+                keys.tenant_providers
+                    .insert("acme".into(), KeyProviderKind::Pkcs11);
+            })
+            .starts_with("keys.pkcs11.module:")
+        );
+        assert!(
+            error_of(&|keys| {
+                keys.provider = KeyProviderKind::Pkcs11;
+                keys.pkcs11.module = "/usr/lib/softhsm/libsofthsm2.so".into();
+                keys.pkcs11.token_label = "t".into();
+            })
+            .starts_with("keys.pkcs11.pin:")
+        );
+        let scope = |name: &str, conversation: &str| KeyScopeConfig {
+            tenant: "acme".into(),
+            name: name.into(),
+            conversations: vec![conversation.into()],
+            workspaces: vec![],
+        };
+        let twice = error_of(&|keys| {
+            keys.scopes = vec![scope("legal", "C1"), scope("hr", "C1")];
+        });
+        assert!(
+            twice.starts_with("keys.scopes[1]:") && twice.contains("legal and hr"),
+            "{twice}"
+        );
+        assert!(
+            error_of(&|keys| keys.scopes = vec![scope("default", "C1")])
+                .starts_with("keys.scopes[0].name:")
+        );
+        let fine = KeysConfig {
+            scopes: vec![scope("legal", "C1"), scope("hr", "C2")],
+            ..KeysConfig::default()
+        };
+        fine.validate().expect("valid");
+    }
 
     #[test]
     fn debug_output_of_the_configuration_shows_no_secret() {

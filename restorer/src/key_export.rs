@@ -119,16 +119,24 @@ impl KeyExportApi {
         let caller = self.authenticator.authenticate(authorization).await?;
         audit.principal(&caller);
         check_tenant("tenant_id", &request.tenant_id)?;
+        if !request.key_scope.is_empty() {
+            check_tenant("key_scope", &request.key_scope)?;
+        }
         let months = periods(request)?;
         caller.require(&request.tenant_id, Role::KeyExport)?;
         let mut keys = Vec::new();
         for month in months {
-            match self.data_keys.get(&request.tenant_id, &month.name()).await {
+            let key = self
+                .data_keys
+                .get_in(&request.tenant_id, &request.key_scope, &month.name())
+                .await;
+            match key {
                 Ok(key) => keys.push(ExportedDataKey {
                     tenant_id: key.tenant_id.clone(),
                     period: key.period.clone(),
                     dek_id: key.dek_id.clone(),
                     key: key.key.to_vec(),
+                    key_scope: key.scope.clone(),
                 }),
                 // Nothing of the tenant was archived in that month.
                 Err(error) if error.code() == ErrorCode::NotFound => {}
@@ -175,6 +183,7 @@ mod tests {
             tenant_id: "acme".into(),
             from_period: from.into(),
             to_period: to.into(),
+            key_scope: String::new(),
         }
     }
 

@@ -315,7 +315,7 @@ impl Restorer {
     /// was shredded).
     async fn file_key(&self, file: &ManifestFile, tenant: &str) -> Result<DataKey> {
         self.data_keys
-            .get_for_file(tenant, &file.key_period, &file.dek_id)
+            .get_for_file(tenant, &file.key_scope, &file.key_period, &file.dek_id)
             .await
             .map_err(|error| {
                 error.context(format!(
@@ -632,7 +632,8 @@ mod tests {
             .commit_batch(0, &[event("acme", "C1", "m1", 1_000)])
             .await;
         // An orphan next to the committed file: same directory, same conversation, never committed.
-        let orphan = layout::event_file_path("acme", &manifest.files[0].date, 0, 99, "zombie", 0);
+        let orphan =
+            layout::event_file_path("acme", "", &manifest.files[0].date, 0, 99, "zombie", 0);
         let committed = fixture
             .store
             .get(&Path::from(manifest.files[0].path.as_str()))

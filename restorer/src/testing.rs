@@ -134,6 +134,7 @@ impl Fixture {
             let encoded = encode_file(&mut rows, &key, &self.file_options).expect("encode");
             let path = layout::event_file_path(
                 &tenant,
+                chatvault_archive::keys::DEFAULT_SCOPE,
                 &date,
                 partition,
                 head.end_offset,

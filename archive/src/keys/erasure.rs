@@ -32,6 +32,9 @@ pub struct ErasureRecord {
     /// Always `chatvault-erasure-v1`.
     pub format: String,
     pub tenant_id: String,
+    /// The key scope within the tenant (absent: the default scope).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
     /// `yyyy-mm`.
     pub period: String,
     /// The destroyed data key; files whose footer names it are unreadable.
@@ -48,9 +51,14 @@ impl ErasureRecord {
         Error::new(
             ErrorCode::Erased,
             format!(
-                "the data of tenant {} for {} was erased on {} (crypto-shredded: its data key {} was destroyed) \
-                 and cannot be read",
+                "the data of tenant {}{} for {} was erased on {} (crypto-shredded: its data key {} was \
+                 destroyed) and cannot be read",
                 self.tenant_id,
+                if self.scope.is_empty() {
+                    String::new()
+                } else {
+                    format!(" key scope {}", self.scope)
+                },
                 self.period,
                 Date::from_micros(self.erased_at_micros).iso(),
                 self.dek_id
@@ -62,10 +70,12 @@ impl ErasureRecord {
 /// One data key a shred destroys, and what it makes unreadable.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ShredTarget {
+    /// The key scope (empty: the tenant's default scope).
+    pub scope: String,
     pub period: String,
     pub dek_id: String,
     pub key_record: String,
-    /// Files of the tenant's month under `events/` (all encrypted under this month's keys).
+    /// The scope's files of the month under `events/`.
     pub files: u64,
     pub bytes: u64,
 }
@@ -74,7 +84,9 @@ pub struct ShredTarget {
 #[derive(Debug, Clone, Serialize)]
 pub struct ShredPlan {
     pub tenant_id: String,
-    /// `None`: every month of the tenant.
+    /// `None`: every key scope of the tenant.
+    pub scope: Option<String>,
+    /// `None`: every month.
     pub period: Option<String>,
     pub targets: Vec<ShredTarget>,
     /// Unreleased legal holds covering the data: any one refuses the shred.
@@ -91,9 +103,15 @@ pub struct ShredReport {
 }
 
 impl DataKeys {
-    /// What shredding `tenant` (or its `period`) would destroy, the files that become unreadable, the holds
-    /// that refuse it. Changes nothing.
-    pub async fn plan_shred(&self, tenant: &str, period: Option<&str>) -> Result<ShredPlan> {
+    /// What shredding `tenant` (or one key scope, or one month, or both) would destroy, the files that
+    /// become unreadable, the holds that refuse it. Changes nothing. Only a shred of every scope and month
+    /// destroys the tenant's key-encryption keys.
+    pub async fn plan_shred(
+        &self,
+        tenant: &str,
+        scope: Option<&str>,
+        period: Option<&str>,
+    ) -> Result<ShredPlan> {
         if tenant == crate::kind::AUDIT_KEY_SCOPE {
             return Err(Error::invalid_argument(
                 "the audit trail's keys cannot be shredded: it is the record of who accessed what",
@@ -109,18 +127,20 @@ impl DataKeys {
             .await
             .map_err(|error| Error::from(error).context(format!("listing {prefix}")))?;
         records.sort();
-        let mut sizes: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut sizes: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
         let mut listing = self.store.list(Some(&layout::tenant_events_prefix(tenant)));
         while let Some(object) = listing.try_next().await.map_err(Error::from)? {
-            let month = object
-                .location
-                .as_ref()
+            let path = object.location.as_ref();
+            let month = path
                 .split('/')
                 .find_map(|part| part.strip_prefix("date="))
                 .and_then(|date| date.get(..7))
                 .map(str::to_string);
+            let name = path.rsplit('/').next().unwrap_or_default();
             if let Some(month) = month {
-                let entry = sizes.entry(month).or_default();
+                let entry = sizes
+                    .entry((layout::scope_of_file_name(name).to_string(), month))
+                    .or_default();
                 entry.0 += 1;
                 entry.1 += object.size;
             }
@@ -128,18 +148,26 @@ impl DataKeys {
         let mut targets = Vec::new();
         for path in records {
             let (record, _) = self.read_record(&path).await?;
-            if period.is_some_and(|period| period != record.period) {
+            if period.is_some_and(|period| period != record.period)
+                || scope.is_some_and(|scope| scope != record.scope)
+            {
                 continue;
             }
-            if layout::data_key_path(tenant, &record.period) != path || record.tenant_id != tenant {
+            if layout::data_key_path_in(tenant, &record.scope, &record.period) != path
+                || record.tenant_id != tenant
+            {
                 return Err(Error::internal(format!(
-                    "key record {path} names tenant {} period {}: copied or swapped in storage; run \
-                     `chatvault verify` before shredding",
-                    record.tenant_id, record.period
+                    "key record {path} names tenant {} scope {:?} period {}: copied or swapped in storage; \
+                     run `chatvault verify` before shredding",
+                    record.tenant_id, record.scope, record.period
                 )));
             }
-            let (files, bytes) = sizes.get(&record.period).copied().unwrap_or_default();
+            let (files, bytes) = sizes
+                .get(&(record.scope.clone(), record.period.clone()))
+                .copied()
+                .unwrap_or_default();
             targets.push(ShredTarget {
+                scope: record.scope.clone(),
                 period: record.period.clone(),
                 dek_id: record.dek_id.clone(),
                 key_record: path.to_string(),
@@ -148,15 +176,18 @@ impl DataKeys {
             });
         }
         let holds = holds_covering(self.store.as_ref(), tenant, period).await?;
-        let key_encryption_keys = match period {
-            Some(_) => "kept: the tenant's other months still need them".to_string(),
-            None => match self.providers.of(tenant).describe_destroy(tenant).await {
+        let key_encryption_keys = match (scope, period) {
+            (Some(_), _) | (_, Some(_)) => {
+                "kept: the tenant's other data still needs them".to_string()
+            }
+            (None, None) => match self.providers.of(tenant).describe_destroy(tenant).await {
                 Ok(description) => description,
                 Err(error) => format!("kept: {}", error.message()),
             },
         };
         Ok(ShredPlan {
             tenant_id: tenant.to_string(),
+            scope: scope.map(str::to_string),
             period: period.map(str::to_string),
             targets,
             holds,
@@ -198,13 +229,14 @@ impl DataKeys {
             let record = ErasureRecord {
                 format: "chatvault-erasure-v1".into(),
                 tenant_id: tenant.to_string(),
+                scope: target.scope.clone(),
                 period: target.period.clone(),
                 dek_id: target.dek_id.clone(),
                 erased_at_micros: now_micros(),
                 operator: operator.to_string(),
                 reason: reason.to_string(),
             };
-            let path = layout::erasure_path(tenant, &target.period, &target.dek_id);
+            let path = layout::erasure_path(tenant, &target.scope, &target.period, &target.dek_id);
             let put = self
                 .store
                 .put_opts(
@@ -231,13 +263,13 @@ impl DataKeys {
                     return Err(Error::from(error).context(format!("deleting {key_record}")));
                 }
             }
-            self.forget(tenant, &target.period);
+            self.forget(tenant, &target.scope, &target.period);
             progress(&record);
             erased.push(record);
         }
-        let key_encryption_keys = match plan.period {
-            Some(_) => plan.key_encryption_keys.clone(),
-            None => {
+        let key_encryption_keys = match (&plan.scope, &plan.period) {
+            (Some(_), _) | (_, Some(_)) => plan.key_encryption_keys.clone(),
+            (None, None) => {
                 let provider = self.providers.of(tenant).clone();
                 match timed_provider_call("destroy", provider.destroy(tenant)).await {
                     Ok(done) => done,
@@ -268,24 +300,26 @@ impl DataKeys {
         }
     }
 
-    /// The erasure of data key `dek_id` of `tenant`'s `period`, if it was shredded.
+    /// The erasure of data key `dek_id` of `tenant`'s `scope` and `period`, if it was shredded.
     pub async fn erasure_of(
         &self,
         tenant: &str,
+        scope: &str,
         period: &str,
         dek_id: &str,
     ) -> Result<Option<ErasureRecord>> {
-        self.erasure_at(&layout::erasure_path(tenant, period, dek_id))
+        self.erasure_at(&layout::erasure_path(tenant, scope, period, dek_id))
             .await
     }
 
-    /// The newest erasure of any data key of `tenant`'s `period`.
+    /// The newest erasure of any data key of `tenant`'s `scope` and `period`.
     pub(super) async fn latest_erasure(
         &self,
         tenant: &str,
+        scope: &str,
         period: &str,
     ) -> Result<Option<ErasureRecord>> {
-        let prefix = layout::erasures_prefix(tenant, period);
+        let prefix = layout::erasures_prefix(tenant, scope, period);
         let paths: Vec<object_store::path::Path> = self
             .store
             .list(Some(&prefix))
@@ -312,23 +346,24 @@ impl DataKeys {
     pub async fn get_for_file(
         &self,
         tenant: &str,
+        scope: &str,
         period: &str,
         dek_id: &str,
     ) -> Result<super::DataKey> {
-        let current = self.get(tenant, period).await;
+        let current = self.get_in(tenant, scope, period).await;
         match &current {
             Ok(key) if key.dek_id == dek_id => return current,
             Ok(_) => {}
             Err(error) if error.code() == ErrorCode::Erased => {}
             Err(_) => return current,
         }
-        if let Some(erasure) = self.erasure_of(tenant, period, dek_id).await? {
+        if let Some(erasure) = self.erasure_of(tenant, scope, period, dek_id).await? {
             return Err(erasure.error());
         }
         match current {
             Ok(key) => Err(Error::internal(format!(
-                "the file names data key {dek_id}, but the key record of tenant {tenant} {period} holds {}; \
-                 no erasure explains it: the record was replaced in storage",
+                "the file names data key {dek_id}, but the key record of tenant {tenant} scope {scope:?} \
+                 {period} holds {}; no erasure explains it: the record was replaced in storage",
                 key.dek_id
             ))),
             Err(error) => Err(error),

@@ -27,6 +27,7 @@ mod local;
 mod pkcs11;
 mod provider;
 mod rewrap;
+mod scopes;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,10 +52,11 @@ pub use local::LocalKeyring;
 pub use pkcs11::Pkcs11Hsm;
 pub use provider::{KeyContext, KeyEncryptionProvider, Providers, WrappedKey};
 pub use rewrap::{RewrapOutcome, RewrapReport};
+pub use scopes::KeyScopes;
 
 pub const DATA_KEY_BYTES: usize = 32;
 
-/// The key scope of a tenant's default data keys (the only scope until per-conversation scopes exist).
+/// The key scope of a tenant's default data keys; named scopes (`keys.scopes`) are resolved by [`KeyScopes`].
 pub const DEFAULT_SCOPE: &str = "";
 
 /// The stored form of a data key: `keys/tenant=<t>/period=<yyyy-mm>.json`.
@@ -63,6 +65,9 @@ pub struct DataKeyRecord {
     /// Always `chatvault-dek-v1`.
     pub format: String,
     pub tenant_id: String,
+    /// The key scope within the tenant ([`DEFAULT_SCOPE`], empty, for the tenant's default keys).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
     /// `yyyy-mm`.
     pub period: String,
     pub dek_id: String,
@@ -72,8 +77,8 @@ pub struct DataKeyRecord {
     pub provider: String,
     /// The KEK (version) that wrapped it: a keyring entry (`<tenant>-kek-<n>`) or a KMS key ARN.
     pub kek_id: String,
-    /// base64 of the wrapped key. The keyring's form is AES-256-GCM `nonce | ciphertext | tag` of the 32-byte data key under the KEK, with the AAD
-    /// `chatvault-dek-v1|<tenant>|<period>|<dek_id>`.
+    /// base64 of the wrapped key. The keyring's (and the HSM's) form is AES-256-GCM `nonce | ciphertext | tag`
+    /// of the 32-byte data key under the KEK, with the AAD of [`KeyContext::aad`].
     pub wrapped_key: String,
     pub created_at_micros: i64,
     /// When [`DataKeys::rewrap`] last wrapped it again (0: never).
@@ -95,6 +100,9 @@ pub struct FileKeyMetadata {
     /// Always `chatvault-dek-v1`.
     pub format: String,
     pub tenant_id: String,
+    /// The key scope within the tenant (absent: the default scope).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_scope: String,
     pub period: String,
     pub dek_id: String,
     /// Object path of the [`DataKeyRecord`], relative to the archive root.
@@ -105,6 +113,8 @@ pub struct FileKeyMetadata {
 #[derive(Clone)]
 pub struct DataKey {
     pub tenant_id: String,
+    /// The key scope within the tenant ([`DEFAULT_SCOPE`] for the tenant's default keys).
+    pub scope: String,
     pub period: String,
     pub dek_id: String,
     pub key: [u8; DATA_KEY_BYTES],
@@ -114,6 +124,7 @@ impl std::fmt::Debug for DataKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DataKey")
             .field("tenant_id", &self.tenant_id)
+            .field("scope", &self.scope)
             .field("period", &self.period)
             .field("dek_id", &self.dek_id)
             .finish_non_exhaustive()
@@ -131,9 +142,11 @@ impl DataKey {
         FileKeyMetadata {
             format: "chatvault-dek-v1".into(),
             tenant_id: self.tenant_id.clone(),
+            key_scope: self.scope.clone(),
             period: self.period.clone(),
             dek_id: self.dek_id.clone(),
-            key_record: layout::data_key_path(&self.tenant_id, &self.period).to_string(),
+            key_record: layout::data_key_path_in(&self.tenant_id, &self.scope, &self.period)
+                .to_string(),
         }
     }
 }
@@ -148,9 +161,17 @@ const CACHE_CAPACITY: usize = 4096;
 pub struct DataKeys {
     store: Arc<dyn ObjectStore>,
     providers: Arc<Providers>,
-    cache: Arc<Mutex<HashMap<(String, String), CachedKey>>>,
+    cache: Arc<Mutex<HashMap<CacheId, CachedKey>>>,
     cache_ttl: Duration,
     rng: SystemRandom,
+    scopes: Arc<KeyScopes>,
+}
+
+/// (tenant, scope, period).
+type CacheId = (String, String, String);
+
+fn cache_id(tenant: &str, scope: &str, period: &str) -> CacheId {
+    (tenant.to_string(), scope.to_string(), period.to_string())
 }
 
 struct CachedKey {
@@ -175,7 +196,8 @@ impl DataKeys {
     pub async fn from_config(store: Arc<dyn ObjectStore>, keys: &KeysConfig) -> Result<DataKeys> {
         let providers = Providers::from_config(keys).await?;
         providers.check().await?;
-        Ok(DataKeys::with_providers(store, providers, keys.cache_ttl))
+        Ok(DataKeys::with_providers(store, providers, keys.cache_ttl)
+            .with_scopes(KeyScopes::from_config(&keys.scopes)))
     }
 
     /// Data keys wrapped by the (writable) local keyring at `keyring_path`.
@@ -209,17 +231,29 @@ impl DataKeys {
             cache: Arc::new(Mutex::new(HashMap::new())),
             cache_ttl,
             rng: SystemRandom::new(),
+            scopes: Arc::new(KeyScopes::default()),
         }
+    }
+
+    /// These data keys with the key scopes `scopes` (which scope an event's keys are of).
+    pub fn with_scopes(mut self, scopes: KeyScopes) -> DataKeys {
+        self.scopes = Arc::new(scopes);
+        self
     }
 
     pub fn providers(&self) -> &Providers {
         &self.providers
     }
 
-    /// Forgets (wipes) the cached plaintext key of `tenant`'s `period`.
-    pub fn forget(&self, tenant: &str, period: &str) {
+    /// Which key scope an event belongs to (`keys.scopes`).
+    pub fn scopes(&self) -> &Arc<KeyScopes> {
+        &self.scopes
+    }
+
+    /// Forgets (wipes) the cached plaintext key of `tenant`'s `scope` and `period`.
+    pub fn forget(&self, tenant: &str, scope: &str, period: &str) {
         if let Ok(mut cache) = self.cache.lock() {
-            cache.remove(&(tenant.to_string(), period.to_string()));
+            cache.remove(&cache_id(tenant, scope, period));
         }
     }
 
@@ -230,9 +264,9 @@ impl DataKeys {
         }
     }
 
-    fn cached(&self, tenant: &str, period: &str) -> Option<DataKey> {
+    fn cached(&self, tenant: &str, scope: &str, period: &str) -> Option<DataKey> {
         let mut cache = self.cache.lock().ok()?;
-        let id = (tenant.to_string(), period.to_string());
+        let id = cache_id(tenant, scope, period);
         let entry = cache.get(&id)?;
         if entry.fetched.elapsed() < self.cache_ttl {
             return Some(entry.key.clone());
@@ -251,7 +285,7 @@ impl DataKeys {
                 }
             }
             cache.insert(
-                (key.tenant_id.clone(), key.period.clone()),
+                cache_id(&key.tenant_id, &key.scope, &key.period),
                 CachedKey {
                     key: key.clone(),
                     fetched: Instant::now(),
@@ -260,31 +294,41 @@ impl DataKeys {
         }
     }
 
-    /// The data key of `tenant`'s `period`; ERASED when it was shredded (and no new one created since),
-    /// NOT_FOUND when none was ever created. A record whose own tenant or
-    /// period differs from the ones its path names (copied or swapped in storage) is refused with INTERNAL
-    /// before it is unwrapped: the AAD binds the wrapped key to the record's fields, not to the path, so a
-    /// valid record of another tenant or month would otherwise unwrap and be used here.
+    /// The data key of `tenant`'s default scope for `period` (see [`DataKeys::get_in`]).
     pub async fn get(&self, tenant: &str, period: &str) -> Result<DataKey> {
-        if let Some(key) = self.cached(tenant, period) {
+        self.get_in(tenant, DEFAULT_SCOPE, period).await
+    }
+
+    /// The data key of `tenant`'s default scope for `period`, created when missing (see
+    /// [`DataKeys::get_or_create_in`]).
+    pub async fn get_or_create(&self, tenant: &str, period: &str) -> Result<DataKey> {
+        self.get_or_create_in(tenant, DEFAULT_SCOPE, period).await
+    }
+
+    /// The data key of `tenant`'s key scope `scope` for `period`; ERASED when it was shredded (and no new
+    /// one created since), NOT_FOUND when none was ever created. A record whose own tenant, scope or period
+    /// differs from the ones its path names (copied or swapped in storage) is refused with INTERNAL before it
+    /// is unwrapped: a valid record of another tenant or month would otherwise unwrap and be used here.
+    pub async fn get_in(&self, tenant: &str, scope: &str, period: &str) -> Result<DataKey> {
+        if let Some(key) = self.cached(tenant, scope, period) {
             return Ok(key);
         }
-        let path = layout::data_key_path(tenant, period);
+        let path = layout::data_key_path_in(tenant, scope, period);
         let (record, _) = match self.read_record(&path).await {
             Err(error) if error.code() == ErrorCode::NotFound => {
                 // Erased data is not missing data: say so, with the date.
-                return Err(match self.latest_erasure(tenant, period).await? {
+                return Err(match self.latest_erasure(tenant, scope, period).await? {
                     Some(erasure) => erasure.error(),
                     None => error,
                 });
             }
             other => other?,
         };
-        if record.tenant_id != tenant || record.period != period {
+        if record.tenant_id != tenant || record.scope != scope || record.period != period {
             return Err(Error::internal(format!(
-                "data key record {path} names tenant {} period {} but was read for tenant {tenant} period \
-                 {period}: the record was copied or swapped in storage; refusing to use it",
-                record.tenant_id, record.period
+                "data key record {path} names tenant {} scope {:?} period {} but was read for tenant {tenant} \
+                 scope {scope:?} period {period}: the record was copied or swapped in storage; refusing to use it",
+                record.tenant_id, record.scope, record.period
             )));
         }
         let key = self.unwrap_record(&record).await?;
@@ -292,11 +336,16 @@ impl DataKeys {
         Ok(key)
     }
 
-    /// The data key of `tenant`'s `period`, created (and stored with a conditional create, so concurrent
-    /// archivers agree on one key) when missing, or when the period's key was erased (new data of an erased
-    /// month gets a fresh key; the erased files stay unreadable).
-    pub async fn get_or_create(&self, tenant: &str, period: &str) -> Result<DataKey> {
-        match self.get(tenant, period).await {
+    /// The data key of `tenant`'s key scope `scope` for `period`, created (and stored with a conditional
+    /// create, so concurrent archivers agree on one key) when missing, or when the period's key was erased
+    /// (new data of an erased month gets a fresh key; the erased files stay unreadable).
+    pub async fn get_or_create_in(
+        &self,
+        tenant: &str,
+        scope: &str,
+        period: &str,
+    ) -> Result<DataKey> {
+        match self.get_in(tenant, scope, period).await {
             Ok(key) => return Ok(key),
             Err(error) if matches!(error.code(), ErrorCode::NotFound | ErrorCode::Erased) => {}
             Err(error) => return Err(error),
@@ -305,11 +354,15 @@ impl DataKeys {
         self.rng
             .fill(&mut id_bytes)
             .map_err(|_| Error::internal("system random generator failed"))?;
-        let dek_id = format!("{tenant}/{period}/{}", hex::encode(id_bytes));
+        let dek_id = if scope.is_empty() {
+            format!("{tenant}/{period}/{}", hex::encode(id_bytes))
+        } else {
+            format!("{tenant}/{scope}/{period}/{}", hex::encode(id_bytes))
+        };
         let provider = self.providers.of(tenant);
         let context = KeyContext {
             tenant,
-            scope: DEFAULT_SCOPE,
+            scope,
             period,
             dek_id: &dek_id,
         };
@@ -317,6 +370,7 @@ impl DataKeys {
         let record = DataKeyRecord {
             format: "chatvault-dek-v1".into(),
             tenant_id: tenant.to_string(),
+            scope: scope.to_string(),
             period: period.to_string(),
             dek_id: dek_id.clone(),
             provider: provider.kind().to_string(),
@@ -325,7 +379,7 @@ impl DataKeys {
             created_at_micros: now_micros(),
             rewrapped_at_micros: 0,
         };
-        let path = layout::data_key_path(tenant, period);
+        let path = layout::data_key_path_in(tenant, scope, period);
         let put = self
             .store
             .put_opts(
@@ -338,6 +392,7 @@ impl DataKeys {
             Ok(_) => {
                 let data_key = DataKey {
                     tenant_id: tenant.to_string(),
+                    scope: scope.to_string(),
                     period: period.to_string(),
                     dek_id,
                     key: *key,
@@ -346,7 +401,9 @@ impl DataKeys {
                 Ok(data_key)
             }
             // Another archiver created it first: use theirs.
-            Err(object_store::Error::AlreadyExists { .. }) => self.get(tenant, period).await,
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                self.get_in(tenant, scope, period).await
+            }
             Err(error) => Err(Error::from(error).context(format!("storing data key {path}"))),
         }
     }
@@ -402,6 +459,7 @@ impl DataKeys {
             .map_err(|_| Error::internal("data key has the wrong length"))?;
         Ok(DataKey {
             tenant_id: record.tenant_id.clone(),
+            scope: record.scope.clone(),
             period: record.period.clone(),
             dek_id: record.dek_id.clone(),
             key,
@@ -413,7 +471,7 @@ impl DataKeys {
 fn record_context(record: &DataKeyRecord) -> KeyContext<'_> {
     KeyContext {
         tenant: &record.tenant_id,
-        scope: DEFAULT_SCOPE,
+        scope: &record.scope,
         period: &record.period,
         dek_id: &record.dek_id,
     }

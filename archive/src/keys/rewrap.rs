@@ -118,10 +118,11 @@ impl DataKeys {
         let unnamed = |error: Error| (String::new(), String::new(), error);
         let (record, version) = self.read_record(path).await.map_err(unnamed)?;
         let named = |error: Error| (record.tenant_id.clone(), record.period.clone(), error);
-        if layout::data_key_path(&record.tenant_id, &record.period) != *path {
+        if layout::data_key_path_in(&record.tenant_id, &record.scope, &record.period) != *path {
             return Err(named(Error::internal(format!(
-                "record names tenant {} period {}, which is not its path: copied or swapped in storage",
-                record.tenant_id, record.period
+                "record names tenant {} scope {:?} period {}, which is not its path: copied or swapped in \
+                 storage",
+                record.tenant_id, record.scope, record.period
             ))));
         }
         let destination = self.providers.of(&record.tenant_id).clone();

@@ -1,0 +1,87 @@
+//! Key scopes within a tenant (`keys.scopes`): conversations or workspaces whose events are encrypted under
+//! data keys of their own, so that they can be shredded without touching the rest of the tenant.
+
+use std::collections::HashMap;
+
+use chatvault_core::config::KeyScopeConfig;
+
+use super::DEFAULT_SCOPE;
+
+/// Which key scope an event belongs to. A conversation's own scope wins over its workspace's; everything else
+/// is in the tenant's default scope.
+#[derive(Debug, Clone, Default)]
+pub struct KeyScopes {
+    by_conversation: HashMap<(String, String), String>,
+    by_workspace: HashMap<(String, String), String>,
+}
+
+impl KeyScopes {
+    /// From validated configuration (a conversation or workspace is in one scope only).
+    pub fn from_config(scopes: &[KeyScopeConfig]) -> KeyScopes {
+        let mut resolved = KeyScopes::default();
+        for scope in scopes {
+            for conversation in &scope.conversations {
+                resolved.by_conversation.insert(
+                    (scope.tenant.clone(), conversation.clone()),
+                    scope.name.clone(),
+                );
+            }
+            for workspace in &scope.workspaces {
+                resolved.by_workspace.insert(
+                    (scope.tenant.clone(), workspace.clone()),
+                    scope.name.clone(),
+                );
+            }
+        }
+        resolved
+    }
+
+    /// The scope of an event of `tenant` in `conversation` of `workspace` ([`DEFAULT_SCOPE`] when none names
+    /// it).
+    pub fn scope_of(&self, tenant: &str, conversation: &str, workspace: &str) -> &str {
+        if self.by_conversation.is_empty() && self.by_workspace.is_empty() {
+            return DEFAULT_SCOPE;
+        }
+        let id = |other: &str| (tenant.to_string(), other.to_string());
+        self.by_conversation
+            .get(&id(conversation))
+            .or_else(|| {
+                (!workspace.is_empty())
+                    .then(|| self.by_workspace.get(&id(workspace)))
+                    .flatten()
+            })
+            .map(String::as_str)
+            .unwrap_or(DEFAULT_SCOPE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conversation_scope_wins_over_its_workspace_and_tenants_are_apart() {
+        let scopes = KeyScopes::from_config(&[
+            KeyScopeConfig {
+                tenant: "acme".into(),
+                name: "legal".into(),
+                conversations: vec!["C-legal".into()],
+                workspaces: vec![],
+            },
+            KeyScopeConfig {
+                tenant: "acme".into(),
+                name: "hr".into(),
+                conversations: vec![],
+                workspaces: vec!["W-hr".into()],
+            },
+        ]);
+        assert_eq!(scopes.scope_of("acme", "C-legal", "W-hr"), "legal");
+        assert_eq!(scopes.scope_of("acme", "C-any", "W-hr"), "hr");
+        assert_eq!(scopes.scope_of("acme", "C-any", ""), DEFAULT_SCOPE);
+        assert_eq!(scopes.scope_of("globex", "C-legal", "W-hr"), DEFAULT_SCOPE);
+        assert_eq!(
+            KeyScopes::default().scope_of("acme", "C-legal", ""),
+            DEFAULT_SCOPE
+        );
+    }
+}
