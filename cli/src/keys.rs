@@ -1,4 +1,4 @@
-//! `chatvault keys rotate` and `chatvault keys rewrap`: operator commands run with the deployment's
+//! `chatvault keys rotate`, `rewrap`, `retire` and `shred`: operator commands run with the deployment's
 //! configuration (its bucket and key providers), each recorded in the audit trail (on the configured Kafka)
 //! before it acts. `rotate` makes a new key-encryption key current for a tenant (keyring; a KMS rotates in the
 //! KMS); `rewrap` moves every data key record to its tenant's current KEK (see
@@ -43,11 +43,25 @@ pub enum KeysCommand {
     /// Wrap every data key record again under its tenant's current key-encryption key (after a rotation, a
     /// new KMS key, or a move from the keyring to a KMS). Data files are not rewritten.
     Rewrap(RewrapArgs),
+    /// Destroy an old key-encryption key version once no data key record needs it (after `keys rewrap`):
+    /// the keyring deletes it, the HSM destroys it; a KMS key is disabled in the KMS instead.
+    Retire(RetireArgs),
     /// Erase a tenant's data, or one month of it, by destroying its data keys (crypto-shredding): every copy
     /// of the files, backups included, becomes unreadable. Refused while a legal hold covers the data.
     /// `--dry-run` lists what would become unreadable; otherwise asks for the tenant id as confirmation on a
     /// terminal, or needs `--yes`.
     Shred(ShredArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RetireArgs {
+    #[command(flatten)]
+    operator: OperatorArgs,
+    #[arg(long)]
+    tenant: String,
+    /// The key-encryption key version, as key records name it (`kek_id`).
+    #[arg(long)]
+    kek: String,
 }
 
 #[derive(Args, Debug)]
@@ -140,6 +154,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
         KeysCommand::Export(args) => export(args).await,
         KeysCommand::Rotate(args) => rotate(args).await,
         KeysCommand::Rewrap(args) => rewrap(args).await,
+        KeysCommand::Retire(args) => retire(args).await,
         KeysCommand::Shred(args) => shred(args).await,
     }
 }
@@ -287,6 +302,31 @@ async fn rewrap(args: RewrapArgs) -> anyhow::Result<()> {
          rewrap again",
         report.failed
     );
+    Ok(())
+}
+
+async fn retire(args: RetireArgs) -> anyhow::Result<()> {
+    check_tenant(&args.tenant)?;
+    let config = Config::load(args.operator.config.as_deref())?;
+    let store = object_store_from_config(&config.shared.storage)?;
+    let keys = DataKeys::from_config(store, &config.shared.keys).await?;
+    record_operator_action_with(
+        &config,
+        "keys.retire",
+        &args.tenant,
+        1,
+        &format!("kek={}", args.kek),
+    )
+    .await?;
+    let done = keys.retire_kek(&args.tenant, &args.kek).await?;
+    if args.operator.json {
+        println!(
+            "{}",
+            serde_json::json!({"tenant_id": args.tenant, "kek_id": args.kek, "done": done})
+        );
+    } else {
+        println!("tenant {}: {done}", args.tenant);
+    }
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! - a wrong module, token label or PIN fails start-up naming the setting;
 //! - events are archived and restored with data keys wrapped on the token;
 //! - `chatvault keys rotate` makes a new token key current (new months are wrapped under it), `keys rewrap`
-//!   moves the older records to it, and everything still restores;
+//!   moves the older records to it, `keys retire` destroys the old version on the token, and everything still
+//!   restores;
 //! - a whole-tenant shred destroys the tenant's keys on the token.
 
 mod common;
@@ -286,6 +287,48 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
     assert_eq!(
         key_record(&bucket, "acme", "2025-11")?["kek_id"],
         "chatvault-kek-acme-v2"
+    );
+    // Version 1 is no longer needed: retired (destroyed on the token), everything still restores; the current
+    // version cannot be retired.
+    let current = run(
+        &hsm,
+        &[
+            "keys",
+            "retire",
+            "--tenant",
+            "acme",
+            "--kek",
+            "chatvault-kek-acme-v2",
+            "-c",
+            &config_path,
+        ],
+    )
+    .await?;
+    assert!(!current.status.success());
+    assert!(
+        output_text(&current).contains("rotate first"),
+        "{}",
+        output_text(&current)
+    );
+    let retired = run(
+        &hsm,
+        &[
+            "keys",
+            "retire",
+            "--tenant",
+            "acme",
+            "--kek",
+            "chatvault-kek-acme-v1",
+            "-c",
+            &config_path,
+        ],
+    )
+    .await?;
+    assert!(retired.status.success(), "{}", output_text(&retired));
+    assert!(
+        output_text(&retired).contains("destroyed chatvault-kek-acme-v1"),
+        "{}",
+        output_text(&retired)
     );
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     wait_for_restored(&endpoint, "acme", &acme).await?;

@@ -331,6 +331,13 @@ impl KeyEncryptionProvider for AwsKms {
         )))
     }
 
+    async fn retire(&self, tenant: &str, kek_id: &str) -> Result<String> {
+        Err(unsupported(format!(
+            "no key record of tenant {tenant} needs KMS key {kek_id} any more: disable it, or schedule its \
+             deletion, in the KMS (chatvault does not change KMS keys)"
+        )))
+    }
+
     /// Never done here: a KMS key is deleted in the KMS, by its administrators, after a waiting period.
     async fn describe_destroy(&self, tenant: &str) -> Result<String> {
         Err(unsupported(match self.config.tenant_key_ids.get(tenant) {

@@ -383,6 +383,44 @@ impl KeyEncryptionProvider for LocalKeyring {
         Ok(current)
     }
 
+    async fn retire(&self, tenant: &str, kek_id: &str) -> Result<String> {
+        let current = self.kek(tenant, None, false)?.0;
+        if current == kek_id {
+            return Err(unsupported(format!(
+                "{kek_id} is tenant {tenant}'s current key-encryption key: rotate first"
+            )));
+        }
+        let mut found = false;
+        let updated = self.update_file(tenant, |file| {
+            let Some(keys) = file.tenants.get_mut(tenant) else {
+                return Ok(false);
+            };
+            if let Some(mut key) = keys.keys.remove(kek_id) {
+                key.zeroize();
+                keys.destroyed.push(kek_id.to_string());
+                found = true;
+            }
+            Ok(found)
+        })?;
+        if !found {
+            return Err(Error::new(
+                ErrorCode::NotFound,
+                format!(
+                    "keyring {} holds no key {kek_id} of tenant {tenant}",
+                    self.path.display()
+                ),
+            ));
+        }
+        *self
+            .state
+            .lock()
+            .map_err(|_| Error::internal("keyring lock poisoned"))? = updated;
+        Ok(format!(
+            "deleted {kek_id} from keyring {}",
+            self.path.display()
+        ))
+    }
+
     async fn describe_destroy(&self, tenant: &str) -> Result<String> {
         if self.read_only {
             return Err(unsupported(format!(

@@ -326,9 +326,10 @@ impl DataKeys {
         };
         if record.tenant_id != tenant || record.scope != scope || record.period != period {
             return Err(Error::internal(format!(
-                "data key record {path} names tenant {} scope {:?} period {} but was read for tenant {tenant} \
-                 scope {scope:?} period {period}: the record was copied or swapped in storage; refusing to use it",
-                record.tenant_id, record.scope, record.period
+                "data key record {path} names {} but was read for {}: the record was copied or swapped in \
+                 storage; refusing to use it",
+                key_name(&record.tenant_id, &record.scope, &record.period),
+                key_name(tenant, scope, period)
             )));
         }
         let key = self.unwrap_record(&record).await?;
@@ -464,6 +465,15 @@ impl DataKeys {
             dek_id: record.dek_id.clone(),
             key,
         })
+    }
+}
+
+/// `tenant <t> [scope <s> ]period <p>`, for messages.
+fn key_name(tenant: &str, scope: &str, period: &str) -> String {
+    if scope.is_empty() {
+        format!("tenant {tenant} period {period}")
+    } else {
+        format!("tenant {tenant} scope {scope} period {period}")
     }
 }
 
@@ -713,6 +723,16 @@ mod tests {
             "acme-kek-1"
         );
 
+        // Not retirable while a record needs it.
+        let refused = keys
+            .retire_kek("acme", "acme-kek-1")
+            .await
+            .expect_err("still needed");
+        assert_eq!(refused.code(), ErrorCode::Conflict);
+        assert!(
+            refused.message().contains("period=2026-11.json"),
+            "{refused}"
+        );
         let mut seen = Vec::new();
         let report = keys
             .rewrap(Some("acme"), |entry| seen.push(entry.record.clone()))
@@ -729,14 +749,21 @@ mod tests {
         assert_eq!(rewrapped.dek_id, november.dek_id);
         assert!(rewrapped.rewrapped_at_micros > 0);
 
-        // The old KEK is no longer needed: removed from the keyring, every record still opens.
-        let mut file: serde_json::Value =
+        // The old KEK is no longer needed: retired, every record still opens; the current one cannot be.
+        assert_eq!(
+            keys.retire_kek("acme", "acme-kek-2")
+                .await
+                .expect_err("current")
+                .code(),
+            ErrorCode::InvalidArgument
+        );
+        keys.retire_kek("acme", "acme-kek-1").await.expect("retire");
+        let file: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&keyring_path).expect("read")).expect("json");
-        file["tenants"]["acme"]["keys"]
-            .as_object_mut()
-            .expect("keys")
-            .remove("acme-kek-1");
-        std::fs::write(&keyring_path, serde_json::to_vec(&file).expect("json")).expect("write");
+        assert!(
+            file["tenants"]["acme"]["keys"].get("acme-kek-1").is_none(),
+            "{file}"
+        );
         let retired = DataKeys::new(
             store.clone(),
             Arc::new(LocalKeyring::open(&keyring_path).expect("reopen")),

@@ -408,6 +408,41 @@ impl KeyEncryptionProvider for Pkcs11Hsm {
         .await
     }
 
+    async fn retire(&self, tenant: &str, kek_id: &str) -> Result<String> {
+        let (tenant, kek_id) = (tenant.to_string(), kek_id.to_string());
+        self.run(move |inner, session| {
+            let keys = inner.tenant_keys(session, &tenant)?;
+            if keys.last().is_some_and(|(_, label, _)| *label == kek_id) {
+                return Err(Error::invalid_argument(format!(
+                    "{kek_id} is tenant {tenant}'s current key-encryption key: rotate first"
+                )));
+            }
+            let mut destroyed = 0;
+            for (_, label, handle) in keys {
+                if label == kek_id {
+                    session
+                        .destroy_object(handle)
+                        .map_err(|error| hsm_error(&format!("destroying {label}"), error))?;
+                    destroyed += 1;
+                }
+            }
+            if destroyed == 0 {
+                return Err(Error::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "token {:?} holds no key {kek_id} of tenant {tenant}",
+                        inner.config.token_label
+                    ),
+                ));
+            }
+            Ok(format!(
+                "destroyed {kek_id} on token {:?}",
+                inner.config.token_label
+            ))
+        })
+        .await
+    }
+
     async fn describe_destroy(&self, tenant: &str) -> Result<String> {
         let tenant = tenant.to_string();
         self.run(move |inner, session| {

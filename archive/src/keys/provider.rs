@@ -122,6 +122,11 @@ pub trait KeyEncryptionProvider: Send + Sync + std::fmt::Debug {
     /// (a KMS) refuse with INVALID_ARGUMENT saying how to rotate there.
     async fn rotate(&self, tenant: &str) -> Result<String>;
 
+    /// Destroys one KEK version of `tenant` that no key record needs any more (after `keys rewrap`): the
+    /// current version is refused. Returns what was done. INVALID_ARGUMENT when the provider will not (a
+    /// KMS: disable or delete the key there).
+    async fn retire(&self, tenant: &str, kek_id: &str) -> Result<String>;
+
     /// What destroying every KEK of `tenant` would do, without doing it (for a shred's dry run); an error
     /// (INVALID_ARGUMENT) says why it will not be done (a read-only keyring, a KMS key shared with other
     /// tenants).

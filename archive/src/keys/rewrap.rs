@@ -109,6 +109,45 @@ impl DataKeys {
         Ok(report)
     }
 
+    /// Destroys KEK version `kek_id` of `tenant` in its provider, once no key record of the tenant (any
+    /// scope) names it; refused (CONFLICT), naming the records, while some still do (run rewrap first).
+    pub async fn retire_kek(&self, tenant: &str, kek_id: &str) -> Result<String> {
+        let provider = self.providers.of(tenant).clone();
+        if timed_provider_call("current_kek_id", provider.current_kek_id(tenant)).await? == kek_id {
+            return Err(Error::invalid_argument(format!(
+                "{kek_id} is tenant {tenant}'s current key-encryption key: rotate first"
+            )));
+        }
+        let prefix =
+            object_store::path::Path::from(format!("{}/tenant={tenant}", layout::KEYS_ROOT));
+        let paths: Vec<object_store::path::Path> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|error| Error::from(error).context(format!("listing {prefix}")))?;
+        let mut needing = Vec::new();
+        for path in paths {
+            let (record, _) = self.read_record(&path).await?;
+            if record.provider == provider.kind() && record.kek_id == kek_id {
+                needing.push(path.to_string());
+            }
+        }
+        if !needing.is_empty() {
+            return Err(Error::new(
+                chatvault_core::error::ErrorCode::Conflict,
+                format!(
+                    "{} key record(s) of tenant {tenant} are still wrapped under {kek_id} ({}); run \
+                     `chatvault keys rewrap --tenant {tenant}` first",
+                    needing.len(),
+                    needing.join(", ")
+                ),
+            ));
+        }
+        timed_provider_call("retire", provider.retire(tenant, kek_id)).await
+    }
+
     #[allow(clippy::type_complexity)]
     async fn rewrap_one(
         &self,

@@ -11,8 +11,16 @@ use super::DEFAULT_SCOPE;
 /// is in the tenant's default scope.
 #[derive(Debug, Clone, Default)]
 pub struct KeyScopes {
-    by_conversation: HashMap<(String, String), String>,
-    by_workspace: HashMap<(String, String), String>,
+    /// Tenant → its scopes (looked up by `&str`, without allocating, for every archived event).
+    by_tenant: HashMap<String, TenantScopes>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TenantScopes {
+    /// Conversation id → scope name.
+    conversations: HashMap<String, String>,
+    /// Workspace id → scope name.
+    workspaces: HashMap<String, String>,
 }
 
 impl KeyScopes {
@@ -20,17 +28,16 @@ impl KeyScopes {
     pub fn from_config(scopes: &[KeyScopeConfig]) -> KeyScopes {
         let mut resolved = KeyScopes::default();
         for scope in scopes {
+            let tenant = resolved.by_tenant.entry(scope.tenant.clone()).or_default();
             for conversation in &scope.conversations {
-                resolved.by_conversation.insert(
-                    (scope.tenant.clone(), conversation.clone()),
-                    scope.name.clone(),
-                );
+                tenant
+                    .conversations
+                    .insert(conversation.clone(), scope.name.clone());
             }
             for workspace in &scope.workspaces {
-                resolved.by_workspace.insert(
-                    (scope.tenant.clone(), workspace.clone()),
-                    scope.name.clone(),
-                );
+                tenant
+                    .workspaces
+                    .insert(workspace.clone(), scope.name.clone());
             }
         }
         resolved
@@ -39,15 +46,15 @@ impl KeyScopes {
     /// The scope of an event of `tenant` in `conversation` of `workspace` ([`DEFAULT_SCOPE`] when none names
     /// it).
     pub fn scope_of(&self, tenant: &str, conversation: &str, workspace: &str) -> &str {
-        if self.by_conversation.is_empty() && self.by_workspace.is_empty() {
+        let Some(scopes) = self.by_tenant.get(tenant) else {
             return DEFAULT_SCOPE;
-        }
-        let id = |other: &str| (tenant.to_string(), other.to_string());
-        self.by_conversation
-            .get(&id(conversation))
+        };
+        scopes
+            .conversations
+            .get(conversation)
             .or_else(|| {
                 (!workspace.is_empty())
-                    .then(|| self.by_workspace.get(&id(workspace)))
+                    .then(|| scopes.workspaces.get(workspace))
                     .flatten()
             })
             .map(String::as_str)
