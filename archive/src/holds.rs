@@ -5,12 +5,11 @@
 //! that record, and this module only reads them. It fails closed: a record it cannot read or parse counts as
 //! a hold covering everything, so a damaged hold never lets a shred through.
 
-use futures::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 
 use crate::layout;
-use chatvault_core::error::{Error, Result};
+use chatvault_core::error::Result;
 
 /// A legal hold on a tenant's data, or on some of its months.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -51,13 +50,7 @@ pub async fn holds_covering(
     tenant: &str,
     period: Option<&str>,
 ) -> Result<Vec<LegalHold>> {
-    let prefix = layout::holds_prefix(tenant);
-    let paths: Vec<object_store::path::Path> = store
-        .list(Some(&prefix))
-        .map_ok(|meta| meta.location)
-        .try_collect()
-        .await
-        .map_err(|error| Error::from(error).context(format!("listing legal holds {prefix}")))?;
+    let paths = layout::list_paths(store, &layout::holds_prefix(tenant)).await?;
     let mut covering = Vec::new();
     for path in paths {
         let parsed = match store.get(&path).await {

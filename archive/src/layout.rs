@@ -19,7 +19,11 @@
 //! (`manifests/topic=<audit topic>/...`) and encrypted under the reserved key scope `_audit`
 //! (`keys/tenant=_audit/...`; see [`crate::kind::AUDIT_KEY_SCOPE`]).
 
+use futures::TryStreamExt;
+use object_store::ObjectStore;
 use object_store::path::Path;
+
+use chatvault_core::error::{Error, Result};
 
 pub const EVENTS_ROOT: &str = "events";
 pub const MANIFESTS_ROOT: &str = "manifests";
@@ -79,6 +83,23 @@ pub fn scope_of_file_name(name: &str) -> &str {
         })
         .map(|(at, _)| &rest[..at])
         .unwrap_or("")
+}
+
+/// Every data key record of `tenant` (all scopes) is under this prefix.
+pub fn tenant_keys_prefix(tenant: &str) -> Path {
+    Path::from(format!("{KEYS_ROOT}/tenant={tenant}"))
+}
+
+/// The objects under `prefix` (as a directory), sorted.
+pub async fn list_paths(store: &dyn ObjectStore, prefix: &Path) -> Result<Vec<Path>> {
+    let mut paths: Vec<Path> = store
+        .list(Some(prefix))
+        .map_ok(|meta| meta.location)
+        .try_collect()
+        .await
+        .map_err(|error| Error::from(error).context(format!("listing {prefix}")))?;
+    paths.sort();
+    Ok(paths)
 }
 
 /// The data key record of `tenant`'s default scope for `period`.

@@ -18,7 +18,6 @@ use chatvault_proto::v1::key_service_client::KeyServiceClient;
 use chatvault_proto::v1::restore_item::Item;
 use chatvault_proto::v1::{
     ChatEvent, ExportDataKeysRequest, GetConversationRequest, IngestBatchRequest,
-    ListConversationsRequest,
 };
 use chatvault_testkit::kafka::read_topic;
 use chatvault_testkit::pipeline::{
@@ -39,21 +38,11 @@ fn event(tenant: &str, conversation: &str, id: &str, at_micros: i64) -> ChatEven
     }
 }
 
-fn chatvault(args: &[&str]) -> anyhow::Result<std::process::Output> {
-    Ok(std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .output()?)
+async fn chatvault(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    common::run_chatvault(args, &[]).await
 }
 
-fn text(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use common::output_text as text;
 
 /// A conversation's restored texts, or the gRPC error.
 async fn restore(
@@ -90,17 +79,8 @@ async fn restore(
 }
 
 async fn conversations(endpoint: &str, tenant: &str) -> anyhow::Result<BTreeSet<String>> {
-    Ok(restore_client(endpoint)
+    Ok(common::listed_conversations(endpoint, tenant)
         .await?
-        .list_conversations(authorized(
-            ListConversationsRequest {
-                tenant_id: tenant.into(),
-            },
-            RESTORE_TOKEN,
-        ))
-        .await?
-        .into_inner()
-        .conversations
         .into_iter()
         .map(|summary| summary.conversation_id)
         .collect())
@@ -181,7 +161,8 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
         "--dry-run",
         "-c",
         &config_arg,
-    ])?;
+    ])
+    .await?;
     assert!(dry.status.success(), "{}", text(&dry));
     let dry_text = text(&dry);
     assert!(dry_text.contains("dry run"), "{dry_text}");
@@ -207,7 +188,7 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
         "-c",
         &config_arg,
     ];
-    let held = chatvault(&shred_november)?;
+    let held = chatvault(&shred_november).await?;
     assert!(!held.status.success(), "{}", text(&held));
     assert!(
         text(&held).contains("legal hold matter-7") && text(&held).contains("Doe v. Acme"),
@@ -227,7 +208,7 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
         .copied()
         .filter(|arg| *arg != "--yes")
         .collect();
-    let unconfirmed = chatvault(&unconfirmed)?;
+    let unconfirmed = chatvault(&unconfirmed).await?;
     assert!(!unconfirmed.status.success());
     assert!(
         text(&unconfirmed).contains("--yes"),
@@ -236,7 +217,7 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
     );
 
     // The hold released, the shred runs.
-    let shredded = chatvault(&shred_november)?;
+    let shredded = chatvault(&shred_november).await?;
     assert!(shredded.status.success(), "{}", text(&shredded));
     assert!(
         text(&shredded).contains("1 data key(s) destroyed"),
@@ -324,7 +305,7 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
     );
 
     // Verify: intact, with the erased files counted as erased.
-    let verified = chatvault(&["verify", "-c", &config_arg, "--json"])?;
+    let verified = chatvault(&["verify", "-c", &config_arg, "--json"]).await?;
     assert!(verified.status.success(), "{}", text(&verified));
     let report: serde_json::Value = serde_json::from_slice(&verified.stdout)?;
     assert!(report["erased_files"].as_u64() >= Some(1), "{report}");
@@ -344,7 +325,8 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
         "--json",
         "-c",
         &config_arg,
-    ])?;
+    ])
+    .await?;
     assert!(whole.status.success(), "{}", text(&whole));
     let report: serde_json::Value = serde_json::from_slice(&whole.stdout)?;
     assert_eq!(
@@ -378,7 +360,8 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
         "x",
         "-c",
         &config_arg,
-    ])?;
+    ])
+    .await?;
     assert!(!audit.status.success());
     assert!(text(&audit).contains("audit trail"), "{}", text(&audit));
 
@@ -543,7 +526,8 @@ async fn a_key_scope_is_encrypted_exported_and_shredded_on_its_own() -> anyhow::
         "--yes",
         "-c",
         &config_arg,
-    ])?;
+    ])
+    .await?;
     assert!(shred.status.success(), "{}", text(&shred));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let status = restore(&endpoint, "acme", "C-legal")
@@ -567,7 +551,7 @@ async fn a_key_scope_is_encrypted_exported_and_shredded_on_its_own() -> anyhow::
         )?,
         "2"
     );
-    let verified = chatvault(&["verify", "-c", &config_arg, "--json"])?;
+    let verified = chatvault(&["verify", "-c", &config_arg, "--json"]).await?;
     assert!(verified.status.success(), "{}", text(&verified));
     let report: serde_json::Value = serde_json::from_slice(&verified.stdout)?;
     assert!(report["erased_files"].as_u64() >= Some(1), "{report}");

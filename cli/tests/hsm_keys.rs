@@ -11,17 +11,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chatvault_config::Config;
 use chatvault_core::config::KeyProviderKind;
-use chatvault_proto::v1::restore_item::Item;
-use chatvault_proto::v1::{
-    ChatEvent, GetConversationRequest, IngestBatchRequest, ListConversationsRequest,
-};
-use chatvault_testkit::pipeline::{
-    INGEST_TOKEN, RESTORE_TOKEN, authorized, ingest_client, restore_client, start_gateway,
-};
+use chatvault_proto::v1::{ChatEvent, IngestBatchRequest};
+use chatvault_testkit::pipeline::{INGEST_TOKEN, authorized, ingest_client, start_gateway};
 use chatvault_testkit::process::{ChildRole, free_address, wait_until_serving, write_config};
 use chatvault_testkit::softhsm::SoftHsm;
 
@@ -36,93 +31,9 @@ fn event(tenant: &str, conversation: &str, id: &str, at_micros: i64) -> ChatEven
     }
 }
 
-fn env(hsm: &SoftHsm) -> Vec<(&'static str, String)> {
-    let mut env: Vec<(&'static str, String)> = hsm.env().into_iter().collect();
-    env.push(("RUST_LOG", "warn".into()));
-    env
-}
-
-/// `chatvault <args>` with the token's environment; its output once it exits (killed after 60 s).
+/// `chatvault <args>` finding the token.
 async fn run(hsm: &SoftHsm, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chatvault"))
-        .args(args)
-        .envs(env(hsm))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait()?.is_none() {
-        if Instant::now() >= deadline {
-            child.kill()?;
-            anyhow::bail!("chatvault {args:?} did not exit within 60s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(child.wait_with_output()?)
-}
-
-fn output_text(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-async fn restore_all(endpoint: &str, tenant: &str) -> anyhow::Result<BTreeSet<String>> {
-    let mut client = restore_client(endpoint).await?;
-    let mut restored = BTreeSet::new();
-    let conversations = client
-        .list_conversations(authorized(
-            ListConversationsRequest {
-                tenant_id: tenant.into(),
-            },
-            RESTORE_TOKEN,
-        ))
-        .await?
-        .into_inner()
-        .conversations;
-    for summary in conversations {
-        let mut stream = client
-            .get_conversation(authorized(
-                GetConversationRequest {
-                    tenant_id: tenant.into(),
-                    conversation_id: summary.conversation_id,
-                    include_events: true,
-                    ..Default::default()
-                },
-                RESTORE_TOKEN,
-            ))
-            .await?
-            .into_inner();
-        while let Some(item) = stream.message().await? {
-            if let Some(Item::ArchivedEvent(event)) = item.item {
-                restored.insert(event.text);
-            }
-        }
-    }
-    Ok(restored)
-}
-
-async fn wait_for_restored(
-    endpoint: &str,
-    tenant: &str,
-    expected: &BTreeSet<String>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let answer = restore_all(endpoint, tenant).await;
-        if answer.as_ref().is_ok_and(|restored| restored == expected) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{tenant}: the restorer did not return the {} expected events; last answer: {answer:?}",
-            expected.len()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    common::run_chatvault(args, &hsm.env()).await
 }
 
 fn key_record(bucket: &Path, tenant: &str, period: &str) -> anyhow::Result<serde_json::Value> {
@@ -136,13 +47,11 @@ fn spawn_role(role: &str, config: &Config, dir: &Path, hsm: &SoftHsm) -> anyhow:
     let path = dir.join(format!("{role}.toml"));
     write_config(config, &path)?;
     let path = path.to_string_lossy().to_string();
-    let env = env(hsm);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     ChildRole::spawn_with_env(
         role,
         Path::new(env!("CARGO_BIN_EXE_chatvault")),
         &[role, "-c", &path],
-        &env,
+        &hsm.env(),
     )
 }
 
@@ -156,7 +65,7 @@ async fn refused_at_start_up(
     let path: PathBuf = dir.join("bad.toml");
     write_config(config, &path)?;
     let output = run(hsm, &["archiver", "-c", &path.to_string_lossy()]).await?;
-    let text = output_text(&output);
+    let text = common::output_text(&output);
     assert!(!output.status.success(), "{text}");
     assert!(text.contains(setting), "expected {setting}: {text}");
     Ok(())
@@ -210,11 +119,12 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
         .await?;
     let mut acme: BTreeSet<String> =
         BTreeSet::from(["text of nov-1".into(), "text of nov-2".into()]);
-    wait_for_restored(&endpoint, "acme", &acme).await?;
-    wait_for_restored(
+    common::wait_for_restored(&endpoint, &["acme"], &acme, Duration::from_secs(90)).await?;
+    common::wait_for_restored(
         &endpoint,
-        "globex",
+        &["globex"],
         &BTreeSet::from(["text of globex-nov-1".to_string()]),
+        Duration::from_secs(90),
     )
     .await?;
     let record = key_record(&bucket, "acme", "2025-11")?;
@@ -240,7 +150,11 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
         ],
     )
     .await?;
-    assert!(rotated.status.success(), "{}", output_text(&rotated));
+    assert!(
+        rotated.status.success(),
+        "{}",
+        common::output_text(&rotated)
+    );
     let rotation: serde_json::Value = serde_json::from_slice(&rotated.stdout)?;
     assert_eq!(
         rotation["previous_kek_id"], "chatvault-kek-acme-v1",
@@ -259,7 +173,7 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
         ))
         .await?;
     acme.insert("text of dec-1".into());
-    wait_for_restored(&endpoint, "acme", &acme).await?;
+    common::wait_for_restored(&endpoint, &["acme"], &acme, Duration::from_secs(90)).await?;
     assert_eq!(
         key_record(&bucket, "acme", "2025-12")?["kek_id"],
         "chatvault-kek-acme-v2"
@@ -277,7 +191,7 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
         ],
     )
     .await?;
-    assert!(rewrap.status.success(), "{}", output_text(&rewrap));
+    assert!(rewrap.status.success(), "{}", common::output_text(&rewrap));
     let report: serde_json::Value = serde_json::from_slice(&rewrap.stdout)?;
     assert_eq!(
         (&report["rewrapped"], &report["current"], &report["failed"]),
@@ -306,9 +220,9 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
     .await?;
     assert!(!current.status.success());
     assert!(
-        output_text(&current).contains("rotate first"),
+        common::output_text(&current).contains("rotate first"),
         "{}",
-        output_text(&current)
+        common::output_text(&current)
     );
     let retired = run(
         &hsm,
@@ -324,14 +238,18 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
         ],
     )
     .await?;
-    assert!(retired.status.success(), "{}", output_text(&retired));
     assert!(
-        output_text(&retired).contains("destroyed chatvault-kek-acme-v1"),
+        retired.status.success(),
         "{}",
-        output_text(&retired)
+        common::output_text(&retired)
+    );
+    assert!(
+        common::output_text(&retired).contains("destroyed chatvault-kek-acme-v1"),
+        "{}",
+        common::output_text(&retired)
     );
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    wait_for_restored(&endpoint, "acme", &acme).await?;
+    common::wait_for_restored(&endpoint, &["acme"], &acme, Duration::from_secs(90)).await?;
 
     // A whole-tenant shred destroys globex's key on the token.
     let shred = run(
@@ -350,7 +268,7 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
         ],
     )
     .await?;
-    assert!(shred.status.success(), "{}", output_text(&shred));
+    assert!(shred.status.success(), "{}", common::output_text(&shred));
     let report: serde_json::Value = serde_json::from_slice(&shred.stdout)?;
     assert!(
         report["key_encryption_keys"]
@@ -371,14 +289,14 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
         ],
     )
     .await?;
-    let text = output_text(&again);
+    let text = common::output_text(&again);
     assert!(again.status.success(), "{text}");
     assert!(
         !text.contains("chatvault-kek-globex-v1") && !text.contains("data key globex/"),
         "globex's keys are gone from the token and the archive: {text}"
     );
     // acme is untouched.
-    wait_for_restored(&endpoint, "acme", &acme).await?;
+    common::wait_for_restored(&endpoint, &["acme"], &acme, Duration::from_secs(90)).await?;
     gateway.stop().await?;
     Ok(())
 }

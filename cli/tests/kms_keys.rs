@@ -13,22 +13,17 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_kms::primitives::Blob;
 use base64::Engine;
 use chatvault_config::Config;
 use chatvault_core::audit::AuditRecord;
 use chatvault_core::config::KeyProviderKind;
-use chatvault_proto::v1::restore_item::Item;
-use chatvault_proto::v1::{
-    ChatEvent, GetConversationRequest, IngestBatchRequest, ListConversationsRequest,
-};
+use chatvault_proto::v1::{ChatEvent, IngestBatchRequest};
 use chatvault_testkit::kafka::read_topic;
 use chatvault_testkit::kms::{CREDENTIAL_ENV, MotoKms};
-use chatvault_testkit::pipeline::{
-    INGEST_TOKEN, RESTORE_TOKEN, TOPIC, authorized, ingest_client, restore_client, start_gateway,
-};
+use chatvault_testkit::pipeline::{INGEST_TOKEN, TOPIC, authorized, ingest_client, start_gateway};
 use chatvault_testkit::process::{ChildRole, free_address, wait_until_serving, write_config};
 use prost::Message as _;
 
@@ -44,89 +39,6 @@ fn event(tenant: &str, conversation: &str, id: &str, at_micros: i64) -> ChatEven
         conversation_id: conversation.into(),
         occurred_at_micros: at_micros,
         ..common::message_event(tenant, id, &format!("text of {id}"))
-    }
-}
-
-/// `chatvault <args>` with the test credentials, its output once it exits (killed after 60 s).
-async fn run(args: &[&str]) -> anyhow::Result<std::process::Output> {
-    let mut child = std::process::Command::new(binary())
-        .args(args)
-        .envs(CREDENTIAL_ENV)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait()?.is_none() {
-        if Instant::now() >= deadline {
-            child.kill()?;
-            anyhow::bail!("chatvault {args:?} did not exit within 60s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(child.wait_with_output()?)
-}
-
-/// The texts of every archived event of acme and globex the restorer returns (each test event's text is
-/// unique; event ids are assigned by the gateway).
-async fn restore_all(endpoint: &str) -> anyhow::Result<BTreeSet<String>> {
-    let mut client = restore_client(endpoint).await?;
-    let mut restored = BTreeSet::new();
-    for tenant in ["acme", "globex"] {
-        let conversations = client
-            .list_conversations(authorized(
-                ListConversationsRequest {
-                    tenant_id: tenant.into(),
-                },
-                RESTORE_TOKEN,
-            ))
-            .await?
-            .into_inner()
-            .conversations;
-        for summary in conversations {
-            let mut stream = client
-                .get_conversation(authorized(
-                    GetConversationRequest {
-                        tenant_id: tenant.into(),
-                        conversation_id: summary.conversation_id,
-                        include_events: true,
-                        ..Default::default()
-                    },
-                    RESTORE_TOKEN,
-                ))
-                .await?
-                .into_inner();
-            while let Some(item) = stream.message().await? {
-                if let Some(Item::ArchivedEvent(event)) = item.item {
-                    restored.insert(event.text);
-                }
-            }
-        }
-    }
-    Ok(restored)
-}
-
-/// Polls the restorer until it returns exactly `expected` (or fails after `timeout`, showing the last
-/// answer).
-async fn wait_for_restored(
-    endpoint: &str,
-    expected: &BTreeSet<String>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let answer = restore_all(endpoint).await;
-        if let Ok(restored) = &answer
-            && restored == expected
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the restorer did not return the {} expected events within {timeout:?}; last answer: {answer:?}",
-            expected.len()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -213,12 +125,15 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
     let mut keyless = config.clone();
     keyless.shared.keys.aws_kms.key_id = String::new();
     write_config(&keyless, &dir.path().join("keyless.toml"))?;
-    let checked = run(&[
-        "config",
-        "check",
-        "-c",
-        &dir.path().join("keyless.toml").to_string_lossy(),
-    ])
+    let checked = common::run_chatvault(
+        &[
+            "config",
+            "check",
+            "-c",
+            &dir.path().join("keyless.toml").to_string_lossy(),
+        ],
+        &CREDENTIAL_ENV,
+    )
     .await?;
     let stderr = String::from_utf8_lossy(&checked.stderr);
     assert!(!checked.status.success(), "{stderr}");
@@ -226,11 +141,14 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
     let mut missing = config.clone();
     missing.shared.keys.aws_kms.key_id = "alias/no-such-key".into();
     write_config(&missing, &dir.path().join("missing.toml"))?;
-    let started = run(&[
-        "archiver",
-        "-c",
-        &dir.path().join("missing.toml").to_string_lossy(),
-    ])
+    let started = common::run_chatvault(
+        &[
+            "archiver",
+            "-c",
+            &dir.path().join("missing.toml").to_string_lossy(),
+        ],
+        &CREDENTIAL_ENV,
+    )
     .await?;
     let stderr = String::from_utf8_lossy(&started.stderr);
     assert!(!started.status.success(), "{stderr}");
@@ -243,11 +161,14 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
     let mut unreachable = config.clone();
     unreachable.shared.keys.aws_kms.endpoint_url = format!("http://{}", free_address()?);
     write_config(&unreachable, &dir.path().join("unreachable.toml"))?;
-    let started = run(&[
-        "archiver",
-        "-c",
-        &dir.path().join("unreachable.toml").to_string_lossy(),
-    ])
+    let started = common::run_chatvault(
+        &[
+            "archiver",
+            "-c",
+            &dir.path().join("unreachable.toml").to_string_lossy(),
+        ],
+        &CREDENTIAL_ENV,
+    )
     .await?;
     let stderr = String::from_utf8_lossy(&started.stderr);
     assert!(!started.status.success(), "{stderr}");
@@ -285,7 +206,13 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
         ))
         .await?;
     let mut expected: BTreeSet<String> = november.iter().map(|event| event.text.clone()).collect();
-    wait_for_restored(&restorer_endpoint, &expected, Duration::from_secs(90)).await?;
+    common::wait_for_restored(
+        &restorer_endpoint,
+        &["acme", "globex"],
+        &expected,
+        Duration::from_secs(90),
+    )
+    .await?;
     let records = key_records(&bucket)?;
     let acme_november = &records["keys/tenant=acme/period=2025-11.json"];
     assert_eq!(acme_november["provider"], "aws_kms", "{acme_november}");
@@ -335,7 +262,13 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
     );
     kms.resume()?;
     expected.extend(december.iter().map(|event| event.text.clone()));
-    wait_for_restored(&restorer_endpoint, &expected, Duration::from_secs(120)).await?;
+    common::wait_for_restored(
+        &restorer_endpoint,
+        &["acme", "globex"],
+        &expected,
+        Duration::from_secs(120),
+    )
+    .await?;
 
     // Rotation: a new KMS key in the configuration, then rewrap.
     let second_key = kms.create_key("chatvault test key 2").await?;
@@ -345,7 +278,11 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
     write_config(&rotated, &rotated_path)?;
     let rotated_path = rotated_path.to_string_lossy().to_string();
     // `keys rotate` is for the keyring; with a KMS it says how to rotate there.
-    let refused = run(&["keys", "rotate", "--tenant", "acme", "-c", &rotated_path]).await?;
+    let refused = common::run_chatvault(
+        &["keys", "rotate", "--tenant", "acme", "-c", &rotated_path],
+        &CREDENTIAL_ENV,
+    )
+    .await?;
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
     assert!(
@@ -370,7 +307,11 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
             .any(|path| path.starts_with("keys/tenant=_audit/")),
         "{before:?}"
     );
-    let rewrap = run(&["keys", "rewrap", "-c", &rotated_path, "--json"]).await?;
+    let rewrap = common::run_chatvault(
+        &["keys", "rewrap", "-c", &rotated_path, "--json"],
+        &CREDENTIAL_ENV,
+    )
+    .await?;
     assert!(rewrap.status.success(), "{rewrap:?}");
     let report: serde_json::Value = serde_json::from_slice(&rewrap.stdout)?;
     // Records created between the listing above and the rewrap (an audit month) are rewrapped too.
@@ -390,15 +331,18 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
         assert!(decrypt_record(&kms, record, &first_key).await.is_err());
     }
     // Again: nothing left to do.
-    let again = run(&[
-        "keys",
-        "rewrap",
-        "-c",
-        &rotated_path,
-        "--tenant",
-        "acme",
-        "--json",
-    ])
+    let again = common::run_chatvault(
+        &[
+            "keys",
+            "rewrap",
+            "-c",
+            &rotated_path,
+            "--tenant",
+            "acme",
+            "--json",
+        ],
+        &CREDENTIAL_ENV,
+    )
     .await?;
     assert!(again.status.success(), "{again:?}");
     let report: serde_json::Value = serde_json::from_slice(&again.stdout)?;
@@ -409,7 +353,13 @@ async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rew
     restorer.terminate_and_wait(Duration::from_secs(30)).await?;
     let _restorer = spawn_role("restorer", &rotated, dir.path())?;
     wait_until_serving(&restorer_endpoint, RESTORE_SERVICE, Duration::from_secs(60)).await?;
-    wait_for_restored(&restorer_endpoint, &expected, Duration::from_secs(60)).await?;
+    common::wait_for_restored(
+        &restorer_endpoint,
+        &["acme", "globex"],
+        &expected,
+        Duration::from_secs(60),
+    )
+    .await?;
 
     // Each rewrap was recorded in the audit trail before it acted, naming the operator.
     let records: Vec<AuditRecord> = read_topic(&peers.kafka.brokers, &format!("{TOPIC}.audit"))?

@@ -14,7 +14,8 @@ const SO_PIN: &str = "security-officer";
 
 pub struct SoftHsm {
     _dir: tempfile::TempDir,
-    conf: PathBuf,
+    /// The configuration file's path, as `SOFTHSM2_CONF` names it.
+    conf: String,
     pub token_label: String,
 }
 
@@ -57,14 +58,14 @@ impl SoftHsm {
         );
         Ok(SoftHsm {
             _dir: dir,
-            conf,
+            conf: conf.display().to_string(),
             token_label: token_label.to_string(),
         })
     }
 
     /// The environment a process needs to find this token.
-    pub fn env(&self) -> [(&'static str, String); 1] {
-        [("SOFTHSM2_CONF", self.conf.display().to_string())]
+    pub fn env(&self) -> [(&str, &str); 1] {
+        [("SOFTHSM2_CONF", self.conf.as_str())]
     }
 
     /// `keys.pkcs11` for this token.

@@ -117,16 +117,8 @@ impl DataKeys {
                 "the audit trail's keys cannot be shredded: it is the record of who accessed what",
             ));
         }
-        let prefix =
-            object_store::path::Path::from(format!("{}/tenant={tenant}", layout::KEYS_ROOT));
-        let mut records: Vec<object_store::path::Path> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .map_err(|error| Error::from(error).context(format!("listing {prefix}")))?;
-        records.sort();
+        let records =
+            layout::list_paths(self.store.as_ref(), &layout::tenant_keys_prefix(tenant)).await?;
         let mut sizes: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
         let mut listing = self.store.list(Some(&layout::tenant_events_prefix(tenant)));
         while let Some(object) = listing.try_next().await.map_err(Error::from)? {
@@ -319,14 +311,11 @@ impl DataKeys {
         scope: &str,
         period: &str,
     ) -> Result<Option<ErasureRecord>> {
-        let prefix = layout::erasures_prefix(tenant, scope, period);
-        let paths: Vec<object_store::path::Path> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .map_err(|error| Error::from(error).context(format!("listing {prefix}")))?;
+        let paths = layout::list_paths(
+            self.store.as_ref(),
+            &layout::erasures_prefix(tenant, scope, period),
+        )
+        .await?;
         let mut latest: Option<ErasureRecord> = None;
         for path in paths {
             if let Some(record) = self.erasure_at(&path).await?

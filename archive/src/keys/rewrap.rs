@@ -10,7 +10,6 @@ use std::collections::HashMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures::TryStreamExt;
 use object_store::{PutMode, PutOptions, PutPayload};
 use serde::Serialize;
 
@@ -64,20 +63,11 @@ impl DataKeys {
         mut progress: impl FnMut(&RewrapEntry),
     ) -> Result<RewrapReport> {
         let prefix = match tenant {
-            Some(tenant) => {
-                object_store::path::Path::from(format!("{}/tenant={tenant}", layout::KEYS_ROOT))
-            }
+            Some(tenant) => layout::tenant_keys_prefix(tenant),
             None => object_store::path::Path::from(layout::KEYS_ROOT),
         };
-        let mut paths: Vec<object_store::path::Path> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|meta| meta.location)
-            .try_filter(|path| std::future::ready(path.as_ref().ends_with(".json")))
-            .try_collect()
-            .await
-            .map_err(|error| Error::from(error).context(format!("listing {prefix}")))?;
-        paths.sort();
+        let mut paths = layout::list_paths(self.store.as_ref(), &prefix).await?;
+        paths.retain(|path| path.as_ref().ends_with(".json"));
         let mut current_keks: HashMap<String, String> = HashMap::new();
         let mut report = RewrapReport::default();
         for path in paths {
@@ -118,15 +108,8 @@ impl DataKeys {
                 "{kek_id} is tenant {tenant}'s current key-encryption key: rotate first"
             )));
         }
-        let prefix =
-            object_store::path::Path::from(format!("{}/tenant={tenant}", layout::KEYS_ROOT));
-        let paths: Vec<object_store::path::Path> = self
-            .store
-            .list(Some(&prefix))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .map_err(|error| Error::from(error).context(format!("listing {prefix}")))?;
+        let paths =
+            layout::list_paths(self.store.as_ref(), &layout::tenant_keys_prefix(tenant)).await?;
         let mut needing = Vec::new();
         for path in paths {
             let (record, _) = self.read_record(&path).await?;
@@ -202,6 +185,24 @@ impl DataKeys {
         if !constant_time_eq(&check, &original.key) {
             return Err(named(Error::internal(
                 "the new wrapping does not unwrap to the same data key; record left unchanged",
+            )));
+        }
+        // A shred since the record was read must win: never write an erased key back (on stores without
+        // conditional updates this check is what closes most of that window).
+        if self
+            .erasure_of(
+                &record.tenant_id,
+                &record.scope,
+                &record.period,
+                &record.dek_id,
+            )
+            .await
+            .map_err(named)?
+            .is_some()
+        {
+            return Err(named(Error::new(
+                chatvault_core::error::ErrorCode::Erased,
+                "the data key was shredded while it was being rewrapped; record left deleted",
             )));
         }
         let updated = DataKeyRecord {

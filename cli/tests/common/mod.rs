@@ -324,3 +324,119 @@ pub async fn start_peers(partitions: i32) -> anyhow::Result<Peers> {
         config,
     })
 }
+
+/// `chatvault <args>` with extra environment, its output once it exits; killed after 60 s. Polls instead of
+/// blocking, so in-process roles of the test keep their runtime thread.
+pub async fn run_chatvault(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<std::process::Output> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatvault"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .env("XDG_CONFIG_HOME", "/nonexistent-chatvault-test")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() >= deadline {
+            child.kill()?;
+            anyhow::bail!("chatvault {args:?} did not exit within 60s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(child.wait_with_output()?)
+}
+
+/// A command's stdout and stderr, for assertions and their messages.
+pub fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The conversations the restorer lists for `tenant`.
+pub async fn listed_conversations(
+    endpoint: &str,
+    tenant: &str,
+) -> anyhow::Result<Vec<chatvault_proto::v1::ConversationSummary>> {
+    Ok(chatvault_testkit::pipeline::restore_client(endpoint)
+        .await?
+        .list_conversations(chatvault_testkit::pipeline::authorized(
+            chatvault_proto::v1::ListConversationsRequest {
+                tenant_id: tenant.into(),
+            },
+            chatvault_testkit::pipeline::RESTORE_TOKEN,
+        ))
+        .await?
+        .into_inner()
+        .conversations)
+}
+
+/// The texts of every archived event of `tenant`'s listed conversations, as the restorer returns them.
+pub async fn restored_texts(
+    endpoint: &str,
+    tenant: &str,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    use chatvault_proto::v1::restore_item::Item;
+    let mut client = chatvault_testkit::pipeline::restore_client(endpoint).await?;
+    let mut texts = std::collections::BTreeSet::new();
+    for summary in listed_conversations(endpoint, tenant).await? {
+        let mut stream = client
+            .get_conversation(chatvault_testkit::pipeline::authorized(
+                chatvault_proto::v1::GetConversationRequest {
+                    tenant_id: tenant.into(),
+                    conversation_id: summary.conversation_id,
+                    include_events: true,
+                    ..Default::default()
+                },
+                chatvault_testkit::pipeline::RESTORE_TOKEN,
+            ))
+            .await?
+            .into_inner();
+        while let Some(item) = stream.message().await? {
+            if let Some(Item::ArchivedEvent(event)) = item.item {
+                texts.insert(event.text);
+            }
+        }
+    }
+    Ok(texts)
+}
+
+/// Polls [`restored_texts`] of `tenants` (united) until they are `expected`; fails after `timeout`, showing
+/// the last answer.
+pub async fn wait_for_restored(
+    endpoint: &str,
+    tenants: &[&str],
+    expected: &std::collections::BTreeSet<String>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut answer = Ok(std::collections::BTreeSet::new());
+        for tenant in tenants {
+            answer = match (answer, restored_texts(endpoint, tenant).await) {
+                (Ok(mut all), Ok(texts)) => {
+                    all.extend(texts);
+                    Ok(all)
+                }
+                (Err(error), _) | (_, Err(error)) => Err(error),
+            };
+        }
+        if answer.as_ref().is_ok_and(|restored| restored == expected) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the restorer did not return the {} expected events of {tenants:?} within {timeout:?}; last \
+             answer: {answer:?}",
+            expected.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
