@@ -54,7 +54,8 @@ impl<K: RecordKind> CommitStages<K> {
             }
         }
         let mut rejected = batch.rejected.clone();
-        for archived in &batch.events {
+        // Most batches have no refused key: skip the per-record lookup (and its allocations) then.
+        for archived in batch.events.iter().filter(|_| !refused.is_empty()) {
             let record = &archived.record;
             if let Some(reason) = refused.get(&key_id(record)) {
                 rejected.push(Rejected {

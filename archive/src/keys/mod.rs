@@ -257,13 +257,6 @@ impl DataKeys {
         }
     }
 
-    /// Forgets every cached plaintext key (wiping it).
-    pub fn forget_all(&self) {
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.clear();
-        }
-    }
-
     fn cached(&self, tenant: &str, scope: &str, period: &str) -> Option<DataKey> {
         let mut cache = self.cache.lock().ok()?;
         let id = cache_id(tenant, scope, period);
