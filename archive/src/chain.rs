@@ -42,6 +42,27 @@ use super::layout;
 use super::manifest::{ChainHead, Manifest, PendingIntent, delete_if_exists, parse_manifest};
 use chatvault_core::error::{Error, ErrorCode, Result};
 
+/// The topics with manifest chains (`manifests/topic=<topic>/`), sorted; the log's own chain
+/// ([`crate::tlog::LOG_TOPIC`]) included.
+pub async fn topics(store: &dyn ObjectStore) -> Result<Vec<String>> {
+    let listing = store
+        .list_with_delimiter(Some(&Path::from(layout::MANIFESTS_ROOT)))
+        .await
+        .map_err(Error::from)?;
+    let mut topics: Vec<String> = listing
+        .common_prefixes
+        .iter()
+        .filter_map(|prefix| {
+            prefix
+                .filename()
+                .and_then(|name| name.strip_prefix("topic="))
+                .map(str::to_string)
+        })
+        .collect();
+    topics.sort();
+    Ok(topics)
+}
+
 /// Reads the manifest chains of one topic.
 #[derive(Debug, Clone)]
 pub struct ChainReader {

@@ -11,6 +11,7 @@
 //! - [`kind`]: the streams the archive holds ([`kind::ChatEvents`], [`kind::AuditTrail`]): what differs
 //!   between them (decoding, key scope, paths, file schema); the commit protocol is the same for both.
 //! - [`audit`]: the audit trail's Parquet schema and files.
+//! - [`tlog`]: the transparency log: every manifest a leaf of one Merkle tree, signed checkpoints.
 //! - [`verify`]: offline verification of a whole archive (chains, files, key records) from the bucket alone.
 
 pub mod audit;
@@ -22,6 +23,7 @@ pub mod kind;
 pub mod layout;
 pub mod manifest;
 pub mod schema;
+pub mod tlog;
 pub mod verify;
 
 use chatvault_core::error::{Coded, Error, ErrorCode};

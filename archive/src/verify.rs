@@ -4,8 +4,10 @@
 //! each file needs. What no manifest names is listed too, as a warning: an upload in flight or the orphan of a
 //! crashed writer (named by an upload intent), or a file nobody can account for.
 //!
-//! What this cannot see yet: a chain's newest manifest replaced or removed along with everything after it
-//! (the signed checkpoints of the transparency log will close that).
+//! The transparency log ([`crate::tlog`]) is checked too: every checkpoint's signature (given the public
+//! key), the tree its bundles recompute, the consistency between checkpoints, and every leaf against the
+//! manifest it names. What no checkpoint covers yet (manifests committed after the newest one) is counted,
+//! not vouched for: removing those along with everything after them is what a checkpoint cannot see.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use crate::chain::ChainReader;
 use crate::file::sha256_hex;
 use crate::layout;
 use crate::manifest::{ChainHead, PendingIntent};
+use crate::tlog::{self, LogReport, LogTrust};
 use chatvault_core::error::{Error, Result};
 
 /// Files fetched and hashed at once.
@@ -54,6 +57,20 @@ pub enum Problem {
     /// A data key recorded as erased is still in its key record: a shred that stopped half-way (run it
     /// again).
     IncompleteErasure { path: String, erasure: String },
+    /// The log's bundle, checkpoint or log manifest at `path` is wrong: a bad or forged signature, a root or
+    /// size its bundles do not reproduce, a consistency proof that does not verify.
+    BadLog { path: String, detail: String },
+    /// Leaf `index` of the log names a manifest that was removed or replaced, or is out of chain order.
+    LogEntry {
+        index: u64,
+        topic: String,
+        partition: i32,
+        seq: u64,
+        detail: String,
+    },
+    /// A checkpoint the auditor kept or the witness holds is not in the log (rolled back or rewritten), or
+    /// trusted keys were given and no checkpoint verifies.
+    LogRollback { detail: String },
     /// Storage failed while reading `path` (not a verdict about the archive; run again).
     Unreadable { path: String, detail: String },
 }
@@ -78,6 +95,8 @@ pub struct VerifyReport {
     /// Committed files whose data key was erased (crypto-shredded): present, intact, and unreadable by
     /// design.
     pub erased_files: u64,
+    /// The transparency log.
+    pub log: LogReport,
     pub problems: Vec<Problem>,
     pub unreferenced: Vec<Unreferenced>,
 }
@@ -114,18 +133,28 @@ struct Committed {
 /// after each file. Fails only when the bucket cannot be listed; everything else is a [`Problem`].
 pub async fn verify_archive(
     store: Arc<dyn ObjectStore>,
+    trust: &LogTrust,
     mut progress: impl FnMut(Progress),
 ) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     let mut committed = Vec::new();
     let mut intents: BTreeSet<String> = BTreeSet::new();
-    for topic in topics(store.as_ref()).await? {
+    let mut manifest_shas: BTreeMap<(String, i32), Vec<String>> = BTreeMap::new();
+    let mut log_manifests = Vec::new();
+    for topic in crate::chain::topics(store.as_ref()).await? {
         let chains = ChainReader::new(store.clone(), &topic);
         let mut count = 0u64;
         for partition in chains.partitions().await? {
             let verified = chains.read_after(partition, &ChainHead::empty()).await;
             let verified_here = verified.manifests.len() as u64;
-            for (manifest, _) in verified.manifests {
+            for (manifest, head) in verified.manifests {
+                manifest_shas
+                    .entry((topic.clone(), partition))
+                    .or_default()
+                    .push(head.last_sha256);
+                if topic == tlog::LOG_TOPIC {
+                    log_manifests.push(manifest.clone());
+                }
                 let name = layout::manifest_path(&topic, partition, manifest.seq).to_string();
                 committed.extend(manifest.files.into_iter().map(|file| Committed {
                     path: file.path.clone(),
@@ -153,7 +182,8 @@ pub async fn verify_archive(
     }
     // Key record → the data keys its files name → (scope, period, first file, files).
     let mut key_records: BTreeMap<String, BTreeMap<String, NeededKey>> = BTreeMap::new();
-    for file in &committed {
+    // The log's files are plaintext: no data key.
+    for file in committed.iter().filter(|file| !file.dek_id.is_empty()) {
         let record = layout::data_key_path_in(&file.key_owner, &file.key_scope, &file.key_period)
             .to_string();
         key_records
@@ -191,7 +221,15 @@ pub async fn verify_archive(
         report.key_records_checked += 1;
         check_key_record(store.as_ref(), path, needed, &mut report).await;
     }
-    for root in [layout::EVENTS_ROOT, layout::AUDIT_ROOT] {
+    report.log = tlog::check::check_log(
+        &store,
+        &log_manifests,
+        &manifest_shas,
+        trust,
+        &mut report.problems,
+    )
+    .await?;
+    for root in [layout::EVENTS_ROOT, layout::AUDIT_ROOT, tlog::LOG_ROOT] {
         let mut listing = store.list(Some(&Path::from(root)));
         while let Some(object) = listing.try_next().await.map_err(Error::from)? {
             let path = object.location.to_string();
@@ -205,26 +243,6 @@ pub async fn verify_archive(
     }
     report.unreferenced.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(report)
-}
-
-/// The topics with manifest chains (`manifests/topic=<topic>/`).
-async fn topics(store: &dyn ObjectStore) -> Result<Vec<String>> {
-    let listing = store
-        .list_with_delimiter(Some(&Path::from(layout::MANIFESTS_ROOT)))
-        .await
-        .map_err(Error::from)?;
-    let mut topics: Vec<String> = listing
-        .common_prefixes
-        .iter()
-        .filter_map(|prefix| {
-            prefix
-                .filename()
-                .and_then(|name| name.strip_prefix("topic="))
-                .map(str::to_string)
-        })
-        .collect();
-    topics.sort();
-    Ok(topics)
 }
 
 /// The files the upload intents of a partition name.

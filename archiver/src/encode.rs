@@ -67,7 +67,7 @@ impl<K: RecordKind> CommitStages<K> {
             }
         }
         rejected.sort_by_key(|record| record.offset);
-        let batch_id = random_id()?;
+        let batch_id = chatvault_core::random_hex(8)?;
         let encode_batch = batch.clone();
         let options = self.file_options.clone();
         let encode_batch_id = batch_id.clone();
@@ -131,15 +131,6 @@ fn is_permanent_key_failure(error: &Error) -> bool {
         error.code(),
         ErrorCode::PermissionDenied | ErrorCode::InvalidArgument
     )
-}
-
-fn random_id() -> Result<String> {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 8];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| Error::internal("system random generator failed"))?;
-    Ok(hex::encode(bytes))
 }
 
 pub(crate) struct PreparedFile {

@@ -19,6 +19,7 @@
 //! - [`encode`]: the encode stage: data keys, one encrypted Parquet file per (tenant, date).
 //! - [`upload`]: the upload stage: dead-letter copies, the upload intent, the files.
 //! - [`commit`]: the commit stage: the manifest's conditional create, then the bookkeeping.
+//! - [`checkpoint`]: the periodic checkpoint of the transparency log (`chatvault_archive::tlog`).
 //! - [`dead_letter`]: the dead-letter topic for records that can never be archived.
 //! - [`stats`]: counters, committed heads and health, readable while the archiver runs.
 //! - [`crash`]: named crash points used by the crash-safety tests.
@@ -28,6 +29,7 @@
 //! paused until one frees), and librdkafka's prefetch queue (`fetch_queue_kbytes`).
 
 pub mod batch;
+pub mod checkpoint;
 pub mod commit;
 pub mod config;
 pub mod crash;

@@ -102,6 +102,8 @@ pub async fn run(
 ) -> Result<()> {
     let store = object_store_from_config(&shared.storage)?;
     let keys = DataKeys::from_config(store.clone(), &shared.keys).await?;
+    let committer =
+        crate::checkpoint::committer_from_config(&shared.integrity, store.clone(), writer_id)?;
     let options = ArchiverOptions {
         kafka: shared.kafka.clone(),
         config: config.clone(),
@@ -125,6 +127,10 @@ pub async fn run(
         }
         result
     };
+    let checkpoints = committer.clone().map(|committer| {
+        let (interval, stop) = (shared.integrity.checkpoint_interval, stop.clone());
+        tokio::spawn(async move { crate::checkpoint::run_until(&committer, interval, stop).await })
+    });
     let (events, audit) = tokio::join!(
         async {
             stopping(
@@ -152,6 +158,13 @@ pub async fn run(
         },
     );
     stop_both.abort();
+    if let (Some(task), Some(committer)) = (checkpoints, committer) {
+        let _ = task.await;
+        // What the archivers committed last is covered before the role exits (unless storage is down: the
+        // next replica to start covers it).
+        let final_round = crate::checkpoint::checkpoint_round(&committer);
+        let _ = tokio::time::timeout(Duration::from_secs(10), final_round).await;
+    }
     events.and(audit)
 }
 

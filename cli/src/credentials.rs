@@ -203,7 +203,7 @@ impl CredentialStore {
 }
 
 /// Creates `path` as a new file only its owner can read and write (0600 on Unix, whatever the umask).
-fn create_private_file(path: &Path) -> std::io::Result<File> {
+pub(crate) fn create_private_file(path: &Path) -> std::io::Result<File> {
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]

@@ -3,6 +3,7 @@
 //! `conversations`, `keys`, `audit`, `verify`, `config check`).
 
 mod audit;
+mod checkpoint;
 mod client;
 mod credentials;
 mod keys;
@@ -60,8 +61,10 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Read a tenant's audit trail (who did what, when, from where, with what outcome).
     Audit(audit::AuditArgs),
-    /// Verify a whole archive from the bucket alone: chains, files, key records.
+    /// Verify a whole archive from the bucket alone: chains, files, key records, the signed transparency log.
     Verify(verify::VerifyArgs),
+    /// The transparency log's signing key and checkpoints.
+    Checkpoint(checkpoint::CheckpointArgs),
     /// Configuration operations.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -110,6 +113,7 @@ fn main() -> std::process::ExitCode {
             Command::Keys(args) => keys::keys(args).await,
             Command::Audit(args) => audit::audit(args).await,
             Command::Verify(args) => verify::verify(args).await,
+            Command::Checkpoint(args) => checkpoint::checkpoint(args).await,
             Command::Config(ConfigCommand::Check(args)) => {
                 let config = roles::load_config(&args.config)?;
                 for warning in &config.deprecated_settings {

@@ -413,6 +413,10 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
     if args.config.is_none() {
         config.shared.storage.url = format!("file://{}", data_dir.join("archive").display());
         config.shared.keys.keyring_path = data_dir.join("keyring.json");
+        config.shared.integrity.signing_key_path =
+            Some(crate::checkpoint::standalone_signing_key(&data_dir)?);
+        // Checkpoints often, so the demo's conversation is covered within seconds.
+        config.shared.integrity.checkpoint_interval = Duration::from_secs(5);
         // Senders wait for the archive (see AcknowledgeWhenArchived): seal batches quickly.
         config.archiver.max_batch_age = Duration::from_millis(500);
         config.archiver.session_timeout = Duration::from_millis(6_000);
@@ -496,6 +500,13 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
             config.shared.kafka.brokers, config.shared.kafka.topic, args.partitions
         );
         println!("  archive       : {}", config.shared.storage.url);
+        if let Some(key) = &config.shared.integrity.signing_key_path {
+            println!(
+                "  checkpoints   : signed every {} s with {} (verifier key beside it)",
+                config.shared.integrity.checkpoint_interval.as_secs(),
+                key.display()
+            );
+        }
         println!("  keyring       : {}", config.shared.keys.keyring_path.display());
         println!(
             "  tenant        : {STANDALONE_TENANT}, bearer token in {}",

@@ -1,12 +1,15 @@
 //! `chatvault verify`: checks a whole archive from the bucket alone (no keys, no Kafka, no service), as an
 //! auditor with read access would: every manifest chain, every committed file by size and SHA-256, every data
-//! key record a file needs, and what no manifest names (`chatvault_archive::verify`). Progress on stderr when
+//! key record a file needs, the transparency log and its signed checkpoints (given the verifier key), and
+//! what no manifest names (`chatvault_archive::verify`). Progress on stderr when
 //! it is a terminal, a summary at the end, `--json` for scripts; exit status 1 when anything is wrong.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use chatvault_archive::tlog::LogTrust;
+use chatvault_archive::tlog::note::VerifierKey;
 use chatvault_archive::verify::{Problem, VerifyReport, verify_archive};
 use chatvault_config::Config;
 use chatvault_core::storage::object_store_from_config;
@@ -23,19 +26,30 @@ pub struct VerifyArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// A verifier key (`<origin>+<key id>+<key>`) whose checkpoint signatures are accepted; repeatable.
+    /// Default: `integrity.trusted_keys` (with --data-dir, standalone's own key). Without any, signatures
+    /// are not checked, and the report says so.
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<String>,
+    /// A checkpoint (signed note) kept from an earlier verification: the log must still contain it, which
+    /// exposes a log rolled back or rewritten since; repeatable.
+    #[arg(long = "checkpoint")]
+    kept_checkpoints: Vec<PathBuf>,
+    /// A witness store holding copies of the checkpoints (default `integrity.witness.url`): each must be in
+    /// the log.
+    #[arg(long)]
+    witness_url: Option<String>,
 }
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(dir) = &args.data_dir {
-        let dir = dir
-            .canonicalize()
-            .with_context(|| format!("--data-dir {}", dir.display()))?;
-        config.shared.storage.url = format!("file://{}", dir.join("archive").display());
+        crate::checkpoint::use_data_dir(&mut config, dir)?;
     }
     let store = object_store_from_config(&config.shared.storage)?;
+    let trust = log_trust(&config, &args)?;
     let show_progress = std::io::stderr().is_terminal() && !args.json;
-    let report = verify_archive(store, |progress| {
+    let report = verify_archive(store, &trust, |progress| {
         if show_progress
             && (progress.files_checked % 50 == 0 || progress.files_checked == progress.files_total)
         {
@@ -64,6 +78,40 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the auditor trusts: keys, kept checkpoints, the witness.
+fn log_trust(config: &Config, args: &VerifyArgs) -> anyhow::Result<LogTrust> {
+    let keys = if args.trusted_keys.is_empty() {
+        &config.shared.integrity.trusted_keys
+    } else {
+        &args.trusted_keys
+    };
+    let keys = keys
+        .iter()
+        .map(|key| VerifierKey::parse(key))
+        .collect::<Result<Vec<_>, _>>()?;
+    let kept_checkpoints = args
+        .kept_checkpoints
+        .iter()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--checkpoint {}", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut witness = config.shared.integrity.witness.clone();
+    if let Some(url) = &args.witness_url {
+        witness.url = url.clone();
+    }
+    let witness = match witness.url.as_str() {
+        "" => None,
+        _ => Some(object_store_from_config(&witness).context("--witness-url")?),
+    };
+    Ok(LogTrust {
+        keys,
+        kept_checkpoints,
+        witness,
+    })
+}
+
 fn summary(url: &str, report: &VerifyReport) -> String {
     let mut out = format!("archive {url}\n");
     for (topic, manifests) in &report.manifests {
@@ -77,6 +125,36 @@ fn summary(url: &str, report: &VerifyReport) -> String {
         report.bytes_checked as f64 / 1e6,
         report.key_records_checked
     ));
+    let log = &report.log;
+    if log.checkpoints == 0 {
+        out.push_str(
+            "  transparency log: no checkpoint (nothing signed vouches for the archive)\n",
+        );
+    } else {
+        out.push_str(&format!(
+            "  transparency log: {} checkpoint(s), newest covers {} manifest(s) (root {}), {}\n",
+            log.checkpoints,
+            log.tree_size,
+            log.root,
+            if log.signatures_checked {
+                "signatures verified"
+            } else {
+                "SIGNATURES NOT CHECKED (give --trusted-key)"
+            }
+        ));
+    }
+    if log.uncovered_manifests > 0 {
+        out.push_str(&format!(
+            "  {} manifest(s) committed after the newest checkpoint: not yet covered by a signature\n",
+            log.uncovered_manifests
+        ));
+    }
+    if log.external_checkpoints_matched > 0 {
+        out.push_str(&format!(
+            "  {} kept or witnessed checkpoint(s) found in the log\n",
+            log.external_checkpoints_matched
+        ));
+    }
     if report.erased_files > 0 {
         out.push_str(&format!(
             "  {} file(s) erased (their data keys were shredded; intact but unreadable by design)\n",
@@ -144,6 +222,17 @@ fn describe(problem: &Problem) -> String {
             "data key record {path} is still present although {erasure} records its erasure: a shred stopped \
              half-way; run `chatvault keys shred` again"
         ),
+        Problem::BadLog { path, detail } => format!("transparency log {path}: {detail}"),
+        Problem::LogEntry {
+            index,
+            topic,
+            partition,
+            seq,
+            detail,
+        } => format!(
+            "transparency log leaf {index} (topic {topic} partition {partition} manifest {seq}): {detail}"
+        ),
+        Problem::LogRollback { detail } => format!("transparency log: {detail}"),
         Problem::Unreadable { path, detail } => format!("{path} could not be read: {detail}"),
     }
 }

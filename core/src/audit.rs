@@ -249,18 +249,9 @@ impl AuditCall {
 }
 
 async fn finish(sink: &dyn AuditSink, mut record: AuditRecord) -> Result<()> {
-    record.record_id = random_id()?;
+    record.record_id = crate::random_hex(16)?;
     record.time_micros = crate::time::now_micros();
     sink.record(record).await
-}
-
-fn random_id() -> Result<String> {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| Error::internal("system random generator failed"))?;
-    Ok(hex::encode(bytes))
 }
 
 /// Text from outside (a request field, an error naming one) as it may appear in a log line: control characters

@@ -52,10 +52,55 @@ pub struct SharedConfig {
     /// OpenID Connect issuers whose JWT access tokens are accepted besides the static tokens, and the roles
     /// their claims grant.
     pub oidc: Vec<OidcIssuerConfig>,
+    /// The transparency log: who signs checkpoints, and which keys verify them.
+    pub integrity: IntegrityConfig,
 }
 
 /// The top-level keys [`SharedConfig`] reads; every other top-level key must be some service's section.
-const SHARED_KEYS: &[&str] = &["kafka", "storage", "keys", "telemetry", "tenants", "oidc"];
+const SHARED_KEYS: &[&str] = &[
+    "kafka",
+    "storage",
+    "keys",
+    "telemetry",
+    "tenants",
+    "oidc",
+    "integrity",
+];
+
+/// `[integrity]`: the transparency log over the archive (`chatvault_archive::tlog`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntegrityConfig {
+    /// File holding the checkpoint signing key (`PRIVATE+KEY+<origin>+...`, written by `chatvault checkpoint
+    /// keygen`; the key's name is the log's origin). When set, archivers log new manifests and sign a
+    /// checkpoint every `checkpoint_interval`. Empty (default): no checkpoints are signed; standalone creates
+    /// a key in its data directory.
+    pub signing_key_path: Option<PathBuf>,
+    /// How often a checkpoint is signed over what was committed since the last one. Default `1m`.
+    #[serde(with = "crate::duration")]
+    pub checkpoint_interval: Duration,
+    /// Verifier keys (`<origin>+<key id>+<key>`, printed by `chatvault checkpoint keygen`) whose checkpoints
+    /// `chatvault verify` accepts.
+    pub trusted_keys: Vec<String>,
+    /// A second store that receives a copy of every checkpoint (ideally a bucket with Object Lock, in
+    /// another account), so that a log rolled back in the archive's bucket is exposed. Empty URL (default):
+    /// none.
+    pub witness: StorageConfig,
+}
+
+impl Default for IntegrityConfig {
+    fn default() -> Self {
+        IntegrityConfig {
+            signing_key_path: None,
+            checkpoint_interval: Duration::from_secs(60),
+            trusted_keys: Vec::new(),
+            witness: StorageConfig {
+                url: String::new(),
+                options: BTreeMap::new(),
+            },
+        }
+    }
+}
 
 /// One service's section of the configuration file (`[gateway]`, `[archiver]`, `[restorer]`), defined in the
 /// service's crate and read by [`ConfigSource::section`].
@@ -704,6 +749,20 @@ impl SharedConfig {
             || self.storage.url.starts_with("memory://"))
         {
             return invalid("storage.url", "must start with file://, s3:// or memory://");
+        }
+        if self.integrity.checkpoint_interval.is_zero() {
+            return invalid("integrity.checkpoint_interval", "must be positive");
+        }
+        let witness = &self.integrity.witness.url;
+        if !(witness.is_empty()
+            || witness.starts_with("file://")
+            || witness.starts_with("s3://")
+            || witness.starts_with("memory://"))
+        {
+            return invalid(
+                "integrity.witness.url",
+                "must start with file://, s3:// or memory://",
+            );
         }
         for (index, tenant) in self.tenants.iter().enumerate() {
             if !is_valid_tenant_id(&tenant.id) {

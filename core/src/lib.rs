@@ -29,6 +29,17 @@ pub mod time;
 
 pub use error::{Error, ErrorCode, Result};
 
+/// `bytes` random bytes from the system's secure generator, in lower-case hex: the ids of batches, audit
+/// records and log entries.
+pub fn random_hex(bytes: usize) -> error::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut buffer = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buffer)
+        .map_err(|_| error::Error::internal("system random generator failed"))?;
+    Ok(hex::encode(buffer))
+}
+
 /// Names this process in manifests and audit records: `<HOSTNAME>-<pid>` (the pod name on Kubernetes).
 pub fn instance_name() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "chatvault".into());

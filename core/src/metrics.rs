@@ -64,6 +64,11 @@ pub struct Metrics {
     pub key_provider_duration: Histogram<f64>,
     /// `chatvault.keys.provider.errors` {operation}.
     pub key_provider_errors: Counter<u64>,
+    /// `chatvault.integrity.checkpoint.rounds` {outcome: signed, up_to_date, lost, failed}: checkpoint rounds
+    /// of the transparency log; `failed` ones (storage, or a log that does not verify) need an operator.
+    pub checkpoint_rounds: Counter<u64>,
+    /// `chatvault.integrity.log.leaves`: manifests appended to the transparency log.
+    pub log_leaves: Counter<u64>,
     /// `chatvault.restorer.request.duration` (s) {method, outcome}: from the request until the response is
     /// ready (the conversation read, decrypted and rehydrated); streaming it out is not included.
     pub restore_duration: Histogram<f64>,
@@ -189,6 +194,14 @@ impl Metrics {
                 .u64_counter("chatvault.keys.provider.errors")
                 .with_description("Failed key-encryption-key provider calls")
                 .build(),
+            checkpoint_rounds: meter
+                .u64_counter("chatvault.integrity.checkpoint.rounds")
+                .with_description("Transparency-log checkpoint rounds, by outcome")
+                .build(),
+            log_leaves: meter
+                .u64_counter("chatvault.integrity.log.leaves")
+                .with_description("Manifests appended to the transparency log")
+                .build(),
             restore_duration: latency(
                 "chatvault.restorer.request.duration",
                 "Restorer calls, from the request until the response is ready (conversation rehydrated)",
@@ -257,4 +270,9 @@ pub fn rejection_labels(source: &'static str, reason: &'static str) -> [KeyValue
         KeyValue::new("source", source),
         KeyValue::new("reason", reason),
     ]
+}
+
+/// `{outcome}` as a label.
+pub fn outcome_label(outcome: &'static str) -> [KeyValue; 1] {
+    [KeyValue::new("outcome", outcome)]
 }
