@@ -107,7 +107,7 @@ pub fn use_data_dir(config: &mut Config, dir: &Path) -> anyhow::Result<()> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("--data-dir {}", dir.display()))?;
-    config.shared.storage.url = format!("file://{}", dir.join("archive").display());
+    config.shared.storage.url = data_dir_archive_url(&dir);
     let signing_key = dir.join(STANDALONE_SIGNING_KEY);
     if signing_key.exists() {
         config.shared.integrity.signing_key_path = Some(signing_key);
@@ -116,6 +116,11 @@ pub fn use_data_dir(config: &mut Config, dir: &Path) -> anyhow::Result<()> {
         config.shared.integrity.trusted_keys = vec![verifier.trim().to_string()];
     }
     Ok(())
+}
+
+/// The archive of a standalone data directory (`dir` canonical), as `storage.url`.
+pub fn data_dir_archive_url(dir: &Path) -> String {
+    format!("file://{}", dir.join("archive").display())
 }
 
 /// Standalone's signing key in `data_dir`, created (with its verifier key beside it) on first start.

@@ -411,7 +411,7 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         None => Config::load(None)?,
     };
     if args.config.is_none() {
-        config.shared.storage.url = format!("file://{}", data_dir.join("archive").display());
+        config.shared.storage.url = crate::checkpoint::data_dir_archive_url(&data_dir);
         config.shared.keys.keyring_path = data_dir.join("keyring.json");
         config.shared.integrity.signing_key_path =
             Some(crate::checkpoint::standalone_signing_key(&data_dir)?);

@@ -371,8 +371,11 @@ impl Committer {
             )
             .await
         {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(object_store::Error::Precondition { .. }) => Ok(()),
+            Ok(_)
+            | Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(()),
             Err(error) => {
                 Err(Error::from(error).context(format!("copying {path} to the witness store")))
             }

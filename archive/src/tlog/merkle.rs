@@ -70,12 +70,6 @@ impl Subtrees for [Hash] {
     }
 }
 
-impl Subtrees for Vec<Hash> {
-    fn subtree(&self, start: u64, end: u64) -> Option<Hash> {
-        self.as_slice().subtree(start, end)
-    }
-}
-
 /// The inclusion proof of leaf `index` in the tree of `size` leaves (RFC 9162 §2.1.3.1), or `None` when
 /// `index >= size` or `tree` cannot supply a subtree.
 pub fn inclusion_proof(
@@ -127,12 +121,7 @@ pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root
         }
         if fn_ & 1 == 1 || fn_ == sn {
             r = node_hash(p, &r);
-            if fn_ & 1 == 0 {
-                while fn_ & 1 == 0 && fn_ != 0 {
-                    fn_ >>= 1;
-                    sn >>= 1;
-                }
-            }
+            skip_left_edges(&mut fn_, &mut sn);
         } else {
             r = node_hash(&r, p);
         }
@@ -140,6 +129,15 @@ pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root
         sn >>= 1;
     }
     sn == 0 && r == *root
+}
+
+/// RFC 9162's "right-shift fn and sn equally until either LSB(fn) is set or fn is 0", shared by both
+/// verifications: climbs past the levels where the node is its parent's left child with no right sibling.
+fn skip_left_edges(fn_: &mut u64, sn: &mut u64) {
+    while *fn_ & 1 == 0 && *fn_ != 0 {
+        *fn_ >>= 1;
+        *sn >>= 1;
+    }
 }
 
 /// The consistency proof from the tree of `old_size` leaves to the tree of `new_size` leaves (RFC 9162
@@ -225,12 +223,7 @@ pub fn verify_consistency(
         if fn_ & 1 == 1 || fn_ == sn {
             fr = node_hash(c, &fr);
             sr = node_hash(c, &sr);
-            if fn_ & 1 == 0 {
-                while fn_ & 1 == 0 && fn_ != 0 {
-                    fn_ >>= 1;
-                    sn >>= 1;
-                }
-            }
+            skip_left_edges(&mut fn_, &mut sn);
         } else {
             sr = node_hash(&sr, c);
         }
@@ -399,7 +392,7 @@ mod tests {
             prop_assert_eq!(frontier.root(), tree_root);
 
             let index = index % size;
-            let proof = inclusion_proof(&all, index, size).expect("inclusion");
+            let proof = inclusion_proof(all.as_slice(), index, size).expect("inclusion");
             prop_assert!(verify_inclusion(index, size, &all[index as usize], &proof, &tree_root));
             prop_assert!(!verify_inclusion(index, size, &leaf_hash(b"other"), &proof, &tree_root));
             if !proof.is_empty() {
@@ -411,7 +404,7 @@ mod tests {
 
             let old = old % (size + 1);
             let old_root = root(&all[..old as usize]);
-            let proof = consistency_proof(&all, old, size).expect("consistency");
+            let proof = consistency_proof(all.as_slice(), old, size).expect("consistency");
             prop_assert!(verify_consistency(old, size, &old_root, &tree_root, &proof));
             // The committer's way: the old frontier and the appended leaves give the same proof.
             let mut old_frontier = Frontier::new();
