@@ -739,6 +739,13 @@ def main() -> int:
         "a secretKey named like the certificates directory": {"gateway": {"webhooks": [
             {"name": "t", "platform": "teams", "tenant": "acme", "existingSecret": "s",
              "secretKeys": ["certificates"]}]}},
+        "signing_key_path in config.integrity (the chart sets it)": {"config": {"integrity": {
+            "signing_key_path": "/key"}}},
+        "a trusted key that is not <origin>+<id>+<key>": {"config": {"integrity": {
+            "trusted_keys": ["PRIVATE+KEY+origin+714deb62+AAAA"]}}},
+        "clear credentials in the witness's options": {"config": {"integrity": {"witness": {
+            "url": "s3://w", "options": {"aws_secret_access_key": "x"}}}}},
+        "a file:// witness": {"config": {"integrity": {"witness": {"url": "file:///tmp/w"}}}},
     }
     for what, values in misspelt.items():
         @check(f"schema rejects {what} (helm and check-jsonschema)")
@@ -1001,6 +1008,32 @@ def main() -> int:
         assert not kind(documents, "Secret"), "production values must create no Secret (existingSecret only)"
         sa = kind(documents, "ServiceAccount")[0]
         assert "eks.amazonaws.com/role-arn" in sa["metadata"].get("annotations", {}), "workload identity"
+
+    @check("checkpoint signing key: mounted on the archiver only; signing_key_path, trusted keys, witness rendered")
+    def _checkpoint_signing_key():
+        documents = rendered["ci/production-values.yaml"]
+        for deployment in kind(documents, "Deployment"):
+            spec = pod_spec(deployment)
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            mounts = {m["name"]: m for m in chatvault_container(deployment).get("volumeMounts", [])}
+            if component(deployment) != "archiver":
+                assert "checkpoint-signing-key" not in volumes, f"{component(deployment)} mounts the signing key"
+                continue
+            volume = volumes["checkpoint-signing-key"]["secret"]
+            assert volume["secretName"] == "chatvault-checkpoint-key", volume
+            assert volume["items"] == [{"key": "signing-key", "path": "signing-key"}], volume
+            mount = mounts["checkpoint-signing-key"]
+            assert mount["readOnly"] and mount["mountPath"] == "/etc/chatvault/checkpoint", mount
+        integrity = chatvault_toml(documents)["integrity"]
+        assert integrity["signing_key_path"] == "/etc/chatvault/checkpoint/signing-key", integrity
+        assert integrity["trusted_keys"][0].startswith("chatvault.ci.example.com/archive+714deb62+"), integrity
+        assert integrity["witness"]["url"] == "", integrity
+        # Without the Secret nothing is signed: no key path, no mount.
+        plain = chatvault_toml(render(chart, distributed))["integrity"]
+        assert "signing_key_path" not in plain and plain["trusted_keys"] == [], plain
+        witnessed = chatvault_toml(rendered["ci/all-settings-values.yaml"])["integrity"]["witness"]
+        assert witnessed == {"url": "s3://chatvault-ci-witness/checkpoints",
+                             "options": {"aws_region": "us-west-2"}}, witnessed
 
     @check("keys in AWS KMS: no keyring needed or mounted; the provider and key reach chatvault.toml")
     def _kms_keys():

@@ -1,6 +1,7 @@
 {{/*
 One role's Deployment (mode distributed): (list $ "gateway" | "archiver" | "restorer").
-gateway: Kafka (SASL, TLS), tokens, webhook secrets.   archiver: Kafka (SASL, TLS), storage credentials, keyring.
+gateway: Kafka (SASL, TLS), tokens, webhook secrets.   archiver: Kafka (SASL, TLS), storage credentials, keyring,
+checkpoint signing key.
 restorer: storage credentials, keyring, tokens.   Each pod gets only the secrets its role uses.
 */}}
 {{- define "chatvault.roleDeployment" -}}
@@ -200,6 +201,11 @@ spec:
               mountPath: /etc/chatvault/hsm
               readOnly: true
             {{- end }}
+            {{- if and (eq $role "archiver") $.Values.checkpointSigningKey.existingSecret }}
+            - name: checkpoint-signing-key
+              mountPath: /etc/chatvault/checkpoint
+              readOnly: true
+            {{- end }}
             {{- if and $kafka $.Values.kafkaTls.existingSecret }}
             - name: kafka-tls
               mountPath: {{ $.Values.kafkaTls.mountPath }}
@@ -240,6 +246,15 @@ spec:
             items:
               - key: {{ $.Values.hsm.existingSecretKey }}
                 path: {{ $.Values.hsm.existingSecretKey }}
+        {{- end }}
+        {{- if and (eq $role "archiver") $.Values.checkpointSigningKey.existingSecret }}
+        - name: checkpoint-signing-key
+          secret:
+            secretName: {{ $.Values.checkpointSigningKey.existingSecret }}
+            defaultMode: 0440
+            items:
+              - key: {{ $.Values.checkpointSigningKey.existingSecretKey }}
+                path: {{ $.Values.checkpointSigningKey.existingSecretKey }}
         {{- end }}
         {{- if and $storage (include "chatvault.hasKeyring" $) }}
         - name: keyring
