@@ -4,6 +4,11 @@
 //! each file needs. What no manifest names is listed too, as a warning: an upload in flight or the orphan of a
 //! crashed writer (named by an upload intent), or a file nobody can account for.
 //!
+//! With [`Sampling`], every chain, key record and the log are still checked in full, but only a sample of
+//! the committed files is fetched and hashed: a file is in the sample when SHA-256(seed, path) is among the
+//! `files` smallest, so the sample is uniform, differs from seed to seed, and is reproduced by the same seed.
+//! The log's own files are always checked (they are small and vouch for everything else).
+//!
 //! The transparency log ([`crate::tlog`]) is checked too: every checkpoint's signature (given the public
 //! key), the tree its bundles recompute, the consistency between checkpoints, and every leaf against the
 //! manifest it names. What no checkpoint covers yet (manifests committed after the newest one) is counted,
@@ -84,11 +89,25 @@ pub struct Unreferenced {
     pub named_by_intent: bool,
 }
 
+/// Which committed files [`verify_archive`] fetches and hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Sampling {
+    /// Every file.
+    All,
+    /// A sample of `files` files chosen by `seed` (see the module documentation).
+    Sample { files: u64, seed: u64 },
+}
+
 /// The outcome of [`verify_archive`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
     /// Verified manifests per topic.
     pub manifests: BTreeMap<String, u64>,
+    /// Files the verified manifests commit.
+    pub files_committed: u64,
+    /// Which of them were fetched and hashed.
+    pub sampling: Sampling,
     pub files_checked: u64,
     pub bytes_checked: u64,
     pub key_records_checked: u64,
@@ -99,6 +118,23 @@ pub struct VerifyReport {
     pub log: LogReport,
     pub problems: Vec<Problem>,
     pub unreferenced: Vec<Unreferenced>,
+}
+
+impl Default for VerifyReport {
+    fn default() -> Self {
+        VerifyReport {
+            manifests: BTreeMap::new(),
+            files_committed: 0,
+            sampling: Sampling::All,
+            files_checked: 0,
+            bytes_checked: 0,
+            key_records_checked: 0,
+            erased_files: 0,
+            log: LogReport::default(),
+            problems: Vec::new(),
+            unreferenced: Vec::new(),
+        }
+    }
 }
 
 impl VerifyReport {
@@ -129,14 +165,19 @@ struct Committed {
     manifest: String,
 }
 
-/// Verifies everything under the archive root of `store` (see the module documentation), calling `progress`
-/// after each file. Fails only when the bucket cannot be listed; everything else is a [`Problem`].
+/// Verifies everything under the archive root of `store` (see the module documentation), fetching the files
+/// `sampling` selects and calling `progress` after each. Fails only when the bucket cannot be listed;
+/// everything else is a [`Problem`].
 pub async fn verify_archive(
     store: Arc<dyn ObjectStore>,
     trust: &LogTrust,
+    sampling: Sampling,
     mut progress: impl FnMut(Progress),
 ) -> Result<VerifyReport> {
-    let mut report = VerifyReport::default();
+    let mut report = VerifyReport {
+        sampling,
+        ..VerifyReport::default()
+    };
     let mut committed = Vec::new();
     let mut intents: BTreeSet<String> = BTreeSet::new();
     let mut manifest_shas: BTreeMap<(String, i32), Vec<String>> = BTreeMap::new();
@@ -199,8 +240,10 @@ pub async fn verify_archive(
             })
             .files += 1;
     }
-    let total = committed.len() as u64;
+    report.files_committed = committed.len() as u64;
     let referenced: BTreeSet<String> = committed.iter().map(|file| file.path.clone()).collect();
+    let committed = sample(committed, sampling);
+    let total = committed.len() as u64;
     let mut checks = futures::stream::iter(committed)
         .map(|file| {
             let store = store.clone();
@@ -243,6 +286,41 @@ pub async fn verify_archive(
     }
     report.unreferenced.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(report)
+}
+
+/// The files of `committed` that `sampling` selects, in their original order; the log's own files always.
+fn sample(committed: Vec<Committed>, sampling: Sampling) -> Vec<Committed> {
+    let Sampling::Sample { files, seed } = sampling else {
+        return committed;
+    };
+    let rank = |path: &str| {
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        hasher.update(&seed.to_be_bytes());
+        hasher.update(path.as_bytes());
+        let digest = hasher.finish();
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&digest.as_ref()[..16]);
+        u128::from_be_bytes(prefix)
+    };
+    let is_log = |file: &Committed| file.path.starts_with(tlog::LOG_ROOT);
+    let mut ranked: Vec<(u128, usize)> = committed
+        .iter()
+        .enumerate()
+        .filter(|(_, file)| !is_log(file))
+        .map(|(index, file)| (rank(&file.path), index))
+        .collect();
+    ranked.sort_unstable();
+    let chosen: BTreeSet<usize> = ranked
+        .into_iter()
+        .take(usize::try_from(files).unwrap_or(usize::MAX))
+        .map(|(_, index)| index)
+        .collect();
+    committed
+        .into_iter()
+        .enumerate()
+        .filter(|(index, file)| chosen.contains(index) || is_log(file))
+        .map(|(_, file)| file)
+        .collect()
 }
 
 /// The files the upload intents of a partition name.
@@ -400,6 +478,53 @@ async fn check_file(store: &dyn ObjectStore, file: Committed) -> (u64, Option<Pr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn committed(path: &str) -> Committed {
+        Committed {
+            path: path.to_string(),
+            key_owner: String::new(),
+            key_scope: String::new(),
+            key_period: String::new(),
+            dek_id: String::new(),
+            bytes: 0,
+            sha256: String::new(),
+            manifest: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_sample_is_reproduced_by_its_seed_and_always_holds_the_log() {
+        let files = || {
+            let mut files: Vec<Committed> = (0..1_000)
+                .map(|i| committed(&format!("events/tenant=acme/f{i:04}.parquet")))
+                .collect();
+            files.push(committed("log/bundles/0.json"));
+            files
+        };
+        let paths = |sampling| -> Vec<String> {
+            sample(files(), sampling)
+                .into_iter()
+                .map(|file| file.path)
+                .collect()
+        };
+        let first = paths(Sampling::Sample { files: 50, seed: 7 });
+        assert_eq!(first.len(), 51, "50 data files and the log's");
+        assert!(first.contains(&"log/bundles/0.json".to_string()));
+        assert_eq!(first, paths(Sampling::Sample { files: 50, seed: 7 }));
+        let other = paths(Sampling::Sample { files: 50, seed: 8 });
+        assert_ne!(first, other, "another seed, another sample");
+        // Spread over the whole archive rather than its first files.
+        assert!(first.iter().any(|path| path.contains("f09")), "{first:?}");
+        assert_eq!(paths(Sampling::All).len(), 1_001);
+        assert_eq!(
+            paths(Sampling::Sample {
+                files: 5_000,
+                seed: 1
+            })
+            .len(),
+            1_001
+        );
+    }
 
     #[test]
     fn files_and_key_records_name_their_scope() {

@@ -1,8 +1,10 @@
 //! `chatvault verify`: checks a whole archive from the bucket alone (no keys, no Kafka, no service), as an
 //! auditor with read access would: every manifest chain, every committed file by size and SHA-256, every data
 //! key record a file needs, the transparency log and its signed checkpoints (given the verifier key), and
-//! what no manifest names (`chatvault_archive::verify`). Progress on stderr when
-//! it is a terminal, a summary at the end, `--json` for scripts; exit status 1 when anything is wrong.
+//! what no manifest names (`chatvault_archive::verify`). `--sample N` hashes only a random sample of the
+//! files of a very large archive (chains, key records and the log are still checked in full). A progress
+//! bar on stderr when it is a terminal, a summary at the end, `--json` for scripts; exit status 1 when
+//! anything is wrong.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,10 +12,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use chatvault_archive::tlog::LogTrust;
 use chatvault_archive::tlog::note::VerifierKey;
-use chatvault_archive::verify::{Problem, VerifyReport, verify_archive};
+use chatvault_archive::verify::{Problem, Sampling, VerifyReport, verify_archive};
 use chatvault_config::Config;
 use chatvault_core::storage::object_store_from_config;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
@@ -39,6 +42,13 @@ pub struct VerifyArgs {
     /// the log.
     #[arg(long)]
     witness_url: Option<String>,
+    /// Fetch and hash only N committed files, chosen at random (every chain, key record and the log are
+    /// still checked): for archives too large to read whole on every run.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    sample: Option<u64>,
+    /// The sample's seed (default: random, printed in the summary); the same seed checks the same files.
+    #[arg(long, requires = "sample")]
+    seed: Option<u64>,
 }
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
@@ -48,22 +58,34 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     }
     let store = object_store_from_config(&config.shared.storage)?;
     let trust = log_trust(&config, &args)?;
-    let show_progress = std::io::stderr().is_terminal() && !args.json;
-    let report = verify_archive(store, &trust, |progress| {
-        if show_progress
-            && (progress.files_checked % 50 == 0 || progress.files_checked == progress.files_total)
-        {
-            eprint!(
-                "\rverifying: {}/{} files, {:.1} MB",
-                progress.files_checked,
-                progress.files_total,
-                progress.bytes_checked as f64 / 1e6
-            );
+    let sampling = match args.sample {
+        None => Sampling::All,
+        Some(files) => Sampling::Sample {
+            files,
+            seed: match args.seed {
+                Some(seed) => seed,
+                None => random_seed()?,
+            },
+        },
+    };
+    let bar = (std::io::stderr().is_terminal() && !args.json).then(|| {
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template(
+                "verifying {bar:30} {pos}/{len} files, {msg} [{elapsed_precise}, {eta} left]",
+            )
+            .expect("a valid progress template"),
+        )
+    });
+    let report = verify_archive(store, &trust, sampling, |progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(progress.files_total);
+            bar.set_position(progress.files_checked);
+            bar.set_message(format!("{:.1} MB", progress.bytes_checked as f64 / 1e6));
         }
     })
     .await?;
-    if show_progress {
-        eprintln!();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -81,14 +103,13 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
 /// What the auditor trusts: keys, kept checkpoints, the witness.
 fn log_trust(config: &Config, args: &VerifyArgs) -> anyhow::Result<LogTrust> {
     let keys = if args.trusted_keys.is_empty() {
-        &config.shared.integrity.trusted_keys
+        VerifierKey::parse_all(
+            "integrity.trusted_keys",
+            &config.shared.integrity.trusted_keys,
+        )?
     } else {
-        &args.trusted_keys
+        VerifierKey::parse_all("--trusted-key", &args.trusted_keys)?
     };
-    let keys = keys
-        .iter()
-        .map(|key| VerifierKey::parse(key))
-        .collect::<Result<Vec<_>, _>>()?;
     let kept_checkpoints = args
         .kept_checkpoints
         .iter()
@@ -112,6 +133,13 @@ fn log_trust(config: &Config, args: &VerifyArgs) -> anyhow::Result<LogTrust> {
     })
 }
 
+fn random_seed() -> anyhow::Result<u64> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("no randomness for the sample's seed; give --seed"))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
 fn summary(url: &str, report: &VerifyReport) -> String {
     let mut out = format!("archive {url}\n");
     for (topic, manifests) in &report.manifests {
@@ -125,6 +153,13 @@ fn summary(url: &str, report: &VerifyReport) -> String {
         report.bytes_checked as f64 / 1e6,
         report.key_records_checked
     ));
+    if let Sampling::Sample { files, seed } = report.sampling {
+        out.push_str(&format!(
+            "  sampled: {} of {} committed file(s) were fetched (`--sample {files} --seed {seed}` checks the \
+             same ones); the others were not read\n",
+            report.files_checked, report.files_committed
+        ));
+    }
     let log = &report.log;
     if log.checkpoints == 0 {
         out.push_str(

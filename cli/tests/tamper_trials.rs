@@ -14,7 +14,7 @@ use std::sync::Arc;
 use chatvault_archive::keys::DataKeys;
 use chatvault_archive::tlog::note::{SigningKey, VerifierKey};
 use chatvault_archive::tlog::{Committer, LogTrust, Round};
-use chatvault_archive::verify::{Problem, VerifyReport, verify_archive};
+use chatvault_archive::verify::{Problem, Sampling, VerifyReport, verify_archive};
 use chatvault_restorer::testing::Fixture;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
@@ -151,7 +151,7 @@ async fn verify(root: &Path, archive: &Archive) -> anyhow::Result<VerifyReport> 
         kept_checkpoints: vec![archive.newest_checkpoint.clone()],
         witness: None,
     };
-    Ok(verify_archive(store_at(root)?, &trust, |_| {}).await?)
+    Ok(verify_archive(store_at(root)?, &trust, Sampling::All, |_| {}).await?)
 }
 
 /// Applies alteration `kind` to the archive at `root`; returns what it did and what the report must name.

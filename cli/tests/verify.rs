@@ -14,9 +14,14 @@ use object_store::ObjectStore;
 use serde_json::Value;
 
 fn verify(archive: &Path, json: bool) -> anyhow::Result<(bool, String)> {
+    verify_with(archive, json, &[])
+}
+
+fn verify_with(archive: &Path, json: bool, args: &[&str]) -> anyhow::Result<(bool, String)> {
     let mut command = Command::new(env!("CARGO_BIN_EXE_chatvault"));
     command
         .arg("verify")
+        .args(args)
         .env(
             "CHATVAULT__STORAGE__URL",
             format!("file://{}", archive.display()),
@@ -79,6 +84,32 @@ async fn verify_finds_every_alteration_of_the_archive_and_names_it() -> anyhow::
     assert_eq!(report["key_records_checked"], 2);
     assert_eq!(problems(&report), []);
 
+    // A sample: 3 of the 7 files, the same ones for the same seed; every chain and key record still checked.
+    let sampled = |seed: &str| -> anyhow::Result<Value> {
+        let (ok, output) = verify_with(&archive, true, &["--sample", "3", "--seed", seed])?;
+        assert!(ok, "{output}");
+        Ok(serde_json::from_str(
+            &output[..output.rfind('}').expect("json") + 1],
+        )?)
+    };
+    let report = sampled("42")?;
+    assert_eq!(report["files_checked"], 3);
+    assert_eq!(report["files_committed"], 7);
+    assert_eq!(
+        report["sampling"],
+        serde_json::json!({"mode": "sample", "files": 3, "seed": 42})
+    );
+    assert_eq!(report["key_records_checked"], 2);
+    assert_eq!(report["bytes_checked"], sampled("42")?["bytes_checked"]);
+    let (ok, text) = verify_with(&archive, false, &["--sample", "3", "--seed", "42"])?;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("sampled: 3 of 7 committed file(s) were fetched (`--sample 3 --seed 42`"),
+        "{text}"
+    );
+    let (ok, text) = verify_with(&archive, false, &["--sample", "0"])?;
+    assert!(!ok && text.contains("--sample"), "{text}");
+
     // Alterations, each of a different kind.
     let altered = &committed[0].files[0].path;
     let mut bytes = std::fs::read(archive.join(altered))?;
@@ -108,6 +139,19 @@ async fn verify_finds_every_alteration_of_the_archive_and_names_it() -> anyhow::
     assert_eq!(
         report["unreferenced"],
         serde_json::json!([{"path": stray, "named_by_intent": false}])
+    );
+    // Samples find what they fetch: over a few seeds, one that holds the altered file names it.
+    let mut seen_altered = false;
+    for seed in 0..20 {
+        let seed = seed.to_string();
+        let (_, output) = verify_with(&archive, true, &["--sample", "2", "--seed", &seed])?;
+        let sampled: Value = serde_json::from_str(&output[..output.rfind('}').expect("json") + 1])?;
+        assert_eq!(sampled["files_checked"], 2, "{output}");
+        seen_altered |= problems(&sampled).contains(&("altered_file".to_string(), altered.clone()));
+    }
+    assert!(
+        seen_altered,
+        "no sample of 2 in 20 seeds held the altered file"
     );
 
     // A manifest removed from the middle of a chain: the chain is verified up to it, and no further.
