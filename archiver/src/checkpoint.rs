@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use object_store::ObjectStore;
 
-use chatvault_archive::tlog::note::SigningKey;
+use chatvault_archive::tlog::note::{SigningKey, VerifierKey};
 use chatvault_archive::tlog::{Committer, Round};
 use chatvault_core::config::IntegrityConfig;
 use chatvault_core::error::{Error, Result};
@@ -46,6 +46,15 @@ pub fn committer_from_config(
         return Ok(None);
     };
     let key = load_signing_key(path)?;
+    let trusted = VerifierKey::parse_all("integrity.trusted_keys", &integrity.trusted_keys)?;
+    let verifier = VerifierKey::parse(&key.verifier_key())?;
+    if !trusted.is_empty() && !trusted.contains(&verifier) {
+        // Restorers and auditors would reject every checkpoint this key signs.
+        return Err(Error::invalid_argument(format!(
+            "integrity.trusted_keys does not hold the verifier key of integrity.signing_key_path ({}): add it",
+            key.verifier_key()
+        )));
+    }
     let witness = match integrity.witness.url.as_str() {
         "" => None,
         _ => Some(object_store_from_config(&integrity.witness)?),

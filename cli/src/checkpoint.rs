@@ -119,7 +119,7 @@ pub fn use_data_dir(config: &mut Config, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The archive of a standalone data directory (`dir` canonical), as `storage.url`.
-pub fn data_dir_archive_url(dir: &Path) -> String {
+fn data_dir_archive_url(dir: &Path) -> String {
     format!("file://{}", dir.join("archive").display())
 }
 

@@ -248,6 +248,15 @@ fn item_json(item: &RestoreItem) -> serde_json::Value {
             "occurred_at_micros": event.occurred_at_micros,
             "text": event.text,
         }),
+        Some(Item::Integrity(status)) => serde_json::json!({
+            "type": "integrity",
+            "coverage": status.coverage().as_str_name(),
+            "files": status.files,
+            "uncovered_files": status.uncovered_files,
+            "tree_size": status.tree_size,
+            "checkpoint": status.checkpoint,
+            "detail": status.detail,
+        }),
         None => serde_json::Value::Null,
     }
 }

@@ -116,6 +116,10 @@ fn main() -> std::process::ExitCode {
             Command::Checkpoint(args) => checkpoint::checkpoint(args).await,
             Command::Config(ConfigCommand::Check(args)) => {
                 let config = roles::load_config(&args.config)?;
+                chatvault_archive::tlog::note::VerifierKey::parse_all(
+                    "integrity.trusted_keys",
+                    &config.shared.integrity.trusted_keys,
+                )?;
                 for warning in &config.deprecated_settings {
                     eprintln!("warning: {warning}");
                 }

@@ -411,10 +411,11 @@ pub async fn run_standalone(args: StandaloneArgs) -> anyhow::Result<()> {
         None => Config::load(None)?,
     };
     if args.config.is_none() {
-        config.shared.storage.url = crate::checkpoint::data_dir_archive_url(&data_dir);
+        // The archive, its signing key (created on first start) and that key's verifier key as the one
+        // trusted: restores say how far the checkpoints cover them.
+        crate::checkpoint::standalone_signing_key(&data_dir)?;
+        crate::checkpoint::use_data_dir(&mut config, &data_dir)?;
         config.shared.keys.keyring_path = data_dir.join("keyring.json");
-        config.shared.integrity.signing_key_path =
-            Some(crate::checkpoint::standalone_signing_key(&data_dir)?);
         // Checkpoints often, so the demo's conversation is covered within seconds.
         config.shared.integrity.checkpoint_interval = Duration::from_secs(5);
         // Senders wait for the archive (see AcknowledgeWhenArchived): seal batches quickly.

@@ -18,6 +18,7 @@ use chatvault_archive::audit::decode_audit_file;
 use chatvault_archive::keys::DataKeys;
 use chatvault_archive::kind::AUDIT_KEY_SCOPE;
 use chatvault_archive::manifest::ManifestFile;
+use chatvault_archive::tlog::note::VerifierKey;
 use chatvault_core::audit::{AuditCall, AuditOutcome, AuditRecord, Auditor, CallSource};
 use chatvault_core::auth::{Authenticator, Role};
 use chatvault_core::event::check_tenant;
@@ -109,6 +110,13 @@ impl AuditTrailReader {
             store,
             data_keys,
         }
+    }
+
+    /// Refuses to serve audit records a checkpoint signed by one of `keys` contradicts
+    /// ([`ArchiveIndex::with_trusted_keys`]).
+    pub fn with_trusted_keys(mut self, keys: Vec<VerifierKey>) -> Self {
+        self.index = self.index.with_trusted_keys(keys);
+        self
     }
 
     /// The first `page_size` records after `after` (from the start when `None`) that match `filter`.

@@ -17,6 +17,15 @@
 //! the break is served without them (the index cannot tell it from a tenant that never wrote there); the
 //! break is logged and listed by [`ArchiveIndex::broken_chains`] so an operator repairs it.
 //!
+//! **The transparency log.** Given trusted verifier keys ([`ArchiveIndex::with_trusted_keys`]), every refresh
+//! also reads the log's newest checkpoint (before the chains, so the chains read are at least as new as it),
+//! verifies its signature, and compares what it vouches for with the chains: per partition, the manifest the
+//! checkpoint logged last must be the one the verified chain holds at that sequence number (links hash back,
+//! so the whole prefix is then covered). A partition the log contradicts (a covered manifest replaced, or
+//! removed along with everything after it) fails its tenants' requests like a broken chain; a log whose
+//! newest entry does not verify fails every request. Files of manifests committed after the newest
+//! checkpoint are served, and [`Selection::coverage`] says how many of a request's files are not yet covered.
+//!
 //! Refreshes are incremental: per partition the index remembers the last verified manifest (its sequence
 //! number, hash and end offset) and lists only newer ones. A tokio mutex serializes refreshes so concurrent
 //! requests do not read the same manifests twice.
@@ -28,21 +37,78 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chatvault_archive::chain::ChainReader;
 use chatvault_archive::file::conversation_digest;
 use chatvault_archive::manifest::{ChainHead, ManifestFile};
+use chatvault_archive::tlog::committer::newest_log_state;
+use chatvault_archive::tlog::note::VerifierKey;
+use chatvault_archive::tlog::{LOG_PARTITION, LOG_TOPIC};
 use chatvault_core::{Error, ErrorCode, Result};
 use futures::StreamExt;
 use object_store::ObjectStore;
 use tokio::sync::Mutex;
 
+/// A committed file and the manifest (partition, sequence number) that commits it.
+#[derive(Debug, Clone)]
+struct IndexedFile {
+    file: Arc<ManifestFile>,
+    partition: i32,
+    seq: u64,
+}
+
 #[derive(Debug, Default)]
 struct IndexState {
     /// Per partition, the head after the last manifest verified.
     cursors: HashMap<i32, ChainHead>,
+    /// Per partition, the SHA-256 of every verified manifest, by sequence number.
+    manifest_shas: HashMap<i32, Vec<String>>,
     /// Committed files per tenant, in chain order (partition by partition, sequence by sequence).
-    files_by_tenant: HashMap<String, Vec<Arc<ManifestFile>>>,
+    files_by_tenant: HashMap<String, Vec<IndexedFile>>,
     /// Per partition, the tenants with a file in its verified manifests.
     tenants_by_partition: HashMap<i32, HashSet<String>>,
     /// Partitions whose chain could not be verified past their cursor at the last refresh, with why.
     broken: BTreeMap<i32, BrokenChain>,
+    /// What the transparency log vouches for, when trusted keys are given.
+    log: LogView,
+}
+
+/// The newest checkpoint as of the last refresh and what it covers of this index's topic.
+#[derive(Debug, Default)]
+struct LogView {
+    /// The log chain's head after its last verified manifest.
+    cursor: Option<ChainHead>,
+    /// The newest checkpoint (signed note) and its tree size; none before the first.
+    checkpoint: Option<(String, u64)>,
+    /// Per partition, the manifests `[0, n)` the newest checkpoint covers.
+    covered: HashMap<i32, u64>,
+    /// Per partition, the logged head: (next seq, SHA-256 of manifest `next seq - 1`).
+    logged: HashMap<i32, (u64, String)>,
+    /// Partitions whose verified chain the log contradicts, with why.
+    contradicted: BTreeMap<i32, BrokenChain>,
+    /// Why the log's newest entry does not verify: every request fails while it is set.
+    error: Option<String>,
+}
+
+/// How far the transparency log vouches for the files of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coverage {
+    /// No trusted verifier keys were given (`integrity.trusted_keys`): coverage is not checked.
+    NotChecked,
+    /// Trusted keys are given but no checkpoint has been signed yet.
+    NoCheckpoint,
+    /// The newest checkpoint verified with a trusted key; `uncovered_files` of the files were committed after
+    /// it (the next checkpoint will cover them).
+    Checkpoint {
+        /// The checkpoint as a signed note.
+        note: String,
+        tree_size: u64,
+        covered_files: u64,
+        uncovered_files: u64,
+    },
+}
+
+/// The files one request reads, and how far the log vouches for them.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    pub files: Vec<Arc<ManifestFile>>,
+    pub coverage: Coverage,
 }
 
 #[derive(Debug, Clone)]
@@ -54,7 +120,12 @@ struct BrokenChain {
 impl IndexState {
     /// Fails when a broken chain could hold files of `tenant` (see the module documentation).
     fn check_tenant(&self, tenant: &str) -> Result<()> {
-        for (partition, broken) in &self.broken {
+        if let Some(error) = &self.log.error {
+            return Err(Error::internal(format!(
+                "the archive of tenant {tenant} is not served: {error}"
+            )));
+        }
+        for (partition, broken) in self.broken.iter().chain(&self.log.contradicted) {
             let affected = match self.tenants_by_partition.get(partition) {
                 Some(tenants) if !tenants.is_empty() => tenants.contains(tenant),
                 // Nothing of the partition is verified: any tenant may have files there.
@@ -78,6 +149,8 @@ impl IndexState {
 #[derive(Debug)]
 pub struct ArchiveIndex {
     chains: ChainReader,
+    /// Keys whose checkpoints are trusted; empty: the log is not checked.
+    trusted_keys: Vec<VerifierKey>,
     state: Mutex<IndexState>,
     manifests_read: AtomicU64,
 }
@@ -118,9 +191,17 @@ impl ArchiveIndex {
     pub fn new(store: Arc<dyn ObjectStore>, topic: &str) -> ArchiveIndex {
         ArchiveIndex {
             chains: ChainReader::new(store, topic),
+            trusted_keys: Vec::new(),
             state: Mutex::new(IndexState::default()),
             manifests_read: AtomicU64::new(0),
         }
+    }
+
+    /// Checks what is served against the transparency log's checkpoints signed by one of `keys` (see the
+    /// module documentation).
+    pub fn with_trusted_keys(mut self, keys: Vec<VerifierKey>) -> ArchiveIndex {
+        self.trusted_keys = keys;
+        self
     }
 
     /// How many manifests were read from storage since start (a metric; incremental refreshes keep it low).
@@ -158,7 +239,7 @@ impl ArchiveIndex {
         Ok(state
             .files_by_tenant
             .get(tenant)
-            .cloned()
+            .map(|files| files.iter().map(|file| file.file.clone()).collect())
             .unwrap_or_default())
     }
 
@@ -170,25 +251,179 @@ impl ArchiveIndex {
         conversation: &str,
         range: TimeRange,
     ) -> Result<Vec<Arc<ManifestFile>>> {
+        Ok(self
+            .conversation_selection(tenant, conversation, range)
+            .await?
+            .files)
+    }
+
+    /// [`ArchiveIndex::conversation_files`] with how far the transparency log vouches for them.
+    pub async fn conversation_selection(
+        &self,
+        tenant: &str,
+        conversation: &str,
+        range: TimeRange,
+    ) -> Result<Selection> {
         let digest = conversation_digest(tenant, conversation);
         let mut state = self.state.lock().await;
         self.refresh_locked(&mut state).await?;
         state.check_tenant(tenant)?;
-        let Some(files) = state.files_by_tenant.get(tenant) else {
-            return Ok(Vec::new());
-        };
-        Ok(files
-            .iter()
-            .filter(|file| {
-                // Digests are written sorted, but a linear scan keeps this correct for any writer.
-                file.conversation_digests.contains(&digest)
-                    && range.overlaps(file.min_occurred_micros, file.max_occurred_micros)
+        let selected: Vec<&IndexedFile> = state
+            .files_by_tenant
+            .get(tenant)
+            .map(|files| {
+                files
+                    .iter()
+                    .filter(|indexed| {
+                        // Digests are written sorted, but a linear scan keeps this correct for any writer.
+                        indexed.file.conversation_digests.contains(&digest)
+                            && range.overlaps(
+                                indexed.file.min_occurred_micros,
+                                indexed.file.max_occurred_micros,
+                            )
+                    })
+                    .collect()
             })
-            .cloned()
-            .collect())
+            .unwrap_or_default();
+        let coverage = self.coverage(&state, &selected);
+        Ok(Selection {
+            files: selected
+                .iter()
+                .map(|indexed| indexed.file.clone())
+                .collect(),
+            coverage,
+        })
+    }
+
+    fn coverage(&self, state: &IndexState, files: &[&IndexedFile]) -> Coverage {
+        if self.trusted_keys.is_empty() {
+            return Coverage::NotChecked;
+        }
+        let Some((note, tree_size)) = &state.log.checkpoint else {
+            return Coverage::NoCheckpoint;
+        };
+        let covered_files = files
+            .iter()
+            .filter(|indexed| {
+                state
+                    .log
+                    .covered
+                    .get(&indexed.partition)
+                    .is_some_and(|covered| indexed.seq < *covered)
+            })
+            .count() as u64;
+        Coverage::Checkpoint {
+            note: note.clone(),
+            tree_size: *tree_size,
+            covered_files,
+            uncovered_files: files.len() as u64 - covered_files,
+        }
+    }
+
+    /// Reads the log's entries since the last refresh and, when there are new ones, its newest checkpoint,
+    /// verified with the trusted keys. Called before the chains are read.
+    async fn refresh_log(&self, log: &mut LogView) {
+        let reader = ChainReader::new(self.chains.store().clone(), LOG_TOPIC);
+        let from = log.cursor.clone().unwrap_or_else(ChainHead::empty);
+        let verified = reader.read_after(LOG_PARTITION, &from).await;
+        if let Some(error) = verified.error {
+            if log.error.is_none() {
+                tracing::error!(%error, "the transparency log's chain does not verify; nothing is served");
+            }
+            log.error = Some(format!(
+                "the transparency log's chain does not verify: {}",
+                error.message()
+            ));
+            return;
+        }
+        let Some((_, head)) = verified.manifests.last() else {
+            return; // nothing new
+        };
+        let head = head.clone();
+        let state = match newest_log_state(self.chains.store(), &head, &self.trusted_keys).await {
+            Ok(state) => state,
+            Err(error) => {
+                tracing::error!(%error, "the transparency log's newest checkpoint does not verify with \
+                    integrity.trusted_keys; nothing is served");
+                log.error = Some(error.message().to_string());
+                return;
+            }
+        };
+        let Some(note) = state.checkpoint_note else {
+            return;
+        };
+        let topic = self.chains.topic();
+        log.logged = state
+            .heads
+            .iter()
+            .filter(|((logged_topic, _), _)| logged_topic == topic)
+            .map(|((_, partition), head)| (*partition, (head.next_seq, head.last_sha256.clone())))
+            .collect();
+        log.checkpoint = Some((note, state.frontier.size()));
+        log.cursor = Some(head);
+        log.error = None;
+    }
+
+    /// Compares what the newest checkpoint logged with the verified chains (see the module documentation).
+    fn compare_with_log(&self, state: &mut IndexState) {
+        let IndexState {
+            manifest_shas,
+            broken,
+            log,
+            ..
+        } = state;
+        log.covered.clear();
+        log.contradicted.clear();
+        let Some((_, tree_size)) = &log.checkpoint else {
+            return;
+        };
+        for (partition, (next_seq, sha256)) in &log.logged {
+            let Some(last) = next_seq.checked_sub(1) else {
+                continue;
+            };
+            let verified = manifest_shas
+                .get(partition)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let contradiction = match verified.get(last as usize) {
+                Some(held) if held == sha256 => None,
+                Some(_) => Some(format!(
+                    "manifest {last} is not the one checkpoint {tree_size} of the transparency log covers (it was replaced)"
+                )),
+                // A broken chain already fails its tenants, with the break's own error.
+                None if broken.contains_key(partition) => None,
+                None => Some(format!(
+                    "checkpoint {tree_size} of the transparency log covers manifests 0 to {last}, but the chain ends \
+                     after {} (manifests were removed)",
+                    verified.len()
+                )),
+            };
+            match contradiction {
+                Some(detail) => {
+                    let message = format!("partition {partition}: {detail}");
+                    if !log.contradicted.contains_key(partition) {
+                        tracing::error!(partition, %message, "the archive contradicts the transparency log");
+                    }
+                    log.contradicted.insert(
+                        *partition,
+                        BrokenChain {
+                            code: ErrorCode::Internal,
+                            message,
+                        },
+                    );
+                }
+                None => {
+                    log.covered.insert(*partition, *next_seq);
+                }
+            }
+        }
     }
 
     async fn refresh_locked(&self, state: &mut IndexState) -> Result<()> {
+        let check_log = !self.trusted_keys.is_empty();
+        if check_log {
+            self.refresh_log(&mut state.log).await;
+        }
         let partitions: Vec<(i32, ChainHead)> = self
             .chains
             .partitions()
@@ -221,7 +456,18 @@ impl ArchiveIndex {
                         .files_by_tenant
                         .entry(file.tenant_id.clone())
                         .or_default()
-                        .push(Arc::new(file));
+                        .push(IndexedFile {
+                            file: Arc::new(file),
+                            partition,
+                            seq: manifest.seq,
+                        });
+                }
+                if check_log {
+                    state
+                        .manifest_shas
+                        .entry(partition)
+                        .or_default()
+                        .push(cursor.last_sha256.clone());
                 }
                 state.cursors.insert(partition, cursor);
             }
@@ -249,6 +495,9 @@ impl ArchiveIndex {
                     }
                 }
             }
+        }
+        if check_log {
+            self.compare_with_log(state);
         }
         Ok(())
     }
@@ -553,5 +802,185 @@ mod tests {
             error.message().contains("seq 1") && error.message().contains("offset"),
             "{error}"
         );
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+    use crate::testing::{Fixture, event};
+    use chatvault_archive::file::sha256_hex;
+    use chatvault_archive::layout;
+    use chatvault_archive::manifest::Manifest;
+    use chatvault_archive::tlog::note::SigningKey;
+    use chatvault_archive::tlog::{Committer, Round};
+    use object_store::{ObjectStoreExt, PutPayload};
+
+    fn keys() -> (SigningKey, VerifierKey) {
+        let (signing, _) = SigningKey::generate("chatvault.test/index").expect("key");
+        let verifier = VerifierKey::parse(&signing.verifier_key()).expect("verifier");
+        (signing, verifier)
+    }
+
+    async fn sign(fixture: &Fixture, key: SigningKey) {
+        let committer =
+            Committer::new(fixture.store.clone(), key, "test", None).expect("committer");
+        let round = committer.run_once().await.expect("round");
+        assert!(matches!(round, Round::Signed { .. }), "{round:?}");
+    }
+
+    /// Clears the files of manifest `seq` of `partition` and re-links every later manifest to it, so the
+    /// chain verifies link by link (what an attacker with write access would do).
+    async fn rewrite_from(fixture: &Fixture, partition: i32, seq: u64) {
+        let mut prev: Option<String> = None;
+        for seq in seq.. {
+            let path = layout::manifest_path(&fixture.topic, partition, seq);
+            let Ok(got) = fixture.store.get(&path).await else {
+                return;
+            };
+            let mut manifest: Manifest =
+                serde_json::from_slice(&got.bytes().await.expect("bytes")).expect("parse");
+            match &prev {
+                None => manifest.files.clear(),
+                Some(sha) => manifest.prev_sha256 = sha.clone(),
+            }
+            let bytes = serde_json::to_vec_pretty(&manifest).expect("json");
+            prev = Some(sha256_hex(&bytes));
+            fixture
+                .store
+                .put(&path, PutPayload::from(bytes))
+                .await
+                .expect("put");
+        }
+    }
+
+    async fn coverage(index: &ArchiveIndex, tenant: &str) -> Result<Coverage> {
+        Ok(index
+            .conversation_selection(tenant, "C1", TimeRange::UNBOUNDED)
+            .await?
+            .coverage)
+    }
+
+    #[tokio::test]
+    async fn restores_say_how_far_the_newest_checkpoint_covers_them() {
+        let fixture = Fixture::new().await;
+        let (signing, verifier) = keys();
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic)
+            .with_trusted_keys(vec![verifier.clone()]);
+        let untrusting = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        for at in [1_000, 2_000] {
+            fixture
+                .commit_batch(0, &[event("acme", "C1", &format!("m{at}"), at)])
+                .await;
+        }
+        assert_eq!(
+            coverage(&index, "acme").await.expect("ok"),
+            Coverage::NoCheckpoint
+        );
+        sign(&fixture, signing).await;
+        fixture
+            .commit_batch(0, &[event("acme", "C1", "m3", 3_000)])
+            .await;
+        let Coverage::Checkpoint {
+            note,
+            tree_size,
+            covered_files,
+            uncovered_files,
+        } = coverage(&index, "acme").await.expect("ok")
+        else {
+            panic!("no checkpoint");
+        };
+        assert_eq!((tree_size, covered_files, uncovered_files), (2, 2, 1));
+        assert!(note.starts_with("chatvault.test/index\n2\n"), "{note}");
+        assert_eq!(
+            coverage(&untrusting, "acme").await.expect("ok"),
+            Coverage::NotChecked
+        );
+    }
+
+    #[tokio::test]
+    async fn data_a_checkpoint_contradicts_is_refused_to_the_tenants_it_may_hold() {
+        let fixture = Fixture::new().await;
+        let (signing, verifier) = keys();
+        for seq in 0..3 {
+            let at = 1_000 * (seq + 1);
+            fixture
+                .commit_batch(0, &[event("acme", "C1", &format!("m{seq}"), at)])
+                .await;
+            fixture
+                .commit_batch(1, &[event("globex", "C1", &format!("g{seq}"), at)])
+                .await;
+        }
+        sign(&fixture, signing).await;
+        // A covered manifest replaced and the chain re-linked after it: every link verifies, the log does not.
+        rewrite_from(&fixture, 0, 1).await;
+        let index = ArchiveIndex::new(fixture.store.clone(), &fixture.topic)
+            .with_trusted_keys(vec![verifier.clone()]);
+        let error = coverage(&index, "acme").await.expect_err("contradicted");
+        assert_eq!(error.code(), ErrorCode::Internal);
+        assert!(
+            error.message().contains("partition 0")
+                && error
+                    .message()
+                    .contains("manifest 2 is not the one checkpoint 6"),
+            "{error}"
+        );
+        // Partition 1 is intact: its tenant is served, fully covered.
+        let Coverage::Checkpoint {
+            uncovered_files, ..
+        } = coverage(&index, "globex").await.expect("globex")
+        else {
+            panic!("no checkpoint");
+        };
+        assert_eq!(uncovered_files, 0);
+        // Without trusted keys the rewrite goes unnoticed: that is what the log is for.
+        let blind = ArchiveIndex::new(fixture.store.clone(), &fixture.topic);
+        assert!(coverage(&blind, "acme").await.is_ok());
+
+        // The newest covered manifests removed: the chain verifies but ends early.
+        let fixture2 = Fixture::new().await;
+        let (signing, verifier) = keys();
+        for seq in 0..3 {
+            fixture2
+                .commit_batch(0, &[event("acme", "C1", &format!("m{seq}"), 1_000 + seq)])
+                .await;
+        }
+        sign(&fixture2, signing).await;
+        for seq in [1, 2] {
+            fixture2
+                .store
+                .delete(&layout::manifest_path(&fixture2.topic, 0, seq))
+                .await
+                .expect("delete");
+        }
+        let index = ArchiveIndex::new(fixture2.store.clone(), &fixture2.topic)
+            .with_trusted_keys(vec![verifier]);
+        let error = coverage(&index, "acme").await.expect_err("truncated");
+        assert!(
+            error
+                .message()
+                .contains("covers manifests 0 to 2, but the chain ends after 1"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_no_trusted_key_signed_fails_every_request() {
+        let fixture = Fixture::new().await;
+        let (signing, _) = keys();
+        let (_, other) = keys();
+        fixture
+            .commit_batch(0, &[event("acme", "C1", "m1", 1_000)])
+            .await;
+        sign(&fixture, signing).await;
+        let index =
+            ArchiveIndex::new(fixture.store.clone(), &fixture.topic).with_trusted_keys(vec![other]);
+        let error = coverage(&index, "acme").await.expect_err("untrusted");
+        assert!(
+            error.message().contains("is not served")
+                && error.message().contains("transparency log"),
+            "{error}"
+        );
+        assert!(index.tenant_files("globex").await.is_err());
     }
 }

@@ -36,6 +36,7 @@ pub use stream::{BufferLimits, ConversationPlan};
 use std::sync::Arc;
 
 use chatvault_archive::keys::DataKeys;
+use chatvault_archive::tlog::note::VerifierKey;
 use chatvault_core::audit::{AuditSink, Auditor};
 use chatvault_core::config::SharedConfig;
 
@@ -57,15 +58,19 @@ pub async fn run(
 ) -> chatvault_core::Result<()> {
     let store = object_store_from_config(&shared.storage)?;
     let keys = DataKeys::from_config(store.clone(), &shared.keys).await?;
+    let trusted_keys =
+        VerifierKey::parse_all("integrity.trusted_keys", &shared.integrity.trusted_keys)?;
     let audit_trail =
-        AuditTrailReader::new(store.clone(), keys.clone(), &shared.kafka.audit_topic());
+        AuditTrailReader::new(store.clone(), keys.clone(), &shared.kafka.audit_topic())
+            .with_trusted_keys(trusted_keys.clone());
     let auditor = Auditor::new("restorer", audit);
     let key_export = KeyExportApi::new(keys.clone(), shared.authenticator()?, auditor.clone());
     let restorer = Restorer::new(store, keys, &shared.kafka.topic, settings.read_concurrency)
         .with_buffer_limits(BufferLimits {
             events: settings.max_buffered_events,
             bytes: settings.max_buffered_bytes,
-        });
+        })
+        .with_trusted_keys(trusted_keys);
     let api = RestoreApi::new(Arc::new(restorer), shared.authenticator()?, auditor.clone())
         .with_max_concurrent_requests(settings.max_concurrent_requests);
     let more = MoreApis {

@@ -13,6 +13,7 @@ use chatvault_archive::file::{
 };
 use chatvault_archive::keys::{DataKey, DataKeys};
 use chatvault_archive::manifest::ManifestFile;
+use chatvault_archive::tlog::note::VerifierKey;
 use chatvault_core::{Error, ErrorCode, Result};
 use chatvault_proto::v1::ConversationSummary;
 use futures::StreamExt;
@@ -96,6 +97,13 @@ impl Restorer {
             buffer_limits: BufferLimits::default(),
             buffered: Arc::default(),
         }
+    }
+
+    /// Checks what is served against the transparency log's checkpoints signed by one of `keys`
+    /// ([`ArchiveIndex::with_trusted_keys`]); restores then start with an `integrity` item.
+    pub fn with_trusted_keys(mut self, keys: Vec<VerifierKey>) -> Restorer {
+        self.index = self.index.with_trusted_keys(keys);
+        self
     }
 
     /// How many events a streamed restore gathers at once (see [`crate::stream`]).

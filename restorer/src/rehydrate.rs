@@ -454,6 +454,7 @@ mod tests {
                 Some(Item::Message(m)) => m.message_id.clone(),
                 Some(Item::Event(e)) => format!("*{}", e.kind().as_str_name()),
                 Some(Item::ArchivedEvent(e)) => format!("raw:{}", e.event_id),
+                Some(Item::Integrity(_)) => "integrity".into(),
                 None => "?".into(),
             })
             .collect()

@@ -40,6 +40,9 @@ pub fn render_text(items: &[RestoreItem]) -> String {
                 }
                 render_archived_event(&mut out, event);
             }
+            Some(Item::Integrity(status)) => {
+                let _ = writeln!(out, "integrity: {}", status.detail);
+            }
             None => {}
         }
     }

@@ -34,13 +34,14 @@ use chatvault_archive::ArchivedEvent;
 use chatvault_archive::manifest::ManifestFile;
 use chatvault_core::event::is_about_a_message;
 use chatvault_core::{Error, Result};
+use chatvault_proto::v1::integrity_status::Coverage as IntegrityCoverage;
 use chatvault_proto::v1::restore_item::Item;
-use chatvault_proto::v1::{ChatEvent, EventKind, RestoreItem};
+use chatvault_proto::v1::{ChatEvent, EventKind, IntegrityStatus, RestoreItem};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::mpsc;
 
-use crate::index::TimeRange;
+use crate::index::{Coverage, Selection, TimeRange};
 use crate::reader::Restorer;
 use crate::rehydrate::{MessagePlace, MessageState, Placed, layout, rehydrate};
 
@@ -169,6 +170,8 @@ pub struct ConversationPlan {
     tenant: String,
     conversation: String,
     include_events: bool,
+    /// Sent first, when the restorer checks the transparency log.
+    integrity: Option<IntegrityStatus>,
     mode: Mode,
 }
 
@@ -197,19 +200,20 @@ struct Streamed {
 impl ConversationPlan {
     /// How many items [`Self::emit`] sends (view items, plus archived events when asked for).
     pub fn item_count(&self) -> u64 {
-        match &self.mode {
-            Mode::InMemory { view, events, .. } => {
-                (view.len() + if self.include_events { events.len() } else { 0 }) as u64
+        u64::from(self.integrity.is_some())
+            + match &self.mode {
+                Mode::InMemory { view, events, .. } => {
+                    (view.len() + if self.include_events { events.len() } else { 0 }) as u64
+                }
+                Mode::Streamed(streamed) => {
+                    (streamed.layout.len()
+                        + if self.include_events {
+                            streamed.slots.len()
+                        } else {
+                            0
+                        }) as u64
+                }
             }
-            Mode::Streamed(streamed) => {
-                (streamed.layout.len()
-                    + if self.include_events {
-                        streamed.slots.len()
-                    } else {
-                        0
-                    }) as u64
-            }
-        }
     }
 
     /// Sends the items in conversation order (see `RestoreItem` in `restore.proto`). Stops early, without an
@@ -220,6 +224,14 @@ impl ConversationPlan {
         items: &mpsc::Sender<Result<RestoreItem>>,
     ) -> Result<()> {
         let include_events = self.include_events;
+        if let Some(status) = self.integrity {
+            let item = RestoreItem {
+                item: Some(Item::Integrity(status)),
+            };
+            if items.send(Ok(item)).await.is_err() {
+                return Ok(());
+            }
+        }
         match self.mode {
             Mode::InMemory {
                 view,
@@ -509,10 +521,11 @@ impl Restorer {
         range: TimeRange,
         include_events: bool,
     ) -> Result<ConversationPlan> {
-        let files = self
+        let Selection { files, coverage } = self
             .index()
-            .conversation_files(tenant, conversation, range)
+            .conversation_selection(tenant, conversation, range)
             .await?;
+        let integrity = integrity_status(&coverage, files.len() as u64);
         let limits = self.buffer_limits();
         let mut names = Interner::default();
         let mut slots: Vec<(Slot, Box<str>)> = Vec::new();
@@ -600,9 +613,57 @@ impl Restorer {
             tenant: tenant.to_string(),
             conversation: conversation.to_string(),
             include_events,
+            integrity,
             mode,
         })
     }
+}
+
+/// The `integrity` item of a restore that read `files` files, when the log is checked.
+fn integrity_status(coverage: &Coverage, files: u64) -> Option<IntegrityStatus> {
+    let (checkpoint, tree_size, uncovered_files) = match coverage {
+        Coverage::NotChecked => return None,
+        Coverage::NoCheckpoint => (String::new(), 0, files),
+        Coverage::Checkpoint {
+            note,
+            tree_size,
+            uncovered_files,
+            ..
+        } => (note.clone(), *tree_size, *uncovered_files),
+    };
+    let (state, detail) = if checkpoint.is_empty() {
+        (
+            IntegrityCoverage::NotCovered,
+            format!("no checkpoint is signed yet: none of the {files} file(s) is covered"),
+        )
+    } else if uncovered_files == 0 {
+        (
+            IntegrityCoverage::Covered,
+            format!("all {files} file(s) are covered by checkpoint {tree_size}"),
+        )
+    } else if uncovered_files == files {
+        (
+            IntegrityCoverage::NotCovered,
+            format!(
+                "none of the {files} file(s) is covered yet: all were committed after checkpoint {tree_size}"
+            ),
+        )
+    } else {
+        (
+            IntegrityCoverage::PartlyCovered,
+            format!(
+                "{uncovered_files} of {files} file(s) were committed after checkpoint {tree_size}: not yet covered"
+            ),
+        )
+    };
+    Some(IntegrityStatus {
+        coverage: state as i32,
+        checkpoint,
+        tree_size,
+        files,
+        uncovered_files,
+        detail,
+    })
 }
 
 /// Lays out a conversation from its compact index, with exactly the choices of [`rehydrate`] (see

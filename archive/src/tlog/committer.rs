@@ -46,13 +46,18 @@ pub enum Round {
     Lost,
 }
 
-/// The log's state after its newest checkpoint, verified.
-struct LogState {
-    next_seq: u64,
-    last_manifest_sha256: String,
-    frontier: Frontier,
-    heads: BTreeMap<(String, i32), ChainHead>,
-    checkpoint_note: Option<String>,
+/// The log's state after its newest checkpoint, verified ([`newest_log_state`]).
+#[derive(Debug, Clone)]
+pub struct LogState {
+    /// The log manifest the next round commits.
+    pub next_seq: u64,
+    pub last_manifest_sha256: String,
+    /// The tree of the newest checkpoint (empty when there is none).
+    pub frontier: Frontier,
+    /// Per stream partition, the chain head after the last manifest the newest checkpoint covers.
+    pub heads: BTreeMap<(String, i32), ChainHead>,
+    /// The newest checkpoint, as the signed note committed (none before the first round).
+    pub checkpoint_note: Option<String>,
 }
 
 /// Signs checkpoints over the archive in `store` (see the module documentation).
@@ -93,7 +98,8 @@ impl Committer {
     /// One round: log what was committed since the newest checkpoint and sign a checkpoint over it.
     pub async fn run_once(&self) -> Result<Round> {
         let head = self.chain.reader().head(LOG_PARTITION).await?;
-        let state = self.load_state(&head).await?;
+        let state =
+            newest_log_state(&self.store, &head, std::slice::from_ref(&self.verifier)).await?;
         if let (Some(witness), Some(note)) = (&self.witness, &state.checkpoint_note) {
             self.copy_to_witness(witness.as_ref(), state.frontier.size(), note)
                 .await?;
@@ -165,69 +171,6 @@ impl Committer {
             appended,
             checkpoint: note,
         })
-    }
-
-    /// Reads and verifies the log's newest bundle and checkpoint (see the module documentation).
-    async fn load_state(&self, head: &ChainHead) -> Result<LogState> {
-        let mut state = LogState {
-            next_seq: head.next_seq,
-            last_manifest_sha256: head.last_sha256.clone(),
-            frontier: Frontier::new(),
-            heads: BTreeMap::new(),
-            checkpoint_note: None,
-        };
-        let Some(last) = head.next_seq.checked_sub(1) else {
-            return Ok(state);
-        };
-        let refuse = |why: String| {
-            Error::internal(format!(
-                "the transparency log's newest entry (log manifest {last}) does not verify: {why}; refusing \
-                 to extend it (run chatvault verify)"
-            ))
-        };
-        let (manifest, _) = self.chain.reader().read(LOG_PARTITION, last).await?;
-        let (bundle_file, checkpoint_file) = log_files(&manifest).map_err(refuse)?;
-        let bundle_bytes = fetch_committed(self.store.as_ref(), bundle_file)
-            .await?
-            .map_err(refuse)?;
-        let note_bytes = fetch_committed(self.store.as_ref(), checkpoint_file)
-            .await?
-            .map_err(refuse)?;
-        let bundle: Bundle = serde_json::from_slice(&bundle_bytes)
-            .map_err(|error| refuse(format!("its bundle is not valid JSON: {error}")))?;
-        let note = String::from_utf8(note_bytes.to_vec())
-            .map_err(|_| refuse("its checkpoint is not UTF-8".into()))?;
-        let text = open_note(&note, std::slice::from_ref(&self.verifier))
-            .map_err(|error| refuse(format!("its checkpoint: {error}")))?;
-        let checkpoint = Checkpoint::parse(text).map_err(|error| refuse(error.to_string()))?;
-        let frontier = hashes_from_hex(&bundle.frontier)
-            .and_then(|hashes| Frontier::from_parts(bundle.tree_size, &hashes))
-            .ok_or_else(|| refuse("its bundle's frontier is malformed".into()))?;
-        if checkpoint.size != bundle.tree_size
-            || bundle.tree_size != manifest.end_offset as u64
-            || frontier.root() != checkpoint.root
-        {
-            return Err(refuse(
-                "its bundle, checkpoint and manifest disagree on the tree".into(),
-            ));
-        }
-        state.frontier = frontier;
-        state.heads = bundle
-            .heads
-            .into_iter()
-            .map(|head| {
-                (
-                    (head.topic, head.partition),
-                    ChainHead {
-                        next_seq: head.next_seq,
-                        end_offset: head.end_offset,
-                        last_sha256: head.last_sha256,
-                    },
-                )
-            })
-            .collect();
-        state.checkpoint_note = Some(note);
-        Ok(state)
     }
 
     /// The manifests committed since `state`, each link verified, in (topic, partition, seq) order, and the
@@ -422,4 +365,74 @@ pub(crate) async fn fetch_committed(
         )));
     }
     Ok(Ok(bytes))
+}
+/// Reads and verifies the log's newest entry, whose chain head is `head`: its bundle and checkpoint must match
+/// the SHA-256 the log manifest committed, the checkpoint must carry a valid signature by one of `trusted`,
+/// and the bundle's frontier must reproduce the signed root. An empty log is an empty state.
+pub async fn newest_log_state(
+    store: &Arc<dyn ObjectStore>,
+    head: &ChainHead,
+    trusted: &[VerifierKey],
+) -> Result<LogState> {
+    let mut state = LogState {
+        next_seq: head.next_seq,
+        last_manifest_sha256: head.last_sha256.clone(),
+        frontier: Frontier::new(),
+        heads: BTreeMap::new(),
+        checkpoint_note: None,
+    };
+    let Some(last) = head.next_seq.checked_sub(1) else {
+        return Ok(state);
+    };
+    let refuse = |why: String| {
+        Error::internal(format!(
+            "the transparency log's newest entry (log manifest {last}) does not verify: {why} (run \
+             chatvault verify)"
+        ))
+    };
+    let (manifest, _) = ChainReader::new(store.clone(), LOG_TOPIC)
+        .read(LOG_PARTITION, last)
+        .await?;
+    let (bundle_file, checkpoint_file) = log_files(&manifest).map_err(refuse)?;
+    let bundle_bytes = fetch_committed(store.as_ref(), bundle_file)
+        .await?
+        .map_err(refuse)?;
+    let note_bytes = fetch_committed(store.as_ref(), checkpoint_file)
+        .await?
+        .map_err(refuse)?;
+    let bundle: Bundle = serde_json::from_slice(&bundle_bytes)
+        .map_err(|error| refuse(format!("its bundle is not valid JSON: {error}")))?;
+    let note = String::from_utf8(note_bytes.to_vec())
+        .map_err(|_| refuse("its checkpoint is not UTF-8".into()))?;
+    let text =
+        open_note(&note, trusted).map_err(|error| refuse(format!("its checkpoint: {error}")))?;
+    let checkpoint = Checkpoint::parse(text).map_err(|error| refuse(error.to_string()))?;
+    let frontier = hashes_from_hex(&bundle.frontier)
+        .and_then(|hashes| Frontier::from_parts(bundle.tree_size, &hashes))
+        .ok_or_else(|| refuse("its bundle's frontier is malformed".into()))?;
+    if checkpoint.size != bundle.tree_size
+        || bundle.tree_size != manifest.end_offset as u64
+        || frontier.root() != checkpoint.root
+    {
+        return Err(refuse(
+            "its bundle, checkpoint and manifest disagree on the tree".into(),
+        ));
+    }
+    state.frontier = frontier;
+    state.heads = bundle
+        .heads
+        .into_iter()
+        .map(|head| {
+            (
+                (head.topic, head.partition),
+                ChainHead {
+                    next_seq: head.next_seq,
+                    end_offset: head.end_offset,
+                    last_sha256: head.last_sha256,
+                },
+            )
+        })
+        .collect();
+    state.checkpoint_note = Some(note);
+    Ok(state)
 }

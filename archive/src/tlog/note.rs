@@ -209,6 +209,19 @@ pub struct VerifierKey {
 }
 
 impl VerifierKey {
+    /// Parses the verifier keys of setting `setting` (`integrity.trusted_keys`, `--trusted-key`), naming
+    /// the entry that is not one.
+    pub fn parse_all(setting: &str, keys: &[String]) -> Result<Vec<VerifierKey>> {
+        keys.iter()
+            .enumerate()
+            .map(|(index, key)| {
+                VerifierKey::parse(key).map_err(|error| {
+                    Error::invalid_argument(format!("{setting}[{index}]: {}", error.message()))
+                })
+            })
+            .collect()
+    }
+
     /// Parses `<name>+<key id>+<base64(0x01 || public key)>`.
     pub fn parse(text: &str) -> Result<VerifierKey> {
         let text = text.trim();

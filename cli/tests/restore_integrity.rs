@@ -1,0 +1,172 @@
+//! The restorer checks what it serves against the transparency log: `chatvault standalone --demo` signs
+//! checkpoints with its own key and trusts it, so a restore starts with an `integrity` item saying the
+//! conversation is covered; once an attacker rewrites a covered manifest (re-linking the chain after it so
+//! every link still verifies), the restorer refuses the tenant's data and `chatvault verify` fails.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chatvault_testkit::process::{ChildRole, free_address, wait_until_serving};
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_chatvault"))
+}
+
+/// Standalone on `data_dir`; returns it and the restorer's endpoint.
+async fn start_standalone(data_dir: &Path, demo: bool) -> anyhow::Result<(ChildRole, String)> {
+    let restorer = free_address()?;
+    let data_dir_arg = data_dir.to_string_lossy().to_string();
+    let (gateway, http, metrics) = (free_address()?, free_address()?, free_address()?);
+    let mut args = vec![
+        "standalone",
+        "--data-dir",
+        &data_dir_arg,
+        "--partitions",
+        "2",
+        "--gateway-listen",
+        &gateway,
+        "--restorer-listen",
+        &restorer,
+        "--http-listen",
+        &http,
+        "--metrics-listen",
+        &metrics,
+    ];
+    if demo {
+        args.push("--demo");
+    }
+    let process = ChildRole::spawn("standalone", binary(), &args)?;
+    let endpoint = format!("http://{restorer}");
+    wait_until_serving(
+        &endpoint,
+        "chatvault.v1.RestoreService",
+        Duration::from_secs(60),
+    )
+    .await?;
+    Ok((process, endpoint))
+}
+
+/// `chatvault restore --json` of the demo conversation: success and stdout, or failure and stderr.
+fn restore(data_dir: &Path, endpoint: &str) -> anyhow::Result<(bool, String)> {
+    let output = Command::new(binary())
+        .args(["restore", "--data-dir"])
+        .arg(data_dir)
+        .args([
+            "--restorer",
+            endpoint,
+            "--tenant",
+            "demo",
+            "--conversation",
+            "demo-general",
+            "--json",
+        ])
+        .output()?;
+    let text = if output.status.success() {
+        String::from_utf8(output.stdout)?
+    } else {
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    Ok((output.status.success(), text))
+}
+
+/// Clears the files of manifest 0 of every partition of the events topic and re-links the rest of each
+/// chain to it: every link verifies, but the manifests are not the ones the checkpoints logged.
+fn rewrite_chains(archive: &Path) -> anyhow::Result<usize> {
+    let mut rewritten = 0;
+    let topic = archive.join("manifests/topic=chatvault.events");
+    for partition in std::fs::read_dir(topic)? {
+        let mut manifests: Vec<_> = std::fs::read_dir(partition?.path())?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+            .collect();
+        manifests.sort();
+        let mut prev: Option<String> = None;
+        for path in manifests {
+            let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+            match &prev {
+                None => manifest["files"] = serde_json::json!([]),
+                Some(sha) => manifest["prev_sha256"] = serde_json::json!(sha),
+            }
+            let bytes = serde_json::to_vec_pretty(&manifest)?;
+            prev = Some(hex::encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                &bytes,
+            )));
+            std::fs::write(&path, bytes)?;
+            rewritten += 1;
+        }
+    }
+    Ok(rewritten)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_report_coverage_and_refuse_what_a_checkpoint_contradicts() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("data");
+    let (mut standalone, endpoint) = start_standalone(&data_dir, true).await?;
+
+    // The demo's conversation is archived within seconds and covered by the next checkpoint (every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let integrity = loop {
+        let (ok, text) = restore(&data_dir, &endpoint)?;
+        let first: Option<serde_json::Value> = ok
+            .then(|| text.lines().next().and_then(|line| serde_json::from_str(line).ok()))
+            .flatten();
+        if let Some(first) = first
+            && first["type"] == "integrity"
+            && first["coverage"] == "COVERED"
+            && text.lines().count() > 1
+        {
+            break first;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the demo conversation was never restored fully covered; last answer: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(integrity["uncovered_files"], 0, "{integrity}");
+    assert!(integrity["files"].as_u64().unwrap_or_default() >= 1, "{integrity}");
+    let checkpoint = integrity["checkpoint"].as_str().unwrap_or_default();
+    // A C2SP signed note: standalone's origin, the tree size and root, a blank line, the signature line.
+    assert!(
+        checkpoint.starts_with("chatvault-standalone\n")
+            && checkpoint.contains("\n\n\u{2014} chatvault-standalone "),
+        "not a signed checkpoint: {checkpoint}"
+    );
+    let (status, _) = standalone
+        .terminate_and_wait(Duration::from_secs(60))
+        .await?;
+    assert!(status.success(), "standalone exited with {status}");
+    let verified = Command::new(binary())
+        .args(["verify", "--data-dir"])
+        .arg(&data_dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&verified.stdout);
+    assert!(
+        verified.status.success() && text.contains("signatures verified"),
+        "{text}"
+    );
+
+    // An attacker rewrites the covered manifests consistently: the chains still verify link by link.
+    assert!(rewrite_chains(&data_dir.join("archive"))? >= 1);
+    let (mut standalone, endpoint) = start_standalone(&data_dir, false).await?;
+    let (ok, text) = restore(&data_dir, &endpoint)?;
+    assert!(!ok, "a contradicted archive was served: {text}");
+    assert!(
+        text.contains("transparency log") && text.contains("cannot be restored"),
+        "{text}"
+    );
+    standalone.terminate_and_wait(Duration::from_secs(60)).await?;
+    let verified = Command::new(binary())
+        .args(["verify", "--data-dir"])
+        .arg(&data_dir)
+        .output()?;
+    assert!(
+        !verified.status.success(),
+        "verify passed a rewritten archive: {}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    Ok(())
+}
