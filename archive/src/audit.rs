@@ -291,6 +291,7 @@ pub fn encode_audit_file(
         min_occurred_micros: min_time,
         max_occurred_micros: max_time,
         conversation_digests: Vec::new(),
+        conversation_roots: Vec::new(),
     })
 }
 

@@ -658,6 +658,7 @@ mod tests {
             min_occurred_micros: 0,
             max_occurred_micros: 0,
             conversation_digests: vec![],
+            conversation_roots: Vec::new(),
         }
     }
 

@@ -16,7 +16,7 @@
 //! and a reader lists a tenant's conversations from the footers alone ([`read_conversation_summaries`])
 //! instead of decrypting every row. Files written before lack the key; readers decode those.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use arrow_array::RecordBatch;
 use arrow_array::cast::AsArray;
@@ -41,6 +41,7 @@ use super::schema::{
 };
 use crate::format_error;
 use crate::keys::{DataKey, FileKeyMetadata};
+use crate::tlog::evidence::{conversation_root, event_leaf};
 use chatvault_core::error::{Error, ErrorCode, Result};
 
 /// Writer tuning.
@@ -139,6 +140,8 @@ pub struct EncodedFile {
     pub max_occurred_micros: i64,
     /// Sorted [`conversation_digest`]s of the conversations in the file.
     pub conversation_digests: Vec<String>,
+    /// Per digest (same order), the conversation's root of event leaves (`tlog::evidence`).
+    pub conversation_roots: Vec<String>,
 }
 
 /// A short digest of a conversation's identity, listed per file in manifests so readers skip files without
@@ -352,17 +355,21 @@ pub fn encode_file(
                 b.kafka_offset,
             ))
     });
-    let mut digests = BTreeSet::new();
+    // Digest → the event leaves of the conversation's rows, in file order (rows are sorted by conversation).
+    let mut digests: BTreeMap<String, Vec<crate::tlog::merkle::Hash>> = BTreeMap::new();
     let mut min_occurred = i64::MAX;
     let mut max_occurred = i64::MIN;
     for row in rows.iter() {
         if row.record.tenant_id != key.tenant_id {
             return Err(Error::internal("archive file rows span tenants"));
         }
-        digests.insert(conversation_digest(
-            &row.record.tenant_id,
-            &row.record.conversation_id,
-        ));
+        digests
+            .entry(conversation_digest(
+                &row.record.tenant_id,
+                &row.record.conversation_id,
+            ))
+            .or_default()
+            .push(event_leaf(&row.record));
         min_occurred = min_occurred.min(row.record.occurred_at_micros);
         max_occurred = max_occurred.max(row.record.occurred_at_micros);
     }
@@ -393,7 +400,11 @@ pub fn encode_file(
         rows: rows.len(),
         min_occurred_micros: min_occurred,
         max_occurred_micros: max_occurred,
-        conversation_digests: digests.into_iter().collect(),
+        conversation_roots: digests
+            .values()
+            .map(|leaves| conversation_root(leaves))
+            .collect(),
+        conversation_digests: digests.into_keys().collect(),
     })
 }
 

@@ -66,6 +66,11 @@ pub struct ManifestFile {
     pub max_occurred_micros: i64,
     /// Sorted conversation digests (see `archive::file::conversation_digest`).
     pub conversation_digests: Vec<String>,
+    /// Per conversation digest (same order), the hex RFC 9162 root of the event leaves of the conversation's
+    /// rows in the file, in file order (`archive::tlog::evidence`); absent in older manifests and for files
+    /// that are not chat events.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conversation_roots: Vec<String>,
 }
 
 impl ManifestFile {
@@ -91,6 +96,7 @@ impl ManifestFile {
             min_occurred_micros: encoded.min_occurred_micros,
             max_occurred_micros: encoded.max_occurred_micros,
             conversation_digests: encoded.conversation_digests.clone(),
+            conversation_roots: encoded.conversation_roots.clone(),
         }
     }
 }

@@ -84,6 +84,10 @@ pub struct RestoreArgs {
     /// Print every item as JSON lines instead of a transcript.
     #[arg(long)]
     json: bool,
+    /// Also write the conversation's evidence (its events with the inclusion proofs in the transparency log's
+    /// newest checkpoint) to this file, for `chatvault verify-export`.
+    #[arg(long, value_name = "FILE")]
+    evidence: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -119,6 +123,7 @@ pub async fn fetch_conversation(
     token: &str,
     tenant: &str,
     conversation: &str,
+    include_evidence: bool,
 ) -> anyhow::Result<Vec<RestoreItem>> {
     let mut client = RestoreServiceClient::new(channel(restorer).await?);
     let mut stream = client
@@ -126,6 +131,7 @@ pub async fn fetch_conversation(
             GetConversationRequest {
                 tenant_id: tenant.into(),
                 conversation_id: conversation.into(),
+                include_evidence,
                 ..Default::default()
             },
             token,
@@ -176,7 +182,7 @@ pub async fn run_demo(
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let items = fetch_conversation(restorer, token, tenant, DEMO_CONVERSATION).await?;
+        let items = fetch_conversation(restorer, token, tenant, DEMO_CONVERSATION, false).await?;
         let messages = items
             .iter()
             .filter(|item| matches!(item.item, Some(Item::Message(_))))
@@ -214,11 +220,29 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         &args.connection.token().await?,
         &args.tenant,
         &args.conversation,
+        args.evidence.is_some(),
     )
     .await?;
+    if let Some(path) = &args.evidence {
+        let evidence = items
+            .iter()
+            .find_map(|item| match &item.item {
+                Some(Item::Evidence(document)) => Some(document),
+                _ => None,
+            })
+            .context("the restorer sent no evidence")?;
+        std::fs::write(path, evidence).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "evidence written to {} (check it offline: chatvault verify-export {} --trusted-key <key>)",
+            path.display(),
+            path.display()
+        );
+    }
     if args.json {
         for item in &items {
-            println!("{}", serde_json::to_string(&item_json(item))?);
+            if !matches!(item.item, Some(Item::Evidence(_))) {
+                println!("{}", serde_json::to_string(&item_json(item))?);
+            }
         }
     } else {
         print!("{}", chatvault_restorer::render::render_text(&items));
@@ -248,6 +272,7 @@ fn item_json(item: &RestoreItem) -> serde_json::Value {
             "occurred_at_micros": event.occurred_at_micros,
             "text": event.text,
         }),
+        Some(Item::Evidence(_)) => serde_json::json!({"type": "evidence"}),
         Some(Item::Integrity(status)) => serde_json::json!({
             "type": "integrity",
             "coverage": status.coverage().as_str_name(),

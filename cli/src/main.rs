@@ -63,6 +63,9 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Verify a whole archive from the bucket alone: chains, files, key records, the signed transparency log.
     Verify(verify::VerifyArgs),
+    /// Verify an exported conversation's evidence offline (`chatvault restore --evidence FILE`): every event
+    /// a row of an archived file whose manifest a signed checkpoint covers.
+    VerifyExport(verify::VerifyExportArgs),
     /// The transparency log's signing key and checkpoints.
     Checkpoint(checkpoint::CheckpointArgs),
     /// Configuration operations.
@@ -113,6 +116,7 @@ fn main() -> std::process::ExitCode {
             Command::Keys(args) => keys::keys(args).await,
             Command::Audit(args) => audit::audit(args).await,
             Command::Verify(args) => verify::verify(args).await,
+            Command::VerifyExport(args) => verify::verify_export(args).await,
             Command::Checkpoint(args) => checkpoint::checkpoint(args).await,
             Command::Config(ConfigCommand::Check(args)) => {
                 let config = roles::load_config(&args.config)?;

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use chatvault_archive::tlog::LogTrust;
+use chatvault_archive::tlog::evidence::{Evidence, verify_evidence};
 use chatvault_archive::tlog::note::VerifierKey;
 use chatvault_archive::verify::{Problem, Sampling, VerifyReport, verify_archive};
 use chatvault_config::Config;
@@ -270,4 +271,83 @@ fn describe(problem: &Problem) -> String {
         Problem::LogRollback { detail } => format!("transparency log: {detail}"),
         Problem::Unreadable { path, detail } => format!("{path} could not be read: {detail}"),
     }
+}
+
+/// `chatvault verify-export`: checks an exported conversation's evidence offline
+/// (`chatvault_archive::tlog::evidence`), with nothing but the file and the archive's verifier key.
+#[derive(Args, Debug)]
+pub struct VerifyExportArgs {
+    /// The evidence file (`chatvault restore --evidence FILE`).
+    file: PathBuf,
+    /// A verifier key (`<origin>+<key id>+<key>`) whose checkpoint signatures are accepted; repeatable.
+    /// Default: `integrity.trusted_keys` of -c, or standalone's own key with --data-dir.
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<String>,
+    #[arg(long, short = 'c', env = "CHATVAULT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Trust the key of a standalone data directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Also print the verified conversation as a transcript.
+    #[arg(long)]
+    print: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn verify_export(args: VerifyExportArgs) -> anyhow::Result<()> {
+    let keys = if args.trusted_keys.is_empty() {
+        let mut config = Config::load(args.config.as_deref())?;
+        if let Some(dir) = &args.data_dir {
+            crate::checkpoint::use_data_dir(&mut config, dir)?;
+        }
+        VerifierKey::parse_all(
+            "integrity.trusted_keys",
+            &config.shared.integrity.trusted_keys,
+        )?
+    } else {
+        VerifierKey::parse_all("--trusted-key", &args.trusted_keys)?
+    };
+    anyhow::ensure!(
+        !keys.is_empty(),
+        "no trusted key: give --trusted-key (the archive's verifier key), -c or --data-dir"
+    );
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let evidence: Evidence = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an evidence document", args.file.display()))?;
+    let report = verify_evidence(&evidence, &keys)
+        .map_err(|why| anyhow::anyhow!("{} does NOT verify: {why}", args.file.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "conversation {} of tenant {}: {} event(s) from {} archive file(s), every one a row of a file \
+             whose manifest is in checkpoint {} of {} (signature verified)",
+            evidence.conversation_id,
+            evidence.tenant_id,
+            report.events,
+            report.files,
+            report.tree_size,
+            report.origin
+        );
+        if report.unexported_rows > 0 {
+            println!(
+                "  {} row(s) of those files are not in the export (outside its time range, or copies)",
+                report.unexported_rows
+            );
+        }
+        println!("verified");
+    }
+    if args.print {
+        let events = evidence
+            .decoded_events()
+            .map_err(|why| anyhow::anyhow!(why))?;
+        print!(
+            "{}",
+            chatvault_restorer::render::render_text(&chatvault_restorer::rehydrate(&events))
+        );
+    }
+    Ok(())
 }

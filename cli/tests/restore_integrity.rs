@@ -1,12 +1,18 @@
 //! The restorer checks what it serves against the transparency log: `chatvault standalone --demo` signs
 //! checkpoints with its own key and trusts it, so a restore starts with an `integrity` item saying the
 //! conversation is covered; once an attacker rewrites a covered manifest (re-linking the chain after it so
-//! every link still verifies), the restorer refuses the tenant's data and `chatvault verify` fails.
+//! every link still verifies), the restorer refuses the tenant's data and `chatvault verify` fails. A
+//! conversation's evidence (`restore --evidence`) verifies offline (`verify-export`); a modified message, an
+//! altered manifest or another key's checkpoint does not.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use chatvault_archive::tlog::evidence::Evidence;
+use chatvault_archive::tlog::note::SigningKey;
 use chatvault_testkit::process::{ChildRole, free_address, wait_until_serving};
 
 fn binary() -> &'static Path {
@@ -111,7 +117,11 @@ async fn restores_report_coverage_and_refuse_what_a_checkpoint_contradicts() -> 
     let integrity = loop {
         let (ok, text) = restore(&data_dir, &endpoint)?;
         let first: Option<serde_json::Value> = ok
-            .then(|| text.lines().next().and_then(|line| serde_json::from_str(line).ok()))
+            .then(|| {
+                text.lines()
+                    .next()
+                    .and_then(|line| serde_json::from_str(line).ok())
+            })
             .flatten();
         if let Some(first) = first
             && first["type"] == "integrity"
@@ -127,7 +137,10 @@ async fn restores_report_coverage_and_refuse_what_a_checkpoint_contradicts() -> 
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_eq!(integrity["uncovered_files"], 0, "{integrity}");
-    assert!(integrity["files"].as_u64().unwrap_or_default() >= 1, "{integrity}");
+    assert!(
+        integrity["files"].as_u64().unwrap_or_default() >= 1,
+        "{integrity}"
+    );
     let checkpoint = integrity["checkpoint"].as_str().unwrap_or_default();
     // A C2SP signed note: standalone's origin, the tree size and root, a blank line, the signature line.
     assert!(
@@ -135,6 +148,84 @@ async fn restores_report_coverage_and_refuse_what_a_checkpoint_contradicts() -> 
             && checkpoint.contains("\n\n\u{2014} chatvault-standalone "),
         "not a signed checkpoint: {checkpoint}"
     );
+
+    // Evidence: written by the restorer, verified offline with nothing but the file and the verifier key.
+    let evidence_file = dir.path().join("evidence.json");
+    let output = Command::new(binary())
+        .args(["restore", "--data-dir"])
+        .arg(&data_dir)
+        .args([
+            "--restorer",
+            &endpoint,
+            "--tenant",
+            "demo",
+            "--conversation",
+            "demo-general",
+        ])
+        .arg("--evidence")
+        .arg(&evidence_file)
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let verifier = std::fs::read_to_string(data_dir.join("checkpoint-verifier-key"))?;
+    let verify_export = |file: &Path, key: &str| -> anyhow::Result<(bool, String)> {
+        let output = Command::new(binary())
+            .arg("verify-export")
+            .arg(file)
+            .args(["--trusted-key", key.trim(), "--print"])
+            .output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8(output.stdout)? + &String::from_utf8_lossy(&output.stderr),
+        ))
+    };
+    let (ok, text) = verify_export(&evidence_file, &verifier)?;
+    assert!(
+        ok && text.contains("verified") && text.contains("signature verified"),
+        "{text}"
+    );
+    let evidence: Evidence = serde_json::from_str(&std::fs::read_to_string(&evidence_file)?)?;
+    let mut events = evidence.decoded_events().map_err(anyhow::Error::msg)?;
+    assert!(
+        events.len() >= 3,
+        "the demo conversation has several events"
+    );
+    // --print shows the verified conversation as people saw it (the demo's messages).
+    assert!(text.contains("alice (U-ALICE): "), "{text}");
+
+    // A modified message fails, naming the event.
+    let modified = events
+        .iter_mut()
+        .find(|event| !event.text.is_empty())
+        .expect("a message");
+    modified.text.push_str(" (edited by the recipient)");
+    let event_id = modified.event_id.clone();
+    let mut altered = evidence.clone();
+    altered.events = events.iter().map(Evidence::encode_event).collect();
+    let altered_file = dir.path().join("altered.json");
+    std::fs::write(&altered_file, serde_json::to_string(&altered)?)?;
+    let (ok, text) = verify_export(&altered_file, &verifier)?;
+    assert!(!ok, "a modified message verified: {text}");
+    assert!(
+        text.contains("does NOT verify") && text.contains(&event_id) && text.contains("altered"),
+        "{text}"
+    );
+    // So does an altered manifest, and a checkpoint checked with another key.
+    let mut altered = evidence.clone();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&BASE64.decode(&altered.files[0].manifest)?)?;
+    manifest["writer_id"] = serde_json::json!("someone else");
+    altered.files[0].manifest = BASE64.encode(serde_json::to_vec(&manifest)?);
+    std::fs::write(&altered_file, serde_json::to_string(&altered)?)?;
+    let (ok, text) = verify_export(&altered_file, &verifier)?;
+    assert!(!ok && text.contains("is not leaf"), "{text}");
+    let (other, _) = SigningKey::generate("chatvault-standalone")?;
+    let (ok, text) = verify_export(&evidence_file, &other.verifier_key())?;
+    assert!(!ok && text.contains("the checkpoint"), "{text}");
+
     let (status, _) = standalone
         .terminate_and_wait(Duration::from_secs(60))
         .await?;
@@ -158,7 +249,9 @@ async fn restores_report_coverage_and_refuse_what_a_checkpoint_contradicts() -> 
         text.contains("transparency log") && text.contains("cannot be restored"),
         "{text}"
     );
-    standalone.terminate_and_wait(Duration::from_secs(60)).await?;
+    standalone
+        .terminate_and_wait(Duration::from_secs(60))
+        .await?;
     let verified = Command::new(binary())
         .args(["verify", "--data-dir"])
         .arg(&data_dir)

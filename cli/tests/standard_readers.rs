@@ -475,6 +475,7 @@ async fn standard_readers_read_every_column_of_files_of_realistic_size() -> anyh
                         from_micros,
                         to_micros,
                         include_events: true,
+                        include_evidence: false,
                     },
                     RESTORE_TOKEN,
                 ))

@@ -37,7 +37,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chatvault_archive::chain::ChainReader;
 use chatvault_archive::file::conversation_digest;
 use chatvault_archive::manifest::{ChainHead, ManifestFile};
-use chatvault_archive::tlog::committer::newest_log_state;
+use chatvault_archive::tlog::Bundle;
+use chatvault_archive::tlog::committer::{fetch_committed, log_files, newest_log_state};
+use chatvault_archive::tlog::merkle::{self, Hash, inclusion_proof};
 use chatvault_archive::tlog::note::VerifierKey;
 use chatvault_archive::tlog::{LOG_PARTITION, LOG_TOPIC};
 use chatvault_core::{Error, ErrorCode, Result};
@@ -74,8 +76,8 @@ struct IndexState {
 struct LogView {
     /// The log chain's head after its last verified manifest.
     cursor: Option<ChainHead>,
-    /// The newest checkpoint (signed note) and its tree size; none before the first.
-    checkpoint: Option<(String, u64)>,
+    /// The newest checkpoint (signed note), its tree size and root; none before the first.
+    checkpoint: Option<(String, u64, Hash)>,
     /// Per partition, the manifests `[0, n)` the newest checkpoint covers.
     covered: HashMap<i32, u64>,
     /// Per partition, the logged head: (next seq, SHA-256 of manifest `next seq - 1`).
@@ -84,6 +86,12 @@ struct LogView {
     contradicted: BTreeMap<i32, BrokenChain>,
     /// Why the log's newest entry does not verify: every request fails while it is set.
     error: Option<String>,
+    /// The log's leaf hashes, loaded by the first evidence request ([`ArchiveIndex::log_proofs`]) and
+    /// extended bundle by bundle after: the log manifests `[0, leaves_through)` are in it.
+    leaves: Vec<Hash>,
+    leaves_through: u64,
+    /// The leaf index of each manifest of this index's topic, by (partition, seq).
+    leaf_of: HashMap<(i32, u64), u64>,
 }
 
 /// How far the transparency log vouches for the files of one request.
@@ -108,6 +116,8 @@ pub enum Coverage {
 #[derive(Debug, Clone)]
 pub struct Selection {
     pub files: Vec<Arc<ManifestFile>>,
+    /// Per file (same order), the manifest committing it: (partition, seq).
+    pub locations: Vec<(i32, u64)>,
     pub coverage: Coverage,
 }
 
@@ -204,6 +214,16 @@ impl ArchiveIndex {
         self
     }
 
+    /// The keys whose checkpoints are trusted (empty: the log is not checked).
+    pub fn trusted_keys(&self) -> &[VerifierKey] {
+        &self.trusted_keys
+    }
+
+    /// The stream whose chains this index reads.
+    pub fn topic(&self) -> &str {
+        self.chains.topic()
+    }
+
     /// How many manifests were read from storage since start (a metric; incremental refreshes keep it low).
     pub fn manifests_read(&self) -> u64 {
         self.manifests_read.load(Ordering::Relaxed)
@@ -291,15 +311,88 @@ impl ArchiveIndex {
                 .iter()
                 .map(|indexed| indexed.file.clone())
                 .collect(),
+            locations: selected
+                .iter()
+                .map(|indexed| (indexed.partition, indexed.seq))
+                .collect(),
             coverage,
         })
+    }
+
+    /// The newest checkpoint (signed note) as of the last refresh, and for each manifest of `manifests`
+    /// ((partition, seq) of this index's topic, all covered by it) its leaf index in the log and inclusion
+    /// proof. Loads the log's bundles not loaded yet, and checks that their leaves reproduce the checkpoint.
+    pub async fn log_proofs(
+        &self,
+        manifests: &[(i32, u64)],
+    ) -> Result<(String, Vec<(u64, Vec<Hash>)>)> {
+        let mut state = self.state.lock().await;
+        let log = &mut state.log;
+        let Some((note, tree_size, root)) = log.checkpoint.clone() else {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                "no checkpoint of the transparency log is signed yet",
+            ));
+        };
+        let through = log.cursor.as_ref().map_or(0, |cursor| cursor.next_seq);
+        let reader = ChainReader::new(self.chains.store().clone(), LOG_TOPIC);
+        while log.leaves_through < through {
+            let (manifest, _) = reader.read(LOG_PARTITION, log.leaves_through).await?;
+            let bad = |why: String| {
+                Error::internal(format!(
+                    "the transparency log's entry {} does not verify: {why}",
+                    manifest.seq
+                ))
+            };
+            let (bundle_file, _) = log_files(&manifest).map_err(bad)?;
+            let bytes = fetch_committed(self.chains.store().as_ref(), bundle_file)
+                .await?
+                .map_err(bad)?;
+            let bundle: Bundle = serde_json::from_slice(&bytes)
+                .map_err(|error| bad(format!("its bundle is not valid JSON: {error}")))?;
+            if bundle.first_index != log.leaves.len() as u64 {
+                return Err(bad(format!(
+                    "its bundle starts at leaf {}, the log before it has {}",
+                    bundle.first_index,
+                    log.leaves.len()
+                )));
+            }
+            for leaf in &bundle.leaves {
+                if leaf.topic == self.chains.topic() {
+                    log.leaf_of
+                        .insert((leaf.partition, leaf.seq), log.leaves.len() as u64);
+                }
+                log.leaves.push(leaf.hash());
+            }
+            log.leaves_through += 1;
+        }
+        if log.leaves.len() as u64 != tree_size || merkle::root(&log.leaves) != root {
+            return Err(Error::internal(format!(
+                "the transparency log's bundles ({} leaves) do not reproduce its newest checkpoint ({tree_size})",
+                log.leaves.len()
+            )));
+        }
+        let proofs = manifests
+            .iter()
+            .map(|&(partition, seq)| {
+                let index = *log.leaf_of.get(&(partition, seq)).ok_or_else(|| {
+                    Error::internal(format!(
+                        "manifest {seq} of partition {partition} is not in the transparency log"
+                    ))
+                })?;
+                let proof = inclusion_proof(log.leaves.as_slice(), index, tree_size)
+                    .ok_or_else(|| Error::internal("no inclusion proof in the log's tree"))?;
+                Ok((index, proof))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((note, proofs))
     }
 
     fn coverage(&self, state: &IndexState, files: &[&IndexedFile]) -> Coverage {
         if self.trusted_keys.is_empty() {
             return Coverage::NotChecked;
         }
-        let Some((note, tree_size)) = &state.log.checkpoint else {
+        let Some((note, tree_size, _)) = &state.log.checkpoint else {
             return Coverage::NoCheckpoint;
         };
         let covered_files = files
@@ -359,7 +452,7 @@ impl ArchiveIndex {
             .filter(|((logged_topic, _), _)| logged_topic == topic)
             .map(|((_, partition), head)| (*partition, (head.next_seq, head.last_sha256.clone())))
             .collect();
-        log.checkpoint = Some((note, state.frontier.size()));
+        log.checkpoint = Some((note, state.frontier.size(), state.frontier.root()));
         log.cursor = Some(head);
         log.error = None;
     }
@@ -374,7 +467,7 @@ impl ArchiveIndex {
         } = state;
         log.covered.clear();
         log.contradicted.clear();
-        let Some((_, tree_size)) = &log.checkpoint else {
+        let Some((_, tree_size, _)) = &log.checkpoint else {
             return;
         };
         for (partition, (next_seq, sha256)) in &log.logged {

@@ -13,6 +13,7 @@
 
 pub mod audit_trail;
 pub mod config;
+pub mod evidence;
 pub mod index;
 pub mod key_export;
 pub mod reader;

@@ -50,6 +50,54 @@ struct FileListing {
     identity_hashes: Vec<u64>,
 }
 
+/// Archived events with copies of one event collapsed to the first archived (lowest Kafka partition and
+/// offset).
+#[derive(Default)]
+pub(crate) struct Collapsed {
+    unique: HashMap<EventIdentity, ArchivedEvent>,
+}
+
+impl Collapsed {
+    /// Adds the events of `events` that lie in `range`.
+    pub(crate) fn add(&mut self, events: Vec<ArchivedEvent>, range: TimeRange) {
+        for event in events {
+            if !range.contains(event.record.occurred_at_micros) {
+                continue;
+            }
+            match self.unique.entry(EventIdentity::of(&event)) {
+                Entry::Vacant(slot) => {
+                    slot.insert(event);
+                }
+                Entry::Occupied(mut slot) => {
+                    let kept = slot.get();
+                    if (event.kafka_partition, event.kafka_offset)
+                        < (kept.kafka_partition, kept.kafka_offset)
+                    {
+                        slot.insert(event);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.unique.len()
+    }
+
+    /// The events sorted by event time, then Kafka partition and offset.
+    pub(crate) fn into_sorted(self) -> Vec<ArchivedEvent> {
+        let mut events: Vec<ArchivedEvent> = self.unique.into_values().collect();
+        events.sort_by_key(|e| {
+            (
+                e.record.occurred_at_micros,
+                e.kafka_partition,
+                e.kafka_offset,
+            )
+        });
+        events
+    }
+}
+
 /// The identity under which copies of one event collapse: `(tenant_id, conversation_id, event_id)`, as
 /// everywhere in the archive (ids are unique only within a conversation). Events always carry an `event_id`
 /// once accepted by the gateway; an event without one (a foreign writer) is kept as its own Kafka record rather
@@ -129,6 +177,10 @@ impl Restorer {
         &self.buffered
     }
 
+    pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     pub(crate) fn read_concurrency(&self) -> usize {
         self.read_concurrency
     }
@@ -184,37 +236,12 @@ impl Restorer {
         let mut decoded = futures::stream::iter(files)
             .map(|file| self.read_file(file, tenant, Some(conversation)))
             .buffer_unordered(self.read_concurrency);
-        let mut unique: HashMap<EventIdentity, ArchivedEvent> = HashMap::new();
+        let mut collapsed = Collapsed::default();
         // The first error ends the request; dropping the stream cancels the reads still in flight.
         while let Some(events) = decoded.next().await {
-            for event in events? {
-                if !range.contains(event.record.occurred_at_micros) {
-                    continue;
-                }
-                match unique.entry(EventIdentity::of(&event)) {
-                    Entry::Vacant(slot) => {
-                        slot.insert(event);
-                    }
-                    Entry::Occupied(mut slot) => {
-                        let kept = slot.get();
-                        if (event.kafka_partition, event.kafka_offset)
-                            < (kept.kafka_partition, kept.kafka_offset)
-                        {
-                            slot.insert(event);
-                        }
-                    }
-                }
-            }
+            collapsed.add(events?, range);
         }
-        let mut events: Vec<ArchivedEvent> = unique.into_values().collect();
-        events.sort_by_key(|e| {
-            (
-                e.record.occurred_at_micros,
-                e.kafka_partition,
-                e.kafka_offset,
-            )
-        });
-        Ok(events)
+        Ok(collapsed.into_sorted())
     }
 
     /// One summary per conversation of `tenant`, sorted by conversation id. Event counts collapse copies of an
@@ -411,7 +438,7 @@ impl Restorer {
 
     /// Fetches one committed file, checks it is the file the manifest committed, and decodes the events of
     /// `conversation` (all events when `None`).
-    async fn read_file(
+    pub(crate) async fn read_file(
         &self,
         file: Arc<ManifestFile>,
         tenant: &str,

@@ -455,6 +455,7 @@ mod tests {
                 Some(Item::Event(e)) => format!("*{}", e.kind().as_str_name()),
                 Some(Item::ArchivedEvent(e)) => format!("raw:{}", e.event_id),
                 Some(Item::Integrity(_)) => "integrity".into(),
+                Some(Item::Evidence(_)) => "evidence".into(),
                 None => "?".into(),
             })
             .collect()

@@ -43,6 +43,8 @@ pub fn render_text(items: &[RestoreItem]) -> String {
             Some(Item::Integrity(status)) => {
                 let _ = writeln!(out, "integrity: {}", status.detail);
             }
+            // A document for `chatvault verify-export`, not part of the transcript.
+            Some(Item::Evidence(_)) => {}
             None => {}
         }
     }

@@ -120,15 +120,23 @@ impl RestoreApi {
             .await?;
         validate_conversation_request(request)?;
         let permit = self.admit()?;
-        let plan = self
+        let range = TimeRange::new(request.from_micros, request.to_micros);
+        let mut plan = self
             .restorer
             .plan_conversation(
                 &request.tenant_id,
                 &request.conversation_id,
-                TimeRange::new(request.from_micros, request.to_micros),
+                range,
                 request.include_events,
             )
             .await?;
+        if request.include_evidence {
+            let evidence = self
+                .restorer
+                .conversation_evidence(&request.tenant_id, &request.conversation_id, range)
+                .await?;
+            plan = plan.with_evidence(serde_json::to_string_pretty(&evidence)?);
+        }
         Ok((plan, permit))
     }
 

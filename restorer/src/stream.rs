@@ -172,6 +172,8 @@ pub struct ConversationPlan {
     include_events: bool,
     /// Sent first, when the restorer checks the transparency log.
     integrity: Option<IntegrityStatus>,
+    /// Sent last, when asked for: the evidence document.
+    evidence: Option<String>,
     mode: Mode,
 }
 
@@ -201,6 +203,7 @@ impl ConversationPlan {
     /// How many items [`Self::emit`] sends (view items, plus archived events when asked for).
     pub fn item_count(&self) -> u64 {
         u64::from(self.integrity.is_some())
+            + u64::from(self.evidence.is_some())
             + match &self.mode {
                 Mode::InMemory { view, events, .. } => {
                     (view.len() + if self.include_events { events.len() } else { 0 }) as u64
@@ -253,7 +256,6 @@ impl ConversationPlan {
                         }
                     }
                 }
-                Ok(())
             }
             Mode::Streamed(streamed) => {
                 let context = Emission {
@@ -270,9 +272,22 @@ impl ConversationPlan {
                 if include_events {
                     context.emit_archived_events().await?;
                 }
-                Ok(())
             }
         }
+        if let Some(evidence) = self.evidence {
+            let item = RestoreItem {
+                item: Some(Item::Evidence(evidence)),
+            };
+            // A receiver gone by now needs nothing more.
+            let _ = items.send(Ok(item)).await;
+        }
+        Ok(())
+    }
+
+    /// Ends the restore with `evidence` (a `chatvault-evidence-v1` document).
+    pub fn with_evidence(mut self, evidence: String) -> ConversationPlan {
+        self.evidence = Some(evidence);
+        self
     }
 }
 
@@ -521,7 +536,9 @@ impl Restorer {
         range: TimeRange,
         include_events: bool,
     ) -> Result<ConversationPlan> {
-        let Selection { files, coverage } = self
+        let Selection {
+            files, coverage, ..
+        } = self
             .index()
             .conversation_selection(tenant, conversation, range)
             .await?;
@@ -614,6 +631,7 @@ impl Restorer {
             conversation: conversation.to_string(),
             include_events,
             integrity,
+            evidence: None,
             mode,
         })
     }

@@ -242,6 +242,7 @@ impl Committer {
             min_occurred_micros: created,
             max_occurred_micros: created,
             conversation_digests: Vec::new(),
+            conversation_roots: Vec::new(),
         };
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
@@ -327,7 +328,7 @@ impl Committer {
 }
 
 /// The bundle and checkpoint entries of a log manifest.
-pub(crate) fn log_files(
+pub fn log_files(
     manifest: &Manifest,
 ) -> std::result::Result<(&ManifestFile, &ManifestFile), String> {
     let find = |root: &str| {
@@ -347,7 +348,7 @@ pub(crate) fn log_files(
 
 /// A committed file's bytes, once their size and SHA-256 match its manifest entry (`Err` inside says what is
 /// wrong with it; the outer error is storage failing).
-pub(crate) async fn fetch_committed(
+pub async fn fetch_committed(
     store: &dyn ObjectStore,
     file: &ManifestFile,
 ) -> Result<std::result::Result<Bytes, String>> {

@@ -19,6 +19,7 @@
 
 pub mod check;
 pub mod committer;
+pub mod evidence;
 pub mod merkle;
 pub mod note;
 
