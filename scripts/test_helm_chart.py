@@ -1035,6 +1035,47 @@ def main() -> int:
         assert witnessed == {"url": "s3://chatvault-ci-witness/checkpoints",
                              "options": {"aws_region": "us-west-2"}}, witnessed
 
+    @check("restore drills: one CronJob per drilled tenant, restricted, with the signing key, keyring and token")
+    def _drill_cronjobs():
+        documents = rendered["ci/production-values.yaml"]
+        jobs = kind(documents, "CronJob")
+        fullname = next(d for d in kind(documents, "ConfigMap") if "chatvault.toml" in d["data"])["metadata"]["name"]
+        assert [j["metadata"]["name"] for j in jobs] == [f"{fullname}-drill-acme"], jobs
+        job = jobs[0]
+        assert job["spec"]["concurrencyPolicy"] == "Forbid", job["spec"]
+        pod = job["spec"]["jobTemplate"]["spec"]["template"]
+        spec = pod["spec"]
+        assert spec["restartPolicy"] == "Never" and spec["securityContext"]["runAsNonRoot"], spec
+        container = spec["containers"][0]
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"], security
+        assert security["capabilities"]["drop"] == ["ALL"], security
+        args = container["args"]
+        assert args[:3] == ["drill", "--restorer", f"http://{fullname}-restorer:50052"], args
+        assert args[3:] == ["--tenant", "acme", "--per-tenant", "3"], args
+        env = env_map(container)
+        assert env["CHATVAULT_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "chatvault-tokens", "key": "acme-legal"}
+        assert env["CHATVAULT_CONFIG"]["value"] == "/etc/chatvault/config/chatvault.toml"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["checkpoint-signing-key"]["secret"]["secretName"] == "chatvault-checkpoint-key"
+        assert volumes["keyring"]["secret"]["secretName"] == "chatvault-keyring"
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        # signing_key_path in the shared chatvault.toml names the file the drill's mount provides.
+        key_path = chatvault_toml(documents)["integrity"]["signing_key_path"]
+        assert key_path.startswith(mounts["checkpoint-signing-key"] + "/"), (key_path, mounts)
+        assert pod["metadata"]["labels"][f"{fullname}-client"] == "true", "the NetworkPolicy's client label"
+        assert not kind(render(chart, distributed), "CronJob"), "drills are off by default"
+        for values, needle in [
+            (with_distributed(drill={"enabled": True, "tenants": [{"tenant": "demo", "token": "t"}]}),
+             "checkpointSigningKey.existingSecret"),
+            (with_distributed(checkpointSigningKey={"existingSecret": "k"}, drill={"enabled": True}),
+             "drill.tenants"),
+            (with_distributed(checkpointSigningKey={"existingSecret": "k"}, auth={"tokens": {}},
+                              drill={"enabled": True, "tenants": [{"tenant": "demo", "token": "missing"}]}),
+             "missing"),
+        ]:
+            expect_failure(f"render {values['drill']}", lambda: render(chart, values), needle)
+
     @check("keys in AWS KMS: no keyring needed or mounted; the provider and key reach chatvault.toml")
     def _kms_keys():
         values = with_distributed(keyring={"json": ""}, config={**distributed["config"], "keys": {

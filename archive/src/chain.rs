@@ -388,6 +388,48 @@ impl ChainWriter {
         }
     }
 
+    /// Commits `manifest` with the plaintext `files` it names, for the small streams chatvault writes itself
+    /// (the transparency log, drill reports): the upload intent, the files, the conditional create. True when
+    /// this batch holds the sequence number; false when another batch won it (this batch is then abandoned).
+    pub async fn commit_with_files(
+        &self,
+        manifest: &Manifest,
+        files: Vec<(Path, Bytes)>,
+    ) -> Result<bool> {
+        let paths: Vec<Path> = files.iter().map(|(path, _)| path.clone()).collect();
+        self.write_intent(
+            manifest.partition,
+            &PendingIntent {
+                batch_id: manifest.batch_id.clone(),
+                seq: manifest.seq,
+                writer_id: manifest.writer_id.clone(),
+                files: paths.iter().map(ToString::to_string).collect(),
+                created_at_micros: manifest.created_at_micros,
+            },
+        )
+        .await?;
+        for (path, bytes) in files {
+            self.store().put(&path, PutPayload::from(bytes)).await?;
+        }
+        match self.commit(manifest).await? {
+            Commit::Committed { .. } => {
+                self.delete_intent(manifest.partition, &manifest.batch_id)
+                    .await?;
+                Ok(true)
+            }
+            Commit::Lost { winner_writer_id } => {
+                tracing::info!(topic = %self.reader.topic, winner = %winner_writer_id, seq = manifest.seq, "another writer committed this sequence number first");
+                match self
+                    .abandon(manifest.partition, manifest.seq, &manifest.batch_id, &paths)
+                    .await
+                {
+                    Abandoned::WasCommitted { .. } => Ok(true),
+                    Abandoned::Deleted | Abandoned::LeftForCleanup => Ok(false),
+                }
+            }
+        }
+    }
+
     /// Gives up batch `batch_id` of sequence number `seq` (revoked partition, lost commit, fenced): deletes
     /// `files` and the intent only if the sequence number is committed by another batch (see the module
     /// documentation); otherwise leaves them.

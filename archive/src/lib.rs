@@ -16,6 +16,7 @@
 
 pub mod audit;
 pub mod chain;
+pub mod drill;
 pub mod file;
 pub mod holds;
 pub mod keys;

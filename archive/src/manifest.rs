@@ -101,6 +101,28 @@ impl ManifestFile {
     }
 }
 
+impl ManifestFile {
+    /// The manifest entry of a plaintext file chatvault writes itself (log bundles and checkpoints, drill
+    /// reports): no tenant, no data key, dated `at_micros`.
+    pub fn plaintext(path: &Path, bytes: &[u8], rows: u64, at_micros: i64) -> ManifestFile {
+        ManifestFile {
+            path: path.to_string(),
+            tenant_id: String::new(),
+            date: chatvault_core::time::Date::from_micros(at_micros).iso(),
+            key_period: String::new(),
+            key_scope: String::new(),
+            dek_id: String::new(),
+            rows,
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
+            min_occurred_micros: at_micros,
+            max_occurred_micros: at_micros,
+            conversation_digests: Vec::new(),
+            conversation_roots: Vec::new(),
+        }
+    }
+}
+
 /// A record of the covered range that can never be archived, with why. Its bytes are in the dead-letter topic
 /// (`dead_letter`), where an operator can inspect them and, once the cause is fixed (for example the tenant's
 /// key added), produce them to the topic again.

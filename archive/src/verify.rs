@@ -272,7 +272,12 @@ pub async fn verify_archive(
         &mut report.problems,
     )
     .await?;
-    for root in [layout::EVENTS_ROOT, layout::AUDIT_ROOT, tlog::LOG_ROOT] {
+    for root in [
+        layout::EVENTS_ROOT,
+        layout::AUDIT_ROOT,
+        tlog::LOG_ROOT,
+        crate::drill::DRILLS_ROOT,
+    ] {
         let mut listing = store.list(Some(&Path::from(root)));
         while let Some(object) = listing.try_next().await.map_err(Error::from)? {
             let path = object.location.to_string();

@@ -38,6 +38,11 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
+    /// The standalone data directory (`--data-dir`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
     /// The bearer token, the first of: `--token` (or `CHATVAULT_TOKEN`); the sign-in of `chatvault login`
     /// (renewed when it is about to expire); the standalone token in `--data-dir`.
     pub async fn token(&self) -> anyhow::Result<String> {

@@ -6,6 +6,7 @@ mod audit;
 mod checkpoint;
 mod client;
 mod credentials;
+mod drill;
 mod keys;
 mod login;
 mod ops;
@@ -66,6 +67,9 @@ enum Command {
     /// Verify an exported conversation's evidence offline (`chatvault restore --evidence FILE`): every event
     /// a row of an archived file whose manifest a signed checkpoint covers.
     VerifyExport(verify::VerifyExportArgs),
+    /// A restore drill: sample conversations per tenant, restore them through the restorer, re-read them from
+    /// the Parquet files, compare, check the chains and the log, commit a signed report (`--history` lists them).
+    Drill(drill::DrillArgs),
     /// The transparency log's signing key and checkpoints.
     Checkpoint(checkpoint::CheckpointArgs),
     /// Configuration operations.
@@ -118,6 +122,7 @@ fn main() -> std::process::ExitCode {
             Command::Verify(args) => verify::verify(args).await,
             Command::VerifyExport(args) => verify::verify_export(args).await,
             Command::Checkpoint(args) => checkpoint::checkpoint(args).await,
+            Command::Drill(args) => drill::drill(args).await,
             Command::Config(ConfigCommand::Check(args)) => {
                 let config = roles::load_config(&args.config)?;
                 chatvault_archive::tlog::note::VerifierKey::parse_all(

@@ -134,7 +134,7 @@ fn log_trust(config: &Config, args: &VerifyArgs) -> anyhow::Result<LogTrust> {
     })
 }
 
-fn random_seed() -> anyhow::Result<u64> {
+pub(crate) fn random_seed() -> anyhow::Result<u64> {
     let mut bytes = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| anyhow::anyhow!("no randomness for the sample's seed; give --seed"))?;

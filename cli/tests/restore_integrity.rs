@@ -3,7 +3,8 @@
 //! conversation is covered; once an attacker rewrites a covered manifest (re-linking the chain after it so
 //! every link still verifies), the restorer refuses the tenant's data and `chatvault verify` fails. A
 //! conversation's evidence (`restore --evidence`) verifies offline (`verify-export`); a modified message, an
-//! altered manifest or another key's checkpoint does not.
+//! altered manifest or another key's checkpoint does not. A restore drill passes over the healthy archive,
+//! fails over a corrupted file naming the conversation and the file, and both signed reports are listed.
 
 use std::path::Path;
 use std::process::Command;
@@ -226,17 +227,80 @@ async fn restores_report_coverage_and_refuse_what_a_checkpoint_contradicts() -> 
     let (ok, text) = verify_export(&evidence_file, &other.verifier_key())?;
     assert!(!ok && text.contains("the checkpoint"), "{text}");
 
+    // A restore drill against the healthy archive passes; its signed report is in the archive's history.
+    let drill = |extra: &[&str]| -> anyhow::Result<(bool, String)> {
+        let output = Command::new(binary())
+            .args(["drill", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--restorer", &endpoint])
+            .args(extra)
+            .output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8(output.stdout)? + &String::from_utf8_lossy(&output.stderr),
+        ))
+    };
+    let (ok, text) = drill(&["--json"])?;
+    assert!(ok, "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&text[..text.rfind('}').expect("json") + 1])?;
+    assert_eq!(report["passed"], true, "{report}");
+    let drilled = &report["conversations"][0];
+    assert_eq!(drilled["conversation_id"], "demo-general", "{report}");
+    assert!(drilled["restored_events"].as_u64() >= Some(3), "{report}");
+    assert_eq!(
+        drilled["restored_events"], drilled["archived_events"],
+        "{report}"
+    );
+    let (ok, text) = drill(&["--history"])?;
+    assert!(
+        ok && text.contains(" passed 1 conversation(s), 0 failed")
+            && text.contains("signature verified"),
+        "{text}"
+    );
+
+    // A corrupted file: the drill fails and names the conversation and the file.
+    let file = drilled["files"][0].as_str().expect("a file").to_string();
+    let path = data_dir.join("archive").join(&file);
+    let mut bytes = std::fs::read(&path)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&path, bytes)?;
+    let (ok, text) = drill(&[])?;
+    assert!(!ok, "a drill passed over a corrupted file: {text}");
+    assert!(
+        text.contains("FAIL demo/demo-general") && text.contains(&file) && text.contains("FAILED"),
+        "{text}"
+    );
+    let (ok, text) = drill(&["--history"])?;
+    assert!(
+        ok && text
+            .lines()
+            .filter(|line| line.contains("signature verified"))
+            .count()
+            == 2,
+        "{text}"
+    );
+    assert!(
+        text.contains(" FAILED 1 conversation(s), 1 failed"),
+        "{text}"
+    );
+
     let (status, _) = standalone
         .terminate_and_wait(Duration::from_secs(60))
         .await?;
     assert!(status.success(), "standalone exited with {status}");
+    // verify names the corrupted file; the drill reports themselves are committed and logged.
     let verified = Command::new(binary())
         .args(["verify", "--data-dir"])
         .arg(&data_dir)
         .output()?;
     let text = String::from_utf8_lossy(&verified.stdout);
     assert!(
-        verified.status.success() && text.contains("signatures verified"),
+        !verified.status.success()
+            && text.contains("signatures verified")
+            && text.contains(&format!("{file} was altered"))
+            && text.contains("topic _drill: 2 manifest(s) verified"),
         "{text}"
     );
 

@@ -146,11 +146,17 @@ impl Standalone {
             );
             if let Ok(response) = restore.get_conversation(request).await {
                 let mut stream = response.into_inner();
-                let mut items = 0;
-                while let Some(_item) = stream.message().await? {
-                    items += 1;
+                // The messages (standalone's restores also start with an `integrity` item).
+                let mut messages = 0;
+                while let Some(item) = stream.message().await? {
+                    if matches!(
+                        item.item,
+                        Some(chatvault_proto::v1::restore_item::Item::Message(_))
+                    ) {
+                        messages += 1;
+                    }
                 }
-                if items == 3 {
+                if messages == 3 {
                     return Ok(());
                 }
             }

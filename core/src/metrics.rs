@@ -83,6 +83,9 @@ pub struct Metrics {
     /// that made no progress for `archiver.stall_timeout` (storage, keys or the chain head unreachable, or
     /// retries failing).
     stalled_partitions: PerTopic,
+    /// Source of `chatvault.drill.last.timestamp` (s, Unix time the newest restore drill finished) and
+    /// `chatvault.drill.last.passed` (1 or 0), read by the restorer from the archive's signed reports.
+    last_drill: Arc<Mutex<Option<(f64, bool)>>>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -141,6 +144,36 @@ impl Metrics {
                 "Owned partitions with records to archive and no commit for archiver.stall_timeout",
             )
             .with_callback(move |observer| observed.observe_into(observer))
+            .build();
+        let last_drill: Arc<Mutex<Option<(f64, bool)>>> = Arc::default();
+        let observed = last_drill.clone();
+        meter
+            .f64_observable_gauge("chatvault.drill.last.timestamp")
+            .with_unit("s")
+            .with_description("Unix time the newest restore drill in the archive finished")
+            .with_callback(move |observer| {
+                let last = observed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Some((finished, _)) = *last {
+                    observer.observe(finished, &[]);
+                }
+            })
+            .build();
+        let observed = last_drill.clone();
+        meter
+            .u64_observable_gauge("chatvault.drill.last.passed")
+            .with_description(
+                "Whether the newest restore drill in the archive passed (1) or failed (0)",
+            )
+            .with_callback(move |observer| {
+                let last = observed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Some((_, passed)) = *last {
+                    observer.observe(u64::from(passed), &[]);
+                }
+            })
             .build();
         Metrics {
             events_accepted: meter
@@ -209,7 +242,17 @@ impl Metrics {
             consumer_lag,
             halted_partitions,
             stalled_partitions,
+            last_drill,
         }
+    }
+
+    /// Records the newest restore drill: when it finished and whether it passed.
+    pub fn set_last_drill(&self, finished_at_micros: i64, passed: bool) {
+        *self
+            .last_drill
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            Some((finished_at_micros as f64 / 1e6, passed));
     }
 
     pub fn set_stalled_partitions(&self, topic: &str, count: usize) {

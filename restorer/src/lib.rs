@@ -66,6 +66,13 @@ pub async fn run(
             .with_trusted_keys(trusted_keys.clone());
     let auditor = Auditor::new("restorer", audit);
     let key_export = KeyExportApi::new(keys.clone(), shared.authenticator()?, auditor.clone());
+    if !trusted_keys.is_empty() {
+        tokio::spawn(watch_drills(
+            store.clone(),
+            trusted_keys.clone(),
+            shutdown.clone(),
+        ));
+    }
     let restorer = Restorer::new(store, keys, &shared.kafka.topic, settings.read_concurrency)
         .with_buffer_limits(BufferLimits {
             events: settings.max_buffered_events,
@@ -83,4 +90,37 @@ pub async fn run(
         key_export: Some(key_export),
     };
     serve(listener, api, more, shutdown, settings.drain_timeout).await
+}
+
+/// How often the restorer looks for a new restore drill report.
+const DRILL_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps the `chatvault.drill.last.*` gauges on the newest signed drill report in the archive, so an alert
+/// can fire when drills stop running or fail (the drill itself is a short-lived job with no metrics port).
+async fn watch_drills(
+    store: Arc<dyn object_store::ObjectStore>,
+    trusted_keys: Vec<VerifierKey>,
+    shutdown: Shutdown,
+) {
+    let mut ticks = tokio::time::interval(DRILL_POLL_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = shutdown.wait();
+    tokio::pin!(stop);
+    let mut reported = None;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = ticks.tick() => {
+                match chatvault_archive::drill::newest_report(store.clone(), &trusted_keys).await {
+                    Ok(Some(stored)) if reported != Some(stored.seq) => {
+                        chatvault_core::metrics::metrics()
+                            .set_last_drill(stored.report.finished_at_micros, stored.report.passed);
+                        reported = Some(stored.seq);
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "reading the newest restore drill report"),
+                }
+            }
+        }
+    }
 }

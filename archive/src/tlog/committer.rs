@@ -22,11 +22,11 @@ use super::{
     BUNDLE_FORMAT, Bundle, LOG_PARTITION, LOG_TOPIC, Leaf, LoggedHead, bundle_path,
     checkpoint_path, hashes_from_hex, hashes_to_hex, witness_checkpoint_path,
 };
-use crate::chain::{self, Abandoned, ChainReader, ChainWriter, Commit};
+use crate::chain::{self, ChainReader, ChainWriter};
 use crate::file::sha256_hex;
-use crate::manifest::{ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile, PendingIntent};
+use crate::manifest::{ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile};
 use chatvault_core::error::{Error, Result};
-use chatvault_core::time::{Date, now_micros};
+use chatvault_core::time::now_micros;
 
 /// Leaves one round appends at most (bounds the round's memory; the rest waits for the next round).
 pub const MAX_LEAVES_PER_ROUND: usize = 50_000;
@@ -228,21 +228,8 @@ impl Committer {
         let bundle_bytes = Bytes::from(serde_json::to_vec_pretty(&bundle)?);
         let note_bytes = Bytes::from(note.as_bytes().to_vec());
         let created = bundle.created_at_micros;
-        let date = Date::from_micros(created).iso();
-        let describe = |path: &Path, bytes: &Bytes, rows: u64| ManifestFile {
-            path: path.to_string(),
-            tenant_id: String::new(),
-            date: date.clone(),
-            key_period: String::new(),
-            key_scope: String::new(),
-            dek_id: String::new(),
-            rows,
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(bytes),
-            min_occurred_micros: created,
-            max_occurred_micros: created,
-            conversation_digests: Vec::new(),
-            conversation_roots: Vec::new(),
+        let describe = |path: &Path, bytes: &Bytes, rows: u64| {
+            ManifestFile::plaintext(path, bytes, rows, created)
         };
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
@@ -263,39 +250,12 @@ impl Committer {
             offset_gaps: Vec::new(),
         };
         debug_assert_eq!(manifest.seq, head.next_seq);
-        let files = [bundle_at, checkpoint_at];
         self.chain
-            .write_intent(
-                LOG_PARTITION,
-                &PendingIntent {
-                    batch_id: batch_id.clone(),
-                    seq: manifest.seq,
-                    writer_id: self.writer_id.clone(),
-                    files: files.iter().map(ToString::to_string).collect(),
-                    created_at_micros: created,
-                },
+            .commit_with_files(
+                &manifest,
+                vec![(bundle_at, bundle_bytes), (checkpoint_at, note_bytes)],
             )
-            .await?;
-        for (path, bytes) in files.iter().zip([bundle_bytes, note_bytes]) {
-            self.store.put(path, PutPayload::from(bytes)).await?;
-        }
-        match self.chain.commit(&manifest).await? {
-            Commit::Committed { .. } => {
-                self.chain.delete_intent(LOG_PARTITION, &batch_id).await?;
-                Ok(true)
-            }
-            Commit::Lost { winner_writer_id } => {
-                tracing::info!(winner = %winner_writer_id, seq = manifest.seq, "another committer signed this checkpoint first");
-                match self
-                    .chain
-                    .abandon(LOG_PARTITION, manifest.seq, &batch_id, &files)
-                    .await
-                {
-                    Abandoned::WasCommitted { .. } => Ok(true),
-                    Abandoned::Deleted | Abandoned::LeftForCleanup => Ok(false),
-                }
-            }
-        }
+            .await
     }
 
     /// Puts the checkpoint of `tree_size` into the witness store unless it is there already (a create, so an

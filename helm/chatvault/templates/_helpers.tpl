@@ -398,6 +398,28 @@ restorer drains (20 s). */ -}}
 {{- if and (eq (default "local" $keys.provider) "aws_kms") (not (($keys.aws_kms | default dict).key_id)) (not $v.existingConfigmap) -}}
 {{- fail "config.keys.aws_kms.key_id: keys.provider aws_kms needs the KMS key (id, ARN or alias/...) that wraps data keys" -}}
 {{- end -}}
+{{- if $v.drill.enabled -}}
+{{- if not $v.restorer.enabled -}}
+{{- fail "drill.enabled: restore drills restore through the restorer: enable restorer" -}}
+{{- end -}}
+{{- if not $v.checkpointSigningKey.existingSecret -}}
+{{- fail "drill.enabled: drill reports are signed with the checkpoint key: set checkpointSigningKey.existingSecret" -}}
+{{- end -}}
+{{- if not $v.drill.tenants -}}
+{{- fail "drill.tenants: name the tenants to drill, each with its drill token ([{tenant: acme, token: acme-drill}])" -}}
+{{- end -}}
+{{- range $entry := $v.drill.tenants -}}
+{{- if gt (len (include "chatvault.componentName" (list $ (printf "drill-%s" $entry.tenant)))) 52 -}}
+{{- fail (printf "drill.tenants (%s): the CronJob name %s is longer than Kubernetes' 52 characters: shorten fullnameOverride" $entry.tenant (include "chatvault.componentName" (list $ (printf "drill-%s" $entry.tenant)))) -}}
+{{- end -}}
+{{- if not (include "chatvault.hasTokens" $) -}}
+{{- fail (printf "drill.tenants (%s): the drill token %s comes from the tokens Secret: set auth.existingSecret (or auth.tokens)" $entry.tenant $entry.token) -}}
+{{- end -}}
+{{- if and (not $v.auth.existingSecret) (not (hasKey $v.auth.tokens $entry.token)) -}}
+{{- fail (printf "auth.tokens: no value for drill token %s" $entry.token) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and (or $v.gateway.enabled $v.restorer.enabled) (not $v.tenants) (not $v.existingConfigmap) -}}
 {{- fail "tenants: gateway and restorer accept no request without tenants and tokens" -}}
 {{- end -}}
