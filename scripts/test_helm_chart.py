@@ -278,6 +278,13 @@ NOT_RENDERED = {
 }
 
 
+# Config fields one chatvault.toml cannot hold together with another (the binary refuses both): each is checked
+# in the chatvault.toml of the CI values file named instead of ci/all-settings-values.yaml.
+EXCLUSIVE = {
+    "integrity.signing_key_path": "ci/production-values.yaml",  # all-settings has signing_key_pkcs11_label
+}
+
+
 def values_table_paths(values, schema: dict, definitions: dict, prefix: str = "") -> list[str]:
     """The rows README.md's values table needs: every leaf of values.yaml; maps the schema describes property by
     property are expanded, free-form ones (and lists) are one row."""
@@ -647,6 +654,10 @@ def main() -> int:
         stale = sorted(set(NOT_RENDERED) - fields)
         assert not stale, f"NOT_RENDERED names fields Config no longer has: {stale}"
         rendered_paths = toml_paths(chatvault_toml(rendered[all_settings]))
+        for field, case in EXCLUSIVE.items():
+            assert field not in rendered_paths, f"{all_settings} renders {field}: drop it from EXCLUSIVE"
+            if field in toml_paths(chatvault_toml(rendered[case])):
+                rendered_paths.add(field)
         missing = sorted(fields - set(NOT_RENDERED) - rendered_paths)
         assert not missing, (f"Config fields the chart cannot produce (or {all_settings} does not set): {missing}; "
                              "add them to values.schema.json, the templates, README.md and that file")
@@ -1031,6 +1042,15 @@ def main() -> int:
         # Without the Secret nothing is signed: no key path, no mount.
         plain = chatvault_toml(render(chart, distributed))["integrity"]
         assert "signing_key_path" not in plain and plain["trusted_keys"] == [], plain
+        hsm = chatvault_toml(rendered["ci/all-settings-values.yaml"])["integrity"]
+        assert hsm["signing_key_pkcs11_label"] == "chatvault-ci-checkpoints" and "signing_key_path" not in hsm, hsm
+        for deployment in kind(rendered["ci/all-settings-values.yaml"], "Deployment"):
+            volumes = {v["name"] for v in pod_spec(deployment).get("volumes", [])}
+            assert "checkpoint-signing-key" not in volumes, "a key on the HSM mounts no key file"
+        expect_failure("a key file and an HSM label", lambda: render(chart, with_distributed(
+            checkpointSigningKey={"existingSecret": "k"}, hsm={"existingSecret": "pin"},
+            config={**distributed["config"], "integrity": {"signing_key_pkcs11_label": "l", "origin": "o"}})),
+            "not both")
         witnessed = chatvault_toml(rendered["ci/all-settings-values.yaml"])["integrity"]["witness"]
         assert witnessed == {"url": "s3://chatvault-ci-witness/checkpoints",
                              "options": {"aws_region": "us-west-2"}}, witnessed

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::chain::{ChainReader, ChainWriter};
 use crate::manifest::{ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile};
 use crate::tlog::committer::fetch_committed;
-use crate::tlog::note::{SigningKey, VerifierKey, open_note};
+use crate::tlog::note::{NoteSigner, VerifierKey, open_note};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::time::now_micros;
 
@@ -72,15 +72,15 @@ pub struct StoredReport {
 /// Signs `report` with `key` and commits it as the next drill; returns the path of the report file.
 pub async fn commit_report(
     store: Arc<dyn ObjectStore>,
-    key: &SigningKey,
+    key: Arc<dyn NoteSigner>,
     writer_id: &str,
     report: &DrillReport,
 ) -> Result<String> {
     let chain = ChainWriter::new(store, DRILL_TOPIC);
-    let note = key.sign_note(&format!(
-        "{NOTE_HEADER}{}\n",
-        serde_json::to_string(report)?
-    ));
+    let text = format!("{NOTE_HEADER}{}\n", serde_json::to_string(report)?);
+    let note = tokio::task::spawn_blocking(move || key.sign_note(&text))
+        .await
+        .map_err(|error| Error::internal(format!("signing task failed: {error}")))??;
     let bytes = Bytes::from(note.into_bytes());
     // A concurrent drill may take the sequence number: take the next one.
     for _ in 0..5 {

@@ -5,53 +5,36 @@
 //! round. A failing round (storage, or a log that does not verify) is logged and counted and retried on the
 //! next tick: it never stops archiving.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::ObjectStore;
 
-use chatvault_archive::tlog::note::{SigningKey, VerifierKey};
-use chatvault_archive::tlog::{Committer, Round};
-use chatvault_core::config::IntegrityConfig;
+use chatvault_archive::tlog::note::VerifierKey;
+use chatvault_archive::tlog::{Committer, Round, signer_from_config};
+use chatvault_core::config::SharedConfig;
 use chatvault_core::error::{Error, Result};
 use chatvault_core::metrics::{metrics, outcome_label};
 use chatvault_core::shutdown::Shutdown;
 use chatvault_core::storage::object_store_from_config;
 
-/// Reads the signing key at `path` (a secret: errors name the file, never its contents).
-pub fn load_signing_key(path: &Path) -> Result<SigningKey> {
-    let text = std::fs::read_to_string(path).map_err(|error| {
-        Error::invalid_argument(format!(
-            "integrity.signing_key_path: cannot read {}: {error}",
-            path.display()
-        ))
-    })?;
-    SigningKey::parse(&text).map_err(|error| {
-        Error::invalid_argument(format!(
-            "integrity.signing_key_path: {}: {}",
-            path.display(),
-            error.message()
-        ))
-    })
-}
-
-/// The committer `integrity` configures for `store`, if it names a signing key.
+/// The committer `shared` configures (`integrity`, and `keys.pkcs11` for a key on an HSM), if it names a
+/// signing key.
 pub fn committer_from_config(
-    integrity: &IntegrityConfig,
+    shared: &SharedConfig,
     store: Arc<dyn ObjectStore>,
     writer_id: &str,
 ) -> Result<Option<Committer>> {
-    let Some(path) = &integrity.signing_key_path else {
+    let integrity = &shared.integrity;
+    let Some(key) = signer_from_config(integrity, &shared.keys.pkcs11)? else {
         return Ok(None);
     };
-    let key = load_signing_key(path)?;
     let trusted = VerifierKey::parse_all("integrity.trusted_keys", &integrity.trusted_keys)?;
     let verifier = VerifierKey::parse(&key.verifier_key())?;
     if !trusted.is_empty() && !trusted.contains(&verifier) {
         // Restorers and auditors would reject every checkpoint this key signs.
         return Err(Error::invalid_argument(format!(
-            "integrity.trusted_keys does not hold the verifier key of integrity.signing_key_path ({}): add it",
+            "integrity.trusted_keys does not hold the verifier key of the signing key ({}): add it",
             key.verifier_key()
         )));
     }

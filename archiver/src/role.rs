@@ -102,8 +102,7 @@ pub async fn run(
 ) -> Result<()> {
     let store = object_store_from_config(&shared.storage)?;
     let keys = DataKeys::from_config(store.clone(), &shared.keys).await?;
-    let committer =
-        crate::checkpoint::committer_from_config(&shared.integrity, store.clone(), writer_id)?;
+    let committer = crate::checkpoint::committer_from_config(shared, store.clone(), writer_id)?;
     let options = ArchiverOptions {
         kafka: shared.kafka.clone(),
         config: config.clone(),

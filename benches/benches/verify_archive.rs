@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chatvault_archive::keys::DataKeys;
-use chatvault_archive::tlog::note::{SigningKey, VerifierKey};
+use chatvault_archive::tlog::note::{NoteSigner, SigningKey, VerifierKey};
 use chatvault_archive::tlog::{Committer, LogTrust, Round};
 use chatvault_archive::verify::{Sampling, VerifyReport, verify_archive};
 use chatvault_benches::{chat_message, machine, median};
@@ -123,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
     let fixture = Fixture::over(store.clone(), keys, "chatvault.events");
     let (signing, _) = SigningKey::generate("bench.chatvault.example/verify")?;
     let verifier = VerifierKey::parse(&signing.verifier_key())?;
-    let committer = Committer::new(store.clone(), signing, "bench", None)?;
+    let committer = Committer::new(store.clone(), Arc::new(signing), "bench", None)?;
 
     let started = Instant::now();
     let now = now_micros();

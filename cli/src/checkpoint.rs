@@ -9,8 +9,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use chatvault_archive::keys::pkcs11::Pkcs11Hsm;
 use chatvault_archive::tlog::Round;
-use chatvault_archive::tlog::note::SigningKey;
+use chatvault_archive::tlog::note::{NoteSigner, SigningKey};
 use chatvault_archiver::checkpoint::{checkpoint_round, committer_from_config};
 use chatvault_config::Config;
 use chatvault_core::storage::object_store_from_config;
@@ -33,16 +34,28 @@ pub struct CheckpointArgs {
 
 #[derive(Subcommand, Debug)]
 enum CheckpointCommand {
-    /// Create a checkpoint signing key: written to --out (mode 0600, never overwritten); the verifier key
-    /// for `integrity.trusted_keys` and auditors is printed.
+    /// Create a checkpoint signing key: written to --out (mode 0600, never overwritten), or generated on the
+    /// PKCS#11 token of `keys.pkcs11` with --pkcs11-label (it never leaves the HSM); the verifier key for
+    /// `integrity.trusted_keys` and auditors is printed.
     Keygen {
         /// The log's origin, which names the key: unique per archive, no spaces or '+', for example
         /// `chatvault.example.com/archive-eu`.
         #[arg(long)]
         origin: String,
         /// Where to write the signing key (a secret).
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "pkcs11_label",
+            conflicts_with = "pkcs11_label"
+        )]
+        out: Option<PathBuf>,
+        /// Generate the key on the HSM under this label instead (then set integrity.signing_key_pkcs11_label
+        /// and integrity.origin).
+        #[arg(long, requires = "config")]
+        pkcs11_label: Option<String>,
+        /// Configuration naming the HSM (`keys.pkcs11`), with --pkcs11-label.
+        #[arg(long, short = 'c', env = "CHATVAULT_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Sign a checkpoint over everything committed since the last one, now.
     Sign {
@@ -57,7 +70,32 @@ enum CheckpointCommand {
 
 pub async fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
     match args.command {
-        CheckpointCommand::Keygen { origin, out } => {
+        CheckpointCommand::Keygen {
+            origin,
+            out: None,
+            pkcs11_label: Some(label),
+            config,
+        } => {
+            let config = Config::load(config.as_deref())?;
+            let hsm = Pkcs11Hsm::open(&config.shared.keys.pkcs11)?;
+            let key = hsm.generate_note_key(&label, &origin)?;
+            println!("{}", key.verifier_key());
+            eprintln!(
+                "signing key {label:?} generated on token {:?}; set integrity.signing_key_pkcs11_label = \
+                 {label:?} and integrity.origin = {origin:?}; the line above is the verifier key for \
+                 integrity.trusted_keys and for auditors (chatvault verify --trusted-key)",
+                config.shared.keys.pkcs11.token_label
+            );
+            Ok(())
+        }
+        CheckpointCommand::Keygen { out: None, .. } => {
+            anyhow::bail!("give --out FILE or --pkcs11-label LABEL")
+        }
+        CheckpointCommand::Keygen {
+            origin,
+            out: Some(out),
+            ..
+        } => {
             let (key, text) = SigningKey::generate(&origin)?;
             let mut file = create_private_file(&out)
                 .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
@@ -77,11 +115,14 @@ pub async fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
             }
             let store = object_store_from_config(&config.shared.storage)?;
             let committer = committer_from_config(
-                &config.shared.integrity,
+                &config.shared,
                 store,
                 &format!("operator:{}", chatvault_core::instance_name()),
             )?
-            .context("integrity.signing_key_path is not set: there is no key to sign with")?;
+            .context(
+                "neither integrity.signing_key_path nor integrity.signing_key_pkcs11_label is set: there is \
+                 no key to sign with",
+            )?;
             match checkpoint_round(&committer).await? {
                 Round::Signed {
                     tree_size,

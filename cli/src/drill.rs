@@ -20,8 +20,8 @@ use chatvault_archive::drill::{DrillReport, DrilledConversation, commit_report, 
 use chatvault_archive::file::{conversation_digest, decode_file, sha256_hex};
 use chatvault_archive::keys::DataKeys;
 use chatvault_archive::manifest::{ChainHead, ManifestFile};
-use chatvault_archive::tlog::LogTrust;
 use chatvault_archive::tlog::note::VerifierKey;
+use chatvault_archive::tlog::{LogTrust, signer_from_config};
 use chatvault_archive::verify::{Sampling, verify_archive};
 use chatvault_config::Config;
 use chatvault_core::storage::object_store_from_config;
@@ -73,14 +73,11 @@ pub async fn drill(args: DrillArgs) -> anyhow::Result<()> {
     if args.history {
         return history(store, &trusted, args.json).await;
     }
-    let signing_key = config
-        .shared
-        .integrity
-        .signing_key_path
-        .as_deref()
-        .map(chatvault_archiver::checkpoint::load_signing_key)
-        .transpose()?
-        .context("integrity.signing_key_path is not set: a drill report must be signed")?;
+    let signing_key = signer_from_config(&config.shared.integrity, &config.shared.keys.pkcs11)?
+        .context(
+            "neither integrity.signing_key_path nor integrity.signing_key_pkcs11_label is set: a drill \
+             report must be signed",
+        )?;
     let seed = match args.seed {
         Some(seed) => seed,
         None => crate::verify::random_seed()?,
@@ -190,7 +187,7 @@ pub async fn drill(args: DrillArgs) -> anyhow::Result<()> {
         passed,
     };
     let writer = format!("drill-{}", chatvault_core::random_hex(4)?);
-    let path = commit_report(store, &signing_key, &writer, &report).await?;
+    let path = commit_report(store, signing_key, &writer, &report).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

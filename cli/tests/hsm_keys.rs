@@ -300,3 +300,103 @@ async fn data_keys_wrapped_on_a_pkcs11_token_archive_restore_rotate_and_shred() 
     gateway.stop().await?;
     Ok(())
 }
+
+/// The checkpoint signing key on the token: `checkpoint keygen --pkcs11-label` creates an Ed25519 key pair
+/// there (once), `checkpoint sign` signs with it, and `verify` accepts the checkpoints with the printed
+/// verifier key and rejects them with another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_are_signed_by_an_ed25519_key_that_stays_on_the_token() -> anyhow::Result<()> {
+    let hsm = SoftHsm::start("chatvault-signing")?;
+    let dir = tempfile::tempdir()?;
+    let archive = dir.path().join("archive");
+    std::fs::create_dir_all(&archive)?;
+    let store: std::sync::Arc<dyn object_store::ObjectStore> = std::sync::Arc::new(
+        object_store::local::LocalFileSystem::new_with_prefix(&archive)?,
+    );
+    let keys = chatvault_archive::keys::DataKeys::with_local_keyring(
+        store.clone(),
+        &dir.path().join("keyring.json"),
+    )?;
+    let fixture = chatvault_restorer::testing::Fixture::over(store, keys, "chatvault.events");
+    for seq in 0..2 {
+        fixture
+            .commit_batch(
+                0,
+                &[event("acme", "C1", &format!("m{seq}"), common::BASE_MICROS)],
+            )
+            .await;
+    }
+    let mut config = Config::default();
+    config.shared.storage.url = format!("file://{}", archive.display());
+    config.shared.keys.pkcs11 = hsm.config();
+    config.shared.integrity.signing_key_pkcs11_label = Some("checkpoints".into());
+    config.shared.integrity.origin = Some("chatvault.test/hsm".into());
+    let path = dir.path().join("chatvault.toml");
+    write_config(&config, &path)?;
+    let path = path.to_string_lossy().to_string();
+
+    let keygen = [
+        "checkpoint",
+        "keygen",
+        "--origin",
+        "chatvault.test/hsm",
+        "--pkcs11-label",
+        "checkpoints",
+        "-c",
+        &path,
+    ];
+    let output = run(&hsm, &keygen).await?;
+    assert!(output.status.success(), "{}", common::output_text(&output));
+    let verifier = String::from_utf8(output.stdout)?.trim().to_string();
+    assert!(verifier.starts_with("chatvault.test/hsm+"), "{verifier}");
+    // One key per label: a second keygen is refused rather than shadowing the first.
+    let output = run(&hsm, &keygen).await?;
+    assert!(
+        !output.status.success() && common::output_text(&output).contains("already holds"),
+        "{}",
+        common::output_text(&output)
+    );
+
+    let output = run(&hsm, &["checkpoint", "sign", "-c", &path]).await?;
+    assert!(output.status.success(), "{}", common::output_text(&output));
+    let output = run(&hsm, &["verify", "-c", &path, "--trusted-key", &verifier]).await?;
+    let text = common::output_text(&output);
+    assert!(
+        output.status.success()
+            && text.contains("signatures verified")
+            && text.contains("covers 2 manifest(s)"),
+        "{text}"
+    );
+    let (other, _) = chatvault_archive::tlog::note::SigningKey::generate("chatvault.test/hsm")?;
+    use chatvault_archive::tlog::note::NoteSigner;
+    let output = run(
+        &hsm,
+        &[
+            "verify",
+            "-c",
+            &path,
+            "--trusted-key",
+            &other.verifier_key(),
+        ],
+    )
+    .await?;
+    assert!(!output.status.success(), "{}", common::output_text(&output));
+
+    // A key file and an HSM label at once is a configuration error naming the setting.
+    let mut both = config.clone();
+    both.shared.integrity.signing_key_path = Some(dir.path().join("key"));
+    let both_path = dir.path().join("both.toml");
+    write_config(&both, &both_path)?;
+    let output = run(
+        &hsm,
+        &["config", "check", "-c", &both_path.to_string_lossy()],
+    )
+    .await?;
+    assert!(
+        !output.status.success()
+            && common::output_text(&output).contains("integrity.signing_key_pkcs11_label"),
+        "{}",
+        common::output_text(&output)
+    );
+    Ok(())
+}

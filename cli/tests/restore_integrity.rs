@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chatvault_archive::tlog::evidence::Evidence;
-use chatvault_archive::tlog::note::SigningKey;
+use chatvault_archive::tlog::note::{NoteSigner, SigningKey};
 use chatvault_testkit::process::{ChildRole, free_address, wait_until_serving};
 
 fn binary() -> &'static Path {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chatvault_archive::keys::DataKeys;
-use chatvault_archive::tlog::note::{SigningKey, VerifierKey};
+use chatvault_archive::tlog::note::{NoteSigner, SigningKey, VerifierKey};
 use chatvault_archive::tlog::{Committer, LogTrust, Round};
 use chatvault_archive::verify::{Problem, Sampling, VerifyReport, verify_archive};
 use chatvault_restorer::testing::Fixture;
@@ -115,7 +115,7 @@ async fn build_archive() -> anyhow::Result<Archive> {
     let fixture = Fixture::over(store.clone(), keys, TOPIC);
     let (signing, _) = SigningKey::generate("chatvault.test/tamper")?;
     let key = VerifierKey::parse(&signing.verifier_key())?;
-    let committer = Committer::new(store.clone(), signing, "test-committer", None)?;
+    let committer = Committer::new(store.clone(), Arc::new(signing), "test-committer", None)?;
     let batch = |tenant: &str, first: u64| -> Vec<chatvault_proto::v1::ChatEvent> {
         (first..first + 3)
             .map(|i| common::message_event(tenant, &format!("m{i}"), &format!("text {i}")))
@@ -251,7 +251,7 @@ async fn tamper(root: &Path, kind: usize, rng: &mut Rng) -> anyhow::Result<(Stri
             let note = std::fs::read_to_string(root.join(&file))?;
             let text = &note[..note.rfind("\n\n").expect("note") + 1];
             let (forger, _) = SigningKey::generate("chatvault.test/tamper")?;
-            std::fs::write(root.join(&file), forger.sign_note(text))?;
+            std::fs::write(root.join(&file), forger.sign_note(text)?)?;
             (format!("re-signed {file} with another key"), file)
         }
         10 => {
@@ -262,7 +262,7 @@ async fn tamper(root: &Path, kind: usize, rng: &mut Rng) -> anyhow::Result<(Stri
             std::fs::remove_dir_all(root.join("manifests/topic=_log"))?;
             std::fs::remove_dir_all(root.join("log"))?;
             let (forger, _) = SigningKey::generate("chatvault.test/tamper")?;
-            let attacker = Committer::new(store_at(root)?, forger, "attacker", None)?;
+            let attacker = Committer::new(store_at(root)?, Arc::new(forger), "attacker", None)?;
             attacker.run_once().await?;
             ("re-signed the log with another key".into(), "log/".into())
         }

@@ -76,6 +76,11 @@ pub struct IntegrityConfig {
     /// checkpoint every `checkpoint_interval`. Empty (default): no checkpoints are signed; standalone creates
     /// a key in its data directory.
     pub signing_key_path: Option<PathBuf>,
+    /// Instead of a file: the label of an Ed25519 key pair on the PKCS#11 token of `keys.pkcs11` (created by
+    /// `chatvault checkpoint keygen --pkcs11-label`), whose private key never leaves the HSM. Needs `origin`.
+    pub signing_key_pkcs11_label: Option<String>,
+    /// The log's origin (the key's name) for a key on an HSM; a file key carries its own.
+    pub origin: Option<String>,
     /// How often a checkpoint is signed over what was committed since the last one. Default `1m`.
     #[serde(with = "crate::duration")]
     pub checkpoint_interval: Duration,
@@ -92,6 +97,8 @@ impl Default for IntegrityConfig {
     fn default() -> Self {
         IntegrityConfig {
             signing_key_path: None,
+            signing_key_pkcs11_label: None,
+            origin: None,
             checkpoint_interval: Duration::from_secs(60),
             trusted_keys: Vec::new(),
             witness: StorageConfig {
@@ -749,6 +756,31 @@ impl SharedConfig {
             || self.storage.url.starts_with("memory://"))
         {
             return invalid("storage.url", "must start with file://, s3:// or memory://");
+        }
+        match (
+            &self.integrity.signing_key_path,
+            &self.integrity.signing_key_pkcs11_label,
+            &self.integrity.origin,
+        ) {
+            (Some(_), Some(_), _) => {
+                return invalid(
+                    "integrity.signing_key_pkcs11_label",
+                    "set either signing_key_path (a key file) or signing_key_pkcs11_label (a key on the HSM)",
+                );
+            }
+            (_, Some(_), None) => {
+                return invalid(
+                    "integrity.origin",
+                    "a key on the HSM needs the log's origin (the name its checkpoints carry)",
+                );
+            }
+            (_, None, Some(_)) => {
+                return invalid(
+                    "integrity.origin",
+                    "only for signing_key_pkcs11_label: a key file carries its own name",
+                );
+            }
+            _ => {}
         }
         if self.integrity.checkpoint_interval.is_zero() {
             return invalid("integrity.checkpoint_interval", "must be positive");

@@ -905,7 +905,7 @@ mod log_tests {
     use chatvault_archive::file::sha256_hex;
     use chatvault_archive::layout;
     use chatvault_archive::manifest::Manifest;
-    use chatvault_archive::tlog::note::SigningKey;
+    use chatvault_archive::tlog::note::{NoteSigner, SigningKey};
     use chatvault_archive::tlog::{Committer, Round};
     use object_store::{ObjectStoreExt, PutPayload};
 
@@ -917,7 +917,7 @@ mod log_tests {
 
     async fn sign(fixture: &Fixture, key: SigningKey) {
         let committer =
-            Committer::new(fixture.store.clone(), key, "test", None).expect("committer");
+            Committer::new(fixture.store.clone(), Arc::new(key), "test", None).expect("committer");
         let round = committer.run_once().await.expect("round");
         assert!(matches!(round, Round::Signed { .. }), "{round:?}");
     }

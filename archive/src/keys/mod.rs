@@ -24,7 +24,7 @@
 mod aws_kms;
 mod erasure;
 mod local;
-mod pkcs11;
+pub mod pkcs11;
 mod provider;
 mod rewrap;
 mod scopes;

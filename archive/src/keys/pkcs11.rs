@@ -23,6 +23,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
@@ -484,5 +485,150 @@ impl KeyEncryptionProvider for Pkcs11Hsm {
                 .map_err(|error| hsm_error("session check", error))
         })
         .await
+    }
+}
+
+/// DER of the Ed25519 curve's object identifier (1.3.101.112), the `CKA_EC_PARAMS` of its keys.
+const ED25519_EC_PARAMS: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
+
+/// A checkpoint signing key on the token: an Ed25519 key pair (`CKK_EC_EDWARDS`) labelled `label`, whose
+/// private half is sensitive and non-extractable, so it never leaves the HSM; signatures are `CKM_EDDSA`.
+/// `Debug` shows the name and label.
+pub struct HsmNoteSigner {
+    inner: Arc<Inner>,
+    name: String,
+    label: String,
+    public_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for HsmNoteSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HsmNoteSigner")
+            .field("name", &self.name)
+            .field("label", &self.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pkcs11Hsm {
+    /// Generates an Ed25519 signing key pair labelled `label` on the token (refused when one exists) and
+    /// returns its signer, named `name` (the log's origin).
+    pub fn generate_note_key(&self, label: &str, name: &str) -> Result<HsmNoteSigner> {
+        self.inner.with_session(|session| {
+            if !find_by_label(session, ObjectClass::PRIVATE_KEY, label)?.is_empty() {
+                return Err(Error::invalid_argument(format!(
+                    "the token already holds a key labelled {label:?}: choose another label"
+                )));
+            }
+            session
+                .generate_key_pair(
+                    &Mechanism::EccEdwardsKeyPairGen,
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(false),
+                        Attribute::Verify(true),
+                        Attribute::EcParams(ED25519_EC_PARAMS.to_vec()),
+                        Attribute::Label(label.as_bytes().to_vec()),
+                    ],
+                    &[
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Sign(true),
+                        Attribute::Label(label.as_bytes().to_vec()),
+                    ],
+                )
+                .map_err(|error| hsm_error("generating an Ed25519 signing key", error))?;
+            Ok(())
+        })?;
+        self.note_signer(label, name)
+    }
+
+    /// The signer of the Ed25519 key pair labelled `label` on the token, named `name` (the log's origin).
+    pub fn note_signer(&self, label: &str, name: &str) -> Result<HsmNoteSigner> {
+        let public_key = self.inner.with_session(|session| {
+            let handle = find_by_label(session, ObjectClass::PUBLIC_KEY, label)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    Error::invalid_argument(format!(
+                        "integrity.pkcs11_key_label: the token holds no public key labelled {label:?} \
+                         (create one with chatvault checkpoint keygen --pkcs11-label)"
+                    ))
+                })?;
+            let point = session
+                .get_attributes(handle, &[AttributeType::EcPoint])
+                .map_err(|error| hsm_error("reading a public key", error))?
+                .into_iter()
+                .find_map(|attribute| match attribute {
+                    Attribute::EcPoint(point) => Some(point),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            ed25519_point(&point).ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "integrity.pkcs11_key_label: the key labelled {label:?} is not an Ed25519 key"
+                ))
+            })
+        })?;
+        crate::tlog::note::check_origin(name).map_err(Error::invalid_argument)?;
+        Ok(HsmNoteSigner {
+            inner: self.inner.clone(),
+            name: name.to_string(),
+            label: label.to_string(),
+            public_key,
+        })
+    }
+}
+
+impl crate::tlog::note::NoteSigner for HsmNoteSigner {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
+        self.inner.with_session(|session| {
+            let handle = find_by_label(session, ObjectClass::PRIVATE_KEY, &self.label)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    Error::unavailable(format!(
+                        "the token no longer holds the signing key labelled {:?}",
+                        self.label
+                    ))
+                })?;
+            session
+                .sign(
+                    &Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)),
+                    handle,
+                    message,
+                )
+                .map_err(|error| hsm_error("signing", error))
+        })
+    }
+}
+
+fn find_by_label(session: &Session, class: ObjectClass, label: &str) -> Result<Vec<ObjectHandle>> {
+    session
+        .find_objects(&[
+            Attribute::Class(class),
+            Attribute::KeyType(KeyType::EC_EDWARDS),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(|error| hsm_error("finding a signing key", error))
+}
+
+/// The 32 raw bytes of an Ed25519 `CKA_EC_POINT`: a DER OCTET STRING (`04 20 ...`), or the bare bytes some
+/// tokens return.
+fn ed25519_point(point: &[u8]) -> Option<Vec<u8>> {
+    match point {
+        [0x04, 0x20, rest @ ..] if rest.len() == 32 => Some(rest.to_vec()),
+        bare if bare.len() == 32 => Some(bare.to_vec()),
+        _ => None,
     }
 }

@@ -17,7 +17,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::merkle::{Extended, Frontier, Hash, consistency_proof, verify_consistency};
-use super::note::{Checkpoint, SigningKey, VerifierKey, open_note};
+use super::note::{Checkpoint, NoteSigner, VerifierKey, open_note};
 use super::{
     BUNDLE_FORMAT, Bundle, LOG_PARTITION, LOG_TOPIC, Leaf, LoggedHead, bundle_path,
     checkpoint_path, hashes_from_hex, hashes_to_hex, witness_checkpoint_path,
@@ -65,18 +65,19 @@ pub struct LogState {
 pub struct Committer {
     store: Arc<dyn ObjectStore>,
     chain: ChainWriter,
-    key: Arc<SigningKey>,
+    key: Arc<dyn NoteSigner>,
     verifier: VerifierKey,
     writer_id: String,
     witness: Option<Arc<dyn ObjectStore>>,
 }
 
 impl Committer {
-    /// A committer signing with `key`, whose name is the log's origin. `witness`, when given, is a second
-    /// store (a bucket with Object Lock) that receives a copy of every checkpoint.
+    /// A committer signing with `key` (a file key or one on an HSM), whose name is the log's origin.
+    /// `witness`, when given, is a second store (a bucket with Object Lock) that receives a copy of every
+    /// checkpoint.
     pub fn new(
         store: Arc<dyn ObjectStore>,
-        key: SigningKey,
+        key: Arc<dyn NoteSigner>,
         writer_id: &str,
         witness: Option<Arc<dyn ObjectStore>>,
     ) -> Result<Committer> {
@@ -84,7 +85,7 @@ impl Committer {
         Ok(Committer {
             chain: ChainWriter::new(store.clone(), LOG_TOPIC),
             store,
-            key: Arc::new(key),
+            key,
             verifier,
             writer_id: writer_id.to_string(),
             witness,
@@ -137,7 +138,11 @@ impl Committer {
             size: frontier.size(),
             root: new_root,
         };
-        let note = self.key.sign_note(&checkpoint.text());
+        // An HSM signs over a network round trip: off the async workers.
+        let (key, text) = (self.key.clone(), checkpoint.text());
+        let note = tokio::task::spawn_blocking(move || key.sign_note(&text))
+            .await
+            .map_err(|error| Error::internal(format!("signing task failed: {error}")))??;
         let bundle = Bundle {
             format: BUNDLE_FORMAT.into(),
             origin: self.origin().to_string(),

@@ -23,6 +23,10 @@ pub mod evidence;
 pub mod merkle;
 pub mod note;
 
+use std::sync::Arc;
+
+use chatvault_core::config::{IntegrityConfig, Pkcs11Config};
+use chatvault_core::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 pub use check::{LogReport, LogTrust};
@@ -106,6 +110,25 @@ pub fn checkpoint_path(tree_size: u64, batch_id: &str) -> object_store::path::Pa
 /// The path a witness store keeps a checkpoint of `tree_size` under.
 pub fn witness_checkpoint_path(tree_size: u64) -> object_store::path::Path {
     object_store::path::Path::from(format!("{CHECKPOINTS_ROOT}/{tree_size:020}.txt"))
+}
+
+/// The checkpoint signer `integrity` configures: the key file at `signing_key_path`, or the key labelled
+/// `signing_key_pkcs11_label` on the token of `pkcs11` (`keys.pkcs11`); none when neither is set.
+pub fn signer_from_config(
+    integrity: &IntegrityConfig,
+    pkcs11: &Pkcs11Config,
+) -> Result<Option<Arc<dyn note::NoteSigner>>> {
+    if let Some(path) = &integrity.signing_key_path {
+        return Ok(Some(Arc::new(note::SigningKey::load(path)?)));
+    }
+    let Some(label) = &integrity.signing_key_pkcs11_label else {
+        return Ok(None);
+    };
+    let origin = integrity.origin.as_deref().ok_or_else(|| {
+        Error::invalid_argument("integrity.origin: a key on the HSM needs the log's origin")
+    })?;
+    let hsm = crate::keys::pkcs11::Pkcs11Hsm::open(pkcs11)?;
+    Ok(Some(Arc::new(hsm.note_signer(label, origin)?)))
 }
 
 pub(crate) fn hashes_to_hex(hashes: &[Hash]) -> Vec<String> {

@@ -145,6 +145,23 @@ impl SigningKey {
         })
     }
 
+    /// Reads the signing key file at `path` (a secret: errors name the file, never its contents).
+    pub fn load(path: &std::path::Path) -> Result<SigningKey> {
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|error| {
+            Error::invalid_argument(format!(
+                "integrity.signing_key_path: cannot read {}: {error}",
+                path.display()
+            ))
+        })?);
+        SigningKey::parse(&text).map_err(|error| {
+            Error::invalid_argument(format!(
+                "integrity.signing_key_path: {}: {}",
+                path.display(),
+                error.message()
+            ))
+        })
+    }
+
     /// Parses a signing key's text (`PRIVATE+KEY+<name>+<id>+<base64>`, surrounding whitespace ignored).
     /// Errors never quote the key.
     pub fn parse(text: &str) -> Result<SigningKey> {
@@ -172,31 +189,61 @@ impl SigningKey {
         }
         Ok(key)
     }
+}
 
-    pub fn name(&self) -> &str {
+impl NoteSigner for SigningKey {
+    fn name(&self) -> &str {
         &self.name
     }
 
+    fn public_key(&self) -> &[u8] {
+        self.pair.public_key().as_ref()
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
+        Ok(self.pair.sign(message).as_ref().to_vec())
+    }
+}
+
+/// What signs checkpoints and drill reports: an Ed25519 key from a file ([`SigningKey`]) or on a PKCS#11 token
+/// (`keys::pkcs11::HsmNoteSigner`), named like the log's origin. Signing may block (an HSM round trip): async
+/// callers run it on the blocking pool.
+pub trait NoteSigner: Send + Sync + fmt::Debug {
+    /// The key's name: the log's origin.
+    fn name(&self) -> &str;
+    /// The raw 32-byte Ed25519 public key.
+    fn public_key(&self) -> &[u8];
+    /// The Ed25519 signature of `message`.
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>>;
+
     /// The verifier key auditors are given (`<name>+<id>+<base64>`).
-    pub fn verifier_key(&self) -> String {
+    fn verifier_key(&self) -> String {
         format!(
             "{}+{:08x}+{}",
-            self.name,
-            self.id,
-            BASE64.encode([&[ED25519_TYPE][..], self.pair.public_key().as_ref()].concat())
+            self.name(),
+            key_id(self.name(), self.public_key()),
+            BASE64.encode([&[ED25519_TYPE][..], self.public_key()].concat())
         )
     }
 
     /// The signed note of `text` (which must end in a newline).
-    pub fn sign_note(&self, text: &str) -> String {
+    fn sign_note(&self, text: &str) -> Result<String> {
         debug_assert!(text.ends_with('\n'));
-        let signature = self.pair.sign(text.as_bytes());
-        let blob = [&self.id.to_be_bytes()[..], signature.as_ref()].concat();
-        format!(
+        let signature = self.sign(text.as_bytes())?;
+        if signature.len() != 64 {
+            return Err(Error::internal(format!(
+                "the signing key {} gave a {}-byte signature, not an Ed25519 one",
+                self.name(),
+                signature.len()
+            )));
+        }
+        let id = key_id(self.name(), self.public_key());
+        let blob = [&id.to_be_bytes()[..], &signature].concat();
+        Ok(format!(
             "{text}\n{SIGNATURE_PREFIX}{} {}\n",
-            self.name,
+            self.name(),
             BASE64.encode(blob)
-        )
+        ))
     }
 }
 
@@ -387,7 +434,7 @@ mod tests {
     fn notes_match_go_sumdb_note_byte_for_byte() {
         let key = SigningKey::parse(GO_SIGNING_KEY).expect("signing key");
         assert_eq!(key.verifier_key(), GO_VERIFIER_KEY);
-        let note = key.sign_note(GO_TEXT);
+        let note = key.sign_note(GO_TEXT).expect("signed");
         assert_eq!(note, format!("{GO_TEXT}\n{GO_NOTE_SIGNATURE}"));
         let verifier = VerifierKey::parse(GO_VERIFIER_KEY).expect("verifier key");
         assert_eq!(verifier.to_string(), GO_VERIFIER_KEY);
@@ -432,7 +479,7 @@ mod tests {
             size: 1234,
             root: [7u8; 32],
         };
-        let note = key.sign_note(&checkpoint.text());
+        let note = key.sign_note(&checkpoint.text()).expect("signed");
         let trusted = [VerifierKey::parse(&key.verifier_key()).expect("verifier")];
         let opened = open_note(&note, &trusted).expect("open");
         assert_eq!(Checkpoint::parse(opened).expect("parse"), checkpoint);

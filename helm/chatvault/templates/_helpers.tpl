@@ -398,12 +398,22 @@ restorer drains (20 s). */ -}}
 {{- if and (eq (default "local" $keys.provider) "aws_kms") (not (($keys.aws_kms | default dict).key_id)) (not $v.existingConfigmap) -}}
 {{- fail "config.keys.aws_kms.key_id: keys.provider aws_kms needs the KMS key (id, ARN or alias/...) that wraps data keys" -}}
 {{- end -}}
+{{- $integrity := $v.config.integrity | default dict -}}
+{{- if and $integrity.signing_key_pkcs11_label $v.checkpointSigningKey.existingSecret -}}
+{{- fail "config.integrity.signing_key_pkcs11_label: the checkpoint key is either on the HSM or in checkpointSigningKey.existingSecret, not both" -}}
+{{- end -}}
+{{- if and $integrity.signing_key_pkcs11_label (not $v.hsm.existingSecret) (not $v.existingConfigmap) -}}
+{{- fail "config.integrity.signing_key_pkcs11_label: a signing key on the HSM needs the PIN: set hsm.existingSecret (and config.keys.pkcs11.module, token_label)" -}}
+{{- end -}}
+{{- if and $integrity.signing_key_pkcs11_label (not $integrity.origin) -}}
+{{- fail "config.integrity.origin: a signing key on the HSM needs the log's origin" -}}
+{{- end -}}
 {{- if $v.drill.enabled -}}
 {{- if not $v.restorer.enabled -}}
 {{- fail "drill.enabled: restore drills restore through the restorer: enable restorer" -}}
 {{- end -}}
-{{- if not $v.checkpointSigningKey.existingSecret -}}
-{{- fail "drill.enabled: drill reports are signed with the checkpoint key: set checkpointSigningKey.existingSecret" -}}
+{{- if not (or $v.checkpointSigningKey.existingSecret $integrity.signing_key_pkcs11_label) -}}
+{{- fail "drill.enabled: drill reports are signed with the checkpoint key: set checkpointSigningKey.existingSecret (or config.integrity.signing_key_pkcs11_label)" -}}
 {{- end -}}
 {{- if not $v.drill.tenants -}}
 {{- fail "drill.tenants: name the tenants to drill, each with its drill token ([{tenant: acme, token: acme-drill}])" -}}
