@@ -31,6 +31,8 @@ use chatvault_core::error::{Error, Result};
 
 /// Files fetched and hashed at once.
 const FILES_AT_ONCE: usize = 8;
+/// Manifest chains read at once.
+const CHAINS_AT_ONCE: usize = 8;
 
 /// What is wrong with the archive: each makes the verification fail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -183,10 +185,19 @@ pub async fn verify_archive(
     let mut manifest_shas: BTreeMap<(String, i32), Vec<String>> = BTreeMap::new();
     let mut log_manifests = Vec::new();
     for topic in crate::chain::topics(store.as_ref()).await? {
-        let chains = ChainReader::new(store.clone(), &topic);
+        let reader = ChainReader::new(store.clone(), &topic);
+        let chains = &reader;
         let mut count = 0u64;
-        for partition in chains.partitions().await? {
-            let verified = chains.read_after(partition, &ChainHead::empty()).await;
+        // Chains are independent: several are read at once (each one's manifests in order).
+        let mut reads = futures::stream::iter(chains.partitions().await?)
+            .map(|partition| async move {
+                let verified = chains.read_after(partition, &ChainHead::empty()).await;
+                let pending =
+                    pending_files(chains.store().as_ref(), chains.topic(), partition).await;
+                (partition, verified, pending)
+            })
+            .buffered(CHAINS_AT_ONCE);
+        while let Some((partition, verified, pending)) = reads.next().await {
             let verified_here = verified.manifests.len() as u64;
             for (manifest, head) in verified.manifests {
                 manifest_shas
@@ -217,7 +228,7 @@ pub async fn verify_archive(
                     detail: error.message().to_string(),
                 });
             }
-            intents.extend(pending_files(store.as_ref(), &topic, partition).await?);
+            intents.extend(pending?);
         }
         report.manifests.insert(topic, count);
     }
