@@ -341,7 +341,9 @@ async fn restore(
 }
 
 /// The conversation's events read straight from its files: each fetched and checked against its manifest
-/// entry, decrypted with its data key, copies collapsed to the first archived, in time order.
+/// entry, decrypted with its data key, copies collapsed to the first archived, in time order. Deliberately
+/// not the restorer's code (`reader::Collapsed`, `Restorer::conversation_events`): the drill compares the
+/// restorer against an independent reading of the documented format, so a bug shared by both would hide.
 async fn reread(
     store: &dyn ObjectStore,
     keys: &DataKeys,
