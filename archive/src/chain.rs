@@ -39,7 +39,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 use super::file::sha256_hex;
 use super::layout;
-use super::manifest::{ChainHead, Manifest, PendingIntent, delete_if_exists, parse_manifest};
+use super::manifest::{
+    ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile, PendingIntent, delete_if_exists,
+    parse_manifest,
+};
 use chatvault_core::error::{Error, ErrorCode, Result};
 
 /// The topics with manifest chains (`manifests/topic=<topic>/`), sorted; the log's own chain
@@ -428,6 +431,45 @@ impl ChainWriter {
                 }
             }
         }
+    }
+
+    /// Appends one plaintext document as the next manifest of a small stream chatvault writes itself (drill
+    /// reports, governance changes): manifest `head.next_seq` covers the one "offset" `next_seq` and names
+    /// `<root>/<seq:020>-<batch id>.<extension>`. Returns the document's path, or `None` when another writer
+    /// took the sequence number first (the caller reads the head again and decides whether its document
+    /// still applies).
+    pub async fn append_document(
+        &self,
+        partition: i32,
+        head: &ChainHead,
+        root: &str,
+        extension: &str,
+        writer_id: &str,
+        bytes: Bytes,
+    ) -> Result<Option<Path>> {
+        let batch_id = chatvault_core::random_hex(8)?;
+        let seq = head.next_seq;
+        let path = Path::from(format!("{root}/{seq:020}-{batch_id}.{extension}"));
+        let created = chatvault_core::time::now_micros();
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            topic: self.reader.topic.clone(),
+            partition,
+            seq,
+            start_offset: seq as i64,
+            end_offset: seq as i64 + 1,
+            batch_id,
+            writer_id: writer_id.into(),
+            created_at_micros: created,
+            prev_sha256: head.last_sha256.clone(),
+            files: vec![ManifestFile::plaintext(&path, &bytes, 1, created)],
+            rejected_records: Vec::new(),
+            offset_gaps: Vec::new(),
+        };
+        let committed = self
+            .commit_with_files(&manifest, vec![(path.clone(), bytes)])
+            .await?;
+        Ok(committed.then_some(path))
     }
 
     /// Gives up batch `batch_id` of sequence number `seq` (revoked partition, lost commit, fenced): deletes

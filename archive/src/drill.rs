@@ -11,15 +11,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use object_store::ObjectStore;
-use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{ChainReader, ChainWriter};
-use crate::manifest::{ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile};
+use crate::manifest::{ChainHead, Manifest};
 use crate::tlog::committer::fetch_committed;
 use crate::tlog::note::{NoteSigner, VerifierKey, open_note};
 use chatvault_core::error::{Error, Result};
-use chatvault_core::time::now_micros;
 
 /// The stream of drill reports (`manifests/topic=_drill/partition=0/`).
 pub const DRILL_TOPIC: &str = "_drill";
@@ -85,31 +83,17 @@ pub async fn commit_report(
     // A concurrent drill may take the sequence number: take the next one.
     for _ in 0..5 {
         let head = chain.reader().head(DRILL_PARTITION).await?;
-        let batch_id = chatvault_core::random_hex(8)?;
-        let path = Path::from(format!(
-            "{DRILLS_ROOT}/{:020}-{batch_id}.txt",
-            head.next_seq
-        ));
-        let created = now_micros();
-        let manifest = Manifest {
-            format: MANIFEST_FORMAT.into(),
-            topic: DRILL_TOPIC.into(),
-            partition: DRILL_PARTITION,
-            seq: head.next_seq,
-            start_offset: head.next_seq as i64,
-            end_offset: head.next_seq as i64 + 1,
-            batch_id,
-            writer_id: writer_id.into(),
-            created_at_micros: created,
-            prev_sha256: head.last_sha256.clone(),
-            files: vec![ManifestFile::plaintext(&path, &bytes, 1, created)],
-            rejected_records: Vec::new(),
-            offset_gaps: Vec::new(),
-        };
-        if chain
-            .commit_with_files(&manifest, vec![(path.clone(), bytes.clone())])
-            .await?
-        {
+        let appended = chain
+            .append_document(
+                DRILL_PARTITION,
+                &head,
+                DRILLS_ROOT,
+                "txt",
+                writer_id,
+                bytes.clone(),
+            )
+            .await?;
+        if let Some(path) = appended {
             return Ok(path.to_string());
         }
     }

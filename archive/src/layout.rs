@@ -7,7 +7,8 @@
 //! keys/tenant=<tenant>/period=<yyyy-mm>.json                       wrapped data key of a tenant's month
 //! keys/tenant=<tenant>/scope=<scope>/period=<yyyy-mm>.json         ... of a key scope's month
 //! erasures/tenant=<tenant>/[scope=<scope>/]period=<yyyy-mm>/<dek>.json   a destroyed data key (crypto-shred)
-//! holds/tenant=<tenant>/<hold id>.json                              legal holds (refuse a shred)
+//! governance/<seq>-<batch>.json                                  policy and hold changes (crate::governance)
+//! holds/tenant=<tenant>/<hold id>.json                              hand-written legal holds (refuse a shred)
 //! manifests/topic=<topic>/partition=<p>/<seq, 20 digits>.json       committed batches, a hash chain
 //! manifests/topic=<topic>/partition=<p>/pending/<batch id>.json     upload intents, for orphan cleanup
 //! ```

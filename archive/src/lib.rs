@@ -11,6 +11,7 @@
 //! - [`kind`]: the streams the archive holds ([`kind::ChatEvents`], [`kind::AuditTrail`]): what differs
 //!   between them (decoding, key scope, paths, file schema); the commit protocol is the same for both.
 //! - [`audit`]: the audit trail's Parquet schema and files.
+//! - [`governance`]: retention policies and legal holds, a stream of versioned changes in the archive.
 //! - [`tlog`]: the transparency log: every manifest a leaf of one Merkle tree, signed checkpoints.
 //! - [`verify`]: offline verification of a whole archive (chains, files, key records) from the bucket alone.
 
@@ -18,7 +19,7 @@ pub mod audit;
 pub mod chain;
 pub mod drill;
 pub mod file;
-pub mod holds;
+pub mod governance;
 pub mod keys;
 pub mod kind;
 pub mod layout;

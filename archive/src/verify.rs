@@ -78,6 +78,9 @@ pub enum Problem {
     /// A checkpoint the auditor kept or the witness holds is not in the log (rolled back or rewritten), or
     /// trusted keys were given and no checkpoint verifies.
     LogRollback { detail: String },
+    /// The governance stream's chain verifies but its changes do not replay (an altered or unreadable change,
+    /// or one that does not apply to the state before it).
+    BadGovernance { detail: String },
     /// Storage failed while reading `path` (not a verdict about the archive; run again).
     Unreadable { path: String, detail: String },
 }
@@ -271,6 +274,23 @@ pub async fn verify_archive(
             bytes_checked: report.bytes_checked,
         });
     }
+    // Policies and holds must replay, not only hash: a change that does not apply to the state before it was
+    // altered (its chain already broken is reported above).
+    let governance_chain_broken = report.problems.iter().any(|problem| {
+        matches!(problem, Problem::BrokenChain { topic, .. } if topic == crate::governance::GOVERNANCE_TOPIC)
+    });
+    if report
+        .manifests
+        .contains_key(crate::governance::GOVERNANCE_TOPIC)
+        && !governance_chain_broken
+        && let Err(error) = crate::governance::GovernanceLog::new(store.clone())
+            .state()
+            .await
+    {
+        report.problems.push(Problem::BadGovernance {
+            detail: error.message().to_string(),
+        });
+    }
     for (path, needed) in key_records {
         report.key_records_checked += 1;
         check_key_record(store.as_ref(), path, needed, &mut report).await;
@@ -288,6 +308,7 @@ pub async fn verify_archive(
         layout::AUDIT_ROOT,
         tlog::LOG_ROOT,
         crate::drill::DRILLS_ROOT,
+        crate::governance::GOVERNANCE_ROOT,
     ] {
         let mut listing = store.list(Some(&Path::from(root)));
         while let Some(object) = listing.try_next().await.map_err(Error::from)? {

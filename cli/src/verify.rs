@@ -269,6 +269,7 @@ fn describe(problem: &Problem) -> String {
             "transparency log leaf {index} (topic {topic} partition {partition} manifest {seq}): {detail}"
         ),
         Problem::LogRollback { detail } => format!("transparency log: {detail}"),
+        Problem::BadGovernance { detail } => format!("governance stream: {detail}"),
         Problem::Unreadable { path, detail } => format!("{path} could not be read: {detail}"),
     }
 }

@@ -203,6 +203,38 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
     store
         .put(&hold_path, PutPayload::from(serde_json::to_vec(&released)?))
         .await?;
+    // A hold placed through the governance stream refuses it too, although it names one conversation and a
+    // custodian: the month's data key encrypts every conversation of the month.
+    let governance = chatvault_archive::governance::GovernanceLog::new(store.clone());
+    let mut matter_9 =
+        chatvault_archive::governance::hold::LegalHold::new("acme", "matter-9", "Roe v. Acme");
+    matter_9.conversations = vec!["C1".into()];
+    matter_9.custodians = vec!["u-ann".into()];
+    matter_9.from_micros = Some(november);
+    governance
+        .commit(
+            chatvault_archive::governance::Change::HoldPlaced { hold: matter_9 },
+            "counsel",
+            "",
+        )
+        .await?;
+    let held = chatvault(&shred_november).await?;
+    assert!(
+        !held.status.success() && text(&held).contains("legal hold matter-9"),
+        "{}",
+        text(&held)
+    );
+    assert_eq!(restore(&endpoint, "acme", "C1").await??.len(), 2);
+    governance
+        .commit(
+            chatvault_archive::governance::Change::HoldReleased {
+                tenant_id: "acme".into(),
+                hold_id: "matter-9".into(),
+            },
+            "counsel",
+            "settled",
+        )
+        .await?;
     let unconfirmed: Vec<&str> = shred_november
         .iter()
         .copied()

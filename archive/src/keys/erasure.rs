@@ -11,7 +11,7 @@
 //!
 //! Afterwards reads of that data fail with [`ErrorCode::Erased`] naming the tenant, the month and the date
 //! of erasure; archiving new events of that tenant and month creates a fresh data key. A shred is refused
-//! while a legal hold covers the data ([`crate::holds`]), and the audit trail's own keys are never shredded.
+//! while a legal hold covers the data ([`crate::governance::hold`]), and the audit trail's own keys are never shredded.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +20,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use super::{DataKeys, timed_provider_call};
-use crate::holds::{LegalHold, holds_covering};
+use crate::governance::hold::{LegalHold, holds_covering};
 use crate::layout;
 use chatvault_core::error::{Error, ErrorCode, Result};
 use chatvault_core::time::{Date, now_micros};
@@ -167,7 +167,7 @@ impl DataKeys {
                 bytes,
             });
         }
-        let holds = holds_covering(self.store.as_ref(), tenant, period).await?;
+        let holds = holds_covering(self.store.clone(), tenant, period).await?;
         let key_encryption_keys = match (scope, period) {
             (Some(_), _) | (_, Some(_)) => {
                 "kept: the tenant's other data still needs them".to_string()
@@ -197,7 +197,7 @@ impl DataKeys {
         mut progress: impl FnMut(&ErasureRecord),
     ) -> Result<ShredReport> {
         let tenant = plan.tenant_id.as_str();
-        let holds = holds_covering(self.store.as_ref(), tenant, plan.period.as_deref()).await?;
+        let holds = holds_covering(self.store.clone(), tenant, plan.period.as_deref()).await?;
         if let Some(hold) = holds.first() {
             return Err(Error::new(
                 ErrorCode::Conflict,
