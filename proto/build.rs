@@ -11,6 +11,7 @@ const PROTO_FILES: &[&str] = &[
     "chatvault/v1/restore.proto",
     "chatvault/v1/audit.proto",
     "chatvault/v1/keys.proto",
+    "chatvault/v1/governance.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -7,6 +7,7 @@ mod checkpoint;
 mod client;
 mod credentials;
 mod drill;
+mod governance;
 mod keys;
 mod login;
 mod ops;
@@ -62,6 +63,10 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Read a tenant's audit trail (who did what, when, from where, with what outcome).
     Audit(audit::AuditArgs),
+    /// Retention policies of a tenant (the `policy` role): set, remove, list.
+    Policy(governance::PolicyArgs),
+    /// Legal holds of a tenant (the `hold` role): place, change, release, list.
+    Hold(governance::HoldArgs),
     /// Verify a whole archive from the bucket alone: chains, files, key records, the signed transparency log.
     Verify(verify::VerifyArgs),
     /// Verify an exported conversation's evidence offline (`chatvault restore --evidence FILE`): every event
@@ -119,6 +124,8 @@ fn main() -> std::process::ExitCode {
             Command::Conversations(args) => client::conversations(args).await,
             Command::Keys(args) => keys::keys(args).await,
             Command::Audit(args) => audit::audit(args).await,
+            Command::Policy(args) => governance::policy(args).await,
+            Command::Hold(args) => governance::hold(args).await,
             Command::Verify(args) => verify::verify(args).await,
             Command::VerifyExport(args) => verify::verify_export(args).await,
             Command::Checkpoint(args) => checkpoint::checkpoint(args).await,

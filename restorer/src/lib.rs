@@ -14,6 +14,7 @@
 pub mod audit_trail;
 pub mod config;
 pub mod evidence;
+pub mod governance;
 pub mod index;
 pub mod key_export;
 pub mod reader;
@@ -46,7 +47,7 @@ use chatvault_core::shutdown::Shutdown;
 use chatvault_core::storage::object_store_from_config;
 
 /// The restorer role on the shared settings and its `[restorer]` section, serving the RestoreService, the
-/// AuditService and the KeyService on `listener` until
+/// AuditService, the KeyService and the GovernanceService on `listener` until
 /// `shutdown` (then draining for `restorer.drain_timeout`), recording every call in `audit` (the Kafka audit
 /// topic in production: the caller provides the sink, so this crate does not link a Kafka client). The one
 /// assembly of the role: the binary, the test kit and the benchmarks all start it here.
@@ -66,6 +67,8 @@ pub async fn run(
             .with_trusted_keys(trusted_keys.clone());
     let auditor = Auditor::new("restorer", audit);
     let key_export = KeyExportApi::new(keys.clone(), shared.authenticator()?, auditor.clone());
+    let governance =
+        governance::GovernanceApi::new(store.clone(), shared.authenticator()?, auditor.clone());
     if !trusted_keys.is_empty() {
         tokio::spawn(watch_drills(
             store.clone(),
@@ -88,6 +91,7 @@ pub async fn run(
             auditor,
         )),
         key_export: Some(key_export),
+        governance: Some(governance),
     };
     serve(listener, api, more, shutdown, settings.drain_timeout).await
 }

@@ -359,6 +359,8 @@ pub struct MoreApis {
     pub audit_trail: Option<AuditApi>,
     /// `chatvault.v1.KeyService`.
     pub key_export: Option<KeyExportApi>,
+    /// `chatvault.v1.GovernanceService`.
+    pub governance: Option<crate::governance::GovernanceApi>,
 }
 
 /// [`serve`] with a configured [`RestoreApi`] (auditor, concurrency limit) and the services of `more` beside it.
@@ -389,6 +391,10 @@ pub async fn serve_api(
         .add_service(RestoreServiceServer::new(api))
         .add_optional_service(more.audit_trail.map(AuditServiceServer::new))
         .add_optional_service(more.key_export.map(KeyServiceServer::new))
+        .add_optional_service(
+            more.governance
+                .map(chatvault_proto::v1::governance_service_server::GovernanceServiceServer::new),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await
         .map_err(|error| {

@@ -34,6 +34,10 @@ pub const ACME_INGEST_TOKEN: &str = "test-ingest-acme";
 pub const ACME_AUDIT_TOKEN: &str = "test-audit-acme";
 /// Holds `key_export` for `acme` only.
 pub const ACME_KEY_EXPORT_TOKEN: &str = "test-key-export-acme";
+/// Holds `policy` for `acme` only.
+pub const ACME_POLICY_TOKEN: &str = "test-policy-acme";
+/// Holds `hold` for `acme` only.
+pub const ACME_HOLD_TOKEN: &str = "test-hold-acme";
 
 /// A configuration for the test tenants, pointing at `brokers` and `storage`, with fast batching.
 pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -> Config {
@@ -85,6 +89,18 @@ pub fn test_config(brokers: &str, storage: StorageConfig, keyring_path: &Path) -
                     name: "audit-acme".into(),
                     token: Some(ACME_AUDIT_TOKEN.into()),
                     roles: vec![Role::Audit],
+                    ..Default::default()
+                });
+                tokens.push(TokenConfig {
+                    name: "policy-acme".into(),
+                    token: Some(ACME_POLICY_TOKEN.into()),
+                    roles: vec![Role::Policy],
+                    ..Default::default()
+                });
+                tokens.push(TokenConfig {
+                    name: "hold-acme".into(),
+                    token: Some(ACME_HOLD_TOKEN.into()),
+                    roles: vec![Role::Hold],
                     ..Default::default()
                 });
             }

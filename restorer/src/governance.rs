@@ -1,0 +1,315 @@
+//! `chatvault.v1.GovernanceService`: retention policies (the `policy` role) and legal holds (the `hold` role),
+//! committed to the archive's governance stream ([`chatvault_archive::governance`]) under the caller's name.
+//! Every call, allowed or refused, is recorded in the audit trail; a change's answer waits for its record.
+
+use std::sync::Arc;
+
+use chatvault_archive::governance::hold::LegalHold;
+use chatvault_archive::governance::policy::{PolicyScope, RetentionPolicy};
+use chatvault_archive::governance::{Change, GovernanceLog, GovernanceRecord};
+use chatvault_core::audit::{AuditCall, Auditor, CallSource};
+use chatvault_core::auth::{Authenticator, Principal, Role};
+use chatvault_core::event::check_tenant;
+use chatvault_core::{Error, Result};
+use chatvault_proto::v1::governance_service_server::GovernanceService;
+use chatvault_proto::v1::{
+    GovernanceChangeResponse, HoldRequest, ListHoldsRequest, ListHoldsResponse,
+    ListPoliciesRequest, ListPoliciesResponse, ListedHold, ReleaseHoldRequest, RemovePolicyRequest,
+    SetPolicyRequest,
+};
+use object_store::ObjectStore;
+use tonic::{Request, Response, Status};
+
+use crate::service::authorization_of;
+
+/// The longest `reason` a change may carry.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// The GovernanceService implementation.
+#[derive(Clone)]
+pub struct GovernanceApi {
+    log: GovernanceLog,
+    authenticator: Authenticator,
+    auditor: Auditor,
+}
+
+impl std::fmt::Debug for GovernanceApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GovernanceApi").finish_non_exhaustive()
+    }
+}
+
+impl GovernanceApi {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        authenticator: Authenticator,
+        auditor: Auditor,
+    ) -> Self {
+        GovernanceApi {
+            log: GovernanceLog::new(store),
+            authenticator,
+            auditor,
+        }
+    }
+
+    /// Authenticates the caller, checks `tenant` and `role`.
+    async fn caller(
+        &self,
+        authorization: Option<&str>,
+        tenant: &str,
+        role: Role,
+        audit: &mut AuditCall,
+    ) -> Result<Principal> {
+        let caller = self.authenticator.authenticate(authorization).await?;
+        audit.principal(&caller);
+        check_tenant("tenant_id", tenant)?;
+        caller.require(tenant, role)?;
+        Ok(caller)
+    }
+
+    async fn commit(
+        &self,
+        caller: &Principal,
+        change: Change,
+        reason: &str,
+    ) -> Result<GovernanceChangeResponse> {
+        if reason.len() > MAX_REASON_BYTES || reason.chars().any(char::is_control) {
+            return Err(Error::invalid_argument(format!(
+                "reason must be at most {MAX_REASON_BYTES} bytes without control characters"
+            )));
+        }
+        let (record, _) = self.log.commit(change, &caller.name, reason).await?;
+        change_response(&record)
+    }
+
+    /// Runs one call: its audit record names `action`, `tenant` and `role`, and `body` does the work.
+    async fn call<T, R, F>(
+        &self,
+        request: &Request<R>,
+        action: &str,
+        tenant: &str,
+        role: Role,
+        body: F,
+    ) -> Result<T, Status>
+    where
+        F: AsyncFnOnce(Principal) -> Result<T>,
+    {
+        let mut audit = self.auditor.call(
+            &format!("chatvault.v1.GovernanceService/{action}"),
+            &CallSource::of_grpc(request),
+        );
+        audit.tenant(tenant).roles(&[role]);
+        let result = match self
+            .caller(authorization_of(request), tenant, role, &mut audit)
+            .await
+        {
+            Ok(caller) => body(caller).await,
+            Err(error) => Err(error),
+        };
+        Ok(audit.conclude(result, |_| 1).await?)
+    }
+}
+
+fn change_response(record: &GovernanceRecord) -> Result<GovernanceChangeResponse> {
+    Ok(GovernanceChangeResponse {
+        version: record.version,
+        record_json: serde_json::to_string(record)?,
+    })
+}
+
+fn hold_of(request: &HoldRequest) -> LegalHold {
+    let open = |micros: i64| (micros != 0).then_some(micros);
+    LegalHold {
+        conversations: request.conversations.clone(),
+        custodians: request.custodians.clone(),
+        from_micros: open(request.from_micros),
+        to_micros: open(request.to_micros),
+        query: request.query.clone(),
+        ..LegalHold::new(&request.tenant_id, &request.hold_id, &request.matter)
+    }
+}
+
+#[tonic::async_trait]
+impl GovernanceService for GovernanceApi {
+    async fn set_policy(
+        &self,
+        request: Request<SetPolicyRequest>,
+    ) -> Result<Response<GovernanceChangeResponse>, Status> {
+        let body = request.get_ref();
+        let days = |days: u32| (days != 0).then_some(days);
+        let response = self
+            .call(
+                &request,
+                "SetPolicy",
+                &body.tenant_id,
+                Role::Policy,
+                async |caller| {
+                    let policy = RetentionPolicy {
+                        tenant_id: body.tenant_id.clone(),
+                        policy_id: body.policy_id.clone(),
+                        scope: PolicyScope::parse(&body.scope)?,
+                        retain_days: days(body.retain_days),
+                        delete_after_days: days(body.delete_after_days),
+                        description: body.description.clone(),
+                        version: 0,
+                        set_at_micros: 0,
+                        set_by: String::new(),
+                    };
+                    self.commit(&caller, Change::PolicySet { policy }, &body.reason)
+                        .await
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn remove_policy(
+        &self,
+        request: Request<RemovePolicyRequest>,
+    ) -> Result<Response<GovernanceChangeResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "RemovePolicy",
+                &body.tenant_id,
+                Role::Policy,
+                async |caller| {
+                    let change = Change::PolicyRemoved {
+                        tenant_id: body.tenant_id.clone(),
+                        policy_id: body.policy_id.clone(),
+                    };
+                    self.commit(&caller, change, &body.reason).await
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "ListPolicies",
+                &body.tenant_id,
+                Role::Policy,
+                async |_| {
+                    let state = self.log.state().await?;
+                    let policy_json = state
+                        .policies(&body.tenant_id)
+                        .map(serde_json::to_string)
+                        .collect::<Result<_, _>>()?;
+                    Ok(ListPoliciesResponse {
+                        version: state.version,
+                        policy_json,
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn place_hold(
+        &self,
+        request: Request<HoldRequest>,
+    ) -> Result<Response<GovernanceChangeResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "PlaceHold",
+                &body.tenant_id,
+                Role::Hold,
+                async |caller| {
+                    let change = Change::HoldPlaced {
+                        hold: hold_of(body),
+                    };
+                    self.commit(&caller, change, &body.reason).await
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn change_hold(
+        &self,
+        request: Request<HoldRequest>,
+    ) -> Result<Response<GovernanceChangeResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "ChangeHold",
+                &body.tenant_id,
+                Role::Hold,
+                async |caller| {
+                    let change = Change::HoldChanged {
+                        hold: hold_of(body),
+                    };
+                    self.commit(&caller, change, &body.reason).await
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn release_hold(
+        &self,
+        request: Request<ReleaseHoldRequest>,
+    ) -> Result<Response<GovernanceChangeResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "ReleaseHold",
+                &body.tenant_id,
+                Role::Hold,
+                async |caller| {
+                    let change = Change::HoldReleased {
+                        tenant_id: body.tenant_id.clone(),
+                        hold_id: body.hold_id.clone(),
+                    };
+                    self.commit(&caller, change, &body.reason).await
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_holds(
+        &self,
+        request: Request<ListHoldsRequest>,
+    ) -> Result<Response<ListHoldsResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "ListHolds",
+                &body.tenant_id,
+                Role::Hold,
+                async |_| {
+                    let state = self.log.state().await?;
+                    let holds = state
+                        .all_holds(&body.tenant_id)
+                        .filter(|hold| body.include_released || !hold.is_released())
+                        .map(|hold| {
+                            Ok(ListedHold {
+                                hold_json: serde_json::to_string(hold)?,
+                                coverage: hold.describe_coverage(),
+                            })
+                        })
+                        .collect::<Result<_>>()?;
+                    Ok(ListHoldsResponse {
+                        version: state.version,
+                        holds,
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+}
