@@ -45,7 +45,8 @@ pub struct AuditArgs {
     json: bool,
 }
 
-fn parse_time(text: &str) -> Result<i64, String> {
+/// An RFC 3339 time argument, in microseconds since the epoch (shared by the commands that take times).
+pub(crate) fn parse_time(text: &str) -> Result<i64, String> {
     parse_rfc3339_micros(text)
         .ok_or_else(|| format!("{text:?} is not an RFC 3339 time such as 2026-12-01T00:00:00Z"))
 }

@@ -7,7 +7,6 @@ use anyhow::Context;
 use chatvault_archive::governance::hold::LegalHold;
 use chatvault_archive::governance::policy::RetentionPolicy;
 use chatvault_core::audit::LogSafe;
-use chatvault_core::time::parse_rfc3339_micros;
 use chatvault_proto::v1::governance_service_client::GovernanceServiceClient;
 use chatvault_proto::v1::{
     GovernanceChangeResponse, HoldRequest, ListHoldsRequest, ListPoliciesRequest,
@@ -16,6 +15,7 @@ use chatvault_proto::v1::{
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 
+use crate::audit::parse_time;
 use crate::client::{Connection, authorized, channel};
 
 #[derive(Args, Debug)]
@@ -144,11 +144,6 @@ fn parse_days(text: &str) -> Result<u32, String> {
         "y" => count.checked_mul(365).ok_or_else(bad),
         _ => Err(bad()),
     }
-}
-
-fn parse_time(text: &str) -> Result<i64, String> {
-    parse_rfc3339_micros(text)
-        .ok_or_else(|| format!("{text:?} is not an RFC 3339 time such as 2026-12-01T00:00:00Z"))
 }
 
 async fn client(target: &Target) -> anyhow::Result<(GovernanceServiceClient<Channel>, String)> {

@@ -55,6 +55,22 @@ impl Date {
     pub fn start_micros(&self) -> i64 {
         days_from_civil(self.year, self.month, self.day) * MICROS_PER_DAY
     }
+
+    /// The first day of the month after this date's.
+    pub fn first_of_next_month(&self) -> Date {
+        match self.month {
+            12 => Date {
+                year: self.year + 1,
+                month: 1,
+                day: 1,
+            },
+            month => Date {
+                year: self.year,
+                month: month + 1,
+                day: 1,
+            },
+        }
+    }
 }
 
 /// Parses a Slack timestamp (`"1355517523.000005"`: seconds, a dot, 6 digits of microseconds) to

@@ -110,6 +110,28 @@ impl GovernanceApi {
     }
 }
 
+impl GovernanceApi {
+    /// A call that changes the state: authorized and audited like [`GovernanceApi::call`], then the change
+    /// `build` makes of the request (after authentication, so that bad input from a caller without the role is
+    /// a refusal, not a validation message) is committed under the caller's name with `reason`.
+    async fn change<R>(
+        &self,
+        request: &Request<R>,
+        action: &str,
+        tenant: &str,
+        role: Role,
+        reason: &str,
+        build: impl FnOnce() -> Result<Change>,
+    ) -> Result<Response<GovernanceChangeResponse>, Status> {
+        let response = self
+            .call(request, action, tenant, role, async move |caller| {
+                self.commit(&caller, build()?, reason).await
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+}
+
 fn change_response(record: &GovernanceRecord) -> Result<GovernanceChangeResponse> {
     Ok(GovernanceChangeResponse {
         version: record.version,
@@ -137,14 +159,15 @@ impl GovernanceService for GovernanceApi {
     ) -> Result<Response<GovernanceChangeResponse>, Status> {
         let body = request.get_ref();
         let days = |days: u32| (days != 0).then_some(days);
-        let response = self
-            .call(
-                &request,
-                "SetPolicy",
-                &body.tenant_id,
-                Role::Policy,
-                async |caller| {
-                    let policy = RetentionPolicy {
+        self.change(
+            &request,
+            "SetPolicy",
+            &body.tenant_id,
+            Role::Policy,
+            &body.reason,
+            || {
+                Ok(Change::PolicySet {
+                    policy: RetentionPolicy {
                         tenant_id: body.tenant_id.clone(),
                         policy_id: body.policy_id.clone(),
                         scope: PolicyScope::parse(&body.scope)?,
@@ -154,13 +177,11 @@ impl GovernanceService for GovernanceApi {
                         version: 0,
                         set_at_micros: 0,
                         set_by: String::new(),
-                    };
-                    self.commit(&caller, Change::PolicySet { policy }, &body.reason)
-                        .await
-                },
-            )
-            .await?;
-        Ok(Response::new(response))
+                    },
+                })
+            },
+        )
+        .await
     }
 
     async fn remove_policy(
@@ -168,22 +189,20 @@ impl GovernanceService for GovernanceApi {
         request: Request<RemovePolicyRequest>,
     ) -> Result<Response<GovernanceChangeResponse>, Status> {
         let body = request.get_ref();
-        let response = self
-            .call(
-                &request,
-                "RemovePolicy",
-                &body.tenant_id,
-                Role::Policy,
-                async |caller| {
-                    let change = Change::PolicyRemoved {
-                        tenant_id: body.tenant_id.clone(),
-                        policy_id: body.policy_id.clone(),
-                    };
-                    self.commit(&caller, change, &body.reason).await
-                },
-            )
-            .await?;
-        Ok(Response::new(response))
+        self.change(
+            &request,
+            "RemovePolicy",
+            &body.tenant_id,
+            Role::Policy,
+            &body.reason,
+            || {
+                Ok(Change::PolicyRemoved {
+                    tenant_id: body.tenant_id.clone(),
+                    policy_id: body.policy_id.clone(),
+                })
+            },
+        )
+        .await
     }
 
     async fn list_policies(
@@ -218,21 +237,19 @@ impl GovernanceService for GovernanceApi {
         request: Request<HoldRequest>,
     ) -> Result<Response<GovernanceChangeResponse>, Status> {
         let body = request.get_ref();
-        let response = self
-            .call(
-                &request,
-                "PlaceHold",
-                &body.tenant_id,
-                Role::Hold,
-                async |caller| {
-                    let change = Change::HoldPlaced {
-                        hold: hold_of(body),
-                    };
-                    self.commit(&caller, change, &body.reason).await
-                },
-            )
-            .await?;
-        Ok(Response::new(response))
+        self.change(
+            &request,
+            "PlaceHold",
+            &body.tenant_id,
+            Role::Hold,
+            &body.reason,
+            || {
+                Ok(Change::HoldPlaced {
+                    hold: hold_of(body),
+                })
+            },
+        )
+        .await
     }
 
     async fn change_hold(
@@ -240,21 +257,19 @@ impl GovernanceService for GovernanceApi {
         request: Request<HoldRequest>,
     ) -> Result<Response<GovernanceChangeResponse>, Status> {
         let body = request.get_ref();
-        let response = self
-            .call(
-                &request,
-                "ChangeHold",
-                &body.tenant_id,
-                Role::Hold,
-                async |caller| {
-                    let change = Change::HoldChanged {
-                        hold: hold_of(body),
-                    };
-                    self.commit(&caller, change, &body.reason).await
-                },
-            )
-            .await?;
-        Ok(Response::new(response))
+        self.change(
+            &request,
+            "ChangeHold",
+            &body.tenant_id,
+            Role::Hold,
+            &body.reason,
+            || {
+                Ok(Change::HoldChanged {
+                    hold: hold_of(body),
+                })
+            },
+        )
+        .await
     }
 
     async fn release_hold(
@@ -262,22 +277,20 @@ impl GovernanceService for GovernanceApi {
         request: Request<ReleaseHoldRequest>,
     ) -> Result<Response<GovernanceChangeResponse>, Status> {
         let body = request.get_ref();
-        let response = self
-            .call(
-                &request,
-                "ReleaseHold",
-                &body.tenant_id,
-                Role::Hold,
-                async |caller| {
-                    let change = Change::HoldReleased {
-                        tenant_id: body.tenant_id.clone(),
-                        hold_id: body.hold_id.clone(),
-                    };
-                    self.commit(&caller, change, &body.reason).await
-                },
-            )
-            .await?;
-        Ok(Response::new(response))
+        self.change(
+            &request,
+            "ReleaseHold",
+            &body.tenant_id,
+            Role::Hold,
+            &body.reason,
+            || {
+                Ok(Change::HoldReleased {
+                    tenant_id: body.tenant_id.clone(),
+                    hold_id: body.hold_id.clone(),
+                })
+            },
+        )
+        .await
     }
 
     async fn list_holds(

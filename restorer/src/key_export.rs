@@ -51,18 +51,7 @@ impl Period {
     }
 
     fn next(self) -> Period {
-        let Date { year, month, .. } = self.0;
-        Period(match month {
-            12 => Date {
-                year: year + 1,
-                month: 1,
-                day: 1,
-            },
-            _ => Date {
-                month: month + 1,
-                ..self.0
-            },
-        })
+        Period(self.0.first_of_next_month())
     }
 
     fn name(self) -> String {

@@ -230,18 +230,7 @@ impl LegalHold {
 /// `[start, end)` of a `yyyy-mm` month in microseconds.
 fn month_range(period: &str) -> Option<(i64, i64)> {
     let start = Date::parse_iso(&format!("{period}-01"))?;
-    let next = if start.month == 12 {
-        Date {
-            year: start.year + 1,
-            month: 1,
-            day: 1,
-        }
-    } else {
-        Date {
-            month: start.month + 1,
-            ..start
-        }
-    };
+    let next = start.first_of_next_month();
     Some((start.start_micros(), next.start_micros()))
 }
 

@@ -194,33 +194,25 @@ impl GovernanceState {
                         ),
                     ));
                 }
-                let placed = LegalHold {
-                    format: hold::HOLD_FORMAT.into(),
-                    created_at_micros: record.at_micros,
-                    created_by: record.actor.clone(),
-                    placed_version: record.version,
-                    version: record.version,
-                    released_at_micros: None,
-                    released_by: String::new(),
-                    periods: Vec::new(),
-                    ..hold.clone()
-                };
+                let placed = stored_hold(
+                    hold,
+                    record.at_micros,
+                    &record.actor,
+                    record.version,
+                    record.version,
+                );
                 self.holds.insert(key, placed);
             }
             Change::HoldChanged { hold } => {
                 hold.check()?;
                 let current = self.unreleased_hold(&hold.tenant_id, &hold.hold_id)?;
-                let changed = LegalHold {
-                    format: hold::HOLD_FORMAT.into(),
-                    created_at_micros: current.created_at_micros,
-                    created_by: current.created_by.clone(),
-                    placed_version: current.placed_version,
-                    version: record.version,
-                    released_at_micros: None,
-                    released_by: String::new(),
-                    periods: Vec::new(),
-                    ..hold.clone()
-                };
+                let changed = stored_hold(
+                    hold,
+                    current.created_at_micros,
+                    &current.created_by,
+                    current.placed_version,
+                    record.version,
+                );
                 self.holds
                     .insert((hold.tenant_id.clone(), hold.hold_id.clone()), changed);
             }
@@ -251,6 +243,28 @@ impl GovernanceState {
             )),
             Some(hold) => Ok(hold),
         }
+    }
+}
+
+/// `hold` as the state keeps it: what the caller asked to cover, with who placed it when and at which versions
+/// (never released, never with hand-written `periods`).
+fn stored_hold(
+    hold: &LegalHold,
+    created_at_micros: i64,
+    created_by: &str,
+    placed_version: u64,
+    version: u64,
+) -> LegalHold {
+    LegalHold {
+        format: hold::HOLD_FORMAT.into(),
+        created_at_micros,
+        created_by: created_by.into(),
+        placed_version,
+        version,
+        released_at_micros: None,
+        released_by: String::new(),
+        periods: Vec::new(),
+        ..hold.clone()
     }
 }
 
