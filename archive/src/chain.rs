@@ -29,7 +29,7 @@
 //! another batch. An intent whose sequence number is not yet committed may still belong to a live writer and
 //! is left alone.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -40,7 +40,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use super::file::sha256_hex;
 use super::layout;
 use super::manifest::{
-    ChainHead, MANIFEST_FORMAT, Manifest, ManifestFile, PendingIntent, delete_if_exists,
+    ChainHead, LiveFiles, MANIFEST_FORMAT, Manifest, ManifestFile, PendingIntent, delete_if_exists,
     parse_manifest,
 };
 use chatvault_core::error::{Error, ErrorCode, Result};
@@ -79,6 +79,19 @@ pub struct ChainReader {
 #[derive(Debug)]
 pub struct VerifiedManifests {
     pub manifests: Vec<(Manifest, ChainHead)>,
+    pub error: Option<Error>,
+}
+
+/// What one partition's chain holds now ([`ChainReader::chain_files`]): its live files (committed and not
+/// superseded by a rewrite), in chain order, with the manifest that committed each; what rewrites superseded;
+/// the head the reading ended at; and what stopped the reading, if anything did (then everything here is of
+/// the verified prefix).
+#[derive(Debug, Default)]
+pub struct ChainFiles {
+    pub live: Vec<(u64, ManifestFile)>,
+    /// Superseded path → (sequence number of the rewrite manifest, its reason).
+    pub superseded: HashMap<String, (u64, String)>,
+    pub head: ChainHead,
     pub error: Option<Error>,
 }
 
@@ -223,6 +236,46 @@ impl ChainReader {
         verified
     }
 
+    /// Reads and verifies `partition`'s whole chain and applies its rewrites (see [`ChainFiles`]). A rewrite
+    /// that supersedes what the chain does not hold live stops the reading like a broken link.
+    pub async fn chain_files(&self, partition: i32) -> ChainFiles {
+        let verified = self.read_after(partition, &ChainHead::empty()).await;
+        let mut files = ChainFiles {
+            error: verified.error,
+            ..ChainFiles::default()
+        };
+        let mut live = LiveFiles::default();
+        for (manifest, head) in verified.manifests {
+            if let Err(error) = live.apply(&manifest) {
+                files.error =
+                    Some(self.broken(partition, manifest.seq, error.message().to_string()));
+                break;
+            }
+            if manifest.is_rewrite() {
+                let superseded: HashSet<&str> = manifest
+                    .supersedes
+                    .iter()
+                    .map(|s| s.path.as_str())
+                    .collect();
+                files
+                    .live
+                    .retain(|(_, file)| !superseded.contains(file.path.as_str()));
+                for superseded in &manifest.supersedes {
+                    files.superseded.insert(
+                        superseded.path.clone(),
+                        (manifest.seq, superseded.reason.clone()),
+                    );
+                }
+            }
+            let seq = manifest.seq;
+            files
+                .live
+                .extend(manifest.files.into_iter().map(|file| (seq, file)));
+            files.head = head;
+        }
+        files
+    }
+
     fn broken(&self, partition: i32, seq: u64, why: String) -> Error {
         Error::new(
             ErrorCode::Internal,
@@ -253,6 +306,12 @@ impl ChainReader {
             return Err(broken(format!(
                 "it ends (offset {}) before it starts (offset {})",
                 manifest.end_offset, manifest.start_offset
+            )));
+        }
+        if manifest.is_rewrite() && manifest.end_offset != manifest.start_offset {
+            return Err(broken(format!(
+                "it is a rewrite but covers offsets {} to {} (a rewrite covers none)",
+                manifest.start_offset, manifest.end_offset
             )));
         }
         if seq != previous.next_seq {
@@ -465,6 +524,7 @@ impl ChainWriter {
             files: vec![ManifestFile::plaintext(&path, &bytes, 1, created)],
             rejected_records: Vec::new(),
             offset_gaps: Vec::new(),
+            supersedes: Vec::new(),
         };
         let committed = self
             .commit_with_files(&manifest, vec![(path.clone(), bytes)])
@@ -761,6 +821,7 @@ mod tests {
             files: files.iter().map(|path| file_entry(path)).collect(),
             rejected_records: vec![],
             offset_gaps: vec![],
+            supersedes: Vec::new(),
         }
     }
 

@@ -12,11 +12,13 @@
 //!   between them (decoding, key scope, paths, file schema); the commit protocol is the same for both.
 //! - [`audit`]: the audit trail's Parquet schema and files.
 //! - [`governance`]: retention policies and legal holds, a stream of versioned changes in the archive.
+//! - [`disposition`]: retention and erasure plans, applied as rewrite commits, with signed reports.
 //! - [`tlog`]: the transparency log: every manifest a leaf of one Merkle tree, signed checkpoints.
 //! - [`verify`]: offline verification of a whole archive (chains, files, key records) from the bucket alone.
 
 pub mod audit;
 pub mod chain;
+pub mod disposition;
 pub mod drill;
 pub mod file;
 pub mod governance;

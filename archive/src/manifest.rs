@@ -36,6 +36,80 @@ pub struct Manifest {
     /// (data loss, made visible here), compacted away, or transaction markers (gaps of one).
     #[serde(default)]
     pub offset_gaps: Vec<OffsetGap>,
+    /// A **rewrite commit** (retention, erasure): the files of earlier manifests of this chain that this
+    /// manifest's `files` replace. A rewrite covers no new offsets (`start_offset == end_offset`). The chain's
+    /// files are every manifest's files minus every superseded one ([`LiveFiles`]); a superseded file must be
+    /// a live file of the chain when the rewrite commits, with the SHA-256 it was committed with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supersedes: Vec<Superseded>,
+}
+
+/// A file a rewrite commit replaces: where it was committed, and what it was.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Superseded {
+    /// The sequence number of the manifest (of the same chain) that committed it.
+    pub seq: u64,
+    pub path: String,
+    pub sha256: String,
+    /// Why, naming the document that ordered it (for example `disposition/<plan>.json`).
+    pub reason: String,
+}
+
+impl Manifest {
+    pub fn is_rewrite(&self) -> bool {
+        !self.supersedes.is_empty()
+    }
+}
+
+/// A chain's live files as its manifests are read in order: each manifest adds its files and removes what it
+/// supersedes. A rewrite that names a file the chain does not hold live (unknown, already superseded, or with
+/// another SHA-256) is an error: the chain was altered or its writer is broken.
+#[derive(Debug, Default, Clone)]
+pub struct LiveFiles {
+    /// Path → (seq of the committing manifest, SHA-256, tenant).
+    live: std::collections::HashMap<String, (u64, String, String)>,
+}
+
+impl LiveFiles {
+    /// Applies `manifest` (the chain's next); returns what it supersedes, as (path, tenant).
+    pub fn apply(&mut self, manifest: &Manifest) -> Result<Vec<(String, String)>> {
+        for superseded in &manifest.supersedes {
+            match self.live.get(&superseded.path) {
+                Some((seq, sha256, _))
+                    if *seq == superseded.seq && *sha256 == superseded.sha256 => {}
+                Some((seq, sha256, _)) => {
+                    return Err(Error::internal(format!(
+                        "rewrite manifest {} supersedes {} of manifest {} (SHA-256 {}), but the chain committed \
+                         it in manifest {seq} with SHA-256 {sha256}",
+                        manifest.seq, superseded.path, superseded.seq, superseded.sha256
+                    )));
+                }
+                None => {
+                    return Err(Error::internal(format!(
+                        "rewrite manifest {} supersedes {}, which is not a live file of the chain",
+                        manifest.seq, superseded.path
+                    )));
+                }
+            }
+        }
+        let mut removed = Vec::with_capacity(manifest.supersedes.len());
+        for superseded in &manifest.supersedes {
+            if let Some((_, _, tenant)) = self.live.remove(&superseded.path) {
+                removed.push((superseded.path.clone(), tenant));
+            }
+        }
+        for file in &manifest.files {
+            self.live.insert(
+                file.path.clone(),
+                (manifest.seq, file.sha256.clone(), file.tenant_id.clone()),
+            );
+        }
+        Ok(removed)
+    }
+
+    pub fn contains(&self, path: &str) -> bool {
+        self.live.contains_key(path)
+    }
 }
 
 /// Offsets `[from, to)` of a partition that no record was delivered for.
@@ -162,6 +236,12 @@ pub struct ChainHead {
     pub end_offset: i64,
     /// SHA-256 of the last manifest's bytes (empty when the chain is empty).
     pub last_sha256: String,
+}
+
+impl Default for ChainHead {
+    fn default() -> Self {
+        ChainHead::empty()
+    }
 }
 
 impl ChainHead {

@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::chain::ChainReader;
 use crate::file::sha256_hex;
 use crate::layout;
-use crate::manifest::{ChainHead, PendingIntent};
+use crate::manifest::{ChainHead, LiveFiles, PendingIntent};
 use crate::tlog::{self, LogReport, LogTrust};
 use chatvault_core::error::{Error, Result};
 
@@ -81,6 +81,14 @@ pub enum Problem {
     /// The governance stream's chain verifies but its changes do not replay (an altered or unreadable change,
     /// or one that does not apply to the state before it).
     BadGovernance { detail: String },
+    /// A rewrite manifest supersedes a file its chain does not hold live (unknown, already superseded, or
+    /// committed with another SHA-256).
+    BadRewrite {
+        topic: String,
+        partition: i32,
+        seq: u64,
+        detail: String,
+    },
     /// Storage failed while reading `path` (not a verdict about the archive; run again).
     Unreadable { path: String, detail: String },
 }
@@ -123,6 +131,11 @@ pub struct VerifyReport {
     pub log: LogReport,
     pub problems: Vec<Problem>,
     pub unreferenced: Vec<Unreferenced>,
+    /// Files that rewrite commits replaced: no longer part of the archive.
+    pub files_superseded: u64,
+    /// Superseded files still in the bucket (a disposition that stopped before deleting them, or storage that
+    /// refused the deletion, such as Object Lock): their rows are out of every restore but not yet gone.
+    pub superseded_present: Vec<String>,
 }
 
 impl Default for VerifyReport {
@@ -138,6 +151,8 @@ impl Default for VerifyReport {
             log: LogReport::default(),
             problems: Vec::new(),
             unreferenced: Vec::new(),
+            files_superseded: 0,
+            superseded_present: Vec::new(),
         }
     }
 }
@@ -187,6 +202,7 @@ pub async fn verify_archive(
     let mut intents: BTreeSet<String> = BTreeSet::new();
     let mut manifest_shas: BTreeMap<(String, i32), Vec<String>> = BTreeMap::new();
     let mut log_manifests = Vec::new();
+    let mut superseded: BTreeSet<String> = BTreeSet::new();
     for topic in crate::chain::topics(store.as_ref()).await? {
         let reader = ChainReader::new(store.clone(), &topic);
         let chains = &reader;
@@ -202,7 +218,17 @@ pub async fn verify_archive(
             .buffered(CHAINS_AT_ONCE);
         while let Some((partition, verified, pending)) = reads.next().await {
             let verified_here = verified.manifests.len() as u64;
+            let mut live = LiveFiles::default();
             for (manifest, head) in verified.manifests {
+                match live.apply(&manifest) {
+                    Ok(removed) => superseded.extend(removed.into_iter().map(|(path, _)| path)),
+                    Err(error) => report.problems.push(Problem::BadRewrite {
+                        topic: topic.clone(),
+                        partition,
+                        seq: manifest.seq,
+                        detail: error.message().to_string(),
+                    }),
+                }
                 manifest_shas
                     .entry((topic.clone(), partition))
                     .or_default()
@@ -235,6 +261,9 @@ pub async fn verify_archive(
         }
         report.manifests.insert(topic, count);
     }
+    // A superseded file is no longer part of the archive: neither checked nor needing its key.
+    committed.retain(|file| !superseded.contains(&file.path));
+    report.files_superseded = superseded.len() as u64;
     // Key record → the data keys its files name → (scope, period, first file, files).
     let mut key_records: BTreeMap<String, BTreeMap<String, NeededKey>> = BTreeMap::new();
     // The log's files are plaintext: no data key.
@@ -309,11 +338,14 @@ pub async fn verify_archive(
         tlog::LOG_ROOT,
         crate::drill::DRILLS_ROOT,
         crate::governance::GOVERNANCE_ROOT,
+        crate::disposition::DISPOSITION_ROOT,
     ] {
         let mut listing = store.list(Some(&Path::from(root)));
         while let Some(object) = listing.try_next().await.map_err(Error::from)? {
             let path = object.location.to_string();
-            if !referenced.contains(&path) {
+            if superseded.contains(&path) {
+                report.superseded_present.push(path);
+            } else if !referenced.contains(&path) {
                 report.unreferenced.push(Unreferenced {
                     named_by_intent: intents.contains(&path),
                     path,

@@ -52,6 +52,7 @@ impl<K: RecordKind> CommitStages<K> {
                 })
                 .collect(),
             offset_gaps: batch.offset_gaps.clone(),
+            supersedes: Vec::new(),
         };
         let commit_span = tracing::info_span!(
             "archive.commit",

@@ -288,6 +288,7 @@ fn a_broken_chain_halts_its_partition_instead_of_retrying_forever() {
         files: Vec::new(),
         rejected_records: Vec::new(),
         offset_gaps: Vec::new(),
+        supersedes: Vec::new(),
     };
     let committed = fixture
         .runtime
@@ -339,6 +340,7 @@ fn a_fenced_batch_rereads_the_head_and_continues_after_the_winner() {
         files: Vec::new(),
         rejected_records: Vec::new(),
         offset_gaps: Vec::new(),
+        supersedes: Vec::new(),
     };
     fixture
         .runtime

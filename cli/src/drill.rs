@@ -19,7 +19,7 @@ use chatvault_archive::chain::{ChainReader, topics};
 use chatvault_archive::drill::{DrillReport, DrilledConversation, commit_report, read_reports};
 use chatvault_archive::file::{conversation_digest, decode_file, sha256_hex};
 use chatvault_archive::keys::DataKeys;
-use chatvault_archive::manifest::{ChainHead, ManifestFile};
+use chatvault_archive::manifest::ManifestFile;
 use chatvault_archive::tlog::note::VerifierKey;
 use chatvault_archive::tlog::{LogTrust, signer_from_config};
 use chatvault_archive::verify::{Sampling, verify_archive};
@@ -223,15 +223,13 @@ async fn committed_files(
     if topics(store.as_ref()).await?.iter().any(|t| t == topic) {
         let chains = ChainReader::new(store, topic);
         for partition in chains.partitions().await? {
-            // A broken chain is reported by the archive check; its verified prefix is still drilled.
-            let verified = chains.read_after(partition, &ChainHead::empty()).await;
-            for (manifest, _) in verified.manifests {
-                for file in manifest.files {
-                    by_tenant
-                        .entry(file.tenant_id.clone())
-                        .or_default()
-                        .push(file);
-                }
+            // A broken chain is reported by the archive check; its verified prefix is still drilled. Files
+            // that rewrites superseded are no longer the archive's.
+            for (_, file) in chains.chain_files(partition).await.live {
+                by_tenant
+                    .entry(file.tenant_id.clone())
+                    .or_default()
+                    .push(file);
             }
         }
     }

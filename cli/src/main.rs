@@ -6,6 +6,7 @@ mod audit;
 mod checkpoint;
 mod client;
 mod credentials;
+mod disposition;
 mod drill;
 mod governance;
 mod keys;
@@ -67,6 +68,12 @@ enum Command {
     Policy(governance::PolicyArgs),
     /// Legal holds of a tenant (the `hold` role): place, change, release, list.
     Hold(governance::HoldArgs),
+    /// Disposition by retention policy (the `policy` role): plan what is due (a dry run), apply a plan by
+    /// id, list plans and their signed reports.
+    Retention(disposition::RetentionArgs),
+    /// A data subject's erasure (the `policy` role): plan the removal of what they authored or what mentions
+    /// them (held events are kept and listed), then apply the plan by id.
+    Erase(disposition::EraseArgs),
     /// Verify a whole archive from the bucket alone: chains, files, key records, the signed transparency log.
     Verify(verify::VerifyArgs),
     /// Verify an exported conversation's evidence offline (`chatvault restore --evidence FILE`): every event
@@ -126,6 +133,8 @@ fn main() -> std::process::ExitCode {
             Command::Audit(args) => audit::audit(args).await,
             Command::Policy(args) => governance::policy(args).await,
             Command::Hold(args) => governance::hold(args).await,
+            Command::Retention(args) => disposition::retention(args).await,
+            Command::Erase(args) => disposition::erase(args).await,
             Command::Verify(args) => verify::verify(args).await,
             Command::VerifyExport(args) => verify::verify_export(args).await,
             Command::Checkpoint(args) => checkpoint::checkpoint(args).await,

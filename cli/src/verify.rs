@@ -197,6 +197,18 @@ fn summary(url: &str, report: &VerifyReport) -> String {
             report.erased_files
         ));
     }
+    if report.files_superseded > 0 {
+        out.push_str(&format!(
+            "  {} file(s) superseded by rewrite commits (retention, erasure)\n",
+            report.files_superseded
+        ));
+    }
+    for path in &report.superseded_present {
+        out.push_str(&format!(
+            "  warning: {path} was superseded by a rewrite but is still in the bucket (run the disposition \
+             again, or wait for its Object Lock to end)\n"
+        ));
+    }
     let (in_flight, unexplained): (Vec<_>, Vec<_>) = report
         .unreferenced
         .iter()
@@ -270,6 +282,12 @@ fn describe(problem: &Problem) -> String {
         ),
         Problem::LogRollback { detail } => format!("transparency log: {detail}"),
         Problem::BadGovernance { detail } => format!("governance stream: {detail}"),
+        Problem::BadRewrite {
+            topic,
+            partition,
+            seq,
+            detail,
+        } => format!("topic {topic} partition {partition} rewrite manifest {seq}: {detail}"),
         Problem::Unreadable { path, detail } => format!("{path} could not be read: {detail}"),
     }
 }

@@ -1,21 +1,33 @@
 //! `chatvault.v1.GovernanceService`: retention policies (the `policy` role) and legal holds (the `hold` role),
 //! committed to the archive's governance stream ([`chatvault_archive::governance`]) under the caller's name.
 //! Every call, allowed or refused, is recorded in the audit trail; a change's answer waits for its record.
+//!
+//! Disposition (the `policy` role) plans and applies retention and erasure ([`chatvault_archive::disposition`])
+//! with the restorer's data keys; applying needs the integrity signing key for the report
+//! (`integrity.signing_key_path` or `signing_key_pkcs11_label`) and is refused without one. Rewritten files
+//! use the default writer settings ([`FileOptions::default`]).
 
 use std::sync::Arc;
 
+use chatvault_archive::disposition::apply::{ApplyRequest, apply_plan};
+use chatvault_archive::disposition::plan::{PlanRequest, make_plan};
+use chatvault_archive::disposition::{DispositionLog, Document, Purpose};
+use chatvault_archive::file::FileOptions;
 use chatvault_archive::governance::hold::LegalHold;
 use chatvault_archive::governance::policy::{PolicyScope, RetentionPolicy};
 use chatvault_archive::governance::{Change, GovernanceLog, GovernanceRecord};
+use chatvault_archive::keys::DataKeys;
+use chatvault_archive::tlog::note::NoteSigner;
 use chatvault_core::audit::{AuditCall, Auditor, CallSource};
 use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::event::check_tenant;
 use chatvault_core::{Error, Result};
 use chatvault_proto::v1::governance_service_server::GovernanceService;
 use chatvault_proto::v1::{
-    GovernanceChangeResponse, HoldRequest, ListHoldsRequest, ListHoldsResponse,
-    ListPoliciesRequest, ListPoliciesResponse, ListedHold, ReleaseHoldRequest, RemovePolicyRequest,
-    SetPolicyRequest,
+    ApplyDispositionRequest, DispositionPlanResponse, DispositionReportResponse,
+    GovernanceChangeResponse, HoldRequest, ListDispositionsRequest, ListDispositionsResponse,
+    ListHoldsRequest, ListHoldsResponse, ListPoliciesRequest, ListPoliciesResponse, ListedHold,
+    PlanDispositionRequest, ReleaseHoldRequest, RemovePolicyRequest, SetPolicyRequest,
 };
 use object_store::ObjectStore;
 use tonic::{Request, Response, Status};
@@ -31,6 +43,16 @@ pub struct GovernanceApi {
     log: GovernanceLog,
     authenticator: Authenticator,
     auditor: Auditor,
+    disposition: Option<Disposition>,
+}
+
+/// What disposition needs besides the governance stream.
+#[derive(Clone)]
+struct Disposition {
+    store: Arc<dyn ObjectStore>,
+    keys: DataKeys,
+    topic: String,
+    signer: Option<Arc<dyn NoteSigner>>,
 }
 
 impl std::fmt::Debug for GovernanceApi {
@@ -49,7 +71,35 @@ impl GovernanceApi {
             log: GovernanceLog::new(store),
             authenticator,
             auditor,
+            disposition: None,
         }
+    }
+
+    /// Serves disposition of `topic`'s archive with `keys`, signing reports with `signer` (none: plans are
+    /// served, applying is refused).
+    pub fn with_disposition(
+        mut self,
+        store: Arc<dyn ObjectStore>,
+        keys: DataKeys,
+        topic: &str,
+        signer: Option<Arc<dyn NoteSigner>>,
+    ) -> Self {
+        self.disposition = Some(Disposition {
+            store,
+            keys,
+            topic: topic.to_string(),
+            signer,
+        });
+        self
+    }
+
+    fn disposition(&self) -> Result<&Disposition> {
+        self.disposition.as_ref().ok_or_else(|| {
+            Error::new(
+                chatvault_core::ErrorCode::Unavailable,
+                "this restorer does not serve disposition",
+            )
+        })
     }
 
     /// Authenticates the caller, checks `tenant` and `role`.
@@ -73,11 +123,7 @@ impl GovernanceApi {
         change: Change,
         reason: &str,
     ) -> Result<GovernanceChangeResponse> {
-        if reason.len() > MAX_REASON_BYTES || reason.chars().any(char::is_control) {
-            return Err(Error::invalid_argument(format!(
-                "reason must be at most {MAX_REASON_BYTES} bytes without control characters"
-            )));
-        }
+        check_reason(reason)?;
         let (record, _) = self.log.commit(change, &caller.name, reason).await?;
         change_response(&record)
     }
@@ -130,6 +176,15 @@ impl GovernanceApi {
             .await?;
         Ok(Response::new(response))
     }
+}
+
+fn check_reason(reason: &str) -> Result<()> {
+    if reason.len() > MAX_REASON_BYTES || reason.chars().any(char::is_control) {
+        return Err(Error::invalid_argument(format!(
+            "reason must be at most {MAX_REASON_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
 }
 
 fn change_response(record: &GovernanceRecord) -> Result<GovernanceChangeResponse> {
@@ -320,6 +375,141 @@ impl GovernanceService for GovernanceApi {
                         version: state.version,
                         holds,
                     })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn plan_disposition(
+        &self,
+        request: Request<PlanDispositionRequest>,
+    ) -> Result<Response<DispositionPlanResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "PlanDisposition",
+                &body.tenant_id,
+                Role::Policy,
+                async |caller| {
+                    check_reason(&body.reason)?;
+                    let disposition = self.disposition()?;
+                    let purpose = if body.erase_subject.is_empty() {
+                        Purpose::Retention
+                    } else {
+                        Purpose::Erasure {
+                            subject: body.erase_subject.clone(),
+                            authored: body.erase_authored,
+                            mentioning: body.erase_mentioning,
+                        }
+                    };
+                    let as_of_micros = match body.as_of_micros {
+                        0 => chatvault_core::time::now_micros(),
+                        given => given,
+                    };
+                    let plan = make_plan(
+                        &disposition.store,
+                        &disposition.keys,
+                        PlanRequest {
+                            tenant_id: body.tenant_id.clone(),
+                            purpose,
+                            topic: disposition.topic.clone(),
+                            as_of_micros,
+                            planned_by: caller.name.clone(),
+                            reason: body.reason.clone(),
+                        },
+                        |_, _| {},
+                    )
+                    .await?;
+                    let stored = DispositionLog::new(disposition.store.clone())
+                        .commit_plan(plan)
+                        .await?;
+                    Ok(DispositionPlanResponse {
+                        plan_id: stored.seq,
+                        plan_json: serde_json::to_string(&stored.document)?,
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn apply_disposition(
+        &self,
+        request: Request<ApplyDispositionRequest>,
+    ) -> Result<Response<DispositionReportResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "ApplyDisposition",
+                &body.tenant_id,
+                Role::Policy,
+                async |caller| {
+                    check_reason(&body.reason)?;
+                    let disposition = self.disposition()?;
+                    let signer = disposition.signer.clone().ok_or_else(|| {
+                        Error::new(
+                            chatvault_core::ErrorCode::Unavailable,
+                            "a disposition report must be signed, and this restorer has no signing key \
+                             (integrity.signing_key_path or integrity.signing_key_pkcs11_label)",
+                        )
+                    })?;
+                    let stored = apply_plan(
+                        &disposition.store,
+                        &disposition.keys,
+                        signer,
+                        &FileOptions::default(),
+                        ApplyRequest {
+                            tenant_id: body.tenant_id.clone(),
+                            plan_id: body.plan_id,
+                            applied_by: caller.name.clone(),
+                            reason: body.reason.clone(),
+                        },
+                        |_, _| {},
+                    )
+                    .await?;
+                    Ok(DispositionReportResponse {
+                        report_id: stored.seq,
+                        report_path: stored.path,
+                        report_json: serde_json::to_string(&stored.document)?,
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn list_dispositions(
+        &self,
+        request: Request<ListDispositionsRequest>,
+    ) -> Result<Response<ListDispositionsResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "ListDispositions",
+                &body.tenant_id,
+                Role::Policy,
+                async |_| {
+                    let disposition = self.disposition()?;
+                    let mut listed = ListDispositionsResponse::default();
+                    for stored in DispositionLog::new(disposition.store.clone())
+                        .documents(&[])
+                        .await?
+                    {
+                        match stored.document {
+                            Document::Plan(plan) if plan.tenant_id == body.tenant_id => {
+                                listed.plan_json.push(serde_json::to_string(&plan)?);
+                            }
+                            Document::Report(report) if report.tenant_id == body.tenant_id => {
+                                listed.report_json.push(serde_json::to_string(&report)?);
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(listed)
                 },
             )
             .await?;

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chatvault_archive::chain::ChainReader;
 use chatvault_archive::file::conversation_digest;
-use chatvault_archive::manifest::{ChainHead, ManifestFile};
+use chatvault_archive::manifest::{ChainHead, LiveFiles, ManifestFile};
 use chatvault_archive::tlog::Bundle;
 use chatvault_archive::tlog::committer::{fetch_committed, log_files, newest_log_state};
 use chatvault_archive::tlog::merkle::{self, Hash, inclusion_proof};
@@ -65,6 +65,8 @@ struct IndexState {
     files_by_tenant: HashMap<String, Vec<IndexedFile>>,
     /// Per partition, the tenants with a file in its verified manifests.
     tenants_by_partition: HashMap<i32, HashSet<String>>,
+    /// Per partition, the live files of its verified manifests, to apply rewrite commits.
+    live: HashMap<i32, LiveFiles>,
     /// Partitions whose chain could not be verified past their cursor at the last refresh, with why.
     broken: BTreeMap<i32, BrokenChain>,
     /// What the transparency log vouches for, when trusted keys are given.
@@ -538,7 +540,32 @@ impl ArchiveIndex {
                 .fetch_add(verified.manifests.len() as u64, Ordering::Relaxed);
             // Keep every verified manifest, even when the chain breaks after it: the verified prefix is not
             // read again, and the break itself is reported on every refresh until it is repaired.
+            let mut error = verified.error;
             for (manifest, cursor) in verified.manifests {
+                // A rewrite commit replaces files of earlier manifests: they leave the index. One that names
+                // what the chain does not hold live breaks the chain there (it is read again next time).
+                match state.live.entry(partition).or_default().apply(&manifest) {
+                    Ok(superseded) => {
+                        let mut by_tenant: HashMap<String, HashSet<String>> = HashMap::new();
+                        for (path, tenant) in superseded {
+                            by_tenant.entry(tenant).or_default().insert(path);
+                        }
+                        for (tenant, paths) in by_tenant {
+                            if let Some(files) = state.files_by_tenant.get_mut(&tenant) {
+                                files.retain(|indexed| !paths.contains(&indexed.file.path));
+                            }
+                        }
+                    }
+                    Err(rewrite) => {
+                        error = Some(Error::internal(format!(
+                            "manifest chain of topic {} partition {partition} is broken at seq {}: {}",
+                            self.chains.topic(),
+                            manifest.seq,
+                            rewrite.message()
+                        )));
+                        break;
+                    }
+                }
                 for file in manifest.files {
                     state
                         .tenants_by_partition
@@ -564,7 +591,7 @@ impl ArchiveIndex {
                 }
                 state.cursors.insert(partition, cursor);
             }
-            match verified.error {
+            match error {
                 Some(error) => {
                     if !state.broken.contains_key(&partition) {
                         tracing::error!(

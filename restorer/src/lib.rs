@@ -67,8 +67,22 @@ pub async fn run(
             .with_trusted_keys(trusted_keys.clone());
     let auditor = Auditor::new("restorer", audit);
     let key_export = KeyExportApi::new(keys.clone(), shared.authenticator()?, auditor.clone());
+    // The signing key signs disposition reports; without it (or when this role cannot load it) disposition
+    // plans are still served and applying is refused with a message naming the setting.
+    let signer = match chatvault_archive::tlog::signer_from_config(
+        &shared.integrity,
+        &shared.keys.pkcs11,
+    ) {
+        Ok(signer) => signer,
+        Err(error) => {
+            tracing::warn!(%error, "the integrity signing key cannot be loaded: disposition plans are \
+                    served, applying them is refused");
+            None
+        }
+    };
     let governance =
-        governance::GovernanceApi::new(store.clone(), shared.authenticator()?, auditor.clone());
+        governance::GovernanceApi::new(store.clone(), shared.authenticator()?, auditor.clone())
+            .with_disposition(store.clone(), keys.clone(), &shared.kafka.topic, signer);
     if !trusted_keys.is_empty() {
         tokio::spawn(watch_drills(
             store.clone(),

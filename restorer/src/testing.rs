@@ -67,6 +67,7 @@ pub fn manifest_for(
         files: Vec::new(),
         rejected_records: Vec::new(),
         offset_gaps: Vec::new(),
+        supersedes: Vec::new(),
     }
 }
 

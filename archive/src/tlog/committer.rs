@@ -253,6 +253,7 @@ impl Committer {
             ],
             rejected_records: Vec::new(),
             offset_gaps: Vec::new(),
+            supersedes: Vec::new(),
         };
         debug_assert_eq!(manifest.seq, head.next_seq);
         self.chain
