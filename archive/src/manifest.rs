@@ -282,3 +282,74 @@ pub async fn delete_if_exists(store: &dyn ObjectStore, path: &Path) -> Result<()
         Err(error) => Err(error.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, sha256: &str) -> ManifestFile {
+        ManifestFile {
+            tenant_id: "acme".into(),
+            sha256: sha256.into(),
+            ..ManifestFile::plaintext(&Path::from(path), b"", 1, 0)
+        }
+    }
+
+    fn manifest(seq: u64, files: Vec<ManifestFile>, supersedes: Vec<Superseded>) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT.into(),
+            topic: "t".into(),
+            partition: 0,
+            seq,
+            start_offset: 0,
+            end_offset: 0,
+            batch_id: format!("b{seq}"),
+            writer_id: "w".into(),
+            created_at_micros: 0,
+            prev_sha256: String::new(),
+            files,
+            rejected_records: Vec::new(),
+            offset_gaps: Vec::new(),
+            supersedes,
+        }
+    }
+
+    fn superseded(seq: u64, path: &str, sha256: &str) -> Superseded {
+        Superseded {
+            seq,
+            path: path.into(),
+            sha256: sha256.into(),
+            reason: "test".into(),
+        }
+    }
+
+    #[test]
+    fn rewrites_replace_live_files_and_nothing_else() {
+        let mut live = LiveFiles::default();
+        live.apply(&manifest(0, vec![file("a", "1"), file("b", "2")], vec![]))
+            .unwrap();
+        let removed = live
+            .apply(&manifest(
+                1,
+                vec![file("a2", "3")],
+                vec![superseded(0, "a", "1")],
+            ))
+            .unwrap();
+        assert_eq!(removed, vec![("a".to_string(), "acme".to_string())]);
+        assert!(!live.contains("a") && live.contains("a2") && live.contains("b"));
+        // Superseding twice, an unknown file, the wrong manifest or the wrong bytes: all refused, and a
+        // refused rewrite changes nothing.
+        for bad in [
+            superseded(0, "a", "1"),
+            superseded(0, "zzz", "1"),
+            superseded(1, "b", "2"),
+            superseded(0, "b", "9"),
+        ] {
+            let error = live
+                .apply(&manifest(2, vec![file("c", "4")], vec![bad.clone()]))
+                .unwrap_err();
+            assert!(error.message().contains("supersedes"), "{bad:?}: {error}");
+            assert!(live.contains("b") && !live.contains("c"));
+        }
+    }
+}

@@ -12,9 +12,11 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use chatvault_archive::chain::{ChainWriter, Commit};
 use chatvault_archive::disposition::{
-    DispositionLog, DispositionReport, Document, Plan, check_report,
+    DispositionLog, DispositionReport, Document, Plan, Stored, check_report,
 };
+use chatvault_archive::manifest::{MANIFEST_FORMAT, Manifest, Superseded};
 use chatvault_archive::tlog::note::{NoteSigner, SigningKey, VerifierKey};
 use chatvault_core::audit::{AuditOutcome, AuditRecord};
 use chatvault_core::storage::object_store_from_config;
@@ -454,10 +456,60 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
     assert!(outcomes("ApplyDisposition", AuditOutcome::Allowed) >= 2);
     assert!(outcomes("ApplyDisposition", AuditOutcome::Denied) >= 1);
 
+    // A forged rewrite (someone with write access supersedes a file the chain does not hold, linking the
+    // manifest correctly) is caught by verify and stops restores of the partition's tenants.
+    let writer = ChainWriter::new(store.clone(), TOPIC);
+    let partition = report_partition(&documents);
+    let head = writer.reader().head(partition).await?;
+    let forged = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        topic: TOPIC.into(),
+        partition,
+        seq: head.next_seq,
+        start_offset: head.end_offset,
+        end_offset: head.end_offset,
+        batch_id: "forged".into(),
+        writer_id: "attacker".into(),
+        created_at_micros: 0,
+        prev_sha256: head.last_sha256.clone(),
+        files: Vec::new(),
+        rejected_records: Vec::new(),
+        offset_gaps: Vec::new(),
+        supersedes: vec![Superseded {
+            seq: 0,
+            path: "events/tenant=acme/nothing.parquet".into(),
+            sha256: "00".into(),
+            reason: "forged".into(),
+        }],
+    };
+    assert!(matches!(
+        writer.commit(&forged).await?,
+        Commit::Committed { .. }
+    ));
+    let verified = common::run_chatvault(&["verify", "-c", &config_arg], &[]).await?;
+    assert!(!verified.status.success());
+    assert!(
+        text(&verified).contains(&format!("rewrite manifest {}", head.next_seq)),
+        "{}",
+        text(&verified)
+    );
+    assert!(restored(&endpoint, "acme", "C1").await.is_err());
+
     archiver.stop().await?;
     restorer.stop().await?;
     gateway.stop().await?;
     Ok(())
+}
+
+/// The partition of the first rewrite a report names.
+fn report_partition(documents: &[Stored<Document>]) -> i32 {
+    documents
+        .iter()
+        .find_map(|stored| match &stored.document {
+            Document::Report(report) => report.rewrites.first().map(|rewrite| rewrite.partition),
+            Document::Plan(_) => None,
+        })
+        .expect("a report with a rewrite")
 }
 
 /// DuckDB's answer to `sql` over the view the export script `script` defines.
