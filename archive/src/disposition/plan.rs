@@ -104,7 +104,8 @@ pub struct Judge {
     as_of_micros: i64,
     policies: Vec<RetentionPolicy>,
     holds: Vec<LegalHold>,
-    /// Conversation → the users who took part (sent anything, joined, left), when a hold names custodians.
+    /// Conversation → the users who took part (sent anything, joined, left, were mentioned), when a hold names
+    /// custodians.
     participants: HashMap<String, HashSet<String>>,
 }
 
@@ -306,13 +307,14 @@ pub(crate) async fn learn_participants(
     for live in files {
         let (rows, _) = read_rows(store, keys, &live.file).await?;
         for row in rows {
+            let took_part = judge
+                .participants
+                .entry(row.record.conversation_id.clone())
+                .or_default();
             if let Some(sender) = &row.record.sender {
-                judge
-                    .participants
-                    .entry(row.record.conversation_id.clone())
-                    .or_default()
-                    .insert(sender.id.clone());
+                took_part.insert(sender.id.clone());
             }
+            took_part.extend(row.record.mentions.iter().cloned());
         }
     }
     Ok(())
