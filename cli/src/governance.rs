@@ -4,13 +4,15 @@
 //! line). Every call is recorded in the audit trail by the restorer.
 
 use anyhow::Context;
+use chatvault_archive::disposition::explain::Explanation;
 use chatvault_archive::governance::hold::LegalHold;
+use chatvault_archive::governance::policy::PolicyRef;
 use chatvault_archive::governance::policy::RetentionPolicy;
 use chatvault_core::audit::LogSafe;
 use chatvault_proto::v1::governance_service_client::GovernanceServiceClient;
 use chatvault_proto::v1::{
-    GovernanceChangeResponse, HoldRequest, ListHoldsRequest, ListPoliciesRequest,
-    ReleaseHoldRequest, RemovePolicyRequest, SetPolicyRequest,
+    ExplainPolicyRequest, GovernanceChangeResponse, HoldRequest, ListHoldsRequest,
+    ListPoliciesRequest, ReleaseHoldRequest, RemovePolicyRequest, SetPolicyRequest,
 };
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
@@ -45,6 +47,20 @@ enum PolicyCommand {
     Remove(RemoveArgs),
     /// List the tenant's policies.
     List(Target),
+    /// Which policies and holds apply to one conversation, the precedence rules, and what they decide for
+    /// its archived events.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExplainArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The conversation.
+    conversation: String,
+    /// Evaluate at this time (RFC 3339; default: now).
+    #[arg(long, value_parser = parse_time)]
+    as_of: Option<i64>,
 }
 
 #[derive(Args, Debug)]
@@ -208,6 +224,7 @@ pub async fn policy(args: PolicyArgs) -> anyhow::Result<()> {
                 response,
             );
         }
+        PolicyCommand::Explain(args) => explain(args).await?,
         PolicyCommand::List(target) => {
             let (mut client, token) = client(&target).await?;
             let request = ListPoliciesRequest {
@@ -240,6 +257,113 @@ pub async fn policy(args: PolicyArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    let (mut client, token) = client(&args.target).await?;
+    let request = ExplainPolicyRequest {
+        tenant_id: args.target.tenant.clone(),
+        conversation_id: args.conversation.clone(),
+        as_of_micros: args.as_of.unwrap_or(0),
+    };
+    let response = client
+        .explain_policy(authorized(request, &token)?)
+        .await
+        .map_err(failed("explaining"))?
+        .into_inner();
+    if args.target.json {
+        println!("{}", response.explanation_json);
+        return Ok(());
+    }
+    let explanation: Explanation = serde_json::from_str(&response.explanation_json)
+        .context("the restorer sent a bad explanation")?;
+    print!("{}", describe_explanation(&explanation));
+    Ok(())
+}
+
+fn describe_explanation(explanation: &Explanation) -> String {
+    let time = |micros: i64| chatvault_restorer::render::format_time(micros);
+    let policy = |policy: &Option<PolicyRef>| {
+        policy.as_ref().map_or(String::new(), |p| {
+            format!(" by {}@{}", LogSafe(&p.policy_id), p.version)
+        })
+    };
+    let mut out = format!(
+        "conversation {} of tenant {} (workspace {}), as of {}, {} governance change(s)\n",
+        LogSafe(&explanation.conversation_id),
+        LogSafe(&explanation.tenant_id),
+        LogSafe(if explanation.workspace_id.is_empty() {
+            "unknown"
+        } else {
+            &explanation.workspace_id
+        }),
+        time(explanation.as_of_micros),
+        explanation.governance_changes
+    );
+    match (
+        explanation.first_event_micros,
+        explanation.last_event_micros,
+    ) {
+        (Some(first), Some(last)) => out.push_str(&format!(
+            "  {} archived event(s), {} to {}\n",
+            explanation.events,
+            time(first),
+            time(last)
+        )),
+        _ => out.push_str("  no archived events\n"),
+    }
+    out.push_str("policies:\n");
+    if explanation.policies.is_empty() {
+        out.push_str("  none: everything is kept\n");
+    }
+    for application in &explanation.policies {
+        out.push_str(&format!(
+            "  {} {}: {}\n",
+            if application.applies {
+                "applies "
+            } else {
+                "does not"
+            },
+            LogSafe(&application.policy.describe()),
+            LogSafe(&application.why)
+        ));
+    }
+    out.push_str("precedence:\n");
+    for rule in &explanation.precedence {
+        out.push_str(&format!("  - {rule}\n"));
+    }
+    if let Some(oldest) = &explanation.oldest_event {
+        out.push_str(&format!(
+            "oldest event ({}): retained until {}{}; deletion {}{}; due {}{}\n",
+            time(oldest.occurred_at_micros),
+            oldest.retained_until_micros.map_or("-".into(), time),
+            policy(&oldest.retained_by),
+            oldest.delete_at_micros.map_or("never".into(), time),
+            policy(&oldest.deleted_by),
+            oldest.due_at_micros.map_or("never".into(), time),
+            policy(&oldest.deciding_policy)
+        ));
+    }
+    out.push_str(&format!(
+        "now: {} event(s) due, {} due but kept by holds; next due {}\n",
+        explanation.events_due,
+        explanation.events_held,
+        explanation.next_due_micros.map_or("never".into(), time)
+    ));
+    out.push_str("holds:\n");
+    if explanation.holds.is_empty() {
+        out.push_str("  none\n");
+    }
+    for hold in &explanation.holds {
+        out.push_str(&format!(
+            "  {} ({}): {}; covers {} of its event(s)\n",
+            LogSafe(&hold.hold),
+            LogSafe(&hold.matter),
+            LogSafe(&hold.coverage),
+            hold.events_covered
+        ));
+    }
+    out
 }
 
 fn hold_request(args: &PlaceHoldArgs) -> HoldRequest {

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chatvault_archive::chain::{ChainWriter, Commit};
+use chatvault_archive::disposition::explain::Explanation;
 use chatvault_archive::disposition::{
     DispositionLog, DispositionReport, Document, Plan, Stored, check_report,
 };
@@ -219,6 +220,46 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
     )
     .await?;
     assert!(hold.status.success(), "{}", text(&hold));
+
+    // `policy explain` shows what applies to a conversation and what it decides.
+    let explain = async |conversation: &str, json: bool| {
+        let mut args = vec![
+            "policy",
+            "explain",
+            "--tenant",
+            "acme",
+            conversation,
+            "--as-of",
+            as_of,
+        ];
+        if json {
+            args.push("--json");
+        }
+        run(ACME_POLICY_TOKEN, &args).await
+    };
+    let c1 = explain("C1", true).await?;
+    assert!(c1.status.success(), "{}", text(&c1));
+    let c1: Explanation = serde_json::from_slice(&c1.stdout)?;
+    assert_eq!(
+        (c1.events, c1.events_due, c1.events_held),
+        (6, 3, 0),
+        "{c1:?}"
+    );
+    assert!(c1.policies.len() == 1 && c1.policies[0].applies, "{c1:?}");
+    let oldest = c1.oldest_event.as_ref().expect("an oldest event");
+    assert_eq!(oldest.due_at_micros, Some(old + 365 * DAY_MICROS));
+    assert_eq!(c1.next_due_micros, Some(recent + 365 * DAY_MICROS));
+    assert_eq!(c1.holds[0].events_covered, 0);
+    let c2 = explain("C2", true).await?;
+    let c2: Explanation = serde_json::from_slice(&c2.stdout)?;
+    assert_eq!((c2.events_due, c2.events_held), (0, 1), "{c2:?}");
+    assert_eq!(c2.holds[0].events_covered, 2);
+    let readable = text(&explain("C2", false).await?);
+    assert!(
+        readable.contains("retention wins over deletion")
+            && readable.contains("covers 2 of its event(s)"),
+        "{readable}"
+    );
 
     // Callers without the policy role are refused.
     for token in [RESTORE_TOKEN, ACME_HOLD_TOKEN, ACME_KEY_EXPORT_TOKEN] {

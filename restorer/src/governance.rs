@@ -25,9 +25,10 @@ use chatvault_core::{Error, Result};
 use chatvault_proto::v1::governance_service_server::GovernanceService;
 use chatvault_proto::v1::{
     ApplyDispositionRequest, DispositionPlanResponse, DispositionReportResponse,
-    GovernanceChangeResponse, HoldRequest, ListDispositionsRequest, ListDispositionsResponse,
-    ListHoldsRequest, ListHoldsResponse, ListPoliciesRequest, ListPoliciesResponse, ListedHold,
-    PlanDispositionRequest, ReleaseHoldRequest, RemovePolicyRequest, SetPolicyRequest,
+    ExplainPolicyRequest, ExplainPolicyResponse, GovernanceChangeResponse, HoldRequest,
+    ListDispositionsRequest, ListDispositionsResponse, ListHoldsRequest, ListHoldsResponse,
+    ListPoliciesRequest, ListPoliciesResponse, ListedHold, PlanDispositionRequest,
+    ReleaseHoldRequest, RemovePolicyRequest, SetPolicyRequest,
 };
 use object_store::ObjectStore;
 use tonic::{Request, Response, Status};
@@ -280,6 +281,41 @@ impl GovernanceService for GovernanceApi {
                     Ok(ListPoliciesResponse {
                         version: state.version,
                         policy_json,
+                    })
+                },
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn explain_policy(
+        &self,
+        request: Request<ExplainPolicyRequest>,
+    ) -> Result<Response<ExplainPolicyResponse>, Status> {
+        let body = request.get_ref();
+        let response = self
+            .call(
+                &request,
+                "ExplainPolicy",
+                &body.tenant_id,
+                Role::Policy,
+                async |_| {
+                    let disposition = self.disposition()?;
+                    crate::service::check_conversation_id(&body.conversation_id)?;
+                    let explanation = chatvault_archive::disposition::explain::explain(
+                        &disposition.store,
+                        &disposition.keys,
+                        &disposition.topic,
+                        &body.tenant_id,
+                        &body.conversation_id,
+                        match body.as_of_micros {
+                            0 => chatvault_core::time::now_micros(),
+                            given => given,
+                        },
+                    )
+                    .await?;
+                    Ok(ExplainPolicyResponse {
+                        explanation_json: serde_json::to_string(&explanation)?,
                     })
                 },
             )

@@ -154,15 +154,12 @@ impl RestoreApi {
     }
 }
 
-/// The longest conversation id the gateway accepts (`core::event`): no archived conversation has a longer one.
-const MAX_CONVERSATION_ID_BYTES: usize = 256;
-
-fn validate_conversation_request(request: &GetConversationRequest) -> Result<()> {
-    let conversation = &request.conversation_id;
+/// Checks a requested conversation id by the rules of ingest, so nothing archived is refused; the id itself is
+/// not echoed back.
+pub(crate) fn check_conversation_id(conversation: &str) -> Result<()> {
     if conversation.is_empty() {
         return Err(Error::invalid_argument("conversation_id is required"));
     }
-    // The same rules as at ingest, so nothing archived is refused here; the id itself is not echoed back.
     if conversation.len() > MAX_CONVERSATION_ID_BYTES {
         return Err(Error::invalid_argument(format!(
             "conversation_id is {} bytes, longer than the limit of {MAX_CONVERSATION_ID_BYTES}",
@@ -174,6 +171,14 @@ fn validate_conversation_request(request: &GetConversationRequest) -> Result<()>
             "conversation_id contains a control character (at character {position})"
         )));
     }
+    Ok(())
+}
+
+/// The longest conversation id the gateway accepts (`core::event`): no archived conversation has a longer one.
+const MAX_CONVERSATION_ID_BYTES: usize = 256;
+
+fn validate_conversation_request(request: &GetConversationRequest) -> Result<()> {
+    check_conversation_id(&request.conversation_id)?;
     if request.from_micros < 0 {
         return Err(Error::invalid_argument(
             "from_micros must not be negative (0 means unbounded)",

@@ -19,6 +19,7 @@
 //!   checks that every superseded file was live in its chain and warns about superseded files still present.
 
 pub mod apply;
+pub mod explain;
 pub mod plan;
 
 use std::sync::Arc;

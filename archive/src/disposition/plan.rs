@@ -139,20 +139,10 @@ impl Judge {
         let Some(policy) = targeted else {
             return Verdict::Keep;
         };
-        let participants = self.participants.get(&event.conversation_id);
         let holding: Vec<String> = self
             .holds
             .iter()
-            .filter(|hold| {
-                hold.covers_event(&HeldFacts {
-                    conversation_id: &event.conversation_id,
-                    occurred_at_micros: event.occurred_at_micros,
-                    text: &event.text,
-                    custodian_took_part: participants.is_some_and(|took_part| {
-                        hold.custodians.iter().any(|c| took_part.contains(c))
-                    }),
-                })
-            })
+            .filter(|hold| self.hold_covers(hold, event))
             .map(|hold| hold.hold_id.clone())
             .collect();
         if holding.is_empty() {
@@ -160,6 +150,33 @@ impl Judge {
         } else {
             Verdict::Held(holding)
         }
+    }
+
+    /// Whether `hold` covers `event`, custodians judged by who took part in its conversation.
+    pub fn hold_covers(&self, hold: &LegalHold, event: &ChatEvent) -> bool {
+        let participants = self.participants.get(&event.conversation_id);
+        hold.covers_event(&HeldFacts {
+            conversation_id: &event.conversation_id,
+            occurred_at_micros: event.occurred_at_micros,
+            text: &event.text,
+            custodian_took_part: participants
+                .is_some_and(|took_part| hold.custodians.iter().any(|c| took_part.contains(c))),
+        })
+    }
+
+    pub fn policies(&self) -> &[RetentionPolicy] {
+        &self.policies
+    }
+
+    /// The unreleased holds of the tenant.
+    pub fn holds(&self) -> &[LegalHold] {
+        &self.holds
+    }
+
+    /// Who took part in `conversation` (replacing what was learned of it).
+    pub fn set_participants(&mut self, conversation: &str, took_part: HashSet<String>) {
+        self.participants
+            .insert(conversation.to_string(), took_part);
     }
 
     fn needs_participants(&self) -> bool {

@@ -90,7 +90,7 @@ impl PolicyScope {
         Ok(())
     }
 
-    fn matches(&self, event: &EventFacts<'_>) -> bool {
+    pub fn matches(&self, event: &EventFacts<'_>) -> bool {
         match self {
             PolicyScope::Tenant => true,
             PolicyScope::Workspace(id) => id == event.workspace_id,
