@@ -1096,6 +1096,48 @@ def main() -> int:
         ]:
             expect_failure(f"render {values['drill']}", lambda: render(chart, values), needle)
 
+    @check("scheduled disposition: one CronJob per tenant with only its policy token; the restorer gets the signing key")
+    def _disposition_cronjobs():
+        values = with_distributed(
+            checkpointSigningKey={"existingSecret": "chatvault-checkpoint-key"},
+            auth={**distributed["auth"],
+                  "tokens": {**distributed["auth"].get("tokens", {}), "acme-retention": "secret-value"}},
+            disposition={"enabled": True, "tenants": [{"tenant": "acme", "token": "acme-retention"}]})
+        documents = render(chart, values)
+        jobs = [j for j in kind(documents, "CronJob") if "-dispose-" in j["metadata"]["name"]]
+        fullname = next(d for d in kind(documents, "ConfigMap") if "chatvault.toml" in d["data"])["metadata"]["name"]
+        assert [j["metadata"]["name"] for j in jobs] == [f"{fullname}-dispose-acme"], jobs
+        job = jobs[0]
+        assert job["spec"]["concurrencyPolicy"] == "Forbid" and job["spec"]["schedule"] == "0 4 * * 0", job["spec"]
+        spec = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        assert container["args"] == ["retention", "plan", "--apply", "--restorer", f"http://{fullname}-restorer:50052",
+                                     "--tenant", "acme", "--reason", "scheduled disposition"], container["args"]
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"], security
+        env = env_map(container)
+        assert env["CHATVAULT_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "acme-retention", env
+        # Least privilege: the job holds a token and nothing else (no storage credentials, keys or config).
+        assert set(env) == {"CHATVAULT_TOKEN", "OTEL_SDK_DISABLED"}, env
+        assert {v["name"] for v in spec["volumes"]} == {"tmp"}, spec["volumes"]
+        deployments = {d["metadata"]["name"]: d for d in kind(documents, "Deployment")}
+        restorer_volumes = {v["name"] for v in deployments[f"{fullname}-restorer"]["spec"]["template"]["spec"]["volumes"]}
+        assert "checkpoint-signing-key" in restorer_volumes, restorer_volumes
+        plain = {d["metadata"]["name"]: d for d in kind(render(chart, with_distributed(
+            checkpointSigningKey={"existingSecret": "chatvault-checkpoint-key"})), "Deployment")}
+        plain_volumes = {v["name"] for v in plain[f"{fullname}-restorer"]["spec"]["template"]["spec"]["volumes"]}
+        assert "checkpoint-signing-key" not in plain_volumes, "the restorer gets the signing key only for disposition"
+        for bad, needle in [
+            (with_distributed(disposition={"enabled": True, "tenants": [{"tenant": "acme", "token": "t"}]}),
+             "checkpointSigningKey.existingSecret"),
+            (with_distributed(checkpointSigningKey={"existingSecret": "k"}, disposition={"enabled": True}),
+             "disposition.tenants"),
+            (with_distributed(checkpointSigningKey={"existingSecret": "k"}, auth={"tokens": {}},
+                              disposition={"enabled": True, "tenants": [{"tenant": "acme", "token": "missing"}]}),
+             "missing"),
+        ]:
+            expect_failure(f"render {bad['disposition']}", lambda: render(chart, bad), needle)
+
     @check("keys in AWS KMS: no keyring needed or mounted; the provider and key reach chatvault.toml")
     def _kms_keys():
         values = with_distributed(keyring={"json": ""}, config={**distributed["config"], "keys": {

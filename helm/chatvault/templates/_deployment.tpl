@@ -2,7 +2,8 @@
 One role's Deployment (mode distributed): (list $ "gateway" | "archiver" | "restorer").
 gateway: Kafka (SASL, TLS), tokens, webhook secrets.   archiver: Kafka (SASL, TLS), storage credentials, keyring,
 checkpoint signing key.
-restorer: storage credentials, keyring, tokens.   Each pod gets only the secrets its role uses.
+restorer: storage credentials, keyring, tokens (and the checkpoint signing key when disposition is enabled: it signs
+disposition reports).   Each pod gets only the secrets its role uses.
 */}}
 {{- define "chatvault.roleDeployment" -}}
 {{- $ := index . 0 -}}
@@ -201,7 +202,7 @@ spec:
               mountPath: /etc/chatvault/hsm
               readOnly: true
             {{- end }}
-            {{- if and (eq $role "archiver") $.Values.checkpointSigningKey.existingSecret }}
+            {{- if and (or (eq $role "archiver") (and (eq $role "restorer") $.Values.disposition.enabled)) $.Values.checkpointSigningKey.existingSecret }}
             - name: checkpoint-signing-key
               mountPath: /etc/chatvault/checkpoint
               readOnly: true
@@ -247,7 +248,7 @@ spec:
               - key: {{ $.Values.hsm.existingSecretKey }}
                 path: {{ $.Values.hsm.existingSecretKey }}
         {{- end }}
-        {{- if and (eq $role "archiver") $.Values.checkpointSigningKey.existingSecret }}
+        {{- if and (or (eq $role "archiver") (and (eq $role "restorer") $.Values.disposition.enabled)) $.Values.checkpointSigningKey.existingSecret }}
         - name: checkpoint-signing-key
           secret:
             secretName: {{ $.Values.checkpointSigningKey.existingSecret }}

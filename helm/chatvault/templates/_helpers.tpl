@@ -430,6 +430,28 @@ restorer drains (20 s). */ -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if $v.disposition.enabled -}}
+{{- if not $v.restorer.enabled -}}
+{{- fail "disposition.enabled: disposition runs in the restorer: enable restorer" -}}
+{{- end -}}
+{{- if not (or $v.checkpointSigningKey.existingSecret $integrity.signing_key_pkcs11_label) -}}
+{{- fail "disposition.enabled: disposition reports are signed with the checkpoint key: set checkpointSigningKey.existingSecret (or config.integrity.signing_key_pkcs11_label)" -}}
+{{- end -}}
+{{- if not $v.disposition.tenants -}}
+{{- fail "disposition.tenants: name the tenants, each with a token granting the policy role ([{tenant: acme, token: acme-retention}])" -}}
+{{- end -}}
+{{- range $entry := $v.disposition.tenants -}}
+{{- if gt (len (include "chatvault.componentName" (list $ (printf "dispose-%s" $entry.tenant)))) 52 -}}
+{{- fail (printf "disposition.tenants (%s): the CronJob name %s is longer than Kubernetes' 52 characters: shorten fullnameOverride" $entry.tenant (include "chatvault.componentName" (list $ (printf "dispose-%s" $entry.tenant)))) -}}
+{{- end -}}
+{{- if not (include "chatvault.hasTokens" $) -}}
+{{- fail (printf "disposition.tenants (%s): the token %s comes from the tokens Secret: set auth.existingSecret (or auth.tokens)" $entry.tenant $entry.token) -}}
+{{- end -}}
+{{- if and (not $v.auth.existingSecret) (not (hasKey $v.auth.tokens $entry.token)) -}}
+{{- fail (printf "auth.tokens: no value for disposition token %s" $entry.token) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and (or $v.gateway.enabled $v.restorer.enabled) (not $v.tenants) (not $v.existingConfigmap) -}}
 {{- fail "tenants: gateway and restorer accept no request without tenants and tokens" -}}
 {{- end -}}
