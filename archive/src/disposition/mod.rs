@@ -21,6 +21,8 @@
 pub mod apply;
 pub mod explain;
 pub mod plan;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
