@@ -7,28 +7,14 @@
 use anyhow::Context;
 use chatvault_archive::disposition::{DispositionReport, Plan};
 use chatvault_core::audit::LogSafe;
-use chatvault_proto::v1::governance_service_client::GovernanceServiceClient;
 use chatvault_proto::v1::{
     ApplyDispositionRequest, ListDispositionsRequest, PlanDispositionRequest,
 };
 use clap::{Args, Subcommand};
-use tonic::transport::Channel;
 
 use crate::audit::parse_time;
-use crate::client::{Connection, authorized, channel};
-
-#[derive(Args, Debug)]
-pub struct Target {
-    #[command(flatten)]
-    connection: Connection,
-    #[arg(long, default_value = "http://127.0.0.1:50052")]
-    restorer: String,
-    #[arg(long)]
-    tenant: String,
-    /// Machine-readable output: the archive's JSON documents, one per line.
-    #[arg(long)]
-    json: bool,
-}
+use crate::client::authorized;
+use crate::governance::{Target, client, failed};
 
 #[derive(Args, Debug)]
 pub struct RetentionArgs {
@@ -102,18 +88,6 @@ struct ErasePlanArgs {
     not_authored: bool,
     #[arg(long, default_value = "")]
     reason: String,
-}
-
-async fn client(target: &Target) -> anyhow::Result<(GovernanceServiceClient<Channel>, String)> {
-    let token = target.connection.token().await?;
-    Ok((
-        GovernanceServiceClient::new(channel(&target.restorer).await?),
-        token,
-    ))
-}
-
-fn failed(what: &'static str) -> impl FnOnce(tonic::Status) -> anyhow::Error {
-    move |status| anyhow::anyhow!("{what} failed: {:?}: {}", status.code(), status.message())
 }
 
 pub async fn retention(args: RetentionArgs) -> anyhow::Result<()> {

@@ -23,14 +23,14 @@ use crate::client::{Connection, authorized, channel};
 #[derive(Args, Debug)]
 pub struct Target {
     #[command(flatten)]
-    connection: Connection,
+    pub(crate) connection: Connection,
     #[arg(long, default_value = "http://127.0.0.1:50052")]
-    restorer: String,
+    pub(crate) restorer: String,
     #[arg(long)]
-    tenant: String,
+    pub(crate) tenant: String,
     /// Machine-readable output: one JSON document per line.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -162,7 +162,9 @@ fn parse_days(text: &str) -> Result<u32, String> {
     }
 }
 
-async fn client(target: &Target) -> anyhow::Result<(GovernanceServiceClient<Channel>, String)> {
+pub(crate) async fn client(
+    target: &Target,
+) -> anyhow::Result<(GovernanceServiceClient<Channel>, String)> {
     let token = target.connection.token().await?;
     Ok((
         GovernanceServiceClient::new(channel(&target.restorer).await?),
@@ -170,7 +172,7 @@ async fn client(target: &Target) -> anyhow::Result<(GovernanceServiceClient<Chan
     ))
 }
 
-fn failed(what: &'static str) -> impl FnOnce(tonic::Status) -> anyhow::Error {
+pub(crate) fn failed(what: &'static str) -> impl FnOnce(tonic::Status) -> anyhow::Error {
     move |status| anyhow::anyhow!("{what} failed: {:?}: {}", status.code(), status.message())
 }
 
