@@ -44,6 +44,7 @@ use super::manifest::{
     parse_manifest,
 };
 use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::object_lock::ObjectLock;
 
 /// The topics with manifest chains (`manifests/topic=<topic>/`), sorted; the log's own chain
 /// ([`crate::tlog::LOG_TOPIC`]) included.
@@ -409,6 +410,11 @@ impl ChainWriter {
     /// manifest back ([`Commit`]); an error is returned only when that leaves the outcome open (no manifest
     /// there yet, or storage unreadable), and then the same batch may retry.
     pub async fn commit(&self, manifest: &Manifest) -> Result<Commit> {
+        self.commit_locked(manifest, ObjectLock::default()).await
+    }
+
+    /// [`ChainWriter::commit`], the manifest written with an S3 Object Lock (`storage.object_lock`).
+    pub async fn commit_locked(&self, manifest: &Manifest, lock: ObjectLock) -> Result<Commit> {
         debug_assert_eq!(manifest.topic, self.reader.topic);
         let path = layout::manifest_path(&self.reader.topic, manifest.partition, manifest.seq);
         let bytes = Bytes::from(serde_json::to_vec_pretty(manifest)?);
@@ -418,7 +424,7 @@ impl ChainWriter {
             .put_opts(
                 &path,
                 PutPayload::from(bytes),
-                PutOptions::from(PutMode::Create),
+                lock.put_options(PutOptions::from(PutMode::Create)),
             )
             .await;
         let failure = match created {
@@ -458,7 +464,26 @@ impl ChainWriter {
         manifest: &Manifest,
         files: Vec<(Path, Bytes)>,
     ) -> Result<bool> {
-        let paths: Vec<Path> = files.iter().map(|(path, _)| path.clone()).collect();
+        let unlocked = files
+            .into_iter()
+            .map(|(path, bytes)| (path, bytes, ObjectLock::default()))
+            .collect();
+        self.commit_with_locked_files(manifest, unlocked).await
+    }
+
+    /// [`ChainWriter::commit_with_files`], each file written with its S3 Object Lock and the manifest with
+    /// their union (disposition's replacement files).
+    pub async fn commit_with_locked_files(
+        &self,
+        manifest: &Manifest,
+        files: Vec<(Path, Bytes, ObjectLock)>,
+    ) -> Result<bool> {
+        let manifest_lock = files
+            .iter()
+            .fold(ObjectLock::default(), |lock, (_, _, file)| {
+                lock.union(*file)
+            });
+        let paths: Vec<Path> = files.iter().map(|(path, _, _)| path.clone()).collect();
         self.write_intent(
             manifest.partition,
             &PendingIntent {
@@ -470,10 +495,16 @@ impl ChainWriter {
             },
         )
         .await?;
-        for (path, bytes) in files {
-            self.store().put(&path, PutPayload::from(bytes)).await?;
+        for (path, bytes, lock) in files {
+            self.store()
+                .put_opts(
+                    &path,
+                    PutPayload::from(bytes),
+                    lock.put_options(PutOptions::default()),
+                )
+                .await?;
         }
-        match self.commit(manifest).await? {
+        match self.commit_locked(manifest, manifest_lock).await? {
             Commit::Committed { .. } => {
                 self.delete_intent(manifest.partition, &manifest.batch_id)
                     .await?;

@@ -17,9 +17,11 @@ use object_store::path::Path;
 
 use crate::Archived;
 use crate::file::{EncodedFile, FileOptions};
+use crate::governance::locks::LockRules;
 use crate::keys::{DataKey, KeyScopes};
 use crate::layout;
 use chatvault_core::error::Result;
+use chatvault_core::object_lock::ObjectLock;
 
 /// What one archived stream holds and how it is stored.
 pub trait RecordKind: Send + Sync + 'static {
@@ -66,6 +68,12 @@ pub trait RecordKind: Send + Sync + 'static {
         batch_id: &str,
         index: usize,
     ) -> Path;
+
+    /// The S3 Object Lock the record asks of the file it is written to (`storage.object_lock`); none by
+    /// default (governance::locks says which objects are locked and why).
+    fn object_lock(_record: &Self::Record, _rules: &LockRules) -> ObjectLock {
+        ObjectLock::default()
+    }
 
     /// Encodes `rows` (all of `key`'s scope) as one encrypted Parquet file, sorting them first.
     fn encode_file(
@@ -121,6 +129,10 @@ impl RecordKind for ChatEvents {
 
     fn kafka_key(event: &ChatEvent) -> Vec<u8> {
         kafka_key(&event.tenant_id, &event.conversation_id)
+    }
+
+    fn object_lock(event: &ChatEvent, rules: &LockRules) -> ObjectLock {
+        rules.for_event(event)
     }
 
     fn file_path(

@@ -8,6 +8,7 @@ use chatvault_archive::chain::Commit;
 use chatvault_archive::manifest::{ChainHead, MANIFEST_FORMAT, Manifest, RejectedRecord};
 use chatvault_core::error::Result;
 use chatvault_core::metrics::{KeyValue, metrics};
+use chatvault_core::object_lock::ObjectLock;
 use chatvault_core::time::now_micros;
 use tracing::Instrument;
 
@@ -61,7 +62,15 @@ impl<K: RecordKind> CommitStages<K> {
             seq = batch.seq,
         );
         let commit_started = Instant::now();
-        let committed = self.chain.commit(&manifest).instrument(commit_span).await;
+        // The link naming a file lives as long as the file (governance::locks).
+        let lock = files
+            .iter()
+            .fold(ObjectLock::default(), |lock, file| lock.union(file.lock));
+        let committed = self
+            .chain
+            .commit_locked(&manifest, lock)
+            .instrument(commit_span)
+            .await;
         metrics()
             .commit_duration
             .record(commit_started.elapsed().as_secs_f64(), &[]);

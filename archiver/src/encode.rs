@@ -11,6 +11,7 @@ use chatvault_archive::keys::DataKey;
 use chatvault_archive::kind::RecordKind;
 use chatvault_archive::manifest::{DeadLetter, ManifestFile};
 use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::object_lock::ObjectLock;
 use chatvault_core::time::Date;
 use object_store::path::Path;
 use prost::Message as _;
@@ -67,6 +68,10 @@ impl<K: RecordKind> CommitStages<K> {
             }
         }
         rejected.sort_by_key(|record| record.offset);
+        let rules = match &self.locks {
+            Some(source) => Some(source.rules().await?),
+            None => None,
+        };
         let batch_id = chatvault_core::random_hex(8)?;
         let encode_batch = batch.clone();
         let options = self.file_options.clone();
@@ -88,6 +93,14 @@ impl<K: RecordKind> CommitStages<K> {
                 let key = keys
                     .get(&group_key(&group))
                     .ok_or_else(|| Error::internal("data key missing for a file group"))?;
+                let lock = rules.as_ref().map_or_else(ObjectLock::default, |rules| {
+                    group
+                        .rows
+                        .iter()
+                        .fold(ObjectLock::default(), |lock, archived| {
+                            lock.union(K::object_lock(&archived.record, rules))
+                        })
+                });
                 let encoded: EncodedFile = K::encode_file(&mut group.rows, key, &options)?;
                 let path = K::file_path(
                     group.key_owner,
@@ -108,6 +121,7 @@ impl<K: RecordKind> CommitStages<K> {
                     ),
                     path,
                     bytes: encoded.bytes,
+                    lock,
                 });
             }
             Ok(prepared)
@@ -137,6 +151,8 @@ pub(crate) struct PreparedFile {
     pub(crate) path: Path,
     pub(crate) manifest_entry: ManifestFile,
     pub(crate) bytes: bytes::Bytes,
+    /// The S3 Object Lock it is written with (none unless `storage.object_lock` is on).
+    pub(crate) lock: ObjectLock,
 }
 
 /// A batch ready to upload: its files, and the records it commits as rejected.

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use chatvault_archive::chain::{Abandoned, ChainWriter, Commit};
 use chatvault_archive::file::FileOptions;
+use chatvault_archive::governance::locks::LockRulesSource;
 use chatvault_archive::keys::DataKeys;
 use chatvault_archive::manifest::ChainHead;
 use chatvault_core::error::Result;
@@ -90,6 +91,8 @@ pub struct CommitStages<K: RecordKind = ChatEvents> {
     pub shutdown: Shutdown,
     /// The shutdown deadline: retries stop and batches not committed yet are abandoned.
     pub abandon: Shutdown,
+    /// With `storage.object_lock` on: the governance state each file's and manifest's lock comes from.
+    pub locks: Option<Arc<LockRulesSource>>,
     pub kind: std::marker::PhantomData<K>,
 }
 

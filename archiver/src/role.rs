@@ -17,8 +17,11 @@ use std::time::Duration;
 
 use chatvault_archive::chain::ChainWriter;
 use chatvault_archive::file::FileOptions;
+use chatvault_archive::governance::GovernanceLog;
+use chatvault_archive::governance::locks::LockRulesSource;
 use chatvault_archive::keys::DataKeys;
 use chatvault_archive::kind::{AuditTrail, ChatEvents, RecordKind};
+use chatvault_core::config::LockMode;
 use chatvault_core::config::{KafkaConfig, SharedConfig};
 use chatvault_core::error::{Error, Result};
 use chatvault_core::shutdown::{self, Shutdown};
@@ -47,6 +50,9 @@ pub struct ArchiverOptions {
     /// Names this worker in manifests and logs (for example `<pod>-<pid>`).
     pub writer_id: String,
     pub on_shutdown: OnShutdown,
+    /// Write S3 Object Locks from the governance state (`storage.object_lock` on; the store then is a
+    /// `LockingS3`).
+    pub object_lock: bool,
 }
 
 impl ArchiverOptions {
@@ -54,6 +60,8 @@ impl ArchiverOptions {
     /// consumer group, and the same dead-letter topic.
     pub fn for_audit_trail(&self) -> ArchiverOptions {
         let mut audit = self.clone();
+        // The audit trail is tamper-evident by its checkpoints and kept by its own retention.
+        audit.object_lock = false;
         audit.config.dead_letter_topic = self.config.dead_letter_topic(&self.kafka);
         audit.config.group_id = format!("{}.audit", self.config.group_id);
         audit.kafka.topic = self.kafka.audit_topic();
@@ -108,6 +116,7 @@ pub async fn run(
         config: config.clone(),
         writer_id: writer_id.to_string(),
         on_shutdown,
+        object_lock: shared.storage.object_lock != LockMode::Off,
     };
     let audit_options = options.for_audit_trail();
     // Either archiver failing stops the other: the role is one unit to its orchestrator.
@@ -242,7 +251,7 @@ impl Archiver {
             .subscribe(&[&topic])
             .map_err(|error| Error::unavailable(format!("subscribing to {topic}: {error}")))?;
         let stages = Arc::new(CommitStages {
-            store,
+            store: store.clone(),
             chain: chain.clone(),
             data_keys,
             topic: topic.clone(),
@@ -258,6 +267,9 @@ impl Archiver {
             stats: stats.clone(),
             shutdown: shutdown.clone(),
             abandon: abandon.clone(),
+            locks: options
+                .object_lock
+                .then(|| Arc::new(LockRulesSource::new(GovernanceLog::new(store.clone())))),
             kind: std::marker::PhantomData,
         });
         // Every lane task holds a clone of `alive`; `recv` returns `None` once all are gone.

@@ -209,6 +209,7 @@ impl TestStages {
             stats: stats.clone(),
             shutdown,
             abandon,
+            locks: None,
             kind: std::marker::PhantomData,
         });
         TestStages {

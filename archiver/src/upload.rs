@@ -6,10 +6,11 @@ use std::time::Instant;
 use chatvault_archive::manifest::PendingIntent;
 use chatvault_core::error::{Error, Result};
 use chatvault_core::metrics::{KeyValue, metrics};
+use chatvault_core::object_lock::ObjectLock;
 use chatvault_core::time::now_micros;
 use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, PutOptions, PutPayload};
 use tracing::Instrument;
 
 use chatvault_archive::kind::RecordKind;
@@ -66,9 +67,9 @@ impl<K: RecordKind> CommitStages<K> {
                 },
             )
             .await?;
-        let to_upload: Vec<(Path, bytes::Bytes)> = files
+        let to_upload: Vec<(Path, bytes::Bytes, ObjectLock)> = files
             .iter()
-            .map(|file| (file.path.clone(), file.bytes.clone()))
+            .map(|file| (file.path.clone(), file.bytes.clone(), file.lock))
             .collect();
         let store = self.store.clone();
         let upload_span = tracing::info_span!(
@@ -79,19 +80,24 @@ impl<K: RecordKind> CommitStages<K> {
             otel.status_code = tracing::field::Empty,
         );
         let upload_started = Instant::now();
-        let uploads = futures::stream::iter(to_upload.into_iter().map(move |(path, bytes)| {
-            let store = store.clone();
-            async move {
-                store
-                    .put(&path, PutPayload::from(bytes))
-                    .await
-                    .map_err(|error| Error::from(error).context(format!("uploading {path}")))
-            }
-        }))
-        .buffer_unordered(self.upload_concurrency)
-        .collect::<Vec<_>>()
-        .instrument(upload_span.clone())
-        .await;
+        let uploads =
+            futures::stream::iter(to_upload.into_iter().map(move |(path, bytes, lock)| {
+                let store = store.clone();
+                async move {
+                    store
+                        .put_opts(
+                            &path,
+                            PutPayload::from(bytes),
+                            lock.put_options(PutOptions::default()),
+                        )
+                        .await
+                        .map_err(|error| Error::from(error).context(format!("uploading {path}")))
+                }
+            }))
+            .buffer_unordered(self.upload_concurrency)
+            .collect::<Vec<_>>()
+            .instrument(upload_span.clone())
+            .await;
         if let Some(Err(error)) = uploads.into_iter().find(|upload| upload.is_err()) {
             upload_span.record("otel.status_code", "ERROR");
             metrics()

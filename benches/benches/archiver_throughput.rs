@@ -88,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             },
             writer_id: "bench".into(),
             on_shutdown: Default::default(),
+            object_lock: false,
         };
         let stats = Arc::new(ArchiverStats::default());
         let (trigger, shutdown_signal) = shutdown::channel();

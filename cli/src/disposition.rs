@@ -5,7 +5,7 @@
 //! own documents.
 
 use anyhow::Context;
-use chatvault_archive::disposition::{DispositionReport, Plan};
+use chatvault_archive::disposition::{DispositionReport, Plan, Purpose};
 use chatvault_core::audit::LogSafe;
 use chatvault_proto::v1::{
     ApplyDispositionRequest, ListDispositionsRequest, PlanDispositionRequest,
@@ -277,8 +277,32 @@ fn describe_plan(plan: &Plan) -> String {
         out.push_str(&line);
         out.push('\n');
     }
+    let locked = plan
+        .files
+        .iter()
+        .filter(|file| file.locked_until_micros.is_some())
+        .count();
+    if locked > 0 {
+        out.push_str(&format!(
+            "  {locked} file(s) are kept by S3 Object Lock past now: applying takes their rows out of every \
+             restore, and S3 keeps their bytes until the dates below.\n  To make them unreadable now, shred \
+             the key scope's month (this erases every event of it, not only the planned rows):\n"
+        ));
+        for offer in &plan.shred_offers {
+            out.push_str(&format!(
+                "    {}   ({} file(s), locked until {})\n",
+                LogSafe(&offer.command),
+                offer.files,
+                chatvault_restorer::render::format_time(offer.locked_until_micros)
+            ));
+        }
+    }
     out.push_str(&format!(
-        "apply it with: chatvault retention apply --tenant {} --plan {}\n",
+        "apply it with: chatvault {} apply --tenant {} --plan {}\n",
+        match plan.purpose {
+            Purpose::Retention => "retention",
+            Purpose::Erasure { .. } => "erase",
+        },
         LogSafe(&plan.tenant_id),
         plan.plan_id
     ));

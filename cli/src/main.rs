@@ -7,6 +7,7 @@ mod checkpoint;
 mod client;
 mod credentials;
 mod disposition;
+mod doctor;
 mod drill;
 mod governance;
 mod keys;
@@ -74,6 +75,9 @@ enum Command {
     /// A data subject's erasure (the `policy` role): plan the removal of what they authored or what mentions
     /// them (held events are kept and listed), then apply the plan by id.
     Erase(disposition::EraseArgs),
+    /// Check that the storage keeps the archive's promises: conditional creates, and with Object Lock the
+    /// bucket's lock configuration, versioning and legal holds (probe objects, removed afterwards).
+    Doctor(doctor::DoctorArgs),
     /// Verify a whole archive from the bucket alone: chains, files, key records, the signed transparency log.
     Verify(verify::VerifyArgs),
     /// Verify an exported conversation's evidence offline (`chatvault restore --evidence FILE`): every event
@@ -135,6 +139,7 @@ fn main() -> std::process::ExitCode {
             Command::Hold(args) => governance::hold(args).await,
             Command::Retention(args) => disposition::retention(args).await,
             Command::Erase(args) => disposition::erase(args).await,
+            Command::Doctor(args) => doctor::doctor(args).await,
             Command::Verify(args) => verify::verify(args).await,
             Command::VerifyExport(args) => verify::verify_export(args).await,
             Command::Checkpoint(args) => checkpoint::checkpoint(args).await,

@@ -420,27 +420,6 @@ async fn a_shredded_month_is_erased_everywhere_and_the_rest_is_untouched() -> an
     Ok(())
 }
 
-/// DuckDB's answer to `sql` over the view the export script `script` defines.
-fn duckdb(script: &str, sql: &str) -> anyhow::Result<String> {
-    let query = format!(
-        "import duckdb, sys\ncon = duckdb.connect()\ncon.execute(sys.stdin.read())\nprint(con.execute({sql:?}).fetchone()[0])"
-    );
-    let mut child = std::process::Command::new(chatvault_testkit::python::venv_python())
-        .args(["-c", &query])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes())?;
-    let output = child.wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "duckdb: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?.trim().to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_scope_is_encrypted_exported_and_shredded_on_its_own() -> anyhow::Result<()> {
     let peers = common::start_peers(2).await?;
@@ -530,7 +509,7 @@ async fn a_key_scope_is_encrypted_exported_and_shredded_on_its_own() -> anyhow::
     };
     let default_script = script(&[])?;
     assert_eq!(
-        duckdb(
+        common::duckdb(
             &default_script,
             "SELECT string_agg(DISTINCT conversation_id, ',') FROM events WHERE message_id LIKE '%-1' OR message_id LIKE '%-2'"
         )?,
@@ -538,7 +517,7 @@ async fn a_key_scope_is_encrypted_exported_and_shredded_on_its_own() -> anyhow::
     );
     let legal_script = script(&["--scope", "legal"])?;
     assert_eq!(
-        duckdb(
+        common::duckdb(
             &legal_script,
             "SELECT count(*) FROM events WHERE conversation_id = 'C-legal'"
         )?,
@@ -577,7 +556,7 @@ async fn a_key_scope_is_encrypted_exported_and_shredded_on_its_own() -> anyhow::
         "no key of the erased scope"
     );
     assert_eq!(
-        duckdb(
+        common::duckdb(
             &script(&[])?,
             "SELECT count(*) FROM events WHERE conversation_id = 'C1'"
         )?,

@@ -21,65 +21,17 @@ use chatvault_archive::manifest::{MANIFEST_FORMAT, Manifest, Superseded};
 use chatvault_archive::tlog::note::{NoteSigner, SigningKey, VerifierKey};
 use chatvault_core::audit::{AuditOutcome, AuditRecord};
 use chatvault_core::storage::object_store_from_config;
-use chatvault_proto::v1::restore_item::Item;
-use chatvault_proto::v1::{ChatEvent, GetConversationRequest, IngestBatchRequest, Sender};
+use chatvault_proto::v1::IngestBatchRequest;
 use chatvault_testkit::kafka::read_topic;
 use chatvault_testkit::pipeline::{
     ACME_HOLD_TOKEN, ACME_KEY_EXPORT_TOKEN, ACME_POLICY_TOKEN, INGEST_TOKEN, RESTORE_TOKEN, TOPIC,
-    authorized, ingest_client, restore_client, start_archiver, start_gateway, start_restorer,
-    wait_until,
+    authorized, ingest_client, start_archiver, start_gateway, start_restorer, wait_until,
 };
 use chatvault_testkit::process::write_config;
 use common::output_text as text;
 use prost::Message as _;
 
 const DAY_MICROS: i64 = 86_400_000_000;
-
-fn event(
-    tenant: &str,
-    conversation: &str,
-    id: &str,
-    at_micros: i64,
-    sender: &str,
-    mentions: &[&str],
-) -> ChatEvent {
-    ChatEvent {
-        conversation_id: conversation.into(),
-        occurred_at_micros: at_micros,
-        sender: Some(Sender {
-            id: sender.into(),
-            ..Default::default()
-        }),
-        mentions: mentions.iter().map(|m| m.to_string()).collect(),
-        ..common::message_event(tenant, id, &format!("text of {id}"))
-    }
-}
-
-/// The message ids a conversation restores to.
-async fn restored(
-    endpoint: &str,
-    tenant: &str,
-    conversation: &str,
-) -> anyhow::Result<BTreeSet<String>> {
-    let mut client = restore_client(endpoint).await?;
-    let request = authorized(
-        GetConversationRequest {
-            tenant_id: tenant.into(),
-            conversation_id: conversation.into(),
-            include_events: true,
-            ..Default::default()
-        },
-        RESTORE_TOKEN,
-    );
-    let mut stream = client.get_conversation(request).await?.into_inner();
-    let mut ids = BTreeSet::new();
-    while let Some(item) = stream.message().await? {
-        if let Some(Item::ArchivedEvent(event)) = item.item {
-            ids.insert(event.message_id);
-        }
-    }
-    Ok(ids)
-}
 
 fn ids(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|id| id.to_string()).collect()
@@ -109,9 +61,9 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
     let old = recent - 400 * DAY_MICROS; // 2024-10
     let events = vec![
         // C1: two old messages, one old one mentioning u-ann; recent ones by and about u-ann.
-        event("acme", "C1", "old-1", old, "u-bob", &[]),
-        event("acme", "C1", "old-2", old + 60_000_000, "u-ann", &[]),
-        event(
+        common::chat_event("acme", "C1", "old-1", old, "u-bob", &[]),
+        common::chat_event("acme", "C1", "old-2", old + 60_000_000, "u-ann", &[]),
+        common::chat_event(
             "acme",
             "C1",
             "old-3",
@@ -119,8 +71,8 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
             "u-bob",
             &["u-ann"],
         ),
-        event("acme", "C1", "new-1", recent, "u-ann", &[]),
-        event(
+        common::chat_event("acme", "C1", "new-1", recent, "u-ann", &[]),
+        common::chat_event(
             "acme",
             "C1",
             "new-2",
@@ -128,12 +80,12 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
             "u-bob",
             &["u-ann"],
         ),
-        event("acme", "C1", "new-3", recent + 120_000_000, "u-carl", &[]),
+        common::chat_event("acme", "C1", "new-3", recent + 120_000_000, "u-carl", &[]),
         // C2 is under a legal hold.
-        event("acme", "C2", "held-1", old, "u-ann", &[]),
-        event("acme", "C2", "held-2", recent, "u-ann", &[]),
+        common::chat_event("acme", "C2", "held-1", old, "u-ann", &[]),
+        common::chat_event("acme", "C2", "held-2", recent, "u-ann", &[]),
         // Another tenant's old events are not acme's policy's business.
-        event("globex", "C1", "globex-old", old, "u-ann", &[]),
+        common::chat_event("globex", "C1", "globex-old", old, "u-ann", &[]),
     ];
     let total = events.len() as u64;
     ingest_client(&gateway.endpoint())
@@ -297,7 +249,10 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
     );
     // A plan is a dry run: everything still restores.
     let everything_c1 = ids(&["old-1", "old-2", "old-3", "new-1", "new-2", "new-3"]);
-    assert_eq!(restored(&endpoint, "acme", "C1").await?, everything_c1);
+    assert_eq!(
+        common::restored_message_ids(&endpoint, "acme", "C1").await?,
+        everything_c1
+    );
 
     // A governance change after the plan makes it stale, even once undone: holds always win.
     for args in [
@@ -353,15 +308,15 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
     assert!(report.objects_left.is_empty(), "{report:?}");
     // What restores now is what was there minus exactly the planned rows.
     assert_eq!(
-        restored(&endpoint, "acme", "C1").await?,
+        common::restored_message_ids(&endpoint, "acme", "C1").await?,
         ids(&["new-1", "new-2", "new-3"])
     );
     assert_eq!(
-        restored(&endpoint, "acme", "C2").await?,
+        common::restored_message_ids(&endpoint, "acme", "C2").await?,
         ids(&["held-1", "held-2"])
     );
     assert_eq!(
-        restored(&endpoint, "globex", "C1").await?,
+        common::restored_message_ids(&endpoint, "globex", "C1").await?,
         ids(&["globex-old"])
     );
     // Applying twice is refused.
@@ -416,9 +371,12 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
     )
     .await?;
     assert!(applied.status.success(), "{}", text(&applied));
-    assert_eq!(restored(&endpoint, "acme", "C1").await?, ids(&["new-3"]));
     assert_eq!(
-        restored(&endpoint, "acme", "C2").await?,
+        common::restored_message_ids(&endpoint, "acme", "C1").await?,
+        ids(&["new-3"])
+    );
+    assert_eq!(
+        common::restored_message_ids(&endpoint, "acme", "C2").await?,
         ids(&["held-1", "held-2"])
     );
 
@@ -448,7 +406,7 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
             .output()?;
         anyhow::ensure!(output.status.success(), "{}", text(&output));
         let script = String::from_utf8(output.stdout)?;
-        rows_by_period.push(duckdb(
+        rows_by_period.push(common::duckdb(
             &script,
             "SELECT string_agg(message_id, ',' ORDER BY message_id) FROM events",
         )?);
@@ -534,7 +492,11 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
         "{}",
         text(&verified)
     );
-    assert!(restored(&endpoint, "acme", "C1").await.is_err());
+    assert!(
+        common::restored_message_ids(&endpoint, "acme", "C1")
+            .await
+            .is_err()
+    );
 
     archiver.stop().await?;
     restorer.stop().await?;
@@ -551,25 +513,4 @@ fn report_partition(documents: &[Stored<Document>]) -> i32 {
             Document::Plan(_) => None,
         })
         .expect("a report with a rewrite")
-}
-
-/// DuckDB's answer to `sql` over the view the export script `script` defines.
-fn duckdb(script: &str, sql: &str) -> anyhow::Result<String> {
-    let query = format!(
-        "import duckdb, sys\ncon = duckdb.connect()\ncon.execute(sys.stdin.read())\nprint(con.execute({sql:?}).fetchone()[0])"
-    );
-    let mut child = std::process::Command::new(chatvault_testkit::python::venv_python())
-        .args(["-c", &query])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes())?;
-    let output = child.wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "duckdb: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?.trim().to_string())
 }

@@ -22,7 +22,7 @@ use chatvault_core::audit::AuditRecord;
 use chatvault_core::config::KeyProviderKind;
 use chatvault_proto::v1::{ChatEvent, IngestBatchRequest};
 use chatvault_testkit::kafka::read_topic;
-use chatvault_testkit::kms::{CREDENTIAL_ENV, MotoKms};
+use chatvault_testkit::moto::{CREDENTIAL_ENV, Moto};
 use chatvault_testkit::pipeline::{INGEST_TOKEN, TOPIC, authorized, ingest_client, start_gateway};
 use chatvault_testkit::process::{ChildRole, free_address, wait_until_serving, write_config};
 use prost::Message as _;
@@ -77,14 +77,14 @@ fn context_of(record: &serde_json::Value) -> HashMap<String, String> {
 
 /// Decrypts a record's wrapped key at the KMS naming `key_id` (moto checks the ciphertext is that key's).
 async fn decrypt_record(
-    kms: &MotoKms,
+    kms: &Moto,
     record: &serde_json::Value,
     key_id: &str,
 ) -> anyhow::Result<Vec<u8>> {
     let ciphertext = base64::engine::general_purpose::STANDARD
         .decode(record["wrapped_key"].as_str().unwrap_or_default())?;
     let decrypted = kms
-        .client()
+        .kms_client()
         .decrypt()
         .key_id(key_id)
         .ciphertext_blob(Blob::new(ciphertext))
@@ -108,7 +108,7 @@ fn spawn_role(role: &str, config: &Config, dir: &Path) -> anyhow::Result<ChildRo
 async fn data_keys_held_by_a_kms_survive_its_outage_and_move_to_a_new_key_by_rewrap()
 -> anyhow::Result<()> {
     let peers = common::start_peers(2).await?;
-    let kms = MotoKms::start()?;
+    let kms = Moto::start()?;
     let dir = tempfile::tempdir()?;
     let bucket = peers.s3.bucket_dir();
     let first_key = kms.create_key("chatvault test key 1").await?;

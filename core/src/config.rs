@@ -103,7 +103,7 @@ impl Default for IntegrityConfig {
             trusted_keys: Vec::new(),
             witness: StorageConfig {
                 url: String::new(),
-                options: BTreeMap::new(),
+                ..StorageConfig::default()
             },
         }
     }
@@ -269,6 +269,24 @@ pub struct StorageConfig {
     /// (`AWS_*` variables) or workload identity.
     #[serde(deserialize_with = "string_values")]
     pub options: BTreeMap<String, String>,
+    /// S3 Object Lock (`s3://` only; the bucket must have Object Lock enabled): `off` (default),
+    /// `governance` or `compliance`. Event files and their manifests are then written with the retain-until
+    /// date their tenant's retention policies give them, and the legal-hold flag when a hold may cover them;
+    /// deletions remove every version, so S3 refuses them while a lock holds (docs/ARCHITECTURE.md,
+    /// "Object Lock").
+    pub object_lock: LockMode,
+}
+
+/// The S3 Object Lock retention mode chatvault writes with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    #[default]
+    Off,
+    /// Users with `s3:BypassGovernanceRetention` can still shorten or remove a lock.
+    Governance,
+    /// Nobody, the account's root included, can delete a locked version before its date.
+    Compliance,
 }
 
 impl Default for StorageConfig {
@@ -276,6 +294,7 @@ impl Default for StorageConfig {
         StorageConfig {
             url: "file://./chatvault-data/archive".into(),
             options: BTreeMap::new(),
+            object_lock: LockMode::Off,
         }
     }
 }
@@ -727,6 +746,7 @@ impl std::fmt::Debug for StorageConfig {
         f.debug_struct("StorageConfig")
             .field("url", &self.url)
             .field("options", &RedactedSettings(&self.options))
+            .field("object_lock", &self.object_lock)
             .finish()
     }
 }

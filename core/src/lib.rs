@@ -22,6 +22,7 @@ pub mod error;
 pub mod event;
 pub mod grpc;
 pub mod metrics;
+pub mod object_lock;
 pub mod shutdown;
 pub mod storage;
 pub mod telemetry;

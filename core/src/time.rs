@@ -73,6 +73,19 @@ impl Date {
     }
 }
 
+/// `yyyy-mm-dd hh:mm:ssZ` in UTC.
+pub fn format_time(micros: i64) -> String {
+    let date = Date::from_micros(micros);
+    let seconds_of_day = micros.rem_euclid(MICROS_PER_DAY) / MICROS_PER_SECOND;
+    format!(
+        "{} {:02}:{:02}:{:02}Z",
+        date.iso(),
+        seconds_of_day / 3600,
+        seconds_of_day / 60 % 60,
+        seconds_of_day % 60
+    )
+}
+
 /// Parses a Slack timestamp (`"1355517523.000005"`: seconds, a dot, 6 digits of microseconds) to
 /// microseconds since the epoch. Slack message `ts` values double as message ids.
 pub fn parse_slack_ts(ts: &str) -> Option<i64> {

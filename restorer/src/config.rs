@@ -27,6 +27,11 @@ pub struct RestorerConfig {
     /// calls still running after it are cut off. Default `20s`.
     #[serde(with = "chatvault_core::duration")]
     pub drain_timeout: Duration,
+    /// With `storage.object_lock` on: how long after a governance change the restorer syncs the locks of the
+    /// objects already written with it. Archivers read the governance state every 30 s
+    /// (`LOCK_RULES_REFRESH`), so this must exceed that plus a batch's commit. Default `1m`.
+    #[serde(with = "chatvault_core::duration")]
+    pub lock_sync_delay: Duration,
 }
 
 impl Default for RestorerConfig {
@@ -38,6 +43,7 @@ impl Default for RestorerConfig {
             max_buffered_events: 4_096,
             max_buffered_bytes: 16 * 1024 * 1024,
             drain_timeout: Duration::from_secs(20),
+            lock_sync_delay: Duration::from_secs(60),
         }
     }
 }

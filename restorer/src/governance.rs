@@ -8,8 +8,10 @@
 //! use the default writer settings ([`FileOptions::default`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chatvault_archive::disposition::apply::{ApplyRequest, apply_plan};
+use chatvault_archive::disposition::locks::{note_storage_locks, sync_locks};
 use chatvault_archive::disposition::plan::{PlanRequest, make_plan};
 use chatvault_archive::disposition::{DispositionLog, Document, Purpose};
 use chatvault_archive::file::FileOptions;
@@ -21,6 +23,7 @@ use chatvault_archive::tlog::note::NoteSigner;
 use chatvault_core::audit::{AuditCall, Auditor, CallSource};
 use chatvault_core::auth::{Authenticator, Principal, Role};
 use chatvault_core::event::check_tenant;
+use chatvault_core::object_lock::LockingS3;
 use chatvault_core::{Error, Result};
 use chatvault_proto::v1::governance_service_server::GovernanceService;
 use chatvault_proto::v1::{
@@ -54,6 +57,19 @@ struct Disposition {
     keys: DataKeys,
     topic: String,
     signer: Option<Arc<dyn NoteSigner>>,
+    /// With `storage.object_lock` on: plans note what S3 keeps, applies clear stale legal-hold flags, and
+    /// every governance change is carried to the objects already written.
+    locks: Option<LockSyncer>,
+}
+
+/// Carries governance changes to existing objects' locks ([`sync_locks`]), one tenant at a time.
+#[derive(Clone)]
+struct LockSyncer {
+    locking: Arc<LockingS3>,
+    /// How long after a change the sync starts: archivers read the governance state this often, so files
+    /// they write meanwhile with the old state are covered too.
+    delay: Duration,
+    running: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for GovernanceApi {
@@ -90,8 +106,56 @@ impl GovernanceApi {
             keys,
             topic: topic.to_string(),
             signer,
+            locks: None,
         });
         self
+    }
+
+    /// With Object Lock storage (`locking`; `None`: off), after [`GovernanceApi::with_disposition`]: each
+    /// governance change starts a lock sync of its tenant `delay` later.
+    pub fn with_object_lock(mut self, locking: Option<Arc<LockingS3>>, delay: Duration) -> Self {
+        if let (Some(disposition), Some(locking)) = (self.disposition.as_mut(), locking) {
+            disposition.locks = Some(LockSyncer {
+                locking,
+                delay,
+                running: Arc::new(tokio::sync::Mutex::new(())),
+            });
+        }
+        self
+    }
+
+    /// Starts the lock sync of `tenant` after a governance change (see [`LockSyncer`]); its outcome is
+    /// logged, and an object it could not change is tried again by the next sync.
+    fn sync_locks_later(&self, tenant: &str) {
+        let Some(disposition) = self.disposition.clone() else {
+            return;
+        };
+        let Some(syncer) = disposition.locks.clone() else {
+            return;
+        };
+        let tenant = tenant.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(syncer.delay).await;
+            let _one_at_a_time = syncer.running.lock().await;
+            match sync_locks(
+                &disposition.store,
+                &disposition.keys,
+                &syncer.locking,
+                &disposition.topic,
+                &tenant,
+                |_, _| {},
+            )
+            .await
+            {
+                Ok(sync) if sync.errors.is_empty() => tracing::info!(tenant = %tenant,
+                    files = sync.files, holds_set = sync.holds_set, holds_cleared = sync.holds_cleared,
+                    retention_extended = sync.retention_extended, "Object Locks synced with the governance state"),
+                Ok(sync) => tracing::warn!(tenant = %tenant, files = sync.files,
+                    errors = ?sync.errors, "some Object Locks could not be synced; the next change tries again"),
+                Err(error) => tracing::warn!(tenant = %tenant, %error,
+                    "the Object Locks could not be synced with the governance state"),
+            }
+        });
     }
 
     fn disposition(&self) -> Result<&Disposition> {
@@ -125,7 +189,9 @@ impl GovernanceApi {
         reason: &str,
     ) -> Result<GovernanceChangeResponse> {
         check_reason(reason)?;
+        let tenant = change.tenant().to_string();
         let (record, _) = self.log.commit(change, &caller.name, reason).await?;
+        self.sync_locks_later(&tenant);
         change_response(&record)
     }
 
@@ -444,7 +510,7 @@ impl GovernanceService for GovernanceApi {
                         0 => chatvault_core::time::now_micros(),
                         given => given,
                     };
-                    let plan = make_plan(
+                    let mut plan = make_plan(
                         &disposition.store,
                         &disposition.keys,
                         PlanRequest {
@@ -458,6 +524,9 @@ impl GovernanceService for GovernanceApi {
                         |_, _| {},
                     )
                     .await?;
+                    if let Some(syncer) = &disposition.locks {
+                        note_storage_locks(&mut plan, &syncer.locking).await?;
+                    }
                     let stored = DispositionLog::new(disposition.store.clone())
                         .commit_plan(plan)
                         .await?;
@@ -495,6 +564,7 @@ impl GovernanceService for GovernanceApi {
                     let stored = apply_plan(
                         &disposition.store,
                         &disposition.keys,
+                        disposition.locks.as_ref().map(|syncer| syncer.locking.as_ref()),
                         signer,
                         &FileOptions::default(),
                         ApplyRequest {

@@ -44,7 +44,8 @@ use chatvault_core::config::SharedConfig;
 
 use crate::config::RestorerConfig;
 use chatvault_core::shutdown::Shutdown;
-use chatvault_core::storage::object_store_from_config;
+use chatvault_core::storage::{locking_store_from_config, object_store_from_config};
+use object_store::ObjectStore;
 
 /// The restorer role on the shared settings and its `[restorer]` section, serving the RestoreService, the
 /// AuditService, the KeyService and the GovernanceService on `listener` until
@@ -58,7 +59,12 @@ pub async fn run(
     audit: Arc<dyn AuditSink>,
     shutdown: Shutdown,
 ) -> chatvault_core::Result<()> {
-    let store = object_store_from_config(&shared.storage)?;
+    // With Object Lock on, one store serves reads and the lock calls of disposition.
+    let locking = locking_store_from_config(&shared.storage)?;
+    let store: Arc<dyn ObjectStore> = match &locking {
+        Some(locking) => locking.clone(),
+        None => object_store_from_config(&shared.storage)?,
+    };
     let keys = DataKeys::from_config(store.clone(), &shared.keys).await?;
     let trusted_keys =
         VerifierKey::parse_all("integrity.trusted_keys", &shared.integrity.trusted_keys)?;
@@ -82,7 +88,8 @@ pub async fn run(
     };
     let governance =
         governance::GovernanceApi::new(store.clone(), shared.authenticator()?, auditor.clone())
-            .with_disposition(store.clone(), keys.clone(), &shared.kafka.topic, signer);
+            .with_disposition(store.clone(), keys.clone(), &shared.kafka.topic, signer)
+            .with_object_lock(locking, settings.lock_sync_delay);
     if !trusted_keys.is_empty() {
         tokio::spawn(watch_drills(
             store.clone(),

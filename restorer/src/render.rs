@@ -11,7 +11,7 @@
 use std::fmt::Write;
 
 use chatvault_core::event::kind_name;
-use chatvault_core::time::{Date, MICROS_PER_DAY, MICROS_PER_SECOND};
+
 use chatvault_proto::v1::restore_item::Item;
 use chatvault_proto::v1::{ChatEvent, EventKind, RestoreItem, RestoredMessage, Sender};
 
@@ -51,18 +51,7 @@ pub fn render_text(items: &[RestoreItem]) -> String {
     out
 }
 
-/// `yyyy-mm-dd hh:mm:ssZ` in UTC.
-pub fn format_time(micros: i64) -> String {
-    let date = Date::from_micros(micros);
-    let seconds_of_day = micros.rem_euclid(MICROS_PER_DAY) / MICROS_PER_SECOND;
-    format!(
-        "{} {:02}:{:02}:{:02}Z",
-        date.iso(),
-        seconds_of_day / 3600,
-        seconds_of_day / 60 % 60,
-        seconds_of_day % 60
-    )
-}
+pub use chatvault_core::time::format_time;
 
 fn render_message(out: &mut String, message: &RestoredMessage) {
     let is_reply = !message.thread_id.is_empty() && message.thread_id != message.message_id;

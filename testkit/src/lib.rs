@@ -19,7 +19,7 @@ pub mod broker;
 pub mod fault_proxy;
 pub mod kafka;
 pub mod kafka_proxy;
-pub mod kms;
+pub mod moto;
 pub mod oidc;
 pub mod otlp;
 pub mod pipeline;

@@ -91,6 +91,7 @@ impl S3Server {
                     "false".to_string(),
                 ),
             ]),
+            ..StorageConfig::default()
         }
     }
 

@@ -17,10 +17,12 @@ use super::{
 };
 use crate::chain::{ChainReader, ChainWriter};
 use crate::file::{FileOptions, encode_file};
+use crate::governance::locks::LockRules;
 use crate::keys::DataKeys;
 use crate::manifest::{MANIFEST_FORMAT, Manifest, ManifestFile, Superseded, delete_if_exists};
 use crate::tlog::note::NoteSigner;
 use chatvault_core::error::{Error, ErrorCode, Result};
+use chatvault_core::object_lock::{LockingS3, ObjectLock};
 
 /// Who applies which plan of which tenant, and why.
 #[derive(Debug, Clone)]
@@ -43,9 +45,11 @@ fn stale(plan_id: u64, why: String) -> Error {
 
 /// Executes plan `request.plan_id` exactly (see the module documentation of [`super`]) and commits its
 /// signed report. `progress` is called after each file with (files done, files planned).
+#[allow(clippy::too_many_arguments)]
 pub async fn apply_plan(
     store: &Arc<dyn ObjectStore>,
     keys: &DataKeys,
+    locking: Option<&LockingS3>,
     signer: Arc<dyn NoteSigner>,
     file_options: &FileOptions,
     request: ApplyRequest,
@@ -81,6 +85,7 @@ pub async fn apply_plan(
     let (files, _) = live_files(store, &plan.topic, &plan.tenant_id).await?;
     learn_participants(&mut now.judge, store, keys, &files).await?;
     let reason = rewrite_reason(&stored.path);
+    let rules = locking.map(|_| now.judge.lock_rules(&plan.tenant_id));
     let mut by_partition: BTreeMap<i32, Vec<&PlannedFile>> = BTreeMap::new();
     for file in &plan.files {
         by_partition.entry(file.partition).or_default().push(file);
@@ -96,6 +101,7 @@ pub async fn apply_plan(
             *partition,
             planned,
             &now.judge,
+            rules.as_ref(),
             plan.plan_id,
             &reason,
         )
@@ -107,8 +113,8 @@ pub async fn apply_plan(
     // object out of every restore, reported.
     let mut objects_left = Vec::new();
     for file in &plan.files {
-        if let Err(error) = delete_if_exists(store.as_ref(), &Path::from(file.path.as_str())).await
-        {
+        let path = Path::from(file.path.as_str());
+        if let Err(error) = delete_superseded(store, locking, &path).await {
             objects_left.push(ObjectLeft {
                 path: file.path.clone(),
                 error: error.message().to_string(),
@@ -137,6 +143,39 @@ pub async fn apply_plan(
     log.commit_report(signer, report).await
 }
 
+/// Deletes a superseded object. On Object Lock storage its legal-hold flag is cleared first when set: the
+/// plan decided its rows with every hold, and what a hold keeps is in the replacement (locked anew). A
+/// retain-until date that has not passed makes S3 refuse, and the error says until when.
+async fn delete_superseded(
+    store: &Arc<dyn ObjectStore>,
+    locking: Option<&LockingS3>,
+    path: &Path,
+) -> Result<()> {
+    if let Some(locking) = locking {
+        let status = match locking.lock_of(path).await {
+            Ok(status) => status,
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(error) => return Err(error.into()),
+        };
+        if status.legal_hold {
+            locking.set_legal_hold(path, false).await?;
+        }
+        if let Some(until) = status.retain_until_micros
+            && until > chatvault_core::time::now_micros()
+        {
+            return Err(Error::new(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "{path} is retained by S3 Object Lock ({}) until {}; its rows are out of every restore, its bytes stay until then",
+                    status.mode.as_deref().unwrap_or("lock"),
+                    chatvault_core::time::format_time(until)
+                ),
+            ));
+        }
+    }
+    delete_if_exists(store.as_ref(), path).await
+}
+
 /// Commits the rewrite of `planned` (files of one partition), unless an earlier apply of the same plan did.
 #[allow(clippy::too_many_arguments)]
 async fn rewrite_partition(
@@ -147,6 +186,7 @@ async fn rewrite_partition(
     partition: i32,
     planned: &[&PlannedFile],
     judge: &super::plan::Judge,
+    rules: Option<&LockRules>,
     plan_id: u64,
     reason: &str,
 ) -> Result<()> {
@@ -185,7 +225,7 @@ async fn rewrite_partition(
         if to_do.is_empty() {
             return Ok(()); // rewritten by an earlier, interrupted apply of this plan
         }
-        let mut written: Vec<(Path, Bytes, ManifestFile)> = Vec::new();
+        let mut written: Vec<(Path, Bytes, ManifestFile, ObjectLock)> = Vec::new();
         let mut supersedes = Vec::new();
         for (file, live) in &to_do {
             let (rows, key) = read_rows(store, keys, live).await?;
@@ -214,6 +254,9 @@ async fn rewrite_partition(
                 .filter(|(index, _)| !in_ranges(&file.remove, *index as u64))
                 .map(|(_, row)| row)
                 .collect();
+            let lock = rules.map_or_else(ObjectLock::default, |rules| {
+                rules.for_events(kept.iter().map(|row| &row.record))
+            });
             let options = file_options.clone();
             let encode_key = key.clone();
             let encoded = tokio::task::spawn_blocking(move || {
@@ -224,7 +267,7 @@ async fn rewrite_partition(
             .map_err(|error| Error::internal(format!("encoding task failed: {error}")))??;
             let path = replacement_path(&file.path, plan_id);
             let entry = ManifestFile::describe(&path, &live.tenant_id, &live.date, &key, &encoded);
-            written.push((path, encoded.bytes, entry));
+            written.push((path, encoded.bytes, entry, lock));
         }
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
@@ -237,16 +280,19 @@ async fn rewrite_partition(
             writer_id: format!("disposition-plan-{plan_id}"),
             created_at_micros: chatvault_core::time::now_micros(),
             prev_sha256: chain.head.last_sha256.clone(),
-            files: written.iter().map(|(_, _, entry)| entry.clone()).collect(),
+            files: written
+                .iter()
+                .map(|(_, _, entry, _)| entry.clone())
+                .collect(),
             rejected_records: Vec::new(),
             offset_gaps: Vec::new(),
             supersedes,
         };
         let uploads = written
             .into_iter()
-            .map(|(path, bytes, _)| (path, bytes))
+            .map(|(path, bytes, _, lock)| (path, bytes, lock))
             .collect();
-        if writer.commit_with_files(&manifest, uploads).await? {
+        if writer.commit_with_locked_files(&manifest, uploads).await? {
             return Ok(());
         }
         // The archiver committed this sequence number first: read the chain again and rewrite on top.

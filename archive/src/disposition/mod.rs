@@ -20,6 +20,7 @@
 
 pub mod apply;
 pub mod explain;
+pub mod locks;
 pub mod plan;
 #[cfg(test)]
 mod tests;

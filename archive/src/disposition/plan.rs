@@ -13,6 +13,7 @@ use crate::chain::ChainReader;
 use crate::file::{decode_file, sha256_hex};
 use crate::governance::GovernanceLog;
 use crate::governance::hold::{HeldFacts, LegalHold, holds_covering};
+use crate::governance::locks::LockRules;
 use crate::governance::policy::{EventFacts, PolicyRef, RetentionPolicy, decide};
 use crate::keys::DataKeys;
 use crate::manifest::ManifestFile;
@@ -47,6 +48,10 @@ pub struct Plan {
     pub files: Vec<PlannedFile>,
     pub conversations: Vec<ConversationCounts>,
     pub totals: Totals,
+    /// With Object Lock: the key scopes' months whose shredding makes the locked planned files unreadable
+    /// now ([`super::locks::note_storage_locks`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shred_offers: Vec<super::locks::ShredOffer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +72,10 @@ pub struct PlannedFile {
     /// Rows removed, as half-open `[start, end)` ranges of row numbers in file order.
     pub remove: Vec<[u64; 2]>,
     pub rows_removed: u64,
+    /// S3 Object Lock keeps the object until then (`storage.object_lock`): applying takes its rows out of
+    /// every restore, and its bytes stay until the date ([`super::locks::note_storage_locks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until_micros: Option<i64>,
 }
 
 impl PlannedFile {
@@ -177,6 +186,16 @@ impl Judge {
     pub fn set_participants(&mut self, conversation: &str, took_part: HashSet<String>) {
         self.participants
             .insert(conversation.to_string(), took_part);
+    }
+
+    /// The Object Lock rules of `tenant` with this judge's policies, holds and participants.
+    pub fn lock_rules(&self, tenant: &str) -> LockRules {
+        LockRules::for_tenant(
+            tenant,
+            &self.policies,
+            &self.holds,
+            Some(self.participants.clone()),
+        )
     }
 
     fn needs_participants(&self) -> bool {
@@ -464,6 +483,7 @@ pub async fn make_plan(
         files: Vec::new(),
         conversations: Vec::new(),
         totals: Totals::default(),
+        shred_offers: Vec::new(),
     };
     let mut conversations: BTreeMap<String, ConversationTally> = BTreeMap::new();
     let total = files.len() as u64;
@@ -491,6 +511,7 @@ pub async fn make_plan(
                 rows: rows.len() as u64,
                 remove: decision.remove,
                 rows_removed: decision.rows_removed,
+                locked_until_micros: None,
             };
             plan.totals.rows_removed += planned.rows_removed;
             if planned.is_deleted() {

@@ -197,6 +197,7 @@ impl Archive {
         apply_plan(
             &self.store,
             &self.keys,
+            None,
             signer,
             &FileOptions::default(),
             ApplyRequest {

@@ -15,6 +15,7 @@
 //! naming the version.
 
 pub mod hold;
+pub mod locks;
 pub mod policy;
 
 use std::collections::BTreeMap;
@@ -115,6 +116,19 @@ pub struct GovernanceState {
 }
 
 impl GovernanceState {
+    /// Every tenant with a policy or a hold, each once, sorted.
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        let mut tenants: Vec<&str> = self
+            .policies
+            .keys()
+            .chain(self.holds.keys())
+            .map(|(tenant, _)| tenant.as_str())
+            .collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        tenants.into_iter()
+    }
+
     /// `tenant`'s policies, by id.
     pub fn policies(&self, tenant: &str) -> impl Iterator<Item = &RetentionPolicy> {
         self.policies

@@ -440,3 +440,72 @@ pub async fn wait_for_restored(
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
+
+/// A message of `tenant` in `conversation` at `at_micros`, sent by `sender` and mentioning `mentions`.
+pub fn chat_event(
+    tenant: &str,
+    conversation: &str,
+    id: &str,
+    at_micros: i64,
+    sender: &str,
+    mentions: &[&str],
+) -> ChatEvent {
+    ChatEvent {
+        conversation_id: conversation.into(),
+        occurred_at_micros: at_micros,
+        sender: Some(Sender {
+            id: sender.into(),
+            ..Default::default()
+        }),
+        mentions: mentions.iter().map(|m| m.to_string()).collect(),
+        ..message_event(tenant, id, &format!("text of {id}"))
+    }
+}
+
+/// The message ids a conversation restores to.
+pub async fn restored_message_ids(
+    endpoint: &str,
+    tenant: &str,
+    conversation: &str,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    use chatvault_proto::v1::restore_item::Item;
+    let mut client = chatvault_testkit::pipeline::restore_client(endpoint).await?;
+    let request = chatvault_testkit::pipeline::authorized(
+        chatvault_proto::v1::GetConversationRequest {
+            tenant_id: tenant.into(),
+            conversation_id: conversation.into(),
+            include_events: true,
+            ..Default::default()
+        },
+        chatvault_testkit::pipeline::RESTORE_TOKEN,
+    );
+    let mut stream = client.get_conversation(request).await?.into_inner();
+    let mut ids = std::collections::BTreeSet::new();
+    while let Some(item) = stream.message().await? {
+        if let Some(Item::ArchivedEvent(event)) = item.item {
+            ids.insert(event.message_id);
+        }
+    }
+    Ok(ids)
+}
+
+/// DuckDB's answer to `sql` over the view the export script `script` defines.
+pub fn duckdb(script: &str, sql: &str) -> anyhow::Result<String> {
+    let query = format!(
+        "import duckdb, sys\ncon = duckdb.connect()\ncon.execute(sys.stdin.read())\nprint(con.execute({sql:?}).fetchone()[0])"
+    );
+    let mut child = Command::new(chatvault_testkit::python::venv_python())
+        .args(["-c", &query])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes())?;
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "duckdb: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.trim().to_string())
+}
