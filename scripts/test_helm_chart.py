@@ -1052,7 +1052,7 @@ def main() -> int:
             config={**distributed["config"], "integrity": {"signing_key_pkcs11_label": "l", "origin": "o"}})),
             "not both")
         witnessed = chatvault_toml(rendered["ci/all-settings-values.yaml"])["integrity"]["witness"]
-        assert witnessed == {"url": "s3://chatvault-ci-witness/checkpoints",
+        assert witnessed == {"url": "s3://chatvault-ci-witness/checkpoints", "object_lock": "off",
                              "options": {"aws_region": "us-west-2"}}, witnessed
 
     @check("restore drills: one CronJob per drilled tenant, restricted, with the signing key, keyring and token")
@@ -1137,6 +1137,16 @@ def main() -> int:
              "missing"),
         ]:
             expect_failure(f"render {bad['disposition']}", lambda: render(chart, bad), needle)
+
+    @check("storage.object_lock reaches chatvault.toml (default off); other modes are refused by the schema")
+    def _object_lock():
+        assert chatvault_toml(render(chart, with_distributed()))["storage"]["object_lock"] == "off"
+        locked = with_distributed(config={**distributed["config"],
+                                          "storage": {**distributed["config"]["storage"], "object_lock": "compliance"}})
+        assert chatvault_toml(render(chart, locked))["storage"]["object_lock"] == "compliance"
+        bad = with_distributed(config={**distributed["config"],
+                                       "storage": {**distributed["config"]["storage"], "object_lock": "worm"}})
+        expect_failure("render object_lock=worm", lambda: render(chart, bad), "object_lock")
 
     @check("keys in AWS KMS: no keyring needed or mounted; the provider and key reach chatvault.toml")
     def _kms_keys():
