@@ -11,7 +11,7 @@
 //! - [`broker`]: a Kafka broker (the mock cluster) in its own process, restartable, or an external one;
 //! - [`oidc`]: a real OpenID provider (node-oidc-provider on Node.js) issuing JWT access tokens, and a person
 //!   completing a device sign-in (RFC 8628) at it;
-//! - [`kms`]: AWS KMS (moto's server) and [`softhsm`]: a PKCS#11 token (SoftHSM2), for the key providers;
+//! - [`moto`]: AWS KMS and S3 with Object Lock (moto's server) and [`softhsm`]: a PKCS#11 token (SoftHSM2), for the key providers;
 //! - [`python`]: the virtualenv with DuckDB and pyarrow installed by `scripts/setup-test-deps.sh`.
 
 pub mod archive;

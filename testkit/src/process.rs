@@ -87,7 +87,7 @@ impl ChildRole {
         ChildRole::spawn_with_env(name, binary, args, &[])
     }
 
-    /// [`ChildRole::spawn`] with extra environment variables (for example [`crate::kms::CREDENTIAL_ENV`]).
+    /// [`ChildRole::spawn`] with extra environment variables (for example [`crate::moto::CREDENTIAL_ENV`]).
     pub fn spawn_with_env(
         name: &str,
         binary: &Path,

@@ -1,11 +1,11 @@
 //! What S3 Object Lock asks of each archived object (`storage.object_lock`), from the governance state.
 //!
 //! - **Retain-until**: the longest retention any policy gives an event of the object
-//!   ([`policy::decide`]'s `retained_until`); an object of several events carries the latest date. Deletion
+//!   ([`super::policy::decide`]'s `retained_until`); an object of several events carries the latest date. Deletion
 //!   policies set no date: they are what disposition enforces, not what storage must refuse.
 //! - **Legal hold flag**: set when an unreleased hold may cover an event of the object. Conversation, time
 //!   range and query criteria are judged exactly; a hold that names custodians is judged by the
-//!   conversation's participants when the caller knows them ([`LockRules::with_participants`], as disposition
+//!   conversation's participants when the caller knows them ([`LockRules::for_tenant`], as disposition
 //!   does) and is otherwise taken to cover (the archiver sees one batch, not who took part before): the flag
 //!   only ever blocks a deletion, so erring towards it keeps what may be evidence.
 //!
@@ -15,7 +15,7 @@
 //! signed checkpoints.
 //!
 //! Locks are set when an object is written. A hold placed later, a hold released, or a policy that
-//! lengthens retention is carried to the objects already written by [`crate::disposition::sync_locks`].
+//! lengthens retention is carried to the objects already written by [`crate::disposition::locks::sync_locks`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -138,7 +138,7 @@ impl TenantRules {
 }
 
 /// How long the archiver trusts the governance state it read before reading it again. A policy or hold
-/// changed within this window reaches the objects written meanwhile through [`crate::disposition::sync_locks`].
+/// changed within this window reaches the objects written meanwhile through [`crate::disposition::locks::sync_locks`].
 pub const LOCK_RULES_REFRESH: Duration = Duration::from_secs(30);
 
 /// When the governance stream cannot be read, how long an older state may still be used (a storage blip
