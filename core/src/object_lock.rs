@@ -116,12 +116,15 @@ pub(crate) struct S3Settings {
     pub virtual_hosted: bool,
 }
 
-/// The store of the module documentation.
+/// The store of the module documentation. Clones share one S3 client.
+#[derive(Clone)]
 pub struct LockingS3 {
     inner: Arc<dyn ObjectStore>,
     settings: S3Settings,
     mode: LockMode,
-    client: OnceCell<aws_sdk_s3::Client>,
+    /// Made on first use; shared, so that a clone (each delete stream holds one) does not load the AWS
+    /// configuration and credentials again.
+    client: Arc<OnceCell<aws_sdk_s3::Client>>,
 }
 
 impl fmt::Debug for LockingS3 {
@@ -154,7 +157,7 @@ impl LockingS3 {
             inner,
             settings,
             mode,
-            client: OnceCell::new(),
+            client: Arc::new(OnceCell::new()),
         }
     }
 
@@ -551,13 +554,7 @@ impl ObjectStore for LockingS3 {
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
-        let this = LockingS3 {
-            inner: self.inner.clone(),
-            settings: self.settings.clone(),
-            mode: self.mode,
-            client: self.client.clone(),
-        };
-        let this = Arc::new(this);
+        let this = Arc::new(self.clone());
         locations
             .then(move |location| {
                 let this = this.clone();
