@@ -100,19 +100,8 @@ async fn plans_are_applied_exactly_holds_win_erasure_reaches_every_file_and_veri
         "the events were not archived"
     );
 
-    let run = |token: &'static str, args: &[&str]| {
-        let mut all: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
-        all.extend([
-            "--restorer".into(),
-            endpoint.clone(),
-            "--token".into(),
-            token.into(),
-        ]);
-        async move {
-            let borrowed: Vec<&str> = all.iter().map(String::as_str).collect();
-            common::run_chatvault(&borrowed, &[]).await
-        }
-    };
+    let run =
+        |token: &'static str, args: &[&str]| common::run_with_restorer(&endpoint, token, args);
     let as_of = "2025-12-01T00:00:00Z";
     let plan_retention = async |token: &'static str| {
         run(

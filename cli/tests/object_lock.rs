@@ -236,19 +236,8 @@ async fn archived_objects_carry_policy_retention_and_hold_flags_and_disposition_
     let (archiver, stats) = start_archiver(&config, "archiver").await?;
     let restorer = start_restorer(&config).await?;
     let endpoint = restorer.endpoint();
-    let run = |token: &'static str, args: &[&str]| {
-        let mut all: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
-        all.extend([
-            "--restorer".into(),
-            endpoint.clone(),
-            "--token".into(),
-            token.into(),
-        ]);
-        async move {
-            let borrowed: Vec<&str> = all.iter().map(String::as_str).collect();
-            common::run_chatvault(&borrowed, &[]).await
-        }
-    };
+    let run =
+        |token: &'static str, args: &[&str]| common::run_with_restorer(&endpoint, token, args);
     let ok = |output: std::process::Output| {
         assert!(output.status.success(), "{}", text(&output));
         output

@@ -509,3 +509,23 @@ pub fn duckdb(script: &str, sql: &str) -> anyhow::Result<String> {
     );
     Ok(String::from_utf8(output.stdout)?.trim().to_string())
 }
+
+/// `chatvault <args> --restorer <endpoint> --token <token>`, its output once it exits (see
+/// [`run_chatvault`]). The future owns its arguments.
+pub fn run_with_restorer(
+    endpoint: &str,
+    token: &str,
+    args: &[&str],
+) -> impl std::future::Future<Output = anyhow::Result<std::process::Output>> + use<> {
+    let mut all: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    all.extend([
+        "--restorer".into(),
+        endpoint.to_string(),
+        "--token".into(),
+        token.to_string(),
+    ]);
+    async move {
+        let borrowed: Vec<&str> = all.iter().map(String::as_str).collect();
+        run_chatvault(&borrowed, &[]).await
+    }
+}
