@@ -10,6 +10,7 @@ mod disposition;
 mod doctor;
 mod drill;
 mod governance;
+mod import;
 mod keys;
 mod login;
 mod ops;
@@ -61,6 +62,8 @@ enum Command {
     Restore(client::RestoreArgs),
     /// List a tenant's archived conversations.
     Conversations(client::ConversationsArgs),
+    /// Back-fill history from a platform's export through a running gateway (resumable, with a summary).
+    Import(import::ImportArgs),
     /// Data-key operations for standard readers (DuckDB, pyarrow).
     Keys(keys::KeysArgs),
     /// Read a tenant's audit trail (who did what, when, from where, with what outcome).
@@ -133,6 +136,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => client::demo(args).await,
             Command::Restore(args) => client::restore(args).await,
             Command::Conversations(args) => client::conversations(args).await,
+            Command::Import(args) => import::import(args).await,
             Command::Keys(args) => keys::keys(args).await,
             Command::Audit(args) => audit::audit(args).await,
             Command::Policy(args) => governance::policy(args).await,

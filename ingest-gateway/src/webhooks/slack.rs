@@ -137,7 +137,8 @@ fn text(value: &Value) -> String {
     value.as_str().unwrap_or_default().to_string()
 }
 
-fn slack_time(value: &Value, what: &str) -> Result<i64, IngestError> {
+/// A Slack timestamp (`"1700000000.000100"`, or a number) in microseconds; `what` names it in the error.
+pub fn slack_time(value: &Value, what: &str) -> Result<i64, IngestError> {
     let raw = match value {
         Value::String(ts) => ts.clone(),
         Value::Number(number) => number.to_string(),
@@ -147,7 +148,8 @@ fn slack_time(value: &Value, what: &str) -> Result<i64, IngestError> {
         .ok_or_else(|| IngestError::malformed(format!("{what} is not a Slack timestamp")))
 }
 
-fn sender(user: &Value, bot: bool) -> Option<Sender> {
+/// The sender named by a user (or bot) id; `None` when there is none.
+pub fn sender(user: &Value, bot: bool) -> Option<Sender> {
     let id = user.as_str()?;
     Some(Sender {
         id: id.to_string(),
@@ -156,7 +158,8 @@ fn sender(user: &Value, bot: bool) -> Option<Sender> {
     })
 }
 
-fn attachments(files: &Value) -> Vec<Attachment> {
+/// A message's `files` as attachment metadata (Slack serves the content only with a token).
+pub fn attachments(files: &Value) -> Vec<Attachment> {
     files
         .as_array()
         .map(|files| {
@@ -176,7 +179,7 @@ fn attachments(files: &Value) -> Vec<Attachment> {
 }
 
 /// A thread reply carries `thread_ts` different from its own `ts`; a root carries none (or its own).
-fn thread_of(message: &Value) -> String {
+pub fn thread_of(message: &Value) -> String {
     let ts = message["ts"].as_str().unwrap_or_default();
     match message["thread_ts"].as_str() {
         Some(thread) if thread != ts => thread.to_string(),
@@ -211,25 +214,7 @@ pub fn normalize_event(
             let channel = text(&event["channel"]);
             match subtype {
                 None | Some("thread_broadcast" | "file_share" | "bot_message" | "me_message") => {
-                    let body = text(&event["text"]);
-                    let is_bot = subtype == Some("bot_message") || event["bot_id"].is_string();
-                    let user = if event["user"].is_string() {
-                        &event["user"]
-                    } else {
-                        &event["bot_id"]
-                    };
-                    Some(ChatEvent {
-                        kind: EventKind::MessageCreated as i32,
-                        conversation_id: channel,
-                        message_id: text(&event["ts"]),
-                        thread_id: thread_of(event),
-                        sender: sender(user, is_bot),
-                        occurred_at_micros: slack_time(&event["ts"], "event.ts")?,
-                        mentions: slack_style_mentions(&body),
-                        text: body,
-                        attachments: attachments(&event["files"]),
-                        ..base
-                    })
+                    Some(created_message(base, channel, event)?)
                 }
                 Some("message_changed") => {
                     let message = &event["message"];
@@ -237,19 +222,7 @@ pub fn normalize_event(
                         Value::Null => slack_time(&event["ts"], "event.ts")?,
                         ts => slack_time(ts, "event.message.edited.ts")?,
                     };
-                    let body = text(&message["text"]);
-                    Some(ChatEvent {
-                        kind: EventKind::MessageEdited as i32,
-                        conversation_id: channel,
-                        message_id: text(&message["ts"]),
-                        thread_id: thread_of(message),
-                        sender: sender(&message["user"], message["bot_id"].is_string()),
-                        occurred_at_micros: edited_at,
-                        mentions: slack_style_mentions(&body),
-                        text: body,
-                        attachments: attachments(&message["files"]),
-                        ..base
-                    })
+                    Some(edited_message(base, channel, message, edited_at))
                 }
                 Some("message_deleted") => Some(ChatEvent {
                     kind: EventKind::MessageDeleted as i32,
@@ -321,6 +294,60 @@ pub fn normalize_event(
         _ => None,
     };
     Ok(normalized.into_iter().collect())
+}
+
+/// A message as posted: the `event` of a `message` callback without a subtype (or a thread broadcast, file
+/// share, bot or `/me` message), and equally a message of a Slack export's day file. Both paths must map a
+/// message to the same identity (channel, `ts`, sender), so the same message captured live and imported
+/// collapses to one archived event; `base` carries tenant, source, workspace and the raw payload.
+pub fn created_message(
+    base: ChatEvent,
+    channel: String,
+    message: &Value,
+) -> Result<ChatEvent, IngestError> {
+    let body = text(&message["text"]);
+    let is_bot =
+        message["subtype"].as_str() == Some("bot_message") || message["bot_id"].is_string();
+    let user = if message["user"].is_string() {
+        &message["user"]
+    } else {
+        &message["bot_id"]
+    };
+    Ok(ChatEvent {
+        kind: EventKind::MessageCreated as i32,
+        conversation_id: channel,
+        message_id: text(&message["ts"]),
+        thread_id: thread_of(message),
+        sender: sender(user, is_bot),
+        occurred_at_micros: slack_time(&message["ts"], "ts")?,
+        mentions: slack_style_mentions(&body),
+        text: body,
+        attachments: attachments(&message["files"]),
+        ..base
+    })
+}
+
+/// The edit of `message` (its state after the edit) at `edited_at`: the `message` of a `message_changed`
+/// callback, or an exported message carrying `edited`. Same identity rules as [`created_message`].
+pub fn edited_message(
+    base: ChatEvent,
+    channel: String,
+    message: &Value,
+    edited_at: i64,
+) -> ChatEvent {
+    let body = text(&message["text"]);
+    ChatEvent {
+        kind: EventKind::MessageEdited as i32,
+        conversation_id: channel,
+        message_id: text(&message["ts"]),
+        thread_id: thread_of(message),
+        sender: sender(&message["user"], message["bot_id"].is_string()),
+        occurred_at_micros: edited_at,
+        mentions: slack_style_mentions(&body),
+        text: body,
+        attachments: attachments(&message["files"]),
+        ..base
+    }
 }
 
 /// `event.event_ts` when present, else the envelope's `event_time` (seconds).

@@ -1,0 +1,193 @@
+//! `chatvault import`: back-fill history from the platforms' exports through a running gateway (an `ingest`
+//! token), resumable from a checkpoint file, with a progress bar on a terminal and a summary at the end.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use chatvault_import::checkpoint::Checkpoint;
+use chatvault_import::gateway::Gateway;
+use chatvault_import::slack_export::{Options, SlackExport};
+use chatvault_import::{Source, Summary};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::client::{Connection, channel};
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    #[command(subcommand)]
+    command: ImportCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImportCommand {
+    /// A Slack Export Data ZIP (standard or corporate): channels, private channels, DMs and group DMs,
+    /// threads, edits, tombstones, reactions, files (as attachment metadata), joins and leaves, bots.
+    SlackExport(SlackExportArgs),
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    #[command(flatten)]
+    connection: Connection,
+    /// The gateway's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    gateway: String,
+    /// The tenant the history belongs to (the token needs the `ingest` role for it).
+    #[arg(long)]
+    tenant: String,
+    /// Where the progress of this import is kept (default: beside the export, `<export>.chatvault-import`).
+    /// Running the same import again resumes from it.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Most events per gateway call.
+    #[arg(long, default_value_t = 500)]
+    batch_events: usize,
+    /// How long an unavailable or overloaded gateway is retried before the import stops (it can be resumed).
+    #[arg(long, default_value = "10m", value_parser = chatvault_core::duration::parse)]
+    max_retry_time: Duration,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct SlackExportArgs {
+    /// The export ZIP.
+    export: PathBuf,
+    /// The Slack team id (`T…`) of the exported workspace, as in the Events API's `team_id` (default: the
+    /// team most users in users.json belong to).
+    #[arg(long)]
+    workspace: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
+    match args.command {
+        ImportCommand::SlackExport(args) => {
+            let mut export = SlackExport::open(
+                &args.export,
+                Options {
+                    tenant: args.common.tenant.clone(),
+                    workspace: args.workspace,
+                },
+            )?;
+            let checkpoint = args.common.checkpoint.clone().unwrap_or_else(|| {
+                let mut path = args.export.clone().into_os_string();
+                path.push(".chatvault-import");
+                PathBuf::from(path)
+            });
+            run(&mut export, &args.common, checkpoint).await
+        }
+    }
+}
+
+async fn run(source: &mut dyn Source, common: &Common, checkpoint: PathBuf) -> anyhow::Result<()> {
+    let mut checkpoint = Checkpoint::open(
+        &checkpoint,
+        source.kind(),
+        source.fingerprint(),
+        &common.tenant,
+    )?;
+    let token = common.connection.token().await?;
+    let mut gateway = Gateway::new(channel(&common.gateway).await?, &token)?;
+    gateway.max_batch_events = common.batch_events.max(1);
+    gateway.max_retry_time = common.max_retry_time;
+    let bar = (std::io::stderr().is_terminal() && !common.json).then(|| {
+        let bar = ProgressBar::new(source.units().len() as u64).with_style(
+            ProgressStyle::with_template(
+                "importing {bar:30} {pos}/{len} units, {msg} [{elapsed_precise}, {eta} left]",
+            )
+            .expect("a valid progress template"),
+        );
+        bar.set_position(checkpoint.units_done() as u64);
+        bar
+    });
+    let stop = async {
+        // Without a signal handler the stop never comes; the import then runs to its end.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let summary = chatvault_import::run(
+        source,
+        &common.tenant,
+        &mut gateway,
+        &mut checkpoint,
+        stop,
+        |summary| {
+            if let Some(bar) = &bar {
+                bar.set_position((summary.units_resumed + summary.units_imported) as u64);
+                bar.set_message(format!("{} events", summary.events_imported));
+            }
+        },
+    )
+    .await
+    .context("import stopped; running the same command again resumes from the checkpoint")?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    if summary.interrupted {
+        anyhow::bail!(
+            "interrupted; running the same command again resumes from {}",
+            summary.checkpoint
+        );
+    }
+    Ok(())
+}
+
+fn print_summary(summary: &Summary) {
+    println!(
+        "{} {} into tenant {}{}",
+        summary.source,
+        &summary.fingerprint[..summary.fingerprint.len().min(12)],
+        summary.tenant,
+        if summary.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  units: {} of {} imported by this run, {} by earlier runs",
+        summary.units_imported, summary.units_total, summary.units_resumed
+    );
+    println!(
+        "  events: {} imported ({:.0}/s), {} in all runs; {} duplicates within the export sent once",
+        summary.events_imported,
+        summary.events_per_second,
+        summary.events_imported_total,
+        summary.duplicates_skipped
+    );
+    if summary.raw_payloads_dropped > 0 {
+        println!(
+            "  {} events archived without their raw payload (over the gateway's limit)",
+            summary.raw_payloads_dropped
+        );
+    }
+    if summary.retries > 0 {
+        println!(
+            "  {} gateway calls retried (overloaded or unavailable)",
+            summary.retries
+        );
+    }
+    for (reason, count) in &summary.skipped {
+        println!("  skipped {count}: {reason}");
+    }
+    println!("  rejected: {}", summary.rejected.len());
+    for rejection in &summary.rejected {
+        println!(
+            "    {} {}: {}",
+            rejection.unit, rejection.item, rejection.reason
+        );
+    }
+    println!("  checkpoint: {}", summary.checkpoint);
+}
