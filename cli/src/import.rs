@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chatvault_import::checkpoint::Checkpoint;
 use chatvault_import::gateway::Gateway;
+use chatvault_import::mattermost::MattermostExport;
 use chatvault_import::slack_export::{Options, SlackExport};
 use chatvault_import::{Source, Summary};
 use clap::{Args, Subcommand};
@@ -26,6 +27,18 @@ enum ImportCommand {
     /// A Slack Export Data ZIP (standard or corporate): channels, private channels, DMs and group DMs,
     /// threads, edits, tombstones, reactions, files (as attachment metadata), joins and leaves, bots.
     SlackExport(SlackExportArgs),
+    /// A Mattermost bulk export (`mmctl export create`): the .jsonl, or the ZIP holding it. Posts, replies,
+    /// edits, reactions, direct messages, joins and leaves; the format has no ids, so conversations are
+    /// `<team>/<channel>` and senders usernames.
+    Mattermost(MattermostArgs),
+}
+
+#[derive(Args, Debug)]
+struct MattermostArgs {
+    /// The export: `.jsonl`, or the ZIP `mmctl export download` gives.
+    export: PathBuf,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Args, Debug)]
@@ -75,14 +88,24 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
                     workspace: args.workspace,
                 },
             )?;
-            let checkpoint = args.common.checkpoint.clone().unwrap_or_else(|| {
-                let mut path = args.export.clone().into_os_string();
-                path.push(".chatvault-import");
-                PathBuf::from(path)
-            });
+            let checkpoint = checkpoint_path(&args.common, &args.export);
+            run(&mut export, &args.common, checkpoint).await
+        }
+        ImportCommand::Mattermost(args) => {
+            let mut export = MattermostExport::open(&args.export, &args.common.tenant)?;
+            let checkpoint = checkpoint_path(&args.common, &args.export);
             run(&mut export, &args.common, checkpoint).await
         }
     }
+}
+
+/// `--checkpoint`, else `<export>.chatvault-import` beside the export.
+fn checkpoint_path(common: &Common, export: &std::path::Path) -> PathBuf {
+    common.checkpoint.clone().unwrap_or_else(|| {
+        let mut path = export.as_os_str().to_owned();
+        path.push(".chatvault-import");
+        PathBuf::from(path)
+    })
 }
 
 async fn run(source: &mut dyn Source, common: &Common, checkpoint: PathBuf) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod gateway;
+pub mod mattermost;
 pub mod slack_export;
 
 use std::collections::{BTreeMap, HashSet};

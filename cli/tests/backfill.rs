@@ -1,7 +1,9 @@
-//! `chatvault import slack-export` end to end: an export ZIP generated from the documented format (every
-//! message subtype the reference lists) goes through a real gateway, broker, archiver and S3 server; the
-//! importer is killed mid-run and resumed; the restorer then returns every message exactly once, a message
-//! also captured live by the Events API is one archived event, and a re-run adds nothing.
+//! `chatvault import` end to end, through a real gateway, broker, archiver and S3 server:
+//! - `slack-export`: an export ZIP generated from the documented format (every message subtype the reference
+//!   lists); the importer is killed mid-run and resumed; the restorer then returns every message exactly
+//!   once, a message also captured live by the Events API is one archived event, and a re-run adds nothing;
+//! - `mattermost`: a bulk export's JSON lines (posts, replies, edits, reactions, direct posts) restore
+//!   exactly, and a re-run adds nothing.
 
 mod common;
 
@@ -141,10 +143,18 @@ async fn restore(
     endpoint: &str,
     conversation: &str,
 ) -> anyhow::Result<(Vec<RestoredMessage>, Vec<ChatEvent>)> {
+    restore_of(endpoint, "acme", conversation).await
+}
+
+async fn restore_of(
+    endpoint: &str,
+    tenant: &str,
+    conversation: &str,
+) -> anyhow::Result<(Vec<RestoredMessage>, Vec<ChatEvent>)> {
     let mut client = restore_client(endpoint).await?;
     let request = authorized(
         GetConversationRequest {
-            tenant_id: "acme".into(),
+            tenant_id: tenant.into(),
             conversation_id: conversation.into(),
             include_events: true,
             ..Default::default()
@@ -164,10 +174,14 @@ async fn restore(
 }
 
 fn import_command(zip: &Path, gateway: &str, token: &str, extra: &[&str]) -> Command {
+    import_from("slack-export", zip, gateway, token, extra)
+}
+
+fn import_from(source: &str, export: &Path, gateway: &str, token: &str, extra: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_chatvault"));
     command
-        .args(["import", "slack-export"])
-        .arg(zip)
+        .args(["import", source])
+        .arg(export)
         .args(["--tenant", "acme", "--gateway", gateway])
         .args(extra)
         .env("CHATVAULT_TOKEN", token)
@@ -186,7 +200,11 @@ async fn import(
     token: &str,
     extra: &[&str],
 ) -> anyhow::Result<std::process::Output> {
-    let mut child = import_command(zip, gateway, token, extra).spawn()?;
+    finish(import_command(zip, gateway, token, extra)).await
+}
+
+async fn finish(mut command: Command) -> anyhow::Result<std::process::Output> {
+    let mut child = command.spawn()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while child.try_wait()?.is_none() {
         if std::time::Instant::now() >= deadline {
@@ -464,6 +482,160 @@ async fn a_slack_export_is_imported_once_resumes_after_a_kill_and_collapses_with
             "busy restores {} messages ({} distinct), expected {busy_messages}",
             messages.len(),
             ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    archiver.stop().await?;
+    restorer.stop().await?;
+    gateway.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mattermost_bulk_export_restores_exactly_and_a_rerun_adds_nothing() -> anyhow::Result<()>
+{
+    chatvault_core::storage::install_crypto_provider();
+    let peers = common::start_peers(1).await?;
+    let config = peers.config.clone();
+    let gateway = start_gateway(&config).await?;
+    let (archiver, stats) = start_archiver(&config, "archiver").await?;
+    let restorer = start_restorer(&config).await?;
+    let endpoint = restorer.endpoint();
+    let grpc = gateway.endpoint();
+
+    let at = 1_700_000_000_000_i64;
+    let mut lines = vec![
+        json!({"type": "version", "version": 1, "info": {"generator": "mmctl", "version": "9.11"}}),
+        json!({"type": "team", "team": {"name": "eng", "display_name": "Engineering", "type": "O"}}),
+        json!({"type": "channel", "channel": {"team": "eng", "name": "town-square", "display_name": "Town Square", "type": "O"}}),
+        json!({"type": "user", "user": {"username": "ann", "email": "ann@example.com", "nickname": "Annie",
+               "teams": [{"name": "eng", "channels": [{"name": "town-square"}]}]}}),
+        json!({"type": "user", "user": {"username": "wei", "first_name": "王", "last_name": "伟"}}),
+        json!({"type": "post", "post": {"team": "eng", "channel": "town-square", "user": "ann",
+               "message": "release plan for @wei", "create_at": at, "edit_at": at + 60_000,
+               "reactions": [{"user": "wei", "emoji_name": "+1", "create_at": at + 30_000}],
+               "replies": [{"user": "wei", "message": "好的，明天发布", "create_at": at + 120_000,
+                            "reactions": [{"user": "ann", "emoji_name": "tada", "create_at": at + 130_000}]}]}}),
+        json!({"type": "post", "post": {"team": "eng", "channel": "town-square", "user": "wei",
+               "type": "system_join_channel", "message": "wei joined the channel", "create_at": at - 1000}}),
+        json!({"type": "direct_channel", "direct_channel": {"members": ["wei", "ann"]}}),
+        json!({"type": "direct_post", "direct_post": {"channel_members": ["wei", "ann"], "user": "wei",
+               "message": "a direct message", "create_at": at + 500_000}}),
+    ];
+    // Enough posts for several checkpoint units.
+    for n in 0..2_500_i64 {
+        lines.push(
+            json!({"type": "post", "post": {"team": "eng", "channel": "random", "user": "ann",
+                           "message": format!("random {n}"), "create_at": at + 1_000_000 + n}}),
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let export = dir.path().join("mattermost.jsonl");
+    let mut text = String::new();
+    for line in &lines {
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    std::fs::write(&export, text)?;
+
+    let first = finish(import_from(
+        "mattermost",
+        &export,
+        &grpc,
+        ACME_INGEST_TOKEN,
+        &["--json"],
+    ))
+    .await?;
+    assert!(first.status.success(), "{}", common::output_text(&first));
+    let summary: Value = serde_json::from_slice(&first.stdout)?;
+    assert_eq!(summary["units_total"], 3, "{summary}");
+    assert_eq!(summary["units_imported"], 3, "{summary}");
+    // 4 + 1 + 1 + 1 + 1 events of the conversation and the DM, and the random posts.
+    assert_eq!(summary["events_imported"], 2_500 + 7, "{summary}");
+    assert!(
+        summary["rejected"].as_array().is_some_and(Vec::is_empty),
+        "{summary}"
+    );
+    let again = finish(import_from(
+        "mattermost",
+        &export,
+        &grpc,
+        ACME_INGEST_TOKEN,
+        &["--json"],
+    ))
+    .await?;
+    let summary: Value = serde_json::from_slice(&again.stdout)?;
+    assert_eq!(
+        (
+            summary["units_imported"].as_u64(),
+            summary["events_imported"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            stats.events.committed_events.load(Ordering::Relaxed) >= 2_507
+        })
+        .await,
+        "the imported events were not archived"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (messages, archived) = loop {
+        let restored = restore_of(&endpoint, "acme", "eng/town-square").await?;
+        if restored.0.len() >= 2 || std::time::Instant::now() > deadline {
+            break restored;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(messages.len(), 2, "{messages:#?}");
+    let (root, reply) = (&messages[0], &messages[1]);
+    assert!(
+        root.edited && root.text == "release plan for @wei",
+        "{root:?}"
+    );
+    assert_eq!(root.mentions, vec!["wei"]);
+    assert_eq!(
+        root.sender.as_ref().map(|s| s.display_name.as_str()),
+        Some("Annie")
+    );
+    assert_eq!(root.reactions.len(), 1);
+    assert_eq!(
+        (
+            root.reactions[0].name.as_str(),
+            root.reactions[0].user_ids.clone()
+        ),
+        ("+1", vec!["wei".to_string()])
+    );
+    assert_eq!(reply.thread_id, root.message_id);
+    assert_eq!(reply.text, "好的，明天发布");
+    assert_eq!(
+        reply.sender.as_ref().map(|s| s.display_name.as_str()),
+        Some("王 伟")
+    );
+    assert_eq!(reply.reactions[0].name, "tada");
+    assert!(
+        archived
+            .iter()
+            .any(|event| event.kind == EventKind::MemberJoined as i32)
+    );
+    let (direct, _) = restore_of(&endpoint, "acme", "direct:ann,wei").await?;
+    assert_eq!(
+        direct.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+        vec!["a direct message"]
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (random, _) = restore_of(&endpoint, "acme", "eng/random").await?;
+        let texts: BTreeSet<&str> = random.iter().map(|m| m.text.as_str()).collect();
+        if random.len() == 2_500 && texts.len() == 2_500 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "eng/random restores {} messages",
+            random.len()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
