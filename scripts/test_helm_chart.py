@@ -1138,6 +1138,45 @@ def main() -> int:
         ]:
             expect_failure(f"render {bad['disposition']}", lambda: render(chart, bad), needle)
 
+    @check("back-fill: one Job per imports.jobs entry, the export's claim and the ingest token only")
+    def _import_jobs():
+        values = with_distributed(
+            auth={**distributed["auth"],
+                  "tokens": {**distributed["auth"].get("tokens", {}), "acme-ingest": "secret-value"}},
+            imports={"jobs": [
+                {"name": "slack-2024", "source": "slack-export", "tenant": "acme", "token": "acme-ingest",
+                 "claim": "exports", "path": "slack/export.zip", "workspace": "T0123"},
+                {"name": "mm", "source": "mattermost", "tenant": "acme", "token": "acme-ingest",
+                 "claim": "exports", "path": "mm/export.zip"}]})
+        documents = render(chart, values)
+        fullname = next(d for d in kind(documents, "ConfigMap") if "chatvault.toml" in d["data"])["metadata"]["name"]
+        jobs = {j["metadata"]["name"]: j for j in kind(documents, "Job") if "-import-" in j["metadata"]["name"]}
+        assert sorted(jobs) == [f"{fullname}-import-mm", f"{fullname}-import-slack-2024"], sorted(jobs)
+        spec = jobs[f"{fullname}-import-slack-2024"]["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        assert container["args"] == ["import", "slack-export", "/export/slack/export.zip", "--gateway",
+                                     f"http://{fullname}-gateway:50051", "--tenant", "acme",
+                                     "--workspace", "T0123"], container["args"]
+        assert "--workspace" not in jobs[f"{fullname}-import-mm"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        env = env_map(container)
+        assert env["CHATVAULT_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "acme-ingest", env
+        assert set(env) == {"CHATVAULT_TOKEN", "OTEL_SDK_DISABLED"}, env
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert set(volumes) == {"export", "tmp"}, volumes
+        assert volumes["export"]["persistentVolumeClaim"] == {"claimName": "exports"}, volumes
+        assert container["securityContext"]["readOnlyRootFilesystem"], container["securityContext"]
+        assert not [j for j in kind(render(chart, distributed), "Job") if "-import-" in j["metadata"]["name"]]
+        job = {"name": "x", "source": "slack-export", "tenant": "acme", "token": "acme-ingest", "claim": "c",
+               "path": "e.zip"}
+        for bad, needle in [
+            (with_distributed(auth={"tokens": {}}, imports={"jobs": [job]}), "the token acme-ingest"),
+            (with_distributed(auth={**values["auth"]},
+                              imports={"jobs": [{**job, "source": "mattermost", "workspace": "T1"}]}),
+             "workspace is a Slack team id"),
+            (with_distributed(auth={**values["auth"]}, imports={"jobs": [{**job, "source": "teams"}]}), "source"),
+        ]:
+            expect_failure(f"render {bad['imports']}", lambda: render(chart, bad), needle)
+
     @check("storage.object_lock reaches chatvault.toml (default off); other modes are refused by the schema")
     def _object_lock():
         assert chatvault_toml(render(chart, with_distributed()))["storage"]["object_lock"] == "off"

@@ -452,6 +452,23 @@ restorer drains (20 s). */ -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- range $entry := $v.imports.jobs -}}
+{{- if not $v.gateway.enabled -}}
+{{- fail (printf "imports.jobs (%s): imports go through the gateway: enable gateway" $entry.name) -}}
+{{- end -}}
+{{- if gt (len (include "chatvault.componentName" (list $ (printf "import-%s" $entry.name)))) 63 -}}
+{{- fail (printf "imports.jobs (%s): the Job name %s is longer than Kubernetes' 63 characters: shorten the name or fullnameOverride" $entry.name (include "chatvault.componentName" (list $ (printf "import-%s" $entry.name)))) -}}
+{{- end -}}
+{{- if not (include "chatvault.hasTokens" $) -}}
+{{- fail (printf "imports.jobs (%s): the token %s comes from the tokens Secret: set auth.existingSecret (or auth.tokens)" $entry.name $entry.token) -}}
+{{- end -}}
+{{- if and (not $v.auth.existingSecret) (not (hasKey $v.auth.tokens $entry.token)) -}}
+{{- fail (printf "auth.tokens: no value for import token %s" $entry.token) -}}
+{{- end -}}
+{{- if and $entry.workspace (ne $entry.source "slack-export") -}}
+{{- fail (printf "imports.jobs (%s): workspace is a Slack team id; %s exports take none" $entry.name $entry.source) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (or $v.gateway.enabled $v.restorer.enabled) (not $v.tenants) (not $v.existingConfigmap) -}}
 {{- fail "tenants: gateway and restorer accept no request without tenants and tokens" -}}
 {{- end -}}
