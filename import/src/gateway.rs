@@ -68,11 +68,16 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     pub fn new(channel: Channel, token: &str) -> Result<Gateway> {
+        Gateway::with_client(IngestServiceClient::new(channel), token)
+    }
+
+    /// Over an existing client (sharing its connection).
+    pub fn with_client(client: IngestServiceClient<Channel>, token: &str) -> Result<Gateway> {
         let authorization = format!("Bearer {token}").parse().map_err(|_| {
             Error::invalid_argument("the token contains characters not allowed in a header")
         })?;
         Ok(Gateway {
-            client: IngestServiceClient::new(channel),
+            client,
             authorization,
             max_batch_events: 500,
             max_batch_bytes: 4 * 1024 * 1024,
