@@ -1147,11 +1147,23 @@ def main() -> int:
                 {"name": "slack-2024", "source": "slack-export", "tenant": "acme", "token": "acme-ingest",
                  "claim": "exports", "path": "slack/export.zip", "workspace": "T0123"},
                 {"name": "mm", "source": "mattermost", "tenant": "acme", "token": "acme-ingest",
-                 "claim": "exports", "path": "mm/export.zip"}]})
+                 "claim": "exports", "path": "mm/export.zip"},
+                {"name": "teams-h1", "source": "teams", "tenant": "acme", "token": "acme-ingest", "claim": "exports",
+                 "directory": "dir-1", "clientId": "app-1",
+                 "clientSecret": {"secretName": "graph-app", "key": "secret"},
+                 "users": ["u1", "u2"], "teams": ["t1"], "from": "2024-01-01T00:00:00Z", "model": "A"}]})
         documents = render(chart, values)
         fullname = next(d for d in kind(documents, "ConfigMap") if "chatvault.toml" in d["data"])["metadata"]["name"]
         jobs = {j["metadata"]["name"]: j for j in kind(documents, "Job") if "-import-" in j["metadata"]["name"]}
-        assert sorted(jobs) == [f"{fullname}-import-mm", f"{fullname}-import-slack-2024"], sorted(jobs)
+        assert sorted(jobs) == [f"{fullname}-import-mm", f"{fullname}-import-slack-2024",
+                                f"{fullname}-import-teams-h1"], sorted(jobs)
+        teams = jobs[f"{fullname}-import-teams-h1"]["spec"]["template"]["spec"]["containers"][0]
+        assert teams["args"] == ["import", "teams", "--directory", "dir-1", "--client-id", "app-1", "--user", "u1",
+                                 "--user", "u2", "--team", "t1", "--from", "2024-01-01T00:00:00Z", "--model", "A",
+                                 "--checkpoint", "/export/teams-h1.chatvault-import", "--gateway",
+                                 f"http://{fullname}-gateway:50051", "--tenant", "acme"], teams["args"]
+        secret = env_map(teams)["CHATVAULT_TEAMS_CLIENT_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert secret == {"name": "graph-app", "key": "secret"}, secret
         spec = jobs[f"{fullname}-import-slack-2024"]["spec"]["template"]["spec"]
         container = spec["containers"][0]
         assert container["args"] == ["import", "slack-export", "/export/slack/export.zip", "--gateway",
@@ -1173,7 +1185,11 @@ def main() -> int:
             (with_distributed(auth={**values["auth"]},
                               imports={"jobs": [{**job, "source": "mattermost", "workspace": "T1"}]}),
              "workspace is a Slack team id"),
-            (with_distributed(auth={**values["auth"]}, imports={"jobs": [{**job, "source": "teams"}]}), "source"),
+            (with_distributed(auth={**values["auth"]}, imports={"jobs": [{**job, "source": "discord"}]}), "source"),
+            (with_distributed(auth={**values["auth"]}, imports={"jobs": [{**job, "source": "teams"}]}),
+             "a teams import needs directory"),
+            (with_distributed(auth={**values["auth"]}, imports={"jobs": [{k: v for k, v in job.items() if k != "path"}]}),
+             "needs the export's path"),
         ]:
             expect_failure(f"render {bad['imports']}", lambda: render(chart, bad), needle)
 

@@ -94,11 +94,11 @@ fn mattermost_export(path: &Path) -> anyhow::Result<u64> {
 }
 
 /// Reads every unit without sending: the importer's own cost.
-fn read_all(source: &mut dyn Source) -> anyhow::Result<f64> {
+async fn read_all(source: &mut dyn Source) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut events = 0;
     for unit in source.units() {
-        events += source.read(&unit)?.events.len();
+        events += source.read(&unit, None).await?.unit.events.len();
     }
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
@@ -154,8 +154,8 @@ fn main() -> anyhow::Result<()> {
         for run in 0..RUNS {
             let s = import(&mut slack, &gateway, &checkpoint, slack_events).await?;
             let m = import(&mut mattermost, &gateway, &checkpoint, mattermost_events).await?;
-            let sr = read_all(&mut slack)?;
-            let mr = read_all(&mut mattermost)?;
+            let sr = read_all(&mut slack).await?;
+            let mr = read_all(&mut mattermost).await?;
             // The gateway alone, one call at a time like the importer.
             let b = batch_run(&gateway.client, 200, BATCH as u64, 1).await?;
             println!("run {run}: slack-export {s:.0} events/s (read alone {sr:.0}), mattermost {m:.0} events/s (read alone {mr:.0}), IngestBatch {b:.0} events/s");

@@ -10,6 +10,7 @@ use chatvault_import::checkpoint::Checkpoint;
 use chatvault_import::gateway::Gateway;
 use chatvault_import::mattermost::MattermostExport;
 use chatvault_import::slack_export::{Options, SlackExport};
+use chatvault_import::teams;
 use chatvault_import::{Source, Summary};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -31,6 +32,77 @@ enum ImportCommand {
     /// edits, reactions, direct messages, joins and leaves; the format has no ids, so conversations are
     /// `<team>/<channel>` and senders usernames.
     Mattermost(MattermostArgs),
+    /// Microsoft Teams through Microsoft Graph's export API (`getAllMessages`): the chats of the given users
+    /// and the channels of the given teams, for a time window, as an app with application permissions
+    /// (Chat.Read.All, ChannelMessage.Read.All) authenticated by client secret or certificate.
+    Teams(Box<TeamsArgs>),
+}
+
+#[derive(Args)]
+struct TeamsArgs {
+    /// The Microsoft Entra tenant (directory) id of the organisation.
+    #[arg(long)]
+    directory: String,
+    /// The app registration's application (client) id.
+    #[arg(long)]
+    client_id: String,
+    /// The app's client secret.
+    #[arg(long, env = "CHATVAULT_TEAMS_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: Option<String>,
+    /// A file holding the app's client secret.
+    #[arg(long, conflicts_with = "client_secret")]
+    client_secret_file: Option<PathBuf>,
+    /// The app's certificate (PEM), instead of a secret; with --certificate-key.
+    #[arg(long, requires = "certificate_key", conflicts_with_all = ["client_secret", "client_secret_file"])]
+    certificate: Option<PathBuf>,
+    /// The certificate's private key (PKCS#8 PEM).
+    #[arg(long, requires = "certificate")]
+    certificate_key: Option<PathBuf>,
+    /// A user whose chats are exported (repeatable).
+    #[arg(long = "user")]
+    users: Vec<String>,
+    /// A file of user ids, one per line.
+    #[arg(long)]
+    users_file: Option<PathBuf>,
+    /// A team whose channels are exported (repeatable).
+    #[arg(long = "team")]
+    teams: Vec<String>,
+    /// Messages last modified after this time (RFC 3339).
+    #[arg(long)]
+    from: String,
+    /// Messages last modified before this time (RFC 3339; default: now).
+    #[arg(long)]
+    to: Option<String>,
+    /// Graph's payment model for the export APIs: A (security and compliance licences) or B; none is
+    /// evaluation mode, with its limits.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// The Microsoft identity platform (a national cloud's, or a test server).
+    #[arg(long, default_value = "https://login.microsoftonline.com")]
+    authority: String,
+    /// Microsoft Graph's base URL.
+    #[arg(long, default_value = "https://graph.microsoft.com")]
+    graph: String,
+    /// Requests per second to Graph at most (Graph allows 200 per app and tenant).
+    #[arg(long, default_value_t = 20.0)]
+    max_requests_per_second: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+impl std::fmt::Debug for TeamsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TeamsArgs")
+            .field("directory", &self.directory)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("users", &self.users)
+            .field("teams", &self.teams)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -91,12 +163,73 @@ pub async fn import(args: ImportArgs) -> anyhow::Result<()> {
             let checkpoint = checkpoint_path(&args.common, &args.export);
             run(&mut export, &args.common, checkpoint).await
         }
+        ImportCommand::Teams(args) => teams(*args).await,
         ImportCommand::Mattermost(args) => {
             let mut export = MattermostExport::open(&args.export, &args.common.tenant)?;
             let checkpoint = checkpoint_path(&args.common, &args.export);
             run(&mut export, &args.common, checkpoint).await
         }
     }
+}
+
+async fn teams(args: TeamsArgs) -> anyhow::Result<()> {
+    let read = |path: &PathBuf, what: &str| {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the {what} {}", path.display()))
+    };
+    let credential = match (
+        &args.client_secret,
+        &args.client_secret_file,
+        &args.certificate,
+        &args.certificate_key,
+    ) {
+        (Some(secret), _, _, _) => teams::Credential::Secret(secret.clone()),
+        (None, Some(file), _, _) => {
+            teams::Credential::Secret(read(file, "client secret file")?.trim().to_string())
+        }
+        (None, None, Some(certificate), Some(key)) => teams::Credential::Certificate {
+            certificate_pem: read(certificate, "certificate")?,
+            key_pem: read(key, "certificate key")?,
+        },
+        _ => anyhow::bail!(
+            "the app needs a credential: --client-secret-file, CHATVAULT_TEAMS_CLIENT_SECRET, or --certificate with --certificate-key"
+        ),
+    };
+    let mut users = args.users.clone();
+    if let Some(file) = &args.users_file {
+        users.extend(
+            read(file, "users file")?
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                .map(str::to_string),
+        );
+    }
+    let to = args.to.clone().unwrap_or_else(|| {
+        chatvault_core::time::format_time(chatvault_core::time::now_micros()).replacen(' ', "T", 1)
+    });
+    let mut export = teams::TeamsExport::new(teams::Options {
+        tenant: args.common.tenant.clone(),
+        directory: args.directory.clone(),
+        client_id: args.client_id.clone(),
+        credential,
+        users,
+        teams: args.teams.clone(),
+        from: args.from.clone(),
+        to,
+        model: args.model.clone(),
+        authority: args.authority.clone(),
+        graph: args.graph.clone(),
+        max_requests_per_second: args.max_requests_per_second,
+        max_retry_time: args.common.max_retry_time,
+    })?;
+    let checkpoint = args.common.checkpoint.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "chatvault-import-teams-{}",
+            &export.fingerprint()[..16]
+        ))
+    });
+    run(&mut export, &args.common, checkpoint).await
 }
 
 /// `--checkpoint`, else `<export>.chatvault-import` beside the export.

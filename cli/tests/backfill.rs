@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -639,6 +639,319 @@ async fn a_mattermost_bulk_export_restores_exactly_and_a_rerun_adds_nothing() ->
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    archiver.stop().await?;
+    restorer.stop().await?;
+    gateway.stop().await?;
+    Ok(())
+}
+
+/// An RFC 3339 time (`2024-01-10T10:00:00Z`) `seconds` after 2024-01-10T10:00:00Z.
+fn graph_time(seconds: i64) -> String {
+    chatvault_core::time::format_time((1_704_880_800 + seconds) * 1_000_000).replacen(' ', "T", 1)
+}
+
+fn teams_message(container: Value, id: &str, at: i64, from: &str, text: &str) -> Value {
+    let mut message = json!({
+        "id": id, "etag": id, "messageType": "message", "replyToId": null,
+        "createdDateTime": graph_time(at), "lastModifiedDateTime": graph_time(at),
+        "lastEditedDateTime": null, "deletedDateTime": null, "subject": null,
+        "from": {"user": {"id": from, "displayName": format!("name of {from}"), "userIdentityType": "aadUser"}},
+        "body": {"contentType": "html", "content": format!("<p>{text}</p>")},
+        "attachments": [], "mentions": [], "reactions": [], "messageHistory": []
+    });
+    for (key, value) in container.as_object().expect("object") {
+        message[key] = value.clone();
+    }
+    message
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_teams_export_api_is_paged_throttled_resumed_and_collapsed_across_users()
+-> anyhow::Result<()> {
+    use chatvault_testkit::graph::{App, Graph, GraphFaults, pem_der};
+    chatvault_core::storage::install_crypto_provider();
+    let peers = common::start_peers(1).await?;
+    let config = peers.config.clone();
+    let gateway = start_gateway(&config).await?;
+    let (archiver, stats) = start_archiver(&config, "archiver").await?;
+    let restorer = start_restorer(&config).await?;
+    let endpoint = restorer.endpoint();
+    let grpc = gateway.endpoint();
+
+    // A 1:1 chat both users' exports return (70 messages: two pages each), a group chat of one user with an
+    // edit, a reaction, a soft delete and a system event, a message outside the window, and a team's channel
+    // with threads.
+    let direct = json!({"chatId": "19:ann-bob@unq.gbl.spaces"});
+    let shared: Vec<Value> = (0..70)
+        .map(|n| {
+            let from = if n % 2 == 0 { "u-ann" } else { "u-bob" };
+            teams_message(
+                direct.clone(),
+                &format!("17048808{n:05}"),
+                n * 60,
+                from,
+                &format!("direct {n}"),
+            )
+        })
+        .collect();
+    let group = json!({"chatId": "19:group@thread.v2"});
+    let mut edited = teams_message(group.clone(), "1", 10, "u-ann", "edited text");
+    edited["lastEditedDateTime"] = json!(graph_time(20));
+    edited["lastModifiedDateTime"] = json!(graph_time(30));
+    edited["reactions"] = json!([{"reactionType": "like", "displayName": "Like", "createdDateTime": graph_time(30),
+                                  "user": {"application": null, "device": null,
+                                           "user": {"id": "u-carl", "displayName": "Carl", "userIdentityType": "aadUser"}}}]);
+    let mut deleted = teams_message(group.clone(), "2", 40, "u-bob", "soon gone");
+    deleted["deletedDateTime"] = json!(graph_time(50));
+    deleted["lastModifiedDateTime"] = json!(graph_time(50));
+    let mut system = teams_message(group.clone(), "3", 5, "u-ann", "");
+    system["messageType"] = json!("systemEventMessage");
+    system["from"] = Value::Null;
+    system["eventDetail"] = json!({"@odata.type": "#microsoft.graph.membersAddedEventMessageDetail",
+        "members": [{"id": "u-carl", "displayName": "Carl", "userIdentityType": "aadUser"}],
+        "initiator": {"user": {"id": "u-ann"}}});
+    let mut outside = teams_message(group.clone(), "4", 0, "u-ann", "before the window");
+    outside["lastModifiedDateTime"] = json!("2023-12-01T00:00:00Z");
+    let mut ann = shared.clone();
+    ann.extend([edited, deleted, system, outside]);
+    let channel = json!({"channelIdentity": {"teamId": "team-1", "channelId": "19:general@thread.tacv2"}, "chatId": null});
+    let mut general = Vec::new();
+    for root in 0..20 {
+        let id = format!("1704881{root:06}");
+        general.push(teams_message(
+            channel.clone(),
+            &id,
+            5_000 + root * 100,
+            "u-ann",
+            &format!("root {root}"),
+        ));
+        for reply in 0..2 {
+            let mut message = teams_message(
+                channel.clone(),
+                &format!("{id}{reply}"),
+                5_000 + root * 100 + 10 + reply,
+                "u-bob",
+                &format!("reply {reply} to {root}"),
+            );
+            message["replyToId"] = json!(id);
+            general.push(message);
+        }
+    }
+    let key_pem = std::fs::read_to_string("tests/fixtures/teams-app-key.pem")?;
+    let certificate_pem = std::fs::read_to_string("tests/fixtures/teams-app-certificate.pem")?;
+    let public_key = ring::signature::RsaKeyPair::from_pkcs8(&pem_der(&key_pem, "PRIVATE KEY"))
+        .map_err(|error| anyhow::anyhow!("{error}"))?
+        .public()
+        .as_ref()
+        .to_vec();
+    let graph = Graph::start(
+        App {
+            directory: "dir-1".into(),
+            client_id: "app-1".into(),
+            secret: Some("app-secret".into()),
+            certificate: Some((pem_der(&certificate_pem, "CERTIFICATE"), public_key)),
+        },
+        HashMap::from([("u-ann".to_string(), ann), ("u-bob".to_string(), shared)]),
+        HashMap::from([("team-1".to_string(), general)]),
+        GraphFaults {
+            throttle_every_first_page: true,
+            unavailable_once: vec![("users/u-bob".into(), 1)],
+            revoke_tokens_after: Some(4),
+        },
+    )
+    .await?;
+
+    let dir = tempfile::tempdir()?;
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "app-secret\n")?;
+    let checkpoint = dir.path().join("teams.chatvault-import");
+    let teams = |credential: Vec<String>, checkpoint: &Path, extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_chatvault"));
+        command
+            .args(["import", "teams", "--tenant", "acme", "--gateway", &grpc])
+            .args(["--directory", "dir-1", "--client-id", "app-1"])
+            .args(credential)
+            .args([
+                "--user", "u-ann", "--user", "u-bob", "--user", "u-ghost", "--team", "team-1",
+            ])
+            .args([
+                "--from",
+                "2024-01-01T00:00:00Z",
+                "--to",
+                "2024-02-01T00:00:00Z",
+                "--model",
+                "A",
+            ])
+            .args([
+                "--authority",
+                &graph.endpoint(),
+                "--graph",
+                &graph.endpoint(),
+            ])
+            .args(["--max-requests-per-second", "100", "--json", "--checkpoint"])
+            .arg(checkpoint)
+            .args(extra)
+            .env("CHATVAULT_TOKEN", ACME_INGEST_TOKEN)
+            .env("RUST_LOG", "warn")
+            .env("XDG_CONFIG_HOME", "/nonexistent-chatvault-test")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    let secret = vec![
+        "--client-secret-file".to_string(),
+        secret_file.display().to_string(),
+    ];
+    let certificate = vec![
+        "--certificate".to_string(),
+        "tests/fixtures/teams-app-certificate.pem".to_string(),
+        "--certificate-key".to_string(),
+        "tests/fixtures/teams-app-key.pem".to_string(),
+    ];
+
+    // A wrong secret is refused with the identity platform's reason, and never printed.
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-secret")?;
+    let refused = finish(teams(
+        vec!["--client-secret-file".into(), wrong.display().to_string()],
+        &dir.path().join("unused"),
+        &[],
+    ))
+    .await?;
+    let text = common::output_text(&refused);
+    assert!(
+        !refused.status.success() && text.contains("AADSTS7000215"),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-secret"), "{text}");
+
+    // The first run stops where a page keeps failing; what came before it is checkpointed.
+    graph.break_page(Some(("teams/team-1", 1)));
+    let stopped = finish(teams(
+        secret.clone(),
+        &checkpoint,
+        &["--max-retry-time", "3s"],
+    ))
+    .await?;
+    let text = common::output_text(&stopped);
+    assert!(!stopped.status.success(), "{text}");
+    assert!(text.contains("kept throttling or failing"), "{text}");
+    let state: Value = serde_json::from_slice(&std::fs::read(&checkpoint)?)?;
+    assert_eq!(
+        state["done"],
+        json!(["users/u-ann", "users/u-bob", "users/u-ghost"]),
+        "{state}"
+    );
+    assert!(
+        state["cursors"]["teams/team-1"]
+            .as_str()
+            .is_some_and(|next| next.contains("skiptoken")),
+        "{state}"
+    );
+
+    // The second run, with the certificate, resumes at the failed page.
+    graph.break_page(None);
+    let resumed = finish(teams(certificate.clone(), &checkpoint, &[])).await?;
+    assert!(
+        resumed.status.success(),
+        "{}",
+        common::output_text(&resumed)
+    );
+    let summary: Value = serde_json::from_slice(&resumed.stdout)?;
+    assert_eq!(
+        (
+            summary["units_resumed"].as_u64(),
+            summary["units_imported"].as_u64()
+        ),
+        (Some(3), Some(1)),
+        "{summary}"
+    );
+    assert_eq!(summary["events_imported"], 60 - 50, "{summary}");
+    for (unit, page) in [
+        ("users/u-ann", 0),
+        ("users/u-ann", 1),
+        ("users/u-bob", 0),
+        ("teams/team-1", 0),
+    ] {
+        assert_eq!(
+            graph.served(unit, page),
+            1,
+            "{unit} page {page} served again"
+        );
+    }
+
+    // A whole run into a fresh checkpoint: the chat both users see is sent once; the unknown user is reported.
+    let whole = finish(teams(secret, &dir.path().join("again"), &[])).await?;
+    assert!(whole.status.success(), "{}", common::output_text(&whole));
+    let summary: Value = serde_json::from_slice(&whole.stdout)?;
+    assert_eq!(summary["duplicates_skipped"], 70, "{summary}");
+    let rejected = summary["rejected"].as_array().expect("rejected");
+    assert_eq!(rejected.len(), 1, "{summary}");
+    assert_eq!(rejected[0]["unit"], "users/u-ghost");
+    assert!(
+        rejected[0]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("404 NotFound")),
+        "{summary}"
+    );
+    assert!(graph.counts.throttled.load(Ordering::Relaxed) >= 6);
+    assert_eq!(graph.counts.unavailable.load(Ordering::Relaxed), 1);
+    // Tokens were revoked every four requests and renewed.
+    assert!(graph.counts.unauthorized.load(Ordering::Relaxed) >= 2);
+    assert!(graph.counts.tokens_issued.load(Ordering::Relaxed) >= 4);
+
+    // Restored: each message once, edits, reactions, the soft delete, membership, threads.
+    let expected_events = 70 + 2 + 1 + 1 + 1 + 60;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            stats.events.committed_events.load(Ordering::Relaxed) >= expected_events
+        })
+        .await,
+        "the imported events were not archived"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (direct, _) = restore_of(&endpoint, "acme", "19:ann-bob@unq.gbl.spaces").await?;
+        let (general, _) = restore_of(&endpoint, "acme", "19:general@thread.tacv2").await?;
+        if direct.len() == 70 && general.len() == 60 {
+            let roots = general.iter().filter(|m| m.thread_id.is_empty()).count();
+            assert_eq!(roots, 20);
+            assert_eq!(general[1].thread_id, general[0].message_id);
+            assert_eq!(direct[0].text, "<p>direct 0</p>");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restored {} direct and {} channel messages",
+            direct.len(),
+            general.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (group, archived) = restore_of(&endpoint, "acme", "19:group@thread.v2").await?;
+    assert_eq!(group.len(), 2, "{group:#?}");
+    let edited = group.iter().find(|m| m.message_id == "1").expect("edited");
+    assert!(edited.edited, "{edited:?}");
+    assert_eq!(edited.reactions[0].name, "Like");
+    assert_eq!(edited.reactions[0].user_ids, vec!["u-carl"]);
+    assert!(
+        group
+            .iter()
+            .find(|m| m.message_id == "2")
+            .expect("deleted")
+            .deleted
+    );
+    assert!(
+        archived
+            .iter()
+            .any(|event| event.kind == EventKind::MemberJoined as i32)
+    );
+    assert!(
+        archived.iter().all(|event| event.message_id != "4"),
+        "outside the window"
+    );
 
     archiver.stop().await?;
     restorer.stop().await?;

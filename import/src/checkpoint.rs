@@ -9,7 +9,7 @@
 //! The checkpoint names the source (kind, SHA-256 fingerprint) and the tenant it was made for: resuming with
 //! another export or tenant is refused rather than silently skipping units that were never imported.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,9 @@ struct State {
     done: BTreeSet<String>,
     /// Events acknowledged over every run.
     events_imported: u64,
+    /// Units begun but not done: where each goes on (an API's next page).
+    #[serde(default)]
+    cursors: BTreeMap<String, String>,
 }
 
 /// A checkpoint file (see the module documentation).
@@ -50,6 +53,7 @@ impl Checkpoint {
             tenant: tenant.into(),
             done: BTreeSet::new(),
             events_imported: 0,
+            cursors: BTreeMap::new(),
         };
         let state = match std::fs::read(path) {
             Ok(bytes) => {
@@ -112,12 +116,30 @@ impl Checkpoint {
         self.state.events_imported
     }
 
+    /// Where a unit begun by an earlier run goes on.
+    pub fn cursor(&self, unit: &str) -> Option<&str> {
+        self.state.cursors.get(unit).map(String::as_str)
+    }
+
+    /// Records that `unit` goes on at `cursor`, with `events` more acknowledged, durably, before returning.
+    pub fn save_cursor(&mut self, unit: &str, cursor: &str, events: u64) -> Result<()> {
+        let mut next = self.state.clone();
+        next.cursors.insert(unit.to_string(), cursor.to_string());
+        next.events_imported += events;
+        self.replace(next)
+    }
+
     /// Records `unit` as done with `events` acknowledged, durably, before returning.
     pub fn mark_done(&mut self, unit: &str, events: u64) -> Result<()> {
         let mut next = self.state.clone();
+        next.cursors.remove(unit);
         if next.done.insert(unit.to_string()) {
             next.events_imported += events;
         }
+        self.replace(next)
+    }
+
+    fn replace(&mut self, next: State) -> Result<()> {
         write_atomically(
             &self.path,
             &serde_json::to_vec_pretty(&next).expect("serializable"),
@@ -160,12 +182,22 @@ mod tests {
         let path = dir.path().join("export.zip.chatvault-import");
         let mut checkpoint = Checkpoint::open(&path, "slack-export", "abc", "acme").expect("new");
         assert!(!checkpoint.is_done("C1/2024-01-01.json"));
-        checkpoint.mark_done("C1/2024-01-01.json", 5).expect("mark");
+        checkpoint
+            .save_cursor("C1/2024-01-01.json", "page-2", 2)
+            .expect("cursor");
+        assert_eq!(
+            Checkpoint::open(&path, "slack-export", "abc", "acme")
+                .expect("reopen")
+                .cursor("C1/2024-01-01.json"),
+            Some("page-2")
+        );
+        checkpoint.mark_done("C1/2024-01-01.json", 3).expect("mark");
         checkpoint
             .mark_done("C1/2024-01-01.json", 5)
             .expect("again");
         let reopened = Checkpoint::open(&path, "slack-export", "abc", "acme").expect("reopen");
         assert!(reopened.is_done("C1/2024-01-01.json"));
+        assert_eq!(reopened.cursor("C1/2024-01-01.json"), None);
         assert_eq!((reopened.units_done(), reopened.events_imported()), (1, 5));
         for (source, fingerprint, tenant) in [
             ("slack-export", "other", "acme"),

@@ -1,7 +1,7 @@
 //! Back-fill: chat history from the platforms' exports, delivered through the ingest gateway.
 //!
 //! An importer is a [`Source`] (an export read as an ordered list of named units: a Slack day file, a run of
-//! Mattermost lines) driven by [`run`], which sends each unit's events to the [`gateway::Gateway`] and marks
+//! Mattermost lines, a Teams user's chats through Microsoft Graph, read page by page) driven by [`run`], which sends each unit's events to the [`gateway::Gateway`] and marks
 //! the unit in the [`checkpoint::Checkpoint`] once all of them were acknowledged. Importers never decide event
 //! ids: the gateway derives them from the platform's own ids exactly as for live capture (see
 //! `chatvault_core::event::derive_event_id`), so a message captured by webhook and imported later is one
@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod gateway;
 pub mod mattermost;
 pub mod slack_export;
+pub mod teams;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
@@ -22,6 +23,9 @@ use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::gateway::Gateway;
+
+/// Most derived ids [`run`] remembers to skip repeats within a run (about 100 MB).
+const MAX_REMEMBERED_IDS: usize = 2_000_000;
 
 /// One resumable piece of a source and what it holds.
 #[derive(Debug, Default)]
@@ -44,16 +48,33 @@ pub struct Rejection {
     pub reason: String,
 }
 
-/// An export read as units.
+/// A part of a unit and where the rest of the unit starts.
+#[derive(Debug, Default)]
+pub struct Part {
+    pub unit: Unit,
+    /// Where the unit goes on (an API's next page), kept in the checkpoint once this part is acknowledged;
+    /// `None` when the unit is complete.
+    pub next: Option<String>,
+}
+
+/// The future of [`Source::read`].
+pub type PartFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Part>> + 'a>>;
+
+/// An export (or an export API) read as units.
 pub trait Source {
     /// `slack-export`, ...: names the checkpoint's source.
     fn kind(&self) -> &'static str;
-    /// SHA-256 (hex) of the export's content.
+    /// Identifies what is imported: SHA-256 (hex) of an export file, or of an API import's fixed parameters.
     fn fingerprint(&self) -> &str;
     /// The units, in import order.
     fn units(&self) -> Vec<String>;
-    /// Reads one unit of [`Source::units`].
-    fn read(&mut self, unit: &str) -> Result<Unit>;
+    /// Reads the part of `unit` (one of [`Source::units`]) that starts at `cursor` (`None`: its start). A file
+    /// export returns a unit whole; an API returns a page and the cursor of the next.
+    fn read<'a>(&'a mut self, unit: &'a str, cursor: Option<String>) -> PartFuture<'a>;
+    /// Requests the source itself repeated (an API's throttling and failures).
+    fn retries(&self) -> u64 {
+        0
+    }
 }
 
 /// What an import run did, printed at the end (`--json` prints this).
@@ -76,7 +97,8 @@ pub struct Summary {
     pub duplicates_skipped: u64,
     /// Events archived without their raw payload, which was over the gateway's limit.
     pub raw_payloads_dropped: u64,
-    /// Gateway calls repeated after a retryable error (overload, unavailability).
+    /// Calls repeated after a retryable error: the gateway's (overload, unavailability) and the source's (an
+    /// API's throttling).
     pub retries: u64,
     /// Items deliberately not archived, counted by reason.
     pub skipped: BTreeMap<String, u64>,
@@ -88,8 +110,9 @@ pub struct Summary {
     pub events_per_second: f64,
 }
 
-/// Imports every unit of `source` that `checkpoint` does not hold yet, stopping between (or in the middle of)
-/// units when `stop` completes; `progress` is called after each unit.
+/// Imports every unit of `source` that `checkpoint` does not hold yet (a unit with a saved cursor resumes at
+/// it), stopping between (or in the middle of) parts when `stop` completes; `progress` is called after each
+/// acknowledged part.
 pub async fn run(
     source: &mut dyn Source,
     tenant: &str,
@@ -108,57 +131,85 @@ pub async fn run(
         units_total: units.len(),
         ..Summary::default()
     };
-    // Derived ids sent in this run (16 bytes each): an export that holds an event twice sends it once.
+    // Derived ids sent in this run (16 bytes each): an export that holds an event twice sends it once. Past
+    // MAX_REMEMBERED_IDS the set starts over, which bounds memory; a repeat sent then is collapsed by the
+    // archive like any retry.
     let mut sent: HashSet<[u8; 16]> = HashSet::new();
     tokio::pin!(stop);
-    for name in &units {
+    'units: for name in &units {
         if checkpoint.is_done(name) {
             summary.units_resumed += 1;
             continue;
         }
-        let unit = source.read(name)?;
-        for reason in unit.skipped {
-            *summary.skipped.entry(reason).or_default() += 1;
-        }
-        summary.rejected.extend(unit.rejected);
-        let mut events = Vec::with_capacity(unit.events.len());
-        for event in unit.events {
-            let id = if event.event_id.is_empty() {
-                derive_event_id(&event)
-            } else {
-                event.event_id.clone()
+        let mut cursor = checkpoint.cursor(name).map(str::to_string);
+        loop {
+            let part = tokio::select! {
+                biased;
+                () = &mut stop => {
+                    summary.interrupted = true;
+                    break 'units;
+                }
+                part = source.read(name, cursor.take()) => part?,
             };
-            if sent.insert(id_key(&id)) {
-                events.push(event);
-            } else {
-                summary.duplicates_skipped += 1;
+            let unit = part.unit;
+            for reason in unit.skipped {
+                *summary.skipped.entry(reason).or_default() += 1;
+            }
+            summary.rejected.extend(unit.rejected);
+            let mut events = Vec::with_capacity(unit.events.len());
+            for event in unit.events {
+                let id = if event.event_id.is_empty() {
+                    derive_event_id(&event)
+                } else {
+                    event.event_id.clone()
+                };
+                if sent.len() >= MAX_REMEMBERED_IDS {
+                    sent.clear();
+                }
+                if sent.insert(id_key(&id)) {
+                    events.push(event);
+                } else {
+                    summary.duplicates_skipped += 1;
+                }
+            }
+            let descriptions: Vec<String> = events.iter().map(describe).collect();
+            let delivery = tokio::select! {
+                biased;
+                () = &mut stop => {
+                    summary.interrupted = true;
+                    break 'units;
+                }
+                delivery = gateway.deliver(events) => delivery?,
+            };
+            summary.events_imported += delivery.acknowledged;
+            summary.raw_payloads_dropped += delivery.raw_payloads_dropped;
+            summary.retries += delivery.retries;
+            summary
+                .rejected
+                .extend(delivery.refused.into_iter().map(|refused| Rejection {
+                    unit: name.clone(),
+                    item: descriptions[refused.index].clone(),
+                    reason: refused.reason,
+                }));
+            match part.next {
+                Some(next) => {
+                    checkpoint.save_cursor(name, &next, delivery.acknowledged)?;
+                    summary.events_imported_total = checkpoint.events_imported();
+                    progress(&summary);
+                    cursor = Some(next);
+                }
+                None => {
+                    checkpoint.mark_done(name, delivery.acknowledged)?;
+                    summary.units_imported += 1;
+                    summary.events_imported_total = checkpoint.events_imported();
+                    progress(&summary);
+                    break;
+                }
             }
         }
-        let descriptions: Vec<String> = events.iter().map(describe).collect();
-        let delivery = tokio::select! {
-            biased;
-            () = &mut stop => {
-                summary.interrupted = true;
-                break;
-            }
-            delivery = gateway.deliver(events) => delivery?,
-        };
-        summary.events_imported += delivery.acknowledged;
-        summary.raw_payloads_dropped += delivery.raw_payloads_dropped;
-        summary.retries += delivery.retries;
-        summary
-            .rejected
-            .extend(delivery.refused.into_iter().map(|refused| Rejection {
-                unit: name.clone(),
-                item: descriptions[refused.index].clone(),
-                reason: refused.reason,
-            }));
-        checkpoint.mark_done(name, delivery.acknowledged)?;
-        summary.units_imported += 1;
-        summary.events_imported_total = checkpoint.events_imported();
-        progress(&summary);
     }
     summary.events_imported_total = checkpoint.events_imported();
+    summary.retries += source.retries();
     summary.elapsed_seconds = started.elapsed().as_secs_f64();
     if summary.elapsed_seconds > 0.0 {
         summary.events_per_second = summary.events_imported as f64 / summary.elapsed_seconds;

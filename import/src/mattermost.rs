@@ -24,7 +24,7 @@ use chatvault_core::error::{Error, Result};
 use chatvault_proto::v1::{Attachment, ChatEvent, EventKind, Sender, Source as Platform};
 use serde_json::Value;
 
-use crate::{Rejection, Source, Unit};
+use crate::{Part, PartFuture, Rejection, Source, Unit};
 
 /// Lines per checkpoint unit.
 pub const LINES_PER_UNIT: usize = 1000;
@@ -33,7 +33,7 @@ pub const LINES_PER_UNIT: usize = 1000;
 const MAX_CONVERSATION_ID_BYTES: usize = 256;
 
 /// Longest line read (a post with many replies is one line).
-const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Where the JSON lines are: a file, or an entry of a ZIP.
 #[derive(Debug, Clone)]
@@ -324,7 +324,17 @@ impl Source for MattermostExport {
             .collect()
     }
 
-    fn read(&mut self, name: &str) -> Result<Unit> {
+    fn read<'a>(&'a mut self, unit: &'a str, _cursor: Option<String>) -> PartFuture<'a> {
+        let read = self.read_lines(unit);
+        Box::pin(std::future::ready(
+            read.map(|unit| Part { unit, next: None }),
+        ))
+    }
+}
+
+impl MattermostExport {
+    /// The lines of unit `name`, streamed on from where the previous unit ended.
+    fn read_lines(&mut self, name: &str) -> Result<Unit> {
         let first = name
             .strip_prefix("lines ")
             .and_then(|range| range.split_once('-'))
@@ -549,7 +559,7 @@ mod tests {
         for path in [&jsonl, &zip_path] {
             let mut export = MattermostExport::open(path, "acme").expect("open");
             assert_eq!(export.units(), vec!["lines 1-9"]);
-            let unit = export.read("lines 1-9").expect("unit");
+            let unit = export.read_lines("lines 1-9").expect("unit");
             let root = post_id("acme/town-square", "ann", 1_700_000_000_000);
             assert_eq!(
                 kinds(&unit),
@@ -587,7 +597,7 @@ mod tests {
             );
             assert_eq!(unit.skipped.len(), 3);
             // Reading a unit again gives the same events (the reader starts over).
-            let again = export.read("lines 1-9").expect("again");
+            let again = export.read_lines("lines 1-9").expect("again");
             assert_eq!(again.events, unit.events);
         }
         std::fs::write(&jsonl, "{\"type\": \"post\"}\n").expect("write");

@@ -38,7 +38,7 @@ use chatvault_proto::v1::{ChatEvent, EventKind, Source as Platform};
 use serde_json::Value;
 use zip::ZipArchive;
 
-use crate::{Rejection, Source, Unit};
+use crate::{Part, PartFuture, Rejection, Source, Unit};
 
 /// The unit of the index files.
 pub const INDEX_UNIT: &str = "index";
@@ -210,6 +210,15 @@ impl<R: Read + Seek> SlackExport<R> {
             display_names,
             units,
         })
+    }
+
+    /// One unit of [`Source::units`], whole.
+    pub fn read_unit(&mut self, unit: &str) -> Result<Unit> {
+        if unit == INDEX_UNIT {
+            Ok(self.index_unit())
+        } else {
+            self.day_unit(unit)
+        }
     }
 
     /// The workspace (team id) the export's events are archived under.
@@ -442,12 +451,15 @@ impl<R: Read + Seek> Source for SlackExport<R> {
         self.units.clone()
     }
 
-    fn read(&mut self, unit: &str) -> Result<Unit> {
-        if unit == INDEX_UNIT {
+    fn read<'a>(&'a mut self, unit: &'a str, _cursor: Option<String>) -> PartFuture<'a> {
+        let read = if unit == INDEX_UNIT {
             Ok(self.index_unit())
         } else {
             self.day_unit(unit)
-        }
+        };
+        Box::pin(std::future::ready(
+            read.map(|unit| Part { unit, next: None }),
+        ))
     }
 }
 
@@ -605,11 +617,11 @@ mod tests {
             slack.units(),
             vec!["index", "general/2024-01-02.json", "random/2024-01-02.json"]
         );
-        let index = slack.read("index").expect("index");
+        let index = slack.read_unit("index").expect("index");
         assert_eq!(kinds(&index), vec![("conversation_created", String::new())]);
         assert_eq!(index.events[0].text, "general");
 
-        let day = slack.read("general/2024-01-02.json").expect("day");
+        let day = slack.read_unit("general/2024-01-02.json").expect("day");
         assert_eq!(
             kinds(&day),
             vec![
@@ -647,7 +659,7 @@ mod tests {
         );
 
         // A folder no index names cannot be given a conversation id.
-        let orphan = slack.read("random/2024-01-02.json").expect("orphan");
+        let orphan = slack.read_unit("random/2024-01-02.json").expect("orphan");
         assert!(orphan.events.is_empty());
         assert!(orphan.rejected[0].reason.contains("in no index file"));
     }

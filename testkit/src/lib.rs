@@ -9,6 +9,8 @@
 //! - [`fault_proxy`]: an HTTP proxy injecting S3 errors, latency and lost answers in front of the S3 server;
 //! - [`kafka_proxy`]: a Kafka-protocol proxy that can answer fetches with a later record batch (a broker defect);
 //! - [`broker`]: a Kafka broker (the mock cluster) in its own process, restartable, or an external one;
+//! - [`graph`]: a stand-in for Microsoft Graph's Teams export API and the identity platform's token endpoint
+//!   (nobody can run them here), serving the documented responses, errors and limits;
 //! - [`oidc`]: a real OpenID provider (node-oidc-provider on Node.js) issuing JWT access tokens, and a person
 //!   completing a device sign-in (RFC 8628) at it;
 //! - [`moto`]: AWS KMS and S3 with Object Lock (moto's server) and [`softhsm`]: a PKCS#11 token (SoftHSM2), for the key providers;
@@ -17,6 +19,7 @@
 pub mod archive;
 pub mod broker;
 pub mod fault_proxy;
+pub mod graph;
 pub mod kafka;
 pub mod kafka_proxy;
 pub mod moto;

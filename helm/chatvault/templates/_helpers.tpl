@@ -465,6 +465,16 @@ restorer drains (20 s). */ -}}
 {{- if and (not $v.auth.existingSecret) (not (hasKey $v.auth.tokens $entry.token)) -}}
 {{- fail (printf "auth.tokens: no value for import token %s" $entry.token) -}}
 {{- end -}}
+{{- if eq $entry.source "teams" -}}
+{{- if not (and $entry.directory $entry.clientId $entry.clientSecret $entry.from) -}}
+{{- fail (printf "imports.jobs (%s): a teams import needs directory, clientId, clientSecret {secretName, key} and from" $entry.name) -}}
+{{- end -}}
+{{- if not (or $entry.users $entry.teams) -}}
+{{- fail (printf "imports.jobs (%s): a teams import needs users or teams" $entry.name) -}}
+{{- end -}}
+{{- else if not $entry.path -}}
+{{- fail (printf "imports.jobs (%s): a %s import needs the export's path within the claim" $entry.name $entry.source) -}}
+{{- end -}}
 {{- if and $entry.workspace (ne $entry.source "slack-export") -}}
 {{- fail (printf "imports.jobs (%s): workspace is a Slack team id; %s exports take none" $entry.name $entry.source) -}}
 {{- end -}}

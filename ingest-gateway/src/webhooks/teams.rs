@@ -580,6 +580,156 @@ fn normalize(
     }))
 }
 
+/// The events of a `chatMessage` as Microsoft Graph's export API (`getAllMessages`) returns it: its current
+/// state, not a change. Identity is the same as for a change notification's resource data (chat id, or team
+/// and channel id; message `id`; sender; `createdDateTime`), so a message captured live and exported is one
+/// archived creation. Beyond the creation:
+/// - `lastEditedDateTime` gives an edit at that time (a live edit is archived at `lastModifiedDateTime`, which
+///   is the edit's time when Graph notifies it; later reactions move it, which the export does not repeat);
+/// - `deletedDateTime` (a soft delete, readable for 21 days) a deletion at that time, as a live update with
+///   `deletedDateTime` is archived;
+/// - each of `reactions` an addition at its own `createdDateTime`;
+/// - system event messages (`messageType` `systemEventMessage`): members added or removed become membership
+///   events (one per member), a renamed chat or channel a rename; other system events are returned in the
+///   second list, by `@odata.type`, and not archived.
+///
+/// Each event keeps the message as its raw payload (`raw`, the bytes Graph sent, when given).
+pub fn exported_message_events(
+    tenant: &str,
+    message: &Value,
+    raw: &[u8],
+) -> std::result::Result<(Vec<ChatEvent>, Vec<String>), IngestError> {
+    let message_id = non_empty(&message["id"])
+        .ok_or_else(|| IngestError::malformed("message has no id"))?
+        .to_string();
+    let channel = &message["channelIdentity"];
+    let conversation_id = non_empty(&message["chatId"])
+        .or_else(|| non_empty(&channel["channelId"]))
+        .ok_or_else(|| IngestError::malformed("message names neither chatId nor channelIdentity"))?
+        .to_string();
+    let created = timestamp(message, "createdDateTime", 0)?
+        .ok_or_else(|| IngestError::malformed("message has no createdDateTime"))?;
+    let base = ChatEvent {
+        tenant_id: tenant.to_string(),
+        source: Source::Teams as i32,
+        workspace_id: text(&channel["teamId"]),
+        conversation_id,
+        raw_payload: raw.to_vec(),
+        raw_content_type: "application/json".into(),
+        ..Default::default()
+    };
+    let mut events = Vec::new();
+    let mut skipped = Vec::new();
+    if message["messageType"].as_str() == Some("systemEventMessage") {
+        let detail = &message["eventDetail"];
+        let detail_type = text(&detail["@odata.type"]);
+        let kind = match detail_type.trim_start_matches("#microsoft.graph.") {
+            "membersAddedEventMessageDetail" | "membersJoinedEventMessageDetail" => {
+                Some(EventKind::MemberJoined)
+            }
+            "membersDeletedEventMessageDetail" | "membersLeftEventMessageDetail" => {
+                Some(EventKind::MemberLeft)
+            }
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            for member in detail["members"].as_array().into_iter().flatten() {
+                if let Some(id) = non_empty(&member["id"]) {
+                    events.push(ChatEvent {
+                        kind: kind as i32,
+                        occurred_at_micros: created,
+                        sender: Some(Sender {
+                            id: id.to_string(),
+                            display_name: text(&member["displayName"]),
+                            is_bot: false,
+                        }),
+                        ..base.clone()
+                    });
+                }
+            }
+        } else if detail_type.ends_with("chatRenamedEventMessageDetail")
+            || detail_type.ends_with("channelRenamedEventMessageDetail")
+        {
+            let name = non_empty(&detail["chatDisplayName"])
+                .or_else(|| non_empty(&detail["channelDisplayName"]))
+                .unwrap_or_default();
+            events.push(ChatEvent {
+                kind: EventKind::ConversationRenamed as i32,
+                occurred_at_micros: created,
+                text: name.to_string(),
+                ..base.clone()
+            });
+        } else {
+            skipped.push(format!(
+                "system event {}",
+                detail_type.trim_start_matches('#')
+            ));
+        }
+        return Ok((events, skipped));
+    }
+    let message_base = ChatEvent {
+        message_id,
+        thread_id: text(&message["replyToId"]),
+        ..base
+    };
+    let creation = ChatEvent {
+        kind: EventKind::MessageCreated as i32,
+        occurred_at_micros: created,
+        sender: sender(message),
+        text: text(&message["body"]["content"]),
+        attachments: attachments(message),
+        mentions: mentions(message),
+        ..message_base.clone()
+    };
+    let edited = timestamp(message, "lastEditedDateTime", 0)?.filter(|at| *at > created);
+    let deleted = timestamp(message, "deletedDateTime", 0)?;
+    let without_raw = ChatEvent {
+        raw_payload: Vec::new(),
+        raw_content_type: String::new(),
+        ..message_base.clone()
+    };
+    events.push(creation.clone());
+    if let Some(at) = edited {
+        events.push(ChatEvent {
+            kind: EventKind::MessageEdited as i32,
+            occurred_at_micros: at,
+            raw_payload: Vec::new(),
+            raw_content_type: String::new(),
+            ..creation.clone()
+        });
+    }
+    for reaction in message["reactions"].as_array().into_iter().flatten() {
+        let user = &reaction["user"]["user"];
+        let Some(id) = non_empty(&user["id"]) else {
+            continue;
+        };
+        let at = timestamp(reaction, "createdDateTime", 0)?.unwrap_or(created);
+        events.push(ChatEvent {
+            kind: EventKind::ReactionAdded as i32,
+            occurred_at_micros: at.max(created),
+            sender: Some(Sender {
+                id: id.to_string(),
+                display_name: text(&user["displayName"]),
+                is_bot: false,
+            }),
+            reaction: non_empty(&reaction["displayName"])
+                .or_else(|| non_empty(&reaction["reactionType"]))
+                .unwrap_or_default()
+                .to_string(),
+            ..without_raw.clone()
+        });
+    }
+    if let Some(at) = deleted {
+        events.push(ChatEvent {
+            kind: EventKind::MessageDeleted as i32,
+            occurred_at_micros: at,
+            sender: sender(message),
+            ..without_raw
+        });
+    }
+    Ok((events, skipped))
+}
+
 impl PlatformHandler for Teams {
     fn handle(
         &self,
@@ -1103,5 +1253,65 @@ mod tests {
             ("t1", "c1", "m1")
         );
         assert_eq!(percent_decode("a%2Bb+c").as_deref(), Some("a+b+c"));
+    }
+
+    #[test]
+    fn an_exported_message_has_the_identity_of_its_live_notification() {
+        use chatvault_core::event::derive_event_id;
+        let message = json!({
+            "id": "1700000000000", "messageType": "message", "chatId": "19:abc@thread.v2",
+            "createdDateTime": "2023-11-14T22:13:20.000Z", "lastModifiedDateTime": "2023-11-14T22:20:00.000Z",
+            "lastEditedDateTime": "2023-11-14T22:15:00.000Z", "deletedDateTime": "2023-11-14T22:30:00.000Z",
+            "from": {"user": {"id": "u1", "displayName": "Ann"}},
+            "body": {"contentType": "html", "content": "<p>hi</p>"},
+            "reactions": [{"reactionType": "like", "createdDateTime": "2023-11-14T22:14:00.000Z",
+                           "user": {"user": {"id": "u2", "displayName": "Bob"}}}]
+        });
+        let live = |change: &str| {
+            let item = json!({"changeType": change, "resource": "chats('19:abc@thread.v2')/messages('1700000000000')"});
+            let event = normalize("acme", 0, &item, Some(&message))
+                .expect("ok")
+                .expect("event");
+            derive_event_id(&event)
+        };
+        let (events, skipped) = exported_message_events("acme", &message, b"{}").expect("events");
+        assert!(skipped.is_empty());
+        let kinds: Vec<i32> = events.iter().map(|event| event.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::MessageCreated,
+                EventKind::MessageEdited,
+                EventKind::ReactionAdded,
+                EventKind::MessageDeleted
+            ]
+            .map(|kind| kind as i32)
+        );
+        assert_eq!(derive_event_id(&events[0]), live("created"));
+        // A soft delete notified live (an update carrying deletedDateTime) is the exported deletion.
+        assert_eq!(derive_event_id(&events[3]), live("updated"));
+
+        let system = json!({
+            "id": "2", "messageType": "systemEventMessage", "chatId": "19:abc@thread.v2",
+            "createdDateTime": "2023-11-14T22:13:20.000Z",
+            "eventDetail": {"@odata.type": "#microsoft.graph.membersAddedEventMessageDetail",
+                            "members": [{"id": "u3", "displayName": "Carl"}, {"id": "u4"}]}
+        });
+        let (events, _) = exported_message_events("acme", &system, b"{}").expect("events");
+        assert_eq!(events.len(), 2);
+        assert!(
+            events
+                .iter()
+                .all(|event| event.kind == EventKind::MemberJoined as i32)
+        );
+        let call = json!({"id": "3", "messageType": "systemEventMessage", "chatId": "c",
+            "createdDateTime": "2023-11-14T22:13:20.000Z",
+            "eventDetail": {"@odata.type": "#microsoft.graph.callEndedEventMessageDetail"}});
+        let (events, skipped) = exported_message_events("acme", &call, b"{}").expect("events");
+        assert!(events.is_empty());
+        assert_eq!(
+            skipped,
+            vec!["system event microsoft.graph.callEndedEventMessageDetail"]
+        );
     }
 }
