@@ -170,9 +170,7 @@ impl Gateway {
                             }
                         }
                         _ if batch.len() > 1 => {
-                            let second = batch.split_off(batch.len() / 2);
-                            pending.push(second);
-                            pending.push(batch);
+                            split_in_halves(batch, &mut pending);
                             break;
                         }
                         _ => {
@@ -185,9 +183,7 @@ impl Gateway {
                         }
                     },
                     tonic::Code::OutOfRange if batch.len() > 1 => {
-                        let second = batch.split_off(batch.len() / 2);
-                        pending.push(second);
-                        pending.push(batch);
+                        split_in_halves(batch, &mut pending);
                         break;
                     }
                     code => {
@@ -212,6 +208,13 @@ impl Gateway {
         delivery.refused.sort_by_key(|refused| refused.index);
         Ok(())
     }
+}
+
+/// Queues `batch` as two halves, the first half to be sent first.
+fn split_in_halves(mut batch: Vec<(usize, ChatEvent)>, pending: &mut Vec<Vec<(usize, ChatEvent)>>) {
+    let second = batch.split_off(batch.len() / 2);
+    pending.push(second);
+    pending.push(batch);
 }
 
 /// The `N` of a gateway error about `events[N].<field>`.

@@ -194,17 +194,17 @@ pub async fn run(
             match part.next {
                 Some(next) => {
                     checkpoint.save_cursor(name, &next, delivery.acknowledged)?;
-                    summary.events_imported_total = checkpoint.events_imported();
-                    progress(&summary);
                     cursor = Some(next);
                 }
                 None => {
                     checkpoint.mark_done(name, delivery.acknowledged)?;
                     summary.units_imported += 1;
-                    summary.events_imported_total = checkpoint.events_imported();
-                    progress(&summary);
-                    break;
                 }
+            }
+            summary.events_imported_total = checkpoint.events_imported();
+            progress(&summary);
+            if cursor.is_none() {
+                break;
             }
         }
     }
@@ -234,6 +234,21 @@ fn describe(event: &ChatEvent) -> String {
     text.push_str(" in ");
     text.push_str(&event.conversation_id);
     text
+}
+
+/// The entry names of a ZIP archive (an error names an entry whose name cannot be decoded).
+fn zip_entry_names<R: std::io::Read + std::io::Seek>(
+    archive: &zip::ZipArchive<R>,
+) -> Result<Vec<String>> {
+    archive
+        .file_names()
+        .map(|name| name.map(|name| name.into_owned()))
+        .collect::<std::result::Result<Vec<String>, _>>()
+        .map_err(|error| {
+            chatvault_core::error::Error::invalid_argument(format!(
+                "the archive's entry names cannot be read: {error}"
+            ))
+        })
 }
 
 /// SHA-256 (hex) of everything `reader` yields: the fingerprint of an export file.

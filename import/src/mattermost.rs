@@ -235,24 +235,22 @@ impl MattermostExport {
             None => event,
         };
         let text = post["message"].as_str().unwrap_or_default().to_string();
-        match post["type"].as_str().unwrap_or_default() {
+        let membership = match post["type"].as_str().unwrap_or_default() {
             "system_join_channel" | "system_add_to_channel" | "system_join_team" => {
-                unit.events.push(with_raw(ChatEvent {
-                    kind: EventKind::MemberJoined as i32,
-                    occurred_at_micros: occurred,
-                    ..base
-                }));
-                return Ok(());
+                Some(EventKind::MemberJoined)
             }
             "system_leave_channel" | "system_remove_from_channel" | "system_leave_team" => {
-                unit.events.push(with_raw(ChatEvent {
-                    kind: EventKind::MemberLeft as i32,
-                    occurred_at_micros: occurred,
-                    ..base
-                }));
-                return Ok(());
+                Some(EventKind::MemberLeft)
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(kind) = membership {
+            unit.events.push(with_raw(ChatEvent {
+                kind: kind as i32,
+                occurred_at_micros: occurred,
+                ..base
+            }));
+            return Ok(());
         }
         let attachments: Vec<Attachment> = post["attachments"]
             .as_array()
@@ -461,11 +459,7 @@ fn zip_entry(path: &Path) -> Result<Location> {
     let file = std::fs::File::open(path).map_err(|error| invalid(error.to_string()))?;
     let mut archive = zip::ZipArchive::new(file)
         .map_err(|error| invalid(format!("not a readable ZIP archive: {error}")))?;
-    let names = archive
-        .file_names()
-        .map(|name| name.map(|name| name.into_owned()))
-        .collect::<std::result::Result<Vec<String>, _>>()
-        .map_err(|error| invalid(error.to_string()))?;
+    let names = crate::zip_entry_names(&archive)?;
     let mut jsonl = names.iter().filter(|name| name.ends_with(".jsonl"));
     let (Some(name), None) = (jsonl.next(), jsonl.next()) else {
         return Err(invalid(

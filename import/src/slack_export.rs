@@ -95,15 +95,7 @@ impl<R: Read + Seek> SlackExport<R> {
         let mut archive = ZipArchive::new(reader).map_err(|error| {
             Error::invalid_argument(format!("not a readable ZIP archive: {error}"))
         })?;
-        let names = archive
-            .file_names()
-            .map(|name| name.map(|name| name.into_owned()))
-            .collect::<std::result::Result<Vec<String>, _>>()
-            .map_err(|error| {
-                Error::invalid_argument(format!(
-                    "the archive's entry names cannot be read: {error}"
-                ))
-            })?;
+        let names = crate::zip_entry_names(&archive)?;
         if names.iter().any(|name| name.starts_with("teams/")) {
             return Err(Error::invalid_argument(
                 "this is an Enterprise Grid organisation export (teams/<workspace>/...), which is not supported: \
